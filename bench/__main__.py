@@ -1,0 +1,27 @@
+"""`python -m bench [NAME ...]`: run the benchmarks (every bench/bench_*.py, or the ones named)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+
+def available() -> list[str]:
+    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(Path(__file__).parent))
+                  if m.name.startswith("bench_"))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(available())}")
+    args = parser.parse_args(argv)
+    for name in args.names or available():
+        print(f"\n=== bench {name} ===", flush=True)
+        importlib.import_module(f"bench.bench_{name}").main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
