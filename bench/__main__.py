@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def available() -> list[str]:
-    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(Path(__file__).parent))
-                  if m.name.startswith("bench_"))
+    modules = pkgutil.iter_modules([str(Path(__file__).parent)])
+    return sorted(m.name.removeprefix("bench_") for m in modules if m.name.startswith("bench_"))
 
 
 def main(argv: list[str]) -> int:

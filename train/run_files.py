@@ -1,0 +1,72 @@
+"""What a run folder holds, written down once: config, label map, checkpoints. Export reads it back."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import tensorflow as tf
+
+from common.cli import UserError, atomic_write_text
+from train.config import TrainConfig
+
+CONFIG_FILE = "config.json"
+LABEL_MAP_FILE = "label_map.csv"  # columns index,landmark_id: contiguous class index -> GLDv2 landmark id
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.json"
+
+
+def save_config(run_dir: Path, cfg: TrainConfig) -> None:
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def load_config(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing; is {run_dir} a training run folder?")
+    fields = json.loads(path.read_text())
+    known = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise UserError(f"{path}: unknown fields {unknown}")
+    tuples = {name: tuple(value) for name, value in fields.items() if isinstance(value, list)}
+    return TrainConfig(**{**fields, **tuples})
+
+
+def save_label_map(run_dir: Path, landmark_ids: list[int]) -> None:
+    """landmark_ids[i] is the GLDv2 landmark id of class index i."""
+    frame = pd.DataFrame({"index": range(len(landmark_ids)), "landmark_id": landmark_ids})
+    atomic_write_text(Path(run_dir) / LABEL_MAP_FILE, frame.to_csv(index=False))
+
+
+def load_label_map(run_dir: Path) -> list[int]:
+    path = Path(run_dir) / LABEL_MAP_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing; is {run_dir} a training run folder?")
+    frame = pd.read_csv(path)
+    if list(frame.columns) != ["index", "landmark_id"] or list(frame["index"]) != list(range(len(frame))):
+        raise UserError(f"{path}: expected columns index,landmark_id with index 0..N-1")
+    return [int(x) for x in frame["landmark_id"]]
+
+
+def make_checkpoint(model: tf.keras.Model, optimizer=None, step: tf.Variable | None = None) -> tf.train.Checkpoint:
+    """The checkpoint's object graph: model, and for training also optimizer and step."""
+    parts = {"model": model}
+    if optimizer is not None:
+        parts["optimizer"] = optimizer
+    if step is not None:
+        parts["step"] = step
+    return tf.train.Checkpoint(**parts)
+
+
+def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: Path, keep: int = 3):
+    return tf.train.CheckpointManager(checkpoint, str(Path(run_dir) / CHECKPOINT_DIR), max_to_keep=keep)
+
+
+def latest_checkpoint(run_dir: Path) -> str:
+    """Path prefix of the newest checkpoint in run_dir; a UserError when there is none."""
+    prefix = tf.train.latest_checkpoint(str(Path(run_dir) / CHECKPOINT_DIR))
+    if prefix is None:
+        raise UserError(f"{run_dir}: no checkpoint in {Path(run_dir) / CHECKPOINT_DIR}")
+    return prefix
