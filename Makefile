@@ -24,3 +24,9 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+demo: $(STAMP)
+	$(PY) -m local_eval demo --out $(WORK)/demo
+
+clean-demo:
+	rm -rf $(WORK)/demo

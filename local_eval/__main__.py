@@ -13,6 +13,7 @@ COMMANDS = {
     "time": ("local_eval.timing", "project a run's timing log to a real competition's size and limit"),
     "show": ("local_eval.show", "HTML report of retrieved neighbours and local matches"),
     "show-pair": ("local_eval.show", "draw the local-feature matches of two images"),
+    "demo": ("local_eval.demo", "build, train, export, replay and time a small competition end to end"),
 }
 
 

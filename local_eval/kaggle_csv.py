@@ -77,15 +77,14 @@ def _rows(path: str | Path, columns: list[str]) -> Iterator[tuple[int, str, list
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
-            header = [name.strip() for name in next(reader, [])]
+            rows = (row for row in reader if any(cell.strip() for cell in row))
+            header = [name.strip() for name in next(rows, [])]
             missing = [name for name in columns if name not in header]
             if missing:
-                raise UserError(f"{path}:1: missing column(s) {', '.join(missing)}; "
+                raise UserError(f"{path}:{reader.line_num}: missing column(s) {', '.join(missing)}; "
                                 f"expected header {','.join(columns)}, found {','.join(header) or 'nothing'}")
             indices = [header.index(name) for name in columns]
-            for row in reader:
-                if not any(cell.strip() for cell in row):
-                    continue
+            for row in rows:
                 if len(row) != len(header):
                     raise UserError(f"{path}:{reader.line_num}: expected {len(header)} fields "
                                     f"({','.join(header)}), found {len(row)}")

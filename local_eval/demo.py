@@ -1,0 +1,120 @@
+"""`make demo`: the whole competition loop on a generated competition, with no data of the user's.
+
+build the `small` synthetic competition -> train the tiny DELG on CPU -> export -> replay both tasks ->
+project the timings to a real competition -> one summary. Every step whose output exists is reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from common.cli import UserError
+
+# The demo's settings in one place (the stages read nothing else).
+DEMO = {
+    "out": Path("work/demo"),
+    "size": "small",
+    "seed": 0,
+    "train": {"config": "tiny", "steps": 600, "image_size": 96, "batch_size": 32},
+    "limit_h": 0.25,  # each replay's wall-clock limit
+    "profile": "recognition-2020",
+}
+log = logging.getLogger("demo")
+
+
+def timed(name: str, seconds: dict, fn, *args, **kwargs):
+    start = time.monotonic()
+    result = fn(*args, **kwargs)
+    seconds[name] = round(time.monotonic() - start, 1)
+    log.info("demo step %s: %.1f s", name, seconds[name])
+    return result
+
+
+def build_step(out: Path) -> Path:
+    from local_eval.synthetic import build_synthetic
+
+    competition = out / "competition"
+    if not (competition / "solutions").is_dir():
+        build_synthetic(competition, size=DEMO["size"], seed=DEMO["seed"])
+    return competition
+
+
+def train_step(out: Path, competition: Path) -> Path:
+    from train.config import get_config
+    from train.loop import train
+
+    settings = dict(DEMO["train"])
+    cfg = get_config(settings.pop("config"), **settings)
+    run_dir = out / "run"
+    train(cfg, data_dir=competition / "landmark-recognition", run_dir=run_dir)  # resumes; no-op when done
+    return run_dir
+
+
+def export_step(out: Path, run_dir: Path) -> Path:
+    from export.delg import export_delg
+
+    model = out / "model"
+    if not (model / "saved_model.pb").is_file():
+        export_delg(run_dir, model, overwrite=True)
+    return model
+
+
+def replay_step(out: Path, competition: Path, model: Path, task: str) -> dict:
+    from local_eval.replay import replay
+
+    report_dir = out / f"replay-{task}"
+    report_path = report_dir / "report.json"
+    if report_path.is_file() and json.loads(report_path.read_text())["status"] == "ok":
+        return json.loads(report_path.read_text())
+    return replay(competition, task, model, report_dir, DEMO["limit_h"])
+
+
+def usage_table(task: str, report: dict) -> list[str]:
+    key, metric = ("gap", "GAP") if task == "recognition" else ("map@100", "mAP@100")
+    lines = [f"  {metric:<8} {'public':>8} {'private':>8} {'all':>8}"]
+    for name in ("global_only", "final"):
+        scores = report.get(name) or {}
+        if "all" not in scores:
+            lines.append(f"  {name:<12} (no scores: {scores.get('error', 'no submission')})")
+            continue
+        row = " ".join(f"{scores[subset][key]:8.4f}" for subset in ("public", "private", "all"))
+        lines.append(f"  {'reranked' if name == 'final' else 'global':<8} {row}")
+    return lines
+
+
+def summary(reports: dict[str, dict], projection: dict, step_seconds: dict) -> str:
+    from local_eval.timing import format_report
+
+    lines = ["", "=" * 72, "DEMO SUMMARY (synthetic 'small' competition, tiny DELG trained on this CPU)"]
+    for task, report in reports.items():
+        lines += [f"{task}: {report['status']} in {report['seconds']:.0f} s", *usage_table(task, report)]
+        stages = report["timing"].get("stages", {})
+        lines.append("  seconds per stage: " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in stages.items()))
+    lines += ["", format_report(projection), "",
+              "demo steps (s): " + ", ".join(f"{k} {v}" for k, v in step_seconds.items()), "=" * 72]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m local_eval demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEMO["out"], help="folder for everything the demo makes")
+    args = parser.parse_args(argv)
+    from local_eval.timing import PROFILES, projection_report
+
+    seconds: dict[str, float] = {}
+    competition = timed("build", seconds, build_step, args.out)
+    run_dir = timed("train", seconds, train_step, args.out, competition)
+    model = timed("export", seconds, export_step, args.out, run_dir)
+    reports = {task: timed(f"replay_{task}", seconds, replay_step, args.out, competition, model, task)
+               for task in ("recognition", "retrieval")}
+    if not reports["recognition"]["timing"]:
+        raise UserError("the recognition replay left no timing log; see its script.log")
+    projection = projection_report(reports["recognition"]["timing"], PROFILES[DEMO["profile"]])
+    text = summary(reports, projection, seconds)
+    (args.out / "summary.txt").write_text(text + "\n")
+    print(text)
+    return 0

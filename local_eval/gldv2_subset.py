@@ -1,0 +1,150 @@
+"""A consistent subset of a local GLDv2 download, in the Kaggle layout, with images linked rather than copied.
+
+Recognition: test images whose landmarks are kept in train plus non-landmark test images in the official
+proportion; train holds the clean images of those landmarks and of as many other landmarks.
+Retrieval: queries whose relevant index images all fit, every one of those images, then distractors.
+Images missing from a partial download are skipped when choosing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.cli import UserError, atomic_output_dir
+from common.gldv2 import image_path
+from local_eval.synthetic import BUILD_INFO, check_existing
+
+log = logging.getLogger(__name__)
+
+FILES = {
+    "train.csv": ["id", "landmark_id"],
+    "train_clean.csv": ["landmark_id", "images"],
+    "recognition_solution_v2.1.csv": ["id", "landmarks", "Usage"],
+    "retrieval_solution_v2.1.csv": ["id", "images", "Usage"],
+}
+
+
+def read_gldv2_csv(gldv2: Path, name: str) -> pd.DataFrame:
+    """One of the GLDv2 CSV files, all columns as strings; a missing file or column is a UserError."""
+    path = gldv2 / name
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (expected the GLDv2 file {name})")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path}: not a readable CSV file: {err}") from None
+    missing = [c for c in FILES[name] if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {','.join(frame.columns)}")
+    return frame
+
+
+def present(gldv2: Path, split: str, ids: Iterable[str], n: int | None = None) -> list[str]:
+    """The first n ids (all when n is None) whose image exists in the download."""
+    found: list[str] = []
+    for image_id in ids:
+        if n is not None and len(found) >= n:
+            break
+        if image_path(gldv2, split, image_id).is_file():
+            found.append(image_id)
+    return found
+
+
+def _shuffled(rng: np.random.Generator, frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.iloc[rng.permutation(len(frame))]
+
+
+def choose_recognition(gldv2: Path, solution: pd.DataFrame, clean: dict[str, list[str]], n_test: int,
+                       rng: np.random.Generator) -> pd.DataFrame:
+    """Test rows: landmark images whose landmarks are all in the clean train set, and non-landmark images."""
+    is_landmark = solution.landmarks.str.strip() != ""
+    share = float(is_landmark.mean()) if len(solution) else 0.0
+    known = solution.landmarks.str.split().map(lambda ids: bool(ids) and all(i in clean for i in ids))
+    n_landmark = max(1, round(n_test * share)) if share else 0
+    picked = [present(gldv2, "test", _shuffled(rng, solution[known]).id, n_landmark),
+              present(gldv2, "test", _shuffled(rng, solution[~is_landmark]).id, n_test - n_landmark)]
+    if not picked[0]:
+        raise UserError(f"{gldv2}: no test image of a train_clean landmark has its image in {gldv2 / 'test'}")
+    return solution.set_index("id").loc[picked[0] + picked[1]].reset_index()
+
+
+def choose_retrieval(gldv2: Path, solution: pd.DataFrame, n_queries: int, n_index: int,
+                     rng: np.random.Generator) -> tuple[pd.DataFrame, list[str]]:
+    """Queries whose relevant images all exist and fit in half the index, a few Ignored rows, and the index."""
+    ignored = solution.Usage == "Ignored"
+    n_ignored = round(n_queries * float(ignored.mean())) if len(solution) else 0
+    chosen, index = [], set()
+    for row in _shuffled(rng, solution[~ignored]).itertuples():
+        relevant = set(row.images.split())
+        if len(chosen) >= n_queries - n_ignored or len(index | relevant) > n_index // 2:
+            continue
+        if present(gldv2, "test", [row.id]) and len(present(gldv2, "index", relevant)) == len(relevant):
+            chosen.append(row.id)
+            index |= relevant
+    chosen += present(gldv2, "test", _shuffled(rng, solution[ignored]).id, n_ignored)
+    if not index:
+        raise UserError(f"{gldv2}: no retrieval query has all its relevant images in {gldv2 / 'index'} "
+                        f"within {n_index // 2} images; raise --index")
+    all_index = sorted(p.stem for p in (gldv2 / "index").glob("*/*/*/*.jpg"))
+    distractors = [all_index[i] for i in rng.permutation(len(all_index)) if all_index[i] not in index]
+    index_ids = sorted(index) + distractors[: n_index - len(index)]
+    return solution.set_index("id").loc[chosen].reset_index(), index_ids
+
+
+def link_images(gldv2: Path, root: Path, split: str, ids: Iterable[str], out_split: str | None = None) -> None:
+    """Symbolic links root/out_split/a/b/c/<id>.jpg -> the download's image."""
+    for image_id in ids:
+        target = image_path(root, out_split or split, image_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(image_path(gldv2, split, image_id).resolve(), target)
+
+
+def build_gldv2_subset(gldv2: Path, out: Path, n_test: int, n_index: int, seed: int = 0,
+                       overwrite: bool = False) -> Path:
+    """Write a consistent GLDv2 subset in the Kaggle layout into `out` (atomically) and return `out`."""
+    gldv2, out = Path(gldv2).resolve(), Path(out)
+    if n_test < 1 or n_index < 2:
+        raise UserError(f"--test must be at least 1 and --index at least 2, got {n_test} and {n_index}")
+    info = {"source": "gldv2", "gldv2": str(gldv2), "test": n_test, "index": n_index, "seed": seed}
+    if check_existing(out, info, overwrite):
+        log.info("%s already holds this competition; nothing to do", out)
+        return out
+    frames = {name: read_gldv2_csv(gldv2, name) for name in FILES}
+    clean = {row.landmark_id: row.images.split() for row in frames["train_clean.csv"].itertuples()}
+    rng = np.random.default_rng(seed)
+    test = choose_recognition(gldv2, frames["recognition_solution_v2.1.csv"], clean, n_test, rng)
+    queries, index_ids = choose_retrieval(gldv2, frames["retrieval_solution_v2.1.csv"], n_test, n_index, rng)
+    test_landmarks = sorted({lm for ids in test.landmarks.str.split() for lm in ids})
+    others = sorted(set(clean) - set(test_landmarks))
+    kept = test_landmarks + [others[i] for i in rng.permutation(len(others))[: len(test_landmarks)]]
+    clean_ids = {image_id for lm in kept for image_id in clean[lm]}
+    train = frames["train.csv"][frames["train.csv"].id.isin(clean_ids)][["id", "landmark_id"]]
+    train = train[train.id.isin(present(gldv2, "train", train.id))].sort_values("id")
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        recognition, retrieval = tmp / "landmark-recognition", tmp / "landmark-retrieval"
+        link_images(gldv2, recognition, "train", train.id)
+        link_images(gldv2, recognition, "test", test.id)
+        link_images(gldv2, retrieval, "index", index_ids)
+        link_images(gldv2, retrieval, "test", queries.id)
+        write_csvs(tmp, train, test.sort_values("id"), queries.sort_values("id"))
+        (tmp / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    log.info("built %s: %d train, %d test, %d index, %d queries", out, len(train), len(test), len(index_ids),
+             len(queries))
+    return out
+
+
+def write_csvs(root: Path, train: pd.DataFrame, test: pd.DataFrame, queries: pd.DataFrame) -> None:
+    (root / "solutions").mkdir()
+    train.to_csv(root / "landmark-recognition" / "train.csv", index=False)
+    test.assign(landmarks="")[["id", "landmarks"]].to_csv(
+        root / "landmark-recognition" / "sample_submission.csv", index=False)
+    queries.assign(images="")[["id", "images"]].to_csv(root / "landmark-retrieval" / "sample_submission.csv",
+                                                        index=False)
+    test[["id", "landmarks", "Usage"]].to_csv(root / "solutions" / "recognition_solution.csv", index=False)
+    queries[["id", "images", "Usage"]].to_csv(root / "solutions" / "retrieval_solution.csv", index=False)

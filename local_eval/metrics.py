@@ -1,0 +1,176 @@
+"""The GLDv2 metrics, computed as the official Google Landmarks code does, on plain dicts.
+
+Recognition: `predictions` maps test id -> (landmark_id, score); `solution` maps test id -> ground-truth
+landmark ids (empty for a non-landmark image). Retrieval: `predictions` maps test id -> index ids in rank
+order; `solution` maps test id -> relevant index ids. A metric with nothing to divide by (no landmark
+image, no query) is NaN; `score_*` report it as None so the JSON stays valid.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from local_eval.kaggle_csv import read_solution, read_submission
+
+MAX_PREDICTIONS = 100
+PRECISION_RANKS = (1, 5, 10, 50, 100)
+SUBSETS = ("public", "private")
+
+RecognitionPredictions = Mapping[str, tuple[int, float]]
+RetrievalPredictions = Mapping[str, list[str]]
+
+
+def global_average_precision(predictions: RecognitionPredictions, solution: Mapping[str, list[int]],
+                             ignore_non_gt_test_images: bool = False) -> float:
+    """GAP: predictions ranked by score desc, then id asc; precision summed at each correct one.
+
+    Predictions on non-landmark images count as wrong unless `ignore_non_gt_test_images`; the sum is
+    divided by the number of test images that have ground truth, predicted or not.
+    """
+    _check_known(predictions, solution)
+    num_positives = sum(1 for truth in solution.values() if truth)
+    if ignore_non_gt_test_images:
+        predictions = {test_id: p for test_id, p in predictions.items() if solution[test_id]}
+    if num_positives == 0:
+        return math.nan
+    if not predictions:
+        return 0.0
+    ids = np.array(list(predictions))
+    scores = np.fromiter((score for _, score in predictions.values()), float, len(ids))
+    correct = np.fromiter((landmark in solution[test_id] for test_id, (landmark, _) in predictions.items()),
+                          bool, len(ids))
+    # One prediction per id, so the official third key (class asc) never decides.
+    correct = correct[np.lexsort((ids, -scores))]
+    ranks = np.flatnonzero(correct) + 1
+    return float(np.sum(np.arange(1, len(ranks) + 1) / ranks) / num_positives)
+
+
+def top1_accuracy(predictions: RecognitionPredictions, solution: Mapping[str, list[int]]) -> float:
+    """Share of test images with ground truth whose predicted landmark is one of theirs."""
+    truths = [(test_id, truth) for test_id, truth in solution.items() if truth]
+    if not truths:
+        return math.nan
+    correct = sum(1 for test_id, truth in truths
+                  if test_id in predictions and predictions[test_id][0] in truth)
+    return correct / len(truths)
+
+
+def mean_average_precision(predictions: RetrievalPredictions, solution: Mapping[str, list[str]],
+                           max_predictions: int = MAX_PREDICTIONS) -> float:
+    """mAP@max_predictions over every query of `solution` (a missing query scores 0)."""
+    return _mean_average_precision(_hit_matrix(predictions, solution, max_predictions), solution)
+
+
+def mean_precisions(predictions: RetrievalPredictions, solution: Mapping[str, list[str]],
+                    max_predictions: int = MAX_PREDICTIONS) -> np.ndarray:
+    """Mean precision@k for k = 1..max_predictions over every query of `solution`."""
+    return _mean_precisions(_hit_matrix(predictions, solution, max_predictions))
+
+
+def mean_median_position(predictions: RetrievalPredictions, solution: Mapping[str, list[str]],
+                         max_predictions: int = MAX_PREDICTIONS) -> tuple[float, float]:
+    """Mean and median rank of the first relevant image (max_predictions + 1 when none)."""
+    return _mean_median_position(_hit_matrix(predictions, solution, max_predictions))
+
+
+def score_recognition(solution: Mapping[str, Mapping[str, list[int]]],
+                      predictions: RecognitionPredictions) -> dict[str, dict]:
+    """GAP, landmarks-only GAP, top-1 and row count for 'public', 'private' and 'all'."""
+    def scores(truth: Mapping[str, list[int]]) -> dict:
+        subset_predictions = {test_id: predictions[test_id] for test_id in truth if test_id in predictions}
+        return _json_safe({
+            "gap": global_average_precision(subset_predictions, truth),
+            "gap_landmarks_only": global_average_precision(subset_predictions, truth, True),
+            "top1": top1_accuracy(subset_predictions, truth),
+            "n": len(truth),
+        })
+    return {name: scores(truth) for name, truth in _subsets(solution).items()}
+
+
+def score_retrieval(solution: Mapping[str, Mapping[str, list[str]]],
+                    predictions: RetrievalPredictions) -> dict[str, dict]:
+    """mAP@100, precision@{1,5,10,50,100}, first-hit position and row count per subset and 'all'."""
+    def scores(truth: Mapping[str, list[str]]) -> dict:
+        hits = _hit_matrix({q: predictions[q] for q in truth if q in predictions}, truth, MAX_PREDICTIONS)
+        precisions = _mean_precisions(hits)
+        mean_position, median_position = _mean_median_position(hits)
+        return _json_safe({
+            "map@100": _mean_average_precision(hits, truth),
+            **{f"precision@{k}": precisions[k - 1] for k in PRECISION_RANKS},
+            "mean_position": mean_position,
+            "median_position": median_position,
+            "n": len(truth),
+        })
+    return {name: scores(truth) for name, truth in _subsets(solution).items()}
+
+
+def score_files(task: str, solution_path: str | Path, submission_path: str | Path) -> dict:
+    """Read and validate both files, then score: {"task", "public", "private", "all"}."""
+    solution = read_solution(solution_path, task)
+    predictions = read_submission(submission_path, task, solution)
+    score = score_recognition if task == "recognition" else score_retrieval
+    return {"task": task, **score(solution.subsets, predictions)}
+
+
+def _subsets(solution: Mapping[str, Mapping[str, list]]) -> dict[str, Mapping[str, list]]:
+    """The named subsets plus 'all', their union."""
+    subsets = {name: solution[name] for name in SUBSETS}
+    subsets["all"] = {test_id: truth for name in SUBSETS for test_id, truth in solution[name].items()}
+    return subsets
+
+
+def _check_known(predictions: Mapping[str, object], solution: Mapping[str, list]) -> None:
+    unknown = next((test_id for test_id in predictions if test_id not in solution), None)
+    if unknown is not None:
+        raise ValueError(f"test image {unknown} is not part of the solution")
+
+
+def _hit_matrix(predictions: RetrievalPredictions, solution: Mapping[str, list[str]],
+                max_predictions: int) -> np.ndarray:
+    """hits[q, i]: the query's i-th prediction is relevant and its first occurrence (a repeat scores 0)."""
+    _check_known(predictions, solution)
+    hits = np.zeros((len(solution), max_predictions), bool)
+    for row, (query, relevant) in enumerate(solution.items()):
+        if query in predictions:
+            hits[row, :] = _first_relevant_occurrences(predictions[query], set(relevant), max_predictions)
+    return hits
+
+
+def _first_relevant_occurrences(prediction: list[str], relevant: set[str], max_predictions: int) -> list[bool]:
+    seen: set[str] = set()
+    flags = [False] * max_predictions
+    for rank, image in enumerate(prediction[:max_predictions]):
+        flags[rank] = image in relevant and image not in seen
+        seen.add(image)
+    return flags
+
+
+def _mean_average_precision(hits: np.ndarray, solution: Mapping[str, list[str]]) -> float:
+    if not len(hits):
+        return math.nan
+    ranks = np.arange(1, hits.shape[1] + 1)
+    precision_at_hits = np.where(hits, np.cumsum(hits, axis=1) / ranks, 0.0)
+    num_expected = np.minimum([len(relevant) for relevant in solution.values()], hits.shape[1])
+    return float(np.mean(precision_at_hits.sum(axis=1) / num_expected))
+
+
+def _mean_precisions(hits: np.ndarray) -> np.ndarray:
+    if not len(hits):
+        return np.full(hits.shape[1], math.nan)
+    return np.mean(np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1), axis=0)
+
+
+def _mean_median_position(hits: np.ndarray) -> tuple[float, float]:
+    if not len(hits):
+        return math.nan, math.nan
+    positions = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, hits.shape[1] + 1)
+    return float(np.mean(positions)), float(np.median(positions))
+
+
+def _json_safe(scores: dict) -> dict:
+    """Plain Python numbers, NaN as None."""
+    return {key: value if isinstance(value, int) else None if math.isnan(value) else float(value)
+            for key, value in scores.items()}

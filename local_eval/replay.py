@@ -1,0 +1,133 @@
+"""Replay submission/main.py on a local competition as the Kaggle server would, then score and time it.
+
+`python -m local_eval replay --competition DIR --task recognition|retrieval --model MODEL_DIR --out REPORT_DIR`
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.cli import UserError, atomic_write_text
+from local_eval.metrics import score_files
+
+SCRIPT = Path(__file__).resolve().parents[1] / "submission" / "main.py"
+TASK_FOLDERS = {"recognition": "landmark-recognition", "retrieval": "landmark-retrieval"}
+SOLUTION_FILES = {"recognition": "recognition_solution.csv", "retrieval": "retrieval_solution.csv"}
+LOG_TAIL_LINES = 30
+log = logging.getLogger("replay")
+
+
+def competition_paths(competition: Path, task: str) -> tuple[Path, Path]:
+    """(the input folder the script sees, the solution file it must never see)."""
+    data = competition / TASK_FOLDERS[task]
+    solution = competition / "solutions" / SOLUTION_FILES[task]
+    for path in (data, solution):
+        if not path.exists():
+            raise UserError(f"{path}: missing; build a competition with `python -m local_eval build`")
+    return data, solution
+
+
+def script_command(task: str, data: Path, model: Path, out: Path, limit_h: float, extra: list[str]) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--task", task, "--data", str(data), "--model", str(model),
+            "--out", str(out / "submission.csv"), "--work", str(out / "work"),
+            "--time-budget-h", f"{limit_h:g}", *extra]
+
+
+def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[str, float]:
+    """Run command with stdout+stderr to log_path; kill its whole process group at the limit."""
+    start = time.monotonic()
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, cwd=log_path.parent)
+        try:
+            code = process.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return "timeout", time.monotonic() - start
+    return ("ok" if code == 0 else "crash"), time.monotonic() - start
+
+
+def score_if_present(task: str, solution: Path, submission: Path) -> dict | None:
+    if not submission.is_file():
+        return None
+    try:
+        return score_files(task, solution, submission)
+    except UserError as err:
+        log.error("cannot score %s: %s", submission, err)
+        return {"error": str(err)}
+
+
+def read_timing(work: Path) -> dict:
+    path = work / "timing.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
+           extra_args: list[str] | None = None) -> dict:
+    """Run the script once, score what it left (final and global-only), write out/report.json."""
+    if task not in TASK_FOLDERS:
+        raise UserError(f"unknown task {task!r}; choose recognition or retrieval")
+    data, solution = competition_paths(Path(competition), task)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    command = script_command(task, data.resolve(), Path(model).resolve(), out, limit_h, extra_args or [])
+    log.info("replaying %s with a %.3g h limit: %s", task, limit_h, " ".join(command))
+    status, seconds = run_with_limit(command, out / "script.log", limit_h * 3600)
+    report = {
+        "status": status,
+        "seconds": round(seconds, 3),
+        "final": score_if_present(task, solution, out / "submission.csv"),
+        "global_only": score_if_present(task, solution, out / "work" / "submission_global_only.csv"),
+        "timing": read_timing(out / "work"),
+    }
+    if status != "ok":
+        report["log_tail"] = tail(out / "script.log")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def headline(task: str, scores: dict | None) -> str:
+    """'public 0.123 | private 0.456 | all 0.345' of the task's main metric."""
+    if not scores or "error" in scores:
+        return "no submission" if not scores else f"error: {scores['error']}"
+    key = "gap" if task == "recognition" else "map@100"
+    return " | ".join(f"{subset} {scores[subset][key]:.4f}" for subset in ("public", "private", "all"))
+
+
+def format_report(task: str, report: dict) -> str:
+    metric = "GAP" if task == "recognition" else "mAP@100"
+    lines = [f"{task}: status {report['status']} in {report['seconds']:.1f} s",
+             f"  {metric} global only: {headline(task, report['global_only'])}",
+             f"  {metric} final:       {headline(task, report['final'])}"]
+    for name, stage in report["timing"].get("stages", {}).items():
+        lines.append(f"  {name:<15} {stage['items']:>7} items {stage['seconds']:8.1f} s")
+    if "log_tail" in report:
+        lines += ["  last lines of the script's log:", *("    " + line for line in report["log_tail"].splitlines())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m local_eval replay", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
+    parser.add_argument("--task", required=True, choices=sorted(TASK_FOLDERS))
+    parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
+    parser.add_argument("--out", required=True, type=Path, help="report folder (report.json, submissions, log)")
+    parser.add_argument("--limit-h", type=float, default=9.0, help="wall-clock limit of the run, in hours")
+    parser.add_argument("script_args", nargs="*", help="extra flags for submission/main.py, after `--`")
+    args = parser.parse_args(argv)
+    report = replay(args.competition, args.task, args.model, args.out, args.limit_h, args.script_args)
+    print(format_report(args.task, report))
+    return 0 if report["status"] == "ok" else 1

@@ -1,0 +1,171 @@
+"""Project a local run's per-stage rates to a real competition's size, against its notebook time limit.
+
+`python -m local_eval time --log WORK/timing.json --profile recognition-2021 [--speedup X]`
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.cli import UserError
+
+STAGES = ("global_db", "global_query", "knn", "local_features", "verification")
+GPU_STAGES = ("global_db", "global_query", "knn", "local_features")  # --speedup applies to these
+DEFAULT_MARGIN = 0.1  # keep 10% of the limit free: server machines vary
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A real competition's scale; `db` is the train set (recognition) or the index (retrieval)."""
+
+    task: str
+    db: int
+    test: int
+    limit_h: float
+
+
+# Sizes of GLDv2 (train-clean 1,580,470; index 761,757; test 117,577). The notebook limit changed between
+# years (9 h in 2020, 12 h in 2021): every field can be overridden on the command line.
+PROFILES: dict[str, Profile] = {
+    "recognition-2020": Profile("recognition", db=1_580_470, test=117_577, limit_h=9.0),
+    "recognition-2021": Profile("recognition", db=1_580_470, test=117_577, limit_h=12.0),
+    "retrieval-2020": Profile("retrieval", db=761_757, test=117_577, limit_h=9.0),
+    "retrieval-2021": Profile("retrieval", db=761_757, test=117_577, limit_h=12.0),
+}
+
+
+def load_timing(path: Path) -> dict:
+    """Read the submission script's timing.json; every stage it measured needs items and seconds."""
+    try:
+        log = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such timing log") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not JSON ({err})") from None
+    stages = log.get("stages")
+    if not isinstance(stages, dict) or not {"global_db", "global_query"} <= set(stages):
+        raise UserError(f"{path}: expected a 'stages' object with at least global_db and global_query")
+    for name, stage in stages.items():
+        if not isinstance(stage, dict) or not {"items", "seconds"} <= set(stage):
+            raise UserError(f"{path}: stage {name!r} needs 'items' and 'seconds'")
+    return log
+
+
+def seconds_per_item(stage: dict | None) -> float | None:
+    """Measured cost of one item of a stage, or None where the stage did no work in this run."""
+    if not stage or stage["items"] <= 0:
+        return None
+    return stage["seconds"] / stage["items"]
+
+
+def unit_costs(log: dict, speedup: float) -> dict[str, float | None]:
+    """Seconds per unit of each stage; knn's unit is one query x one database image."""
+    stages = log["stages"]
+    costs = {name: seconds_per_item(stages.get(name)) for name in STAGES}
+    db_items = stages["global_db"]["items"]
+    if costs["knn"] is not None:
+        costs["knn"] = costs["knn"] / db_items if db_items > 0 else None
+    return {name: (None if cost is None else cost / speedup if name in GPU_STAGES else cost)
+            for name, cost in costs.items()}
+
+
+def project(log: dict, profile: Profile, rerank: int, speedup: float = 1.0) -> dict[str, float | None]:
+    """Hours per stage at full size with `rerank` candidates verified per query (None: not measured)."""
+    cost = unit_costs(log, speedup)
+    units = {
+        "global_db": profile.db,
+        "global_query": profile.test,
+        "knn": profile.test * profile.db,
+        # an upper bound: a database image shared by several queries is extracted once
+        "local_features": profile.test * (1 + rerank) if rerank else 0,
+        "verification": profile.test * rerank,
+    }
+    return {name: (None if cost[name] is None else cost[name] * units[name] / 3600)
+            if units[name] else 0.0 for name in STAGES}
+
+
+def max_rerank_depth(log: dict, profile: Profile, speedup: float, margin: float) -> int | None:
+    """The largest rerank depth whose projected total stays inside the limit less the margin."""
+    cost = unit_costs(log, speedup)
+    if cost["local_features"] is None or cost["verification"] is None:
+        return None
+    fixed_h = sum(h or 0.0 for h in project(log, profile, rerank=0, speedup=speedup).values())
+    query_local_h = profile.test * cost["local_features"] / 3600
+    per_candidate_h = profile.test * (cost["local_features"] + cost["verification"]) / 3600
+    room_h = profile.limit_h * (1 - margin) - fixed_h - query_local_h
+    return max(0, math.floor(room_h / per_candidate_h)) if per_candidate_h > 0 else None
+
+
+def verdict(total_h: float, profile: Profile, margin: float) -> str:
+    allowed = profile.limit_h * (1 - margin)
+    if total_h <= allowed:
+        return f"fits: {total_h:.2f} h of {profile.limit_h:g} h (margin {margin:.0%} kept)"
+    return f"DOES NOT FIT: {total_h:.2f} h > {allowed:.2f} h ({profile.limit_h:g} h less {margin:.0%} margin)"
+
+
+def projection_report(log: dict, profile: Profile, speedup: float = 1.0, margin: float = DEFAULT_MARGIN,
+                      rerank: int | None = None) -> dict:
+    """Everything `time` prints, as a dict (the demo and the replay report embed it)."""
+    rerank = int(log.get("rerank_depth", 0)) if rerank is None else rerank
+    hours = project(log, profile, rerank, speedup)
+    total = sum(h for h in hours.values() if h is not None)
+    return {
+        "profile": dataclasses.asdict(profile),
+        "speedup": speedup,
+        "margin": margin,
+        "rerank_depth": rerank,
+        "hours": hours,
+        "total_hours": total,
+        "fits": total <= profile.limit_h * (1 - margin),
+        "verdict": verdict(total, profile, margin),
+        "max_rerank_depth": max_rerank_depth(log, profile, speedup, margin),
+        "unmeasured": [name for name, h in hours.items() if h is None],
+    }
+
+
+def format_report(report: dict) -> str:
+    p = report["profile"]
+    lines = [f"projection to {p['task']}: db {p['db']:,} images, test {p['test']:,}, limit {p['limit_h']:g} h,"
+             f" rerank depth {report['rerank_depth']}, speedup x{report['speedup']:g} on GPU stages"]
+    for name, hours in report["hours"].items():
+        lines.append(f"  {name:<15} {'not measured' if hours is None else f'{hours:8.2f} h'}")
+    lines.append(f"  {'total':<15} {report['total_hours']:8.2f} h")
+    lines.append(f"verdict (speedup x{report['speedup']:g}): {report['verdict']}")
+    if report["max_rerank_depth"] is not None:
+        lines.append(f"largest rerank depth that fits: {report['max_rerank_depth']}")
+    if report["unmeasured"]:
+        lines.append(f"stages with no work in this run (cached or skipped; not counted): "
+                     f"{', '.join(report['unmeasured'])}")
+    return "\n".join(lines)
+
+
+def resolve_profile(name: str, overrides: dict) -> Profile:
+    if name not in PROFILES:
+        raise UserError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    return dataclasses.replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m local_eval time", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log", required=True, type=Path, help="timing.json written by submission/main.py")
+    parser.add_argument("--profile", required=True, help=f"competition profile: {', '.join(PROFILES)}")
+    parser.add_argument("--speedup", type=float, default=1.0,
+                        help="how many times faster the server's GPU runs the network stages than this run")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="share of the limit to keep free")
+    parser.add_argument("--rerank", type=int, help="rerank depth to project (default: the run's own)")
+    parser.add_argument("--limit-h", type=float, help="override the profile's notebook limit in hours")
+    parser.add_argument("--db", type=int, help="override the profile's train/index size")
+    parser.add_argument("--test", type=int, help="override the profile's test size")
+    parser.add_argument("--json", action="store_true", help="print the projection as one JSON object")
+    args = parser.parse_args(argv)
+    if args.speedup <= 0:
+        raise UserError("--speedup must be positive")
+    profile = resolve_profile(args.profile, {"limit_h": args.limit_h, "db": args.db, "test": args.test})
+    report = projection_report(load_timing(args.log), profile, args.speedup, args.margin, args.rerank)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
