@@ -33,20 +33,20 @@ def timed(name: str, seconds: dict, fn, *args, **kwargs):
     return result
 
 
-def build_step(out: Path) -> Path:
+def build_step(out: Path, size: str) -> Path:
     from local_eval.synthetic import build_synthetic
 
     competition = out / "competition"
     if not (competition / "solutions").is_dir():
-        build_synthetic(competition, size=DEMO["size"], seed=DEMO["seed"])
+        build_synthetic(competition, size=size, seed=DEMO["seed"])
     return competition
 
 
-def train_step(out: Path, competition: Path) -> Path:
+def train_step(out: Path, competition: Path, steps: int) -> Path:
     from train.config import get_config
     from train.loop import train
 
-    settings = dict(DEMO["train"])
+    settings = {**DEMO["train"], "steps": steps}
     cfg = get_config(settings.pop("config"), **settings)
     run_dir = out / "run"
     train(cfg, data_dir=competition / "landmark-recognition", run_dir=run_dir)  # resumes; no-op when done
@@ -88,7 +88,7 @@ def usage_table(task: str, report: dict) -> list[str]:
 def summary(reports: dict[str, dict], projection: dict, step_seconds: dict) -> str:
     from local_eval.timing import format_report
 
-    lines = ["", "=" * 72, "DEMO SUMMARY (synthetic 'small' competition, tiny DELG trained on this CPU)"]
+    lines = ["", "=" * 72, "DEMO SUMMARY (synthetic competition, tiny DELG trained on this CPU)"]
     for task, report in reports.items():
         lines += [f"{task}: {report['status']} in {report['seconds']:.0f} s", *usage_table(task, report)]
         stages = report["timing"].get("stages", {})
@@ -102,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m local_eval demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO["out"], help="folder for everything the demo makes")
+    parser.add_argument("--size", default=DEMO["size"], help="synthetic competition size: tiny, small, medium")
+    parser.add_argument("--train-steps", type=int, default=DEMO["train"]["steps"], help="training steps")
     args = parser.parse_args(argv)
     from local_eval.timing import PROFILES, projection_report
 
     seconds: dict[str, float] = {}
-    competition = timed("build", seconds, build_step, args.out)
-    run_dir = timed("train", seconds, train_step, args.out, competition)
+    competition = timed("build", seconds, build_step, args.out, args.size)
+    run_dir = timed("train", seconds, train_step, args.out, competition, args.train_steps)
     model = timed("export", seconds, export_step, args.out, run_dir)
     reports = {task: timed(f"replay_{task}", seconds, replay_step, args.out, competition, model, task)
                for task in ("recognition", "retrieval")}

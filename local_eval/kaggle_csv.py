@@ -28,7 +28,7 @@ class Solution:
     ignored: set[str] = field(default_factory=set)
 
     def __contains__(self, test_id: str) -> bool:
-        return test_id in self.ignored or any(test_id in truth for truth in self.subsets.values())
+        return test_id in self.subsets["public"] or test_id in self.subsets["private"] or test_id in self.ignored
 
 
 def values_column(task: str) -> str:
@@ -77,18 +77,18 @@ def _rows(path: str | Path, columns: list[str]) -> Iterator[tuple[int, str, list
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
-            rows = (row for row in reader if any(cell.strip() for cell in row))
+            rows = (row for row in reader if "".join(row).strip())
             header = [name.strip() for name in next(rows, [])]
             missing = [name for name in columns if name not in header]
             if missing:
-                raise UserError(f"{path}:{reader.line_num}: missing column(s) {', '.join(missing)}; "
+                raise UserError(f"{path}:{max(reader.line_num, 1)}: missing column(s) {', '.join(missing)}; "
                                 f"expected header {','.join(columns)}, found {','.join(header) or 'nothing'}")
             indices = [header.index(name) for name in columns]
             for row in rows:
                 if len(row) != len(header):
                     raise UserError(f"{path}:{reader.line_num}: expected {len(header)} fields "
                                     f"({','.join(header)}), found {len(row)}")
-                test_id, *values = (row[i].rstrip() for i in indices)
+                test_id, *values = [row[i].rstrip() for i in indices]
                 yield reader.line_num, test_id.strip(), values
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror or err}") from None

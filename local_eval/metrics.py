@@ -87,7 +87,7 @@ def score_recognition(solution: Mapping[str, Mapping[str, list[int]]],
             "top1": top1_accuracy(subset_predictions, truth),
             "n": len(truth),
         })
-    return {name: scores(truth) for name, truth in _subsets(solution).items()}
+    return {name: scores(truth) for name, truth in subsets_with_all(solution).items()}
 
 
 def score_retrieval(solution: Mapping[str, Mapping[str, list[str]]],
@@ -104,7 +104,7 @@ def score_retrieval(solution: Mapping[str, Mapping[str, list[str]]],
             "median_position": median_position,
             "n": len(truth),
         })
-    return {name: scores(truth) for name, truth in _subsets(solution).items()}
+    return {name: scores(truth) for name, truth in subsets_with_all(solution).items()}
 
 
 def score_files(task: str, solution_path: str | Path, submission_path: str | Path) -> dict:
@@ -115,7 +115,7 @@ def score_files(task: str, solution_path: str | Path, submission_path: str | Pat
     return {"task": task, **score(solution.subsets, predictions)}
 
 
-def _subsets(solution: Mapping[str, Mapping[str, list]]) -> dict[str, Mapping[str, list]]:
+def subsets_with_all(solution: Mapping[str, Mapping[str, list]]) -> dict[str, Mapping[str, list]]:
     """The named subsets plus 'all', their union."""
     subsets = {name: solution[name] for name in SUBSETS}
     subsets["all"] = {test_id: truth for name in SUBSETS for test_id, truth in solution[name].items()}

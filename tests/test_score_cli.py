@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 
 from local_eval import metrics
-from tests.test_metrics import RECOGNITION_PREDICTIONS, RECOGNITION_SOLUTION, RETRIEVAL_PREDICTIONS, \
-    RETRIEVAL_SOLUTION
+from tests.test_metrics import (
+    RECOGNITION_PREDICTIONS,
+    RECOGNITION_SOLUTION,
+    RETRIEVAL_PREDICTIONS,
+    RETRIEVAL_SOLUTION,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RECOGNITION_KEYS = {"gap", "gap_landmarks_only", "top1", "n"}
@@ -101,7 +105,8 @@ def test_trailing_spaces_and_blank_lines_are_tolerated(recognition_files, tmp_pa
 
 
 GOOD_ID = "0223456789abcdef"
-GOOD = {"solution": ["id,landmarks,Usage", f"{GOOD_ID},100,Public"], "submission": ["id,landmarks", f"{GOOD_ID},100 0.5"]}
+GOOD = {"solution": ["id,landmarks,Usage", f"{GOOD_ID},100,Public"],
+        "submission": ["id,landmarks", f"{GOOD_ID},100 0.5"]}
 # (what is wrong, the file it is in, that file's lines, the line the error names, words the error must hold)
 BAD_RECOGNITION_INPUTS = [
     ("repeated id", "submission", ["id,landmarks", f"{GOOD_ID},0 0.5", f"{GOOD_ID},1 0.5"], 3,
