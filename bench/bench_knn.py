@@ -1,0 +1,74 @@
+"""Exact top-100 cosine search, 10,000 queries over a 200,000 x 512 index: the submission's blocked
+kNN beside faiss IndexFlatIP (when installed), scikit-learn brute force and the bare matrix multiply of
+the same size (the limit: no top-k at all). Peers run in this process on the same data; results must agree."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from sklearn.neighbors import NearestNeighbors
+
+from tests.delg_test_models import load_submission_module
+
+QUERIES, INDEX, DIM, K = 10_000, 200_000, 512, 100
+
+
+def normalized(rows: int, rng: np.random.Generator) -> np.ndarray:
+    x = rng.standard_normal((rows, DIM), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def timed(fn):
+    began = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - began
+
+
+def bare_multiply(queries: np.ndarray, index: np.ndarray, block: int = 1000) -> None:
+    for start in range(0, len(queries), block):
+        queries[start:start + block] @ index.T
+
+
+def faiss_search(queries: np.ndarray, index: np.ndarray):
+    try:
+        import faiss
+    except ImportError:
+        return None
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(index)
+    return flat.search(queries, K)[1]
+
+
+def sklearn_search(queries: np.ndarray, index: np.ndarray) -> np.ndarray:
+    return NearestNeighbors(n_neighbors=K, algorithm="brute", metric="cosine").fit(index).kneighbors(
+        queries, return_distance=False)
+
+
+def agreement(ours: np.ndarray, other: np.ndarray) -> float:
+    """Share of queries whose top-K id sets are equal (ties at the K-th place aside)."""
+    return float(np.mean([set(a) == set(b) for a, b in zip(ours, other, strict=True)]))
+
+
+def main() -> None:
+    sub = load_submission_module()
+    rng = np.random.default_rng(0)
+    queries, index = normalized(QUERIES, rng), normalized(INDEX, rng)
+    print(f"top-{K} of {QUERIES:,} queries over {INDEX:,} x {DIM}", flush=True)
+    _, bare_s = timed(lambda: bare_multiply(queries, index))
+    print(f"bare multiply        {bare_s:7.1f} s  (the limit)", flush=True)
+    (_, ours), ours_s = timed(lambda: sub.knn(queries, index, K))
+    print(f"ours (submission)    {ours_s:7.1f} s  {ours_s / bare_s:.2f}x the bare multiply (target <= 1.3x)",
+          flush=True)
+    found, faiss_s = timed(lambda: faiss_search(queries, index))
+    if found is None:
+        print("faiss not installed: skipped")
+    else:
+        print(f"faiss IndexFlatIP    {faiss_s:7.1f} s  ours is {faiss_s / ours_s:.2f}x faster; "
+              f"same top-{K}: {agreement(ours, found):.1%}")
+    found, sklearn_s = timed(lambda: sklearn_search(queries, index))
+    print(f"scikit-learn brute   {sklearn_s:7.1f} s  ours is {sklearn_s / ours_s:.2f}x faster; "
+          f"same top-{K}: {agreement(ours, found):.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Replay: the script runs as the server would, its result is scored exactly as `local_eval score` scores it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from local_eval.replay import replay
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def score_cli(task: str, solution: Path, submission: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "local_eval", "score", "--task", task, "--solution",
+                             str(solution), "--submission", str(submission), "--json"],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("task", ["recognition", "retrieval"])
+def test_replay_report_equals_score_command(tmp_path, tiny_competition, tiny_model, task):
+    report = replay(tiny_competition, task, tiny_model, tmp_path / "report", limit_h=0.2)
+    assert report["status"] == "ok", report.get("log_tail")
+    on_disk = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert on_disk["final"] == report["final"]
+    solution = tiny_competition / "solutions" / f"{task}_solution.csv"
+    assert report["final"] == score_cli(task, solution, tmp_path / "report" / "submission.csv")
+    global_only = tmp_path / "report" / "work" / "submission_global_only.csv"
+    assert report["global_only"] == score_cli(task, solution, global_only)
+    assert {"global_db", "global_query", "knn"} <= set(report["timing"]["stages"])
+
+
+def test_overrunning_script_is_stopped_and_reported(tmp_path, tiny_competition, tiny_model):
+    report = replay(tiny_competition, "recognition", tiny_model, tmp_path / "report", limit_h=1.0 / 3600)
+    assert report["status"] == "timeout"
+    assert report["seconds"] < 30
+    assert "log_tail" in report
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["status"] == "timeout"
+
+
+def test_missing_competition_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "local_eval", "replay", "--competition", str(tmp_path / "nope"),
+                             "--task", "retrieval", "--model", str(tmp_path), "--out", str(tmp_path / "r")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "nope" in result.stderr

@@ -1,0 +1,236 @@
+"""End-to-end runs of submission/main.py on a tiny Kaggle-layout competition with tiny DELG models.
+
+The model and data folders come from fixtures (`delg_model_dir`, `competition`): swap in conftest's
+`tiny_model` / `tiny_competition` to run the same checks on the real exported model and synthetic data.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from common.gldv2 import image_path
+from tests.delg_test_models import load_submission_module, write_tf1_model, write_tf2_model
+
+sub = load_submission_module()
+LANDMARKS = 4
+FAST = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "300",
+        "--warmup-queries", "2", "--rerank-batch", "3", "--ransac-threshold", "4"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e_models")
+    return {"tf2": write_tf2_model(root / "tf2"), "tf1": write_tf1_model(root / "tf1")}
+
+
+@pytest.fixture(scope="module")
+def delg_model_dir(models):
+    return models["tf2"]
+
+
+def scene(seed: int, size: int = 96) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    blocks = np.kron(rng.integers(0, 256, (size // 8, size // 8, 3)), np.ones((8, 8, 1)))
+    return np.clip(blocks + rng.normal(0, 20, blocks.shape), 0, 255).astype(np.uint8)
+
+
+def save(path, array: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    (image.convert(mode) if mode else image).save(buffer, format=fmt, quality=95)
+    path.write_bytes(buffer.getvalue())
+
+
+def odd_images(root, split: str, rng) -> dict[str, bool]:
+    """Corrupt and unusual test images; value: whether the image is readable."""
+    image = scene(99)
+    writers = {
+        "zero_byte": (False, lambda p: p.write_bytes(b"")),
+        "truncated": (False, lambda p: (save(p, image), p.write_bytes(p.read_bytes()[:300]))),
+        "missing": (False, lambda p: None),
+        "gray": (True, lambda p: save(p, image[..., 0], "PNG")),
+        "cmyk": (True, lambda p: save(p, image, "JPEG", "CMYK")),
+        "rgba": (True, lambda p: save(p, image, "PNG", "RGBA")),
+        "one_pixel": (True, lambda p: save(p, image[:1, :1])),
+        "strip": (True, lambda p: save(p, np.tile(image[:3], (1, 8, 1)))),
+    }
+    readable = {}
+    for ok, write in writers.values():
+        image_id = rng.bytes(8).hex()
+        path = image_path(root, split, image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        readable[image_id] = ok
+    return readable
+
+
+def build_competition(root) -> dict:
+    """Both tasks: LANDMARKS scenes x 2 database images; a shifted view of each scene and odd images as tests."""
+    rng = np.random.default_rng(0)
+    truth = {"views": {}, "odd": {}}
+    db = [(rng.bytes(8).hex(), lm, scene(lm) if copy == 0 else np.roll(scene(lm), 4, axis=0))
+          for lm in range(LANDMARKS) for copy in range(2)]
+    views = {rng.bytes(8).hex(): lm for lm in range(LANDMARKS)}
+    for task, split, column in [("recognition", "train", "landmarks"), ("retrieval", "index", "images")]:
+        folder = root / f"landmark-{task}"
+        for image_id, _, pixels in db:
+            save(image_path(folder, split, image_id), pixels)
+        for image_id, lm in views.items():
+            save(image_path(folder, "test", image_id), np.ascontiguousarray(scene(lm)[8:, 8:]), "PNG")
+        odd = odd_images(folder, "test", np.random.default_rng(1))
+        test_ids = list(views) + list(odd)
+        pd.DataFrame({"id": test_ids, column: ""}).to_csv(folder / "sample_submission.csv", index=False)
+        truth["odd"] = odd
+    pd.DataFrame({"id": [i for i, _, _ in db], "landmark_id": [lm for _, lm, _ in db]}).to_csv(
+        root / "landmark-recognition" / "train.csv", index=False)
+    truth["views"] = views
+    truth["db_landmark"] = {i: lm for i, lm, _ in db}
+    return truth
+
+
+@pytest.fixture(scope="module")
+def competition(tmp_path_factory):
+    root = tmp_path_factory.mktemp("competition")
+    return root, build_competition(root)
+
+
+def run_script(task: str, data, model, tmp_path, *extra: str) -> tuple[pd.DataFrame, dict]:
+    out, work = tmp_path / "submission.csv", tmp_path / "work"
+    argv = ["--task", task, "--data", str(data), "--model", str(model), "--out", str(out),
+            "--work", str(work), *FAST, *extra]
+    assert sub.main(argv) == 0
+    timing = json.loads((work / "timing.json").read_text())
+    return pd.read_csv(out, dtype=str, keep_default_na=False), timing
+
+
+def assert_complete(frame: pd.DataFrame, data, column: str) -> None:
+    expected = pd.read_csv(data / "sample_submission.csv", dtype=str)["id"].tolist()
+    assert frame.columns.tolist() == ["id", column]
+    assert frame["id"].tolist() == expected
+
+
+def test_recognition_end_to_end(competition, delg_model_dir, tmp_path):
+    root, truth = competition
+    data = root / "landmark-recognition"
+    frame, timing = run_script("recognition", data, delg_model_dir, tmp_path, "--workers", "2")
+    assert_complete(frame, data, "landmarks")
+    predictions = dict(zip(frame["id"], frame["landmarks"], strict=True))
+    for image_id, landmark in truth["views"].items():
+        predicted, score = predictions[image_id].split()
+        assert int(predicted) == landmark and float(score) > 0
+    for image_id, readable in truth["odd"].items():
+        assert (predictions[image_id] != "") == readable, image_id
+    assert set(timing["stages"]) == set(sub.TIMING_STAGES)
+    assert timing["stages"]["global_db"]["items"] == 2 * LANDMARKS
+    assert timing["stages"]["verification"]["items"] > 0 and timing["rerank_depth"] == 3
+    assert (tmp_path / "work" / "submission_global_only.csv").is_file()
+
+
+def test_retrieval_end_to_end_with_a_tf1_model(competition, models, tmp_path):
+    root, truth = competition
+    data = root / "landmark-retrieval"
+    frame, timing = run_script("retrieval", data, models["tf1"], tmp_path, "--workers", "0")
+    assert_complete(frame, data, "images")
+    results = dict(zip(frame["id"], frame["images"], strict=True))
+    for image_id, landmark in truth["views"].items():
+        ranked = results[image_id].split()
+        assert len(ranked) == 2 * LANDMARKS and len(set(ranked)) == len(ranked)
+        assert {truth["db_landmark"][i] for i in ranked[:2]} == {landmark}
+    for image_id, readable in truth["odd"].items():
+        assert (results[image_id] != "") == readable, image_id
+    assert timing["stages"]["verification"]["items"] > 0
+
+
+def test_budget_too_small_for_reranking_gives_the_global_only_file(competition, delg_model_dir, tmp_path):
+    data = competition[0] / "landmark-recognition"
+    frame, timing = run_script("recognition", data, delg_model_dir, tmp_path, "--time-budget-h", "1e-9")
+    assert_complete(frame, data, "landmarks")
+    global_only = (tmp_path / "work" / "submission_global_only.csv").read_text()
+    assert (tmp_path / "submission.csv").read_text() == global_only
+    assert timing["stages"]["verification"]["items"] == 0 and timing["rerank_depth"] == 0
+
+
+def test_reranking_puts_the_verified_view_first(competition, delg_model_dir, tmp_path):
+    """A query whose global ranking is wrong: RANSAC inliers move the true match above the impostor."""
+    root, truth = competition
+    data = root / "landmark-retrieval"
+    db_ids = sorted(truth["db_landmark"])
+    query_id = next(iter(truth["views"]))
+    model = sub.DelgModel(delg_model_dir, [0.5, 1.0], [0, 1], 300, 0.0)
+    args = sub.build_parser().parse_args(["--task", "retrieval", "--data", str(data), "--model", "m",
+                                          "--work", str(tmp_path), *FAST])
+    true_match = next(i for i in db_ids if truth["db_landmark"][i] == truth["views"][query_id])
+    impostor = next(i for i in db_ids if truth["db_landmark"][i] != truth["views"][query_id])
+    neighbours = np.array([[db_ids.index(impostor), db_ids.index(true_match)]])  # impostor first
+    timing = sub.Timing(tmp_path / "timing.json", "retrieval", 1.0, 0.0)
+    inliers = sub.rerank(model, data, args, timing, [query_id], "index", db_ids, neighbours,
+                         np.array([True]), max_depth=2, on_progress=lambda _: None)
+    assert inliers[0, 1] > inliers[0, 0]
+    rows = sub.retrieval_rows(np.array([[0.9, 0.8]]), neighbours, inliers, db_ids, np.array([True]))
+    assert rows[0].split() == [true_match, impostor]
+
+
+class Interrupting:
+    """Wraps a DelgModel; raises KeyboardInterrupt on the given call, as a killed kernel would stop."""
+
+    def __init__(self, model, stop_at: int):
+        self.model, self.calls, self.stop_at = model, 0, stop_at
+        self.global_dim = model.global_dim
+
+    def global_descriptor(self, image):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return self.model.global_descriptor(image)
+
+
+def test_interrupted_extraction_resumes_from_the_cache(competition, delg_model_dir, tmp_path):
+    data = competition[0] / "landmark-recognition"
+    ids, _ = sub.read_train_labels(data)
+    paths = [image_path(data, "train", i) for i in ids]
+    args = sub.build_parser().parse_args(["--task", "recognition", "--data", str(data), "--model", "m",
+                                          "--chunk-size", "3", "--float16", *FAST])
+    model = sub.DelgModel(delg_model_dir, [0.5, 1.0], [0, 1], 300, 0.0)
+    cache = tmp_path / "global" / "train"
+    with pytest.raises(KeyboardInterrupt):
+        sub.extract_global(Interrupting(model, stop_at=5), ids, paths, cache, args)
+    assert sub.extract_global(model, ids, paths, cache, args) == len(ids) - 3  # chunk 0 was kept
+    assert sub.extract_global(model, ids, paths, cache, args) == 0
+    descriptors, ok = sub.load_global(cache, ids, chunk_size=3)
+    assert ok.all() and descriptors.shape == (len(ids), model.global_dim)
+    np.testing.assert_allclose(descriptors[4], model.global_descriptor(
+        sub.decode_image(paths[4], 1024, 32)), atol=1e-3)
+
+
+def test_shards_merge_into_one_cache(competition, delg_model_dir, tmp_path):
+    data = competition[0] / "landmark-recognition"
+    chunks = tmp_path / "work" / "global" / "train"
+    for shard, chunk_count in [("0/2", 2), ("1/2", 3)]:  # 8 images in chunks of 3: shard 0 has 0 and 2
+        argv = ["--task", "recognition", "--data", str(data), "--model", str(delg_model_dir),
+                "--work", str(tmp_path / "work"), "--chunk-size", "3", "--shard", shard, *FAST]
+        assert sub.main(argv) == 0
+        assert len(list(chunks.glob("chunk_*.npz"))) == chunk_count
+    assert not (tmp_path / "work" / "submission_global_only.csv").exists()
+    _, timing = run_script("recognition", data, delg_model_dir, tmp_path, "--chunk-size", "3")
+    assert timing["stages"]["global_db"]["items"] == 0  # everything came from the shards' cache
+
+
+def test_missing_sample_submission_is_a_clear_error(tmp_path, delg_model_dir, capsys):
+    argv = ["--task", "retrieval", "--data", str(tmp_path), "--model", str(delg_model_dir)]
+    assert sub.main(argv) == 2
+    assert "sample_submission.csv" in capsys.readouterr().err
+
+
+def test_synthetic_competition_both_tasks(tiny_competition, delg_model_dir, tmp_path):
+    """The kit's own synthetic competition (conftest's `tiny_competition`) runs through both tasks."""
+    for task, column in [("recognition", "landmarks"), ("retrieval", "images")]:
+        data = tiny_competition / f"landmark-{task}"
+        frame, _ = run_script(task, data, delg_model_dir, tmp_path / task, "--rerank", "2")
+        assert_complete(frame, data, column)
+
