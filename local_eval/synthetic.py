@@ -60,6 +60,7 @@ class Landmark(NamedTuple):
     landmark_id: int
     family_seed: int
     member: int
+    in_train: bool  # False: a landmark of a family never seen in train (a non-landmark for recognition)
 
 
 class Row(NamedTuple):
@@ -219,7 +220,7 @@ def add_occluders(image: Image.Image, rng: np.random.Generator) -> None:
     """Zero to two poles, signs or blobs in front of the object."""
     w, h = image.size
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.choice(3, p=[0.5, 0.35, 0.15])):
+    for _ in range(rng.choice(3, p=[0.6, 0.3, 0.1])):
         cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
         rw, rh = rng.uniform(0.03, 0.15) * w, rng.uniform(0.05, 0.25) * h
         box = [cx - rw, cy - rh, cx + rw, cy + rh]
@@ -234,7 +235,7 @@ def photometric(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     h, w = pixels.shape[:2]
     ramp = (rng.uniform(-0.25, 0.25) * (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]
             + rng.uniform(-0.25, 0.25) * (np.arange(h, dtype=np.float32) / h - 0.5)[:, None])
-    gain = rng.uniform(0.8, 1.2, 3).astype(np.float32) * rng.uniform(0.7, 1.25)
+    gain = rng.uniform(0.9, 1.1, 3).astype(np.float32) * rng.uniform(0.7, 1.25)
     pixels = np.clip(pixels * gain * (1 + ramp[..., None]), 0, 1) ** rng.uniform(0.8, 1.25)
     pixels = pixels * 255 + rng.normal(0, rng.uniform(0, 6), pixels.shape).astype(np.float32)
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
@@ -280,19 +281,26 @@ def make_id(seed: int, split: str, index: int) -> str:
     return hashlib.blake2b(f"{seed}/{split}/{index}".encode(), digest_size=8).hexdigest()
 
 
-def make_landmarks(rng: np.random.Generator, count: int) -> list[Landmark]:
-    """`count` landmarks in families of 1-3 siblings; landmark ids are distinct, sparse integers."""
+def make_landmarks(rng: np.random.Generator, count: int, in_train: int) -> list[Landmark]:
+    """`count` landmarks in families of 1-3 siblings, the first `in_train` of them seen in train.
+
+    Landmark ids are distinct, sparse integers; no family straddles the seen and the unseen ones.
+    """
     members: list[tuple[int, int]] = []
     while len(members) < count:
         family_seed = int(rng.integers(2**31))
-        members += [(family_seed, m) for m in range(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))]
+        family_size = rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])
+        if len(members) < in_train:
+            family_size = min(family_size, in_train - len(members))
+        members += [(family_seed, m) for m in range(family_size)]
     ids = rng.choice(40 * count, size=count, replace=False)
-    return [Landmark(int(i), f, m) for i, (f, m) in zip(ids, members[:count], strict=True)]
+    return [Landmark(int(i), family, member, k < in_train)
+            for k, (i, (family, member)) in enumerate(zip(ids, members[:count], strict=True))]
 
 
 def long_tail_counts(rng: np.random.Generator, n: int, total: int) -> np.ndarray:
     """Images per landmark: Zipf-like (many with 1-3, some with dozens), at least 1 each, summing to total."""
-    weights = rng.permutation(np.arange(1, n + 1)) ** -1.2
+    weights = rng.permutation(np.arange(1, n + 1)) ** -1.5
     cap = max(8, 6 * total // n)
     counts_at = lambda k: np.minimum(cap, 1 + np.floor(k * weights)).astype(int)
     lo, hi = 0.0, float(total) * n
@@ -314,39 +322,55 @@ def assign_usage(rng: np.random.Generator, n: int, ignored_share: float) -> list
     return [usage[i] for i in rng.permutation(n)]
 
 
-def _pick(rng: np.random.Generator, items: list, n: int) -> list:
-    return [items[i] for i in rng.integers(len(items), size=n)] if items and n else []
+def _pick(rng: np.random.Generator, items: list, n: int, weights: np.ndarray | None = None) -> list:
+    """n items drawn with replacement, uniformly or in proportion to weights."""
+    if not items or not n:
+        return []
+    p = None if weights is None else weights / weights.sum()
+    return [items[i] for i in rng.choice(len(items), size=n, p=p)]
 
 
-def plan_competition(size: CompetitionSize, seed: int, nonlandmark_share: float) -> list[Row]:
-    """Every image of the competition with its landmark (None for pure clutter) and Usage."""
-    rng = np.random.default_rng([seed, 1])
-    landmarks = make_landmarks(rng, size.landmarks + max(6, size.landmarks // 3))
-    seen, unseen = landmarks[: size.landmarks], landmarks[size.landmarks:]
-    counts = long_tail_counts(rng, len(seen), size.train)
-    train = [lm for lm, c in zip(seen, counts, strict=True) for _ in range(c)]
-    queryable = [lm for lm, c in zip(seen, counts, strict=True) if c >= MIN_TRAIN_FOR_TEST]
-    n_nonlandmark = round(size.test * nonlandmark_share)
-    test = (_pick(rng, queryable, size.test - n_nonlandmark) + _pick(rng, unseen, n_nonlandmark // 2)
-            + [None] * (n_nonlandmark - n_nonlandmark // 2))
+def _rows(seed: int, split: str, landmarks: list, usage: list[str] | None = None) -> list[Row]:
+    usage = usage or [""] * len(landmarks)
+    return [Row(split, make_id(seed, split, i), lm, u) for i, (lm, u) in enumerate(zip(landmarks, usage, strict=True))]
+
+
+def plan_retrieval(rng: np.random.Generator, size: CompetitionSize, queryable: list[Landmark],
+                   everything: list[Landmark]) -> tuple[list, list, list[str]]:
+    """Index landmarks (of 40% of the queryable and half the unseen ones) with their views plus distractors,
+    queries of those landmarks plus a few non-landmark (Ignored) ones, and the queries' Usage."""
+    unseen = [lm for lm in everything if not lm.in_train]
     index_landmarks = [queryable[i] for i in rng.permutation(len(queryable))[: int(len(queryable) * 0.4)]]
     index_landmarks += unseen[: len(unseen) // 2]
     index_counts = np.minimum(long_tail_counts(rng, len(index_landmarks), int(size.index * 0.4)) + 1, 30)
     relevant = [lm for lm, c in zip(index_landmarks, index_counts, strict=True) for _ in range(c)]
     in_index = set(index_landmarks)
-    others = [lm for lm in seen + unseen if lm not in in_index]
+    others = [lm for lm in everything if lm not in in_index]
     n_distractors = size.index - len(relevant)
     index = relevant + _pick(rng, others, n_distractors // 2) + [None] * (n_distractors - n_distractors // 2)
-    n_ignored_queries = max(1, round(size.retrieval_test * RETRIEVAL_NONLANDMARK_SHARE))
-    queries = _pick(rng, index_landmarks, size.retrieval_test - n_ignored_queries) + [None] * n_ignored_queries
+    n_ignored = max(1, round(size.retrieval_test * RETRIEVAL_NONLANDMARK_SHARE))
+    queries = _pick(rng, index_landmarks, size.retrieval_test - n_ignored) + [None] * n_ignored
+    usage = ["Ignored" if lm is None else u for lm, u in zip(queries, assign_usage(rng, len(queries), 0.0),
+                                                             strict=True)]
+    return index, queries, usage
+
+
+def plan_competition(size: CompetitionSize, seed: int, nonlandmark_share: float) -> list[Row]:
+    """Every image of the competition with its landmark (None for pure clutter) and Usage."""
+    rng = np.random.default_rng([seed, 1])
+    landmarks = make_landmarks(rng, size.landmarks + max(6, size.landmarks // 3), size.landmarks)
+    seen, unseen = landmarks[: size.landmarks], landmarks[size.landmarks:]
+    counts = long_tail_counts(rng, len(seen), size.train)
+    train = [lm for lm, c in zip(seen, counts, strict=True) for _ in range(c)]
+    queryable = [lm for lm, c in zip(seen, counts, strict=True) if c >= MIN_TRAIN_FOR_TEST]
+    popularity = np.sqrt(counts[counts >= MIN_TRAIN_FOR_TEST])  # popular landmarks are photographed more
+    n_nonlandmark = round(size.test * nonlandmark_share)
+    test = (_pick(rng, queryable, size.test - n_nonlandmark, popularity) + _pick(rng, unseen, n_nonlandmark // 2)
+            + [None] * (n_nonlandmark - n_nonlandmark // 2))
     test_usage = assign_usage(rng, len(test), IGNORED_SHARE)
-    query_usage = ["Ignored" if lm is None else u
-                   for lm, u in zip(queries, assign_usage(rng, len(queries), 0.0), strict=True)]
-    return ([Row("train", make_id(seed, "train", i), lm) for i, lm in enumerate(train)]
-            + [Row("test", make_id(seed, "test", i), lm, u) for i, (lm, u) in enumerate(zip(test, test_usage, strict=True))]
-            + [Row("index", make_id(seed, "index", i), lm) for i, lm in enumerate(index)]
-            + [Row("retrieval_test", make_id(seed, "retrieval_test", i), lm, u)
-               for i, (lm, u) in enumerate(zip(queries, query_usage, strict=True))])
+    index, queries, query_usage = plan_retrieval(rng, size, queryable, landmarks)
+    return (_rows(seed, "train", train) + _rows(seed, "test", test, test_usage) + _rows(seed, "index", index)
+            + _rows(seed, "retrieval_test", queries, query_usage))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,7 +387,7 @@ def image_location(root: Path, row: Row) -> Path:
 def render_images(rows: list[Row], root: Path, seed: int, size: CompetitionSize, workers: int) -> None:
     """Render every planned image into root; each image's randomness depends only on the seed and its id."""
     jobs = sorted(((image_location(root, r), r.landmark, [seed, int(r.image_id, 16)], size.min_side,
-                    size.max_side) for r in rows), key=lambda job: (job[1] is None, job[1] or (0, 0, 0)))
+                    size.max_side) for r in rows), key=lambda job: (job[1] is None, job[1] or ()))
     progress = tqdm(total=len(jobs), desc="render", unit="img", mininterval=2)
     if workers <= 1:
         for job in jobs:
@@ -391,7 +415,7 @@ def write_csvs(rows: list[Row], root: Path) -> None:
         recognition / "train.csv", index=False)
     _frame([(r.image_id, "") for r in by_split["test"]], ["id", "landmarks"]).to_csv(
         recognition / "sample_submission.csv", index=False)
-    _frame([(r.image_id, "" if r.landmark is None else str(r.landmark.landmark_id), r.usage)
+    _frame([(r.image_id, str(r.landmark.landmark_id) if r.landmark and r.landmark.in_train else "", r.usage)
             for r in by_split["test"]], ["id", "landmarks", "Usage"]).to_csv(
         solutions / "recognition_solution.csv", index=False)
     index_of: dict[Landmark, list[str]] = {}
