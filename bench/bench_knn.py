@@ -24,9 +24,11 @@ def timed(fn):
     return result, time.perf_counter() - began
 
 
-def bare_multiply(queries: np.ndarray, index: np.ndarray, block: int = 1000) -> None:
-    for start in range(0, len(queries), block):
-        queries[start:start + block] @ index.T
+def bare_multiply(queries: np.ndarray, index: np.ndarray, q_block: int, db_block: int) -> None:
+    """Every query x index product, by blocks, and nothing else."""
+    for start in range(0, len(queries), q_block):
+        for db_start in range(0, len(index), db_block):
+            queries[start:start + q_block] @ index[db_start:db_start + db_block].T
 
 
 def faiss_search(queries: np.ndarray, index: np.ndarray):
@@ -54,10 +56,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     queries, index = normalized(QUERIES, rng), normalized(INDEX, rng)
     print(f"top-{K} of {QUERIES:,} queries over {INDEX:,} x {DIM}", flush=True)
-    _, bare_s = timed(lambda: bare_multiply(queries, index))
-    print(f"bare multiply        {bare_s:7.1f} s  (the limit)", flush=True)
+    _, whole_rows_s = timed(lambda: bare_multiply(queries, index, 1000, INDEX))
+    _, chunked_s = timed(lambda: bare_multiply(queries, index, 1024, sub.KNN_DB_CHUNK))
+    bare_s = min(whole_rows_s, chunked_s)
+    print(f"bare multiply        {whole_rows_s:7.1f} s  (1000 queries x whole index at a time)", flush=True)
+    print(f"bare multiply        {chunked_s:7.1f} s  (1024 x {sub.KNN_DB_CHUNK} blocks, as ours)", flush=True)
     (_, ours), ours_s = timed(lambda: sub.knn(queries, index, K))
-    print(f"ours (submission)    {ours_s:7.1f} s  {ours_s / bare_s:.2f}x the bare multiply (target <= 1.3x)",
+    print(f"ours (submission)    {ours_s:7.1f} s  {ours_s / bare_s:.2f}x the faster bare multiply (target <= 1.3x)",
           flush=True)
     found, faiss_s = timed(lambda: faiss_search(queries, index))
     if found is None:

@@ -58,6 +58,7 @@ MIN_MATCHES = 5  # the baseline scores 4 or fewer putative matches as zero inlie
 # Retrieval: DELG reranks the top 100 of the 100 submitted ids.
 RETRIEVAL_SIZE = 100
 RETRIEVAL_RERANK = 100
+KNN_DB_CHUNK = 8192  # database rows per numpy multiply: the score block stays in cache while it is filtered
 
 IMAGE_SPLITS = {"recognition": ("train", "test"), "retrieval": ("index", "test")}
 TIMING_STAGES = ("global_db", "global_query", "knn", "local_features", "verification")
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=32, help="images decoded ahead of the model")
     p.add_argument("--chunk-size", type=int, default=10_000, help="images per cached global-descriptor chunk")
     p.add_argument("--float16", action="store_true", help="store cached global descriptors as float16")
+    p.add_argument("--local-cache-gb", type=float, default=10.0,
+                   help="disk kept for cached local features; the oldest go first (Kaggle's output disk is ~20 GB)")
     p.add_argument("--knn-block-mb", type=int, default=512,
                    help="memory for one block of the query x database similarity matrix")
     p.add_argument("--shard", default="0/1",
@@ -357,14 +360,22 @@ def load_global(cache: Path, ids: list[str], chunk_size: int) -> tuple[np.ndarra
 
 # %% 4. Nearest neighbours
 def knn(queries: np.ndarray, database: np.ndarray, k: int, block_mb: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner products (cosines of normalized rows), by blocks of bounded memory.
-
-    Returns (scores [nq,k] descending, indices [nq,k]); on the GPU when TensorFlow sees one."""
+    """Exact top-k inner products (cosines of normalized rows) in blocks of bounded memory, never the full
+    query x database matrix. Returns (scores [nq,k] descending, indices [nq,k]); TensorFlow on a GPU, else numpy."""
     k = min(k, len(database))
     if k == 0 or len(queries) == 0:
         return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
-    db_block = min(len(database), max(k, block_mb * 2**20 // 4 // 1024))
-    q_block = max(1, block_mb * 2**20 // 4 // db_block)
+    if tf.config.list_physical_devices("GPU"):
+        db_block = min(len(database), max(k, block_mb * 2**20 // 4 // 1024))
+        return knn_tensorflow(queries, database, k, q_block=max(1, block_mb * 2**20 // 4 // db_block),
+                              db_block=db_block)
+    db_chunk = max(k, KNN_DB_CHUNK)
+    return knn_numpy(queries, database, k, q_block=max(1, min(1024, block_mb * 2**20 // 4 // db_chunk)),
+                     db_chunk=db_chunk)
+
+
+def knn_tensorflow(queries: np.ndarray, database: np.ndarray, k: int, q_block: int, db_block: int):
+    """GPU kNN: blocked matmul + top_k, merging the blocks' top-k."""
     db_parts = [tf.constant(database[s:s + db_block], tf.float32) for s in range(0, len(database), db_block)]
     scores, indices = [], []
     for start in tqdm(range(0, len(queries), q_block), desc="knn", unit="block", leave=False):
@@ -374,21 +385,65 @@ def knn(queries: np.ndarray, database: np.ndarray, k: int, block_mb: int = 512) 
             s, i = tf.math.top_k(tf.matmul(block, part, transpose_b=True), min(k, part.shape[0]))
             i = i + part_index * db_block
             if best_s is not None:
-                s, i = merge_top_k(best_s, best_i, s, i, k)
+                s, order = tf.math.top_k(tf.concat([best_s, s], axis=1), k)
+                i = tf.gather(tf.concat([best_i, i], axis=1), order, batch_dims=1)
             best_s, best_i = s, i
         scores.append(best_s.numpy())
         indices.append(best_i.numpy().astype(np.int64))
     return np.concatenate(scores), np.concatenate(indices)
 
 
-def merge_top_k(s1: tf.Tensor, i1: tf.Tensor, s2: tf.Tensor, i2: tf.Tensor, k: int):
-    s, order = tf.math.top_k(tf.concat([s1, s2], axis=1), k)
-    return s, tf.gather(tf.concat([i1, i2], axis=1), order, batch_dims=1)
+def knn_numpy(queries: np.ndarray, database: np.ndarray, k: int, q_block: int, db_chunk: int):
+    """CPU kNN near the speed of the bare multiply: after the first database chunk only scores above each
+    query's current k-th best are looked at, and those are few."""
+    queries, database = queries.astype(np.float32), database.astype(np.float32)
+    scores, indices = [], []
+    for start in tqdm(range(0, len(queries), q_block), desc="knn", unit="block", leave=False):
+        block = queries[start:start + q_block]
+        first = block @ database[:max(k, db_chunk)].T
+        best_i = np.argpartition(-first, k - 1, axis=1)[:, :k]
+        best_s = np.take_along_axis(first, best_i, 1)
+        for chunk_start in range(max(k, db_chunk), len(database), db_chunk):
+            chunk = block @ database[chunk_start:chunk_start + db_chunk].T
+            best_s, best_i = merge_above_threshold(best_s, best_i, chunk, chunk_start, k)
+        order = np.lexsort((best_i, -best_s), axis=1)  # score descending, then index ascending
+        scores.append(np.take_along_axis(best_s, order, 1))
+        indices.append(np.take_along_axis(best_i, order, 1).astype(np.int64))
+    return np.concatenate(scores), np.concatenate(indices)
+
+
+def merge_above_threshold(best_s: np.ndarray, best_i: np.ndarray, chunk: np.ndarray, offset: int, k: int):
+    """Merge into each row's top-k the chunk's scores above that row's current k-th best."""
+    rows, cols = np.divmod(np.flatnonzero(chunk > best_s.min(axis=1, keepdims=True)), chunk.shape[1])
+    if len(rows) == 0:
+        return best_s, best_i
+    counts = np.bincount(rows, minlength=len(chunk))
+    slots = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+    cand_s = np.full((len(chunk), counts.max()), -np.inf, np.float32)
+    cand_i = np.zeros((len(chunk), counts.max()), best_i.dtype)
+    cand_s[rows, slots], cand_i[rows, slots] = chunk[rows, cols], cols + offset
+    all_s, all_i = np.concatenate([best_s, cand_s], 1), np.concatenate([best_i, cand_i], 1)
+    keep = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_i, keep, 1)
 
 
 # %% 5. Local features and verification
 def local_path(cache: Path, split: str, image_id: str) -> Path:
     return cache / split / f"{image_id}.npz"
+
+
+def trim_local_cache(cache: Path, max_gb: float) -> int:
+    """Delete the oldest cached local features until the cache holds at most max_gb; the count deleted.
+
+    At full size the features of every reranked image would not fit on a notebook's disk (~250 KB each)."""
+    files = sorted(((f.stat().st_mtime, f.stat().st_size, f) for f in cache.rglob("*.npz")), reverse=True)
+    total, deleted = 0, 0
+    for _, size, path in files:  # newest first: keep while there is room
+        total += size
+        if total > max_gb * 2**30:
+            path.unlink(missing_ok=True)
+            deleted += 1
+    return deleted
 
 
 def extract_local(model: DelgModel, data: Path, images: list[tuple[str, str]], cache: Path,
@@ -602,6 +657,7 @@ def rerank(model: DelgModel, data: Path, args: argparse.Namespace, timing: Timin
         for q, counts in zip(batch, verify_all(tasks, settings, args.workers), strict=True):
             inliers[q, :len(counts)] = counts
         timing.add("verification", sum(len(cs) for cs in candidates), time.monotonic() - began)
+        trim_local_cache(cache, args.local_cache_gb)
         timing.rerank_depth = max(timing.rerank_depth, depth)
         start += len(batch)
         log.info("reranked %d of %d queries at depth %d", start, len(order), depth)

@@ -113,10 +113,15 @@ def test_unreadable_images_decode_to_none(tmp_path, caplog, contents):
     assert "bad.jpg" in caplog.text
 
 
-def test_knn_blocks_equal_brute_force():
+@pytest.mark.parametrize("search", [
+    lambda q, d, k: sub.knn(q, d, k, block_mb=1),
+    lambda q, d, k: sub.knn_numpy(q, d, k, q_block=16, db_chunk=300),  # several blocks of both
+    lambda q, d, k: sub.knn_tensorflow(q, d, k, q_block=16, db_block=300),
+])
+def test_knn_blocks_equal_brute_force(search):
     rng = np.random.default_rng(0)
     queries, database = rng.normal(size=(70, 16)), rng.normal(size=(3000, 16))
-    scores, indices = sub.knn(queries, database, 10, block_mb=1)  # several blocks of both
+    scores, indices = search(queries, database, 10)
     expected = np.argsort(-(queries @ database.T), axis=1)[:, :10]
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ database.T, expected, 1), rtol=1e-4)
@@ -187,3 +192,15 @@ def test_plan_depth_degrades_with_the_time_left(tmp_path):
     tight = sub.plan_depth(timing, 10_000, 10, 1.0)
     assert roomy == 10 and 0 < tight < 10
     assert sub.plan_depth(timing, 1_000_000, 10, 1.0) == 0
+
+
+def test_local_cache_is_trimmed_to_its_limit_oldest_first(tmp_path):
+    import os
+
+    for age, name in enumerate(["new", "mid", "old"]):
+        path = sub.local_path(tmp_path, "train", name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1e9 - age, 1e9 - age))
+    assert sub.trim_local_cache(tmp_path, max_gb=2500 / 2**30) == 1
+    assert sorted(p.stem for p in (tmp_path / "train").iterdir()) == ["mid", "new"]
