@@ -61,4 +61,4 @@ def build_backbone(cfg: TrainConfig) -> keras.Model:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose tiny, {', '.join(KERAS_RESNETS)}")
     conv4 = _last_layer_matching(net, CONV4_OUTPUT).output
     conv5 = _last_layer_matching(net, CONV5_OUTPUT).output
-    return keras.Model(net.inputs, [conv4, conv5], name="backbone")
+    return keras.Model(net.input, [conv4, conv5], name="backbone")

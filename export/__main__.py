@@ -1,0 +1,85 @@
+"""`python -m export delg|retrieval|bundle ...`: SavedModels and the Kaggle bundle from a training run."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from common.cli import run_main
+from export.bundle import DEFAULT_COMPETITION, SUBMISSION_SCRIPT, build_bundle
+from export.delg import export_delg
+from export.retrieval import DEFAULT_MAX_MB, export_retrieval
+
+COMMANDS = {
+    "delg": "the DELG SavedModel (local + global features, the DELF/Kaggle-baseline contract)",
+    "retrieval": "the Kaggle retrieval SavedModel, zipped for upload (one global descriptor per image)",
+    "bundle": "a folder for `kaggle datasets create` + `kaggle kernels push`",
+}
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command])
+    parser.add_argument("--run", type=Path, required=True, help="training run folder (config.json, checkpoints/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
+    return parser
+
+
+def main_delg(argv: list[str] | None) -> None:
+    parser = _parser("delg")
+    parser.add_argument("--out", type=Path, required=True, help="SavedModel folder to create")
+    args = parser.parse_args(argv)
+    print(export_delg(args.run, args.out, overwrite=args.overwrite))
+
+
+def main_retrieval(argv: list[str] | None) -> None:
+    parser = _parser("retrieval")
+    parser.add_argument("--out", type=Path, required=True, help="zip file to create (e.g. model.zip)")
+    parser.add_argument("--dim", type=int, default=None,
+                        help="descriptor size D; must equal the run's embedding_dim (default: that value)")
+    parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB,
+                        help=f"refuse a zip larger than this many MB (default {DEFAULT_MAX_MB:g})")
+    args = parser.parse_args(argv)
+    size_mb = export_retrieval(args.run, args.out, dim=args.dim, max_mb=args.max_mb, overwrite=args.overwrite)
+    print(f"{args.out}: {size_mb:.1f} MB (limit {args.max_mb:g} MB)")
+
+
+def main_bundle(argv: list[str] | None) -> None:
+    parser = _parser("bundle")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    parser.add_argument("--kaggle-user", required=True, help="your Kaggle user name (owner of dataset and notebook)")
+    parser.add_argument("--dataset", default="delg-landmark-model", help="dataset slug (default %(default)s)")
+    parser.add_argument("--kernel", default="delg-landmark-submission", help="notebook slug (default %(default)s)")
+    parser.add_argument("--competition", default=DEFAULT_COMPETITION,
+                        help="competition slug the notebook is attached to (default %(default)s)")
+    parser.add_argument("--wheel", type=Path, default=None,
+                        help="pydegensac wheel to include (default: look in pip's wheel cache; never downloads)")
+    parser.add_argument("--script", type=Path, default=SUBMISSION_SCRIPT,
+                        help="submission script to ship (default %(default)s)")
+    args = parser.parse_args(argv)
+    print(build_bundle(args.run, args.out, user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel,
+                       competition=args.competition, wheel=args.wheel, script=args.script,
+                       overwrite=args.overwrite))
+
+
+ENTRIES = {"delg": main_delg, "retrieval": main_retrieval, "bundle": main_bundle}
+
+
+def usage() -> str:
+    lines = ["usage: python -m export COMMAND [--help] ...", "", "commands:"]
+    return "\n".join(lines + [f"  {name:<10} {text}" for name, text in COMMANDS.items()])
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in ENTRIES:
+        print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TF's saver logs every renamed loop input
+    return run_main(ENTRIES[argv[0]], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

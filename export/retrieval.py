@@ -1,0 +1,80 @@
+"""The Kaggle retrieval SavedModel: serving_default(input_image uint8 [H,W,3]) -> {'global_descriptor': [D]}.
+
+The retrieval competitions (2020, 2021) take the model itself as the submission: a zip whose root holds
+saved_model.pb and variables/. The server runs it on every query and index image, L2-distance kNN on
+the descriptors, and scores mAP@100. Our descriptor is the sum of the per-scale descriptors at
+RETRIEVAL_SCALES, L2-normalized, all inside the graph.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import tensorflow as tf
+
+from common.cli import UserError
+from export.delg import load_trained_model, resize_by, serving_module
+from train.config import RETRIEVAL_SCALES
+from train.model import DelgModel
+
+log = logging.getLogger(__name__)
+
+# No official number was found for the 2020/2021 retrieval model zip; 500 MB leaves room for an R101 at
+# 2048 dimensions (~180 MB) and is a sane upload. Raise it with --max-mb if the year's rules allow more.
+DEFAULT_MAX_MB = 500.0
+
+
+SIGNATURE = [tf.TensorSpec([None, None, 3], tf.uint8, name="input_image")]
+
+
+def retrieval_serve(model: DelgModel, scales: tuple[float, ...] = RETRIEVAL_SCALES):
+    """input_image -> {'global_descriptor': sum of the per-scale descriptors at `scales`, L2-normalized}."""
+
+    def serve(input_image):
+        pixels = tf.cast(input_image, tf.float32)
+        per_scale = [model.global_descriptor(model.features(resize_by(pixels, scale))[1])[0] for scale in scales]
+        return {"global_descriptor": tf.nn.l2_normalize(tf.add_n(per_scale), axis=0)}
+
+    return serve
+
+
+def check_dim(model: DelgModel, dim: int | None) -> None:
+    """The descriptor is the trained embedding; a different --dim is refused rather than silently cut."""
+    trained = model.cfg.embedding_dim
+    if dim is not None and dim != trained:
+        raise UserError(f"--dim {dim}: this run was trained with embedding_dim {trained}; truncating or "
+                        f"padding a whitened descriptor would change its meaning, so train with "
+                        f"--embedding-dim {dim} instead (or pass --dim {trained})")
+
+
+def zip_saved_model(saved_model_dir: Path, zip_path: Path) -> None:
+    """Zip a SavedModel folder with its files at the archive root, as the Kaggle server unpacks it."""
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(saved_model_dir.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(saved_model_dir).as_posix())
+
+
+def export_retrieval(run_dir: Path, out_zip: Path, dim: int | None = None, max_mb: float = DEFAULT_MAX_MB,
+                     overwrite: bool = False) -> float:
+    """Write the retrieval SavedModel zip; returns its size in MB. Refuses a zip larger than max_mb."""
+    out_zip = Path(out_zip)
+    if out_zip.exists() and not overwrite:
+        raise UserError(f"{out_zip} already exists; remove it or choose another output path")
+    model = load_trained_model(run_dir)
+    check_dim(model, dim)
+    out_zip.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_zip.parent, prefix=f".{out_zip.name}.") as tmp:
+        module = serving_module(model, retrieval_serve(model), SIGNATURE)
+        tf.saved_model.save(module, f"{tmp}/model", signatures={"serving_default": module.serve})
+        partial = Path(tmp) / "model.zip"
+        zip_saved_model(Path(tmp) / "model", partial)
+        size_mb = partial.stat().st_size / 2**20
+        if size_mb > max_mb:
+            raise UserError(f"{out_zip}: the zip would be {size_mb:.1f} MB, over the --max-mb limit of {max_mb} MB")
+        os.replace(partial, out_zip)
+    log.info("wrote %s (%.1f MB)", out_zip, size_mb)
+    return size_mb
