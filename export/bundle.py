@@ -4,7 +4,8 @@ Layout:
     dataset-metadata.json    the dataset (model + script + wheel)
     kernel-metadata.json     the notebook: internet off, GPU on, this dataset and the competition attached
     delg/                    the DELG SavedModel (label map in delg/assets/)
-    submission/main.py       the submission script, also the notebook's code file
+    submission/main.py       the submission script
+    kernel.py                the notebook's code file: installs the wheel offline, runs main.py on Kaggle's paths
     wheels/pydegensac-*.whl  when one is at hand, for `pip install --no-index --find-links`
 """
 from __future__ import annotations
@@ -24,8 +25,25 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBMISSION_SCRIPT = REPO_ROOT / "submission" / "main.py"
 MODEL_DIR = "delg"
 SCRIPT_PATH = "submission/main.py"
+KERNEL_FILE = "kernel.py"
 WHEEL_DIR = "wheels"
 DEFAULT_COMPETITION = "landmark-recognition-2021"
+DEFAULT_BUDGET_H = 8.5  # below the 9 h notebook limit of most years; the script plans inside it
+# Kaggle runs the kernel's code file with no arguments, so the launcher carries the paths of the server.
+LAUNCHER = """\"\"\"Kaggle notebook: install pydegensac offline if needed, then run the submission script.\"\"\"
+import subprocess
+import sys
+
+DATASET = "/kaggle/input/{dataset}"
+try:
+    import pydegensac  # noqa: F401
+except ImportError:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", DATASET + "/{wheels}",
+                    "pydegensac"], check=True)
+subprocess.run([sys.executable, DATASET + "/{script}", "--task", "{task}", "--data", "/kaggle/input/{competition}",
+                "--model", DATASET + "/{model}", "--out", "/kaggle/working/submission.csv",
+                "--work", "/tmp/landmark-work", "--time-budget-h", "{budget_h}"], check=True)
+"""
 
 
 def pip_wheel_cache() -> Path:
@@ -51,7 +69,7 @@ def kernel_metadata(user: str, dataset: str, kernel: str, competition: str) -> d
     return {
         "id": f"{user}/{kernel}",
         "title": kernel,
-        "code_file": SCRIPT_PATH,
+        "code_file": KERNEL_FILE,
         "language": "python",
         "kernel_type": "script",
         "is_private": True,
@@ -61,6 +79,13 @@ def kernel_metadata(user: str, dataset: str, kernel: str, competition: str) -> d
         "competition_sources": [competition],
         "kernel_sources": [],
     }
+
+
+def launcher(dataset: str, competition: str, budget_h: float = DEFAULT_BUDGET_H) -> str:
+    """The notebook's code: the submission script with the dataset's and the competition's Kaggle paths."""
+    task = "retrieval" if "retrieval" in competition else "recognition"
+    return LAUNCHER.format(dataset=dataset, wheels=WHEEL_DIR, script=SCRIPT_PATH, task=task,
+                           competition=competition, model=MODEL_DIR, budget_h=budget_h)
 
 
 def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: str,
@@ -78,6 +103,7 @@ def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: 
             (tmp / WHEEL_DIR).mkdir()
             shutil.copy2(wheel, tmp / WHEEL_DIR / wheel.name)
         (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(user, dataset), indent=2))
+        (tmp / KERNEL_FILE).write_text(launcher(dataset, competition))
         metadata = kernel_metadata(user, dataset, kernel, competition)
         (tmp / "kernel-metadata.json").write_text(json.dumps(metadata, indent=2))
     if wheel is None:

@@ -75,7 +75,11 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
     assert (kernel["enable_gpu"], kernel["enable_internet"]) == (True, False)
     assert kernel["dataset_sources"] == ["alice/my-delg"]
     assert kernel["competition_sources"] == ["landmark-retrieval-2021"]
-    assert (out / kernel["code_file"]).is_file()
+    launcher = (out / kernel["code_file"]).read_text()
+    compile(launcher, kernel["code_file"], "exec")
+    assert 'DATASET = "/kaggle/input/my-delg"' in launcher and 'DATASET + "/submission/main.py"' in launcher
+    assert '"--task", "retrieval"' in launcher
+    assert "/kaggle/input/landmark-retrieval-2021" in launcher and "--no-index" in launcher
 
 
 def test_bundle_without_submission_script_is_a_one_line_error(run, tmp_path, capsys):
