@@ -10,7 +10,8 @@ It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. neares
 tensorflow, pydegensac, scikit-learn, tqdm and the standard library are used.
 
 Files it leaves: --out (global-only first, replaced by the reranked result as it improves),
-WORK/submission_global_only.csv, WORK/timing.json (items and seconds per stage), and its caches:
+WORK/submission_global_only.csv, WORK/timing.json (items and seconds per stage), WORK/verified_pairs.csv
+(id, rank, candidate, cosine, inliers of every verified pair), and its caches:
 WORK/global/<split>/chunk_*.npz (resumable) and WORK/local/<split>/<id>.npz.
 """
 from __future__ import annotations
@@ -588,6 +589,16 @@ def write_submission(path: Path, task: str, test_ids: list[str], rows: list[str]
     atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def write_verified_pairs(path: Path, test_ids: list[str], db_ids: list[str], neighbours: np.ndarray,
+                         cosines: np.ndarray, inliers: np.ndarray) -> None:
+    """Every verified (query, candidate) pair with its rank, cosine and inliers: for debugging and pictures."""
+    queries, ranks = np.nonzero(inliers >= 0)
+    frame = pd.DataFrame({"id": [test_ids[q] for q in queries], "rank": ranks + 1,
+                          "candidate": [db_ids[j] for j in neighbours[queries, ranks]],
+                          "cosine": np.round(cosines[queries, ranks], 6), "inliers": inliers[queries, ranks]})
+    atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
 # %% 7. Time budget
 class Timing:
     """Items and seconds per stage, against a deadline; saved as WORK/timing.json after every change."""
@@ -718,7 +729,10 @@ def run(args: argparse.Namespace) -> None:
     write_submission(args.out, args.task, test_ids, rows_for(np.full(neighbours.shape, -1)))
     shutil.copyfile(args.out, args.work / "submission_global_only.csv")
     log.info("global-only submission written to %s", args.out)
-    on_progress = lambda inliers: write_submission(args.out, args.task, test_ids, rows_for(inliers))
+    def on_progress(inliers: np.ndarray) -> None:
+        write_submission(args.out, args.task, test_ids, rows_for(inliers))
+        write_verified_pairs(args.work / "verified_pairs.csv", test_ids, db_ids, neighbours, cosines, inliers)
+
     rerank(model, args.data, args, timing, test_ids, db_split, db_ids, neighbours, query_ok,
            min(depth, neighbours.shape[1]), on_progress)
     log.info("submission written to %s; timings in %s", args.out, timing.path)

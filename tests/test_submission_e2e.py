@@ -130,6 +130,9 @@ def test_recognition_end_to_end(competition, delg_model_dir, tmp_path):
     assert timing["stages"]["global_db"]["items"] == 2 * LANDMARKS
     assert timing["stages"]["verification"]["items"] > 0 and timing["rerank_depth"] == 3
     assert (tmp_path / "work" / "submission_global_only.csv").is_file()
+    pairs = pd.read_csv(tmp_path / "work" / "verified_pairs.csv")
+    assert len(pairs) == timing["stages"]["verification"]["items"]
+    assert pairs.columns.tolist() == ["id", "rank", "candidate", "cosine", "inliers"]
 
 
 def test_retrieval_end_to_end_with_a_tf1_model(competition, models, tmp_path):
