@@ -50,14 +50,11 @@ def load_label_map(run_dir: Path) -> list[int]:
     return [int(x) for x in frame["landmark_id"]]
 
 
-def make_checkpoint(model: tf.keras.Model, optimizer=None, step: tf.Variable | None = None) -> tf.train.Checkpoint:
-    """The checkpoint's object graph: model, and for training also optimizer and step."""
-    parts = {"model": model}
-    if optimizer is not None:
-        parts["optimizer"] = optimizer
-    if step is not None:
-        parts["step"] = step
-    return tf.train.Checkpoint(**parts)
+def make_checkpoint(model: tf.keras.Model, optimizer=None, step: tf.Variable | None = None,
+                    data_position: tf.Variable | None = None) -> tf.train.Checkpoint:
+    """The checkpoint's object graph: model, and for training also optimizer, step and data-stream position."""
+    parts = {"model": model, "optimizer": optimizer, "step": step, "data_position": data_position}
+    return tf.train.Checkpoint(**{name: part for name, part in parts.items() if part is not None})
 
 
 def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: Path, keep: int = 3):

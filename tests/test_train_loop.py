@@ -1,0 +1,126 @@
+"""The training loop: it learns, it resumes exactly, mirrored equals default, SIGTERM checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from train.config import get_config
+from train.data import folder_data, training_stream
+from train.loop import Trainer, train
+from train.run_files import CHECKPOINT_DIR, load_config, load_label_map
+from train.strategy import make_strategy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_competition):
+    return tiny_competition / "landmark-recognition"
+
+
+def small_config(**overrides):
+    fields = {"image_size": 48, "batch_size": 8, "steps": 6, "warmup_steps": 2, "log_every": 2,
+              "checkpoint_every": 3, "validate_every": 100, **overrides}
+    return get_config("tiny", **fields)
+
+
+def test_loss_falls_within_a_few_dozen_steps(data_dir):
+    cfg = small_config(image_size=64, batch_size=16, steps=40, warmup_steps=5, learning_rate=0.05)
+    data = folder_data(data_dir, cfg)
+    trainer = Trainer(cfg, len(data.landmark_ids), tf.distribute.get_strategy())
+    iterator = iter(training_stream(data.epoch_source, data.train_count, cfg))
+    mean_losses = []
+    for _ in range(4):
+        for _ in range(10):
+            trainer.train_step(iterator)
+        sums = trainer.take_sums()
+        mean_losses.append(sums["total"] / sums["images"])
+    assert mean_losses[-1] < 0.8 * mean_losses[0], mean_losses
+
+
+def test_a_run_writes_its_files(tiny_run):
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    cfg = load_config(tiny_run)
+    assert metrics["step"] == cfg.steps and metrics["stopped_by"] is None
+    assert len(load_label_map(tiny_run)) == metrics["classes"]
+    assert 0.0 <= metrics["validation_accuracy"] <= 1.0 and metrics["images_per_second"] > 0
+    assert tf.train.latest_checkpoint(str(tiny_run / CHECKPOINT_DIR)).endswith(f"-{cfg.steps}")
+    assert list((tiny_run / "logs" / "train").glob("events.out.tfevents.*"))
+
+
+def checkpoint_values(run_dir: Path) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(run_dir / CHECKPOINT_DIR))
+    dtypes = reader.get_variable_to_dtype_map()
+    return {name: reader.get_tensor(name) for name, dtype in dtypes.items()
+            if (dtype.is_floating or dtype.is_integer) and not name.startswith("save_counter")}
+
+
+def test_a_stopped_run_resumes_at_its_step_with_the_same_weights(data_dir, tmp_path):
+    cfg = small_config()
+    straight = train(cfg, data_dir=data_dir, run_dir=tmp_path / "straight", strategy="default")
+    first = train(cfg, data_dir=data_dir, run_dir=tmp_path / "resumed", strategy="default", stop_after=2)
+    assert first["step"] == 2
+    second = train(cfg, data_dir=data_dir, run_dir=tmp_path / "resumed", strategy="default")
+    assert second["step"] == straight["step"] == cfg.steps
+    expected, got = checkpoint_values(tmp_path / "straight"), checkpoint_values(tmp_path / "resumed")
+    assert expected.keys() == got.keys() and any("optimizer" in name for name in got)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def doubled_batch(cfg, num_classes: int) -> tf.data.Dataset:
+    """One global batch made of the same half twice, so per-replica batch norm sees the global statistics."""
+    half = cfg.batch_size // 2
+    images = tf.random.uniform([half, cfg.image_size, cfg.image_size, 3], 0, 255, seed=5)
+    labels = tf.random.uniform([half], 0, num_classes, dtype=tf.int64, seed=6)
+    batch = {"image": tf.concat([images, images], 0), "label": tf.concat([labels, labels], 0),
+             "position": tf.range(cfg.batch_size, dtype=tf.int64)}
+    return tf.data.Dataset.from_tensors(batch).repeat()
+
+
+def one_step(strategy: tf.distribute.Strategy, cfg) -> tuple[float, list[np.ndarray]]:
+    trainer = Trainer(cfg, 10, strategy)
+    iterator = iter(strategy.experimental_distribute_dataset(doubled_batch(cfg, 10)))
+    trainer.train_step(iterator)
+    sums = trainer.take_sums()
+    return sums["total"] / sums["images"], [v.numpy() for v in trainer.model.trainable_variables]
+
+
+def test_mirrored_over_two_cpus_takes_the_same_step_as_default():
+    cfg = small_config(learning_rate=0.05, warmup_steps=0, clip_norm=1.0)  # clipping active: checks the global norm
+    mirrored = make_strategy("mirrored")
+    assert mirrored.num_replicas_in_sync == 2
+    default_loss, default_weights = one_step(tf.distribute.get_strategy(), cfg)
+    mirrored_loss, mirrored_weights = one_step(mirrored, cfg)
+    assert mirrored_loss == pytest.approx(default_loss, rel=1e-4)
+    for a, b in zip(default_weights, mirrored_weights, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
+
+
+def test_sigterm_checkpoints_and_the_run_continues(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "train", "--data", str(data_dir), "--config", "tiny", "--out", str(run_dir),
+               "--steps", "2000", "--image-size", "48", "--batch-size", "8", "--checkpoint-every", "5",
+               "--validate-every", "100000"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    deadline = time.monotonic() + 90
+    while not list((run_dir / CHECKPOINT_DIR).glob("ckpt-*.index")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stopped_by"] == "SIGTERM" and 5 <= metrics["step"] < 2000
+    assert tf.train.latest_checkpoint(str(run_dir / CHECKPOINT_DIR)).endswith(f"-{metrics['step']}")
+    resumed = train(load_config(run_dir), data_dir=data_dir, run_dir=run_dir, strategy="default", stop_after=2)
+    assert resumed["step"] == metrics["step"] + 2

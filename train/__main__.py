@@ -1,0 +1,66 @@
+"""`python -m train --data DIR --config tiny|r50|r101 --out RUN_DIR [--steps N --batch-size B ...]`: train DELG.
+
+Every TrainConfig field is a flag (--field-name) that overrides the named config.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+from pathlib import Path
+
+from common.cli import UserError, run_main
+from train.config import CONFIGS, TrainConfig, get_config
+from train.loop import train
+from train.strategy import STRATEGIES
+
+SCALARS = {"str": str, "int": int, "float": float}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed from its annotation; unset flags keep the named config's value."""
+    group = parser.add_argument_group("config overrides (defaults: the named --config)")
+    for field in dataclasses.fields(TrainConfig):
+        flag, kind = f"--{field.name.replace('_', '-')}", str(field.type)
+        defaults = ", ".join(f"{name}: {getattr(cfg, field.name)}" for name, cfg in CONFIGS.items())
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=defaults)
+        elif kind.startswith("tuple["):
+            element = SCALARS[kind.removeprefix("tuple[").split(",")[0].rstrip("]")]
+            group.add_argument(flag, type=element, nargs="+", default=None, help=defaults)
+        else:
+            group.add_argument(flag, type=SCALARS[kind], default=None, help=defaults)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+    overrides = {name: tuple(v) if isinstance(v, list) else v for name, v in overrides.items()}
+    return get_config(args.config, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="GLDv2/Kaggle folder with train.csv and train/a/b/c/<id>.jpg")
+    parser.add_argument("--tfrecords", type=Path, help="train from shards written by `python -m train.tfrecords`")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="named config (default tiny)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, logs, metrics.json")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                        help="tf.distribute strategy; auto: TPU if present, mirrored with >1 GPU, else default")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="continue from the newest checkpoint in --out when there is one (default on)")
+    add_config_flags(parser)
+    args = parser.parse_args(argv)
+    if (args.data is None) == (args.tfrecords is None):
+        raise UserError("give exactly one of --data and --tfrecords")
+    metrics = train(config_from_args(args), data_dir=args.data, run_dir=args.out, strategy=args.strategy,
+                    resume=args.resume, tfrecords=args.tfrecords)
+    print(f"step {metrics['step']}/{metrics['steps']}: loss {metrics.get('loss_total', float('nan')):.4f}, "
+          f"validation accuracy {metrics['validation_accuracy']}, {metrics.get('images_per_second', 0):.0f} "
+          f"images/s, {metrics['skipped_images']} unreadable images skipped -> {args.out}")
+    stopped_by = metrics["stopped_by"]
+    return 128 + signal.Signals[stopped_by].value if stopped_by else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,229 @@
+"""Training data: a GLDv2 / Kaggle folder read into a table, and the tf.data pipelines DELG trains on.
+
+The training stream is a pure function of (seed, position): epoch e visits the images in a permutation
+seeded by (seed, e), and the augmentation of the element at stream position k is seeded by (seed, k).
+A resumed run therefore continues the exact stream it was checkpointed in, from `start`.
+Each element carries its position, so images dropped as unreadable show up as gaps and are counted.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from common.cli import UserError
+from common.gldv2 import ID_PATTERN, image_path
+from train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+TRAIN_CSV = "train.csv"
+CLEAN_CSV = "train_clean.csv"
+EPOCHS_FOREVER = 2**62
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Images and their contiguous class indices; landmark_ids[i] is the GLDv2 id of class i."""
+
+    train: pd.DataFrame  # columns: id, path, label
+    validation: pd.DataFrame  # same columns
+    landmark_ids: list[int]
+
+
+def read_train_csv(path: Path) -> pd.DataFrame:
+    """train.csv (id,landmark_id or id,url,landmark_id) -> DataFrame id, landmark_id, checked row by row."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing; expected a GLDv2/Kaggle folder with train.csv and train/")
+    table = pd.read_csv(path, dtype={"id": str, "url": str}, keep_default_na=False)
+    missing = {"id", "landmark_id"} - set(table.columns)
+    if missing:
+        raise UserError(f"{path}: missing columns {sorted(missing)}; expected id,landmark_id or id,url,landmark_id")
+    landmark_ids = pd.to_numeric(table["landmark_id"], errors="coerce")
+    for line, (image_id, landmark_id) in enumerate(zip(table["id"], landmark_ids, strict=True), start=2):
+        if not ID_PATTERN.match(image_id):
+            raise UserError(f"{path}, line {line}: id {image_id!r} is not 16 hex digits")
+        if pd.isna(landmark_id) or landmark_id != int(landmark_id):
+            raise UserError(f"{path}, line {line}: id {image_id}: landmark_id is not an integer")
+    if table["id"].duplicated().any():
+        raise UserError(f"{path}: id {table['id'][table['id'].duplicated()].iloc[0]} appears more than once")
+    return pd.DataFrame({"id": table["id"], "landmark_id": landmark_ids.astype(np.int64)})
+
+
+def keep_clean(table: pd.DataFrame, clean_csv: Path) -> pd.DataFrame:
+    """Only the images listed in train_clean.csv (landmark_id,images with space-separated ids)."""
+    clean = pd.read_csv(clean_csv, dtype={"images": str}, keep_default_na=False)
+    if set(clean.columns) != {"landmark_id", "images"}:
+        raise UserError(f"{clean_csv}: expected columns landmark_id,images")
+    clean_ids = {image_id for images in clean["images"] for image_id in images.split()}
+    kept = table[table["id"].isin(clean_ids)].reset_index(drop=True)
+    log.info("%s: keeping %d of %d train images", clean_csv, len(kept), len(table))
+    return kept
+
+
+def drop_missing(table: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
+    """Add each image's path; rows whose file is missing are logged and dropped."""
+    paths = [str(image_path(data_dir, "train", image_id)) for image_id in table["id"]]
+    exists = np.array([Path(p).is_file() for p in paths], dtype=bool)
+    if not exists.any():
+        raise UserError(f"{data_dir / 'train'}: none of the {len(table)} images in {TRAIN_CSV} exist")
+    if not exists.all():
+        missing = table["id"][~exists]
+        log.warning("%d of %d train images are missing and skipped (first: %s)",
+                    len(missing), len(table), ", ".join(missing.iloc[:5]))
+    return table.assign(path=paths)[exists].reset_index(drop=True)
+
+
+def split_by_image(table: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A seeded random share of the images (at least one when fraction > 0) goes to validation."""
+    count = 0 if fraction <= 0 else max(1, round(fraction * len(table)))
+    if count >= len(table):
+        raise UserError(f"validation_fraction {fraction} leaves no training images out of {len(table)}")
+    order = np.random.default_rng(seed).permutation(len(table))
+    return (table.iloc[np.sort(order[count:])].reset_index(drop=True),
+            table.iloc[np.sort(order[:count])].reset_index(drop=True))
+
+
+def read_examples(data_dir: Path, validation_fraction: float, seed: int) -> Examples:
+    """A GLDv2/Kaggle folder -> train/validation tables with contiguous labels (train_clean.csv when present)."""
+    data_dir = Path(data_dir)
+    table = read_train_csv(data_dir / TRAIN_CSV)
+    if (data_dir / CLEAN_CSV).is_file():
+        table = keep_clean(table, data_dir / CLEAN_CSV)
+    table = drop_missing(table, data_dir)
+    landmark_ids = sorted(int(x) for x in table["landmark_id"].unique())
+    index_of = {landmark_id: index for index, landmark_id in enumerate(landmark_ids)}
+    table = table.assign(label=table["landmark_id"].map(index_of).astype(np.int64))
+    train, validation = split_by_image(table[["id", "path", "label"]], validation_fraction, seed)
+    log.info("%s: %d train and %d validation images of %d landmarks",
+             data_dir, len(train), len(validation), len(landmark_ids))
+    return Examples(train, validation, landmark_ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding and augmentation (one image at a time, inside tf.data)
+
+
+def image_shape(encoded: tf.Tensor) -> tf.Tensor:
+    """[height, width] of an encoded image, read from the JPEG header when it is one."""
+    return tf.cond(tf.io.is_jpeg(encoded),
+                   lambda: tf.io.extract_jpeg_shape(encoded)[:2],
+                   lambda: tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False))[:2])
+
+
+def decode_window(encoded: tf.Tensor, offset: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Decode only the window [offset, offset+size) (JPEGs decode just that part): uint8 [h,w,3]."""
+    window = tf.concat([offset, size], axis=0)
+
+    def decode_other():
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        return tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([size, [3]], 0))
+
+    return tf.cond(tf.io.is_jpeg(encoded), lambda: tf.io.decode_and_crop_jpeg(encoded, window, channels=3),
+                   decode_other)
+
+
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Any uint8 image -> uint8 [size,size,3] (aspect not kept, as DELG trains)."""
+    resized = tf.image.resize(image, [size, size], antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def augment(encoded: tf.Tensor, seed: tf.Tensor, cfg: TrainConfig) -> tf.Tensor:
+    """DELG's training view: a random crop of crop_min_area..100% of the area, resized, maybe flipped."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    offset, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.concat([image_shape(encoded), [3]], 0), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=cfg.crop_aspect_range,
+        area_range=(cfg.crop_min_area, 1.0), max_attempts=20, use_image_if_no_bounding_boxes=True)
+    image = resize(decode_window(encoded, offset[:2], size[:2]), cfg.image_size)
+    return tf.image.stateless_random_flip_left_right(image, flip_seed) if cfg.flip else image
+
+
+def plain_view(encoded: tf.Tensor, cfg: TrainConfig) -> tf.Tensor:
+    """The validation view: the whole image resized."""
+    return resize(tf.io.decode_image(encoded, channels=3, expand_animations=False), cfg.image_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pipelines
+
+EpochSource = Callable[[tf.Tensor], tf.data.Dataset]  # epoch -> dataset of (encoded bytes, label), shuffled
+
+
+def folder_epoch_source(paths: list[str], labels: list[int], seed: int) -> EpochSource:
+    """Epoch e reads the files in a permutation seeded by (seed, e)."""
+    paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int64)
+
+    def epoch(e):
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(paths)), seed=tf.stack([seed, e]))
+        files = tf.data.Dataset.from_tensor_slices((tf.gather(paths_t, order), tf.gather(labels_t, order)))
+        return files.map(lambda path, label: (tf.io.read_file(path), label))
+
+    return epoch
+
+
+def training_stream(source: EpochSource, epoch_size: int, cfg: TrainConfig, start: int = 0) -> tf.data.Dataset:
+    """Endless batches {'image' uint8, 'label', 'position'} from stream position `start` on.
+
+    Unreadable images are dropped (never an error); `skipped_before` tells how many were.
+    """
+    first_epoch = start // epoch_size
+    epochs = tf.data.Dataset.range(first_epoch, EPOCHS_FOREVER).flat_map(source)
+    positions = tf.data.Dataset.range(first_epoch * epoch_size, 2**62)
+    stream = tf.data.Dataset.zip(positions, epochs).skip(start - first_epoch * epoch_size)
+
+    def example(position, encoded_and_label):
+        encoded, label = encoded_and_label
+        image = augment(encoded, tf.stack([tf.cast(cfg.seed, tf.int64), position]), cfg)
+        return {"image": image, "label": label, "position": position}
+
+    return finish(stream.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
+                  cfg.batch_size, drop_remainder=True)
+
+
+def validation_stream(encoded_and_labels: tf.data.Dataset, cfg: TrainConfig) -> tf.data.Dataset:
+    """Finite batches {'image', 'label'} of the plain validation views; unreadable images dropped."""
+    def example(encoded, label):
+        return {"image": plain_view(encoded, cfg), "label": label}
+
+    return finish(encoded_and_labels.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
+                  cfg.batch_size, drop_remainder=False)
+
+
+def finish(examples: tf.data.Dataset, batch_size: int, drop_remainder: bool) -> tf.data.Dataset:
+    """Drop unreadable examples (logged by tf.data), batch, prefetch."""
+    examples = examples.ignore_errors(log_warning=True)
+    return examples.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def folder_validation_files(table: pd.DataFrame) -> tf.data.Dataset:
+    files = tf.data.Dataset.from_tensor_slices((list(table["path"]), np.asarray(table["label"], np.int64)))
+    return files.map(lambda path, label: (tf.io.read_file(path), label))
+
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What the loop needs from a data source, whether a GLDv2 folder or TFRecord shards."""
+
+    landmark_ids: list[int]
+    train_count: int
+    validation_count: int
+    epoch_source: EpochSource
+    validation_files: Callable[[], tf.data.Dataset]  # -> (encoded bytes, label), in a fixed order
+
+
+def folder_data(data_dir: Path, cfg: TrainConfig) -> TrainingData:
+    """TrainingData read straight from a GLDv2/Kaggle folder."""
+    examples = read_examples(data_dir, cfg.validation_fraction, cfg.seed)
+    return TrainingData(
+        landmark_ids=examples.landmark_ids, train_count=len(examples.train),
+        validation_count=len(examples.validation),
+        epoch_source=folder_epoch_source(list(examples.train["path"]), list(examples.train["label"]), cfg.seed),
+        validation_files=lambda: folder_validation_files(examples.validation))
