@@ -477,21 +477,28 @@ def putative_matches(desc_a: np.ndarray, desc_b: np.ndarray, max_distance: float
     return keep, nearest_b[keep]
 
 
-def count_inliers(kp_a: np.ndarray, desc_a: np.ndarray, kp_b: np.ndarray, desc_b: np.ndarray,
-                  settings: dict) -> int:
-    """RANSAC homography inliers of the putative matches; 0 when too few matches or RANSAC fails."""
+def ransac_matches(kp_a: np.ndarray, desc_a: np.ndarray, kp_b: np.ndarray, desc_b: np.ndarray,
+                   settings: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Putative matches (indices a, b) and their RANSAC homography inlier mask; no inliers when there are
+    too few matches or RANSAC fails."""
     if len(desc_a) == 0 or len(desc_b) == 0:
-        return 0
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
     a, b = putative_matches(desc_a, desc_b, settings["max_distance"], settings["mutual"])
     if len(a) < max(4, settings["min_matches"]):
-        return 0
+        return a, b, np.zeros(len(a), bool)
     try:
         _, mask = pydegensac.findHomography(kp_a[a].astype(np.float64), kp_b[b].astype(np.float64),
                                             px_th=settings["threshold"], conf=settings["confidence"],
                                             max_iters=settings["iterations"], seed=settings["seed"])
-        return int(np.count_nonzero(mask)) if mask is not None else 0
     except Exception:  # noqa: BLE001 - a RANSAC failure scores zero, never ends the run
-        return 0
+        mask = None
+    return a, b, np.zeros(len(a), bool) if mask is None else np.asarray(mask, bool).reshape(len(a))
+
+
+def count_inliers(kp_a: np.ndarray, desc_a: np.ndarray, kp_b: np.ndarray, desc_b: np.ndarray,
+                  settings: dict) -> int:
+    """RANSAC homography inliers of the putative matches; 0 when too few matches or RANSAC fails."""
+    return int(np.count_nonzero(ransac_matches(kp_a, desc_a, kp_b, desc_b, settings)[2]))
 
 
 def load_local(path: Path) -> tuple[np.ndarray, np.ndarray]:

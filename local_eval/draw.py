@@ -1,0 +1,144 @@
+"""Pictures for `local_eval show`, drawn with Pillow: match pictures, attention heat maps, the GAP curve.
+
+Keypoints are [y, x] in the pixels of the image the model saw, as the DELG contract gives them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+PANEL_HEIGHT = 320  # both images of a match picture are scaled to this height
+PANEL_GAP = 12
+CAPTION_HEIGHT = 28
+HEAT_OPACITY = 0.8
+INLIER_COLOUR = (40, 230, 70, 255)
+REJECTED_COLOUR = (255, 70, 70, 60)  # faint
+BACKGROUND = (255, 255, 255)
+# Anchors of a dark-blue -> red -> yellow colour map for the attention heat.
+HEAT_ANCHORS = np.array([[0, 0, 80], [120, 0, 160], [230, 40, 40], [255, 160, 0], [255, 255, 120]], float)
+
+
+def font(size: int = 14) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """uint8 RGB of values in [0, 1] on the heat colour map."""
+    positions = np.linspace(0, 1, len(HEAT_ANCHORS))
+    channels = [np.interp(values, positions, HEAT_ANCHORS[:, c]) for c in range(3)]
+    return np.stack(channels, axis=-1).astype(np.uint8)
+
+
+def attention_overlay(image: np.ndarray, keypoints: np.ndarray, scores: np.ndarray) -> Image.Image:
+    """The image in grey with its local features' attention scores splatted at their keypoints as heat."""
+    height, width = image.shape[:2]
+    grey = np.repeat(np.asarray(Image.fromarray(image).convert("L"), float)[..., None], 3, axis=-1)
+    if len(scores) == 0 or float(np.max(scores)) <= 0:
+        return Image.fromarray(image)
+    spacing = math.sqrt(height * width / len(scores))  # typical distance between two keypoints
+    cell = max(1, int(spacing / 2))
+    grid = np.zeros((height // cell + 1, width // cell + 1))
+    rows = np.clip((keypoints[:, 0] // cell).astype(int), 0, grid.shape[0] - 1)
+    cols = np.clip((keypoints[:, 1] // cell).astype(int), 0, grid.shape[1] - 1)
+    np.maximum.at(grid, (rows, cols), np.maximum(scores, 0))
+    heat = Image.fromarray((grid / grid.max() * 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    heat = np.asarray(heat.filter(ImageFilter.GaussianBlur(spacing / 3)), float)
+    heat /= max(heat.max(), 1e-6)
+    alpha = (heat * HEAT_OPACITY)[..., None]
+    blended = grey * (1 - alpha) + heat_colours(heat) * alpha
+    return Image.fromarray(blended.astype(np.uint8))
+
+
+def _scaled(picture: Image.Image) -> tuple[Image.Image, float]:
+    factor = PANEL_HEIGHT / picture.height
+    return picture.resize((max(1, round(picture.width * factor)), PANEL_HEIGHT), Image.BILINEAR), factor
+
+
+def match_picture(left: Image.Image, right: Image.Image, kp_left: np.ndarray, kp_right: np.ndarray,
+                  matches_left: np.ndarray, matches_right: np.ndarray, inliers: np.ndarray,
+                  caption: str) -> Image.Image:
+    """Two images side by side: RANSAC inliers as bright lines, rejected putative matches faint."""
+    left, factor_left = _scaled(left)
+    right, factor_right = _scaled(right)
+    offset = left.width + PANEL_GAP
+    caption_width = round(ImageDraw.Draw(left).textlength(caption, font=font(16))) + 12
+    canvas = Image.new("RGB", (max(offset + right.width, caption_width), CAPTION_HEIGHT + PANEL_HEIGHT), BACKGROUND)
+    canvas.paste(left, (0, CAPTION_HEIGHT))
+    canvas.paste(right, (offset, CAPTION_HEIGHT))
+    lines = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(lines)
+    ends_left = kp_left[matches_left][:, ::-1] * factor_left + (0, CAPTION_HEIGHT)
+    ends_right = kp_right[matches_right][:, ::-1] * factor_right + (offset, CAPTION_HEIGHT)
+    for is_inlier in (False, True):  # inliers last, on top
+        colour, width = (INLIER_COLOUR, 2) if is_inlier else (REJECTED_COLOUR, 1)
+        for (x0, y0), (x1, y1) in zip(ends_left[inliers == is_inlier], ends_right[inliers == is_inlier],
+                                      strict=True):
+            draw.line([(x0, y0), (x1, y1)], fill=colour, width=width)
+            if is_inlier:
+                for x, y in ((x0, y0), (x1, y1)):
+                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colour, width=2)
+    canvas = Image.alpha_composite(canvas.convert("RGBA"), lines).convert("RGB")
+    ImageDraw.Draw(canvas).text((6, 5), caption, fill=(0, 0, 0), font=font(16))
+    return canvas
+
+
+def precision_curve(correct: np.ndarray, title: str, size: tuple[int, int] = (640, 360)) -> Image.Image:
+    """Precision at each rank of the confidence-sorted predictions; correct ones dotted green, wrong red.
+
+    GAP is the sum of the precisions at the green dots divided by the number of landmark images."""
+    width, height = size
+    margin_left, margin_right, margin_top, margin_bottom = 52, 16, 34, 40
+    canvas = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    small = font(12)
+    draw.text((margin_left, 8), title, fill=(0, 0, 0), font=font(15))
+    plot_w, plot_h = width - margin_left - margin_right, height - margin_top - margin_bottom
+    to_x = lambda rank: margin_left + (rank - 1) / max(1, len(correct) - 1) * plot_w
+    to_y = lambda precision: margin_top + (1 - precision) * plot_h
+    draw.rectangle([margin_left, margin_top, margin_left + plot_w, margin_top + plot_h], outline=(0, 0, 0))
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = to_y(tick)
+        draw.line([(margin_left - 4, y), (margin_left + plot_w, y)], fill=(225, 225, 225))
+        draw.text((6, y - 7), f"{tick:.2f}", fill=(0, 0, 0), font=small)
+    draw.text((margin_left + plot_w // 2 - 70, height - 18), "rank by confidence", fill=(0, 0, 0), font=small)
+    draw.text((margin_left, margin_top + plot_h + 4), "1", fill=(0, 0, 0), font=small)
+    draw.text((margin_left + plot_w - 24, margin_top + plot_h + 4), str(len(correct)), fill=(0, 0, 0), font=small)
+    if len(correct) == 0:
+        return canvas
+    ranks = np.arange(1, len(correct) + 1)
+    precision = np.cumsum(correct) / ranks
+    draw.line([(to_x(r), to_y(p)) for r, p in zip(ranks, precision, strict=True)], fill=(60, 60, 200), width=2)
+    for r, p, ok in zip(ranks, precision, correct, strict=True):
+        x, y = to_x(r), to_y(p)
+        draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=(30, 170, 50) if ok else (220, 50, 50))
+    draw.text((margin_left + plot_w - 170, margin_top + 6), f"{int(correct.sum())} correct of {len(correct)}",
+              fill=(0, 0, 0), font=small)
+    return canvas
+
+
+def thumbnail(image: np.ndarray | None, side: int = 160) -> Image.Image:
+    """A copy at most side x side; a grey 'unreadable' tile when there is no image."""
+    if image is None:
+        tile = Image.new("RGB", (side, side), (200, 200, 200))
+        ImageDraw.Draw(tile).text((10, side // 2 - 8), "unreadable", fill=(80, 0, 0), font=font(14))
+        return tile
+    picture = Image.fromarray(image)
+    picture.thumbnail((side, side))
+    return picture

@@ -1,0 +1,475 @@
+"""Pictures of what the model retrieved and which local features matched.
+
+`python -m local_eval show --competition DIR --task recognition|retrieval --submission SUB.csv --model MODEL_DIR
+--out REPORT_DIR [--queries N] [-- SUBMISSION FLAGS]` writes REPORT_DIR/index.html (it opens from disk), its
+PNGs and report.json: per-Usage scores, the precision-versus-rank curve (recognition), and for N queries (the
+most confident wrong predictions, the lowest-ranked correct ones, a random sample) the query, its top-5
+neighbours, the ground truth and the match picture of the query and its top neighbour.
+
+`python -m local_eval show-pair IMG1 IMG2 --model MODEL_DIR --out pair.png [-- SUBMISSION FLAGS]` draws the
+match picture of any two images.
+
+Features, matches and inliers come from submission/main.py's own functions and flags (pass the flags the
+submission ran with after `--`), reading its caches in WORK (default: the submission's folder/work, the replay
+layout) where they are, so the inliers drawn are the inliers the submission counted.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import importlib.util
+import json
+import logging
+import math
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from common.cli import UserError, atomic_output_dir, atomic_write_text
+from local_eval import draw
+from local_eval.kaggle_csv import read_solution, read_submission
+from local_eval.metrics import score_files
+from local_eval.replay import competition_paths
+
+log = logging.getLogger("show")
+
+SUBMISSION_SCRIPT = Path(__file__).resolve().parents[1] / "submission" / "main.py"
+SUBMISSION_MODULE = "submission_main"  # the name tests load it under too: one copy per process
+TOP_NEIGHBOURS = 5
+REASONS = ("most confident wrong", "lowest-ranked correct", "random sample")
+SPLITS = {"recognition": ("train", "test"), "retrieval": ("index", "test")}  # (database, queries)
+
+
+def submission_module() -> ModuleType:
+    """submission/main.py as a module (a standalone script, not a package)."""
+    if SUBMISSION_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(SUBMISSION_MODULE, SUBMISSION_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[SUBMISSION_MODULE] = module  # worker processes find pickled functions by this name
+        spec.loader.exec_module(module)
+    return sys.modules[SUBMISSION_MODULE]
+
+
+def script_settings(task: str, data: Path, model: Path, flags: list[str]) -> argparse.Namespace:
+    """The submission's settings for these flags, its defaults for the rest."""
+    try:
+        return submission_module().build_parser().parse_args(
+            ["--task", task, "--data", str(data), "--model", str(model), *flags])
+    except SystemExit:
+        raise UserError(f"cannot read the submission flags {' '.join(flags)!r} (see the message above)") from None
+
+
+def load_model(settings: argparse.Namespace):
+    """The submission's DelgModel with the submission's extraction settings."""
+    sub = submission_module()
+    try:
+        return sub.DelgModel(settings.model, settings.scales, settings.global_scale_indices, settings.max_features,
+                             settings.attention_threshold)
+    except sub.InputError as err:
+        raise UserError(str(err)) from None
+
+
+def attention(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keypoints [N,2] (y, x: box centres, as the DELG contract defines them) and attention scores [N]."""
+    outputs = model(image, model.max_features)
+    boxes = outputs["boxes"].reshape(-1, 4)
+    return (boxes[:, :2] + boxes[:, 2:]) / 2, outputs["scores"].reshape(-1)
+
+
+def pair_picture(model, settings: argparse.Namespace, query: np.ndarray, query_features: tuple,
+                 other: np.ndarray, other_features: tuple, note: str = "") -> tuple[Image.Image, int, int]:
+    """(match picture with attention on the query, RANSAC inliers, putative matches) of two images."""
+    sub = submission_module()
+    a, b, inliers = sub.ransac_matches(*query_features, *other_features, sub.ransac_settings(settings))
+    count = int(np.count_nonzero(inliers))
+    caption = f"{count} RANSAC inliers of {len(a)} putative matches{note}"
+    left = draw.attention_overlay(query, *attention(model, query))
+    picture = draw.match_picture(left, Image.fromarray(other), query_features[0], other_features[0], a, b,
+                                 inliers, caption)
+    return picture, count, len(a)
+
+
+@dataclass
+class Extractor:
+    """Images and features of a competition: the submission's caches in `work` where they are, else extracted
+    into `scratch` by the submission's own functions."""
+
+    model: object
+    settings: argparse.Namespace
+    work: Path
+    scratch: Path
+
+    def image(self, split: str, image_id: str) -> np.ndarray | None:
+        """The image exactly as the submission decodes it (so keypoints land on the right pixels)."""
+        sub = submission_module()
+        return sub.decode_image(sub.image_path(self.settings.data, split, image_id), self.settings.max_image_side,
+                                self.settings.min_image_side)
+
+    def local(self, split: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        sub = submission_module()
+        path = sub.local_path(self.work / "local", split, image_id)
+        if not path.is_file():
+            sub.extract_local(self.model, self.settings.data, [(split, image_id)], self.scratch / "local",
+                              self.settings)
+            path = sub.local_path(self.scratch / "local", split, image_id)
+        return sub.load_local(path)
+
+    def global_descriptors(self, split: str, ids: list[str], wanted: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(descriptors, ok) of the wanted ids; the submission's cache holds all of `ids` when present."""
+        sub = submission_module()
+        try:
+            descriptors, ok = sub.load_global(self.work / "global" / split, ids, self.settings.chunk_size)
+            position = {image_id: row for row, image_id in enumerate(ids)}
+            rows = [position[i] for i in wanted]
+            return descriptors[rows], ok[rows]
+        except sub.InputError:
+            cache = self.scratch / "global" / split
+            paths = [sub.image_path(self.settings.data, split, i) for i in wanted]
+            sub.extract_global(self.model, wanted, paths, cache, self.settings)
+            return sub.load_global(cache, wanted, self.settings.chunk_size)
+
+
+# Choosing the queries
+def recognition_order(predictions: dict, truth: dict) -> tuple[list[str], list[str]]:
+    """(wrong predictions, most confident first; correct ones, lowest in the confidence ranking first)."""
+    ranked = sorted(predictions, key=lambda q: (-predictions[q][1], q))  # the GAP order
+    wrong = [q for q in ranked if predictions[q][0] not in truth[q]]
+    correct = [q for q in reversed(ranked) if predictions[q][0] in truth[q]]
+    return wrong, correct
+
+
+def retrieval_order(predictions: dict, truth: dict, pairs: dict) -> tuple[list[str], list[str]]:
+    """(queries whose first result is wrong, most inliers then cosine first; queries with a relevant result,
+    the one whose first relevant result ranks lowest first)."""
+    def confidence(q: str) -> tuple[float, float]:
+        pair = pairs.get((q, predictions[q][0]))
+        return (pair["inliers"], pair["cosine"]) if pair else (-1.0, -math.inf)
+
+    wrong = sorted((q for q in predictions if predictions[q][0] not in truth[q]),
+                   key=lambda q: (tuple(-x for x in confidence(q)), q))
+    first_hit = {q: next((r for r, i in enumerate(predictions[q][:100]) if i in truth[q]), None) for q in predictions}
+    correct = sorted((q for q, r in first_hit.items() if r is not None), key=lambda q: (-first_hit[q], q))
+    return wrong, correct
+
+
+def choose_queries(wrong: list[str], low_correct: list[str], everything: list[str], n: int,
+                   seed: int) -> list[tuple[str, str]]:
+    """n (id, reason): a third most confident wrong, a third lowest-ranked correct, the rest random."""
+    chosen: dict[str, str] = {}
+    for reason, ids in zip(REASONS[:2], (wrong, low_correct), strict=True):
+        for q in [q for q in ids if q not in chosen][:math.ceil(n / 3)]:
+            chosen[q] = reason
+    rest = [q for q in sorted(everything) if q not in chosen]
+    for i in np.random.default_rng(seed).permutation(len(rest))[:max(0, n - len(chosen))]:
+        chosen[rest[i]] = REASONS[2]
+    return list(chosen.items())[:n]
+
+
+def read_verified_pairs(work: Path) -> dict[tuple[str, str], dict]:
+    """(query, candidate) -> {rank, cosine, inliers} from WORK/verified_pairs.csv ({} without one)."""
+    path = work / "verified_pairs.csv"
+    if not path.is_file():
+        return {}
+    frame = pd.read_csv(path, dtype={"id": str, "candidate": str})
+    return {(row.id, row.candidate): {"rank": int(row.rank), "cosine": float(row.cosine), "inliers": int(row.inliers)}
+            for row in frame.itertuples(index=False)}
+
+
+# Building the report
+@dataclass
+class Competition:
+    """What the report needs to know about the task's images and ground truth."""
+
+    task: str
+    test_ids: list[str]
+    db_ids: list[str]
+    labels: dict[str, int]  # recognition: train id -> landmark
+    truth: dict[str, list]  # scored test id -> landmark ids or relevant index ids
+    usage: dict[str, str]
+
+    def is_right(self, query: str, candidate: str) -> bool:
+        wanted = self.truth.get(query, [])
+        return (self.labels.get(candidate) in wanted) if self.task == "recognition" else candidate in wanted
+
+    def prediction_right(self, query: str, prediction) -> bool:
+        if prediction is None:
+            return False
+        first = prediction[0]
+        return self.is_right(query, first) if self.task == "retrieval" else first in self.truth.get(query, [])
+
+    def truth_text(self, query: str) -> str:
+        wanted = self.truth.get(query, [])
+        if self.task == "retrieval":
+            return f"{len(wanted)} relevant index images"
+        return "landmark " + " ".join(map(str, wanted)) if wanted else "no landmark"
+
+    def truth_example(self, query: str) -> str | None:
+        """One database image that is a right answer for the query."""
+        return next((c for c in self.db_ids if self.is_right(query, c)), None)
+
+
+def read_competition(task: str, data: Path, solution_path: Path) -> Competition:
+    sub = submission_module()
+    solution = read_solution(solution_path, task)
+    truth = {q: t for subset in solution.subsets.values() for q, t in subset.items()}
+    usage = {q: name for name, subset in solution.subsets.items() for q in subset}
+    if task == "recognition":
+        db_ids, labels = sub.read_train_labels(data)
+        labels_of = dict(zip(db_ids, labels.tolist(), strict=True))
+    else:
+        db_ids, labels_of = sub.list_image_ids(data / "index"), {}
+    return Competition(task, sub.read_test_ids(data), db_ids, labels_of, truth, usage)
+
+
+def top_neighbours(extractor: Extractor, comp: Competition, queries: list[str],
+                   predictions: dict) -> dict[str, list[tuple[str, float | None]]]:
+    """Per query its top-5 (id, cosine): by cosine for recognition, the submitted order for retrieval."""
+    db_split, query_split = SPLITS[comp.task]
+    query_desc, query_ok = extractor.global_descriptors(query_split, comp.test_ids, queries)
+    db_desc, db_ok = extractor.global_descriptors(db_split, comp.db_ids, comp.db_ids)
+    if comp.task == "recognition":
+        valid = np.flatnonzero(db_ok)
+        cosines, found = submission_module().knn(query_desc, db_desc[valid], TOP_NEIGHBOURS)
+        ranked = [[comp.db_ids[valid[j]] for j in row] for row in found]
+    else:
+        ranked = [predictions.get(q, [])[:TOP_NEIGHBOURS] for q in queries]
+    position = {image_id: i for i, image_id in enumerate(comp.db_ids)}
+    result = {}
+    for q, ok, descriptor, candidates in zip(queries, query_ok, query_desc, ranked, strict=True):
+        cosine = lambda c, d=descriptor: float(d @ db_desc[position[c]]) if c in position else None
+        result[q] = [(c, cosine(c)) for c in candidates] if ok else []
+    return result
+
+
+def thumbnail_file(extractor: Extractor, split: str, image_id: str, out: Path) -> str:
+    """Save a thumbnail of the image into out/thumbs once; its path relative to out."""
+    relative = f"thumbs/{split}_{image_id}.png"
+    if not (out / relative).is_file():
+        draw.save_png(draw.thumbnail(extractor.image(split, image_id)), out / relative)
+    return relative
+
+
+def match_view(extractor: Extractor, comp: Competition, query: str, candidate: str, pairs: dict,
+               out: Path) -> dict | None:
+    """Draw the match picture of a query and a candidate; its file, drawn inliers and the submission's."""
+    db_split, query_split = SPLITS[comp.task]
+    query_image, other_image = extractor.image(query_split, query), extractor.image(db_split, candidate)
+    if query_image is None or other_image is None:
+        return None
+    submitted = pairs.get((query, candidate), {}).get("inliers")
+    note = "" if submitted is None else f" (the submission counted {submitted})"
+    picture, inliers, putative = pair_picture(extractor.model, extractor.settings, query_image,
+                                              extractor.local(query_split, query), other_image,
+                                              extractor.local(db_split, candidate), note)
+    if submitted is not None and submitted != inliers:
+        log.warning("%s / %s: %d inliers drawn, the submission counted %d: pass the submission's flags after --",
+                    query, candidate, inliers, submitted)
+    relative = f"matches/{query}_{candidate}.png"
+    draw.save_png(picture, out / relative)
+    return {"candidate": candidate, "picture": relative, "inliers": inliers, "putative": putative,
+            "submission_inliers": submitted}
+
+
+def prediction_text(task: str, prediction) -> str:
+    if prediction is None:
+        return "nothing predicted"
+    if task == "recognition":
+        return f"landmark {prediction[0]} (confidence {prediction[1]:.4f})"
+    return f"{len(prediction)} index images"
+
+
+def query_view(extractor: Extractor, comp: Competition, query: str, reason: str, predictions: dict,
+               neighbours: list[tuple[str, float | None]], pairs: dict, out: Path) -> dict:
+    db_split, query_split = SPLITS[comp.task]
+    shown = [{"id": c, "rank": rank, "cosine": cosine, "right": comp.is_right(query, c),
+              "landmark": comp.labels.get(c), "inliers": pairs.get((query, c), {}).get("inliers"),
+              "thumbnail": thumbnail_file(extractor, db_split, c, out)}
+             for rank, (c, cosine) in enumerate(neighbours, 1)]
+    example = comp.truth_example(query)
+    return {"id": query, "reason": reason, "usage": comp.usage.get(query, ""),
+            "prediction": prediction_text(comp.task, predictions.get(query)),
+            "correct": comp.prediction_right(query, predictions.get(query)), "truth": comp.truth_text(query),
+            "thumbnail": thumbnail_file(extractor, query_split, query, out),
+            "truth_thumbnail": example and thumbnail_file(extractor, db_split, example, out),
+            "neighbours": shown,
+            "match": match_view(extractor, comp, query, neighbours[0][0], pairs, out) if neighbours else None}
+
+
+def curve_file(predictions: dict, truth: dict, gap: float | None, out: Path) -> str:
+    """Draw the precision-versus-rank curve of the scored recognition predictions; its relative path."""
+    scored = {q: p for q, p in predictions.items() if q in truth}
+    ranked = sorted(scored, key=lambda q: (-scored[q][1], q))
+    correct = np.array([scored[q][0] in truth[q] for q in ranked], bool)
+    title = f"precision at each rank of the confidence-sorted predictions (GAP {_number(gap)})"
+    draw.save_png(draw.precision_curve(correct, title), out / "gap_curve.png")
+    return "gap_curve.png"
+
+
+def build_report(args: argparse.Namespace, out: Path, scratch: Path) -> dict:
+    data, solution_path = competition_paths(args.competition, args.task)
+    scores = score_files(args.task, solution_path, args.submission)
+    comp = read_competition(args.task, data, solution_path)
+    predictions = read_submission(args.submission, args.task, read_solution(solution_path, args.task))
+    work = args.work or args.submission.parent / "work"
+    if not work.is_dir():
+        log.warning("no submission work folder %s: features are recomputed, inliers cannot be compared", work)
+    pairs = read_verified_pairs(work)
+    order = (recognition_order(predictions, comp.truth) if args.task == "recognition"
+             else retrieval_order(predictions, comp.truth, pairs))
+    chosen = choose_queries(*order, list(comp.truth), args.queries, args.seed)
+    settings = script_settings(args.task, data, args.model, args.script_args)
+    extractor = Extractor(load_model(settings), settings, work, scratch)
+    neighbours = top_neighbours(extractor, comp, [q for q, _ in chosen], predictions)
+    views = [query_view(extractor, comp, q, reason, predictions, neighbours[q], pairs, out)
+             for q, reason in tqdm(chosen, desc="show", unit="query")]
+    curve = (curve_file(predictions, comp.truth, scores["all"]["gap"], out)
+             if args.task == "recognition" else None)
+    return {"task": args.task, "submission": str(args.submission), "model": str(args.model),
+            "scores": scores, "curve": curve, "queries": views}
+
+
+# The page
+PAGE_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table.scores td, table.scores th { padding: 0.2em 0.7em; text-align: right; border-bottom: 1px solid #ddd; }
+section { border-top: 2px solid #888; margin-top: 1.5em; padding-top: 0.5em; }
+.row { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }
+figure { margin: 0; font-size: 12px; text-align: center; max-width: 170px; }
+figure img { border: 4px solid #bbb; display: block; margin: auto; }
+figure.right img { border-color: #2a2; }
+figure.wrong img { border-color: #d33; }
+figure.match { max-width: none; }
+figure.match img { border: none; }
+.reason { color: #a50; font-weight: bold; }
+"""
+
+
+def _number(value: float | int | None) -> str:
+    if value is None:
+        return "–"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def scores_table(scores: dict) -> str:
+    metrics = [k for k in scores["all"] if k != "n"] + ["n"]
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+    rows = "".join(f"<tr><th>{subset}</th>" + "".join(f"<td>{_number(scores[subset][m])}</td>" for m in metrics)
+                   + "</tr>" for subset in ("public", "private", "all"))
+    return f'<table class="scores"><tr><th>Usage</th>{head}</tr>{rows}</table>'
+
+
+def figure(src: str, caption: str, css_class: str = "") -> str:
+    """An image with a caption (HTML) under it."""
+    alt = html.escape(re.sub(r"<[^>]+>", " ", caption), quote=True)
+    return (f'<figure class="{css_class}"><img src="{html.escape(src)}" alt="{alt}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def neighbour_caption(item: dict) -> str:
+    label = f"landmark {item['landmark']}<br>" if item["landmark"] is not None else ""
+    inliers = "not verified" if item["inliers"] is None else f"{item['inliers']} inliers"
+    mark = "right" if item["right"] else "wrong"
+    return f"#{item['rank']} {mark}<br>{label}cosine {_number(item['cosine'])} · {inliers}"
+
+
+def query_section(view: dict) -> str:
+    figures = [figure(view["thumbnail"], f"query {html.escape(view['id'])}")]
+    figures += [figure(n["thumbnail"], neighbour_caption(n), "right" if n["right"] else "wrong")
+                for n in view["neighbours"]]
+    if view["truth_thumbnail"]:
+        figures.append(figure(view["truth_thumbnail"], "a right answer (ground truth)", "right"))
+    match = view["match"]
+    match_html = (figure(match["picture"], f"query and its top neighbour {html.escape(match['candidate'])}: "
+                                            f"{match['inliers']} inliers of {match['putative']} putative matches; "
+                                            "attention on the query", "match")
+                  if match else "<p>no match picture (an image is unreadable or nothing was retrieved)</p>")
+    return (f"<section><h2>{html.escape(view['id'])} <span class='reason'>{view['reason']}</span></h2>"
+            f"<p>Usage {view['usage']} · prediction: {html.escape(view['prediction'])} · ground truth: "
+            f"{html.escape(view['truth'])} · prediction {'right' if view['correct'] else 'wrong'}</p>"
+            f"<div class='row'>{''.join(figures)}</div>{match_html}</section>")
+
+
+def render_html(report: dict) -> str:
+    curve = f'<h2>Precision versus rank</h2><img src="{report["curve"]}" alt="GAP curve">' if report["curve"] else ""
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{report['task']} report</title>"
+            f"<style>{PAGE_STYLE}</style></head><body><h1>{report['task']}: {html.escape(report['submission'])}</h1>"
+            f"<p>model {html.escape(report['model'])}</p>{scores_table(report['scores'])}{curve}"
+            + "".join(query_section(view) for view in report["queries"]) + "</body></html>\n")
+
+
+# Commands
+def parse_with_script_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command's own flags; what follows `--` is kept, as script_args, for the submission's parser."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser.epilog = "Flags after `--` are the submission script's (scales, features, RANSAC): pass those it ran with."
+    args = parser.parse_args(argv[:split])
+    args.script_args = argv[split + 1:]
+    return args
+
+
+def parse_show_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m local_eval show", description=__doc__.split("\n\n")[1])
+    p.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
+    p.add_argument("--task", required=True, choices=sorted(SPLITS), help="which competition of the folder")
+    p.add_argument("--submission", required=True, type=Path, help="the submission.csv to look at")
+    p.add_argument("--model", required=True, type=Path, help="the DELG SavedModel folder the submission used")
+    p.add_argument("--out", required=True, type=Path, help="report folder to write (index.html, PNGs, report.json)")
+    p.add_argument("--queries", type=int, default=12, help="how many queries to show (default 12)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="the submission's WORK folder (caches, verified_pairs.csv); default: SUBMISSION's folder/work")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample of queries (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    return parse_with_script_flags(p, argv)
+
+
+def main_show(argv: list[str] | None = None) -> int:
+    args = parse_show_args(argv)
+    if not args.submission.is_file():
+        raise UserError(f"{args.submission}: submission file not found")
+    if args.queries < 1:
+        raise UserError(f"--queries must be at least 1, got {args.queries}")
+    with atomic_output_dir(args.out, args.overwrite) as out, tempfile.TemporaryDirectory() as scratch:
+        report = build_report(args, out, Path(scratch))
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+        atomic_write_text(out / "index.html", render_html(report))
+    print(f"report of {len(report['queries'])} queries: {args.out / 'index.html'}")
+    return 0
+
+
+def parse_pair_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m local_eval show-pair",
+                                description="Draw the local-feature matches of two images (attention on IMG1).")
+    p.add_argument("image1", type=Path, help="first image (the query: its attention is drawn)")
+    p.add_argument("image2", type=Path, help="second image")
+    p.add_argument("--model", required=True, type=Path, help="DELG SavedModel folder")
+    p.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    return parse_with_script_flags(p, argv)
+
+
+def main_show_pair(argv: list[str] | None = None) -> int:
+    args = parse_pair_args(argv)
+    settings = script_settings("retrieval", Path("."), args.model, args.script_args)
+    sub = submission_module()
+    images = [sub.decode_image(path, settings.max_image_side, settings.min_image_side)
+              for path in (args.image1, args.image2)]
+    for path, image in zip((args.image1, args.image2), images, strict=True):
+        if image is None:
+            raise UserError(f"{path}: not a readable image")
+    model = load_model(settings)
+    features = []
+    for image in images:
+        keypoints, descriptors = model.local_features(image)
+        features.append((keypoints, descriptors.astype(np.float16).astype(np.float32)))  # as the cache stores them
+    picture, inliers, putative = pair_picture(model, settings, images[0], features[0], images[1], features[1])
+    draw.save_png(picture, args.out)
+    print(f"{inliers} RANSAC inliers of {putative} putative matches: {args.out}")
+    return 0
