@@ -246,6 +246,8 @@ class DelgModel:
         self.global_indices = tf.constant(global_scale_indices, tf.int32)
         self.max_features = max_features
         self.threshold = tf.constant(attention_threshold, tf.float32)
+        self.global_scales = tf.gather(self.scales, self.global_indices)
+        self.all_global = tf.range(len(global_scale_indices), dtype=tf.int32)
         signature = self.model.signatures.get("serving_default") if hasattr(self.model, "signatures") else None
         if signature is not None and set(DELG_INPUTS) <= set(signature.structured_input_signature[1]):
             self.kind, self.function = "tf2", signature
@@ -266,10 +268,13 @@ class DelgModel:
         except (KeyError, AttributeError):
             return False
 
-    def __call__(self, image: np.ndarray, max_features: int) -> dict[str, np.ndarray]:
-        inputs = {"input_image": tf.constant(image), "input_scales": self.scales,
+    def __call__(self, image: np.ndarray, max_features: int, scales: tf.Tensor | None = None,
+                 global_indices: tf.Tensor | None = None) -> dict[str, np.ndarray]:
+        inputs = {"input_image": tf.constant(image),
+                  "input_scales": self.scales if scales is None else scales,
                   "input_max_feature_num": tf.constant(max_features, tf.int32),
-                  "input_abs_thres": self.threshold, "input_global_scales_ind": self.global_indices}
+                  "input_abs_thres": self.threshold,
+                  "input_global_scales_ind": self.global_indices if global_indices is None else global_indices}
         if self.kind == "tf2":
             outputs = self.function(**inputs)
         else:
@@ -279,10 +284,9 @@ class DelgModel:
 
     def global_descriptor(self, image: np.ndarray) -> np.ndarray:
         """L2-normalize each scale's descriptor, sum them, L2-normalize (as DELG does)."""
-        per_scale = np.atleast_2d(self(image, max_features=1)["global_descriptors"]).astype(np.float32)
-        if "input_global_scales_ind" not in getattr(self, "tf1_feeds", DELG_INPUTS) \
-                and len(per_scale) == len(self.scales):
-            per_scale = per_scale[self.global_indices.numpy()]
+        # Only the global scales go through the network, and no local features are selected.
+        per_scale = np.atleast_2d(self(image, max_features=0, scales=self.global_scales,
+                                       global_indices=self.all_global)["global_descriptors"]).astype(np.float32)
         return l2_normalize(l2_normalize(per_scale).sum(axis=0))
 
     def local_features(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

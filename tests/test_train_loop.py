@@ -75,6 +75,8 @@ def test_a_stopped_run_resumes_at_its_step_with_the_same_weights(data_dir, tmp_p
     assert expected.keys() == got.keys() and any("optimizer" in name for name in got)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    again = train(cfg, data_dir=data_dir, run_dir=tmp_path / "resumed", strategy="default")
+    assert again == second  # a finished run is not trained again and keeps its metrics
 
 
 def doubled_batch(cfg, num_classes: int) -> tf.data.Dataset:

@@ -204,6 +204,10 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
         if resume and manager.latest_checkpoint:
             trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
             log.info("resumed %s at step %d", manager.latest_checkpoint, int(trainer.step))
+        finished = run_dir / run_files.METRICS_FILE
+        if int(trainer.step) >= cfg.steps and finished.is_file():
+            log.info("%s is already trained to step %d; its metrics are in %s", run_dir, cfg.steps, finished)
+            return json.loads(finished.read_text())
         result = run_steps(trainer, data, manager, run_dir / "logs" if chief else None, stop_after)
     metrics = {**result, "backbone": cfg.backbone, "strategy": type(strategy).__name__,
                "replicas": strategy.num_replicas_in_sync, "precision": policy, "classes": len(data.landmark_ids),
