@@ -20,6 +20,7 @@ class UserError(Exception):
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a command's main(); a UserError becomes 'error: ...' on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TensorFlow's internal INFO lines
     try:
         return main(argv) or 0
     except UserError as err:

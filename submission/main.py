@@ -765,6 +765,7 @@ def global_nonlandmarks(model: DelgModel, args: argparse.Namespace, timing: Timi
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         run(args)
