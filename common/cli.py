@@ -1,6 +1,7 @@
 """Command-line plumbing: user errors exit 2 with one clear line, never a traceback."""
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -29,6 +30,21 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str]) -> int:
+    """`python -m PROG COMMAND ...`: commands maps each name to ("module:function", one-line help). The
+    module is imported only when its command runs, and the function runs under run_main."""
+    usage = "\n".join([f"usage: python -m {prog} COMMAND [--help] ...", "", "commands:",
+                        *(f"  {name:<10} {text}" for name, (_, text) in commands.items())])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if argv[0] not in commands:
+        print(f"error: unknown command {argv[0]!r}\n\n{usage}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    module, function = commands[argv[0]][0].split(":")
+    return run_main(getattr(importlib.import_module(module), function), argv[1:])
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -2,24 +2,25 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from common.cli import run_main
+from common.cli import dispatch
 from export.bundle import DEFAULT_COMPETITION, SUBMISSION_SCRIPT, build_bundle
 from export.delg import export_delg
 from export.retrieval import DEFAULT_MAX_MB, export_retrieval
 
-COMMANDS = {
-    "delg": "the DELG SavedModel (local + global features, the DELF/Kaggle-baseline contract)",
-    "retrieval": "the Kaggle retrieval SavedModel, zipped for upload (one global descriptor per image)",
-    "bundle": "a folder for `kaggle datasets create` + `kaggle kernels push`",
+COMMANDS = {  # name -> ("module:function", help); this module is __main__ under `python -m export`
+    "delg": (f"{__name__}:main_delg",
+             "the DELG SavedModel (local + global features, the DELF/Kaggle-baseline contract)"),
+    "retrieval": (f"{__name__}:main_retrieval",
+                  "the Kaggle retrieval SavedModel, zipped for upload (one global descriptor per image)"),
+    "bundle": (f"{__name__}:main_bundle", "a folder for `kaggle datasets create` + `kaggle kernels push`"),
 }
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command])
+    parser = argparse.ArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command][1])
     parser.add_argument("--run", type=Path, required=True, help="training run folder (config.json, checkpoints/)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     return parser
@@ -62,23 +63,8 @@ def main_bundle(argv: list[str] | None) -> None:
                        overwrite=args.overwrite))
 
 
-ENTRIES = {"delg": main_delg, "retrieval": main_retrieval, "bundle": main_bundle}
-
-
-def usage() -> str:
-    lines = ["usage: python -m export COMMAND [--help] ...", "", "commands:"]
-    return "\n".join(lines + [f"  {name:<10} {text}" for name, text in COMMANDS.items()])
-
-
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0
-    if argv[0] not in ENTRIES:
-        print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    logging.getLogger("absl").setLevel(logging.WARNING)  # TF's saver logs every renamed loop input
-    return run_main(ENTRIES[argv[0]], argv[1:])
+    return dispatch("export", COMMANDS, argv)
 
 
 if __name__ == "__main__":
