@@ -59,7 +59,8 @@ MIN_MATCHES = 5  # the baseline scores 4 or fewer putative matches as zero inlie
 # Retrieval: DELG reranks the top 100 of the 100 submitted ids.
 RETRIEVAL_SIZE = 100
 RETRIEVAL_RERANK = 100
-KNN_DB_CHUNK = 8192  # database rows per numpy multiply: the score block stays in cache while it is filtered
+KNN_DB_CHUNK = 8192  # database rows per numpy multiply (measured best with KNN_Q_BLOCK on 2 cores)
+KNN_Q_BLOCK = 512  # queries per numpy multiply
 
 IMAGE_SPLITS = {"recognition": ("train", "test"), "retrieval": ("index", "test")}
 TIMING_STAGES = ("global_db", "global_query", "knn", "local_features", "verification")
@@ -375,8 +376,8 @@ def knn(queries: np.ndarray, database: np.ndarray, k: int, block_mb: int = 512) 
         return knn_tensorflow(queries, database, k, q_block=max(1, block_mb * 2**20 // 4 // db_block),
                               db_block=db_block)
     db_chunk = max(k, KNN_DB_CHUNK)
-    return knn_numpy(queries, database, k, q_block=max(1, min(1024, block_mb * 2**20 // 4 // db_chunk)),
-                     db_chunk=db_chunk)
+    q_block = max(1, min(KNN_Q_BLOCK, block_mb * 2**20 // 4 // db_chunk))
+    return knn_numpy(queries, database, k, q_block=q_block, db_chunk=db_chunk)
 
 
 def knn_tensorflow(queries: np.ndarray, database: np.ndarray, k: int, q_block: int, db_block: int):
@@ -400,35 +401,43 @@ def knn_tensorflow(queries: np.ndarray, database: np.ndarray, k: int, q_block: i
 
 def knn_numpy(queries: np.ndarray, database: np.ndarray, k: int, q_block: int, db_chunk: int):
     """CPU kNN near the speed of the bare multiply: after the first database chunk only scores above each
-    query's current k-th best are looked at, and those are few."""
-    queries, database = queries.astype(np.float32), database.astype(np.float32)
+    query's current k-th best are looked at, and those are few. Score and mask buffers are reused."""
+    queries, database = np.asarray(queries, np.float32), np.asarray(database, np.float32)  # no copy if float32
+    db_chunk = max(k, db_chunk)
+    scores_buffer = np.empty((min(q_block, len(queries)), db_chunk), np.float32)
+    mask_buffer = np.empty(scores_buffer.shape, bool)
     scores, indices = [], []
     for start in tqdm(range(0, len(queries), q_block), desc="knn", unit="block", leave=False):
         block = queries[start:start + q_block]
-        first = block @ database[:max(k, db_chunk)].T
-        best_i = np.argpartition(-first, k - 1, axis=1)[:, :k]
-        best_s = np.take_along_axis(first, best_i, 1)
-        for chunk_start in range(max(k, db_chunk), len(database), db_chunk):
-            chunk = block @ database[chunk_start:chunk_start + db_chunk].T
-            best_s, best_i = merge_above_threshold(best_s, best_i, chunk, chunk_start, k)
+        best_s = best_i = None
+        for chunk_start in range(0, len(database), db_chunk):
+            part = database[chunk_start:chunk_start + db_chunk]
+            chunk = np.matmul(block, part.T, out=scores_buffer[:len(block), :len(part)])
+            if best_s is None:
+                best_i = np.argpartition(chunk, len(part) - k, axis=1)[:, len(part) - k:]
+                best_s = np.take_along_axis(chunk, best_i, 1)
+            else:
+                mask = np.greater(chunk, best_s.min(axis=1, keepdims=True), out=mask_buffer[:len(block), :len(part)])
+                best_s, best_i = merge_candidates(best_s, best_i, chunk, np.flatnonzero(mask), chunk_start, k)
         order = np.lexsort((best_i, -best_s), axis=1)  # score descending, then index ascending
         scores.append(np.take_along_axis(best_s, order, 1))
         indices.append(np.take_along_axis(best_i, order, 1).astype(np.int64))
     return np.concatenate(scores), np.concatenate(indices)
 
 
-def merge_above_threshold(best_s: np.ndarray, best_i: np.ndarray, chunk: np.ndarray, offset: int, k: int):
-    """Merge into each row's top-k the chunk's scores above that row's current k-th best."""
-    rows, cols = np.divmod(np.flatnonzero(chunk > best_s.min(axis=1, keepdims=True)), chunk.shape[1])
-    if len(rows) == 0:
+def merge_candidates(best_s: np.ndarray, best_i: np.ndarray, chunk: np.ndarray, flat: np.ndarray, offset: int,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top-k of its current best and its candidates (flat positions into the chunk)."""
+    if len(flat) == 0:
         return best_s, best_i
+    rows, cols = np.divmod(flat, chunk.shape[1])
     counts = np.bincount(rows, minlength=len(chunk))
     slots = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
     cand_s = np.full((len(chunk), counts.max()), -np.inf, np.float32)
     cand_i = np.zeros((len(chunk), counts.max()), best_i.dtype)
     cand_s[rows, slots], cand_i[rows, slots] = chunk[rows, cols], cols + offset
     all_s, all_i = np.concatenate([best_s, cand_s], 1), np.concatenate([best_i, cand_i], 1)
-    keep = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
+    keep = np.argpartition(all_s, all_s.shape[1] - k, axis=1)[:, all_s.shape[1] - k:]
     return np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_i, keep, 1)
 
 
