@@ -8,7 +8,7 @@ import time
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from tests.delg_test_models import load_submission_module
+from local_eval.submission_script import load_submission
 
 QUERIES, INDEX, DIM, K = 10_000, 200_000, 512, 100
 
@@ -55,7 +55,7 @@ def agreement(ours: np.ndarray, other: np.ndarray) -> float:
 
 
 def main() -> None:
-    sub = load_submission_module()
+    sub = load_submission()
     rng = np.random.default_rng(0)
     queries, index = normalized(QUERIES, rng), normalized(INDEX, rng)
     print(f"top-{K} of {QUERIES:,} queries over {INDEX:,} x {DIM}", flush=True)

@@ -10,7 +10,7 @@ import pydegensac
 from scipy.spatial import cKDTree
 from threadpoolctl import threadpool_limits
 
-from tests.delg_test_models import load_submission_module
+from local_eval.submission_script import load_submission
 
 FEATURES, DIM, PAIRS = 1000, 128, 60
 SHARED = 300  # features of a matching pair that see the same scene points
@@ -63,7 +63,7 @@ def rate(fn, pairs) -> tuple[list[int], float]:
 
 
 def main() -> None:
-    sub = load_submission_module()
+    sub = load_submission()
     rng = np.random.default_rng(0)
     pairs = [image_pair(i % 2 == 0, rng) for i in range(PAIRS)]
     parser = sub.build_parser()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from common.cli import UserError, atomic_write_text
 from local_eval.metrics import score_files
+from local_eval.submission_script import SCRIPT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "submission" / "main.py"
 TASK_FOLDERS = {"recognition": "landmark-recognition", "retrieval": "landmark-retrieval"}
 SOLUTION_FILES = {"recognition": "recognition_solution.csv", "retrieval": "retrieval_solution.csv"}
 LOG_TAIL_LINES = 30

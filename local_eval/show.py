@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import importlib.util
 import json
 import logging
 import math
@@ -26,7 +25,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pandas as pd
@@ -38,30 +36,19 @@ from local_eval import draw
 from local_eval.kaggle_csv import read_solution, read_submission
 from local_eval.metrics import score_files
 from local_eval.replay import competition_paths
+from local_eval.submission_script import load_submission
 
 log = logging.getLogger("show")
 
-SUBMISSION_SCRIPT = Path(__file__).resolve().parents[1] / "submission" / "main.py"
-SUBMISSION_MODULE = "submission_main"  # the name tests load it under too: one copy per process
 TOP_NEIGHBOURS = 5
 REASONS = ("most confident wrong", "lowest-ranked correct", "random sample")
 SPLITS = {"recognition": ("train", "test"), "retrieval": ("index", "test")}  # (database, queries)
 
 
-def submission_module() -> ModuleType:
-    """submission/main.py as a module (a standalone script, not a package)."""
-    if SUBMISSION_MODULE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(SUBMISSION_MODULE, SUBMISSION_SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[SUBMISSION_MODULE] = module  # worker processes find pickled functions by this name
-        spec.loader.exec_module(module)
-    return sys.modules[SUBMISSION_MODULE]
-
-
 def script_settings(task: str, data: Path, model: Path, flags: list[str]) -> argparse.Namespace:
     """The submission's settings for these flags, its defaults for the rest."""
     try:
-        return submission_module().build_parser().parse_args(
+        return load_submission().build_parser().parse_args(
             ["--task", task, "--data", str(data), "--model", str(model), *flags])
     except SystemExit:
         raise UserError(f"cannot read the submission flags {' '.join(flags)!r} (see the message above)") from None
@@ -69,7 +56,7 @@ def script_settings(task: str, data: Path, model: Path, flags: list[str]) -> arg
 
 def load_model(settings: argparse.Namespace):
     """The submission's DelgModel with the submission's extraction settings."""
-    sub = submission_module()
+    sub = load_submission()
     try:
         return sub.DelgModel(settings.model, settings.scales, settings.global_scale_indices, settings.max_features,
                              settings.attention_threshold)
@@ -87,7 +74,7 @@ def attention(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def pair_picture(model, settings: argparse.Namespace, query: np.ndarray, query_features: tuple,
                  other: np.ndarray, other_features: tuple, note: str = "") -> tuple[Image.Image, int, int]:
     """(match picture with attention on the query, RANSAC inliers, putative matches) of two images."""
-    sub = submission_module()
+    sub = load_submission()
     a, b, inliers = sub.ransac_matches(*query_features, *other_features, sub.ransac_settings(settings))
     count = int(np.count_nonzero(inliers))
     caption = f"{count} RANSAC inliers of {len(a)} putative matches{note}"
@@ -109,12 +96,12 @@ class Extractor:
 
     def image(self, split: str, image_id: str) -> np.ndarray | None:
         """The image exactly as the submission decodes it (so keypoints land on the right pixels)."""
-        sub = submission_module()
+        sub = load_submission()
         return sub.decode_image(sub.image_path(self.settings.data, split, image_id), self.settings.max_image_side,
                                 self.settings.min_image_side)
 
     def local(self, split: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        sub = submission_module()
+        sub = load_submission()
         path = sub.local_path(self.work / "local", split, image_id)
         if not path.is_file():
             sub.extract_local(self.model, self.settings.data, [(split, image_id)], self.scratch / "local",
@@ -124,7 +111,7 @@ class Extractor:
 
     def global_descriptors(self, split: str, ids: list[str], wanted: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(descriptors, ok) of the wanted ids; the submission's cache holds all of `ids` when present."""
-        sub = submission_module()
+        sub = load_submission()
         try:
             descriptors, ok = sub.load_global(self.work / "global" / split, ids, self.settings.chunk_size)
             position = {image_id: row for row, image_id in enumerate(ids)}
@@ -217,7 +204,7 @@ class Competition:
 
 
 def read_competition(task: str, data: Path, solution_path: Path) -> Competition:
-    sub = submission_module()
+    sub = load_submission()
     solution = read_solution(solution_path, task)
     truth = {q: t for subset in solution.subsets.values() for q, t in subset.items()}
     usage = {q: name for name, subset in solution.subsets.items() for q in subset}
@@ -237,7 +224,7 @@ def top_neighbours(extractor: Extractor, comp: Competition, queries: list[str],
     db_desc, db_ok = extractor.global_descriptors(db_split, comp.db_ids, comp.db_ids)
     if comp.task == "recognition":
         valid = np.flatnonzero(db_ok)
-        cosines, found = submission_module().knn(query_desc, db_desc[valid], TOP_NEIGHBOURS)
+        cosines, found = load_submission().knn(query_desc, db_desc[valid], TOP_NEIGHBOURS)
         ranked = [[comp.db_ids[valid[j]] for j in row] for row in found]
     else:
         ranked = [predictions.get(q, [])[:TOP_NEIGHBOURS] for q in queries]
@@ -458,7 +445,7 @@ def parse_pair_args(argv: list[str] | None) -> argparse.Namespace:
 def main_show_pair(argv: list[str] | None = None) -> int:
     args = parse_pair_args(argv)
     settings = script_settings("retrieval", Path("."), args.model, args.script_args)
-    sub = submission_module()
+    sub = load_submission()
     images = [sub.decode_image(path, settings.max_image_side, settings.min_image_side)
               for path in (args.image1, args.image2)]
     for path, image in zip((args.image1, args.image2), images, strict=True):

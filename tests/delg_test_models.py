@@ -105,18 +105,3 @@ def write_tf1_model(out: str | Path, seed: int = 0) -> Path:
             builder.add_meta_graph_and_variables(session, [tf.compat.v1.saved_model.tag_constants.SERVING])
             builder.save()
     return Path(out)
-
-
-def load_submission_module():
-    """submission/main.py as a module (the script is not a package: it must stand alone on Kaggle)."""
-    import importlib.util
-    import sys
-
-    name = "submission_main"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parent.parent / "submission" / "main.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # worker processes find pickled functions by this name
-        spec.loader.exec_module(module)
-    return sys.modules[name]

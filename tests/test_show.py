@@ -15,9 +15,10 @@ from PIL import Image
 from common.cli import run_main
 from local_eval import draw
 from local_eval.show import choose_queries, main_show, main_show_pair, recognition_order, retrieval_order
-from tests.delg_test_models import load_submission_module, write_tf2_model
+from local_eval.submission_script import load_submission
+from tests.delg_test_models import write_tf2_model
 
-sub = load_submission_module()
+sub = load_submission()
 SCRIPT_FLAGS = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200",
                 "--warmup-queries", "4", "--rerank-batch", "40", "--ransac-threshold", "4", "--workers", "0"]
 QUERIES = 6

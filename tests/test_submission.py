@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.delg_test_models import load_submission_module, write_tf1_model, write_tf2_model
+from local_eval.submission_script import load_submission
+from tests.delg_test_models import write_tf1_model, write_tf2_model
 from train import config
 
-sub = load_submission_module()
+sub = load_submission()
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from common.gldv2 import image_path
-from tests.delg_test_models import load_submission_module, write_tf1_model, write_tf2_model
+from local_eval.submission_script import load_submission
+from tests.delg_test_models import write_tf1_model, write_tf2_model
 
-sub = load_submission_module()
+sub = load_submission()
 LANDMARKS = 4
 FAST = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "300",
         "--warmup-queries", "2", "--rerank-batch", "3", "--ransac-threshold", "4"]
