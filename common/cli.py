@@ -55,6 +55,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,17 +64,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 @contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it is renamed to `out`, on failure removed."""
+    """Yield a temporary folder beside `out`; on success it replaces `out` by renames, on failure it is removed.
+
+    With overwrite, an existing `out` is first renamed aside and deleted only once the new one is in place."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; remove it or choose another output path")
+    _check_output_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        _check_output_free(out, overwrite)  # something may have appeared there meanwhile
+        old = out.with_name(f".{out.name}.old") if out.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_output_free(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; remove it or choose another output path")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

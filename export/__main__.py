@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from common.cli import dispatch
-from export.bundle import DEFAULT_COMPETITION, SUBMISSION_SCRIPT, build_bundle
+from export.bundle import DEFAULT_BUDGET_H, DEFAULT_COMPETITION, SUBMISSION_SCRIPT, build_bundle
 from export.delg import export_delg
 from export.retrieval import DEFAULT_MAX_MB, export_retrieval
 
@@ -57,10 +57,12 @@ def main_bundle(argv: list[str] | None) -> None:
                         help="pydegensac wheel to include (default: look in pip's wheel cache; never downloads)")
     parser.add_argument("--script", type=Path, default=SUBMISSION_SCRIPT,
                         help="submission script to ship (default %(default)s)")
+    parser.add_argument("--time-budget-h", type=float, default=DEFAULT_BUDGET_H,
+                        help="the competition's notebook limit in hours, passed to main.py (default %(default)s)")
     args = parser.parse_args(argv)
     print(build_bundle(args.run, args.out, user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel,
                        competition=args.competition, wheel=args.wheel, script=args.script,
-                       overwrite=args.overwrite))
+                       overwrite=args.overwrite, budget_h=args.time_budget_h))
 
 
 def main(argv: list[str]) -> int:

@@ -28,7 +28,7 @@ SCRIPT_PATH = "submission/main.py"
 KERNEL_FILE = "kernel.py"
 WHEEL_DIR = "wheels"
 DEFAULT_COMPETITION = "landmark-recognition-2021"
-DEFAULT_BUDGET_H = 8.5  # below the 9 h notebook limit of most years; the script plans inside it
+DEFAULT_BUDGET_H = 9.0  # the notebook limit of most years; main.py keeps its own --safety-margin inside it
 # Kaggle runs the kernel's code file with no arguments, so the launcher carries the paths of the server.
 LAUNCHER = """\"\"\"Kaggle notebook: install pydegensac offline if needed, then run the submission script.\"\"\"
 import subprocess
@@ -90,7 +90,8 @@ def launcher(dataset: str, competition: str, budget_h: float = DEFAULT_BUDGET_H)
 
 def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: str,
                  competition: str = DEFAULT_COMPETITION, wheel: Path | None = None,
-                 script: Path = SUBMISSION_SCRIPT, overwrite: bool = False) -> Path:
+                 script: Path = SUBMISSION_SCRIPT, overwrite: bool = False,
+                 budget_h: float = DEFAULT_BUDGET_H) -> Path:
     """Write the bundle folder; the DELG export, script and wheel are copied in, metadata written."""
     if not script.is_file():
         raise UserError(f"{script}: submission script not found")
@@ -103,7 +104,7 @@ def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: 
             (tmp / WHEEL_DIR).mkdir()
             shutil.copy2(wheel, tmp / WHEEL_DIR / wheel.name)
         (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(user, dataset), indent=2))
-        (tmp / KERNEL_FILE).write_text(launcher(dataset, competition))
+        (tmp / KERNEL_FILE).write_text(launcher(dataset, competition, budget_h))
         metadata = kernel_metadata(user, dataset, kernel, competition)
         (tmp / "kernel-metadata.json").write_text(json.dumps(metadata, indent=2))
     if wheel is None:

@@ -55,11 +55,17 @@ def train_step(out: Path, competition: Path, steps: int) -> Path:
     return run_dir
 
 
+def up_to_date(output: Path, source: Path) -> bool:
+    """output exists and was written after source (a later training step or export makes it stale)."""
+    return output.is_file() and output.stat().st_mtime >= source.stat().st_mtime
+
+
 def export_step(out: Path, run_dir: Path) -> Path:
     from export.delg import export_delg
+    from train.run_files import latest_checkpoint
 
     model = out / "model"
-    if not (model / "saved_model.pb").is_file():
+    if not up_to_date(model / "saved_model.pb", Path(latest_checkpoint(run_dir) + ".index")):
         export_delg(run_dir, model, overwrite=True)
     return model
 
@@ -69,7 +75,7 @@ def replay_step(out: Path, competition: Path, model: Path, task: str) -> dict:
 
     report_dir = out / f"replay-{task}"
     report_path = report_dir / "report.json"
-    if report_path.is_file() and json.loads(report_path.read_text())["status"] == "ok":
+    if up_to_date(report_path, model / "saved_model.pb") and json.loads(report_path.read_text())["status"] == "ok":
         return json.loads(report_path.read_text())
     return replay(competition, task, model, report_dir, DEMO["limit_h"], DEMO["script_args"][task])
 

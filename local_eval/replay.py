@@ -49,9 +49,13 @@ def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[
         try:
             code = process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return "timeout", time.monotonic() - start
+            code = None
+        finally:  # the limit, Ctrl-C or any error here: the script and its workers go too
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    if code is None:
+        return "timeout", time.monotonic() - start
     return ("ok" if code == 0 else "crash"), time.monotonic() - start
 
 
@@ -83,6 +87,8 @@ def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     command = script_command(task, data.resolve(), Path(model).resolve(), out, limit_h, extra_args or [])
+    for stale in (out / "submission.csv", out / "work" / "submission_global_only.csv", out / "work" / "timing.json"):
+        stale.unlink(missing_ok=True)  # a run that dies early must not be scored on an earlier run's files
     log.info("replaying %s with a %.3g h limit: %s", task, limit_h, " ".join(command))
     status, seconds = run_with_limit(command, out / "script.log", limit_h * 3600)
     report = {

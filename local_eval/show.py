@@ -42,7 +42,6 @@ log = logging.getLogger("show")
 
 TOP_NEIGHBOURS = 5
 REASONS = ("most confident wrong", "lowest-ranked correct", "random sample")
-SPLITS = {"recognition": ("train", "test"), "retrieval": ("index", "test")}  # (database, queries)
 
 
 def script_settings(task: str, data: Path, model: Path, flags: list[str]) -> argparse.Namespace:
@@ -219,7 +218,7 @@ def read_competition(task: str, data: Path, solution_path: Path) -> Competition:
 def top_neighbours(extractor: Extractor, comp: Competition, queries: list[str],
                    predictions: dict) -> dict[str, list[tuple[str, float | None]]]:
     """Per query its top-5 (id, cosine): by cosine for recognition, the submitted order for retrieval."""
-    db_split, query_split = SPLITS[comp.task]
+    db_split, query_split = load_submission().IMAGE_SPLITS[comp.task]
     query_desc, query_ok = extractor.global_descriptors(query_split, comp.test_ids, queries)
     db_desc, db_ok = extractor.global_descriptors(db_split, comp.db_ids, comp.db_ids)
     if comp.task == "recognition":
@@ -247,7 +246,7 @@ def thumbnail_file(extractor: Extractor, split: str, image_id: str, out: Path) -
 def match_view(extractor: Extractor, comp: Competition, query: str, candidate: str, pairs: dict,
                out: Path) -> dict | None:
     """Draw the match picture of a query and a candidate; its file, drawn inliers and the submission's."""
-    db_split, query_split = SPLITS[comp.task]
+    db_split, query_split = load_submission().IMAGE_SPLITS[comp.task]
     query_image, other_image = extractor.image(query_split, query), extractor.image(db_split, candidate)
     if query_image is None or other_image is None:
         return None
@@ -275,7 +274,7 @@ def prediction_text(task: str, prediction) -> str:
 
 def query_view(extractor: Extractor, comp: Competition, query: str, reason: str, predictions: dict,
                neighbours: list[tuple[str, float | None]], pairs: dict, out: Path) -> dict:
-    db_split, query_split = SPLITS[comp.task]
+    db_split, query_split = load_submission().IMAGE_SPLITS[comp.task]
     shown = [{"id": c, "rank": rank, "cosine": cosine, "right": comp.is_right(query, c),
               "landmark": comp.labels.get(c), "inliers": pairs.get((query, c), {}).get("inliers"),
               "thumbnail": thumbnail_file(extractor, db_split, c, out)}
@@ -406,7 +405,8 @@ def parse_with_script_flags(parser: argparse.ArgumentParser, argv: list[str] | N
 def parse_show_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m local_eval show", description=__doc__.split("\n\n")[1])
     p.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
-    p.add_argument("--task", required=True, choices=sorted(SPLITS), help="which competition of the folder")
+    p.add_argument("--task", required=True, choices=["recognition", "retrieval"],
+                   help="which competition of the folder")
     p.add_argument("--submission", required=True, type=Path, help="the submission.csv to look at")
     p.add_argument("--model", required=True, type=Path, help="the DELG SavedModel folder the submission used")
     p.add_argument("--out", required=True, type=Path, help="report folder to write (index.html, PNGs, report.json)")

@@ -9,9 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_demo(out: Path) -> subprocess.CompletedProcess:
+def run_demo(out: Path, steps: int = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "local_eval", "demo", "--out", str(out), "--size", "tiny",
-                           "--train-steps", "30"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           "--train-steps", str(steps)], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path):
@@ -27,3 +27,6 @@ def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path):
     second = run_demo(tmp_path / "demo")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "already trained" in second.stderr and "replaying" not in second.stderr
+    longer = run_demo(tmp_path / "demo", steps=32)  # more training: the export and the replays are redone
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "resumed" in longer.stderr and longer.stderr.count("replaying") == 2

@@ -61,7 +61,7 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
     out = tmp_path / "bundle"
     argv = ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", "--dataset", "my-delg",
             "--kernel", "my-submission", "--competition", "landmark-retrieval-2021", "--wheel", str(wheel),
-            "--script", str(script)]
+            "--script", str(script), "--time-budget-h", "12"]
     assert export_main(argv) == 0
     assert (out / "delg" / "saved_model.pb").is_file()
     assert (out / "delg" / "assets" / "label_map.csv").read_text().splitlines()[1:] == [
@@ -80,6 +80,7 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
     assert 'DATASET = "/kaggle/input/my-delg"' in launcher and 'DATASET + "/submission/main.py"' in launcher
     assert '"--task", "retrieval"' in launcher
     assert "/kaggle/input/landmark-retrieval-2021" in launcher and "--no-index" in launcher
+    assert '"--time-budget-h", "12.0"' in launcher
 
 
 def test_bundle_without_submission_script_is_a_one_line_error(run, tmp_path, capsys):

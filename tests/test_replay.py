@@ -34,8 +34,12 @@ def test_replay_report_equals_score_command(tmp_path, tiny_competition, tiny_mod
 
 
 def test_overrunning_script_is_stopped_and_reported(tmp_path, tiny_competition, tiny_model):
+    stale = tmp_path / "report" / "submission.csv"  # left by an earlier run: must not be scored as this one's
+    stale.parent.mkdir()
+    stale.write_text((tiny_competition / "landmark-recognition" / "sample_submission.csv").read_text())
     report = replay(tiny_competition, "recognition", tiny_model, tmp_path / "report", limit_h=1.0 / 3600)
     assert report["status"] == "timeout"
+    assert report["final"] is None and not stale.exists()  # killed before TensorFlow even loaded
     assert report["seconds"] < 30
     assert "log_tail" in report
     assert json.loads((tmp_path / "report" / "report.json").read_text())["status"] == "timeout"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-# --- Extraction defaults of the DELG paper (the exported model and the submission script use these).
+# --- Extraction defaults of the DELG paper. The DELG SavedModel takes them as inputs; submission/main.py keeps
+# a copy (it imports nothing of the kit) that tests/test_submission.py checks against these.
 DELG_IMAGE_SCALES: tuple[float, ...] = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 DELG_GLOBAL_SCALE_INDICES: tuple[int, ...] = (3, 4, 5)
 DELG_MAX_IMAGE_SIDE = 1024
