@@ -47,19 +47,22 @@ def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str]) -
     return run_main(getattr(importlib.import_module(module), function), argv[1:])
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write text to path through a temporary file in the same folder and a rename."""
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a temporary file beside path, then rename it over path: path is whole or untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 @contextmanager

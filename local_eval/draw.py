@@ -5,12 +5,12 @@ Keypoints are [y, x] in the pixels of the image the model saw, as the DELG contr
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from common.cli import atomic_write
 
 PANEL_HEIGHT = 320  # both images of a match picture are scaled to this height
 PANEL_GAP = 12
@@ -28,15 +28,7 @@ def font(size: int = 14) -> ImageFont.ImageFont:
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write a PNG through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
