@@ -55,7 +55,7 @@ def load_trained_model(run_dir: Path) -> DelgModel:
     try:
         status = make_checkpoint(model).read(prefix)
         status.assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as err:
+    except (AssertionError, IndexError, ValueError, tf.errors.OpError) as err:  # IndexError: a truncated file
         first_line = str(err).strip().splitlines()[0]
         raise UserError(f"{prefix}: checkpoint does not match {run_dir / 'config.json'}: {first_line}") from None
     status.expect_partial()  # the optimizer and step saved for training are not needed here

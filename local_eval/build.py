@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from local_eval.gldv2_subset import build_gldv2_subset
+from local_eval.layout import solution_file, task_folder
 from local_eval.synthetic import SIZES, build_synthetic
 
 
@@ -42,10 +43,10 @@ def _quantiles(counts: pd.Series) -> str:
 def summary(out: Path) -> str:
     """One screen: images per split, rows per Usage, images per landmark."""
     read = lambda path: pd.read_csv(path, dtype=str, keep_default_na=False)
-    train = read(out / "landmark-recognition" / "train.csv")
-    recognition = read(out / "solutions" / "recognition_solution.csv")
-    retrieval = read(out / "solutions" / "retrieval_solution.csv")
-    n_index = sum(1 for _ in (out / "landmark-retrieval" / "index").rglob("*.jpg"))
+    train = read(task_folder(out, "recognition") / "train.csv")
+    recognition = read(solution_file(out, "recognition"))
+    retrieval = read(solution_file(out, "retrieval"))
+    n_index = sum(1 for _ in (task_folder(out, "retrieval") / "index").rglob("*.jpg"))
     relevant = retrieval.loc[retrieval.Usage != "Ignored", "images"].str.split()
     per_landmark = train.landmark_id.value_counts()
     nonlandmark = (recognition.landmarks == "").mean() if len(recognition) else 0.0

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from common.cli import UserError
+from local_eval.layout import solution_file, task_folder
 
 # The demo's settings in one place (the stages read nothing else).
 DEMO = {
@@ -39,7 +40,7 @@ def build_step(out: Path, size: str) -> Path:
     from local_eval.synthetic import build_synthetic
 
     competition = out / "competition"
-    if not (competition / "solutions").is_dir():
+    if not solution_file(competition, "retrieval").is_file():
         build_synthetic(competition, size=size, seed=DEMO["seed"])
     return competition
 
@@ -51,7 +52,7 @@ def train_step(out: Path, competition: Path, steps: int) -> Path:
     settings = {**DEMO["train"], "steps": steps}
     cfg = get_config(settings.pop("config"), **settings)
     run_dir = out / "run"
-    train(cfg, data_dir=competition / "landmark-recognition", run_dir=run_dir)  # resumes; no-op when done
+    train(cfg, data_dir=task_folder(competition, "recognition"), run_dir=run_dir)  # resumes; no-op when done
     return run_dir
 
 

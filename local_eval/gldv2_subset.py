@@ -7,7 +7,6 @@ Images missing from a partial download are skipped when choosing.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable
@@ -18,7 +17,7 @@ import pandas as pd
 
 from common.cli import UserError, atomic_output_dir
 from common.gldv2 import image_path
-from local_eval.synthetic import BUILD_INFO, check_existing
+from local_eval.layout import check_existing, task_folder, write_build_info, write_csvs
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +126,13 @@ def build_gldv2_subset(gldv2: Path, out: Path, n_test: int, n_index: int, seed: 
     train = frames["train.csv"][frames["train.csv"].id.isin(clean_ids)][["id", "landmark_id"]]
     train = train[train.id.isin(present(gldv2, "train", train.id))].sort_values("id")
     with atomic_output_dir(out, overwrite=True) as tmp:
-        recognition, retrieval = tmp / "landmark-recognition", tmp / "landmark-retrieval"
+        recognition, retrieval = task_folder(tmp, "recognition"), task_folder(tmp, "retrieval")
         link_images(gldv2, recognition, "train", train.id)
         link_images(gldv2, recognition, "test", test.id)
         link_images(gldv2, retrieval, "index", index_ids)
         link_images(gldv2, retrieval, "test", queries.id)
         write_csvs(tmp, train, test.sort_values("id"), queries.sort_values("id"))
-        (tmp / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")
+        write_build_info(tmp, info)
     log.info("built %s: %d train, %d test, %d index, %d queries", out, len(train), len(test), len(index_ids),
              len(queries))
     return out
-
-
-def write_csvs(root: Path, train: pd.DataFrame, test: pd.DataFrame, queries: pd.DataFrame) -> None:
-    (root / "solutions").mkdir()
-    train.to_csv(root / "landmark-recognition" / "train.csv", index=False)
-    test.assign(landmarks="")[["id", "landmarks"]].to_csv(
-        root / "landmark-recognition" / "sample_submission.csv", index=False)
-    queries.assign(images="")[["id", "images"]].to_csv(root / "landmark-retrieval" / "sample_submission.csv",
-                                                        index=False)
-    test[["id", "landmarks", "Usage"]].to_csv(root / "solutions" / "recognition_solution.csv", index=False)
-    queries[["id", "images", "Usage"]].to_csv(root / "solutions" / "retrieval_solution.csv", index=False)

@@ -15,19 +15,17 @@ import time
 from pathlib import Path
 
 from common.cli import UserError, atomic_write_text
+from local_eval.layout import TASK_FOLDERS, solution_file, task_folder
 from local_eval.metrics import score_files
 from local_eval.submission_script import SCRIPT
 
-TASK_FOLDERS = {"recognition": "landmark-recognition", "retrieval": "landmark-retrieval"}
-SOLUTION_FILES = {"recognition": "recognition_solution.csv", "retrieval": "retrieval_solution.csv"}
 LOG_TAIL_LINES = 30
 log = logging.getLogger("replay")
 
 
 def competition_paths(competition: Path, task: str) -> tuple[Path, Path]:
     """(the input folder the script sees, the solution file it must never see)."""
-    data = competition / TASK_FOLDERS[task]
-    solution = competition / "solutions" / SOLUTION_FILES[task]
+    data, solution = task_folder(competition, task), solution_file(competition, task)
     for path in (data, solution):
         if not path.exists():
             raise UserError(f"{path}: missing; build a competition with `python -m local_eval build`")

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from common.cli import UserError, atomic_output_dir
 from common.gldv2 import image_path
+from local_eval.layout import check_existing, task_folder, write_build_info, write_csvs
 
 log = logging.getLogger(__name__)
 
-BUILD_INFO = "build_info.json"
 PANEL_SIDE = 256  # long side of a rendered panel, in pixels
 MIN_TRAIN_FOR_TEST = 3  # a landmark is queried only when it has at least this many train images
 IGNORED_SHARE = 0.03  # recognition test rows marked Ignored
@@ -380,8 +380,8 @@ def plan_competition(size: CompetitionSize, seed: int, nonlandmark_share: float)
 def image_location(root: Path, row: Row) -> Path:
     """Where a planned image lives in the Kaggle layout."""
     if row.split == "train" or row.split == "test":
-        return image_path(root / "landmark-recognition", row.split, row.image_id)
-    return image_path(root / "landmark-retrieval", "index" if row.split == "index" else "test", row.image_id)
+        return image_path(task_folder(root, "recognition"), row.split, row.image_id)
+    return image_path(task_folder(root, "retrieval"), "index" if row.split == "index" else "test", row.image_id)
 
 
 def render_images(rows: list[Row], root: Path, seed: int, size: CompetitionSize, workers: int) -> None:
@@ -404,51 +404,20 @@ def _frame(rows: list[Row], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).sort_values("id", kind="stable")
 
 
-def write_csvs(rows: list[Row], root: Path) -> None:
-    """train.csv, both sample submissions and both solutions."""
+def write_competition_csvs(rows: list[Row], root: Path) -> None:
+    """The rows as the three frames layout.write_csvs writes: train, test and retrieval queries."""
     by_split: dict[str, list[Row]] = {s: [r for r in rows if r.split == s] for s in ("train", "test", "index",
                                                                                     "retrieval_test")}
-    recognition, retrieval, solutions = (root / "landmark-recognition", root / "landmark-retrieval",
-                                         root / "solutions")
-    solutions.mkdir(parents=True, exist_ok=True)
-    _frame([(r.image_id, r.landmark.landmark_id) for r in by_split["train"]], ["id", "landmark_id"]).to_csv(
-        recognition / "train.csv", index=False)
-    _frame([(r.image_id, "") for r in by_split["test"]], ["id", "landmarks"]).to_csv(
-        recognition / "sample_submission.csv", index=False)
-    _frame([(r.image_id, str(r.landmark.landmark_id) if r.landmark and r.landmark.in_train else "", r.usage)
-            for r in by_split["test"]], ["id", "landmarks", "Usage"]).to_csv(
-        solutions / "recognition_solution.csv", index=False)
     index_of: dict[Landmark, list[str]] = {}
     for r in by_split["index"]:
         if r.landmark is not None:
             index_of.setdefault(r.landmark, []).append(r.image_id)
-    _frame([(r.image_id, "") for r in by_split["retrieval_test"]], ["id", "images"]).to_csv(
-        retrieval / "sample_submission.csv", index=False)
-    _frame([(r.image_id, "None" if r.usage == "Ignored" else " ".join(sorted(index_of[r.landmark])), r.usage)
-            for r in by_split["retrieval_test"]], ["id", "images", "Usage"]).to_csv(
-        solutions / "retrieval_solution.csv", index=False)
-
-
-def read_build_info(out: Path) -> dict | None:
-    """The parameters an existing output was built with, or None when it holds no build of this kit."""
-    try:
-        return json.loads((out / BUILD_INFO).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def check_existing(out: Path, info: dict, overwrite: bool) -> bool:
-    """True when `out` already holds this very build; a different competition there is a UserError."""
-    if not out.exists() or overwrite:
-        return False
-    existing = read_build_info(out)
-    if existing == info:
-        return True
-    if existing is None:
-        raise UserError(f"{out} already exists and holds no competition built by this kit; "
-                        "remove it or choose another output path")
-    raise UserError(f"{out} already holds a different competition ({json.dumps(existing)}); "
-                    "pass --overwrite or choose another output path")
+    train = _frame([(r.image_id, r.landmark.landmark_id) for r in by_split["train"]], ["id", "landmark_id"])
+    test = _frame([(r.image_id, str(r.landmark.landmark_id) if r.landmark and r.landmark.in_train else "", r.usage)
+                   for r in by_split["test"]], ["id", "landmarks", "Usage"])
+    queries = _frame([(r.image_id, "None" if r.usage == "Ignored" else " ".join(sorted(index_of[r.landmark])),
+                       r.usage) for r in by_split["retrieval_test"]], ["id", "images", "Usage"])
+    write_csvs(root, train, test, queries)
 
 
 def build_synthetic(out: Path, size: str = "tiny", seed: int = 0, nonlandmark_share: float = 0.7,
@@ -469,7 +438,7 @@ def build_synthetic(out: Path, size: str = "tiny", seed: int = 0, nonlandmark_sh
         workers = 1 if len(rows) < 1000 else min(2, os.cpu_count() or 1)
     with atomic_output_dir(out, overwrite=True) as tmp:
         render_images(rows, tmp, seed, spec, workers)
-        write_csvs(rows, tmp)
-        (tmp / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")
+        write_competition_csvs(rows, tmp)
+        write_build_info(tmp, info)
     log.info("built %s: %d images", out, len(rows))
     return out
