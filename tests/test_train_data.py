@@ -12,7 +12,7 @@ from PIL import Image
 from common.cli import UserError
 from common.gldv2 import image_path
 from train.config import get_config
-from train.data import folder_data, read_examples, training_stream, validation_stream
+from train.data import EpochSource, folder_data, read_examples, training_stream, validation_stream
 from train.run_files import load_label_map
 from train.tfrecords import tfrecord_data, write_tfrecords
 
@@ -115,13 +115,31 @@ def test_stream_is_deterministic_and_resumes_at_a_position(mini_folder):
         np.testing.assert_array_equal(a["label"], b["label"])
 
 
+def test_a_resumed_stream_loads_no_item_before_its_start():
+    cfg = get_config("tiny", image_size=32, batch_size=4)
+    epoch_size, start, loaded = 20, 17, []
+    image = tf.constant(jpeg_bytes((90, 60, 30), (40, 40)))
+
+    def load(item):  # items are their own stream positions here; record each one loaded
+        recorded = tf.py_function(lambda x: loaded.append(int(x)) or x, [item], tf.int64)
+        return image, recorded * 0
+
+    def items(epoch):
+        return tf.data.Dataset.range(epoch * epoch_size, (epoch + 1) * epoch_size)
+
+    batch = next(iter(training_stream(EpochSource(items, load), epoch_size, cfg, start=start)))
+    assert list(batch["position"].numpy()) == list(range(start, start + 4))
+    assert loaded and min(loaded) >= start
+
+
 def test_tfrecords_round_trip(mini_folder, tmp_path):
     cfg = get_config("tiny", image_size=32, batch_size=4)
     info = write_tfrecords(mini_folder, tmp_path / "shards", shards=3, validation_fraction=0.2, seed=0)
     assert load_label_map(tmp_path / "shards") == sorted(LANDMARKS)
     data = tfrecord_data(tmp_path / "shards", cfg)
     assert (data.train_count, data.validation_count) == (info["train"], info["validation"]) == (14, 4)
-    labels = [int(label) for _, label in data.epoch_source(tf.constant(0, tf.int64))]
+    source = data.epoch_source
+    labels = [int(label) for _, label in source.items(tf.constant(0, tf.int64)).map(source.load)]
     assert sorted(labels) == sorted(read_examples(mini_folder, 0.2, 0).train["label"])
     validation = list(validation_stream(data.validation_files(), cfg))
     assert sum(len(b["label"]) for b in validation) <= 4

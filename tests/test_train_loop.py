@@ -1,6 +1,7 @@
 """The training loop: it learns, it resumes exactly, mirrored equals default, SIGTERM checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.util import event_pb2
 
+from common.cli import UserError
 from train.config import get_config
 from train.data import folder_data, training_stream
 from train.loop import Trainer, train
-from train.run_files import CHECKPOINT_DIR, load_config, load_label_map
+from train.run_files import CHECKPOINT_DIR, CONFIG_FILE, load_config, load_label_map, save_label_map
 from train.strategy import make_strategy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +57,15 @@ def test_a_run_writes_its_files(tiny_run):
     assert len(load_label_map(tiny_run)) == metrics["classes"]
     assert 0.0 <= metrics["validation_accuracy"] <= 1.0 and metrics["images_per_second"] > 0
     assert tf.train.latest_checkpoint(str(tiny_run / CHECKPOINT_DIR)).endswith(f"-{cfg.steps}")
-    assert list((tiny_run / "logs" / "train").glob("events.out.tfevents.*"))
+    assert logged_steps(tiny_run / "logs" / "train", "loss_total")[-1] == cfg.steps  # written out and closed
+    assert logged_steps(tiny_run / "logs" / "validation", "accuracy")[-1] == cfg.steps
+
+
+def logged_steps(log_dir: Path, tag: str) -> list[int]:
+    """The steps at which tag was written to the TensorBoard event files in log_dir."""
+    records = tf.data.TFRecordDataset([str(f) for f in sorted(log_dir.glob("events.out.tfevents.*"))])
+    events = [event_pb2.Event.FromString(record.numpy()) for record in records]
+    return [event.step for event in events if any(value.tag == tag for value in event.summary.value)]
 
 
 def checkpoint_values(run_dir: Path) -> dict[str, np.ndarray]:
@@ -77,6 +88,43 @@ def test_a_stopped_run_resumes_at_its_step_with_the_same_weights(data_dir, tmp_p
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
     again = train(cfg, data_dir=data_dir, run_dir=tmp_path / "resumed", strategy="default")
     assert again == second  # a finished run is not trained again and keeps its metrics
+    longer = dataclasses.replace(cfg, steps=cfg.steps + 2, log_every=1, checkpoint_every=1)
+    assert train(longer, data_dir=data_dir, run_dir=tmp_path / "resumed", strategy="default")["step"] == longer.steps
+    assert load_config(tmp_path / "resumed") == longer
+
+
+@pytest.fixture
+def stopped_run(data_dir, tmp_path):
+    """A run of small_config() stopped after 2 steps, and its config."""
+    cfg = small_config()
+    train(cfg, data_dir=data_dir, run_dir=tmp_path / "run", strategy="default", stop_after=2)
+    return tmp_path / "run", cfg
+
+
+def test_resuming_with_another_config_is_refused_and_leaves_the_run_as_it_was(stopped_run, data_dir):
+    run_dir, cfg = stopped_run
+    saved = (run_dir / CONFIG_FILE).read_text()
+    other = dataclasses.replace(cfg, embedding_dim=cfg.embedding_dim // 2, steps=cfg.steps + 1)
+    with pytest.raises(UserError, match=rf"config\.json.*embedding_dim {cfg.embedding_dim} -> {other.embedding_dim}"
+                                        r"\); only"):  # steps may change, so it is not named
+        train(other, data_dir=data_dir, run_dir=run_dir, strategy="default")
+    assert (run_dir / CONFIG_FILE).read_text() == saved
+
+
+def test_resuming_on_other_landmarks_is_refused(stopped_run, data_dir):
+    run_dir, cfg = stopped_run
+    landmark_ids = load_label_map(run_dir)
+    save_label_map(run_dir, [landmark_ids[1], landmark_ids[0], *landmark_ids[2:]])  # as if --data had changed
+    with pytest.raises(UserError, match=r"label_map\.csv.*class 0 is landmark"):
+        train(cfg, data_dir=data_dir, run_dir=run_dir, strategy="default")
+
+
+def test_an_unreadable_checkpoint_is_a_user_error(stopped_run, data_dir):
+    run_dir, cfg = stopped_run
+    for shard in (run_dir / CHECKPOINT_DIR).glob("ckpt-2.data-*"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"ckpt-2: cannot resume from this checkpoint: [^\n]+$"):
+        train(cfg, data_dir=data_dir, run_dir=run_dir, strategy="default")
 
 
 def doubled_batch(cfg, num_classes: int) -> tf.data.Dataset:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -153,33 +154,49 @@ def plain_view(encoded: tf.Tensor, cfg: TrainConfig) -> tf.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # Pipelines
 
-EpochSource = Callable[[tf.Tensor], tf.data.Dataset]  # epoch -> dataset of (encoded bytes, label), shuffled
+
+@dataclass(frozen=True)
+class EpochSource:
+    """The training images, epoch by epoch, in two parts so that a resumed stream skips without reading.
+
+    items(epoch) is a dataset of cheap references (a path, a serialized record), shuffled for that epoch;
+    load(item) reads or parses one into (encoded image bytes, label). training_stream applies load after
+    skipping to its start, so the items before it are never read.
+    """
+
+    items: Callable[[tf.Tensor], tf.data.Dataset]
+    load: Callable[[Any], tuple[tf.Tensor, tf.Tensor]]
+
+
+def read_image_file(path_and_label: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    """(path, label) -> (the file's bytes, label)."""
+    path, label = path_and_label
+    return tf.io.read_file(path), label
 
 
 def folder_epoch_source(paths: list[str], labels: list[int], seed: int) -> EpochSource:
-    """Epoch e reads the files in a permutation seeded by (seed, e)."""
+    """Epoch e lists the (path, label) pairs in a permutation seeded by (seed, e)."""
     paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int64)
 
     def epoch(e):
         order = tf.random.experimental.stateless_shuffle(tf.range(len(paths)), seed=tf.stack([seed, e]))
-        files = tf.data.Dataset.from_tensor_slices((tf.gather(paths_t, order), tf.gather(labels_t, order)))
-        return files.map(lambda path, label: (tf.io.read_file(path), label))
+        return tf.data.Dataset.from_tensor_slices((tf.gather(paths_t, order), tf.gather(labels_t, order)))
 
-    return epoch
+    return EpochSource(items=epoch, load=read_image_file)
 
 
 def training_stream(source: EpochSource, epoch_size: int, cfg: TrainConfig, start: int = 0) -> tf.data.Dataset:
     """Endless batches {'image' uint8, 'label', 'position'} from stream position `start` on.
 
-    Unreadable images are dropped (never an error); `skipped_before` tells how many were.
+    Unreadable images are dropped (never an error); they show as gaps in 'position'.
     """
     first_epoch = start // epoch_size
-    epochs = tf.data.Dataset.range(first_epoch, EPOCHS_FOREVER).flat_map(source)
+    epochs = tf.data.Dataset.range(first_epoch, EPOCHS_FOREVER).flat_map(source.items)
     positions = tf.data.Dataset.range(first_epoch * epoch_size, 2**62)
     stream = tf.data.Dataset.zip(positions, epochs).skip(start - first_epoch * epoch_size)
 
-    def example(position, encoded_and_label):
-        encoded, label = encoded_and_label
+    def example(position, item):
+        encoded, label = source.load(item)
         image = augment(encoded, tf.stack([tf.cast(cfg.seed, tf.int64), position]), cfg)
         return {"image": image, "label": label, "position": position}
 
@@ -204,8 +221,7 @@ def finish(examples: tf.data.Dataset, batch_size: int, drop_remainder: bool) -> 
 
 def folder_validation_files(table: pd.DataFrame) -> tf.data.Dataset:
     files = tf.data.Dataset.from_tensor_slices((list(table["path"]), np.asarray(table["label"], np.int64)))
-    return files.map(lambda path, label: (tf.io.read_file(path), label))
-
+    return files.map(lambda path, label: read_image_file((path, label)))
 
 
 @dataclass(frozen=True)

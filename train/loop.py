@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import keras
@@ -21,7 +21,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
-from common.cli import atomic_write_text
+from common.cli import UserError, atomic_write_text
 from train import run_files
 from train.config import TrainConfig
 from train.data import TrainingData, folder_data, training_stream, validation_stream
@@ -188,26 +188,32 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
           resume: bool = True, tfrecords: Path | None = None, stop_after: int | None = None) -> dict:
     """Train DELG into run_dir (config.json, label_map.csv, checkpoints/, logs/, metrics.json); returns the metrics.
 
-    With resume, a checkpoint in run_dir is continued from its step. stop_after ends this call after that
-    many steps with a checkpoint, as a SIGTERM would (for tests and time-sliced jobs).
+    With resume, a checkpoint in run_dir is continued from its step, provided the run's config (fields in
+    run_files.RESUMABLE_FIELDS aside) and label map match; config.json and label_map.csv are written only
+    once the checkpoint is restored. stop_after ends this call after that many steps with a checkpoint,
+    as a SIGTERM would (for tests and time-sliced jobs).
     """
     run_dir = Path(run_dir)
     strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
     data = resolve_data(cfg, data_dir, tfrecords)
     chief = is_chief(strategy)
-    if chief:
-        run_files.save_config(run_dir, cfg)
-        run_files.save_label_map(run_dir, data.landmark_ids)
+    folder = checkpoint_folder(run_dir, strategy)
+    resuming = resume and tf.train.latest_checkpoint(str(folder / run_files.CHECKPOINT_DIR)) is not None
+    if resuming:
+        run_files.check_resumable(run_dir, cfg, data.landmark_ids)
     with precision_policy(cfg) as policy:
         trainer = Trainer(cfg, len(data.landmark_ids), strategy)
-        manager = run_files.checkpoint_manager(trainer.checkpoint, checkpoint_folder(run_dir, strategy))
-        if resume and manager.latest_checkpoint:
-            trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        manager = run_files.checkpoint_manager(trainer.checkpoint, folder)
+        if resuming:
+            restore(trainer.checkpoint, manager.latest_checkpoint)
             log.info("resumed %s at step %d", manager.latest_checkpoint, int(trainer.step))
         finished = run_dir / run_files.METRICS_FILE
         if int(trainer.step) >= cfg.steps and finished.is_file():
             log.info("%s is already trained to step %d; its metrics are in %s", run_dir, cfg.steps, finished)
             return json.loads(finished.read_text())
+        if chief:
+            run_files.save_config(run_dir, cfg)
+            run_files.save_label_map(run_dir, data.landmark_ids)
         result = run_steps(trainer, data, manager, run_dir / "logs" if chief else None, stop_after)
     metrics = {**result, "backbone": cfg.backbone, "strategy": type(strategy).__name__,
                "replicas": strategy.num_replicas_in_sync, "precision": policy, "classes": len(data.landmark_ids),
@@ -215,6 +221,16 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
     if chief:
         atomic_write_text(run_dir / run_files.METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def restore(checkpoint: tf.train.Checkpoint, prefix: str) -> None:
+    """Restore the training checkpoint at prefix; any mismatch or unreadable file is a UserError."""
+    try:
+        checkpoint.restore(prefix).assert_existing_objects_matched()
+    except (AssertionError, ValueError, IndexError, tf.errors.OpError) as err:  # IndexError: a truncated file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{prefix}: cannot resume from this checkpoint: {reason}; "
+                        "train with --no-resume or into another run folder") from None
 
 
 def write_scalars(writer, step: int, values: dict[str, float]) -> None:
@@ -235,10 +251,11 @@ def run_steps(trainer: Trainer, data: TrainingData, manager: tf.train.Checkpoint
     first_position = int(trainer.data_position)
     stream = training_stream(data.epoch_source, data.train_count, cfg, start=first_position)
     iterator = iter(strategy.experimental_distribute_dataset(stream))
-    train_writer, validation_writer = summary_writer(logs, "train"), summary_writer(logs, "validation")
     last_interval, images_delivered, validation_accuracy = {}, 0.0, None
     started = interval_start = time.perf_counter()
-    with StopSignals() as signals, tqdm(total=cfg.steps, initial=step, desc="train", unit="step") as bar:
+    with (closing(summary_writer(logs, "train")) as train_writer,
+          closing(summary_writer(logs, "validation")) as validation_writer,
+          StopSignals() as signals, tqdm(total=cfg.steps, initial=step, desc="train", unit="step") as bar):
         while step < cfg.steps and not signals.received and (stop_after is None or step - first_step < stop_after):
             trainer.train_step(iterator)
             step += 1

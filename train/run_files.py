@@ -15,6 +15,9 @@ CONFIG_FILE = "config.json"
 LABEL_MAP_FILE = "label_map.csv"  # columns index,landmark_id: contiguous class index -> GLDv2 landmark id
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
+# Config fields a resumed run may change: how long it trains and how often it logs, validates and checkpoints.
+# Every other field shapes the model, the optimizer or the data stream the checkpoint belongs to.
+RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "validate_every", "log_every"})
 
 
 def save_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -48,6 +51,31 @@ def load_label_map(run_dir: Path) -> list[int]:
     if list(frame.columns) != ["index", "landmark_id"] or list(frame["index"]) != list(range(len(frame))):
         raise UserError(f"{path}: expected columns index,landmark_id with index 0..N-1")
     return [int(x) for x in frame["landmark_id"]]
+
+
+def check_resumable(run_dir: Path, cfg: TrainConfig, landmark_ids: list[int]) -> None:
+    """A UserError when run_dir's saved config (RESUMABLE_FIELDS aside) or label map differs from the new one."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_FILE).is_file():
+        saved, new = dataclasses.asdict(load_config(run_dir)), dataclasses.asdict(cfg)
+        differing = [name for name in new if name not in RESUMABLE_FIELDS and saved[name] != new[name]]
+        if differing:
+            changes = ", ".join(f"{name} {saved[name]!r} -> {new[name]!r}" for name in differing)
+            raise UserError(f"{run_dir / CONFIG_FILE}: cannot resume with a different config ({changes}); "
+                            f"only {', '.join(sorted(RESUMABLE_FIELDS))} may change; use another run folder")
+    if (run_dir / LABEL_MAP_FILE).is_file():
+        saved_ids = load_label_map(run_dir)
+        if saved_ids != list(landmark_ids):
+            raise UserError(f"{run_dir / LABEL_MAP_FILE}: cannot resume on different data "
+                            f"({label_map_difference(saved_ids, list(landmark_ids))}); use another run folder")
+
+
+def label_map_difference(saved: list[int], new: list[int]) -> str:
+    """One phrase on how two label maps differ (they are known to differ)."""
+    if len(saved) != len(new):
+        return f"{len(saved)} classes in the run, {len(new)} in the data"
+    index = next(i for i, (a, b) in enumerate(zip(saved, new, strict=True)) if a != b)
+    return f"class {index} is landmark {saved[index]} in the run, {new[index]} in the data"
 
 
 def make_checkpoint(model: tf.keras.Model, optimizer=None, step: tf.Variable | None = None,

@@ -92,7 +92,8 @@ def shard_files(folder: Path, split: str, count: int) -> list[str]:
 
 
 def tfrecord_epoch_source(files: list[str], seed: int, shuffle_buffer: int) -> EpochSource:
-    """Epoch e reads the shards in an order seeded by (seed, e), interleaved, through a shuffle buffer (seed)."""
+    """Epoch e reads the shards' serialized records in an order seeded by (seed, e), interleaved, through a
+    shuffle buffer (seed); a record is parsed only when the stream loads it."""
     files_t = tf.constant(files)
 
     def epoch(e):
@@ -100,9 +101,9 @@ def tfrecord_epoch_source(files: list[str], seed: int, shuffle_buffer: int) -> E
         records = tf.data.Dataset.from_tensor_slices(tf.gather(files_t, order)).interleave(
             tf.data.TFRecordDataset, cycle_length=min(16, len(files)), num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True)
-        return records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False).map(parse)
+        return records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
 
-    return epoch
+    return EpochSource(items=epoch, load=parse)
 
 
 def tfrecord_data(folder: Path, cfg: TrainConfig, shuffle_buffer: int = 10_000) -> TrainingData:
