@@ -9,14 +9,16 @@ It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. neares
 5. local features and verification, 6. scoring, 7. time budget, 8. main. Only numpy, pandas,
 tensorflow, pydegensac, scikit-learn, tqdm and the standard library are used.
 
-Files it leaves: --out (global-only first, replaced by the reranked result as it improves),
-WORK/submission_global_only.csv, WORK/timing.json (items and seconds per stage), WORK/verified_pairs.csv
-(id, rank, candidate, cosine, inliers of every verified pair), and its caches:
-WORK/global/<split>/chunk_*.npz (resumable) and WORK/local/<split>/<id>.npz.
+Files it leaves: --out (all-empty at once, then global-only, then the reranked result every
+--write-every-s seconds and at the end), WORK/submission_global_only.csv, WORK/timing.json (items and seconds
+per stage), WORK/verified_pairs.csv (id, rank, candidate, cosine, inliers of every verified pair, appended
+batch by batch), and its caches: WORK/global/<split>/chunk_*.npz (resumable) and WORK/local/<split>/<id>.npz,
+both deleted when WORK/cache_key.json (the model files and extraction settings) no longer matches.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -81,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget-h", type=float, default=9.0, help="wall-clock hours the whole run may take")
     p.add_argument("--safety-margin", type=float, default=0.15,
                    help="fraction of the budget kept free when planning the rerank depth")
-    p.add_argument("--warmup-queries", type=int, default=20,
+    p.add_argument("--warmup-queries", type=positive_int, default=20,
                    help="queries reranked first to measure local extraction and verification rates")
-    p.add_argument("--rerank-batch", type=int, default=500,
-                   help="queries reranked between two re-plannings (and two submission rewrites)")
+    p.add_argument("--rerank-batch", type=positive_int, default=500,
+                   help="queries reranked between two re-plannings of the depth")
+    p.add_argument("--write-every-s", type=float, default=300.0,
+                   help="seconds between two rewrites of --out while reranking (it is always written at the end)")
     p.add_argument("--top-k", type=int, default=TOP_K,
                    help="recognition: neighbours whose scores are summed per landmark")
     p.add_argument("--rerank", type=int, default=None,
@@ -126,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes verifying pairs; 0 or 1 verifies in this process")
     p.add_argument("--decode-threads", type=int, default=4, help="threads decoding images ahead of the model")
     p.add_argument("--prefetch", type=int, default=32, help="images decoded ahead of the model")
-    p.add_argument("--chunk-size", type=int, default=10_000, help="images per cached global-descriptor chunk")
+    p.add_argument("--chunk-size", type=positive_int, default=10_000, help="images per cached global-descriptor chunk")
     p.add_argument("--float16", action="store_true", help="store cached global descriptors as float16")
     p.add_argument("--local-cache-gb", type=float, default=10.0,
                    help="disk kept for cached local features; the oldest go first (Kaggle's output disk is ~20 GB)")
@@ -136,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="i/n: extract only the i-th of n slices of the train/index descriptors, then stop; "
                         "merge the shards' WORK/global folders and run again with 0/1")
     return p
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 class InputError(Exception):
@@ -153,12 +169,20 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 # %% 2. Inputs
+def read_table(path: Path, **options) -> pd.DataFrame:
+    """A CSV file (a header line and zero or more rows); a clear error when missing or without a header."""
+    if not path.is_file():
+        raise InputError(f"{path} not found")
+    try:
+        return pd.read_csv(path, **options)
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path} is empty: it needs at least a header line") from None
+
+
 def read_test_ids(data: Path) -> list[str]:
     """Test ids come from sample_submission.csv, so the output has exactly the rows the server expects."""
     path = data / "sample_submission.csv"
-    if not path.is_file():
-        raise InputError(f"{path} not found")
-    frame = pd.read_csv(path, dtype=str)
+    frame = read_table(path, dtype=str)
     if "id" not in frame.columns:
         raise InputError(f"{path} has no 'id' column")
     return frame["id"].tolist()
@@ -166,9 +190,7 @@ def read_test_ids(data: Path) -> list[str]:
 
 def read_train_labels(data: Path) -> tuple[list[str], np.ndarray]:
     path = data / "train.csv"
-    if not path.is_file():
-        raise InputError(f"{path} not found")
-    frame = pd.read_csv(path, dtype={"id": str})
+    frame = read_table(path, dtype={"id": str})
     missing = {"id", "landmark_id"} - set(frame.columns)
     if missing:
         raise InputError(f"{path} lacks columns {sorted(missing)}")
@@ -317,13 +339,14 @@ def chunk_path(cache: Path, index: int) -> Path:
     return cache / f"chunk_{index:06d}.npz"
 
 
-def cached_chunk(cache: Path, index: int, ids: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(descriptors, ok) of a cached chunk, or None when missing, unreadable or for other ids."""
+def read_chunk(cache: Path, index: int, ids: list[str], fields: tuple[str, ...]) -> list[np.ndarray] | None:
+    """The named arrays of a cached chunk (only its ids are read for no fields), or None when the chunk is
+    missing, unreadable or for other ids."""
     try:
         with np.load(chunk_path(cache, index)) as chunk:
             if chunk["ids"].tolist() == ids:
-                return chunk["descriptors"], chunk["ok"]
-    except (OSError, ValueError, KeyError):
+                return [chunk[field] for field in fields]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         pass
     return None
 
@@ -333,7 +356,7 @@ def extract_global(model: DelgModel, ids: list[str], paths: list[Path], cache: P
     """Extract and cache, chunk by chunk, every missing global descriptor of this shard; returns the count."""
     size = args.chunk_size
     chunks = [c for c in range(math.ceil(len(ids) / size)) if c % shard[1] == shard[0]]
-    todo = [c for c in chunks if cached_chunk(cache, c, ids[c * size:(c + 1) * size]) is None]
+    todo = [c for c in chunks if read_chunk(cache, c, ids[c * size:(c + 1) * size], ()) is None]
     if len(todo) < len(chunks):
         log.info("%s: %d of %d chunks already cached", cache.name, len(chunks) - len(todo), len(chunks))
     rows = [i for c in todo for i in range(c * size, min(len(ids), (c + 1) * size))]
@@ -355,13 +378,28 @@ def extract_global(model: DelgModel, ids: list[str], paths: list[Path], cache: P
     return len(rows)
 
 
-def load_global(cache: Path, ids: list[str], chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """All cached descriptors [n,D] float32 and their ok mask, in the order of ids."""
-    parts = [cached_chunk(cache, c, ids[c * chunk_size:(c + 1) * chunk_size])
-             for c in range(math.ceil(len(ids) / chunk_size))]
-    if any(part is None for part in parts):
-        raise InputError(f"{cache}: some descriptor chunks are missing (run every --shard first)")
-    return (np.concatenate([d for d, _ in parts]).astype(np.float32), np.concatenate([o for _, o in parts]))
+def load_global(cache: Path, ids: list[str], chunk_size: int, dim: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """All cached descriptors [n,D] float32 and their ok mask, in the order of ids, filled chunk by chunk into
+    one array (D comes from the cache; dim is the width of the empty result when there are no ids)."""
+    descriptors, ok = np.zeros((0, dim), np.float32), np.zeros(len(ids), bool)
+    for c in range(math.ceil(len(ids) / chunk_size)):
+        rows = slice(c * chunk_size, (c + 1) * chunk_size)
+        part = read_chunk(cache, c, ids[rows], ("descriptors", "ok"))
+        if part is None:
+            raise InputError(f"{cache}: descriptor chunk {c} is missing (run every --shard first)")
+        if c == 0:
+            descriptors = np.empty((len(ids), part[0].shape[1]), np.float32)
+        descriptors[rows], ok[rows] = part  # float16 chunks are converted in place
+    return descriptors, ok
+
+
+def compact_valid(descriptors: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the ok rows, their row numbers): the rows move to the front in place, so no second full-size copy."""
+    rows = np.flatnonzero(ok)
+    for start in range(0, len(rows), KNN_DB_CHUNK):  # a row only moves up, past rows already moved
+        part = rows[start:start + KNN_DB_CHUNK]
+        descriptors[start:start + len(part)] = descriptors[part]
+    return descriptors[:len(rows)], rows
 
 
 # %% 4. Nearest neighbours
@@ -534,16 +572,25 @@ def verify_query(task: tuple[Path, list[Path]]) -> list[int]:
     return [count_inliers(*query, *load_local(path), _WORKER_SETTINGS) for path in task[1]]
 
 
-def verify_all(tasks: list[tuple[Path, list[Path]]], settings: dict, workers: int) -> list[list[int]]:
-    """verify_query over all tasks, in worker processes when workers > 1."""
-    progress = lambda results: list(tqdm(results, total=len(tasks), desc="verify", unit="query", leave=False))
+@contextlib.contextmanager
+def verification_pool(settings: dict, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """Worker processes for verify_query, started once for the whole rerank; None: verify in this process."""
     if workers <= 1:
         _WORKER_SETTINGS.update(settings)
-        with threadpool_limits(1):
-            return progress(map(verify_query, tasks))
+        yield None
+        return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _init_worker, (settings,)) as pool:
-        return progress(pool.imap(verify_query, tasks, chunksize=4))
+        yield pool
+
+
+def verify_all(tasks: list[tuple[Path, list[Path]]], pool: multiprocessing.pool.Pool | None) -> list[list[int]]:
+    """verify_query over all tasks, in the pool's processes or (no pool) in this one."""
+    progress = lambda results: list(tqdm(results, total=len(tasks), desc="verify", unit="query", leave=False))
+    if pool is None:
+        with threadpool_limits(1):
+            return progress(map(verify_query, tasks))
+    return progress(pool.imap(verify_query, tasks, chunksize=4))
 
 
 def ransac_settings(args: argparse.Namespace) -> dict:
@@ -609,14 +656,22 @@ def write_submission(path: Path, task: str, test_ids: list[str], rows: list[str]
     atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def write_verified_pairs(path: Path, test_ids: list[str], db_ids: list[str], neighbours: np.ndarray,
-                         cosines: np.ndarray, inliers: np.ndarray) -> None:
-    """Every verified (query, candidate) pair with its rank, cosine and inliers: for debugging and pictures."""
+PAIR_COLUMNS = ["id", "rank", "candidate", "cosine", "inliers"]
+
+
+def start_verified_pairs(path: Path) -> None:
+    """A fresh verified_pairs.csv holding only its header; append_verified_pairs adds each batch."""
+    atomic_save(path, lambda tmp: pd.DataFrame(columns=PAIR_COLUMNS).to_csv(tmp, index=False))
+
+
+def append_verified_pairs(path: Path, query_ids: list[str], db_ids: list[str], neighbours: np.ndarray,
+                          cosines: np.ndarray, inliers: np.ndarray) -> None:
+    """The verified (query, candidate) pairs of these queries with rank, cosine and inliers (debugging, pictures)."""
     queries, ranks = np.nonzero(inliers >= 0)
-    frame = pd.DataFrame({"id": [test_ids[q] for q in queries], "rank": ranks + 1,
+    frame = pd.DataFrame({"id": [query_ids[q] for q in queries], "rank": ranks + 1,
                           "candidate": [db_ids[j] for j in neighbours[queries, ranks]],
                           "cosine": np.round(cosines[queries, ranks], 6), "inliers": inliers[queries, ranks]})
-    atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
+    frame.to_csv(path, mode="a", header=False, index=False)
 
 
 # %% 7. Time budget
@@ -662,39 +717,50 @@ def plan_depth(timing: Timing, queries_left: int, max_depth: int, new_image_shar
 # %% 8. Main
 def rerank(model: DelgModel, data: Path, args: argparse.Namespace, timing: Timing, test_ids: list[str],
            db_split: str, db_ids: list[str], neighbours: np.ndarray, query_ok: np.ndarray,
-           max_depth: int, on_progress: Callable[[np.ndarray], None]) -> np.ndarray:
-    """Inliers [nq, candidates] (-1: not verified), batch after batch while the budget allows."""
+           max_depth: int, on_progress: Callable[[np.ndarray, list[int]], None]) -> np.ndarray:
+    """Inliers [nq, candidates] (-1: not verified), batch after batch while the budget allows;
+    on_progress(inliers, batch) after each batch."""
     inliers = np.full(neighbours.shape, -1, np.int64)
     order = [q for q in range(len(test_ids)) if query_ok[q]]
-    cache, settings = args.work / "local", ransac_settings(args)
     start, new_image_share = 0, 1.0
-    while start < len(order) and max_depth > 0:
-        depth = plan_depth(timing, len(order) - start, max_depth, new_image_share)
-        if depth == 0 or timing.time_left() <= 0:
-            log.info("time budget reached: %d of %d queries keep their global ranking", len(order) - start,
-                     len(order))
-            break
-        size = args.warmup_queries if start == 0 else args.rerank_batch
-        batch = order[start:start + size]
-        candidates = [[db_ids[j] for j in neighbours[q, :depth]] for q in batch]
-        wanted = [("test", test_ids[q]) for q in batch] + [(db_split, c) for cs in candidates for c in cs]
-        began = time.monotonic()
-        extracted = extract_local(model, data, wanted, cache, args)
-        timing.add("local_features", extracted, time.monotonic() - began)
-        new_image_share = max(0.0, extracted - len(batch)) / max(1, len(wanted) - len(batch))
-        tasks = [(local_path(cache, "test", test_ids[q]), [local_path(cache, db_split, c) for c in cs])
-                 for q, cs in zip(batch, candidates, strict=True)]
-        began = time.monotonic()
-        for q, counts in zip(batch, verify_all(tasks, settings, args.workers), strict=True):
-            inliers[q, :len(counts)] = counts
-        timing.add("verification", sum(len(cs) for cs in candidates), time.monotonic() - began)
-        trim_local_cache(cache, args.local_cache_gb)
-        timing.rerank_depth = max(timing.rerank_depth, depth)
-        start += len(batch)
-        log.info("reranked %d of %d queries at depth %d", start, len(order), depth)
-        on_progress(inliers)
+    with verification_pool(ransac_settings(args), args.workers) as pool:
+        while start < len(order) and max_depth > 0:
+            depth = plan_depth(timing, len(order) - start, max_depth, new_image_share)
+            if depth == 0 or timing.time_left() <= 0:
+                log.info("time budget reached: %d of %d queries keep their global ranking", len(order) - start,
+                         len(order))
+                break
+            batch = order[start:start + (args.warmup_queries if start == 0 else args.rerank_batch)]
+            candidates = [[db_ids[j] for j in neighbours[q, :depth]] for q in batch]
+            counts, new_image_share = verify_batch(model, data, args, timing, pool, [test_ids[q] for q in batch],
+                                                   db_split, candidates)
+            for q, query_counts in zip(batch, counts, strict=True):
+                inliers[q, :len(query_counts)] = query_counts
+            timing.rerank_depth = max(timing.rerank_depth, depth)
+            start += len(batch)
+            log.info("reranked %d of %d queries at depth %d", start, len(order), depth)
+            on_progress(inliers, batch)
     timing.save()
     return inliers
+
+
+def verify_batch(model: DelgModel, data: Path, args: argparse.Namespace, timing: Timing,
+                 pool: multiprocessing.pool.Pool | None, query_ids: list[str], db_split: str,
+                 candidates: list[list[str]]) -> tuple[list[list[int]], float]:
+    """Inliers of each query with each of its candidates, and the share of candidate images whose local
+    features had to be extracted (the rest were cached)."""
+    cache = args.work / "local"
+    wanted = [("test", q) for q in query_ids] + [(db_split, c) for cs in candidates for c in cs]
+    began = time.monotonic()
+    extracted = extract_local(model, data, wanted, cache, args)
+    timing.add("local_features", extracted, time.monotonic() - began)
+    tasks = [(local_path(cache, "test", q), [local_path(cache, db_split, c) for c in cs])
+             for q, cs in zip(query_ids, candidates, strict=True)]
+    began = time.monotonic()
+    counts = verify_all(tasks, pool)
+    timing.add("verification", sum(len(cs) for cs in candidates), time.monotonic() - began)
+    trim_local_cache(cache, args.local_cache_gb)
+    return counts, max(0.0, extracted - len(query_ids)) / max(1, len(wanted) - len(query_ids))
 
 
 def timed_global(model, ids, paths, cache, args, timing, stage, shard=(0, 1)) -> int:
@@ -704,40 +770,67 @@ def timed_global(model, ids, paths, cache, args, timing, stage, shard=(0, 1)) ->
     return count
 
 
+def cache_key(args: argparse.Namespace) -> dict:
+    """What the cached features depend on: the model's files and every extraction setting."""
+    model = args.model.resolve()
+    files = {name: [(model / name).stat().st_size, (model / name).stat().st_mtime_ns]
+             for name in ("saved_model.pb", "variables/variables.index") if (model / name).is_file()}
+    settings = {name: getattr(args, name) for name in ("scales", "global_scale_indices", "max_image_side",
+                                                       "min_image_side", "max_features", "attention_threshold",
+                                                       "float16")}
+    return json.loads(json.dumps({"model": str(model), "files": files, "settings": settings}))
+
+
+def clear_stale_caches(work: Path, key: dict) -> None:
+    """Delete WORK/global and WORK/local when WORK/cache_key.json was written for another model or settings."""
+    path = work / "cache_key.json"
+    try:
+        stale = path.is_file() and json.loads(path.read_text()) != key
+    except ValueError:
+        stale = True
+    if stale:
+        log.warning("model or extraction settings changed since %s: deleting the cached features", path)
+        for folder in ("global", "local"):
+            shutil.rmtree(work / folder, ignore_errors=True)
+    atomic_save(path, lambda tmp: tmp.write_text(json.dumps(key, indent=1)))
+
+
 def run(args: argparse.Namespace) -> None:
     shard = parse_shard(args.shard)
     db_split, query_split = IMAGE_SPLITS[args.task]
     args.work.mkdir(parents=True, exist_ok=True)
     timing = Timing(args.work / "timing.json", args.task, args.time_budget_h, args.safety_margin)
     test_ids = read_test_ids(args.data)
+    if shard == (0, 1):  # a valid file from the start, whatever stops the run later
+        write_submission(args.out, args.task, test_ids, [""] * len(test_ids))
     if args.task == "recognition":
         db_ids, labels = read_train_labels(args.data)
     else:
         db_ids, labels = list_image_ids(args.data / "index"), np.zeros(0, np.int64)
     model = DelgModel(args.model, args.scales, args.global_scale_indices, args.max_features,
                       args.attention_threshold)
+    clear_stale_caches(args.work, cache_key(args))
     db_cache = args.work / "global" / db_split
     db_paths = [image_path(args.data, db_split, i) for i in db_ids]
     timed_global(model, db_ids, db_paths, db_cache, args, timing, "global_db", shard)
     if shard != (0, 1):
         log.info("shard %d/%d extracted into %s", *shard, db_cache)
         return
-    db_desc, db_ok = load_global(db_cache, db_ids, args.chunk_size)
+    db_desc, valid_db = compact_valid(*load_global(db_cache, db_ids, args.chunk_size, model.global_dim))
     query_cache = args.work / "global" / query_split
     query_paths = [image_path(args.data, query_split, i) for i in test_ids]
     timed_global(model, test_ids, query_paths, query_cache, args, timing, "global_query")
-    query_desc, query_ok = load_global(query_cache, test_ids, args.chunk_size)
+    query_desc, query_ok = load_global(query_cache, test_ids, args.chunk_size, model.global_dim)
     nonlandmark_desc = global_nonlandmarks(model, args, timing)
 
     began = time.monotonic()
-    valid_db = np.flatnonzero(db_ok)
     depth = args.rerank if args.rerank is not None else (
         RECOGNITION_RERANK if args.task == "recognition" else RETRIEVAL_RERANK)
     k = RETRIEVAL_SIZE if args.task == "retrieval" else max(args.top_k, depth)
-    cosines, found = knn(query_desc, db_desc[valid_db], k, args.knn_block_mb)
+    cosines, found = knn(query_desc, db_desc, k, args.knn_block_mb)
     neighbours = valid_db[found]
     nonlandmark_cos, _ = knn(query_desc, nonlandmark_desc, args.top_k, args.knn_block_mb)
-    timing.add("knn", len(test_ids), time.monotonic() - began)
+    timing.add("knn", len(query_desc) * (len(db_desc) + len(nonlandmark_desc)), time.monotonic() - began)
     shares = nonlandmark_shares(cosines, nonlandmark_cos, args.top_k)
 
     def rows_for(inliers: np.ndarray) -> list[str]:
@@ -749,12 +842,20 @@ def run(args: argparse.Namespace) -> None:
     write_submission(args.out, args.task, test_ids, rows_for(np.full(neighbours.shape, -1)))
     shutil.copyfile(args.out, args.work / "submission_global_only.csv")
     log.info("global-only submission written to %s", args.out)
-    def on_progress(inliers: np.ndarray) -> None:
-        write_submission(args.out, args.task, test_ids, rows_for(inliers))
-        write_verified_pairs(args.work / "verified_pairs.csv", test_ids, db_ids, neighbours, cosines, inliers)
+    pairs_path, last_write = args.work / "verified_pairs.csv", time.monotonic()
+    start_verified_pairs(pairs_path)
 
-    rerank(model, args.data, args, timing, test_ids, db_split, db_ids, neighbours, query_ok,
-           min(depth, neighbours.shape[1]), on_progress)
+    def on_progress(inliers: np.ndarray, batch: list[int]) -> None:
+        nonlocal last_write
+        append_verified_pairs(pairs_path, [test_ids[q] for q in batch], db_ids, neighbours[batch], cosines[batch],
+                              inliers[batch])
+        if time.monotonic() - last_write >= args.write_every_s:
+            write_submission(args.out, args.task, test_ids, rows_for(inliers))
+            last_write = time.monotonic()
+
+    inliers = rerank(model, args.data, args, timing, test_ids, db_split, db_ids, neighbours, query_ok,
+                     min(depth, neighbours.shape[1]), on_progress)
+    write_submission(args.out, args.task, test_ids, rows_for(inliers))
     log.info("submission written to %s; timings in %s", args.out, timing.path)
 
 
@@ -768,8 +869,7 @@ def global_nonlandmarks(model: DelgModel, args: argparse.Namespace, timing: Timi
     ids = [str(p.relative_to(args.nonlandmark_dir)) for p in paths]
     cache = args.work / "global" / "nonlandmark"
     timed_global(model, ids, paths, cache, args, timing, "global_db")
-    descriptors, ok = load_global(cache, ids, args.chunk_size)
-    return descriptors[ok]
+    return compact_valid(*load_global(cache, ids, args.chunk_size, model.global_dim))[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,3 +205,23 @@ def test_local_cache_is_trimmed_to_its_limit_oldest_first(tmp_path):
         os.utime(path, (1e9 - age, 1e9 - age))
     assert sub.trim_local_cache(tmp_path, max_gb=2500 / 2**30) == 1
     assert sorted(p.stem for p in (tmp_path / "train").iterdir()) == ["mid", "new"]
+
+
+@pytest.mark.parametrize("flag", ["--warmup-queries", "--rerank-batch", "--chunk-size"])
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_batch_sizes_must_be_positive(capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        sub.main(["--task", "recognition", "--data", "d", "--model", "m", flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag}: must be a positive integer" in capsys.readouterr().err
+
+
+def test_compact_valid_moves_the_ok_rows_up_in_place():
+    rng = np.random.default_rng(0)
+    descriptors = rng.normal(size=(3 * sub.KNN_DB_CHUNK + 5, 4)).astype(np.float32)
+    ok = rng.random(len(descriptors)) < 0.7
+    expected = descriptors[ok]
+    valid, rows = sub.compact_valid(descriptors, ok)
+    np.testing.assert_array_equal(valid, expected)
+    np.testing.assert_array_equal(rows, np.flatnonzero(ok))
+    assert np.shares_memory(valid, descriptors)  # no second copy

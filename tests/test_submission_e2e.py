@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing.pool
 
 import numpy as np
 import pandas as pd
@@ -116,10 +117,19 @@ def assert_complete(frame: pd.DataFrame, data, column: str) -> None:
     assert frame["id"].tolist() == expected
 
 
-def test_recognition_end_to_end(competition, delg_model_dir, tmp_path):
+def test_recognition_end_to_end(competition, delg_model_dir, tmp_path, monkeypatch):
     root, truth = competition
     data = root / "landmark-recognition"
+    pools = []
+    start_pool = multiprocessing.pool.Pool.__init__
+
+    def counted_start(pool, *args, **kwargs):
+        pools.append(pool)
+        start_pool(pool, *args, **kwargs)
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", counted_start)
     frame, timing = run_script("recognition", data, delg_model_dir, tmp_path, "--workers", "2")
+    assert len(pools) == 1  # one verification pool for every batch
     assert_complete(frame, data, "landmarks")
     predictions = dict(zip(frame["id"], frame["landmarks"], strict=True))
     for image_id, landmark in truth["views"].items():
@@ -130,6 +140,7 @@ def test_recognition_end_to_end(competition, delg_model_dir, tmp_path):
     assert set(timing["stages"]) == set(sub.TIMING_STAGES)
     assert timing["stages"]["global_db"]["items"] == 2 * LANDMARKS
     assert timing["stages"]["verification"]["items"] > 0 and timing["rerank_depth"] == 3
+    assert timing["stages"]["knn"]["items"] == len(frame) * 2 * LANDMARKS  # queries x database rows searched
     assert (tmp_path / "work" / "submission_global_only.csv").is_file()
     pairs = pd.read_csv(tmp_path / "work" / "verified_pairs.csv")
     assert len(pairs) == timing["stages"]["verification"]["items"]
@@ -174,7 +185,7 @@ def test_reranking_puts_the_verified_view_first(competition, delg_model_dir, tmp
     neighbours = np.array([[db_ids.index(impostor), db_ids.index(true_match)]])  # impostor first
     timing = sub.Timing(tmp_path / "timing.json", "retrieval", 1.0, 0.0)
     inliers = sub.rerank(model, data, args, timing, [query_id], "index", db_ids, neighbours,
-                         np.array([True]), max_depth=2, on_progress=lambda _: None)
+                         np.array([True]), max_depth=2, on_progress=lambda *_: None)
     assert inliers[0, 1] > inliers[0, 0]
     rows = sub.retrieval_rows(np.array([[0.9, 0.8]]), neighbours, inliers, db_ids, np.array([True]))
     assert rows[0].split() == [true_match, impostor]
@@ -238,3 +249,89 @@ def test_synthetic_competition_both_tasks(tiny_competition, delg_model_dir, tmp_
         frame, _ = run_script(task, data, delg_model_dir, tmp_path / task, "--rerank", "2")
         assert_complete(frame, data, column)
 
+
+
+def stage_items(timing: dict) -> dict[str, int]:
+    return {name: stage["items"] for name, stage in timing["stages"].items()}
+
+
+def test_changed_settings_or_model_clear_the_caches(competition, models, tmp_path):
+    data = competition[0] / "landmark-recognition"
+    run = lambda model, *extra: stage_items(run_script("recognition", data, model, tmp_path, "--workers", "0",
+                                                       *extra)[1])
+    first = run(models["tf2"])
+    assert first["global_db"] > 0 and first["local_features"] > 0
+    unchanged = run(models["tf2"])
+    assert unchanged["global_db"] == unchanged["global_query"] == unchanged["local_features"] == 0
+    fewer_features = run(models["tf2"], "--max-features", "200")
+    assert fewer_features["global_db"] == first["global_db"] and fewer_features["local_features"] > 0
+    other_model = run(models["tf1"], "--max-features", "200")
+    assert other_model["global_query"] == first["global_query"] and other_model["local_features"] > 0
+
+
+def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
+    """A cached chunk whose descriptors cannot be read without pickle still counts as cached: only ids are read."""
+    data = competition[0] / "landmark-recognition"
+    ids, _ = sub.read_train_labels(data)
+    paths = [image_path(data, "train", i) for i in ids]
+    args = sub.build_parser().parse_args(["--task", "recognition", "--data", str(data), "--model", "m",
+                                          "--chunk-size", "3", *FAST])
+    model = sub.DelgModel(delg_model_dir, [0.5, 1.0], [0, 1], 300, 0.0)
+    cache = tmp_path / "global"
+    sub.extract_global(model, ids, paths, cache, args)
+    np.savez(sub.chunk_path(cache, 0), ids=np.array(ids[:3]), descriptors=np.array([None]), ok=np.ones(3, bool))
+    assert sub.extract_global(model, ids, paths, cache, args) == 0
+
+
+def write_empty_competition(root, task: str, test_ids: list[str]) -> None:
+    """A competition folder with no database images (and the given test ids, their images absent)."""
+    column = "landmarks" if task == "recognition" else "images"
+    root.mkdir(parents=True)
+    pd.DataFrame({"id": test_ids, column: ""}).to_csv(root / "sample_submission.csv", index=False)
+    (root / "train.csv").write_text("id,landmark_id\n")
+    (root / "index").mkdir()
+
+
+@pytest.mark.parametrize("task, test_ids", [("retrieval", []), ("recognition", ["0123abcd", "fedc9876"])])
+def test_empty_inputs_give_a_valid_submission(delg_model_dir, tmp_path, task, test_ids):
+    data = tmp_path / "data"
+    write_empty_competition(data, task, test_ids)
+    (tmp_path / "no_landmarks").mkdir()
+    frame, _ = run_script(task, data, delg_model_dir, tmp_path, "--nonlandmark-dir", str(tmp_path / "no_landmarks"))
+    assert_complete(frame, data, "landmarks" if task == "recognition" else "images")
+    assert (frame.iloc[:, 1] == "").all()
+
+
+def test_a_crash_during_extraction_leaves_a_complete_empty_submission(competition, delg_model_dir, tmp_path,
+                                                                       monkeypatch):
+    data = competition[0] / "landmark-retrieval"
+
+    def crash(*_):
+        raise RuntimeError("killed during extraction")
+
+    monkeypatch.setattr(sub, "extract_global", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_script("retrieval", data, delg_model_dir, tmp_path)
+    frame = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
+    assert_complete(frame, data, "images")
+    assert (frame["images"] == "").all()
+
+
+def test_submission_rewrites_wait_for_write_every_s(competition, delg_model_dir, tmp_path, monkeypatch):
+    data = competition[0] / "landmark-recognition"
+    writes = []
+    write = sub.write_submission
+    monkeypatch.setattr(sub, "write_submission", lambda *a: (writes.append(a[3]), write(*a))[1])
+    for every_s in ["300", "0"]:
+        writes.clear()
+        frame, timing = run_script("recognition", data, delg_model_dir, tmp_path / every_s, "--workers", "0",
+                                   "--write-every-s", every_s)
+        pairs = pd.read_csv(tmp_path / every_s / "work" / "verified_pairs.csv", dtype={"id": str})
+        assert len(pairs) == timing["stages"]["verification"]["items"] > 0
+        assert not pairs.duplicated(["id", "rank"]).any()
+        assert writes[-1] == frame["landmarks"].tolist()  # the final rows are always written
+        # all-empty, global-only and final; with 0 s also one after every batch (FAST makes several)
+        if every_s == "300":
+            assert len(writes) == 3
+        else:
+            assert len(writes) > 4
