@@ -17,10 +17,17 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from common.cli import UserError, atomic_output_dir
+from common.cli import atomic_output_dir
 from export.receptive_field import ReceptiveField, receptive_field
 from train.model import DelgModel
-from train.run_files import LABEL_MAP_FILE, latest_checkpoint, load_config, load_label_map, make_checkpoint
+from train.run_files import (
+    LABEL_MAP_FILE,
+    latest_checkpoint,
+    load_config,
+    load_label_map,
+    make_checkpoint,
+    restore_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +59,7 @@ def load_trained_model(run_dir: Path) -> DelgModel:
     model = DelgModel(cfg, num_classes=len(load_label_map(run_dir)))
     model(tf.zeros([1, BUILD_SIZE, BUILD_SIZE, 3]))
     prefix = latest_checkpoint(run_dir)
-    try:
-        status = make_checkpoint(model).read(prefix)
-        status.assert_existing_objects_matched()
-    except (AssertionError, IndexError, ValueError, tf.errors.OpError) as err:  # IndexError: a truncated file
-        first_line = str(err).strip().splitlines()[0]
-        raise UserError(f"{prefix}: checkpoint does not match {run_dir / 'config.json'}: {first_line}") from None
+    status = restore_checkpoint(make_checkpoint(model), prefix, f"checkpoint does not match {run_dir / 'config.json'}")
     status.expect_partial()  # the optimizer and step saved for training are not needed here
     log.info("restored %s", prefix)
     return model

@@ -21,7 +21,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
-from common.cli import UserError, atomic_write_text
+from common.cli import atomic_write_text
 from train import run_files
 from train.config import TrainConfig
 from train.data import TrainingData, folder_data, training_stream, validation_stream
@@ -205,7 +205,9 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
         trainer = Trainer(cfg, len(data.landmark_ids), strategy)
         manager = run_files.checkpoint_manager(trainer.checkpoint, folder)
         if resuming:
-            restore(trainer.checkpoint, manager.latest_checkpoint)
+            run_files.restore_checkpoint(trainer.checkpoint, manager.latest_checkpoint,
+                                         "cannot resume from this checkpoint",
+                                         "; train with --no-resume or into another run folder")
             log.info("resumed %s at step %d", manager.latest_checkpoint, int(trainer.step))
         finished = run_dir / run_files.METRICS_FILE
         if int(trainer.step) >= cfg.steps and finished.is_file():
@@ -221,16 +223,6 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
     if chief:
         atomic_write_text(run_dir / run_files.METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def restore(checkpoint: tf.train.Checkpoint, prefix: str) -> None:
-    """Restore the training checkpoint at prefix; any mismatch or unreadable file is a UserError."""
-    try:
-        checkpoint.restore(prefix).assert_existing_objects_matched()
-    except (AssertionError, ValueError, IndexError, tf.errors.OpError) as err:  # IndexError: a truncated file
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{prefix}: cannot resume from this checkpoint: {reason}; "
-                        "train with --no-resume or into another run folder") from None
 
 
 def write_scalars(writer, step: int, values: dict[str, float]) -> None:

@@ -89,6 +89,22 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: Path, keep: int
     return tf.train.CheckpointManager(checkpoint, str(Path(run_dir) / CHECKPOINT_DIR), max_to_keep=keep)
 
 
+# What reading a checkpoint that does not fit the model raises (IndexError: a truncated file).
+CHECKPOINT_ERRORS = (AssertionError, IndexError, ValueError, tf.errors.OpError)
+
+
+def restore_checkpoint(checkpoint: tf.train.Checkpoint, prefix: str, problem: str, hint: str = ""):
+    """Restore prefix into checkpoint with every object of it matched; returns the load status. Any failure is
+    the one-line UserError 'PREFIX: PROBLEM: first line of the reason' followed by hint."""
+    try:
+        status = checkpoint.restore(prefix)
+        status.assert_existing_objects_matched()
+        return status
+    except CHECKPOINT_ERRORS as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{prefix}: {problem}: {reason}{hint}") from None
+
+
 def latest_checkpoint(run_dir: Path) -> str:
     """Path prefix of the newest checkpoint in run_dir; a UserError when there is none."""
     prefix = tf.train.latest_checkpoint(str(Path(run_dir) / CHECKPOINT_DIR))
