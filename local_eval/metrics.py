@@ -18,6 +18,9 @@ from local_eval.kaggle_csv import read_solution, read_submission
 MAX_PREDICTIONS = 100
 PRECISION_RANKS = (1, 5, 10, 50, 100)
 SUBSETS = ("public", "private")
+REPORTED_SUBSETS = (*SUBSETS, "all")  # what every report shows: the two leaderboards and their union
+TASK_METRIC = {"recognition": "gap", "retrieval": "map@100"}  # the leaderboard metric of each task
+METRIC_NAME = {"gap": "GAP", "map@100": "mAP@100"}
 
 RecognitionPredictions = Mapping[str, tuple[int, float]]
 RetrievalPredictions = Mapping[str, list[str]]

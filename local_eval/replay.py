@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from common.cli import UserError, atomic_write_text
+from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.layout import TASK_FOLDERS, solution_file, task_folder
-from local_eval.metrics import score_files
+from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC, score_files
 from local_eval.submission_script import SCRIPT
 
 LOG_TAIL_LINES = 30
@@ -106,12 +107,12 @@ def headline(task: str, scores: dict | None) -> str:
     """'public 0.123 | private 0.456 | all 0.345' of the task's main metric."""
     if not scores or "error" in scores:
         return "no submission" if not scores else f"error: {scores['error']}"
-    key = "gap" if task == "recognition" else "map@100"
-    return " | ".join(f"{subset} {scores[subset][key]:.4f}" for subset in ("public", "private", "all"))
+    key = TASK_METRIC[task]
+    return " | ".join(f"{subset} {scores[subset][key]:.4f}" for subset in REPORTED_SUBSETS)
 
 
 def format_report(task: str, report: dict) -> str:
-    metric = "GAP" if task == "recognition" else "mAP@100"
+    metric = METRIC_NAME[TASK_METRIC[task]]
     lines = [f"{task}: status {report['status']} in {report['seconds']:.1f} s",
              f"  {metric} global only: {headline(task, report['global_only'])}",
              f"  {metric} final:       {headline(task, report['final'])}"]
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", required=True, choices=sorted(TASK_FOLDERS))
     parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
     parser.add_argument("--out", required=True, type=Path, help="report folder (report.json, submissions, log)")
-    parser.add_argument("--limit-h", type=float, default=9.0, help="wall-clock limit of the run, in hours")
+    parser.add_argument("--limit-h", type=float, default=NOTEBOOK_LIMIT_H,
+                        help="wall-clock limit of the run, in hours (default %(default)s)")
     parser.add_argument("script_args", nargs="*", help="extra flags for submission/main.py, after `--`")
     args = parser.parse_args(argv)
     report = replay(args.competition, args.task, args.model, args.out, args.limit_h, args.script_args)

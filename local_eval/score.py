@@ -7,10 +7,10 @@ import logging
 import time
 
 from local_eval.kaggle_csv import TASKS
-from local_eval.metrics import score_files
+from local_eval.metrics import REPORTED_SUBSETS, score_files
 
 log = logging.getLogger(__name__)
-COLUMNS = ("public", "private", "all")
+COLUMNS = REPORTED_SUBSETS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

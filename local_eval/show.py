@@ -9,9 +9,9 @@ neighbours, the ground truth and the match picture of the query and its top neig
 `python -m local_eval show-pair IMG1 IMG2 --model MODEL_DIR --out pair.png [-- SUBMISSION FLAGS]` draws the
 match picture of any two images.
 
-Features, matches and inliers come from submission/main.py's own functions and flags (pass the flags the
-submission ran with after `--`), reading its caches in WORK (default: the submission's folder/work, the replay
-layout) where they are, so the inliers drawn are the inliers the submission counted.
+Features, matches and inliers come from submission/main.py's own functions and the settings its run recorded in
+WORK/settings.json (WORK: default the submission's folder/work, the replay layout), reading its caches there, so
+the inliers drawn are the inliers the submission counted. Flags after `--` override the recorded settings.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from common.cli import UserError, atomic_output_dir, atomic_write_text
 from local_eval import draw
 from local_eval.kaggle_csv import read_solution, read_submission
-from local_eval.metrics import score_files
+from local_eval.metrics import REPORTED_SUBSETS, score_files
 from local_eval.replay import competition_paths
 from local_eval.submission_script import load_submission
 
@@ -44,21 +44,24 @@ TOP_NEIGHBOURS = 5
 REASONS = ("most confident wrong", "lowest-ranked correct", "random sample")
 
 
-def script_settings(task: str, data: Path, model: Path, flags: list[str]) -> argparse.Namespace:
-    """The submission's settings for these flags, its defaults for the rest."""
+def script_settings(task: str, data: Path, model: Path, flags: list[str], work: Path | None = None):
+    """The submission's settings: those its run recorded in WORK/settings.json when there is one, then these
+    flags, its defaults for the rest."""
+    sub = load_submission()
+    recorded = ["--settings", str(work / "settings.json")] if work and (work / "settings.json").is_file() else []
     try:
-        return load_submission().build_parser().parse_args(
-            ["--task", task, "--data", str(data), "--model", str(model), *flags])
+        return sub.parse_settings(["--task", task, "--data", str(data), "--model", str(model), *recorded, *flags])
     except SystemExit:
         raise UserError(f"cannot read the submission flags {' '.join(flags)!r} (see the message above)") from None
+    except sub.InputError as err:
+        raise UserError(str(err)) from None
 
 
-def load_model(settings: argparse.Namespace):
-    """The submission's DelgModel with the submission's extraction settings."""
+def load_model(settings):
+    """The submission's model wrapper with the submission's extraction settings."""
     sub = load_submission()
     try:
-        return sub.DelgModel(settings.model, settings.scales, settings.global_scale_indices, settings.max_features,
-                             settings.attention_threshold)
+        return sub.DelgSavedModel(settings.run.model, settings.extraction)
     except sub.InputError as err:
         raise UserError(str(err)) from None
 
@@ -70,16 +73,15 @@ def attention(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (boxes[:, :2] + boxes[:, 2:]) / 2, outputs["scores"].reshape(-1)
 
 
-def pair_picture(model, settings: argparse.Namespace, query: np.ndarray, query_features: tuple,
-                 other: np.ndarray, other_features: tuple, note: str = "") -> tuple[Image.Image, int, int]:
+def pair_picture(model, settings, query: np.ndarray, query_features, other: np.ndarray, other_features,
+                 note: str = "") -> tuple[Image.Image, int, int]:
     """(match picture with attention on the query, RANSAC inliers, putative matches) of two images."""
-    sub = load_submission()
-    a, b, inliers = sub.ransac_matches(*query_features, *other_features, sub.ransac_settings(settings))
+    a, b, inliers = load_submission().ransac_matches(query_features, other_features, settings.verification)
     count = int(np.count_nonzero(inliers))
     caption = f"{count} RANSAC inliers of {len(a)} putative matches{note}"
     left = draw.attention_overlay(query, *attention(model, query))
-    picture = draw.match_picture(left, Image.fromarray(other), query_features[0], other_features[0], a, b,
-                                 inliers, caption)
+    picture = draw.match_picture(left, Image.fromarray(other), query_features.keypoints, other_features.keypoints,
+                                 a, b, inliers, caption)
     return picture, count, len(a)
 
 
@@ -89,38 +91,38 @@ class Extractor:
     into `scratch` by the submission's own functions."""
 
     model: object
-    settings: argparse.Namespace
+    settings: object  # the submission's Settings
     work: Path
     scratch: Path
 
     def image(self, split: str, image_id: str) -> np.ndarray | None:
-        """The image exactly as the submission decodes it (so keypoints land on the right pixels)."""
-        sub = load_submission()
-        return sub.decode_image(sub.image_path(self.settings.data, split, image_id), self.settings.max_image_side,
-                                self.settings.min_image_side)
+        """The image exactly as the submission decodes it for local features (so keypoints land right)."""
+        sub, ext = load_submission(), self.settings.extraction
+        return sub.decode_image(sub.image_path(self.settings.run.data, split, image_id), ext.max_image_side,
+                                ext.min_image_side)
 
-    def local(self, split: str, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def local(self, split: str, image_id: str):
         sub = load_submission()
         path = sub.local_path(self.work / "local", split, image_id)
         if not path.is_file():
-            sub.extract_local(self.model, self.settings.data, [(split, image_id)], self.scratch / "local",
-                              self.settings)
+            sub.extract_local(self.model, self.settings.run.data, [(split, image_id)], self.scratch / "local",
+                              self.settings.extraction, self.settings.run)
             path = sub.local_path(self.scratch / "local", split, image_id)
         return sub.load_local(path)
 
-    def global_descriptors(self, split: str, ids: list[str], wanted: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(descriptors, ok) of the wanted ids; the submission's cache holds all of `ids` when present."""
+    def global_descriptors(self, split: str, wanted: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(descriptors, ok) of the wanted ids: from the submission's cache, the missing ones extracted."""
         sub = load_submission()
-        try:
-            descriptors, ok = sub.load_global(self.work / "global" / split, ids, self.settings.chunk_size)
-            position = {image_id: row for row, image_id in enumerate(ids)}
-            rows = [position[i] for i in wanted]
-            return descriptors[rows], ok[rows]
-        except sub.InputError:
+        ids, descriptors, ok = sub.cached_global(self.work / "global" / split)
+        found = {image_id: (d, o) for image_id, d, o in zip(ids, descriptors, ok, strict=True)}
+        missing = [i for i in wanted if i not in found]
+        if missing:
             cache = self.scratch / "global" / split
-            paths = [sub.image_path(self.settings.data, split, i) for i in wanted]
-            sub.extract_global(self.model, wanted, paths, cache, self.settings)
-            return sub.load_global(cache, wanted, self.settings.chunk_size)
+            paths = [sub.image_path(self.settings.run.data, split, i) for i in missing]
+            sub.extract_global(self.model, missing, paths, cache, self.settings.extraction, self.settings.run)
+            found.update(zip(missing, zip(*sub.load_global(cache, missing, self.settings.run.chunk_size),
+                                          strict=True), strict=True))
+        return np.array([found[i][0] for i in wanted]), np.array([found[i][1] for i in wanted], bool)
 
 
 # Choosing the queries
@@ -219,8 +221,8 @@ def top_neighbours(extractor: Extractor, comp: Competition, queries: list[str],
                    predictions: dict) -> dict[str, list[tuple[str, float | None]]]:
     """Per query its top-5 (id, cosine): by cosine for recognition, the submitted order for retrieval."""
     db_split, query_split = load_submission().IMAGE_SPLITS[comp.task]
-    query_desc, query_ok = extractor.global_descriptors(query_split, comp.test_ids, queries)
-    db_desc, db_ok = extractor.global_descriptors(db_split, comp.db_ids, comp.db_ids)
+    query_desc, query_ok = extractor.global_descriptors(query_split, queries)
+    db_desc, db_ok = extractor.global_descriptors(db_split, comp.db_ids)
     if comp.task == "recognition":
         valid = np.flatnonzero(db_ok)
         cosines, found = load_submission().knn(query_desc, db_desc[valid], TOP_NEIGHBOURS)
@@ -256,7 +258,7 @@ def match_view(extractor: Extractor, comp: Competition, query: str, candidate: s
                                               extractor.local(query_split, query), other_image,
                                               extractor.local(db_split, candidate), note)
     if submitted is not None and submitted != inliers:
-        log.warning("%s / %s: %d inliers drawn, the submission counted %d: pass the submission's flags after --",
+        log.warning("%s / %s: %d inliers drawn, the submission counted %d: was it run with other settings?",
                     query, candidate, inliers, submitted)
     relative = f"matches/{query}_{candidate}.png"
     draw.save_png(picture, out / relative)
@@ -311,7 +313,7 @@ def build_report(args: argparse.Namespace, out: Path, scratch: Path) -> dict:
     order = (recognition_order(predictions, comp.truth) if args.task == "recognition"
              else retrieval_order(predictions, comp.truth, pairs))
     chosen = choose_queries(*order, list(comp.truth), args.queries, args.seed)
-    settings = script_settings(args.task, data, args.model, args.script_args)
+    settings = script_settings(args.task, data, args.model, args.script_args, work)
     extractor = Extractor(load_model(settings), settings, work, scratch)
     neighbours = top_neighbours(extractor, comp, [q for q, _ in chosen], predictions)
     views = [query_view(extractor, comp, q, reason, predictions, neighbours[q], pairs, out)
@@ -348,7 +350,7 @@ def scores_table(scores: dict) -> str:
     metrics = [k for k in scores["all"] if k != "n"] + ["n"]
     head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
     rows = "".join(f"<tr><th>{subset}</th>" + "".join(f"<td>{_number(scores[subset][m])}</td>" for m in metrics)
-                   + "</tr>" for subset in ("public", "private", "all"))
+                   + "</tr>" for subset in REPORTED_SUBSETS)
     return f'<table class="scores"><tr><th>Usage</th>{head}</tr>{rows}</table>'
 
 
@@ -396,7 +398,8 @@ def parse_with_script_flags(parser: argparse.ArgumentParser, argv: list[str] | N
     """Parse the command's own flags; what follows `--` is kept, as script_args, for the submission's parser."""
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    parser.epilog = "Flags after `--` are the submission script's (scales, features, RANSAC): pass those it ran with."
+    parser.epilog = ("Flags after `--` are the submission script's (scales, features, RANSAC); they override the "
+                     "settings the run recorded in WORK/settings.json.")
     args = parser.parse_args(argv[:split])
     args.script_args = argv[split + 1:]
     return args
@@ -445,17 +448,16 @@ def parse_pair_args(argv: list[str] | None) -> argparse.Namespace:
 def main_show_pair(argv: list[str] | None = None) -> int:
     args = parse_pair_args(argv)
     settings = script_settings("retrieval", Path("."), args.model, args.script_args)
-    sub = load_submission()
-    images = [sub.decode_image(path, settings.max_image_side, settings.min_image_side)
-              for path in (args.image1, args.image2)]
+    sub, ext = load_submission(), settings.extraction
+    images = [sub.decode_image(path, ext.max_image_side, ext.min_image_side) for path in (args.image1, args.image2)]
     for path, image in zip((args.image1, args.image2), images, strict=True):
         if image is None:
             raise UserError(f"{path}: not a readable image")
     model = load_model(settings)
     features = []
     for image in images:
-        keypoints, descriptors = model.local_features(image)
-        features.append((keypoints, descriptors.astype(np.float16).astype(np.float32)))  # as the cache stores them
+        found = model.local_features(image)  # descriptors rounded to float16, as the cache stores them
+        features.append(found._replace(descriptors=found.descriptors.astype(np.float16).astype(np.float32)))
     picture, inliers, putative = pair_picture(model, settings, images[0], features[0], images[1], features[1])
     draw.save_png(picture, args.out)
     print(f"{inliers} RANSAC inliers of {putative} putative matches: {args.out}")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parents[1] / "submission" / "main.py"
+from common.kit import SUBMISSION_SCRIPT
+
+SCRIPT = SUBMISSION_SCRIPT
 MODULE_NAME = "submission_main"
 
 

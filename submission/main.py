@@ -3,27 +3,37 @@
 One self-contained file to paste into a Kaggle notebook or run as a script:
 
     python main.py --task recognition --data ../input/landmark-recognition-2021 \
-        --model ../input/delg-model --out submission.csv
+        --model ../input/delg-model --out submission.csv [--settings tuned.json] [--preset host-2020]
 
 It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. nearest neighbours,
 5. local features and verification, 6. scoring, 7. time budget, 8. main. Only numpy, pandas,
-tensorflow, pydegensac, scikit-learn, tqdm and the standard library are used.
+tensorflow, pydegensac, scikit-learn, tqdm, Pillow and the standard library are used.
 
-Files it leaves: --out (all-empty at once, then global-only, then the reranked result every
---write-every-s seconds and at the end), WORK/submission_global_only.csv, WORK/timing.json (items and seconds
-per stage), WORK/verified_pairs.csv (id, rank, candidate, cosine, inliers of every verified pair, appended
-batch by batch), and its caches: WORK/global/<split>/chunk_*.npz (resumable) and WORK/local/<split>/<id>.npz,
-both deleted when WORK/cache_key.json (the model files and extraction settings) no longer matches.
+Settings come in four small sections (extraction, verification, scoring, budget), each a dataclass whose
+fields are also the flags. They are layered: the script's defaults, then --preset, then the --settings file,
+then the flags given on the command line. WORK/settings.json records what a run used and where each value
+came from; give it back as --settings to run the same way again.
+
+Files it leaves: --out (all-empty at once, then global-only, then the reranked result every --write-every-s
+seconds and at the end), WORK/settings.json, WORK/timing.json (items and seconds per stage, and the plan of
+the database pass), WORK/submission_global_only.csv, WORK/neighbours.npz (every query's candidates and
+cosines), WORK/verified_pairs.csv (id, rank, candidate, cosine, inliers of every verified pair), and its
+caches: WORK/global/<split>/chunk_*.npz (resumable) and WORK/local/<split>/<id>.npz, each deleted when its key
+in WORK/cache_key.json (the model's files and the settings the features depend on) no longer matches.
+
+The kit (local_eval: replay, tune, show; tests and benches) imports only the names in KIT_API.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,130 +42,316 @@ import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import pydegensac
 import tensorflow as tf
+from PIL import Image
+from sklearn.isotonic import IsotonicRegression
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 from tqdm import tqdm
 
 log = logging.getLogger("submission")
 
+KIT_API = (  # the names the kit (local_eval, bench, demo) may use; everything else may change without notice
+    "KIT_API", "DELG_IMAGE_SCALES", "DELG_GLOBAL_SCALE_INDICES", "DELG_MAX_IMAGE_SIDE", "DELG_MAX_FEATURE_NUM",
+    "DELG_ATTENTION_ABS_THRESHOLD", "NOTEBOOK_LIMIT_H", "TIMING_STAGES", "IMAGE_SPLITS", "RETRIEVAL_SIZE",
+    "SECTIONS", "PRESETS", "Settings", "Extraction", "Verification", "Scoring", "Budget", "InputError",
+    "parse_settings", "read_settings_record", "DelgSavedModel", "read_test_ids", "read_train_labels",
+    "list_image_ids", "image_path", "decode_image", "extract_global", "load_global", "cached_global", "knn",
+    "LocalFeatures", "local_path", "extract_local", "load_local", "putative_matches", "ransac_inliers",
+    "ransac_matches", "count_inliers", "pixel_threshold", "recognition_predictions", "retrieval_order",
+    "nonlandmark_shares", "expected_local_scores", "rerank_order", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "main",
+)
+
 # %% 1. Settings
-# DELG extraction defaults (a copy of train/config.py: this file imports nothing from the kit).
+# DELG extraction defaults (a copy of train/config.py: this file imports nothing from the kit; a test ties them).
 DELG_IMAGE_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 DELG_GLOBAL_SCALE_INDICES = (3, 4, 5)
 DELG_MAX_IMAGE_SIDE = 1024
 DELG_MAX_FEATURE_NUM = 1000
 DELG_ATTENTION_ABS_THRESHOLD = 0.0
-# Host-baseline reranking defaults (Kaggle landmark recognition 2020 DELG baseline).
-TOP_K = 3
-RECOGNITION_RERANK = 3
-MAX_INLIER_SCORE = 20
-RANSAC_PX_THRESHOLD = 20.0
-RANSAC_ITERATIONS = 1000
-RANSAC_CONFIDENCE = 1.0
-MATCH_MAX_DISTANCE = 0.9
-MIN_MATCHES = 5  # the baseline scores 4 or fewer putative matches as zero inliers
-# Retrieval: DELG reranks the top 100 of the 100 submitted ids.
-RETRIEVAL_SIZE = 100
-RETRIEVAL_RERANK = 100
-KNN_DB_CHUNK = 8192  # database rows per numpy multiply (measured best with KNN_Q_BLOCK on 2 cores)
-KNN_Q_BLOCK = 512  # queries per numpy multiply
-
+NOTEBOOK_LIMIT_H = 9.0  # Kaggle's notebook limit of most years (a copy of common/kit.py)
 IMAGE_SPLITS = {"recognition": ("train", "test"), "retrieval": ("index", "test")}
 TIMING_STAGES = ("global_db", "global_query", "knn", "local_features", "verification")
+RETRIEVAL_SIZE = 100  # index ids submitted per query
+KNN_DB_CHUNK = 8192  # database rows per numpy multiply (measured best with KNN_Q_BLOCK on 2 cores)
+KNN_Q_BLOCK = 512  # queries per numpy multiply
+# Global descriptors are computed on a few fixed sizes so that images can be batched (section 3).
+BUCKET_ASPECTS = (9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9)  # width / height
+BUCKET_SIDES = (1.0, 0.75, 0.5, 0.375, 0.25)  # longer side, as a share of --global-max-side
+ID_PATTERN = re.compile(r"[0-9A-Za-z_-]{3,}")  # an image id names its own folders a/b/c: 3 characters at least
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", required=True, choices=sorted(IMAGE_SPLITS), help="which competition")
-    p.add_argument("--data", required=True, type=Path,
-                   help="competition folder: train.csv, train/, test/, sample_submission.csv (recognition) "
-                        "or index/, test/, sample_submission.csv (retrieval)")
-    p.add_argument("--model", required=True, type=Path,
-                   help="DELG SavedModel folder: our TF2 export or Google's released TF1 model")
-    p.add_argument("--out", type=Path, default=Path("submission.csv"), help="submission file to write")
-    p.add_argument("--work", type=Path, default=Path("work/submission"),
-                   help="cache and log folder (global descriptors, local features, timing.json)")
-    p.add_argument("--time-budget-h", type=float, default=9.0, help="wall-clock hours the whole run may take")
-    p.add_argument("--safety-margin", type=float, default=0.15,
-                   help="fraction of the budget kept free when planning the rerank depth")
-    p.add_argument("--warmup-queries", type=positive_int, default=20,
-                   help="queries reranked first to measure local extraction and verification rates")
-    p.add_argument("--rerank-batch", type=positive_int, default=500,
-                   help="queries reranked between two re-plannings of the depth")
-    p.add_argument("--write-every-s", type=float, default=300.0,
-                   help="seconds between two rewrites of --out while reranking (it is always written at the end)")
-    p.add_argument("--top-k", type=int, default=TOP_K,
-                   help="recognition: neighbours whose scores are summed per landmark")
-    p.add_argument("--rerank", type=int, default=None,
-                   help=f"candidates verified per query (default {RECOGNITION_RERANK} for recognition, "
-                        f"{RETRIEVAL_RERANK} for retrieval); the time budget may lower it; 0 = global only")
-    p.add_argument("--max-inlier-score", type=int, default=MAX_INLIER_SCORE,
-                   help="recognition: C in the candidate score min(inliers, C)/C + cosine")
-    p.add_argument("--nonlandmark-dir", type=Path, default=None,
-                   help="optional folder of images known to show no landmark: a test image whose nearest "
-                        "neighbours are mostly among them gets a lower recognition confidence")
-    p.add_argument("--nonlandmark-penalty", type=float, default=1.0,
-                   help="confidence is multiplied by 1 - penalty * (non-landmark share of the top-k)")
-    p.add_argument("--scales", type=float, nargs="+", default=list(DELG_IMAGE_SCALES),
-                   help="image scales fed to the model")
-    p.add_argument("--global-scale-indices", type=int, nargs="+", default=list(DELG_GLOBAL_SCALE_INDICES),
-                   help="indices into --scales whose global descriptors are summed")
-    p.add_argument("--max-image-side", type=int, default=DELG_MAX_IMAGE_SIDE,
-                   help="longer image side is downscaled to this many pixels")
-    p.add_argument("--min-image-side", type=int, default=32,
-                   help="a shorter side below this is padded up to it (1-pixel and extreme-aspect images)")
-    p.add_argument("--max-features", type=int, default=DELG_MAX_FEATURE_NUM,
-                   help="local features kept per image, by attention score")
-    p.add_argument("--attention-threshold", type=float, default=DELG_ATTENTION_ABS_THRESHOLD,
-                   help="minimum attention score of a local feature")
-    p.add_argument("--match-max-distance", type=float, default=MATCH_MAX_DISTANCE,
-                   help="largest L2 distance between normalized local descriptors of a putative match")
-    p.add_argument("--no-mutual", dest="mutual", action="store_false",
-                   help="keep one-way nearest neighbours instead of mutual ones (the host baseline's way)")
-    p.add_argument("--min-matches", type=int, default=MIN_MATCHES,
-                   help="pairs with fewer putative matches score zero inliers")
-    p.add_argument("--ransac-threshold", type=float, default=RANSAC_PX_THRESHOLD,
-                   help="pydegensac reprojection threshold in pixels")
-    p.add_argument("--ransac-iterations", type=int, default=RANSAC_ITERATIONS,
-                   help="pydegensac maximum iterations")
-    p.add_argument("--ransac-confidence", type=float, default=RANSAC_CONFIDENCE,
-                   help="pydegensac confidence (1.0 runs every iteration)")
-    p.add_argument("--ransac-seed", type=int, default=0, help="pydegensac seed (-1: random)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes verifying pairs; 0 or 1 verifies in this process")
-    p.add_argument("--decode-threads", type=int, default=4, help="threads decoding images ahead of the model")
-    p.add_argument("--prefetch", type=int, default=32, help="images decoded ahead of the model")
-    p.add_argument("--chunk-size", type=positive_int, default=10_000, help="images per cached global-descriptor chunk")
-    p.add_argument("--float16", action="store_true", help="store cached global descriptors as float16")
-    p.add_argument("--local-cache-gb", type=float, default=10.0,
-                   help="disk kept for cached local features; the oldest go first (Kaggle's output disk is ~20 GB)")
-    p.add_argument("--knn-block-mb", type=int, default=512,
-                   help="memory for one block of the query x database similarity matrix")
-    p.add_argument("--shard", default="0/1",
-                   help="i/n: extract only the i-th of n slices of the train/index descriptors, then stop; "
-                        "merge the shards' WORK/global folders and run again with 0/1")
-    return p
+def setting(default, help_text: str, **checks):
+    """A settings field: its default, its --help and its checks (minimum, above, maximum, below, choices)."""
+    return field(default=default, metadata={"help": help_text, **checks})
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+@dataclass(frozen=True)
+class Extraction:
+    """How images become features; with the model's files, what the feature caches depend on."""
+
+    scales: tuple[float, ...] = setting(DELG_IMAGE_SCALES, "image scales of the local features", above=0)
+    global_scale_indices: tuple[int, ...] = setting(
+        DELG_GLOBAL_SCALE_INDICES, "indices into --scales whose global descriptors are summed", minimum=0)
+    max_image_side: int = setting(DELG_MAX_IMAGE_SIDE, "longer image side for local features (downscaled to it)",
+                                  minimum=32)
+    global_max_side: int = setting(DELG_MAX_IMAGE_SIDE, "longer side of the largest global size bucket", minimum=64)
+    min_image_side: int = setting(32, "a shorter side below this is padded up to it (local features)", minimum=1)
+    max_features: int = setting(DELG_MAX_FEATURE_NUM, "local features kept per image, by attention", minimum=1)
+    attention_threshold: float = setting(DELG_ATTENTION_ABS_THRESHOLD, "minimum attention score of a local feature")
+    global_precision: str = setting("float32", "global pass precision; float16 needs a model exported with "
+                                    "--float16", choices=("float32", "float16"))
+    global_batch: int = setting(16, "images per batched global call (models exported with global_batch)", minimum=1)
+    cache_float16: bool = setting(False, "store cached global descriptors as float16 (half the disk and memory)")
+
+    def global_scales(self) -> tuple[float, ...]:
+        return tuple(self.scales[i] for i in self.global_scale_indices)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How a query and a candidate are matched: putative matches, then a pydegensac homography."""
+
+    match_max_distance: float = setting(0.9, "largest L2 distance between normalized descriptors of a match",
+                                        above=0, maximum=2)
+    mutual: bool = setting(True, "keep mutual nearest neighbours only (--no-mutual: one-way, the host baseline's)")
+    min_matches: int = setting(5, "pairs with fewer putative matches score zero inliers", minimum=4)
+    ransac_threshold: float = setting(0.0039, "RANSAC reprojection threshold as a share of the longer image side "
+                                      "(0.0039 = 4 px at 1024, 0.0195 = 20 px)", above=0, maximum=1)
+    ransac_threshold_px: float | None = setting(None, "RANSAC threshold in pixels (overrides --ransac-threshold)",
+                                                above=0)
+    ransac_iterations: int = setting(1000, "pydegensac maximum iterations", minimum=1)
+    ransac_confidence: float = setting(1.0, "pydegensac confidence (1.0 runs every iteration)", above=0, maximum=1)
+    ransac_seed: int = setting(0, "pydegensac seed (-1: random)", minimum=-1)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How global cosines and inliers become a submission."""
+
+    rerank: int | None = setting(None, "candidates verified per query (default: 10 recognition, 100 retrieval); "
+                                 "the time budget may lower it; 0 = global only", minimum=0)
+    top_k: int = setting(3, "recognition: neighbours whose scores are summed per landmark", minimum=1)
+    max_inlier_score: int = setting(20, "recognition: C in the candidate score min(inliers, C)/C + cosine",
+                                    minimum=1)
+    nonlandmark_penalty: float = setting(1.0, "confidence x (1 - penalty x non-landmark share of the top-k)",
+                                         minimum=0)
+    calibrate: bool = setting(True, "give unverified candidates the local score verified ones earn at the same "
+                              "cosine, so queries cut from reranking rank fairly")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Time: the limit, its margin, the plan of the database pass and the pace of reranking."""
+
+    time_budget_h: float = setting(NOTEBOOK_LIMIT_H, "wall-clock hours the whole run may take", above=0)
+    safety_margin: float = setting(0.15, "share of the budget kept free", minimum=0, below=1)
+    plan: str = setting("auto", "auto: time a probe and lower the global settings until the run fits; "
+                        "fixed: keep them", choices=("auto", "fixed"))
+    rerank_reserve: float = setting(0.2, "share of the budget the plan keeps for local reranking", minimum=0,
+                                    below=1)
+    probe_images: int = setting(32, "database images timed per setting when planning", minimum=1)
+    warmup_queries: int = setting(20, "queries reranked first to measure the local rates", minimum=1)
+    rerank_batch: int = setting(500, "queries reranked between two re-plannings of the depth", minimum=1)
+    max_rerank_queries: int | None = setting(None, "rerank at most this many queries (most confident first)",
+                                             minimum=0)
+    write_every_s: float = setting(300.0, "seconds between two rewrites of --out while reranking", minimum=0)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What to run on, where to write, and this machine's resources (not part of a settings file)."""
+
+    task: str = setting(None, "which competition", choices=tuple(IMAGE_SPLITS), required=True)
+    data: Path = setting(None, "competition folder: train.csv, train/, test/ (recognition) or index/, test/ "
+                         "(retrieval), and sample_submission.csv", required=True)
+    model: Path = setting(None, "DELG SavedModel folder: our TF2 export or Google's released TF1 model",
+                          required=True)
+    out: Path = setting(Path("submission.csv"), "submission file to write")
+    work: Path = setting(Path("work/submission"), "cache and log folder")
+    settings: Path | None = setting(None, "JSON settings file (local_eval tune's tuned.json, or a run's "
+                                    "WORK/settings.json); command-line flags win over it")
+    preset: str | None = setting(None, "a published recipe under the settings file and flags: host-2020 "
+                                 "(Kaggle 2020 baseline) or delg-paper", choices=("host-2020", "delg-paper"))
+    nonlandmark_dir: Path | None = setting(None, "folder of images known to show no landmark: a test image whose "
+                                           "neighbours are mostly among them gets a lower confidence")
+    probe: int | None = setting(None, "time this many images of every stage, write WORK/timing.json with the "
+                                "projection to this data's full size, and stop", minimum=1)
+    shard: str = setting("0/1", "i/n: extract only the i-th of n slices of the database descriptors, then stop")
+    workers: int = setting(os.cpu_count() or 1, "processes verifying pairs; 0 or 1 verifies in this process",
+                           minimum=0)
+    decode_threads: int = setting(4, "threads decoding images ahead of the model", minimum=1)
+    prefetch: int = setting(64, "images decoded ahead of the model", minimum=1)
+    chunk_size: int = setting(10_000, "images per cached global-descriptor chunk", minimum=1)
+    local_cache_gb: float = setting(10.0, "disk kept for cached local features; the oldest go first", above=0)
+    knn_block_mb: int = setting(512, "memory for one block of the query x database similarity matrix", minimum=1)
+
+
+SECTIONS = {"extraction": Extraction, "verification": Verification, "scoring": Scoring, "budget": Budget}
+DEFAULT_RERANK = {"recognition": 10, "retrieval": 100}
+# Published recipes. host-2020: Kaggle's 2020 recognition baseline (3 scales, one-way matches within 0.9,
+# 20 px, 1000 iterations at confidence 1, score min(inliers, 20)/20 + cosine over the top 3 of 3 reranked; it
+# also used an attention threshold of 175, which fits Google's released model only: pass it yourself).
+# delg-paper: the DELG paper's retrieval reranking (DELF's perform_retrieval: top 100, one-way matches within
+# 1.0, 20 px residual).
+PRESETS: dict[str, dict] = {
+    "host-2020": {"scales": (0.7071, 1.0, 1.4142), "global_scale_indices": (0, 1, 2), "rerank": 3, "top_k": 3,
+                  "max_inlier_score": 20, "match_max_distance": 0.9, "mutual": False, "min_matches": 5,
+                  "ransac_threshold_px": 20.0, "ransac_iterations": 1000, "ransac_confidence": 1.0,
+                  "nonlandmark_penalty": 0.0, "calibrate": False},
+    "delg-paper": {"scales": DELG_IMAGE_SCALES, "global_scale_indices": DELG_GLOBAL_SCALE_INDICES, "rerank": 100,
+                   "match_max_distance": 1.0, "mutual": False, "min_matches": 4, "ransac_threshold_px": 20.0,
+                   "ransac_iterations": 1000, "ransac_confidence": 1.0, "calibrate": False},
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    run: Run
+    extraction: Extraction
+    verification: Verification
+    scoring: Scoring
+    budget: Budget
+    sources: dict = field(default_factory=dict)  # setting name -> preset | settings file | command line
+
+    def rerank_depth(self) -> int:
+        return DEFAULT_RERANK[self.run.task] if self.scoring.rerank is None else self.scoring.rerank
 
 
 class InputError(Exception):
     """A problem with the inputs: printed as one line, exit status 2."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(element type, is a tuple) of a settings field, from its annotation."""
+    kind = str(f.type).removesuffix(" | None")
+    names = {"int": int, "float": float, "str": str, "bool": bool, "Path": Path}
+    if kind.startswith("tuple["):
+        return names[kind.removeprefix("tuple[").split(",")[0]], True
+    return names[kind], False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per settings field. Unset flags stay out of the result, so the layers below them show through."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for cls in (Run, *SECTIONS.values()):
+        group = parser.add_argument_group(cls.__name__.lower(), cls.__doc__)
+        for f in fields(cls):
+            kind, is_tuple = field_type(f)
+            meta = f.metadata
+            options = {"default": argparse.SUPPRESS, "help": meta["help"]}
+            if meta.get("required"):
+                options["required"] = True
+            elif f.default is not None:
+                shown = " ".join(map(str, f.default)) if is_tuple else f.default
+                options["help"] += f" (default: {shown})"
+            if kind is bool:
+                options["action"] = argparse.BooleanOptionalAction
+            else:
+                options["type"] = kind
+                options["nargs"] = "+" if is_tuple else None
+                options["choices"] = meta.get("choices")
+            group.add_argument(flag(f.name), **options)
+    return parser
+
+
+def read_settings_file(path: Path) -> dict:
+    """{setting: value} from a JSON file of sections ({"verification": {...}, ...}); other top-level keys
+    (a record's "run", "sources", "plan", a tune's "about") are ignored."""
+    try:
+        content = json.loads(path.read_text())
+    except OSError as err:
+        raise InputError(f"--settings {path}: cannot read it ({err.strerror})") from None
+    except ValueError as err:
+        raise InputError(f"--settings {path}: not JSON ({err})") from None
+    if not isinstance(content, dict):
+        raise InputError(f"--settings {path}: expected an object of sections {', '.join(SECTIONS)}")
+    values = {}
+    for section, cls in SECTIONS.items():
+        given = content.get(section, {})
+        known = {f.name: f for f in fields(cls)}
+        if not isinstance(given, dict):
+            raise InputError(f"--settings {path}: '{section}' must be an object")
+        for name, value in given.items():
+            if name not in known:
+                raise InputError(f"--settings {path}: unknown setting '{section}.{name}'")
+            values[name] = coerce(known[name], value, f"--settings {path}: '{section}.{name}'")
+    return values
+
+
+def coerce(f: dataclasses.Field, value, where: str):
+    """value as the field's type (a JSON number for a float, a list for a tuple); InputError naming `where`."""
+    kind, is_tuple = field_type(f)
+    if value is None and "None" in str(f.type):
+        return None
+
+    def fits(item) -> bool:
+        if kind is bool or isinstance(item, bool):
+            return kind is bool and isinstance(item, bool)
+        return isinstance(item, (int, float) if kind is float else str if kind is Path else kind)
+
+    items = value if is_tuple and isinstance(value, list) else [value]
+    if (is_tuple and not (isinstance(value, list) and value)) or not all(fits(item) for item in items):
+        expected = f"a non-empty list of {kind.__name__}" if is_tuple else kind.__name__
+        raise InputError(f"{where} must be {expected}, got {value!r}")
+    items = [kind(item) for item in items]
+    return tuple(items) if is_tuple else items[0]
+
+
+def check_settings(section) -> None:
+    """Every field within its range: one InputError naming the flag."""
+    for f in fields(section):
+        value, meta = getattr(section, f.name), f.metadata
+        for item in value if isinstance(value, tuple) else [value]:
+            if item is None or isinstance(item, (bool, str, Path)):
+                continue
+            bounds = [("minimum", lambda v, b: v >= b, ">="), ("above", lambda v, b: v > b, ">"),
+                      ("maximum", lambda v, b: v <= b, "<="), ("below", lambda v, b: v < b, "<")]
+            for key, holds, sign in bounds:
+                if key in meta and not (math.isfinite(item) and holds(item, meta[key])):
+                    raise InputError(f"{flag(f.name)} must be {sign} {meta[key]}, got {item}")
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """The layered settings of a run: defaults < --preset < --settings file < command-line flags."""
+    given = vars(build_parser().parse_args(argv))
+    values, sources = {}, {}
+    layers = [("preset " + given["preset"], PRESETS[given["preset"]]) if given.get("preset") else None,
+              ("file " + str(given["settings"]), read_settings_file(given["settings"])) if given.get("settings")
+              else None,
+              ("command line", given)]
+    for source, layer in filter(None, layers):
+        values.update(layer)
+        sources.update({name: source for name in layer})
+    sections = {}
+    for name, cls in (("run", Run), *SECTIONS.items()):
+        section = cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+        section = dataclasses.replace(section, **{f.name: tuple(getattr(section, f.name)) for f in fields(cls)
+                                                  if isinstance(getattr(section, f.name), list)})
+        check_settings(section)
+        sections[name] = section
+    settings = Settings(**sections, sources={k: v for k, v in sources.items() if k not in {f.name for f in
+                                                                                          fields(Run)}})
+    check_consistency(settings)
+    return settings
+
+
+def check_consistency(settings: Settings) -> None:
+    ext = settings.extraction
+    bad = [i for i in ext.global_scale_indices if i >= len(ext.scales)]
+    if bad:
+        raise InputError(f"--global-scale-indices {bad[0]} is out of range for {len(ext.scales)} --scales")
+    parse_shard(settings.run.shard)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -168,39 +364,92 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def settings_record(settings: Settings, plan: dict | None = None) -> dict:
+    """The run's settings as JSON: one object per section, where each value came from, the plan's choice."""
+    as_json = lambda section: json.loads(json.dumps(dataclasses.asdict(section), default=str))
+    record = {name: as_json(getattr(settings, name)) for name in ("run", *SECTIONS)}
+    record["scoring"]["rerank"] = settings.rerank_depth()
+    record["sources"] = settings.sources
+    if plan is not None:
+        record["plan"] = plan
+    return record
+
+
+def read_settings_record(work: Path) -> Settings | None:
+    """The settings a finished run recorded in WORK/settings.json (None when it left none)."""
+    path = Path(work) / "settings.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    run = record["run"]
+    argv = ["--task", run["task"], "--data", run["data"], "--model", run["model"], "--work", str(work),
+            "--settings", str(path)]
+    return parse_settings(argv)
+
+
 # %% 2. Inputs
 def read_table(path: Path, **options) -> pd.DataFrame:
     """A CSV file (a header line and zero or more rows); a clear error when missing or without a header."""
     if not path.is_file():
         raise InputError(f"{path} not found")
     try:
-        return pd.read_csv(path, **options)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, **options)
     except pd.errors.EmptyDataError:
         raise InputError(f"{path} is empty: it needs at least a header line") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not a CSV file ({str(err).splitlines()[0]})") from None
+
+
+def check_columns(frame: pd.DataFrame, path: Path, columns: set[str]) -> None:
+    missing = columns - set(frame.columns)
+    if missing:
+        raise InputError(f"{path} lacks columns {sorted(missing)}")
+
+
+def check_ids(ids: pd.Series, path: Path) -> None:
+    """Every id a valid image id, none twice; the error names the file, line and id."""
+    bad = np.flatnonzero(~ids.str.fullmatch(ID_PATTERN.pattern).to_numpy(bool))
+    if len(bad):
+        raise InputError(f"{path} line {bad[0] + 2}: id {ids.iloc[bad[0]]!r} is not an image id "
+                         "(3 or more letters, digits, _ or -)")
+    repeated = np.flatnonzero(ids.duplicated().to_numpy())
+    if len(repeated):
+        first = int(np.flatnonzero((ids == ids.iloc[repeated[0]]).to_numpy())[0])
+        raise InputError(f"{path} line {repeated[0] + 2}: id {ids.iloc[repeated[0]]} repeats line {first + 2}")
 
 
 def read_test_ids(data: Path) -> list[str]:
     """Test ids come from sample_submission.csv, so the output has exactly the rows the server expects."""
     path = data / "sample_submission.csv"
-    frame = read_table(path, dtype=str)
-    if "id" not in frame.columns:
-        raise InputError(f"{path} has no 'id' column")
+    frame = read_table(path)
+    check_columns(frame, path, {"id"})
+    check_ids(frame["id"], path)
     return frame["id"].tolist()
 
 
 def read_train_labels(data: Path) -> tuple[list[str], np.ndarray]:
+    """Train ids and their landmark ids (integers); the error names the file, line and id of a bad row."""
     path = data / "train.csv"
-    frame = read_table(path, dtype={"id": str})
-    missing = {"id", "landmark_id"} - set(frame.columns)
-    if missing:
-        raise InputError(f"{path} lacks columns {sorted(missing)}")
-    return frame["id"].tolist(), frame["landmark_id"].to_numpy(np.int64)
+    frame = read_table(path)
+    check_columns(frame, path, {"id", "landmark_id"})
+    check_ids(frame["id"], path)
+    bad = np.flatnonzero(~frame["landmark_id"].str.fullmatch(r"-?\d{1,18}").to_numpy(bool))
+    if len(bad):
+        row = frame.iloc[bad[0]]
+        raise InputError(f"{path} line {bad[0] + 2}: id {row['id']}: landmark_id {row['landmark_id']!r} "
+                         "is not an integer")
+    return frame["id"].tolist(), frame["landmark_id"].astype(np.int64).to_numpy()
 
 
 def list_image_ids(folder: Path) -> list[str]:
+    """Ids of the .jpg files under folder (GLDv2 layout); a file whose name is no image id is skipped."""
     if not folder.is_dir():
         raise InputError(f"{folder} not found")
-    return sorted(p.stem for p in folder.rglob("*.jpg"))
+    stems = sorted(p.stem for p in folder.rglob("*.jpg"))
+    valid = [s for s in stems if ID_PATTERN.fullmatch(s)]
+    if len(valid) < len(stems):
+        log.warning("%s: skipping %d files whose names are no image ids", folder, len(stems) - len(valid))
+    return valid
 
 
 def image_path(data: Path, split: str, image_id: str) -> Path:
@@ -208,23 +457,76 @@ def image_path(data: Path, split: str, image_id: str) -> Path:
     return data / split / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
 
 
+def round_robin(labels: np.ndarray) -> np.ndarray:
+    """Row order taking one image of every landmark before a second of any: a database pass cut short by the
+    deadline still covers every landmark."""
+    occurrence = pd.Series(labels).groupby(labels).cumcount().to_numpy()
+    return np.lexsort((np.arange(len(labels)), occurrence))
+
+
+def open_rgb(path: Path, layout: Callable[[int, int], tuple[tuple[int, int], tuple[float, ...]]]) -> Image.Image:
+    """The file as RGB: layout(width, height) gives the output size and the box of the original to resize into it.
+    A JPEG that shrinks is decoded at a reduced scale (PIL's draft mode), which saves most of its decoding time."""
+    with Image.open(path) as image:
+        width, height = image.size
+        size, box = layout(width, height)
+        shrink = min(size[0] / (box[2] - box[0]), size[1] / (box[3] - box[1]))
+        if shrink < 1:
+            image.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
+        fx, fy = image.size[0] / width, image.size[1] / height
+        image = image.convert("RGB")
+        box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+        if image.size == size and box == (0, 0, *image.size):
+            return image
+        return image.resize(size, Image.BILINEAR, box=box)
+
+
+def warn_unreadable(path: Path, err: Exception) -> None:
+    log.warning("skipping unreadable image %s: %s", path, (str(err).splitlines() or [type(err).__name__])[0][:200])
+
+
 def decode_image(path: Path, max_side: int, min_side: int) -> np.ndarray | None:
-    """RGB uint8 [H,W,3], longer side capped, shorter side padded; None (logged) when unreadable."""
+    """RGB uint8 [H,W,3] for local features: longer side capped, shorter side edge-padded; None (logged) when
+    unreadable."""
+    def capped(width: int, height: int):
+        factor = min(1.0, max_side / max(width, height))
+        return (max(1, round(width * factor)), max(1, round(height * factor))), (0, 0, width, height)
+
     try:
-        contents = path.read_bytes()
-        if not contents:
-            raise ValueError("empty file")
-        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+        pixels = np.asarray(open_rgb(path, capped))
     except Exception as err:  # noqa: BLE001 - any unreadable image is skipped, never fatal
-        log.warning("skipping unreadable image %s: %s", path, str(err).splitlines()[0][:200])
+        warn_unreadable(path, err)
         return None
-    height, width = int(image.shape[0]), int(image.shape[1])
-    if max(height, width) > max_side:
-        factor = max_side / max(height, width)
-        size = (max(1, round(height * factor)), max(1, round(width * factor)))
-        image = tf.cast(tf.round(tf.image.resize(image, size, antialias=True)), tf.uint8)
-    pad_rows, pad_cols = max(0, min_side - int(image.shape[0])), max(0, min_side - int(image.shape[1]))
-    return np.pad(image.numpy(), [(0, pad_rows), (0, pad_cols), (0, 0)], mode="edge")
+    pad_rows, pad_cols = max(0, min_side - pixels.shape[0]), max(0, min_side - pixels.shape[1])
+    return np.pad(pixels, [(0, pad_rows), (0, pad_cols), (0, 0)], mode="edge")
+
+
+def global_bucket(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) of the bucket an image is fed at for its global descriptor: the nearest of
+    BUCKET_ASPECTS, and the largest of BUCKET_SIDES (x max_side) not above the image's longer side (the
+    smallest when the image is smaller than all). Sides are multiples of 16."""
+    aspect = min(BUCKET_ASPECTS, key=lambda a: abs(math.log(width / height / a)))
+    sides = [max(16, round(max_side * share / 16) * 16) for share in BUCKET_SIDES]
+    long_side = next((side for side in sides if side <= max(width, height)), sides[-1])
+    short_side = max(16, round(long_side * min(aspect, 1 / aspect) / 16) * 16)
+    return (long_side, short_side) if aspect >= 1 else (short_side, long_side)
+
+
+def decode_for_global(path: Path, max_side: int) -> np.ndarray | None:
+    """RGB uint8 of the image's bucket: the centred part of the image with the bucket's aspect, resized to it (an
+    image between 9:16 and 16:9 loses at most ~13% of its longer side; wider ones more). None when unreadable."""
+    def centred_crop(width: int, height: int):
+        bucket = global_bucket(width, height, max_side)
+        scale = max(bucket[0] / width, bucket[1] / height)
+        crop_w, crop_h = bucket[0] / scale, bucket[1] / scale
+        left, top = (width - crop_w) / 2, (height - crop_h) / 2
+        return bucket, (left, top, left + crop_w, top + crop_h)
+
+    try:
+        return np.asarray(open_rgb(path, centred_crop))
+    except Exception as err:  # noqa: BLE001 - any unreadable image is skipped, never fatal
+        warn_unreadable(path, err)
+        return None
 
 
 def prefetched(load: Callable, items: Iterable, threads: int, depth: int) -> Iterator:
@@ -251,33 +553,55 @@ def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def save_json(path: Path, content: dict) -> None:
+    atomic_save(path, lambda tmp: tmp.write_text(json.dumps(content, indent=1, default=str)))
+
+
+def check_output_paths(run: Run) -> None:
+    """--out must be a file path and --work a folder path that can be created; one error line otherwise."""
+    for name, path, is_folder in (("--out", run.out, False), ("--work", run.work, True)):
+        if path.exists() and path.is_dir() != is_folder:
+            raise InputError(f"{name} {path} is {'a file' if is_folder else 'a folder'}")
+        folder = path if is_folder else path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"{name} {path}: cannot create {folder} ({err.strerror or err})") from None
+        if not os.access(folder, os.W_OK):
+            raise InputError(f"{name} {path}: {folder} is not writable")
+
+
 # %% 3. Global descriptors
 DELG_INPUTS = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
                "input_global_scales_ind")
 DELG_OUTPUTS = ("boxes", "features", "scales", "scores", "global_descriptors")
+BATCH_SIGNATURES = {"float32": "global_batch", "float16": "global_batch_float16"}  # export/delg.py writes them
 
 
-class DelgModel:
-    """Calls a DELG SavedModel: TF2 serving_default, or a TF1 export through .prune() on tensor names."""
+class DelgSavedModel:
+    """Calls a DELG SavedModel: TF2 serving_default (and its batched global signatures when exported with them),
+    or a TF1 export through .prune() on tensor names."""
 
-    def __init__(self, model_dir: Path, scales: list[float], global_scale_indices: list[int],
-                 max_features: int, attention_threshold: float):
+    def __init__(self, model_dir: Path, extraction: Extraction):
         if not (model_dir / "saved_model.pb").is_file():
             raise InputError(f"{model_dir} is not a SavedModel folder (no saved_model.pb)")
         self.model = tf.saved_model.load(str(model_dir))
-        self.scales = tf.constant(scales, tf.float32)
-        self.global_indices = tf.constant(global_scale_indices, tf.int32)
-        self.max_features = max_features
-        self.threshold = tf.constant(attention_threshold, tf.float32)
-        self.global_scales = tf.gather(self.scales, self.global_indices)
-        self.all_global = tf.range(len(global_scale_indices), dtype=tf.int32)
-        signature = self.model.signatures.get("serving_default") if hasattr(self.model, "signatures") else None
-        if signature is not None and set(DELG_INPUTS) <= set(signature.structured_input_signature[1]):
-            self.kind, self.function = "tf2", signature
+        self.scales = tf.constant(extraction.scales, tf.float32)
+        self.global_indices = tf.constant(extraction.global_scale_indices, tf.int32)
+        self.max_features = extraction.max_features
+        self.threshold = tf.constant(extraction.attention_threshold, tf.float32)
+        signatures = getattr(self.model, "signatures", {})
+        serving = signatures.get("serving_default")
+        if serving is not None and set(DELG_INPUTS) <= set(serving.structured_input_signature[1]):
+            self.kind, self.function = "tf2", serving
         else:
             self.kind, self.function = "tf1", self._prune()
-        self.global_dim = int(self.global_descriptor(np.full((64, 64, 3), 128, np.uint8)).shape[0])
-        log.info("loaded %s DELG model from %s (global dimension %d)", self.kind, model_dir, self.global_dim)
+        self.batched = {precision: signatures[name] for precision, name in BATCH_SIGNATURES.items()
+                        if name in signatures}
+        probe = np.full((1, 64, 64, 3), 128, np.uint8)
+        self.global_dim = int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
+        log.info("loaded %s DELG model from %s (global dimension %d, batched global: %s)", self.kind, model_dir,
+                 self.global_dim, ", ".join(self.batched) or "no")
 
     def _prune(self):
         feeds = [name for name in DELG_INPUTS if self._has_tensor(name)]
@@ -293,104 +617,178 @@ class DelgModel:
 
     def __call__(self, image: np.ndarray, max_features: int, scales: tf.Tensor | None = None,
                  global_indices: tf.Tensor | None = None) -> dict[str, np.ndarray]:
-        inputs = {"input_image": tf.constant(image),
-                  "input_scales": self.scales if scales is None else scales,
-                  "input_max_feature_num": tf.constant(max_features, tf.int32),
-                  "input_abs_thres": self.threshold,
-                  "input_global_scales_ind": self.global_indices if global_indices is None else global_indices}
+        """The DELG contract on one image: boxes, features, scales, scores, global_descriptors."""
+        if scales is None:
+            scales, global_indices = self.scales, self.global_indices
+        elif global_indices is None:
+            global_indices = tf.range(tf.size(scales))
+        inputs = {"input_image": tf.constant(image), "input_scales": scales,
+                  "input_max_feature_num": tf.constant(max_features, tf.int32), "input_abs_thres": self.threshold,
+                  "input_global_scales_ind": global_indices}
         if self.kind == "tf2":
             outputs = self.function(**inputs)
         else:
             outputs = dict(zip(DELG_OUTPUTS, self.function(*[inputs[name] for name in self.tf1_feeds]),
-                                   strict=True))
+                               strict=True))
         return {name: value.numpy() for name, value in outputs.items()}
 
-    def global_descriptor(self, image: np.ndarray) -> np.ndarray:
-        """L2-normalize each scale's descriptor, sum them, L2-normalize (as DELG does)."""
-        # Only the global scales go through the network, and no local features are selected.
-        per_scale = np.atleast_2d(self(image, max_features=0, scales=self.global_scales,
-                                       global_indices=self.all_global)["global_descriptors"]).astype(np.float32)
-        return l2_normalize(l2_normalize(per_scale).sum(axis=0))
+    def global_descriptor(self, image: np.ndarray, global_scales: tuple[float, ...]) -> np.ndarray:
+        """One image through the contract: L2-normalize each scale's descriptor, sum, L2-normalize (as DELG)."""
+        scales = tf.constant(global_scales, tf.float32)
+        raw = self(image, max_features=0, scales=scales)["global_descriptors"]
+        return l2_normalize(l2_normalize(np.atleast_2d(raw).astype(np.float32)).sum(axis=0))
 
-    def local_features(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Keypoints [N,2] (box centres, y x) and L2-normalized descriptors [N,128]."""
+    def global_batch(self, images: np.ndarray, global_scales: tuple[float, ...], precision: str) -> np.ndarray:
+        """Descriptors [B,D] of B images of one size: one batched call when the model has one for this
+        precision, else one contract call per image."""
+        function = self.batched.get(precision)
+        if function is None:
+            return np.stack([self.global_descriptor(image, global_scales) for image in images])
+        outputs = function(input_images=tf.constant(images), input_scales=tf.constant(global_scales, tf.float32))
+        return outputs["global_descriptors"].numpy().astype(np.float32)
+
+    def local_features(self, image: np.ndarray) -> LocalFeatures:
+        """Keypoints [N,2] (box centres, y x), L2-normalized descriptors [N,128] and the image's longer side."""
         outputs = self(image, self.max_features)
         boxes = outputs["boxes"].reshape(-1, 4)
         keypoints = (boxes[:, :2] + boxes[:, 2:]) / 2
-        return keypoints.astype(np.float32), l2_normalize(outputs["features"].astype(np.float32))
+        return LocalFeatures(keypoints.astype(np.float32), l2_normalize(outputs["features"].astype(np.float32)),
+                             max(image.shape[:2]))
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def safe_global(model: DelgModel, image: np.ndarray | None, what: str) -> np.ndarray | None:
-    """The model's global descriptor, or None (logged) when the image is unreadable or the model fails."""
-    if image is None:
-        return None
-    try:
-        return model.global_descriptor(image)
-    except Exception as err:  # noqa: BLE001 - one bad image must not end the run
-        log.warning("global extraction failed for %s: %s", what, str(err).splitlines()[0][:200])
-        return None
-
-
 def chunk_path(cache: Path, index: int) -> Path:
     return cache / f"chunk_{index:06d}.npz"
 
 
-def read_chunk(cache: Path, index: int, ids: list[str], fields: tuple[str, ...]) -> list[np.ndarray] | None:
+def read_chunk(cache: Path, index: int, ids: list[str], fields_: tuple[str, ...],
+               complete: bool = True) -> list[np.ndarray] | None:
     """The named arrays of a cached chunk (only its ids are read for no fields), or None when the chunk is
-    missing, unreadable or for other ids."""
+    missing, unreadable, for other ids, or (with complete) cut short by a deadline."""
     try:
         with np.load(chunk_path(cache, index)) as chunk:
-            if chunk["ids"].tolist() == ids:
-                return [chunk[field] for field in fields]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            if chunk["ids"].tolist() == ids and (not complete or bool(chunk["complete"])):
+                return [chunk[name] for name in fields_]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass
     return None
 
 
-def extract_global(model: DelgModel, ids: list[str], paths: list[Path], cache: Path,
-                   args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> int:
-    """Extract and cache, chunk by chunk, every missing global descriptor of this shard; returns the count."""
-    size = args.chunk_size
+class Batcher:
+    """Collects (row, pixels) by image size and calls the model on full batches of one size."""
+
+    def __init__(self, model: DelgSavedModel, extraction: Extraction, descriptors: np.ndarray, ok: np.ndarray):
+        self.model, self.ext, self.descriptors, self.ok = model, extraction, descriptors, ok
+        self.pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+
+    def add(self, row: int, pixels: np.ndarray | None) -> int:
+        """Queue one image; the number of images whose descriptors this call computed."""
+        if pixels is None:
+            return 0
+        group = self.pending.setdefault(pixels.shape, [])
+        group.append((row, pixels))
+        if len(group) >= self.ext.global_batch:
+            return self._run(pixels.shape)
+        if sum(map(len, self.pending.values())) > 4 * self.ext.global_batch:  # bounded memory with many sizes
+            return self._run(max(self.pending, key=lambda shape: len(self.pending[shape])))
+        return 0
+
+    def flush(self) -> int:
+        return sum(self._run(shape) for shape in list(self.pending))
+
+    def _run(self, shape: tuple) -> int:
+        group = self.pending.pop(shape)
+        rows = [row for row, _ in group]
+        images = np.stack([pixels for _, pixels in group])
+        if self.ext.global_precision in self.model.batched and len(group) < self.ext.global_batch:
+            padding = np.zeros((self.ext.global_batch - len(group), *shape), np.uint8)  # one compiled shape
+            images = np.concatenate([images, padding])
+        try:
+            found = self.model.global_batch(images, self.ext.global_scales(), self.ext.global_precision)
+            self.descriptors[rows], self.ok[rows] = found[:len(rows)], True
+        except Exception as err:  # noqa: BLE001 - one bad image must not end the run: retry them one by one
+            log.warning("batched global call failed (%s); retrying its %d images one by one",
+                        str(err).splitlines()[0][:200], len(rows))
+            for row, pixels in group:
+                with contextlib.suppress(Exception):
+                    self.descriptors[row] = self.model.global_descriptor(pixels, self.ext.global_scales())
+                    self.ok[row] = True
+        return len(rows)
+
+
+StopRule = Callable[[int, float], bool]  # (images done, seconds spent) -> stop now
+
+
+def extract_global(model: DelgSavedModel, ids: list[str], paths: list[Path], cache: Path, extraction: Extraction,
+                   run: Run, shard: tuple[int, int] = (0, 1), stop: StopRule | None = None) -> tuple[int, bool]:
+    """Extract and cache, chunk by chunk, every missing global descriptor of this shard, batched by size bucket.
+    Returns (images extracted, stopped): when stop(done, seconds) says so, the current chunk is saved as it is."""
+    size = run.chunk_size
     chunks = [c for c in range(math.ceil(len(ids) / size)) if c % shard[1] == shard[0]]
     todo = [c for c in chunks if read_chunk(cache, c, ids[c * size:(c + 1) * size], ()) is None]
     if len(todo) < len(chunks):
         log.info("%s: %d of %d chunks already cached", cache.name, len(chunks) - len(todo), len(chunks))
     rows = [i for c in todo for i in range(c * size, min(len(ids), (c + 1) * size))]
-    load = lambda i: decode_image(paths[i], args.max_image_side, args.min_image_side)
-    images = prefetched(load, rows, args.decode_threads, args.prefetch)
-    dtype = np.float16 if args.float16 else np.float32
+    load = lambda i: decode_for_global(paths[i], extraction.global_max_side)
+    images = prefetched(load, rows, run.decode_threads, run.prefetch)
+    dtype = np.float16 if extraction.cache_float16 else np.float32
+    done, began = 0, time.monotonic()
     with tqdm(total=len(rows), desc=f"global {cache.name}", unit="img") as bar:
         for c in todo:
             chunk_ids = ids[c * size:(c + 1) * size]
-            descriptors = np.zeros((len(chunk_ids), model.global_dim), dtype)
-            ok = np.zeros(len(chunk_ids), bool)
-            for j, image_id in enumerate(chunk_ids):
-                descriptor = safe_global(model, next(images), image_id)
-                if descriptor is not None:
-                    descriptors[j], ok[j] = descriptor, True
-                bar.update()
-            atomic_save(chunk_path(cache, c), lambda tmp, d=descriptors, o=ok, i=chunk_ids:
-                        np.savez(tmp, ids=np.array(i), descriptors=d, ok=o))
-    return len(rows)
+            descriptors, ok = np.zeros((len(chunk_ids), model.global_dim), np.float32), np.zeros(len(chunk_ids), bool)
+            batcher, stopped = Batcher(model, extraction, descriptors, ok), False
+            for j in range(len(chunk_ids)):
+                bar.update(batcher.add(j, next(images)))
+                done += 1
+                if stop is not None and stop(done, time.monotonic() - began):
+                    stopped = True
+                    break
+            bar.update(batcher.flush())
+            saved = descriptors.astype(dtype)
+            atomic_save(chunk_path(cache, c), lambda tmp, d=saved, o=ok, i=chunk_ids, s=stopped:
+                        np.savez(tmp, ids=np.array(i), descriptors=d, ok=o, complete=not s))
+            if stopped:
+                images.close()
+                log.warning("%s: the deadline stopped extraction after %d of %d images", cache.name, done, len(rows))
+                return done, True
+    return done, False
 
 
-def load_global(cache: Path, ids: list[str], chunk_size: int, dim: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def load_global(cache: Path, ids: list[str], chunk_size: int, dim: int = 0,
+                allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """All cached descriptors [n,D] float32 and their ok mask, in the order of ids, filled chunk by chunk into
-    one array (D comes from the cache; dim is the width of the empty result when there are no ids)."""
-    descriptors, ok = np.zeros((0, dim), np.float32), np.zeros(len(ids), bool)
+    one array (dim: the width when no chunk has any). A missing chunk is an error unless allow_missing (a pass
+    cut by the deadline): its rows are then not ok."""
+    descriptors, ok = None, np.zeros(len(ids), bool)
     for c in range(math.ceil(len(ids) / chunk_size)):
         rows = slice(c * chunk_size, (c + 1) * chunk_size)
-        part = read_chunk(cache, c, ids[rows], ("descriptors", "ok"))
+        part = read_chunk(cache, c, ids[rows], ("descriptors", "ok"), complete=False)
         if part is None:
-            raise InputError(f"{cache}: descriptor chunk {c} is missing (run every --shard first)")
-        if c == 0:
-            descriptors = np.empty((len(ids), part[0].shape[1]), np.float32)
+            if not allow_missing:
+                raise InputError(f"{cache}: descriptor chunk {c} is missing (run every --shard first)")
+            continue
+        if descriptors is None:
+            descriptors = np.zeros((len(ids), part[0].shape[1]), np.float32)
         descriptors[rows], ok[rows] = part  # float16 chunks are converted in place
-    return descriptors, ok
+    return (np.zeros((len(ids), dim), np.float32) if descriptors is None else descriptors), ok
+
+
+def cached_global(cache: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(ids, descriptors, ok) of every readable chunk in a cache folder, whatever order it was written in."""
+    ids, descriptors, ok = [], [], []
+    for path in sorted(cache.glob("chunk_*.npz")):
+        with contextlib.suppress(OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile), np.load(path) as chunk:
+            part = chunk["ids"].tolist(), chunk["descriptors"].astype(np.float32), chunk["ok"]
+            ids += part[0]
+            descriptors.append(part[1])
+            ok.append(part[2])
+    if not ids:
+        return [], np.zeros((0, 0), np.float32), np.zeros(0, bool)
+    return ids, np.concatenate(descriptors), np.concatenate(ok)
 
 
 def compact_valid(descriptors: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -479,9 +877,40 @@ def merge_candidates(best_s: np.ndarray, best_i: np.ndarray, chunk: np.ndarray, 
     return np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_i, keep, 1)
 
 
+def knn_seconds_per_item(dim: int, block_mb: int) -> float:
+    """Measured seconds per query x database row of knn on random data the size of one block (for planning)."""
+    rng = np.random.default_rng(0)
+    queries = l2_normalize(rng.normal(size=(256, dim)).astype(np.float32))
+    database = l2_normalize(rng.normal(size=(16_384, dim)).astype(np.float32))
+    began = time.monotonic()
+    knn(queries, database, RETRIEVAL_SIZE, block_mb)
+    return (time.monotonic() - began) / (len(queries) * len(database))
+
+
 # %% 5. Local features and verification
+class LocalFeatures(NamedTuple):
+    keypoints: np.ndarray  # [N,2] y, x in the pixels of the image fed to the model
+    descriptors: np.ndarray  # [N,128] L2-normalized
+    side: int  # longer side of that image: relative RANSAC thresholds scale with it
+
+
 def local_path(cache: Path, split: str, image_id: str) -> Path:
     return cache / split / f"{image_id}.npz"
+
+
+def load_local(path: Path) -> LocalFeatures:
+    with np.load(path) as features:
+        return LocalFeatures(features["keypoints"], features["descriptors"].astype(np.float32),
+                             int(features["side"]))
+
+
+def readable_local(path: Path) -> bool:
+    """A cached feature file that opens (a file cut short by a crash does not) and holds every array."""
+    try:
+        with np.load(path) as features:
+            return {"keypoints", "descriptors", "side"} <= set(features.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def trim_local_cache(cache: Path, max_gb: float) -> int:
@@ -498,21 +927,22 @@ def trim_local_cache(cache: Path, max_gb: float) -> int:
     return deleted
 
 
-def extract_local(model: DelgModel, data: Path, images: list[tuple[str, str]], cache: Path,
-                  args: argparse.Namespace) -> int:
-    """Cache local features of every (split, id) not cached yet (unreadable: zero features); the count."""
-    todo = [(split, i) for split, i in dict.fromkeys(images) if not local_path(cache, split, i).is_file()]
-    load = lambda item: decode_image(image_path(data, *item), args.max_image_side, args.min_image_side)
-    decoded = prefetched(load, todo, args.decode_threads, args.prefetch)
+def extract_local(model: DelgSavedModel, data: Path, images: list[tuple[str, str]], cache: Path,
+                  extraction: Extraction, run: Run) -> int:
+    """Cache local features of every (split, id) not cached yet or cached unreadably (unreadable image: zero
+    features); the count extracted."""
+    todo = [(split, i) for split, i in dict.fromkeys(images) if not readable_local(local_path(cache, split, i))]
+    load = lambda item: decode_image(image_path(data, *item), extraction.max_image_side, extraction.min_image_side)
+    decoded = prefetched(load, todo, run.decode_threads, run.prefetch)
     for (split, image_id), image in zip(todo, tqdm(decoded, total=len(todo), desc="local", unit="img"), strict=True):
-        keypoints, descriptors = np.zeros((0, 2), np.float32), np.zeros((0, 0), np.float16)
+        features = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 0), np.float32), 0)
         if image is not None:
             try:
-                keypoints, descriptors = model.local_features(image)
+                features = model.local_features(image)
             except Exception as err:  # noqa: BLE001 - one bad image must not end the run
                 log.warning("local extraction failed for %s: %s", image_id, str(err).splitlines()[0][:200])
-        atomic_save(local_path(cache, split, image_id), lambda tmp, k=keypoints, d=descriptors:
-                    np.savez(tmp, keypoints=k, descriptors=d.astype(np.float16)))
+        atomic_save(local_path(cache, split, image_id), lambda tmp, f=features:
+                    np.savez(tmp, keypoints=f.keypoints, descriptors=f.descriptors.astype(np.float16), side=f.side))
     return len(todo)
 
 
@@ -528,59 +958,66 @@ def putative_matches(desc_a: np.ndarray, desc_b: np.ndarray, max_distance: float
     return keep, nearest_b[keep]
 
 
-def ransac_matches(kp_a: np.ndarray, desc_a: np.ndarray, kp_b: np.ndarray, desc_b: np.ndarray,
-                   settings: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Putative matches (indices a, b) and their RANSAC homography inlier mask; no inliers when there are
-    too few matches or RANSAC fails."""
-    if len(desc_a) == 0 or len(desc_b) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
-    a, b = putative_matches(desc_a, desc_b, settings["max_distance"], settings["mutual"])
-    if len(a) < max(4, settings["min_matches"]):
-        return a, b, np.zeros(len(a), bool)
+def pixel_threshold(verification: Verification, side_a: int, side_b: int) -> float:
+    """The RANSAC threshold in pixels for two images: the pixel override, or the relative threshold times
+    the mean of their longer sides."""
+    if verification.ransac_threshold_px is not None:
+        return verification.ransac_threshold_px
+    return verification.ransac_threshold * max(1.0, (side_a + side_b) / 2)
+
+
+def ransac_inliers(points_a: np.ndarray, points_b: np.ndarray, threshold_px: float,
+                   verification: Verification) -> np.ndarray:
+    """Inlier mask of a pydegensac homography between matched points; all False when RANSAC fails."""
     try:
-        _, mask = pydegensac.findHomography(kp_a[a].astype(np.float64), kp_b[b].astype(np.float64),
-                                            px_th=settings["threshold"], conf=settings["confidence"],
-                                            max_iters=settings["iterations"], seed=settings["seed"])
+        _, mask = pydegensac.findHomography(points_a.astype(np.float64), points_b.astype(np.float64),
+                                            px_th=threshold_px, conf=verification.ransac_confidence,
+                                            max_iters=verification.ransac_iterations, seed=verification.ransac_seed)
     except Exception:  # noqa: BLE001 - a RANSAC failure scores zero, never ends the run
         mask = None
-    return a, b, np.zeros(len(a), bool) if mask is None else np.asarray(mask, bool).reshape(len(a))
+    return np.zeros(len(points_a), bool) if mask is None else np.asarray(mask, bool).reshape(len(points_a))
 
 
-def count_inliers(kp_a: np.ndarray, desc_a: np.ndarray, kp_b: np.ndarray, desc_b: np.ndarray,
-                  settings: dict) -> int:
-    """RANSAC homography inliers of the putative matches; 0 when too few matches or RANSAC fails."""
-    return int(np.count_nonzero(ransac_matches(kp_a, desc_a, kp_b, desc_b, settings)[2]))
+def ransac_matches(a: LocalFeatures, b: LocalFeatures,
+                   verification: Verification) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Putative matches (indices a, b) and their RANSAC inlier mask; no inliers when there are too few matches."""
+    if len(a.descriptors) == 0 or len(b.descriptors) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
+    ia, ib = putative_matches(a.descriptors, b.descriptors, verification.match_max_distance, verification.mutual)
+    if len(ia) < max(4, verification.min_matches):
+        return ia, ib, np.zeros(len(ia), bool)
+    threshold = pixel_threshold(verification, a.side, b.side)
+    return ia, ib, ransac_inliers(a.keypoints[ia], b.keypoints[ib], threshold, verification)
 
 
-def load_local(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as features:
-        return features["keypoints"], features["descriptors"].astype(np.float32)
+def count_inliers(a: LocalFeatures, b: LocalFeatures, verification: Verification) -> int:
+    return int(np.count_nonzero(ransac_matches(a, b, verification)[2]))
 
 
-_WORKER_SETTINGS: dict = {}
+_WORKER_SETTINGS: list[Verification] = []
 
 
-def _init_worker(settings: dict) -> None:
+def _init_worker(verification: Verification) -> None:
     """One BLAS thread per worker: small matrix products run several times slower on busy shared cores."""
-    _WORKER_SETTINGS.update(settings)
+    _WORKER_SETTINGS[:] = [verification]
     threadpool_limits(1)
 
 
 def verify_query(task: tuple[Path, list[Path]]) -> list[int]:
     """Inliers between one query and each of its candidates, from their cached local features."""
     query = load_local(task[0])
-    return [count_inliers(*query, *load_local(path), _WORKER_SETTINGS) for path in task[1]]
+    return [count_inliers(query, load_local(path), _WORKER_SETTINGS[0]) for path in task[1]]
 
 
 @contextlib.contextmanager
-def verification_pool(settings: dict, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+def verification_pool(verification: Verification, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
     """Worker processes for verify_query, started once for the whole rerank; None: verify in this process."""
     if workers <= 1:
-        _WORKER_SETTINGS.update(settings)
+        _WORKER_SETTINGS[:] = [verification]
         yield None
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (settings,)) as pool:
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (verification,)) as pool:
         yield pool
 
 
@@ -593,50 +1030,68 @@ def verify_all(tasks: list[tuple[Path, list[Path]]], pool: multiprocessing.pool.
     return progress(pool.imap(verify_query, tasks, chunksize=4))
 
 
-def ransac_settings(args: argparse.Namespace) -> dict:
-    return {"max_distance": args.match_max_distance, "mutual": args.mutual, "min_matches": args.min_matches,
-            "threshold": args.ransac_threshold, "confidence": args.ransac_confidence,
-            "iterations": args.ransac_iterations, "seed": args.ransac_seed}
-
-
 # %% 6. Scoring
-def recognition_rows(cosines: np.ndarray, neighbours: np.ndarray, inliers: np.ndarray, labels: np.ndarray,
-                     top_k: int, max_inlier_score: int, nonlandmark_share: np.ndarray,
-                     penalty: float, query_ok: np.ndarray) -> list[str]:
-    """'landmark score' per query: min(inliers, C)/C + cosine summed per landmark over the best top_k.
+def local_scores(inliers: np.ndarray, cosines: np.ndarray, scoring: Scoring) -> np.ndarray:
+    """min(inliers, C)/C of verified candidates. Unverified ones (inliers < 0) get 0, or with calibration the
+    local score verified candidates earn at the same cosine, so that every query's confidence is on one scale
+    however deep it was verified."""
+    verified = inliers >= 0
+    local = np.minimum(np.maximum(inliers, 0), scoring.max_inlier_score) / scoring.max_inlier_score
+    if not scoring.calibrate:
+        return np.where(verified, local, 0.0)
+    return np.where(verified, local, expected_local_scores(cosines[verified], local[verified], cosines))
 
-    Unverified candidates (inliers < 0) score their cosine alone; unreadable queries predict nothing."""
-    local = np.where(inliers >= 0, np.minimum(inliers, max_inlier_score) / max_inlier_score, 0.0)
-    scores = cosines + local
-    rows = []
-    for q in range(len(scores)):
-        if not query_ok[q] or neighbours.shape[1] == 0:
-            rows.append("")
-            continue
-        best = np.argsort(-scores[q], kind="stable")[:top_k]
-        totals: dict[int, float] = {}
-        for j in best:
-            label = int(labels[neighbours[q, j]])
-            totals[label] = totals.get(label, 0.0) + float(scores[q, j])
-        landmark = max(totals, key=totals.get)
-        confidence = totals[landmark] * max(0.0, 1.0 - penalty * nonlandmark_share[q])
-        rows.append(f"{landmark} {confidence:.6f}")
-    return rows
+
+def expected_local_scores(verified_cosines: np.ndarray, verified_scores: np.ndarray,
+                          cosines: np.ndarray) -> np.ndarray:
+    """E[local score | cosine]: an increasing (isotonic) fit to the verified pairs, evaluated at `cosines`.
+    With fewer than 20 verified pairs there is nothing to learn from: 0."""
+    if len(verified_cosines) < 20:
+        return np.zeros_like(cosines, np.float64)
+    fit = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(verified_cosines, verified_scores)
+    return fit.predict(cosines.ravel()).reshape(cosines.shape)
+
+
+def recognition_predictions(cosines: np.ndarray, neighbours: np.ndarray, inliers: np.ndarray, labels: np.ndarray,
+                            scoring: Scoring, nonlandmark_share: np.ndarray,
+                            query_ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(landmark, confidence) per query: cosine + local score summed per landmark over the best top_k
+    candidates, times the non-landmark penalty; unreadable queries (and empty databases) get confidence NaN."""
+    nq = len(cosines)
+    if neighbours.shape[1] == 0:
+        return np.zeros(nq, np.int64), np.full(nq, np.nan)
+    scores = cosines + local_scores(inliers, cosines, scoring)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :scoring.top_k]
+    best_scores = np.take_along_axis(scores, best, 1)
+    best_labels = labels[np.take_along_axis(neighbours, best, 1)]
+    same = best_labels[:, :, None] == best_labels[:, None, :]
+    totals = (same * best_scores[:, None, :]).sum(axis=2)  # each position: the total of its landmark
+    winner = totals.argmax(axis=1)  # first position of the best landmark: ties go to the better-ranked one
+    rows = np.arange(nq)
+    penalty = np.maximum(0.0, 1.0 - scoring.nonlandmark_penalty * nonlandmark_share)
+    confidence = np.where(query_ok, totals[rows, winner] * penalty, np.nan)
+    return best_labels[rows, winner], confidence
+
+
+def recognition_rows(landmarks: np.ndarray, confidences: np.ndarray) -> list[str]:
+    return ["" if np.isnan(c) else f"{landmark} {c:.6f}" for landmark, c in zip(landmarks, confidences, strict=True)]
+
+
+def retrieval_order(cosines: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+    """Per query, candidate positions in submitted order: the verified prefix by (inliers, cosine) descending
+    as DELG reranks, then the rest by cosine."""
+    verified = inliers >= 0
+    positions = np.broadcast_to(np.arange(cosines.shape[1], dtype=np.float64), cosines.shape)
+    # np.lexsort sorts by its last key first: verified first, then more inliers, then higher cosine; the
+    # unverified keep their positions. Ties keep the global order (the sort is stable).
+    return np.lexsort((np.where(verified, -cosines, positions), -np.where(verified, inliers, 0), ~verified))
 
 
 def retrieval_rows(cosines: np.ndarray, neighbours: np.ndarray, inliers: np.ndarray, db_ids: list[str],
                    query_ok: np.ndarray) -> list[str]:
-    """Index ids by cosine, the verified prefix reordered by (inliers, cosine) as DELG does."""
-    rows = []
-    for q in range(len(cosines)):
-        if not query_ok[q]:
-            rows.append("")
-            continue
-        verified = int(np.count_nonzero(inliers[q] >= 0))
-        head = sorted(range(verified), key=lambda j: (-inliers[q, j], -cosines[q, j]))
-        order = head + list(range(verified, neighbours.shape[1]))
-        rows.append(" ".join(db_ids[neighbours[q, j]] for j in order))
-    return rows
+    order = retrieval_order(cosines, inliers)
+    ranked = np.take_along_axis(neighbours, order, 1)
+    return [" ".join(db_ids[j] for j in row) if ok else "" for row, ok in zip(ranked, query_ok, strict=True)]
 
 
 def nonlandmark_shares(query_cos: np.ndarray, nonlandmark_cos: np.ndarray, top_k: int) -> np.ndarray:
@@ -648,6 +1103,13 @@ def nonlandmark_shares(query_cos: np.ndarray, nonlandmark_cos: np.ndarray, top_k
                                      np.ones_like(nonlandmark_cos[:, :top_k])], axis=1)
     best = np.argsort(-both, axis=1, kind="stable")[:, :top_k]
     return np.take_along_axis(is_nonlandmark, best, axis=1).mean(axis=1)
+
+
+def rerank_order(priority: np.ndarray, query_ok: np.ndarray) -> list[int]:
+    """Readable queries, highest global confidence first: when the budget cuts reranking short, the queries at
+    the top of GAP's single ranking, where a wrong prediction costs most, have been verified."""
+    priority = np.where(query_ok, np.nan_to_num(priority, nan=-np.inf), -np.inf)
+    return [int(q) for q in np.argsort(-priority, kind="stable") if query_ok[q]]
 
 
 def write_submission(path: Path, task: str, test_ids: list[str], rows: list[str]) -> None:
@@ -678,12 +1140,13 @@ def append_verified_pairs(path: Path, query_ids: list[str], db_ids: list[str], n
 class Timing:
     """Items and seconds per stage, against a deadline; saved as WORK/timing.json after every change."""
 
-    def __init__(self, path: Path, task: str, budget_h: float, safety_margin: float):
-        self.path, self.task, self.budget_h = path, task, budget_h
+    def __init__(self, path: Path, task: str, budget: Budget):
+        self.path, self.task, self.budget_h = path, task, budget.time_budget_h
         self.start = time.monotonic()
-        self.deadline = self.start + budget_h * 3600 * (1 - safety_margin)
+        self.deadline = self.start + budget.time_budget_h * 3600 * (1 - budget.safety_margin)
         self.stages = {name: {"items": 0, "seconds": 0.0} for name in TIMING_STAGES}
         self.rerank_depth = 0
+        self.plan: dict = {}
 
     def add(self, stage: str, items: int, seconds: float) -> None:
         self.stages[stage]["items"] += int(items)
@@ -700,8 +1163,87 @@ class Timing:
 
     def save(self) -> None:
         record = {"task": self.task, "budget_h": self.budget_h, "rerank_depth": self.rerank_depth,
-                  "stages": self.stages, "total_seconds": time.monotonic() - self.start}
-        atomic_save(self.path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+                  "stages": self.stages, "total_seconds": time.monotonic() - self.start, "plan": self.plan}
+        save_json(self.path, record)
+
+
+class Sizes(NamedTuple):
+    """Image counts of a run, for projections."""
+
+    db: int
+    queries: int
+    nonlandmarks: int
+
+
+def ladder(extraction: Extraction, model: DelgSavedModel) -> list[tuple[str, Extraction]]:
+    """The given global settings, then cheaper ones, each step keeping the previous: float16 (when the model
+    has it), one global scale (the one nearest 1), longer side 768, then 512."""
+    rungs = [("as given", extraction)]
+    step = lambda name, **change: rungs.append((name, dataclasses.replace(rungs[-1][1], **change)))
+    if "float16" in model.batched and extraction.global_precision != "float16":
+        step("float16", global_precision="float16")
+    if len(extraction.global_scale_indices) > 1:
+        nearest = min(extraction.global_scale_indices, key=lambda i: abs(math.log(extraction.scales[i])))
+        step("1 global scale", global_scale_indices=(nearest,))
+    for side in (768, 512):
+        if side < rungs[-1][1].global_max_side:
+            step(f"max side {side}", global_max_side=side)
+    return rungs
+
+
+def time_global(model: DelgSavedModel, paths: list[Path], extraction: Extraction, run: Run, scratch: Path) -> float:
+    """Seconds per image of the global pass (decoding included) on these images: a first untimed pass compiles
+    every size they need, the second is timed."""
+    ids = [f"probe{i:06d}" for i in range(len(paths))]
+    probe_run = dataclasses.replace(run, chunk_size=max(1, len(paths)))
+    seconds = 0.0
+    for _ in ("compile", "time"):
+        shutil.rmtree(scratch, ignore_errors=True)
+        began = time.monotonic()
+        extract_global(model, ids, paths, scratch, extraction, probe_run)
+        seconds = time.monotonic() - began
+    shutil.rmtree(scratch, ignore_errors=True)
+    return seconds / max(1, len(paths))
+
+
+def project_seconds(global_rate: float, knn_rate: float, sizes: Sizes, budget: Budget) -> dict[str, float]:
+    """Projected seconds of each part of a run at these rates; reranking gets its reserved share."""
+    return {"global_db": sizes.db * global_rate, "global_query": sizes.queries * global_rate,
+            "global_nonlandmark": sizes.nonlandmarks * global_rate, "knn": sizes.queries * sizes.db * knn_rate,
+            "rerank_reserve": budget.rerank_reserve * budget.time_budget_h * 3600}
+
+
+def plan_extraction(model: DelgSavedModel, probe_paths: list[Path], settings: Settings, sizes: Sizes,
+                    time_left: float, knn_rate: float, scratch: Path) -> tuple[Extraction, dict]:
+    """The first rung of the ladder whose projected run (database, queries, kNN and the rerank reserve) fits
+    the time left; the cheapest when none does. Returns it and the plan's record."""
+    run, budget = settings.run, settings.budget
+    tried = []
+    for name, extraction in ladder(settings.extraction, model):
+        rate = time_global(model, probe_paths, extraction, run, scratch)
+        seconds = project_seconds(rate, knn_rate, sizes, budget)
+        fits = sum(seconds.values()) <= time_left
+        tried.append({"rung": name, "seconds_per_image": rate, "projected_h": sum(seconds.values()) / 3600,
+                      "fits": fits, "global": global_settings(extraction)})
+        log.info("plan: %-14s %.4f s/image, projected %.2f h of %.2f h left: %s", name, rate,
+                 sum(seconds.values()) / 3600, time_left / 3600, "fits" if fits else "does not fit")
+        if fits:
+            break
+    chosen = tried[-1]
+    record = {"mode": "auto", "chosen": chosen["rung"], "fits": chosen["fits"], "rungs": tried,
+              "seconds_per_image": chosen["seconds_per_image"], "knn_seconds_per_item": knn_rate,
+              "sizes": sizes._asdict(), "time_left_h": time_left / 3600,
+              "projection_h": {k: v / 3600 for k, v in project_seconds(chosen["seconds_per_image"], knn_rate, sizes,
+                                                                     budget).items()}}
+    verb = "fits" if chosen["fits"] else "DOES NOT FIT even so (the database pass will stop at its deadline)"
+    log.info("plan: global pass at '%s' (%s): projected %.2f h, %s", chosen["rung"],
+             json.dumps(chosen["global"]), chosen["projected_h"], verb)
+    return extraction, record
+
+
+def global_settings(extraction: Extraction) -> dict:
+    return {"global_scales": list(extraction.global_scales()), "global_max_side": extraction.global_max_side,
+            "global_precision": extraction.global_precision}
 
 
 def plan_depth(timing: Timing, queries_left: int, max_depth: int, new_image_share: float) -> int:
@@ -715,25 +1257,134 @@ def plan_depth(timing: Timing, queries_left: int, max_depth: int, new_image_shar
 
 
 # %% 8. Main
-def rerank(model: DelgModel, data: Path, args: argparse.Namespace, timing: Timing, test_ids: list[str],
-           db_split: str, db_ids: list[str], neighbours: np.ndarray, query_ok: np.ndarray,
-           max_depth: int, on_progress: Callable[[np.ndarray, list[int]], None]) -> np.ndarray:
-    """Inliers [nq, candidates] (-1: not verified), batch after batch while the budget allows;
+@dataclass
+class Inputs:
+    """What a run reads: ids, labels (recognition), the database in round-robin order."""
+
+    test_ids: list[str]
+    db_split: str
+    db_ids: list[str]
+    labels: np.ndarray
+
+
+def read_inputs(run: Run) -> Inputs:
+    db_split, _ = IMAGE_SPLITS[run.task]
+    test_ids = read_test_ids(run.data)
+    if run.task == "recognition":
+        db_ids, labels = read_train_labels(run.data)
+        order = round_robin(labels)
+        db_ids, labels = [db_ids[i] for i in order], labels[order]
+    else:
+        db_ids, labels = list_image_ids(run.data / "index"), np.zeros(0, np.int64)
+    return Inputs(test_ids, db_split, db_ids, labels)
+
+
+def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
+    """Ids and paths of the --nonlandmark-dir images (none without the flag)."""
+    if run.nonlandmark_dir is None:
+        return [], []
+    if not run.nonlandmark_dir.is_dir():
+        raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} is not a folder")
+    paths = sorted(p for p in run.nonlandmark_dir.rglob("*") if p.is_file())
+    return [str(p.relative_to(run.nonlandmark_dir)) for p in paths], paths
+
+
+def cache_keys(model_dir: Path, extraction: Extraction) -> dict:
+    """What each feature cache depends on: the model's files and the settings of its features."""
+    model = model_dir.resolve()
+    files = {name: [(model / name).stat().st_size, (model / name).stat().st_mtime_ns]
+             for name in ("saved_model.pb", "variables/variables.index") if (model / name).is_file()}
+    ext = dataclasses.asdict(extraction)
+    local = {name: ext[name] for name in ("scales", "max_image_side", "min_image_side", "max_features",
+                                          "attention_threshold")}
+    global_ = {**global_settings(extraction), "cache_float16": extraction.cache_float16,
+               "buckets": [BUCKET_ASPECTS, BUCKET_SIDES]}
+    return json.loads(json.dumps({"global": {"model": str(model), "files": files, "settings": global_},
+                                  "local": {"model": str(model), "files": files, "settings": local}}))
+
+
+def clear_stale_caches(work: Path, keys: dict) -> None:
+    """Delete WORK/global or WORK/local when WORK/cache_key.json was written for another model or settings."""
+    path = work / "cache_key.json"
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else keys
+    except ValueError:
+        old = {}
+    for folder in ("global", "local"):
+        if old.get(folder) != keys[folder]:
+            log.warning("model or %s settings changed since %s: deleting WORK/%s", folder, path, folder)
+            shutil.rmtree(work / folder, ignore_errors=True)
+    save_json(path, keys)
+
+
+def timed_global(model, ids, paths, cache, extraction, run, timing, stage, shard=(0, 1), stop=None) -> bool:
+    began = time.monotonic()
+    count, stopped = extract_global(model, ids, paths, cache, extraction, run, shard, stop)
+    timing.add(stage, count, time.monotonic() - began)
+    return stopped
+
+
+def database_stop_rule(timing: Timing, sizes: Sizes, knn_rate: float) -> StopRule:
+    """Stop the database pass when the queries' descriptors and the kNN, at the rate measured so far, would no
+    longer fit before the deadline."""
+    def stop(done: int, seconds: float) -> bool:
+        per_image = seconds / done if done else 0.0
+        return timing.time_left() < sizes.queries * per_image + sizes.queries * sizes.db * knn_rate
+    return stop
+
+
+def global_pass(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing, extraction: Extraction,
+                knn_rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(database descriptors, their rows, query descriptors, query ok, non-landmark descriptors), or None for a
+    shard run. The database pass stops early when the queries and kNN would no longer fit."""
+    run = settings.run
+    shard = parse_shard(run.shard)
+    _, query_split = IMAGE_SPLITS[run.task]
+    nl_ids, nl_paths = nonlandmark_paths(run)
+    sizes = Sizes(len(inputs.db_ids), len(inputs.test_ids), len(nl_ids))
+    cache = run.work / "global"
+    db_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids]
+    stop = database_stop_rule(timing, sizes, knn_rate) if shard == (0, 1) else None
+    cut = timed_global(model, inputs.db_ids, db_paths, cache / inputs.db_split, extraction, run, timing,
+                       "global_db", shard, stop)
+    if shard != (0, 1):
+        log.info("shard %d/%d extracted into %s", *shard, cache / inputs.db_split)
+        return None
+    db_desc, db_rows = compact_valid(*load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size,
+                                                  model.global_dim, allow_missing=cut))
+    if cut:
+        log.warning("database pass cut by the deadline: %d of %d images searched", len(db_rows), sizes.db)
+        timing.plan["database_cut_at"] = int(len(db_rows))
+    query_paths = [image_path(run.data, query_split, i) for i in inputs.test_ids]
+    timed_global(model, inputs.test_ids, query_paths, cache / query_split, extraction, run, timing, "global_query")
+    query_desc, query_ok = load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim)
+    nl_cut = timed_global(model, nl_ids, nl_paths, cache / "nonlandmark", extraction, run, timing, "global_db",
+                          stop=lambda done, seconds: timing.time_left() <= 0)
+    nl_desc = compact_valid(*load_global(cache / "nonlandmark", nl_ids, run.chunk_size, model.global_dim,
+                                         allow_missing=nl_cut))[0]
+    return db_desc, db_rows, query_desc, query_ok, nl_desc
+
+
+def rerank(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: Inputs, neighbours: np.ndarray,
+           order: list[int], max_depth: int, on_progress: Callable[[np.ndarray, list[int]], None]) -> np.ndarray:
+    """Inliers [nq, candidates] (-1: not verified), batch after batch in `order` while the budget allows;
     on_progress(inliers, batch) after each batch."""
+    run, budget = settings.run, settings.budget
     inliers = np.full(neighbours.shape, -1, np.int64)
-    order = [q for q in range(len(test_ids)) if query_ok[q]]
+    if budget.max_rerank_queries is not None:
+        order = order[:budget.max_rerank_queries]
     start, new_image_share = 0, 1.0
-    with verification_pool(ransac_settings(args), args.workers) as pool:
+    with verification_pool(settings.verification, run.workers) as pool:
         while start < len(order) and max_depth > 0:
             depth = plan_depth(timing, len(order) - start, max_depth, new_image_share)
             if depth == 0 or timing.time_left() <= 0:
                 log.info("time budget reached: %d of %d queries keep their global ranking", len(order) - start,
                          len(order))
                 break
-            batch = order[start:start + (args.warmup_queries if start == 0 else args.rerank_batch)]
-            candidates = [[db_ids[j] for j in neighbours[q, :depth]] for q in batch]
-            counts, new_image_share = verify_batch(model, data, args, timing, pool, [test_ids[q] for q in batch],
-                                                   db_split, candidates)
+            batch = order[start:start + (budget.warmup_queries if start == 0 else budget.rerank_batch)]
+            candidates = [[inputs.db_ids[j] for j in neighbours[q, :depth]] for q in batch]
+            counts, new_image_share = verify_batch(model, settings, timing, pool,
+                                                   [inputs.test_ids[q] for q in batch], inputs.db_split, candidates)
             for q, query_counts in zip(batch, counts, strict=True):
                 inliers[q, :len(query_counts)] = query_counts
             timing.rerank_depth = max(timing.rerank_depth, depth)
@@ -744,140 +1395,151 @@ def rerank(model: DelgModel, data: Path, args: argparse.Namespace, timing: Timin
     return inliers
 
 
-def verify_batch(model: DelgModel, data: Path, args: argparse.Namespace, timing: Timing,
-                 pool: multiprocessing.pool.Pool | None, query_ids: list[str], db_split: str,
-                 candidates: list[list[str]]) -> tuple[list[list[int]], float]:
+def verify_batch(model: DelgSavedModel, settings: Settings, timing: Timing, pool: multiprocessing.pool.Pool | None,
+                 query_ids: list[str], db_split: str, candidates: list[list[str]]) -> tuple[list[list[int]], float]:
     """Inliers of each query with each of its candidates, and the share of candidate images whose local
     features had to be extracted (the rest were cached)."""
-    cache = args.work / "local"
+    run = settings.run
+    cache = run.work / "local"
     wanted = [("test", q) for q in query_ids] + [(db_split, c) for cs in candidates for c in cs]
     began = time.monotonic()
-    extracted = extract_local(model, data, wanted, cache, args)
+    extracted = extract_local(model, run.data, wanted, cache, settings.extraction, run)
     timing.add("local_features", extracted, time.monotonic() - began)
     tasks = [(local_path(cache, "test", q), [local_path(cache, db_split, c) for c in cs])
              for q, cs in zip(query_ids, candidates, strict=True)]
     began = time.monotonic()
     counts = verify_all(tasks, pool)
     timing.add("verification", sum(len(cs) for cs in candidates), time.monotonic() - began)
-    trim_local_cache(cache, args.local_cache_gb)
+    trim_local_cache(cache, run.local_cache_gb)
     return counts, max(0.0, extracted - len(query_ids)) / max(1, len(wanted) - len(query_ids))
 
 
-def timed_global(model, ids, paths, cache, args, timing, stage, shard=(0, 1)) -> int:
+def probe(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing) -> None:
+    """--probe N: time N images of every stage on this machine, project the run at this data's full size
+    (WORK/timing.json: the measured stages and the plan), and stop."""
+    run_ = settings.run
+    if not inputs.db_ids or not inputs.test_ids:
+        raise InputError("--probe needs database and test images to time")
+    count = run_.probe
+    scratch = run_.work / "probe"
+    sizes = Sizes(len(inputs.db_ids), len(inputs.test_ids), len(nonlandmark_paths(run_)[0]))
+    db_paths = [image_path(run_.data, inputs.db_split, i) for i in inputs.db_ids[:count]]
+    knn_rate = knn_seconds_per_item(model.global_dim, run_.knn_block_mb)
+    _, timing.plan = plan_extraction(model, db_paths, settings, sizes, timing.time_left(), knn_rate,
+                                     scratch / "global")
+    seconds = timing.plan["seconds_per_image"] * len(db_paths)
+    timing.add("global_db", len(db_paths), seconds)
+    timing.add("global_query", len(db_paths), seconds)
+    timing.add("knn", 256 * 16_384, knn_rate * 256 * 16_384)
+    half = max(1, count // 2)
+    queries, candidates = inputs.test_ids[:half], inputs.db_ids[:half]
+    probe_settings = dataclasses.replace(settings, run=dataclasses.replace(run_, work=scratch))
+    with verification_pool(settings.verification, 0) as pool:
+        verify_batch(model, probe_settings, timing, pool, queries, inputs.db_split, [candidates] * len(queries))
+    shutil.rmtree(scratch, ignore_errors=True)
+    project_rerank(timing, sizes, settings)
+    log.info("probe of %d images: global pass at '%s', projected %.2f h (%s); details in %s", count,
+             timing.plan["chosen"], sum(timing.plan["projection_h"].values()),
+             "fits" if timing.plan["fits"] else "does not fit", timing.path)
+
+
+def project_rerank(timing: Timing, sizes: Sizes, settings: Settings) -> None:
+    """Add to the plan how many queries at the configured depth the rerank reserve buys at the measured rates."""
+    per_image, per_pair = timing.rate("local_features") or 0.0, timing.rate("verification") or 0.0
+    reserve = settings.budget.rerank_reserve * settings.budget.time_budget_h * 3600
+    depth = settings.rerank_depth()
+    per_query = per_image * (1 + depth) + per_pair * depth
+    timing.plan["rerank"] = {"depth": depth, "seconds_per_query": per_query, "queries": sizes.queries,
+                             "queries_in_reserve": int(reserve / per_query) if per_query else None}
+    timing.save()
+
+
+def plan_run(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing,
+             knn_rate: float) -> Extraction:
+    """The extraction settings of the global pass: planned (--plan auto) or as given; recorded in timing.plan."""
+    run_, extraction = settings.run, settings.extraction
+    if settings.budget.plan == "fixed" or parse_shard(run_.shard) != (0, 1) or not inputs.db_ids:
+        timing.plan = {"mode": "fixed", "global": global_settings(extraction), "knn_seconds_per_item": knn_rate}
+        return extraction
+    sizes = Sizes(len(inputs.db_ids), len(inputs.test_ids), len(nonlandmark_paths(run_)[0]))
+    probe_paths = [image_path(run_.data, inputs.db_split, i) for i in inputs.db_ids[:settings.budget.probe_images]]
+    extraction, timing.plan = plan_extraction(model, probe_paths, settings, sizes, timing.time_left(), knn_rate,
+                                              run_.work / "probe")
+    return extraction
+
+
+def run(settings: Settings) -> None:
+    run_ = settings.run
+    check_output_paths(run_)
+    timing = Timing(run_.work / "timing.json", run_.task, settings.budget)
+    inputs = read_inputs(run_)
+    if parse_shard(run_.shard) == (0, 1) and run_.probe is None:  # a valid file at once, whatever happens later
+        write_submission(run_.out, run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
+    model = DelgSavedModel(run_.model, settings.extraction)
+    if run_.probe is not None:
+        return probe(model, inputs, settings, timing)
+    knn_rate = knn_seconds_per_item(model.global_dim, run_.knn_block_mb)
+    settings = dataclasses.replace(settings, extraction=plan_run(model, inputs, settings, timing, knn_rate))
+    timing.save()
+    save_json(run_.work / "settings.json", settings_record(settings, timing.plan))
+    clear_stale_caches(run_.work, cache_keys(run_.model, settings.extraction))
+    found = global_pass(model, inputs, settings, timing, settings.extraction, knn_rate)
+    if found is not None:
+        finish(model, inputs, settings, timing, *found)
+
+
+def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing, db_desc: np.ndarray,
+           db_rows: np.ndarray, query_desc: np.ndarray, query_ok: np.ndarray, nl_desc: np.ndarray) -> None:
+    """kNN, the global-only submission, then reranking (most confident queries first) and the final submission."""
+    run_, scoring = settings.run, settings.scoring
     began = time.monotonic()
-    count = extract_global(model, ids, paths, cache, args, shard)
-    timing.add(stage, count, time.monotonic() - began)
-    return count
+    depth = settings.rerank_depth()
+    k = RETRIEVAL_SIZE if run_.task == "retrieval" else max(scoring.top_k, depth)
+    cosines, found = knn(query_desc, db_desc, k, run_.knn_block_mb)
+    neighbours = db_rows[found]
+    nonlandmark_cos, _ = knn(query_desc, nl_desc, scoring.top_k, run_.knn_block_mb)
+    timing.add("knn", len(query_desc) * (len(db_desc) + len(nl_desc)), time.monotonic() - began)
+    shares = nonlandmark_shares(cosines, nonlandmark_cos, scoring.top_k)
+    atomic_save(run_.work / "neighbours.npz", lambda tmp: np.savez(
+        tmp, test_ids=np.array(inputs.test_ids, dtype=str), db_ids=np.array(inputs.db_ids, dtype=str),
+        labels=inputs.labels, neighbours=neighbours, cosines=cosines, query_ok=query_ok,
+        nonlandmark_cosines=nonlandmark_cos))
 
-
-def cache_key(args: argparse.Namespace) -> dict:
-    """What the cached features depend on: the model's files and every extraction setting."""
-    model = args.model.resolve()
-    files = {name: [(model / name).stat().st_size, (model / name).stat().st_mtime_ns]
-             for name in ("saved_model.pb", "variables/variables.index") if (model / name).is_file()}
-    settings = {name: getattr(args, name) for name in ("scales", "global_scale_indices", "max_image_side",
-                                                       "min_image_side", "max_features", "attention_threshold",
-                                                       "float16")}
-    return json.loads(json.dumps({"model": str(model), "files": files, "settings": settings}))
-
-
-def clear_stale_caches(work: Path, key: dict) -> None:
-    """Delete WORK/global and WORK/local when WORK/cache_key.json was written for another model or settings."""
-    path = work / "cache_key.json"
-    try:
-        stale = path.is_file() and json.loads(path.read_text()) != key
-    except ValueError:
-        stale = True
-    if stale:
-        log.warning("model or extraction settings changed since %s: deleting the cached features", path)
-        for folder in ("global", "local"):
-            shutil.rmtree(work / folder, ignore_errors=True)
-    atomic_save(path, lambda tmp: tmp.write_text(json.dumps(key, indent=1)))
-
-
-def run(args: argparse.Namespace) -> None:
-    shard = parse_shard(args.shard)
-    db_split, query_split = IMAGE_SPLITS[args.task]
-    args.work.mkdir(parents=True, exist_ok=True)
-    timing = Timing(args.work / "timing.json", args.task, args.time_budget_h, args.safety_margin)
-    test_ids = read_test_ids(args.data)
-    if shard == (0, 1):  # a valid file from the start, whatever stops the run later
-        write_submission(args.out, args.task, test_ids, [""] * len(test_ids))
-    if args.task == "recognition":
-        db_ids, labels = read_train_labels(args.data)
-    else:
-        db_ids, labels = list_image_ids(args.data / "index"), np.zeros(0, np.int64)
-    model = DelgModel(args.model, args.scales, args.global_scale_indices, args.max_features,
-                      args.attention_threshold)
-    clear_stale_caches(args.work, cache_key(args))
-    db_cache = args.work / "global" / db_split
-    db_paths = [image_path(args.data, db_split, i) for i in db_ids]
-    timed_global(model, db_ids, db_paths, db_cache, args, timing, "global_db", shard)
-    if shard != (0, 1):
-        log.info("shard %d/%d extracted into %s", *shard, db_cache)
-        return
-    db_desc, valid_db = compact_valid(*load_global(db_cache, db_ids, args.chunk_size, model.global_dim))
-    query_cache = args.work / "global" / query_split
-    query_paths = [image_path(args.data, query_split, i) for i in test_ids]
-    timed_global(model, test_ids, query_paths, query_cache, args, timing, "global_query")
-    query_desc, query_ok = load_global(query_cache, test_ids, args.chunk_size, model.global_dim)
-    nonlandmark_desc = global_nonlandmarks(model, args, timing)
-
-    began = time.monotonic()
-    depth = args.rerank if args.rerank is not None else (
-        RECOGNITION_RERANK if args.task == "recognition" else RETRIEVAL_RERANK)
-    k = RETRIEVAL_SIZE if args.task == "retrieval" else max(args.top_k, depth)
-    cosines, found = knn(query_desc, db_desc, k, args.knn_block_mb)
-    neighbours = valid_db[found]
-    nonlandmark_cos, _ = knn(query_desc, nonlandmark_desc, args.top_k, args.knn_block_mb)
-    timing.add("knn", len(query_desc) * (len(db_desc) + len(nonlandmark_desc)), time.monotonic() - began)
-    shares = nonlandmark_shares(cosines, nonlandmark_cos, args.top_k)
+    def predictions(inliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return recognition_predictions(cosines, neighbours, inliers, inputs.labels, scoring, shares, query_ok)
 
     def rows_for(inliers: np.ndarray) -> list[str]:
-        if args.task == "recognition":
-            return recognition_rows(cosines, neighbours, inliers, labels, args.top_k, args.max_inlier_score,
-                                    shares, args.nonlandmark_penalty, query_ok)
-        return retrieval_rows(cosines, neighbours, inliers, db_ids, query_ok)
+        if run_.task == "recognition":
+            return recognition_rows(*predictions(inliers))
+        return retrieval_rows(cosines, neighbours, inliers, inputs.db_ids, query_ok)
 
-    write_submission(args.out, args.task, test_ids, rows_for(np.full(neighbours.shape, -1)))
-    shutil.copyfile(args.out, args.work / "submission_global_only.csv")
-    log.info("global-only submission written to %s", args.out)
-    pairs_path, last_write = args.work / "verified_pairs.csv", time.monotonic()
+    unverified = np.full(neighbours.shape, -1)
+    write_submission(run_.out, run_.task, inputs.test_ids, rows_for(unverified))
+    shutil.copyfile(run_.out, run_.work / "submission_global_only.csv")
+    log.info("global-only submission written to %s", run_.out)
+    pairs_path, last_write = run_.work / "verified_pairs.csv", time.monotonic()
     start_verified_pairs(pairs_path)
 
     def on_progress(inliers: np.ndarray, batch: list[int]) -> None:
         nonlocal last_write
-        append_verified_pairs(pairs_path, [test_ids[q] for q in batch], db_ids, neighbours[batch], cosines[batch],
-                              inliers[batch])
-        if time.monotonic() - last_write >= args.write_every_s:
-            write_submission(args.out, args.task, test_ids, rows_for(inliers))
+        append_verified_pairs(pairs_path, [inputs.test_ids[q] for q in batch], inputs.db_ids, neighbours[batch],
+                              cosines[batch], inliers[batch])
+        if time.monotonic() - last_write >= settings.budget.write_every_s:
+            write_submission(run_.out, run_.task, inputs.test_ids, rows_for(inliers))
             last_write = time.monotonic()
 
-    inliers = rerank(model, args.data, args, timing, test_ids, db_split, db_ids, neighbours, query_ok,
+    priority = predictions(unverified)[1] if run_.task == "recognition" else cosines[:, :1].sum(axis=1)
+    inliers = rerank(model, settings, timing, inputs, neighbours, rerank_order(priority, query_ok),
                      min(depth, neighbours.shape[1]), on_progress)
-    write_submission(args.out, args.task, test_ids, rows_for(inliers))
-    log.info("submission written to %s; timings in %s", args.out, timing.path)
-
-
-def global_nonlandmarks(model: DelgModel, args: argparse.Namespace, timing: Timing) -> np.ndarray:
-    """Global descriptors of the readable --nonlandmark-dir images (none without the flag)."""
-    if args.nonlandmark_dir is None:
-        return np.zeros((0, model.global_dim), np.float32)
-    if not args.nonlandmark_dir.is_dir():
-        raise InputError(f"--nonlandmark-dir {args.nonlandmark_dir} is not a folder")
-    paths = sorted(p for p in args.nonlandmark_dir.rglob("*") if p.is_file())
-    ids = [str(p.relative_to(args.nonlandmark_dir)) for p in paths]
-    cache = args.work / "global" / "nonlandmark"
-    timed_global(model, ids, paths, cache, args, timing, "global_db")
-    return compact_valid(*load_global(cache, ids, args.chunk_size, model.global_dim))[0]
+    write_submission(run_.out, run_.task, inputs.test_ids, rows_for(inliers))
+    log.info("submission written to %s; timings in %s", run_.out, timing.path)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(parse_settings(argv))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from tests.delg_test_models import write_tf2_model
 
 sub = load_submission()
 SCRIPT_FLAGS = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200",
-                "--warmup-queries", "4", "--rerank-batch", "40", "--ransac-threshold", "4", "--workers", "0"]
+                "--warmup-queries", "4", "--rerank-batch", "40", "--ransac-threshold-px", "4", "--workers", "0"]
 QUERIES = 6
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -118,14 +118,14 @@ def test_show_pair_draws_the_match_of_two_images(tmp_path, tiny_competition, mod
     out = tmp_path / "pair.png"
     assert run_main(main_show_pair, [*paths, "--model", str(model_dir), "--out", str(out), "--", *SCRIPT_FLAGS]) == 0
     inliers = int(re.match(r"(\d+) RANSAC inliers", capsys.readouterr().out).group(1))
-    settings = sub.build_parser().parse_args(["--task", "retrieval", "--data", ".", "--model", ".", *SCRIPT_FLAGS])
-    model = sub.DelgModel(model_dir, settings.scales, settings.global_scale_indices, settings.max_features, 0.0)
+    settings = sub.parse_settings(["--task", "retrieval", "--data", ".", "--model", str(model_dir), *SCRIPT_FLAGS])
+    model = sub.DelgSavedModel(model_dir, settings.extraction)
     features = []
     for path in paths:
-        keypoints, descriptors = model.local_features(sub.decode_image(Path(path), settings.max_image_side,
-                                                                     settings.min_image_side))
-        features.append((keypoints, descriptors.astype(np.float16).astype(np.float32)))
-    assert inliers == sub.count_inliers(*features[0], *features[1], sub.ransac_settings(settings))
+        found = model.local_features(sub.decode_image(Path(path), settings.extraction.max_image_side,
+                                                      settings.extraction.min_image_side))
+        features.append(found._replace(descriptors=found.descriptors.astype(np.float16).astype(np.float32)))
+    assert inliers == sub.count_inliers(*features, settings.verification)
     with Image.open(out) as picture:
         assert picture.width > picture.height
 

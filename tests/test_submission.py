@@ -1,7 +1,9 @@
 """Unit tests of submission/main.py: constants, model loading (TF2 and TF1), decoding, kNN, matching, scoring."""
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +11,6 @@ from PIL import Image
 
 from local_eval.submission_script import load_submission
 from tests.delg_test_models import write_tf1_model, write_tf2_model
-from train import config
 
 sub = load_submission()
 
@@ -20,24 +21,18 @@ def models(tmp_path_factory):
     return write_tf2_model(root / "tf2"), write_tf1_model(root / "tf1")
 
 
+EXTRACTION = sub.Extraction(scales=(0.5, 1.0, 2.0), global_scale_indices=(0, 1), max_features=200)
+GLOBAL_SCALES = EXTRACTION.global_scales()
+
+
 def delg(model_dir, **overrides):
-    settings = dict(scales=[0.5, 1.0, 2.0], global_scale_indices=[0, 1], max_features=200,
-                    attention_threshold=0.0) | overrides
-    return sub.DelgModel(model_dir, **settings)
+    return sub.DelgSavedModel(model_dir, dataclasses.replace(EXTRACTION, **overrides))
 
 
 def textured_image(seed: int, size: int = 96) -> np.ndarray:
     rng = np.random.default_rng(seed)
     blocks = np.kron(rng.integers(0, 256, (size // 8, size // 8, 3)), np.ones((8, 8, 1)))
     return np.clip(blocks + rng.normal(0, 20, blocks.shape), 0, 255).astype(np.uint8)
-
-
-def test_delg_constants_equal_train_config():
-    assert sub.DELG_IMAGE_SCALES == config.DELG_IMAGE_SCALES
-    assert sub.DELG_GLOBAL_SCALE_INDICES == config.DELG_GLOBAL_SCALE_INDICES
-    assert sub.DELG_MAX_IMAGE_SIDE == config.DELG_MAX_IMAGE_SIDE
-    assert sub.DELG_MAX_FEATURE_NUM == config.DELG_MAX_FEATURE_NUM
-    assert sub.DELG_ATTENTION_ABS_THRESHOLD == config.DELG_ATTENTION_ABS_THRESHOLD
 
 
 def test_help_explains_every_flag(capsys):
@@ -54,9 +49,11 @@ def test_tf1_model_goes_through_prune_and_matches_tf2(models):
     tf2_model, tf1_model = delg(tf2_dir), delg(tf1_dir)
     assert (tf2_model.kind, tf1_model.kind) == ("tf2", "tf1")
     image = textured_image(0)
-    np.testing.assert_allclose(tf1_model.global_descriptor(image), tf2_model.global_descriptor(image), atol=1e-5)
-    kp1, desc1 = tf1_model.local_features(image)
-    kp2, desc2 = tf2_model.local_features(image)
+    np.testing.assert_allclose(tf1_model.global_descriptor(image, GLOBAL_SCALES),
+                               tf2_model.global_descriptor(image, GLOBAL_SCALES), atol=1e-5)
+    kp1, desc1, side = tf1_model.local_features(image)
+    kp2, desc2, _ = tf2_model.local_features(image)
+    assert side == 96
     assert len(kp1) == 200
     np.testing.assert_allclose(kp1, kp2, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(desc1, axis=1), 1.0, atol=1e-5)
@@ -68,7 +65,9 @@ def test_global_descriptor_normalizes_each_scale_then_the_sum(models):
     raw = model(image, 1)["global_descriptors"]
     per_scale = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     expected = per_scale.sum(0) / np.linalg.norm(per_scale.sum(0))
-    np.testing.assert_allclose(model.global_descriptor(image), expected, atol=1e-6)
+    np.testing.assert_allclose(model.global_descriptor(image, GLOBAL_SCALES), expected, atol=1e-6)
+    batch = model.global_batch(np.stack([image, image[::-1]]), GLOBAL_SCALES, "float32")  # no batched signature
+    np.testing.assert_allclose(batch[0], expected, atol=1e-6)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
@@ -137,15 +136,15 @@ def test_mutual_matching_keeps_only_mutual_pairs_within_distance():
     assert len(sub.putative_matches(a, b, 0.1, mutual=False)[0]) == 2  # a[1] is 0.32 from b[0]
 
 
-SETTINGS = {"max_distance": 0.9, "mutual": True, "min_matches": 5, "threshold": 4.0, "confidence": 0.999,
-            "iterations": 1000, "seed": 0}
+SETTINGS = sub.Verification(match_max_distance=0.9, mutual=True, min_matches=5, ransac_threshold_px=4.0,
+                            ransac_confidence=0.999, ransac_iterations=1000, ransac_seed=0)
 
 
 def test_identical_view_has_more_inliers_than_an_unrelated_image(models):
     model = delg(models[0])
     scene = textured_image(5, 128)
     view = np.ascontiguousarray(scene[8:, 16:])  # the same scene, shifted
-    inliers = lambda x, y: sub.count_inliers(*model.local_features(x), *model.local_features(y), SETTINGS)
+    inliers = lambda x, y: sub.count_inliers(model.local_features(x), model.local_features(y), SETTINGS)
     same, unrelated = inliers(scene, view), inliers(scene, textured_image(6, 128))
     assert same > 50 and same > 3 * unrelated
 
@@ -153,9 +152,10 @@ def test_identical_view_has_more_inliers_than_an_unrelated_image(models):
 def test_too_few_matches_or_ransac_failure_score_zero():
     desc = np.eye(8, 16, dtype=np.float32)
     keypoints = np.zeros((8, 2), np.float32)  # degenerate: every point the same
-    assert sub.count_inliers(keypoints, desc, keypoints, desc, SETTINGS) == 0
-    assert sub.count_inliers(keypoints[:3], desc[:3], keypoints[:3], desc[:3], SETTINGS) == 0
-    assert sub.count_inliers(keypoints, desc, np.zeros((0, 2)), np.zeros((0, 16)), SETTINGS) == 0
+    features = lambda n: sub.LocalFeatures(keypoints[:n], desc[:n], 96)
+    assert sub.count_inliers(features(8), features(8), SETTINGS) == 0
+    assert sub.count_inliers(features(3), features(3), SETTINGS) == 0
+    assert sub.count_inliers(features(8), features(0), SETTINGS) == 0
 
 
 def test_retrieval_reorders_the_verified_prefix_by_inliers_then_cosine():
@@ -170,11 +170,48 @@ def test_recognition_sums_scores_per_landmark_and_penalizes_nonlandmarks():
     neighbours = np.array([[0, 1, 2], [0, 1, 2]])
     labels = np.array([7, 8, 8])
     inliers = np.array([[20, 0, -1], [-1, -1, -1]])  # query 0: the first neighbour verified
-    rows = sub.recognition_rows(cosines, neighbours, inliers, labels, top_k=3, max_inlier_score=20,
-                                nonlandmark_share=np.array([0.0, 0.5]), penalty=1.0,
-                                query_ok=np.array([True, True]))
-    assert rows[0] == "7 1.900000"  # 0.9 + min(20, 20) / 20 beats 0.5 + 0.45
-    assert rows[1] == "8 0.475000"  # 0.95 beats 0.9, halved by a non-landmark share of 0.5
+    scoring = sub.Scoring(top_k=3, max_inlier_score=20, nonlandmark_penalty=1.0, calibrate=False)
+    landmarks, confidences = sub.recognition_predictions(cosines, neighbours, inliers, labels, scoring,
+                                                         np.array([0.0, 0.5]), np.array([True, True]))
+    assert landmarks.tolist() == [7, 8]
+    assert confidences[0] == pytest.approx(1.9)  # 0.9 + min(20, 20) / 20 beats 0.5 + 0.45
+    assert confidences[1] == pytest.approx(0.475)  # 0.95 beats 0.9, halved by a non-landmark share of 0.5
+    _, unreadable = sub.recognition_predictions(cosines, neighbours, inliers, labels, scoring, np.zeros(2),
+                                                np.array([True, False]))
+    assert np.isnan(unreadable[1])
+
+
+def test_a_landmark_tie_goes_to_the_better_ranked_candidate():
+    scoring = sub.Scoring(top_k=2, calibrate=False)
+    landmarks, _ = sub.recognition_predictions(np.array([[0.5, 0.5]]), np.array([[1, 0]]), np.full((1, 2), -1),
+                                               np.array([4, 9]), scoring, np.zeros(1), np.array([True]))
+    assert landmarks.tolist() == [9]
+
+
+def test_calibration_gives_unverified_candidates_the_local_score_of_their_cosine():
+    rng = np.random.default_rng(0)
+    verified_cos = rng.uniform(0, 1, 200)
+    verified_local = (verified_cos > 0.5).astype(float)  # high cosines earn inliers, low ones none
+    expected = sub.expected_local_scores(verified_cos, verified_local, np.array([0.1, 0.9]))
+    assert expected[0] < 0.1 and expected[1] > 0.9
+    assert (sub.expected_local_scores(verified_cos[:5], verified_local[:5], np.array([0.9])) == 0).all()
+    cosines = np.vstack([np.linspace(0.95, 0.05, 20)] * 2)
+    inliers = np.where(cosines > 0.5, 30, 0)
+    inliers[1] = -1  # the second query was never verified
+    scoring = sub.Scoring(top_k=1, max_inlier_score=20)
+    labels, neighbours = np.arange(20), np.vstack([np.arange(20)] * 2)
+    _, calibrated = sub.recognition_predictions(cosines, neighbours, inliers, labels, scoring, np.zeros(2),
+                                                np.array([True, True]))
+    _, raw = sub.recognition_predictions(cosines, neighbours, inliers, labels,
+                                         dataclasses.replace(scoring, calibrate=False), np.zeros(2),
+                                         np.array([True, True]))
+    assert calibrated[1] == pytest.approx(calibrated[0], abs=0.05)  # on the verified query's scale
+    assert raw[1] < raw[0] - 0.9  # without calibration it ranks a full local score lower
+
+
+def test_rerank_order_puts_the_most_confident_readable_queries_first():
+    order = sub.rerank_order(np.array([0.2, np.nan, 0.9, 0.5]), np.array([True, False, True, True]))
+    assert order == [2, 3, 0]
 
 
 def test_nonlandmark_share_counts_nonlandmarks_among_the_top_k():
@@ -185,7 +222,7 @@ def test_nonlandmark_share_counts_nonlandmarks_among_the_top_k():
 
 
 def test_plan_depth_degrades_with_the_time_left(tmp_path):
-    timing = sub.Timing(tmp_path / "timing.json", "recognition", budget_h=1.0, safety_margin=0.0)
+    timing = sub.Timing(tmp_path / "timing.json", "recognition", sub.Budget(time_budget_h=1.0, safety_margin=0.0))
     assert sub.plan_depth(timing, 100, max_depth=10, new_image_share=1.0) == 10  # nothing measured yet
     timing.add("local_features", 10, 1.0)  # 0.1 s per image
     timing.add("verification", 10, 1.0)  # 0.1 s per pair
@@ -207,13 +244,74 @@ def test_local_cache_is_trimmed_to_its_limit_oldest_first(tmp_path):
     assert sorted(p.stem for p in (tmp_path / "train").iterdir()) == ["mid", "new"]
 
 
-@pytest.mark.parametrize("flag", ["--warmup-queries", "--rerank-batch", "--chunk-size"])
-@pytest.mark.parametrize("value", ["0", "-3", "two"])
-def test_batch_sizes_must_be_positive(capsys, flag, value):
+REQUIRED = ["--task", "recognition", "--data", "d", "--model", "m"]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--warmup-queries", "0", "--warmup-queries must be >= 1, got 0"),
+    ("--chunk-size", "-3", "--chunk-size must be >= 1, got -3"),
+    ("--time-budget-h", "-1", "--time-budget-h must be > 0, got -1.0"),
+    ("--time-budget-h", "nan", "--time-budget-h must be > 0, got nan"),
+    ("--safety-margin", "1", "--safety-margin must be < 1, got 1.0"),
+    ("--ransac-threshold", "0", "--ransac-threshold must be > 0, got 0.0"),
+    ("--scales", "0.5 -1", "--scales must be > 0, got -1.0"),
+    ("--global-scale-indices", "9", "--global-scale-indices 9 is out of range for 7 --scales"),
+    ("--shard", "2/2", "--shard 2/2: need 0 <= i < n"),
+])
+def test_every_setting_is_range_checked_with_one_line(capsys, flag, value, message):
+    assert sub.main([*REQUIRED, flag, *value.split()]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_a_flag_of_the_wrong_type_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        sub.main(["--task", "recognition", "--data", "d", "--model", "m", flag, value])
-    assert exit_info.value.code == 2
-    assert f"{flag}: must be a positive integer" in capsys.readouterr().err
+        sub.main([*REQUIRED, "--rerank-batch", "two"])
+    assert exit_info.value.code == 2 and "--rerank-batch" in capsys.readouterr().err
+
+
+def write_json(path, content) -> str:
+    path.write_text(json.dumps(content))
+    return str(path)
+
+
+def test_settings_layer_defaults_preset_file_then_flags(tmp_path):
+    file = write_json(tmp_path / "tuned.json", {"verification": {"ransac_threshold": 0.01, "mutual": True},
+                                                "scoring": {"top_k": 5}, "about": {"seed": 3}})
+    settings = sub.parse_settings([*REQUIRED, "--preset", "host-2020", "--settings", file, "--top-k", "2"])
+    assert settings.verification.ransac_threshold == 0.01 and settings.verification.mutual  # file over preset
+    assert settings.verification.ransac_threshold_px == 20.0 and settings.scoring.rerank == 3  # preset
+    assert settings.scoring.top_k == 2  # the command line wins
+    assert settings.extraction.max_image_side == sub.DELG_MAX_IMAGE_SIDE  # default
+    assert settings.sources["top_k"] == "command line" and settings.sources["rerank"] == "preset host-2020"
+    assert settings.sources["ransac_threshold"] == f"file {file}"
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"scoring": {"top_kk": 3}}, "unknown setting 'scoring.top_kk'"),
+    ({"scoring": {"top_k": "3"}}, "'scoring.top_k' must be int, got '3'"),
+    ({"scoring": {"top_k": 0}}, "--top-k must be >= 1, got 0"),
+    ({"extraction": {"scales": 1.0}}, "'extraction.scales' must be a non-empty list of float"),
+    ({"verification": {"mutual": 1}}, "'verification.mutual' must be bool"),
+    ([1, 2], "expected an object of sections"),
+])
+def test_a_bad_settings_file_is_one_line_naming_the_file(tmp_path, capsys, content, message):
+    file = write_json(tmp_path / "bad.json", content)
+    assert sub.main([*REQUIRED, "--settings", file]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("preset", sorted(sub.PRESETS))
+def test_presets_hold_only_known_settings_of_the_right_type(preset):
+    settings = sub.parse_settings([*REQUIRED, "--preset", preset])
+    assert set(sub.PRESETS[preset]) == {name for name, source in settings.sources.items() if "preset" in source}
+
+
+def test_relative_ransac_threshold_scales_with_the_images():
+    relative = sub.Verification(ransac_threshold=0.01)
+    assert sub.pixel_threshold(relative, 1000, 1000) == pytest.approx(10.0)
+    assert sub.pixel_threshold(relative, 200, 300) == pytest.approx(2.5)
+    assert sub.pixel_threshold(dataclasses.replace(relative, ransac_threshold_px=7.0), 200, 300) == 7.0
 
 
 def test_compact_valid_moves_the_ok_rows_up_in_place():
@@ -225,3 +323,73 @@ def test_compact_valid_moves_the_ok_rows_up_in_place():
     np.testing.assert_array_equal(valid, expected)
     np.testing.assert_array_equal(rows, np.flatnonzero(ok))
     assert np.shares_memory(valid, descriptors)  # no second copy
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("aaa1,abc", "train.csv line 2: id aaa1: landmark_id 'abc' is not an integer"),
+    ("aaa1,", "train.csv line 2: id aaa1: landmark_id '' is not an integer"),
+    ("aaa1,12.5", "train.csv line 2: id aaa1: landmark_id '12.5' is not an integer"),
+    ("aaa1,3\nab,95", "train.csv line 3: id 'ab' is not an image id"),
+    ("aaa1,3\nbbb2,4\naaa1,5", "train.csv line 4: id aaa1 repeats line 2"),
+])
+def test_bad_train_rows_name_the_file_line_and_id(tmp_path, rows, message):
+    (tmp_path / "train.csv").write_text("id,landmark_id\n" + rows + "\n")
+    with pytest.raises(sub.InputError) as error:
+        sub.read_train_labels(tmp_path)
+    assert message in str(error.value)
+
+
+def test_bad_sample_submission_ids_are_errors(tmp_path):
+    (tmp_path / "sample_submission.csv").write_text("id,landmarks\nabc1,\na/b/c,\n")
+    with pytest.raises(sub.InputError, match="line 3: id 'a/b/c' is not an image id"):
+        sub.read_test_ids(tmp_path)
+
+
+@pytest.mark.parametrize("out", ["file/s.csv", "folder"])
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys, out):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    assert sub.main([*REQUIRED, "--out", str(tmp_path / out), "--work", str(tmp_path / "work")]) == 2
+    assert str(tmp_path / out) in capsys.readouterr().err
+
+
+def test_round_robin_covers_every_landmark_before_a_second_image_of_any():
+    labels = np.array([5, 5, 5, 7, 9, 9])
+    order = sub.round_robin(labels)
+    assert labels[order].tolist() == [5, 7, 9, 5, 9, 5]
+    assert order.tolist() == [0, 3, 4, 1, 5, 2]
+
+
+@pytest.mark.parametrize("size, bucket", [
+    ((1024, 768), (1024, 768)), ((768, 1024), (768, 1024)), ((4000, 3000), (1024, 768)),
+    ((800, 600), (768, 576)), ((300, 300), (256, 256)), ((1, 1), (256, 256)), ((3840, 2), (1024, 576)),
+])
+def test_global_buckets_are_few_and_never_upscale_big_images(size, bucket):
+    assert sub.global_bucket(*size, max_side=1024) == bucket
+
+
+def test_global_decoding_crops_the_centre_to_the_bucket(tmp_path):
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, 100:200] = 255  # a white centre third
+    path = tmp_path / "wide.png"
+    path.write_bytes(encoded(wide, "PNG"))
+    pixels = sub.decode_for_global(path, max_side=128)
+    assert pixels.shape == (64, 128, 3)  # the 16:9 bucket (rounded to 16 px): the centre 200 x 100 pixels
+    assert pixels[:, 40:88].mean() > 200 and pixels[:, :24].mean() < 30 and pixels[:, -24:].mean() < 30
+    assert sub.decode_for_global(tmp_path / "missing.jpg", 128) is None
+
+
+def test_a_cut_short_local_feature_file_is_extracted_again(models, tmp_path):
+    model = delg(models[0])
+    data = tmp_path / "data"
+    path = sub.image_path(data, "test", "abc123")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encoded(textured_image(7), "PNG"))
+    run = sub.Run(task="retrieval", data=data, model=models[0], workers=0)
+    cache = tmp_path / "local"
+    assert sub.extract_local(model, data, [("test", "abc123")], cache, EXTRACTION, run) == 1
+    cached = sub.local_path(cache, "test", "abc123")
+    cached.write_bytes(cached.read_bytes()[:100])  # a crash while writing, or a disk error
+    assert sub.extract_local(model, data, [("test", "abc123")], cache, EXTRACTION, run) == 1
+    assert len(sub.load_local(cached).keypoints) == 200
+    assert sub.extract_local(model, data, [("test", "abc123")], cache, EXTRACTION, run) == 0

@@ -21,7 +21,7 @@ from tests.delg_test_models import write_tf1_model, write_tf2_model
 sub = load_submission()
 LANDMARKS = 4
 FAST = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "300",
-        "--warmup-queries", "2", "--rerank-batch", "3", "--ransac-threshold", "4"]
+        "--warmup-queries", "2", "--rerank-batch", "3", "--ransac-threshold-px", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_recognition_end_to_end(competition, delg_model_dir, tmp_path, monkeypat
         start_pool(pool, *args, **kwargs)
 
     monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", counted_start)
-    frame, timing = run_script("recognition", data, delg_model_dir, tmp_path, "--workers", "2")
+    frame, timing = run_script("recognition", data, delg_model_dir, tmp_path, "--workers", "2", "--rerank", "3")
     assert len(pools) == 1  # one verification pool for every batch
     assert_complete(frame, data, "landmarks")
     predictions = dict(zip(frame["id"], frame["landmarks"], strict=True))
@@ -171,56 +171,78 @@ def test_budget_too_small_for_reranking_gives_the_global_only_file(competition, 
     assert timing["stages"]["verification"]["items"] == 0 and timing["rerank_depth"] == 0
 
 
+def settings_for(task: str, data, model, work, *extra: str):
+    return sub.parse_settings(["--task", task, "--data", str(data), "--model", str(model), "--work", str(work),
+                               *FAST, *extra])
+
+
 def test_reranking_puts_the_verified_view_first(competition, delg_model_dir, tmp_path):
     """A query whose global ranking is wrong: RANSAC inliers move the true match above the impostor."""
     root, truth = competition
     data = root / "landmark-retrieval"
     db_ids = sorted(truth["db_landmark"])
     query_id = next(iter(truth["views"]))
-    model = sub.DelgModel(delg_model_dir, [0.5, 1.0], [0, 1], 300, 0.0)
-    args = sub.build_parser().parse_args(["--task", "retrieval", "--data", str(data), "--model", "m",
-                                          "--work", str(tmp_path), *FAST])
+    settings = settings_for("retrieval", data, delg_model_dir, tmp_path)
+    model = sub.DelgSavedModel(delg_model_dir, settings.extraction)
     true_match = next(i for i in db_ids if truth["db_landmark"][i] == truth["views"][query_id])
     impostor = next(i for i in db_ids if truth["db_landmark"][i] != truth["views"][query_id])
     neighbours = np.array([[db_ids.index(impostor), db_ids.index(true_match)]])  # impostor first
-    timing = sub.Timing(tmp_path / "timing.json", "retrieval", 1.0, 0.0)
-    inliers = sub.rerank(model, data, args, timing, [query_id], "index", db_ids, neighbours,
-                         np.array([True]), max_depth=2, on_progress=lambda *_: None)
+    timing = sub.Timing(tmp_path / "timing.json", "retrieval", settings.budget)
+    inputs = sub.Inputs([query_id], "index", db_ids, np.zeros(0, np.int64))
+    inliers = sub.rerank(model, settings, timing, inputs, neighbours, [0], max_depth=2, on_progress=lambda *_: None)
     assert inliers[0, 1] > inliers[0, 0]
     rows = sub.retrieval_rows(np.array([[0.9, 0.8]]), neighbours, inliers, db_ids, np.array([True]))
     assert rows[0].split() == [true_match, impostor]
 
 
 class Interrupting:
-    """Wraps a DelgModel; raises KeyboardInterrupt on the given call, as a killed kernel would stop."""
+    """Wraps a DelgSavedModel; raises KeyboardInterrupt on the given global call, as a killed kernel would stop."""
 
     def __init__(self, model, stop_at: int):
         self.model, self.calls, self.stop_at = model, 0, stop_at
-        self.global_dim = model.global_dim
+        self.global_dim, self.batched = model.global_dim, model.batched
 
-    def global_descriptor(self, image):
+    def global_batch(self, images, scales, precision):
         self.calls += 1
         if self.calls == self.stop_at:
             raise KeyboardInterrupt
-        return self.model.global_descriptor(image)
+        return self.model.global_batch(images, scales, precision)
 
 
 def test_interrupted_extraction_resumes_from_the_cache(competition, delg_model_dir, tmp_path):
     data = competition[0] / "landmark-recognition"
     ids, _ = sub.read_train_labels(data)
     paths = [image_path(data, "train", i) for i in ids]
-    args = sub.build_parser().parse_args(["--task", "recognition", "--data", str(data), "--model", "m",
-                                          "--chunk-size", "3", "--float16", *FAST])
-    model = sub.DelgModel(delg_model_dir, [0.5, 1.0], [0, 1], 300, 0.0)
-    cache = tmp_path / "global" / "train"
+    settings = settings_for("recognition", data, delg_model_dir, tmp_path, "--chunk-size", "3", "--cache-float16",
+                            "--global-batch", "1")
+    model = sub.DelgSavedModel(delg_model_dir, settings.extraction)
+    cache, extract = tmp_path / "global" / "train", sub.extract_global
     with pytest.raises(KeyboardInterrupt):
-        sub.extract_global(Interrupting(model, stop_at=5), ids, paths, cache, args)
-    assert sub.extract_global(model, ids, paths, cache, args) == len(ids) - 3  # chunk 0 was kept
-    assert sub.extract_global(model, ids, paths, cache, args) == 0
+        extract(Interrupting(model, stop_at=5), ids, paths, cache, settings.extraction, settings.run)
+    assert extract(model, ids, paths, cache, settings.extraction, settings.run) == (len(ids) - 3, False)  # chunk 0 kept
+    assert extract(model, ids, paths, cache, settings.extraction, settings.run) == (0, False)
     descriptors, ok = sub.load_global(cache, ids, chunk_size=3)
     assert ok.all() and descriptors.shape == (len(ids), model.global_dim)
-    np.testing.assert_allclose(descriptors[4], model.global_descriptor(
-        sub.decode_image(paths[4], 1024, 32)), atol=1e-3)
+    image = sub.decode_for_global(paths[4], settings.extraction.global_max_side)
+    np.testing.assert_allclose(descriptors[4], model.global_descriptor(image, settings.extraction.global_scales()),
+                               atol=1e-3)
+
+
+def test_a_deadline_during_the_database_pass_keeps_what_was_done(competition, delg_model_dir, tmp_path):
+    data = competition[0] / "landmark-recognition"
+    ids, _ = sub.read_train_labels(data)
+    paths = [image_path(data, "train", i) for i in ids]
+    settings = settings_for("recognition", data, delg_model_dir, tmp_path, "--chunk-size", "3")
+    model = sub.DelgSavedModel(delg_model_dir, settings.extraction)
+    cache = tmp_path / "global"
+    done, stopped = sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run,
+                                       stop=lambda count, seconds: count >= 4)
+    assert (done, stopped) == (4, True)
+    with pytest.raises(sub.InputError, match="chunk 2 is missing"):
+        sub.load_global(cache, ids, 3)
+    _, ok = sub.load_global(cache, ids, 3, allow_missing=True)
+    assert ok.tolist() == [True] * 4 + [False] * (len(ids) - 4)
+    assert sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run) == (len(ids) - 3, False)
 
 
 def test_shards_merge_into_one_cache(competition, delg_model_dir, tmp_path):
@@ -263,8 +285,10 @@ def test_changed_settings_or_model_clear_the_caches(competition, models, tmp_pat
     assert first["global_db"] > 0 and first["local_features"] > 0
     unchanged = run(models["tf2"])
     assert unchanged["global_db"] == unchanged["global_query"] == unchanged["local_features"] == 0
-    fewer_features = run(models["tf2"], "--max-features", "200")
-    assert fewer_features["global_db"] == first["global_db"] and fewer_features["local_features"] > 0
+    fewer_features = run(models["tf2"], "--max-features", "200")  # local settings: global descriptors stay
+    assert fewer_features["global_db"] == 0 and fewer_features["local_features"] > 0
+    smaller = run(models["tf2"], "--max-features", "200", "--global-max-side", "512")  # global settings only
+    assert smaller["global_db"] == first["global_db"] and smaller["local_features"] == 0
     other_model = run(models["tf1"], "--max-features", "200")
     assert other_model["global_query"] == first["global_query"] and other_model["local_features"] > 0
 
@@ -274,13 +298,13 @@ def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
     data = competition[0] / "landmark-recognition"
     ids, _ = sub.read_train_labels(data)
     paths = [image_path(data, "train", i) for i in ids]
-    args = sub.build_parser().parse_args(["--task", "recognition", "--data", str(data), "--model", "m",
-                                          "--chunk-size", "3", *FAST])
-    model = sub.DelgModel(delg_model_dir, [0.5, 1.0], [0, 1], 300, 0.0)
+    settings = settings_for("recognition", data, delg_model_dir, tmp_path, "--chunk-size", "3")
+    model = sub.DelgSavedModel(delg_model_dir, settings.extraction)
     cache = tmp_path / "global"
-    sub.extract_global(model, ids, paths, cache, args)
-    np.savez(sub.chunk_path(cache, 0), ids=np.array(ids[:3]), descriptors=np.array([None]), ok=np.ones(3, bool))
-    assert sub.extract_global(model, ids, paths, cache, args) == 0
+    sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run)
+    np.savez(sub.chunk_path(cache, 0), ids=np.array(ids[:3]), descriptors=np.array([None]), ok=np.ones(3, bool),
+             complete=True)
+    assert sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run) == (0, False)
 
 
 def write_empty_competition(root, task: str, test_ids: list[str]) -> None:

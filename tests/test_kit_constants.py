@@ -1,0 +1,43 @@
+"""Each fact the notebook must keep its own copy of is tied here to its one home in the kit, and the kit uses
+only the notebook names it lists in KIT_API."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from common import kit
+from local_eval import timing
+from local_eval.submission_script import SCRIPT, load_submission
+from train import config
+
+sub = load_submission()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_delg_defaults_equal_train_config():
+    assert sub.DELG_IMAGE_SCALES == config.DELG_IMAGE_SCALES
+    assert sub.DELG_GLOBAL_SCALE_INDICES == config.DELG_GLOBAL_SCALE_INDICES
+    assert sub.DELG_MAX_IMAGE_SIDE == config.DELG_MAX_IMAGE_SIDE
+    assert sub.DELG_MAX_FEATURE_NUM == config.DELG_MAX_FEATURE_NUM
+    assert sub.DELG_ATTENTION_ABS_THRESHOLD == config.DELG_ATTENTION_ABS_THRESHOLD
+
+
+def test_notebook_limit_stage_names_and_script_path_have_one_home():
+    assert sub.NOTEBOOK_LIMIT_H == kit.NOTEBOOK_LIMIT_H
+    assert sub.Budget().time_budget_h == kit.NOTEBOOK_LIMIT_H
+    assert sub.TIMING_STAGES == timing.STAGES
+    assert SCRIPT == kit.SUBMISSION_SCRIPT and SCRIPT.is_file()
+
+
+def test_the_kit_uses_only_the_notebooks_listed_names():
+    assert all(hasattr(sub, name) for name in sub.KIT_API)
+    used = set()
+    for folder in ("local_eval", "bench", "demo", "export"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            if "load_submission" not in text:
+                continue
+            used |= set(re.findall(r"\bsub\.([A-Za-z_]\w*)", text))
+            used |= set(re.findall(r"load_submission\(\)\.([A-Za-z_]\w*)", text))
+    assert used, "the pattern finds the kit's uses"
+    assert used <= set(sub.KIT_API), sorted(used - set(sub.KIT_API))
