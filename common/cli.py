@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -12,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+log = logging.getLogger(__name__)
 
 
 class UserError(Exception):
@@ -47,6 +50,26 @@ def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str]) -
     return run_main(getattr(importlib.import_module(module), function), argv[1:])
 
 
+def check_at_least(flag: str, value: float, minimum: float) -> None:
+    """A numeric flag below its minimum (or NaN) is a UserError naming the flag."""
+    if not value >= minimum:
+        raise UserError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def check_positive(flag: str, value: float) -> None:
+    """A numeric flag that is not a finite number above 0 is a UserError naming the flag."""
+    if not (value > 0 and math.isfinite(value)):
+        raise UserError(f"{flag} must be a finite number above 0, got {value}")
+
+
+def check_input_folder(flag: str, path: Path) -> None:
+    """The folder a flag names exists and is a folder."""
+    if not Path(path).exists():
+        raise UserError(f"{flag} {path}: no such folder")
+    if not Path(path).is_dir():
+        raise UserError(f"{flag} {path}: not a folder")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """write(tmp) into a temporary file beside path, then rename it over path: path is whole or untouched."""
     path = Path(path)
@@ -65,36 +88,110 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+KIT_MARKER = ".written-by-kit"  # in every output folder the kit writes: only such a folder may be replaced
+_MARKER_TEXT = "This folder was written by the landmark competition kit; --overwrite may replace it.\n"
+
+
 @contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: str | Path, overwrite: bool = False, marker: str = KIT_MARKER) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` by renames, on failure it is removed.
 
-    With overwrite, an existing `out` is first renamed aside and deleted only once the new one is in place."""
-    out = Path(out)
-    _check_output_free(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    The folder gets the file `marker` (unless the caller wrote it) saying the kit wrote it; with overwrite, only
+    an existing `out` holding it (or empty) is replaced, renamed aside and deleted once the new one is in place.
+    Temporary names hold the process id, so a later run removes what a killed run left."""
+    out = Path(os.path.abspath(out))
+    check_output_dir(out, overwrite, marker)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".partial"))
+    except OSError as err:
+        raise UserError(f"{out}: cannot write in {out.parent} ({err.strerror})") from None
     try:
         yield tmp
+        if not (tmp / marker).exists():
+            (tmp / marker).write_text(_MARKER_TEXT)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
-        _check_output_free(out, overwrite)  # something may have appeared there meanwhile
-        old = out.with_name(f".{out.name}.old") if out.exists() else None
+        check_output_dir(out, overwrite, marker)  # something may have appeared there meanwhile
+        old = out.with_name(f".{out.name}.{os.getpid()}.old") if out.exists() else None
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
         os.replace(tmp, out)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
 
 
-def _check_output_free(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; remove it or choose another output path")
+def check_output_dir(out: Path, overwrite: bool, marker: str = KIT_MARKER) -> None:
+    """Refuse an output folder that cannot be written or may not be replaced, with one line naming it
+    (after clearing what killed runs left beside it)."""
+    out = Path(os.path.abspath(out))
+    check_output_parent(out)
+    remove_stale_partials(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another output path")
+    if not _written_by_kit(out, marker):
+        raise UserError(f"{out} already exists and was not written by this kit (it holds no {marker}); "
+                        "--overwrite replaces only the kit's own outputs: choose another output path")
+    if not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another output path")
+
+
+def _written_by_kit(folder: Path, marker: str) -> bool:
+    """The folder holds the kit's marker, or nothing at all (replacing it loses nothing)."""
+    try:
+        return (folder / marker).is_file() or not any(folder.iterdir())
+    except OSError:
+        return False
+
+
+def check_output_parent(out: Path) -> None:
+    """The folders above an output path exist or can be made, and the innermost one takes new files."""
+    out = Path(os.path.abspath(out))
+    existing = next(p for p in [*out.parents, out] if p.exists())  # out itself only when it is /
+    if not existing.is_dir():
+        raise UserError(f"{out}: {existing} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        raise UserError(f"{out}: cannot write in {out.parent} ({err.strerror})") from None
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Remove what killed runs writing `out` left beside it: `.NAME.PID.*.partial` folders whose process is gone
+    (and nameless older ones); a `.NAME.PID.old` (the previous output set aside) is put back when `out` is missing."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:(\d+)\.)?(?:[a-z0-9_]{{8}}\.partial|old)")
+    for sibling in out.parent.iterdir():
+        match = pattern.fullmatch(sibling.name)
+        if match is None or (match[1] is not None and _process_alive(int(match[1]))):
+            continue
+        if sibling.name.endswith(".old") and not out.exists():
+            log.warning("putting back %s, set aside by a run that was killed, as %s", sibling, out)
+            os.replace(sibling, out)
+        else:
+            log.info("removing %s, left by a run that was killed", sibling)
+            _remove(sibling)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _umask() -> int:

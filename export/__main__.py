@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import zipfile
 from pathlib import Path
 
-from common.cli import dispatch
+from common.cli import UserError, check_at_least, check_input_folder, check_output_parent, check_positive, dispatch
 from export.bundle import DEFAULT_BUDGET_H, DEFAULT_COMPETITION, SUBMISSION_SCRIPT, build_bundle
 from export.delg import export_delg
 from export.retrieval import DEFAULT_MAX_MB, export_retrieval
@@ -22,14 +24,49 @@ COMMANDS = {  # name -> ("module:function", help); this module is __main__ under
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command][1])
     parser.add_argument("--run", type=Path, required=True, help="training run folder (config.json, checkpoints/)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if this kit wrote it (a folder or file of other origin is never replaced)")
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, then check what every export shares: --run is a folder, --out can be written where it points."""
+    args = parser.parse_args(argv)
+    check_input_folder("--run", args.run)
+    check_output_parent(args.out)
+    return args
+
+
+def _check_zip_out(out: Path, overwrite: bool) -> None:
+    """--out of `export retrieval`: a new file, or with --overwrite a retrieval zip this kit wrote."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: a folder; give the path of the zip file to write")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it or choose another path")
+    if not _is_saved_model_zip(out):
+        raise UserError(f"--out {out} exists and is no SavedModel zip written by this kit; "
+                        "--overwrite replaces only the kit's own outputs: choose another path")
+
+
+def _is_saved_model_zip(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return "saved_model.pb" in archive.namelist()
+
+
+def _check_slug(flag: str, value: str) -> None:
+    """Kaggle names (user, dataset, notebook, competition): letters, digits, '-' and '_'."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", value):
+        raise UserError(f"{flag} {value!r}: expected a Kaggle name (letters, digits, '-' and '_')")
 
 
 def main_delg(argv: list[str] | None) -> None:
     parser = _parser("delg")
     parser.add_argument("--out", type=Path, required=True, help="SavedModel folder to create")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     print(export_delg(args.run, args.out, overwrite=args.overwrite))
 
 
@@ -40,7 +77,11 @@ def main_retrieval(argv: list[str] | None) -> None:
                         help="descriptor size D; must equal the run's embedding_dim (default: that value)")
     parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB,
                         help=f"refuse a zip larger than this many MB (default {DEFAULT_MAX_MB:g})")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
+    if args.dim is not None:
+        check_at_least("--dim", args.dim, 1)
+    check_positive("--max-mb", args.max_mb)
+    _check_zip_out(args.out, args.overwrite)
     size_mb = export_retrieval(args.run, args.out, dim=args.dim, max_mb=args.max_mb, overwrite=args.overwrite)
     print(f"{args.out}: {size_mb:.1f} MB (limit {args.max_mb:g} MB)")
 
@@ -59,7 +100,10 @@ def main_bundle(argv: list[str] | None) -> None:
                         help="submission script to ship (default %(default)s)")
     parser.add_argument("--time-budget-h", type=float, default=DEFAULT_BUDGET_H,
                         help="the competition's notebook limit in hours, passed to main.py (default %(default)s)")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
+    for flag in ("--kaggle-user", "--dataset", "--kernel", "--competition"):
+        _check_slug(flag, getattr(args, flag[2:].replace("-", "_")))
+    check_positive("--time-budget-h", args.time_budget_h)
     print(build_bundle(args.run, args.out, user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel,
                        competition=args.competition, wheel=args.wheel, script=args.script,
                        overwrite=args.overwrite, budget_h=args.time_budget_h))

@@ -1,4 +1,4 @@
-"""`python -m local_eval COMMAND ...`: score, build, replay, time, show, show-pair, demo."""
+"""`python -m local_eval COMMAND ...`: score, build, replay, time, show, show-pair (the demo is `python -m demo`)."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +12,6 @@ COMMANDS = {
     "time": ("local_eval.timing:main", "project a run's timing log to a real competition's size and limit"),
     "show": ("local_eval.show:main_show", "HTML report of retrieved neighbours and local matches"),
     "show-pair": ("local_eval.show:main_show_pair", "draw the local-feature matches of two images"),
-    "demo": ("local_eval.demo:main", "build, train, export, replay and time a small competition end to end"),
 }
 
 if __name__ == "__main__":

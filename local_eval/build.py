@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from local_eval.gldv2_subset import build_gldv2_subset
-from local_eval.layout import solution_file, task_folder
+from local_eval.layout import nonlandmark_folder, solution_file, task_folder
 from local_eval.synthetic import SIZES, build_synthetic
 
 
@@ -18,7 +18,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     synthetic = sources.add_parser("synthetic", help="render a synthetic competition from a seed")
     synthetic.add_argument("--size", default="tiny", choices=list(SIZES),
                            help="tiny: tests (~30 landmarks); small: the demo (~150); medium: benchmarks (10x small)")
-    synthetic.add_argument("--seed", type=int, default=0, help="master seed: the same seed gives the same bytes")
+    synthetic.add_argument("--seed", type=int, default=0,
+                           help="master seed (0 or more): the same seed gives the same bytes")
     synthetic.add_argument("--nonlandmark-share", type=float, default=0.7,
                            help="share of recognition test images that show no train landmark")
     gldv2 = sources.add_parser("gldv2", help="cut a consistent subset of a local GLDv2 download (links images)")
@@ -27,9 +28,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gldv2.add_argument("--test", type=int, required=True, help="test images (recognition) and queries (retrieval)")
     gldv2.add_argument("--index", type=int, required=True, help="index images: relevant ones plus distractors")
     gldv2.add_argument("--seed", type=int, default=0, help="seed of the random choices")
+    gldv2.add_argument("--nonlandmark-dir", type=Path, default=None,
+                       help="a folder of images known to show no landmark (e.g. an earlier year's non-landmark test "
+                            "images): linked as the competition's distractor set")
     for sub in (synthetic, gldv2):
         sub.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
-        sub.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+        sub.add_argument("--overwrite", action="store_true",
+                         help="replace a different competition this kit built at --out (never other folders)")
     return parser.parse_args(argv)
 
 
@@ -59,8 +64,17 @@ def summary(out: Path) -> str:
         f"  retrieval: {n_index} index images, {len(retrieval)} queries",
         f"    query Usage: {_usage(retrieval)}",
         f"    relevant index images per scored query: {_quantiles(relevant.str.len())}",
+        f"  distractors: {_distractors(out)}",
     ]
     return "\n".join(lines)
+
+
+def _distractors(out: Path) -> str:
+    folder = nonlandmark_folder(out)
+    if not folder.is_dir():
+        return "none (build gldv2 --nonlandmark-dir DIR adds them)"
+    count = sum(1 for p in folder.rglob("*") if p.is_file())
+    return f"{count} images of no landmark in {folder} (pass it to the script as --nonlandmark-dir)"
 
 
 def _usage(solution: pd.DataFrame) -> str:
@@ -75,6 +89,6 @@ def main(argv: list[str] | None = None) -> int:
                               nonlandmark_share=args.nonlandmark_share, overwrite=args.overwrite)
     else:
         out = build_gldv2_subset(args.gldv2, args.out, n_test=args.test, n_index=args.index, seed=args.seed,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, nonlandmark_dir=args.nonlandmark_dir)
     print(summary(out))
     return 0

@@ -4,6 +4,7 @@ Recognition: test images whose landmarks are kept in train plus non-landmark tes
 proportion; train holds the clean images of those landmarks and of as many other landmarks.
 Retrieval: queries whose relevant index images all fit, every one of those images, then distractors.
 Images missing from a partial download are skipped when choosing.
+A folder of images known to show no landmark (--nonlandmark-dir) becomes the competition's distractor set.
 """
 from __future__ import annotations
 
@@ -15,22 +16,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import UserError, atomic_output_dir
-from common.gldv2 import image_path
-from local_eval.layout import check_existing, task_folder, write_build_info, write_csvs
+from common.cli import UserError, atomic_output_dir, check_at_least, check_input_folder
+from common.gldv2 import ID, IDS, INDEX_IMAGES, LANDMARK, LANDMARKS, USAGE, check_fields, image_path
+from local_eval.layout import BUILD_INFO, check_existing, nonlandmark_folder, task_folder, write_build_info, write_csvs
 
 log = logging.getLogger(__name__)
 
-FILES = {
-    "train.csv": ["id", "landmark_id"],
-    "train_clean.csv": ["landmark_id", "images"],
-    "recognition_solution_v2.1.csv": ["id", "landmarks", "Usage"],
-    "retrieval_solution_v2.1.csv": ["id", "images", "Usage"],
+FILES = {  # the GLDv2 files read, with the fields used and what each holds
+    "train.csv": {"id": ID, "landmark_id": LANDMARK},
+    "train_clean.csv": {"landmark_id": LANDMARK, "images": IDS},
+    "recognition_solution_v2.1.csv": {"id": ID, "landmarks": LANDMARKS, "Usage": USAGE},
+    "retrieval_solution_v2.1.csv": {"id": ID, "images": INDEX_IMAGES, "Usage": USAGE},
 }
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # files of --nonlandmark-dir taken as images
 
 
 def read_gldv2_csv(gldv2: Path, name: str) -> pd.DataFrame:
-    """One of the GLDv2 CSV files, all columns as strings; a missing file or column is a UserError."""
+    """One of the GLDv2 CSV files, all columns as strings; a missing file or column or a malformed field is a
+    UserError naming the file (and line)."""
     path = gldv2 / name
     if not path.is_file():
         raise UserError(f"{path}: file not found (expected the GLDv2 file {name})")
@@ -41,6 +44,7 @@ def read_gldv2_csv(gldv2: Path, name: str) -> pd.DataFrame:
     missing = [c for c in FILES[name] if c not in frame.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {','.join(frame.columns)}")
+    check_fields(path, frame, FILES[name])
     return frame
 
 
@@ -104,13 +108,39 @@ def link_images(gldv2: Path, root: Path, split: str, ids: Iterable[str], out_spl
         os.symlink(image_path(gldv2, split, image_id).resolve(), target)
 
 
+def nonlandmark_images(folder: Path, taken: set[str]) -> list[Path]:
+    """The image files under folder (relative paths), less those whose id is an image of the subset."""
+    images = sorted(p.relative_to(folder) for p in folder.rglob("*")
+                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    kept = [p for p in images if p.stem not in taken]
+    if len(kept) < len(images):
+        log.warning("--nonlandmark-dir: left out %d images that are in the subset itself", len(images) - len(kept))
+    if not kept:
+        raise UserError(f"--nonlandmark-dir {folder}: no image ({', '.join(IMAGE_SUFFIXES)}) outside the subset")
+    return kept
+
+
+def link_nonlandmark(folder: Path, images: list[Path], root: Path) -> None:
+    """Symbolic links in the competition's distractor folder, at the images' paths under folder."""
+    for relative in images:
+        target = nonlandmark_folder(root) / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink((folder / relative).resolve(), target)
+
+
 def build_gldv2_subset(gldv2: Path, out: Path, n_test: int, n_index: int, seed: int = 0,
-                       overwrite: bool = False) -> Path:
-    """Write a consistent GLDv2 subset in the Kaggle layout into `out` (atomically) and return `out`."""
+                       overwrite: bool = False, nonlandmark_dir: Path | None = None) -> Path:
+    """Write a consistent GLDv2 subset in the Kaggle layout into `out` (atomically) and return `out`;
+    an identical build there is kept."""
     gldv2, out = Path(gldv2).resolve(), Path(out)
-    if n_test < 1 or n_index < 2:
-        raise UserError(f"--test must be at least 1 and --index at least 2, got {n_test} and {n_index}")
+    check_input_folder("--gldv2", gldv2)
+    check_at_least("--test", n_test, 1)
+    check_at_least("--index", n_index, 2)
+    check_at_least("--seed", seed, 0)
     info = {"source": "gldv2", "gldv2": str(gldv2), "test": n_test, "index": n_index, "seed": seed}
+    if nonlandmark_dir is not None:
+        check_input_folder("--nonlandmark-dir", nonlandmark_dir)
+        info["nonlandmark_dir"] = str(Path(nonlandmark_dir).resolve())
     if check_existing(out, info, overwrite):
         log.info("%s already holds this competition; nothing to do", out)
         return out
@@ -125,14 +155,18 @@ def build_gldv2_subset(gldv2: Path, out: Path, n_test: int, n_index: int, seed: 
     clean_ids = {image_id for lm in kept for image_id in clean[lm]}
     train = frames["train.csv"][frames["train.csv"].id.isin(clean_ids)][["id", "landmark_id"]]
     train = train[train.id.isin(present(gldv2, "train", train.id))].sort_values("id")
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    taken = {*train.id, *test.id, *queries.id, *index_ids}
+    distractors = [] if nonlandmark_dir is None else nonlandmark_images(Path(nonlandmark_dir), taken)
+    with atomic_output_dir(out, overwrite=overwrite, marker=BUILD_INFO) as tmp:
         recognition, retrieval = task_folder(tmp, "recognition"), task_folder(tmp, "retrieval")
         link_images(gldv2, recognition, "train", train.id)
         link_images(gldv2, recognition, "test", test.id)
         link_images(gldv2, retrieval, "index", index_ids)
         link_images(gldv2, retrieval, "test", queries.id)
+        if nonlandmark_dir is not None:
+            link_nonlandmark(Path(nonlandmark_dir), distractors, tmp)
         write_csvs(tmp, train, test.sort_values("id"), queries.sort_values("id"))
         write_build_info(tmp, info)
-    log.info("built %s: %d train, %d test, %d index, %d queries", out, len(train), len(test), len(index_ids),
-             len(queries))
+    log.info("built %s: %d train, %d test, %d index, %d queries, %d distractors", out, len(train), len(test),
+             len(index_ids), len(queries), len(distractors))
     return out

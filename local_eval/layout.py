@@ -1,5 +1,5 @@
 """The layout of a local competition, written down once: the Kaggle input folders, the hidden solutions,
-the build record. Both builders write it (write_csvs), replay and the demo read it."""
+the distractor images, the build record. Both builders write it (write_csvs), replay and the demo read it."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cli import UserError
+from common.cli import UserError, check_output_dir
 
 TASK_FOLDERS = {"recognition": "landmark-recognition", "retrieval": "landmark-retrieval"}
 SOLUTIONS = "solutions"  # never visible to the submission script
 SOLUTION_FILES = {"recognition": "recognition_solution.csv", "retrieval": "retrieval_solution.csv"}
-BUILD_INFO = "build_info.json"
+NONLANDMARK = "nonlandmark"  # images known to show no landmark, for the script's --nonlandmark-dir
+BUILD_INFO = "build_info.json"  # the build's parameters; also the mark that the kit wrote the folder
 
 
 def task_folder(competition: Path, task: str) -> Path:
@@ -21,6 +22,12 @@ def task_folder(competition: Path, task: str) -> Path:
 
 def solution_file(competition: Path, task: str) -> Path:
     return Path(competition) / SOLUTIONS / SOLUTION_FILES[task]
+
+
+def nonlandmark_folder(competition: Path) -> Path:
+    """The distractor set: images of no landmark, none of them in test; beside the task folders, so the
+    submission script sees it only when it is passed as --nonlandmark-dir."""
+    return Path(competition) / NONLANDMARK
 
 
 def write_csvs(root: Path, train: pd.DataFrame, test: pd.DataFrame, queries: pd.DataFrame) -> None:
@@ -48,14 +55,13 @@ def read_build_info(out: Path) -> dict | None:
 
 
 def check_existing(out: Path, info: dict, overwrite: bool) -> bool:
-    """True when `out` already holds this very build; a different competition there is a UserError."""
-    if not out.exists() or overwrite:
-        return False
+    """True when `out` already holds this very build (kept as it is); another build there needs --overwrite.
+    A folder that is no build of this kit is refused by common.cli.check_output_dir, with or without it."""
     existing = read_build_info(out)
     if existing == info:
         return True
-    if existing is None:
-        raise UserError(f"{out} already exists and holds no competition built by this kit; "
-                        "remove it or choose another output path")
-    raise UserError(f"{out} already holds a different competition ({json.dumps(existing)}); "
-                    "pass --overwrite or choose another output path")
+    if existing is not None and not overwrite:
+        raise UserError(f"{out} already holds a different competition ({json.dumps(existing)}); "
+                        "pass --overwrite to replace it or choose another output path")
+    check_output_dir(out, overwrite, marker=BUILD_INFO)
+    return False

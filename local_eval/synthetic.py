@@ -4,6 +4,8 @@ A landmark is one planar panel: its family fixes the palette and the large-scale
 windows, big painted shapes or bands), its member seed adds fine high-contrast glyphs, so siblings look
 alike globally and differ in local detail. Every image is a fresh photo-like view of a panel (homography,
 scale, rotation, crop, occluders, lighting, blur, noise, JPEG) on a clutter background, or pure clutter.
+Beside the two task folders lies a distractor set (layout.nonlandmark_folder): images of no train landmark,
+made like the test's non-landmark images (clutter, and views of families that never appear in train or test).
 """
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from common.cli import UserError, atomic_output_dir
+from common.cli import UserError, atomic_output_dir, check_at_least
 from common.gldv2 import image_path
-from local_eval.layout import check_existing, task_folder, write_build_info, write_csvs
+from local_eval.layout import BUILD_INFO, check_existing, nonlandmark_folder, task_folder, write_build_info, write_csvs
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +47,20 @@ class CompetitionSize:
     test: int
     index: int
     retrieval_test: int
+    nonlandmark: int  # the distractor set
     min_side: int
     max_side: int
 
+    @property
+    def unseen(self) -> int:
+        """Landmarks of families never seen in train."""
+        return max(6, self.landmarks // 3)
+
 
 SIZES = {
-    "tiny": CompetitionSize(30, 240, 80, 100, 40, 96, 160),
-    "small": CompetitionSize(150, 3000, 600, 1500, 300, 192, 320),
-    "medium": CompetitionSize(1500, 30000, 6000, 15000, 3000, 192, 320),
+    "tiny": CompetitionSize(30, 240, 80, 100, 40, 40, 96, 160),
+    "small": CompetitionSize(150, 3000, 600, 1500, 300, 300, 192, 320),
+    "medium": CompetitionSize(1500, 30000, 6000, 15000, 3000, 3000, 192, 320),
 }
 
 
@@ -66,7 +74,7 @@ class Landmark(NamedTuple):
 class Row(NamedTuple):
     """One image of the competition: where it goes, what it shows (None: pure clutter), its Usage."""
 
-    split: str  # train | test | index | retrieval_test
+    split: str  # train | test | index | retrieval_test | nonlandmark
     image_id: str
     landmark: Landmark | None
     usage: str = ""
@@ -358,7 +366,7 @@ def plan_retrieval(rng: np.random.Generator, size: CompetitionSize, queryable: l
 def plan_competition(size: CompetitionSize, seed: int, nonlandmark_share: float) -> list[Row]:
     """Every image of the competition with its landmark (None for pure clutter) and Usage."""
     rng = np.random.default_rng([seed, 1])
-    landmarks = make_landmarks(rng, size.landmarks + max(6, size.landmarks // 3), size.landmarks)
+    landmarks = make_landmarks(rng, size.landmarks + size.unseen, size.landmarks)
     seen, unseen = landmarks[: size.landmarks], landmarks[size.landmarks:]
     counts = long_tail_counts(rng, len(seen), size.train)
     train = [lm for lm, c in zip(seen, counts, strict=True) for _ in range(c)]
@@ -373,12 +381,25 @@ def plan_competition(size: CompetitionSize, seed: int, nonlandmark_share: float)
             + _rows(seed, "retrieval_test", queries, query_usage))
 
 
+def plan_nonlandmark(size: CompetitionSize, seed: int, competition: list[Row]) -> list[Row]:
+    """The distractor set: half views of new never-trained families (none in the competition), half clutter.
+
+    It draws from its own random stream, so the competition's own images stay as they were without it."""
+    rng = np.random.default_rng([seed, 2])
+    known = {r.landmark.family_seed for r in competition if r.landmark is not None}
+    families = [lm for lm in make_landmarks(rng, size.unseen, 0) if lm.family_seed not in known]
+    n_views = size.nonlandmark // 2
+    return _rows(seed, "nonlandmark", _pick(rng, families, n_views) + [None] * (size.nonlandmark - n_views))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Writing
 
 
 def image_location(root: Path, row: Row) -> Path:
-    """Where a planned image lives in the Kaggle layout."""
+    """Where a planned image lives in the Kaggle layout (distractors: flat in their own folder)."""
+    if row.split == "nonlandmark":
+        return nonlandmark_folder(root) / f"{row.image_id}.jpg"
     if row.split == "train" or row.split == "test":
         return image_path(task_folder(root, "recognition"), row.split, row.image_id)
     return image_path(task_folder(root, "retrieval"), "index" if row.split == "index" else "test", row.image_id)
@@ -422,21 +443,24 @@ def write_competition_csvs(rows: list[Row], root: Path) -> None:
 
 def build_synthetic(out: Path, size: str = "tiny", seed: int = 0, nonlandmark_share: float = 0.7,
                     overwrite: bool = False, workers: int | None = None) -> Path:
-    """Build the synthetic competition into `out` (atomically) and return `out`."""
+    """Build the synthetic competition into `out` (atomically) and return `out`; an identical build there is kept."""
     out = Path(out)
     if size not in SIZES:
-        raise UserError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
+        raise UserError(f"--size {size!r}: unknown; expected one of {', '.join(SIZES)}")
+    check_at_least("--seed", seed, 0)
     if not 0.0 <= nonlandmark_share < 1.0:
-        raise UserError(f"the non-landmark share must be in [0, 1), got {nonlandmark_share}")
-    info = {"source": "synthetic", "size": size, "seed": seed, "nonlandmark_share": nonlandmark_share}
+        raise UserError(f"--nonlandmark-share must be in [0, 1), got {nonlandmark_share}")
+    spec = SIZES[size]
+    info = {"source": "synthetic", "size": size, "seed": seed, "nonlandmark_share": nonlandmark_share,
+            "distractors": spec.nonlandmark}
     if check_existing(out, info, overwrite):
         log.info("%s already holds this competition (%s); nothing to do", out, json.dumps(info))
         return out
-    spec = SIZES[size]
     rows = plan_competition(spec, seed, nonlandmark_share)
+    rows += plan_nonlandmark(spec, seed, rows)
     if workers is None:
         workers = 1 if len(rows) < 1000 else min(2, os.cpu_count() or 1)
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, marker=BUILD_INFO) as tmp:
         render_images(rows, tmp, seed, spec, workers)
         write_competition_csvs(rows, tmp)
         write_build_info(tmp, info)

@@ -13,6 +13,7 @@ from common.cli import UserError, run_main
 from common.gldv2 import image_path
 from local_eval.build import main as build_main
 from local_eval.gldv2_subset import build_gldv2_subset
+from local_eval.layout import nonlandmark_folder
 
 
 def new_id(rng: np.random.Generator) -> str:
@@ -123,3 +124,69 @@ def test_missing_file_or_column_is_a_one_line_error(fake_gldv2, tmp_path, capsys
     with pytest.raises(UserError, match="missing column.*images"):
         build_gldv2_subset(broken, tmp_path / "out", n_test=5, n_index=10)
     assert not (tmp_path / "out").exists()
+
+
+def test_nonlandmark_dir_becomes_the_distractor_set(fake_gldv2, tmp_path, capsys):
+    source = tmp_path / "no-landmarks"
+    rng = np.random.default_rng(7)
+    images = [Path(f"{new_id(rng)}.jpg"), Path("2019/a/photo.JPEG"), Path("b/c.png")]
+    for relative in images:
+        (source / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(source / relative, format="PNG")
+    (source / "README.txt").write_text("not an image")
+    test_id = read(fake_gldv2 / "recognition_solution_v2.1.csv").id.iloc[0]
+    write_image(source, "old-test", test_id)  # may be in the subset's test: left out if so
+    out = tmp_path / "out"
+    args = ["gldv2", "--gldv2", str(fake_gldv2), "--out", str(out), "--test", "60", "--index", "30",
+            "--nonlandmark-dir", str(source)]
+    assert run_main(build_main, args) == 0
+    folder = nonlandmark_folder(out)
+    linked = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    subset_ids = {i for task in ("recognition", "retrieval") for i in read(out / f"solutions/{task}_solution.csv").id}
+    assert test_id in subset_ids
+    assert linked == sorted(images)  # every image but the subset's own test image and the text file
+    assert all((folder / p).is_symlink() and (folder / p).resolve() == (source / p).resolve() for p in linked)
+    assert f"distractors: 3 images of no landmark in {folder}" in capsys.readouterr().out
+    assert run_main(build_main, args) == 0  # the same build: kept
+    assert run_main(build_main, args[:-2]) == 2  # without the folder it is another build
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--test", "0"], "--test must be at least 1"),
+    (["--index", "1"], "--index must be at least 2"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--gldv2", "{file}"], "--gldv2 {file}: not a folder"),
+    (["--nonlandmark-dir", "{missing}"], "--nonlandmark-dir {missing}: no such folder"),
+    (["--nonlandmark-dir", "{empty}"], "--nonlandmark-dir {empty}: no image"),
+    (["--out", "{file}/sub"], "{file} is a file, not a folder"),
+])
+def test_bad_flags_are_one_error_line(fake_gldv2, tmp_path, capsys, change, named):
+    paths = {"file": tmp_path / "file", "missing": tmp_path / "missing", "empty": tmp_path / "empty"}
+    paths["file"].write_text("x")
+    paths["empty"].mkdir()
+    args = ["gldv2", "--gldv2", str(fake_gldv2), "--out", str(tmp_path / "out"), "--test", "5", "--index", "10",
+            *(c.format(**paths) for c in change)]
+    assert run_main(build_main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and named.format(**paths) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, line, bad", [
+    ("train.csv", 3, "landmark_id 'x7' is not a landmark id"),
+    ("train_clean.csv", 2, "images 'abc' is not space-separated ids"),
+    ("recognition_solution_v2.1.csv", 4, "Usage 'Secret' is not Public, Private or Ignored"),
+    ("retrieval_solution_v2.1.csv", 2, "id 'short' is not an id of 16 hex digits"),
+])
+def test_a_malformed_field_names_file_line_and_id(fake_gldv2, tmp_path, name, line, bad):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in ("train.csv", "train_clean.csv", "recognition_solution_v2.1.csv", "retrieval_solution_v2.1.csv"):
+        (broken / file).write_text((fake_gldv2 / file).read_text())
+    frame = read(broken / name)
+    column, value = bad.split(" ")[0], bad.split("'")[1]
+    frame.loc[line - 2, column] = value
+    frame.to_csv(broken / name, index=False)
+    with pytest.raises(UserError, match=f"{broken / name}, line {line}: .*{column} '{value}' is not"):
+        build_gldv2_subset(broken, tmp_path / "out", n_test=5, n_index=10)

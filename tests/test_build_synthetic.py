@@ -13,7 +13,8 @@ from common.cli import UserError, run_main
 from common.gldv2 import image_path
 from local_eval import synthetic
 from local_eval.build import main as build_main
-from local_eval.synthetic import SIZES, build_synthetic, plan_competition
+from local_eval.layout import nonlandmark_folder, task_folder
+from local_eval.synthetic import SIZES, build_synthetic, plan_competition, plan_nonlandmark
 
 HEADERS = {
     "landmark-recognition/train.csv": "id,landmark_id",
@@ -106,9 +107,28 @@ def test_retrieval_solution_lists_every_index_image_of_the_query_landmark(tiny_c
 def test_test_views_are_never_train_views(tiny_competition):
     train = {hashlib.sha256(p.read_bytes()).digest()
              for p in (tiny_competition / "landmark-recognition/train").rglob("*.jpg")}
-    others = [p for split in ("landmark-recognition/test", "landmark-retrieval/index", "landmark-retrieval/test")
-              for p in (tiny_competition / split).rglob("*.jpg")]
+    others = [p for split in ("landmark-recognition/test", "landmark-retrieval/index", "landmark-retrieval/test",
+                              "nonlandmark") for p in (tiny_competition / split).rglob("*.jpg")]
     assert not any(hashlib.sha256(p.read_bytes()).digest() in train for p in others)
+
+
+def test_distractor_set_shows_no_competition_landmark_and_no_test_image(tiny_competition):
+    folder = nonlandmark_folder(tiny_competition)
+    assert folder.parent == tiny_competition and folder not in (task_folder(tiny_competition, "recognition"),
+                                                               task_folder(tiny_competition, "retrieval"))
+    rows = plan_competition(SIZES["tiny"], seed=0, nonlandmark_share=0.7)
+    distractors = plan_nonlandmark(SIZES["tiny"], 0, rows)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{r.image_id}.jpg" for r in distractors)
+    assert len(distractors) == SIZES["tiny"].nonlandmark
+    families = {r.landmark.family_seed for r in rows if r.landmark is not None}
+    views = [r.landmark for r in distractors if r.landmark is not None]
+    assert len(views) == len(distractors) // 2 and len({lm.family_seed for lm in views}) > 1
+    assert not any(lm.in_train or lm.family_seed in families for lm in views)  # never trained, never tested
+    assert not {r.image_id for r in distractors} & {r.image_id for r in rows}
+    test_bytes = {hashlib.sha256(p.read_bytes()).digest()
+                  for split in ("landmark-recognition/test", "landmark-retrieval/test")
+                  for p in (tiny_competition / split).rglob("*.jpg")}
+    assert not any(hashlib.sha256(p.read_bytes()).digest() in test_bytes for p in folder.iterdir())
 
 
 def test_same_seed_same_bytes_in_parallel_and_other_seed_differs(tiny_competition, tmp_path):
@@ -117,6 +137,8 @@ def test_same_seed_same_bytes_in_parallel_and_other_seed_differs(tiny_competitio
     other = build_synthetic(tmp_path / "other", size="tiny", seed=1)
     train_csv = "landmark-recognition/train.csv"
     assert (other / train_csv).read_text() != (tiny_competition / train_csv).read_text()
+    build_synthetic(other, size="tiny", seed=0, overwrite=True)  # another build of the kit: replaced whole
+    assert tree_digest(other) == tree_digest(tiny_competition)
 
 
 def test_existing_output_same_build_is_kept_other_build_is_an_error(tiny_competition, tmp_path):
@@ -127,10 +149,14 @@ def test_existing_output_same_build_is_kept_other_build_is_an_error(tiny_competi
         build_synthetic(tiny_competition, size="tiny", seed=3)
     stranger = tmp_path / "stranger"
     stranger.mkdir()
+    (stranger / "notes.txt").write_text("not the kit's")
     with pytest.raises(UserError, match="already exists"):
         build_synthetic(stranger, size="tiny")
-    with pytest.raises(UserError, match="unknown size"):
+    with pytest.raises(UserError, match="--size 'huge': unknown"):
         build_synthetic(tmp_path / "x", size="huge")
+    with pytest.raises(UserError, match="not written by this kit"):
+        build_synthetic(stranger, size="tiny", overwrite=True)
+    assert [p.name for p in stranger.iterdir()] == ["notes.txt"]
 
 
 def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -147,7 +173,29 @@ def test_command_prints_summary_and_rejects_bad_input(tiny_competition, tmp_path
     assert run_main(build_main, ["synthetic", "--size", "tiny", "--seed", "0", "--out", str(tiny_competition)]) == 0
     out = capsys.readouterr().out
     assert "train images per landmark" in out and "Public" in out
+    folder = nonlandmark_folder(tiny_competition)
+    assert f"distractors: {SIZES['tiny'].nonlandmark} images of no landmark in {folder}" in out
     assert run_main(build_main, ["synthetic", "--seed", "5", "--out", str(tiny_competition)]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
-    assert run_main(build_main, ["synthetic", "--nonlandmark-share", "1.5", "--out", str(tmp_path / "o")]) == 2
-    assert not (tmp_path / "o").exists()
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--seed", "-5"], "--seed"),
+    (["--nonlandmark-share", "1.5"], "--nonlandmark-share"),
+    (["--nonlandmark-share", "nan"], "--nonlandmark-share"),
+    (["--out", "{file}/sub"], "is a file, not a folder"),
+    (["--out", "{file}"], "exists and is not a folder"),
+    (["--out", "/proc/kit-test-out"], "cannot write in /proc"),
+    (["--out", "{mine}", "--overwrite"], "not written by this kit"),
+])
+def test_bad_flags_are_one_error_line_and_touch_nothing(tmp_path, capsys, flags, named):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    flags = [f.format(file=tmp_path / "file", mine=tmp_path / "mine") for f in flags]
+    argv = ["synthetic", "--out", str(tmp_path / "o"), *flags]  # a later --out wins
+    assert run_main(build_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and named in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "x"

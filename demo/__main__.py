@@ -1,4 +1,4 @@
-"""`make demo`: the whole competition loop on a generated competition, with no data of the user's.
+"""`make demo` (`python -m demo`): the whole competition loop on a generated competition, with no data of the user's.
 
 build the `small` synthetic competition -> train the tiny DELG on CPU -> export -> replay both tasks ->
 project the timings to a real competition -> one summary. Every step whose output exists is reused.
@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
-from common.cli import UserError
-from local_eval.layout import solution_file, task_folder
+from common.cli import UserError, check_at_least, run_main
+from local_eval.layout import task_folder
+from local_eval.replay import replay
+from local_eval.synthetic import SIZES, build_synthetic
+from local_eval.timing import PROFILES, format_report, projection_report
 
 # The demo's settings in one place (the stages read nothing else).
 DEMO = {
@@ -37,16 +41,14 @@ def timed(name: str, seconds: dict, fn, *args, **kwargs):
 
 
 def build_step(out: Path, size: str) -> Path:
-    from local_eval.synthetic import build_synthetic
-
+    """The competition; an identical earlier build is kept, one of an older kit or another size replaced."""
     competition = out / "competition"
-    if not solution_file(competition, "retrieval").is_file():
-        build_synthetic(competition, size=size, seed=DEMO["seed"])
+    build_synthetic(competition, size=size, seed=DEMO["seed"], overwrite=True)
     return competition
 
 
 def train_step(out: Path, competition: Path, steps: int) -> Path:
-    from train.config import get_config
+    from train.config import get_config  # TensorFlow loads only when a step needs it (`--help` stays fast)
     from train.loop import train
 
     settings = {**DEMO["train"], "steps": steps}
@@ -72,8 +74,6 @@ def export_step(out: Path, run_dir: Path) -> Path:
 
 
 def replay_step(out: Path, competition: Path, model: Path, task: str) -> dict:
-    from local_eval.replay import replay
-
     report_dir = out / f"replay-{task}"
     report_path = report_dir / "report.json"
     if up_to_date(report_path, model / "saved_model.pb") and json.loads(report_path.read_text())["status"] == "ok":
@@ -95,8 +95,6 @@ def usage_table(task: str, report: dict) -> list[str]:
 
 
 def summary(reports: dict[str, dict], projection: dict, step_seconds: dict) -> str:
-    from local_eval.timing import format_report
-
     lines = ["", "=" * 72, "DEMO SUMMARY (synthetic competition, tiny DELG trained on this CPU)"]
     for task, report in reports.items():
         flags = " ".join(DEMO["script_args"][task]) or "defaults"
@@ -109,13 +107,13 @@ def summary(reports: dict[str, dict], projection: dict, step_seconds: dict) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_eval demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO["out"], help="folder for everything the demo makes")
-    parser.add_argument("--size", default=DEMO["size"], help="synthetic competition size: tiny, small, medium")
-    parser.add_argument("--train-steps", type=int, default=DEMO["train"]["steps"], help="training steps")
+    parser.add_argument("--size", default=DEMO["size"], choices=list(SIZES), help="synthetic competition size")
+    parser.add_argument("--train-steps", type=int, default=DEMO["train"]["steps"], help="training steps (1 or more)")
     args = parser.parse_args(argv)
-    from local_eval.timing import PROFILES, projection_report
+    check_at_least("--train-steps", args.train_steps, 1)
 
     seconds: dict[str, float] = {}
     competition = timed("build", seconds, build_step, args.out, args.size)
@@ -130,3 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "summary.txt").write_text(text + "\n")
     print(text)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
