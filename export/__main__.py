@@ -66,8 +66,12 @@ def _check_slug(flag: str, value: str) -> None:
 def main_delg(argv: list[str] | None) -> None:
     parser = _parser("delg")
     parser.add_argument("--out", type=Path, required=True, help="SavedModel folder to create")
+    parser.add_argument("--float16", action="store_true",
+                        help="also hold global_batch_float16 (float16 compute, float32 outputs)")
+    parser.add_argument("--no-xla", dest="xla", action="store_false",
+                        help="do not XLA-compile the batched global functions")
     args = _parse(parser, argv)
-    print(export_delg(args.run, args.out, overwrite=args.overwrite))
+    print(export_delg(args.run, args.out, overwrite=args.overwrite, float16=args.float16, xla=args.xla))
 
 
 def main_retrieval(argv: list[str] | None) -> None:
@@ -100,13 +104,19 @@ def main_bundle(argv: list[str] | None) -> None:
                         help="submission script to ship (default %(default)s)")
     parser.add_argument("--time-budget-h", type=float, default=DEFAULT_BUDGET_H,
                         help="the competition's notebook limit in hours, passed to main.py (default %(default)s)")
+    parser.add_argument("--settings", type=Path, default=None,
+                        help="JSON settings file (local_eval tune's) shipped as settings.json, passed to main.py")
+    parser.add_argument("--nonlandmark-dir", type=Path, default=None,
+                        help="folder of images showing no landmark, shipped as nonlandmark/, passed to main.py")
+    parser.add_argument("--float16", action="store_true", help="export the model with --float16")
     args = _parse(parser, argv)
     for flag in ("--kaggle-user", "--dataset", "--kernel", "--competition"):
         _check_slug(flag, getattr(args, flag[2:].replace("-", "_")))
     check_positive("--time-budget-h", args.time_budget_h)
     print(build_bundle(args.run, args.out, user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel,
                        competition=args.competition, wheel=args.wheel, script=args.script,
-                       overwrite=args.overwrite, budget_h=args.time_budget_h))
+                       overwrite=args.overwrite, budget_h=args.time_budget_h, settings=args.settings,
+                       nonlandmark_dir=args.nonlandmark_dir, float16=args.float16))
 
 
 def main(argv: list[str]) -> int:

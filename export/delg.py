@@ -9,16 +9,30 @@ DELF writes it), scores [N,1] (attention), global_descriptors [G,D].
 Our global_descriptors rows are the per-scale descriptor the training model produces: GeM, whitening,
 then L2-normalized on their own. They are not summed or normalized across scales; that is the
 caller's step, as with Google's released DELG models (whose per-scale rows are not normalized).
+
+Beside it, `global_batch` (GLOBAL_BATCH_SIGNATURE) takes B images of one size and the global scales and
+returns one descriptor per image, summed over scales and L2-normalized inside the graph, as the submission
+script does with serving_default's rows: what a GPU needs to be busy (one call per batch, not per image).
+`export delg --float16` adds `global_batch_float16`: the backbone computes in float16, GeM, whitening and the
+normalisations in float32, the output is float32; it shares the float32 graph's variables. Both batched
+functions are XLA-compiled unless XLA fails where the export runs. assets/export_info.json says which
+functions exist, float16 or not, XLA or not, and the model's dimensions.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import keras
 import tensorflow as tf
 
 from common.cli import atomic_output_dir
 from export.receptive_field import ReceptiveField, receptive_field
+from train.backbone import build_backbone
 from train.model import DelgModel
 from train.run_files import (
     LABEL_MAP_FILE,
@@ -38,6 +52,15 @@ SIGNATURE = [
     tf.TensorSpec([], tf.float32, name="input_abs_thres"),
     tf.TensorSpec([None], tf.int32, name="input_global_scales_ind"),
 ]
+# The batched global function, a second signature; the submission script calls exactly these names.
+GLOBAL_BATCH = "global_batch"
+GLOBAL_BATCH_FLOAT16 = "global_batch_float16"  # only in exports made with --float16
+GLOBAL_BATCH_SIGNATURE = [
+    tf.TensorSpec([None, None, None, 3], tf.uint8, name="input_images"),  # B images of one size
+    tf.TensorSpec([None], tf.float32, name="input_scales"),  # the global scales, e.g. 0.7071 1.0 1.4142
+]
+GLOBAL_BATCH_OUTPUT = "global_descriptors"  # float32 [B, D], each row L2-normalized
+EXPORT_INFO_FILE = "export_info.json"  # in assets/: functions (float16, XLA), global_dim, local_dim, local_stride
 BUILD_SIZE = 64  # side of the dummy image that creates the model's variables before restoring
 # The parts of DelgModel that extraction reads. Only these are saved: the ArcFace and attention
 # classifiers (81k classes x 512 floats = 166 MB for GLDv2-clean) serve training alone.
@@ -55,7 +78,7 @@ def serving_module(model: DelgModel, serve, signature: list[tf.TensorSpec]) -> t
 def load_trained_model(run_dir: Path) -> DelgModel:
     """The run's DelgModel with the newest checkpoint restored; every model variable must be in it."""
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir)
+    cfg = dataclasses.replace(load_config(run_dir), backbone_weights="none")  # the checkpoint holds every weight
     model = DelgModel(cfg, num_classes=len(load_label_map(run_dir)))
     model(tf.zeros([1, BUILD_SIZE, BUILD_SIZE, 3]))
     prefix = latest_checkpoint(run_dir)
@@ -65,11 +88,16 @@ def load_trained_model(run_dir: Path) -> DelgModel:
     return model
 
 
-def resize_by(pixels: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
-    """[H,W,3] pixels -> [1,h,w,3] float, h = round(H*scale) (at least 1), bilinear as DELF resizes."""
-    size = tf.cast(tf.shape(pixels)[:2], tf.float32)
+def resize_images(images: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    """[B,H,W,3] pixels -> [B,h,w,3] float, h = round(H*scale) (at least 1), bilinear as DELF resizes."""
+    size = tf.cast(tf.shape(images)[1:3], tf.float32)
     new_size = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
-    return tf.image.resize(pixels[None], new_size)
+    return tf.image.resize(images, new_size)
+
+
+def resize_by(pixels: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    """[H,W,3] pixels -> [1,h,w,3] float, resized as resize_images does."""
+    return resize_images(pixels[None], scale)
 
 
 def cell_boxes(field: ReceptiveField, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
@@ -140,17 +168,134 @@ class DelgExtractor:
         }
 
 
-def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None) -> None:
-    """Write the DELG SavedModel of `model` into the existing folder out_dir."""
+@contextmanager
+def backbone_in_float16(model: DelgModel) -> Iterator[None]:
+    """Inside, the backbone's layers compute as they do when built under Keras's mixed_float16 policy.
+
+    The policies are read from a copy of the backbone built under that policy. The layers keep their float32
+    variables, so a graph traced inside shares them with the float32 graphs: one copy of the weights."""
+    previous_global = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        float16_layers = build_backbone(dataclasses.replace(model.cfg, backbone_weights="none")).layers
+    finally:
+        keras.mixed_precision.set_global_policy(previous_global)
+    layers = model.backbone.layers
+    previous = [layer.dtype_policy for layer in layers]
+    for layer, twin in zip(layers, float16_layers, strict=True):
+        layer.dtype_policy = twin.dtype_policy
+    try:
+        yield
+    finally:
+        for layer, policy in zip(layers, previous, strict=True):
+            layer.dtype_policy = policy
+
+
+class BatchedGlobal:
+    """`global_batch`: B images of one size and the global scales -> [B,D] descriptors.
+
+    Per scale: resized as serving_default resizes, backbone, GeM, whitening, L2-normalized; then summed over
+    the scales and L2-normalized. With float16 the backbone computes in float16 and the head in float32 (GeM's
+    x^3 overflows float16 above ~40). With xla the per-scale network is XLA-compiled, once per input shape;
+    the scale loop and the resizing stay outside it, since XLA needs shapes known at compile time.
+    """
+
+    def __init__(self, model: DelgModel, float16: bool = False, xla: bool = False):
+        self.model, self.float16 = model, float16
+        self._per_scale = tf.function(self._descriptors, jit_compile=xla)
+
+    def _descriptors(self, pixels: tf.Tensor) -> tf.Tensor:
+        """Float pixels [B,h,w,3] -> L2-normalized descriptors [B,D], head in float32."""
+        _, conv5 = self.model.features(pixels)
+        return self.model.global_descriptor(tf.cast(conv5, tf.float32))
+
+    def serve(self, input_images: tf.Tensor, input_scales: tf.Tensor) -> dict[str, tf.Tensor]:
+        pixels = tf.cast(input_images, tf.float32)
+        total = tf.zeros([tf.shape(pixels)[0], self.model.cfg.embedding_dim])
+        for i in tf.range(tf.size(input_scales)):
+            total += self._per_scale(resize_images(pixels, input_scales[i]))
+        return {GLOBAL_BATCH_OUTPUT: tf.nn.l2_normalize(total, axis=1)}
+
+    def concrete_function(self):
+        """serve traced once for GLOBAL_BATCH_SIGNATURE (in float16 when asked for)."""
+        traced = tf.function(self.serve, input_signature=GLOBAL_BATCH_SIGNATURE)
+        with backbone_in_float16(self.model) if self.float16 else nullcontext():
+            return traced.get_concrete_function()
+
+
+def batched_functions(float16: bool) -> dict[str, bool]:
+    """The batched signatures an export holds: name -> whether it computes in float16."""
+    return {GLOBAL_BATCH: False, **({GLOBAL_BATCH_FLOAT16: True} if float16 else {})}
+
+
+def write_saved_model(model: DelgModel, out_dir: Path, label_map: Path | None, batched: dict[str, bool],
+                      compiled: set[str]) -> None:
+    """serving_default plus the batched functions (XLA for those in `compiled`), saved into out_dir."""
     module = serving_module(model, DelgExtractor(model).serve, SIGNATURE)
     if label_map is not None:
         module.label_map = tf.saved_model.Asset(str(label_map))
-    tf.saved_model.save(module, str(out_dir), signatures={"serving_default": module.serve})
+    signatures = {"serving_default": module.serve}
+    for name, float16 in batched.items():
+        signatures[name] = BatchedGlobal(model, float16, xla=name in compiled).concrete_function()
+    tf.saved_model.save(module, str(out_dir), signatures=signatures)
 
 
-def export_delg(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+def failing_functions(saved_model_dir: Path, names: list[str]) -> dict[str, str]:
+    """Load the SavedModel, call each named batched function on one small image: name -> first error line."""
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    images = tf.zeros([1, BUILD_SIZE, BUILD_SIZE, 3], tf.uint8)
+    failures = {}
+    for name in names:
+        try:
+            loaded.signatures[name](input_images=images, input_scales=tf.constant([1.0]))
+        except tf.errors.OpError as err:
+            failures[name] = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return failures
+
+
+def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, float16: bool = False,
+              xla: bool = True) -> dict:
+    """Write the DELG SavedModel of `model` into the existing folder out_dir; returns what export_info.json says.
+
+    With xla, each batched function is compiled unless, once loaded back, it fails here; it is then saved
+    uncompiled and the reason recorded."""
+    batched = batched_functions(float16)
+    compiled = set(batched) if xla else set()
+    xla_errors: dict[str, str] = {}
+    while True:
+        write_saved_model(model, out_dir, label_map, batched, compiled)
+        failures = failing_functions(out_dir, list(batched))
+        if not failures:
+            break
+        for name, reason in failures.items():
+            if name not in compiled:
+                raise RuntimeError(f"{out_dir}: {name} fails without XLA: {reason}")
+            log.warning("%s: XLA fails on this machine (%s); saving it without XLA", name, reason)
+            compiled.discard(name)
+            xla_errors[name] = reason
+    info = export_info(model, batched, compiled, xla_errors)
+    (Path(out_dir) / "assets").mkdir(exist_ok=True)
+    (Path(out_dir) / "assets" / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    log.info("functions: %s", ", ".join(f"{name} ({'float16' if f['float16'] else 'float32'}"
+                                         f"{', XLA' if f['xla'] else ''})" for name, f in info["functions"].items()))
+    return info
+
+
+def export_info(model: DelgModel, batched: dict[str, bool], compiled: set[str], xla_errors: dict[str, str]) -> dict:
+    """What assets/export_info.json records: each function (float16? XLA?) and the model's dimensions."""
+    functions = {"serving_default": {"float16": False, "xla": False}}
+    for name, float16 in batched.items():
+        functions[name] = {"float16": float16, "xla": name in compiled,
+                           **({"xla_error": xla_errors[name]} if name in xla_errors else {})}
+    return {"functions": functions, "global_dim": model.cfg.embedding_dim, "local_dim": model.cfg.local_dim,
+            "local_stride": DelgExtractor(model).field.stride}
+
+
+def export_delg(run_dir: Path, out_dir: Path, overwrite: bool = False, float16: bool = False,
+                xla: bool = True) -> Path:
     """Export the run's newest checkpoint as a DELG SavedModel folder (label map in its assets/)."""
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        save_delg(load_trained_model(run_dir), tmp, label_map=Path(run_dir) / LABEL_MAP_FILE)
+        save_delg(load_trained_model(run_dir), tmp, label_map=Path(run_dir) / LABEL_MAP_FILE, float16=float16,
+                  xla=xla)
     log.info("wrote %s", out_dir)
     return Path(out_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from common.cli import UserError
-from export.delg import load_trained_model, resize_by, serving_module
+from export.delg import GLOBAL_BATCH_OUTPUT, BatchedGlobal, load_trained_model, serving_module
 from train.config import RETRIEVAL_SCALES
 from train.model import DelgModel
 
@@ -31,12 +31,15 @@ SIGNATURE = [tf.TensorSpec([None, None, 3], tf.uint8, name="input_image")]
 
 
 def retrieval_serve(model: DelgModel, scales: tuple[float, ...] = RETRIEVAL_SCALES):
-    """input_image -> {'global_descriptor': sum of the per-scale descriptors at `scales`, L2-normalized}."""
+    """input_image -> {'global_descriptor': sum of the per-scale descriptors at `scales`, L2-normalized}.
+
+    The DELG export's global_batch on a batch of one, without XLA (the server's TensorFlow and device are unknown).
+    """
+    batched = BatchedGlobal(model)
 
     def serve(input_image):
-        pixels = tf.cast(input_image, tf.float32)
-        per_scale = [model.global_descriptor(model.features(resize_by(pixels, scale))[1])[0] for scale in scales]
-        return {"global_descriptor": tf.nn.l2_normalize(tf.add_n(per_scale), axis=0)}
+        out = batched.serve(input_image[None], tf.constant(scales, tf.float32))
+        return {"global_descriptor": out[GLOBAL_BATCH_OUTPUT][0]}
 
     return serve
 

@@ -4,7 +4,8 @@ The network is one random 8x8 stride-4 convolution: its responses are the local 
 the attention scores, and the mean of their ReLU the global descriptor of each scale. Crude, but the
 features are real image features at real locations, so two copies of one image match with many inliers.
 The same graph is written two ways: a TF2 module with a `serving_default` signature (what our exporter
-writes) and a TF1 SavedModel built from named placeholders (what Google's released DELG models are).
+writes; with batched=True also its `global_batch` signature) and a TF1 SavedModel built from named
+placeholders (what Google's released DELG models are, with no batched function).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+from export.delg import GLOBAL_BATCH, GLOBAL_BATCH_OUTPUT, GLOBAL_BATCH_SIGNATURE
 
 LOCAL_DIM = 128
 STRIDE = 4
@@ -82,12 +85,35 @@ INPUT_SPECS = {
 }
 
 
-def write_tf2_model(out: str | Path, seed: int = 0) -> Path:
-    """A TF2 SavedModel whose serving_default follows the DELG contract."""
+def global_batch_forward(forward):
+    """The `global_batch` contract on top of `forward`: per image, its per-scale rows L2-normalized, summed,
+    L2-normalized (what export.delg's global_batch computes in one pass over the batch)."""
+
+    def one_image(image, scales):
+        rows = forward(input_image=image, input_scales=scales, input_max_feature_num=tf.constant(0),
+                       input_abs_thres=tf.constant(0.0),
+                       input_global_scales_ind=tf.range(tf.size(scales)))["global_descriptors"]
+        return tf.nn.l2_normalize(tf.reduce_sum(tf.nn.l2_normalize(rows, axis=1), axis=0), axis=0)
+
+    @tf.function
+    def global_batch(input_images, input_scales):
+        descriptors = tf.map_fn(lambda image: one_image(image, input_scales), input_images,
+                                fn_output_signature=tf.float32)
+        return {GLOBAL_BATCH_OUTPUT: descriptors}
+
+    return global_batch
+
+
+def write_tf2_model(out: str | Path, seed: int = 0, batched: bool = False) -> Path:
+    """A TF2 SavedModel whose serving_default follows the DELG contract (and with batched, global_batch too)."""
     module = tf.Module()
     forward = delg_forward(_random_kernel(seed))
     module.serve = tf.function(lambda **kw: forward(**kw)).get_concrete_function(**INPUT_SPECS)
-    tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve})
+    signatures = {"serving_default": module.serve}
+    if batched:
+        module.serve_batch = global_batch_forward(forward).get_concrete_function(*GLOBAL_BATCH_SIGNATURE)
+        signatures[GLOBAL_BATCH] = module.serve_batch
+    tf.saved_model.save(module, str(out), signatures=signatures)
     return Path(out)
 
 

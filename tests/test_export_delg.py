@@ -8,18 +8,34 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
+from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
 
+from common.gldv2 import image_path
+from export import delg
 from export.__main__ import main as export_main
-from export.delg import cell_boxes, export_delg, save_delg
+from export.delg import (
+    EXPORT_INFO_FILE,
+    GLOBAL_BATCH,
+    GLOBAL_BATCH_FLOAT16,
+    GLOBAL_BATCH_OUTPUT,
+    GLOBAL_BATCH_SIGNATURE,
+    cell_boxes,
+    export_delg,
+    save_delg,
+)
 from export.receptive_field import receptive_field
+from tests.delg_test_models import write_tf1_model, write_tf2_model
 from train.backbone import build_backbone
-from train.config import get_config
+from train.config import DELG_GLOBAL_SCALE_INDICES, DELG_IMAGE_SCALES, get_config
 from train.model import DelgModel
 from train.run_files import checkpoint_manager, make_checkpoint, save_config, save_label_map
 
 LANDMARK_IDS = [7, 11, 13, 42]
+GLOBAL_SCALES = [DELG_IMAGE_SCALES[i] for i in DELG_GLOBAL_SCALE_INDICES]
 
 
 def make_run_dir(run_dir: Path, **overrides) -> DelgModel:
@@ -156,7 +172,7 @@ def averaging_model() -> DelgModel:
 
 
 def test_strongest_keypoints_land_on_a_bright_patch(tmp_path):
-    save_delg(averaging_model(), tmp_path / "delg")
+    save_delg(averaging_model(), tmp_path / "delg", xla=False)
     signature = tf.saved_model.load(str(tmp_path / "delg")).signatures["serving_default"]
     image = np.zeros((160, 128, 3), np.uint8)
     centre = np.array([96, 64])
@@ -198,3 +214,191 @@ def test_existing_output_is_refused_and_left_alone(run_and_model, capsys):
     assert export_main(["delg", "--run", str(root / "run"), "--out", str(root / "delg")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in (root / "delg").iterdir()) == before
+
+
+# --- The batched global function (global_batch, global_batch_float16) ---
+
+def per_image_descriptors(signature, images: np.ndarray, scales: list[float]) -> np.ndarray:
+    """The script's per-image path: serving_default's rows at `scales`, each L2-normalized, summed, L2-normalized."""
+    descriptors = []
+    for image in images:
+        rows = extract(signature, image, scales=scales, max_features=0,
+                       global_indices=range(len(scales)))["global_descriptors"]
+        total = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).sum(axis=0)
+        descriptors.append(total / np.linalg.norm(total))
+    return np.stack(descriptors)
+
+
+def batched_descriptors(signature, images: np.ndarray, scales: list[float]) -> np.ndarray:
+    out = signature(input_images=tf.constant(images, tf.uint8), input_scales=tf.constant(scales, tf.float32))
+    assert set(out) == {GLOBAL_BATCH_OUTPUT} and out[GLOBAL_BATCH_OUTPUT].dtype == tf.float32
+    return out[GLOBAL_BATCH_OUTPUT].numpy()
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def image_batch(count: int, height: int, width: int) -> np.ndarray:
+    """Images of one size that differ in content: noise at different seeds, and smooth ramps."""
+    rows = np.linspace(0, 255, height)[:, None, None]
+    cols = np.linspace(0, 255, width)[None, :, None]
+    ramps = [np.broadcast_to(rows * (i % 2) + cols * (1 - i % 2), (height, width, 3)) for i in range(count // 2)]
+    noise = [random_image(height, width, seed) for seed in range(count - len(ramps))]
+    return np.stack([*ramps, *noise]).astype(np.uint8)
+
+
+def landmark_images(competition: Path, count: int, height: int, width: int) -> np.ndarray:
+    """One training image of each of `count` landmarks of the competition, resized to one size."""
+    folder = competition / "landmark-recognition"
+    train = pd.read_csv(folder / "train.csv", dtype={"id": str}).drop_duplicates("landmark_id").head(count)
+    images = [Image.open(image_path(folder, "train", image_id)).convert("RGB").resize((width, height))
+              for image_id in train["id"]]
+    return np.stack([np.asarray(image) for image in images])
+
+
+def saved_functions(saved_model_dir: Path) -> tuple[list[str], list[str]]:
+    """Names of the SavedModel's functions marked for XLA, and of those with a float16 convolution."""
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    functions = saved_model.meta_graphs[0].graph_def.library.function
+    compiled = [f.signature.name for f in functions if f.attr["_XlaMustCompile"].b]
+    half = [f.signature.name for f in functions
+            if any(node.op == "Conv2D" and node.attr["T"].type == tf.float16.as_datatype_enum for node in f.node_def)]
+    return compiled, half
+
+
+def export_info(saved_model_dir: Path) -> dict:
+    return json.loads((Path(saved_model_dir) / "assets" / EXPORT_INFO_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def float16_export(tmp_path_factory, tiny_run):
+    """The trained tiny run exported with --float16 (through the command line) and loaded back."""
+    out = tmp_path_factory.mktemp("export_float16") / "delg"
+    assert export_main(["delg", "--run", str(tiny_run), "--out", str(out), "--float16"]) == 0
+    return out, tf.saved_model.load(str(out))
+
+
+def test_batched_signatures_follow_the_contract(run_and_model, float16_export):
+    root, _, _ = run_and_model
+    expected_inputs = {spec.name: (spec.shape.as_list(), spec.dtype) for spec in GLOBAL_BATCH_SIGNATURE}
+    for out, names in ((root / "delg", [GLOBAL_BATCH]), (float16_export[0], [GLOBAL_BATCH, GLOBAL_BATCH_FLOAT16])):
+        loaded = tf.saved_model.load(str(out))
+        assert sorted(loaded.signatures) == sorted(["serving_default", *names])
+        for name in names:
+            _, inputs = loaded.signatures[name].structured_input_signature
+            assert {key: (spec.shape.as_list(), spec.dtype) for key, spec in inputs.items()} == expected_inputs
+            outputs = loaded.signatures[name].structured_outputs
+            assert {key: (spec.shape.as_list(), spec.dtype) for key, spec in outputs.items()} == {
+                GLOBAL_BATCH_OUTPUT: ([None, 64], tf.float32)}
+        info = export_info(out)
+        assert sorted(info["functions"]) == sorted(loaded.signatures)
+        assert all(info["functions"][name]["xla"] for name in names), "XLA runs on this CPU"
+        assert [info["functions"][name]["float16"] for name in names] == [False, True][:len(names)]
+        assert (info["global_dim"], info["local_dim"]) == (64, 128)
+        assert info["local_stride"] == delg.DelgExtractor(run_and_model[1]).field.stride
+        compiled, half = saved_functions(out)
+        assert len(compiled) == len(names) and (len(half) > 0) == (len(names) == 2)
+
+
+@pytest.mark.parametrize("size", [(72, 100), (57, 41)])
+def test_batched_descriptors_equal_the_per_image_path(float16_export, tiny_competition, size):
+    _, loaded = float16_export
+    images = landmark_images(tiny_competition, 4, *size)
+    batched = batched_descriptors(loaded.signatures[GLOBAL_BATCH], images, GLOBAL_SCALES)
+    per_image = per_image_descriptors(loaded.signatures["serving_default"], images, GLOBAL_SCALES)
+    assert batched.shape == (4, 64)
+    assert cosines(batched, per_image).min() >= 0.999
+    np.testing.assert_allclose(batched, per_image, atol=1e-4)
+    assert cosines(batched[:1], batched[1:]).max() < 0.999, "the images' descriptors differ from each other"
+
+
+def test_float16_descriptors_agree_with_float32(float16_export, tiny_competition):
+    _, loaded = float16_export
+    images = landmark_images(tiny_competition, 4, 80, 64)
+    float32 = batched_descriptors(loaded.signatures[GLOBAL_BATCH], images, GLOBAL_SCALES)
+    float16 = batched_descriptors(loaded.signatures[GLOBAL_BATCH_FLOAT16], images, GLOBAL_SCALES)
+    assert np.isfinite(float16).all()
+    np.testing.assert_allclose(np.linalg.norm(float16, axis=1), 1.0, atol=1e-5)
+    assert cosines(float16, float32).min() >= 0.99
+    assert np.abs(float16 - float32).max() > 1e-6, "float16 compute rounds differently from float32"
+
+
+def test_float16_shares_the_float32_weights(run_and_model, float16_export):
+    def weights_bytes(out: Path) -> int:
+        return sum(path.stat().st_size for path in (out / "variables").glob("variables.data-*"))
+
+    float32_only = weights_bytes(run_and_model[0] / "delg")  # the same architecture, without float16
+    assert float32_only <= weights_bytes(float16_export[0]) < 1.01 * float32_only
+
+
+def test_float16_pooling_survives_activations_beyond_float16_cubes(tmp_path):
+    model = DelgModel(get_config("tiny"), num_classes=2)
+    model(tf.zeros([1, 64, 64, 3]))
+    images = image_batch(2, 64, 96)
+
+    def conv5_max() -> float:
+        return float(tf.reduce_max(model.features(tf.constant(images, tf.float32))[1]))
+
+    # conv5 = relu(bn(shortcut) + bn(residual)): scaling both batch norms scales conv5; its largest value
+    # becomes 500, whose cube (1.25e8) overflows float16 (max 65504) while 500 itself does not.
+    factor = 500.0 / conv5_max()
+    for layer in model.backbone.layers:
+        if layer.name in ("conv5_block1_0_bn", "conv5_block1_3_bn"):
+            layer.gamma.assign(layer.gamma * factor)
+            layer.beta.assign(layer.beta * factor)
+    assert 400 < conv5_max() < 600
+    save_delg(model, tmp_path / "delg", float16=True, xla=False)
+    loaded = tf.saved_model.load(str(tmp_path / "delg"))
+    float16 = batched_descriptors(loaded.signatures[GLOBAL_BATCH_FLOAT16], images, GLOBAL_SCALES)
+    float32 = batched_descriptors(loaded.signatures[GLOBAL_BATCH], images, GLOBAL_SCALES)
+    assert np.isfinite(float16).all() and cosines(float16, float32).min() >= 0.99
+
+
+def test_a_function_failing_under_xla_is_saved_without_it(tmp_path, monkeypatch, caplog):
+    make_run_dir(tmp_path / "run")
+    real_check = delg.failing_functions
+    checks = []
+
+    def xla_fails_once(saved_model_dir, names):
+        checks.append(saved_functions(saved_model_dir)[0])
+        return {GLOBAL_BATCH: "Detected unsupported operations when trying to compile"} if len(checks) == 1 \
+            else real_check(saved_model_dir, names)
+
+    monkeypatch.setattr(delg, "failing_functions", xla_fails_once)
+    export_delg(tmp_path / "run", tmp_path / "delg")
+    assert [len(compiled) for compiled in checks] == [1, 0], "compiled at first, saved again without XLA"
+    assert export_info(tmp_path / "delg")["functions"][GLOBAL_BATCH] == {
+        "float16": False, "xla": False, "xla_error": "Detected unsupported operations when trying to compile"}
+    assert saved_functions(tmp_path / "delg")[0] == []
+    assert "XLA fails on this machine" in caplog.text
+    loaded = tf.saved_model.load(str(tmp_path / "delg"))
+    images = image_batch(2, 64, 64)
+    assert cosines(batched_descriptors(loaded.signatures[GLOBAL_BATCH], images, GLOBAL_SCALES),
+                   per_image_descriptors(loaded.signatures["serving_default"], images, GLOBAL_SCALES)).min() >= 0.999
+
+
+def test_no_xla_flag_compiles_nothing(tmp_path):
+    make_run_dir(tmp_path / "run")
+    assert export_main(["delg", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "delg"), "--no-xla"]) == 0
+    assert [f["xla"] for f in export_info(tmp_path / "delg")["functions"].values()] == [False, False]
+    assert saved_functions(tmp_path / "delg")[0] == []
+
+
+def test_older_exports_without_global_batch_still_load(tmp_path):
+    """Google's TF1 models and earlier exports have no global_batch: the script's cue to use serving_default."""
+    tf1 = tf.saved_model.load(str(write_tf1_model(tmp_path / "tf1")))
+    assert GLOBAL_BATCH not in tf1.signatures
+    feeds = ["input_image:0", "input_scales:0", "input_max_feature_num:0", "input_abs_thres:0",
+             "input_global_scales_ind:0"]
+    prune = tf1.prune(feeds, ["global_descriptors:0"])
+    rows = prune(tf.constant(random_image(64, 64)), tf.constant(GLOBAL_SCALES), tf.constant(0), tf.constant(0.0),
+                 tf.constant([0, 1, 2]))[0]
+    assert rows.shape == (3, 128)
+    older = tf.saved_model.load(str(write_tf2_model(tmp_path / "tf2")))
+    assert list(older.signatures) == ["serving_default"]
+    batched = tf.saved_model.load(str(write_tf2_model(tmp_path / "tf2-batched", batched=True)))
+    images = image_batch(3, 48, 40)
+    assert cosines(batched_descriptors(batched.signatures[GLOBAL_BATCH], images, GLOBAL_SCALES),
+                   per_image_descriptors(batched.signatures["serving_default"], images, GLOBAL_SCALES)).min() >= 0.999
