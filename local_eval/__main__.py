@@ -1,4 +1,5 @@
-"""`python -m local_eval COMMAND ...`: score, build, replay, time, show, show-pair (the demo is `python -m demo`)."""
+"""`python -m local_eval COMMAND ...`: score, build, replay, time, show, show-pair, tune, tune-merge
+(the demo is `python -m demo`)."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +13,8 @@ COMMANDS = {
     "time": ("local_eval.timing:main", "project a run's timing log to a real competition's size and limit"),
     "show": ("local_eval.show:main_show", "HTML report of retrieved neighbours and local matches"),
     "show-pair": ("local_eval.show:main_show_pair", "draw the local-feature matches of two images"),
+    "tune": ("local_eval.tune:main", "choose the verification and scoring settings by measuring them"),
+    "tune-merge": ("local_eval.tune:main_merge", "average tune tables of several seeds and choose on the mean"),
 }
 
 if __name__ == "__main__":

@@ -125,6 +125,58 @@ def precision_curve(correct: np.ndarray, title: str, size: tuple[int, int] = (64
     return canvas
 
 
+SERIES_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
+                  (140, 86, 75), (127, 127, 127)]
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str,
+               vertical: tuple[float, str] | None = None, size: tuple[int, int] = (820, 460)) -> Image.Image:
+    """Lines with dots, one per named series of (x, y) points, a legend under the plot, and optionally a dashed
+    vertical line at vertical[0] labelled vertical[1] (a time limit, say)."""
+    width, height = size
+    legend_h = 18 * len(series) + 6
+    margin_left, margin_right, margin_top, margin_bottom = 60, 20, 34, 44 + legend_h
+    canvas = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    small = font(12)
+    draw.text((margin_left, 8), title, fill=(0, 0, 0), font=font(15))
+    points = [point for line in series.values() for point in line]
+    xs = [x for x, _ in points] + ([vertical[0]] if vertical else [])
+    ys = [y for _, y in points]
+    x_low, x_high = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    y_low, y_high = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    pad = max(1e-9, (y_high - y_low) * 0.08)
+    y_low, y_high = y_low - pad, y_high + pad
+    x_high = x_high if x_high > x_low else x_low + 1
+    plot_w, plot_h = width - margin_left - margin_right, height - margin_top - margin_bottom
+    to_x = lambda x: margin_left + (x - x_low) / (x_high - x_low) * plot_w
+    to_y = lambda y: margin_top + (1 - (y - y_low) / (y_high - y_low)) * plot_h
+    draw.rectangle([margin_left, margin_top, margin_left + plot_w, margin_top + plot_h], outline=(0, 0, 0))
+    for i in range(5):
+        y_value, x_value = y_low + (y_high - y_low) * i / 4, x_low + (x_high - x_low) * i / 4
+        draw.line([(margin_left - 4, to_y(y_value)), (margin_left + plot_w, to_y(y_value))], fill=(225, 225, 225))
+        draw.text((4, to_y(y_value) - 7), f"{y_value:.3f}", fill=(0, 0, 0), font=small)
+        draw.text((to_x(x_value) - 12, margin_top + plot_h + 4), f"{x_value:.3g}", fill=(0, 0, 0), font=small)
+    draw.text((margin_left + plot_w // 2 - 60, margin_top + plot_h + 20), x_label, fill=(0, 0, 0), font=small)
+    draw.text((margin_left, margin_top - 14), y_label, fill=(0, 0, 0), font=small)
+    if vertical:
+        x = to_x(vertical[0])
+        for top in range(margin_top, margin_top + plot_h, 8):
+            draw.line([(x, top), (x, min(top + 4, margin_top + plot_h))], fill=(200, 0, 0), width=2)
+        draw.text((x + 4, margin_top + 4), vertical[1], fill=(200, 0, 0), font=small)
+    for index, (name, line) in enumerate(series.items()):
+        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+        ordered = sorted(line)
+        if len(ordered) > 1:
+            draw.line([(to_x(x), to_y(y)) for x, y in ordered], fill=colour, width=2)
+        for x, y in ordered:
+            draw.ellipse([to_x(x) - 3, to_y(y) - 3, to_x(x) + 3, to_y(y) + 3], fill=colour)
+        legend_y = height - legend_h + 18 * index
+        draw.rectangle([margin_left, legend_y + 3, margin_left + 12, legend_y + 13], fill=colour)
+        draw.text((margin_left + 18, legend_y), name[:110], fill=(0, 0, 0), font=small)
+    return canvas
+
+
 def thumbnail(image: np.ndarray | None, side: int = 160) -> Image.Image:
     """A copy at most side x side; a grey 'unreadable' tile when there is no image."""
     if image is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common.cli import UserError, atomic_write_text
 from common.kit import NOTEBOOK_LIMIT_H
-from local_eval.layout import TASK_FOLDERS, solution_file, task_folder
+from local_eval.layout import TASK_FOLDERS, nonlandmark_folder, solution_file, task_folder
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC, score_files
 from local_eval.submission_script import SCRIPT
 
@@ -33,10 +33,14 @@ def competition_paths(competition: Path, task: str) -> tuple[Path, Path]:
     return data, solution
 
 
-def script_command(task: str, data: Path, model: Path, out: Path, limit_h: float, extra: list[str]) -> list[str]:
+def script_command(task: str, data: Path, model: Path, out: Path, limit_h: float, extra: list[str],
+                   nonlandmarks: Path | None = None) -> list[str]:
+    """The script's command line; the competition's distractor folder goes in as --nonlandmark-dir unless the
+    extra flags name one."""
+    distractors = ["--nonlandmark-dir", str(nonlandmarks)] if nonlandmarks and "--nonlandmark-dir" not in extra else []
     return [sys.executable, str(SCRIPT), "--task", task, "--data", str(data), "--model", str(model),
             "--out", str(out / "submission.csv"), "--work", str(out / "work"),
-            "--time-budget-h", f"{limit_h:g}", *extra]
+            "--time-budget-h", f"{limit_h:g}", *distractors, *extra]
 
 
 def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[str, float]:
@@ -85,7 +89,9 @@ def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
     data, solution = competition_paths(Path(competition), task)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    command = script_command(task, data.resolve(), Path(model).resolve(), out, limit_h, extra_args or [])
+    distractors = nonlandmark_folder(Path(competition))
+    command = script_command(task, data.resolve(), Path(model).resolve(), out, limit_h, extra_args or [],
+                             distractors.resolve() if distractors.is_dir() else None)
     for stale in (out / "submission.csv", out / "work" / "submission_global_only.csv", out / "work" / "timing.json"):
         stale.unlink(missing_ok=True)  # a run that dies early must not be scored on an earlier run's files
     log.info("replaying %s with a %.3g h limit: %s", task, limit_h, " ".join(command))

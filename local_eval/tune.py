@@ -1,0 +1,418 @@
+"""`python -m local_eval tune`: choose the reranking recipe by measuring it on a local competition.
+
+    python -m local_eval tune --competition DIR --task recognition|retrieval --model MODEL --out OUT \
+        [--limit-h H] [--grid GRID.json] [-- extra submission/main.py flags]
+
+It runs the submission script once as the server would (replay), reranking every query to the deepest depth of
+the grid so that the script caches the local features of every pair; then it sweeps the verification settings
+over those cached features (no new extraction) and the scoring settings over the verified pairs (no new
+RANSAC), scores every combination with the official-equivalent metric, chooses on Public (ties: the faster)
+and reports Private beside it, as the leaderboard split works. It writes
+  OUT/table.csv   one row per setting: the settings, Public / Private / all scores, seconds per query;
+  OUT/tuned.json  the chosen settings, for `submission/main.py --settings` (and replay / export bundle);
+  OUT/depth.png   score against rerank depth for the best few verification settings.
+
+`python -m local_eval tune-merge --tables A/table.csv B/table.csv ... --out OUT` averages the tables of several
+competitions (seeds) setting by setting and chooses on the mean Public score: how the script's defaults were set.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from common.cli import UserError, atomic_write_text
+from local_eval import draw
+from local_eval.kaggle_csv import read_solution
+from local_eval.layout import nonlandmark_folder
+from local_eval.metrics import (
+    METRIC_NAME,
+    REPORTED_SUBSETS,
+    TASK_METRIC,
+    global_average_precision,
+    mean_average_precision,
+    subsets_with_all,
+)
+from local_eval.replay import competition_paths, replay
+from local_eval.submission_script import load_submission
+
+log = logging.getLogger("tune")
+
+# The default grid. Verification settings are swept over cached features, scoring settings over verified pairs.
+MATCHING = {"match_max_distance": [0.9, 1.1], "mutual": [True, False]}
+RANSAC = {"ransac_threshold": [0.002, 0.004, 0.008, 0.016, 0.03], "ransac_iterations": [1000],
+          "ransac_confidence": [1.0]}
+FILTER = {"min_matches": [4, 8]}
+SCORING = {"recognition": {"rerank": [0, 1, 3, 5, 10, 20, 30], "top_k": [1, 3, 5, 10],
+                           "max_inlier_score": [5, 10, 20, 40], "nonlandmark_penalty": [0.0, 0.5, 1.0, 2.0],
+                           "calibrate": [True, False]},
+           "retrieval": {"rerank": [0, 10, 30, 100]}}
+VERIFICATION_KEYS = [*MATCHING, *RANSAC, *FILTER]
+BEST_CURVES = 5  # verification settings drawn in depth.png
+
+
+def grid_combinations(grid: dict[str, list]) -> list[dict]:
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def read_grid(path: Path | None, task: str) -> dict[str, dict[str, list]]:
+    """The default grid, with any list replaced by --grid's (a JSON object of setting -> list of values)."""
+    grid = {"matching": dict(MATCHING), "ransac": dict(RANSAC), "filter": dict(FILTER),
+            "scoring": dict(SCORING[task])}
+    if path is None:
+        return grid
+    try:
+        given = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"--grid {path}: cannot read it as JSON ({err})") from None
+    for name, values in given.items():
+        part = next((part for part in grid.values() if name in part), None)
+        if part is None:
+            raise UserError(f"--grid {path}: '{name}' is not a tunable setting of {task}; "
+                            f"choose from {', '.join(k for part in grid.values() for k in part)}")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"--grid {path}: '{name}' must be a non-empty list")
+        part[name] = values
+    return grid
+
+
+# Verification sweep (worker processes)
+_SWEEP: dict = {}
+
+
+def _init_sweep(matching: list[dict], ransac: list[dict]) -> None:
+    _SWEEP.update(matching=matching, ransac=ransac)
+    threadpool_limits(1)
+
+
+def sweep_query(task: tuple[Path, list[Path]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For one query and its candidates: putative matches [M, D] per matching setting, inliers [M, R, D] per
+    matching x RANSAC setting, and the seconds each (matching, RANSAC) setting took [M, R]."""
+    sub = load_submission()
+    matching, ransac = _SWEEP["matching"], _SWEEP["ransac"]
+    query = sub.load_local(task[0])
+    depth = len(task[1])
+    matches = np.zeros((len(matching), depth), np.int64)
+    inliers = np.zeros((len(matching), len(ransac), depth), np.int64)
+    seconds = np.zeros((len(matching), len(ransac)))
+    for d, path in enumerate(task[1]):
+        other = sub.load_local(path)
+        if len(query.descriptors) == 0 or len(other.descriptors) == 0:
+            continue
+        for m, match_setting in enumerate(matching):
+            began = time.perf_counter()
+            a, b = sub.putative_matches(query.descriptors, other.descriptors, match_setting["match_max_distance"],
+                                        match_setting["mutual"])
+            matching_s = time.perf_counter() - began
+            matches[m, d] = len(a)
+            for r, ransac_setting in enumerate(ransac):
+                began = time.perf_counter()
+                if len(a) >= 4:
+                    verification = sub.Verification(**ransac_setting)
+                    threshold = sub.pixel_threshold(verification, query.side, other.side)
+                    inliers[m, r, d] = np.count_nonzero(
+                        sub.ransac_inliers(query.keypoints[a], other.keypoints[b], threshold, verification))
+                seconds[m, r] += matching_s + time.perf_counter() - began
+    return matches, inliers, seconds
+
+
+def sweep_verification(tasks: list[tuple[Path, list[Path]]], matching: list[dict], ransac: list[dict],
+                       workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(matches [Q, M, D], inliers [Q, M, R, D], seconds [M, R]) over every query's candidates."""
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers, _init_sweep, (matching, ransac)) as pool:
+            results = list(tqdm(pool.imap(sweep_query, tasks, chunksize=4), total=len(tasks), desc="verify sweep",
+                                unit="query"))
+    else:
+        _init_sweep(matching, ransac)
+        results = [sweep_query(task) for task in tqdm(tasks, desc="verify sweep", unit="query")]
+    matches = np.stack([r[0] for r in results])
+    inliers = np.stack([r[1] for r in results])
+    return matches, inliers, sum(r[2] for r in results)
+
+
+# Scoring sweep
+class Scorer:
+    """The task's metric per reported subset, computed by local_eval.metrics on the submission's arrays."""
+
+    def __init__(self, task: str, solution_path: Path, test_ids: list[str]):
+        self.task, self.test_ids = task, test_ids
+        self.subsets = subsets_with_all(read_solution(solution_path, task).subsets)
+
+    def recognition(self, landmarks: np.ndarray, confidences: np.ndarray) -> dict[str, float]:
+        # Confidences as the submission writes them (6 decimals): rounding makes ties that GAP breaks by id.
+        predictions = {q: (int(lm), float(f"{c:.6f}")) for q, lm, c in
+                       zip(self.test_ids, landmarks, confidences, strict=True) if not np.isnan(c)}
+        return {name: global_average_precision({q: predictions[q] for q in truth if q in predictions}, truth)
+                for name, truth in self.subsets.items()}
+
+    def retrieval(self, ranked: list[list[str]]) -> dict[str, float]:
+        predictions = dict(zip(self.test_ids, ranked, strict=True))
+        return {name: mean_average_precision({q: predictions[q] for q in truth if predictions.get(q)}, truth)
+                for name, truth in self.subsets.items()}
+
+
+@dataclasses.dataclass
+class Run:
+    """What the extraction run left: the script's neighbours and settings, and where its caches are."""
+
+    work: Path
+    settings: object  # the script's Settings
+    test_ids: list[str]
+    db_ids: list[str]
+    labels: np.ndarray
+    neighbours: np.ndarray
+    cosines: np.ndarray
+    query_ok: np.ndarray
+    nonlandmark_cosines: np.ndarray
+    timing: dict
+
+
+def read_run(work: Path) -> Run:
+    sub = load_submission()
+    path = work / "neighbours.npz"
+    if not path.is_file():
+        raise UserError(f"{path}: the extraction run left no neighbours (see its script.log)")
+    with np.load(path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    return Run(work, sub.read_settings_record(work), arrays["test_ids"].tolist(), arrays["db_ids"].tolist(),
+               arrays["labels"], arrays["neighbours"], arrays["cosines"], arrays["query_ok"],
+               arrays["nonlandmark_cosines"], json.loads((work / "timing.json").read_text()))
+
+
+def score_table(run: Run, scorer: Scorer, grid: dict, matches: np.ndarray, inliers: np.ndarray,
+                seconds: np.ndarray, verified: np.ndarray) -> pd.DataFrame:
+    """One row per verification x scoring setting."""
+    matching, ransac = grid_combinations(grid["matching"]), grid_combinations(grid["ransac"])
+    scoring_grid = grid_combinations(grid["scoring"])
+    if not run.nonlandmark_cosines.shape[1]:  # no distractor set: the penalty changes nothing
+        scoring_grid = [s for s in scoring_grid if s.get("nonlandmark_penalty", 0.0) == scoring_grid[0].get(
+            "nonlandmark_penalty", 0.0)]
+    local_rate = (run.timing["stages"]["local_features"]["seconds"] /
+                  max(1, run.timing["stages"]["local_features"]["items"]))
+    rows = []
+    combos = list(itertools.product(range(len(matching)), range(len(ransac)), grid_combinations(grid["filter"])))
+    for m, r, filter_setting in tqdm(combos, desc="score sweep", unit="verification"):
+        counts = np.where(matches[:, m] >= filter_setting["min_matches"], inliers[:, m, r], 0)
+        counts = np.where(verified, counts, -1)
+        verification = {**matching[m], **ransac[r], **filter_setting}
+        for scoring in scoring_grid:
+            depth = min(scoring["rerank"], counts.shape[1])
+            at_depth = np.where(np.arange(counts.shape[1]) < depth, counts, -1)
+            scores = score_one(run, scorer, at_depth, scoring)
+            rows.append({**verification, **scoring, **{s: scores[s] for s in REPORTED_SUBSETS},
+                         "seconds_per_query": query_seconds(run, depth, seconds[m, r], local_rate, verified)})
+    return pd.DataFrame(rows)
+
+
+def score_one(run: Run, scorer: Scorer, inliers: np.ndarray, scoring: dict) -> dict:
+    """The scores of one setting, computed by the script's own functions on the candidates it would have:
+    recognition searches max(top_k, depth) neighbours."""
+    sub = load_submission()
+    if scorer.task == "recognition":
+        settings = dataclasses.replace(run.settings.scoring, **{k: v for k, v in scoring.items() if k != "rerank"})
+        k = max(settings.top_k, scoring["rerank"])
+        shares = sub.nonlandmark_shares(run.cosines, run.nonlandmark_cosines, settings.top_k)
+        landmarks, confidences = sub.recognition_predictions(run.cosines[:, :k], run.neighbours[:, :k],
+                                                             inliers[:, :k], run.labels, settings, shares,
+                                                             run.query_ok)
+        return scorer.recognition(landmarks, confidences)
+    order = sub.retrieval_order(run.cosines, inliers)
+    ranked = np.take_along_axis(run.neighbours, order, 1)
+    return scorer.retrieval([[run.db_ids[j] for j in row] if ok else [] for row, ok in
+                             zip(ranked, run.query_ok, strict=True)])
+
+
+def query_seconds(run: Run, depth: int, verify_seconds: float, local_rate: float, verified: np.ndarray) -> float:
+    """Seconds per query of reranking at this depth: local features of the query and its new candidates, and
+    verification at the measured rate of this setting (the sweep verified `verified` pairs with it)."""
+    readable = np.flatnonzero(run.query_ok)
+    if depth == 0 or not len(readable):
+        return 0.0
+    images = len(readable) + len(np.unique(run.neighbours[readable, :depth]))
+    pairs = np.count_nonzero(verified[readable, :depth])
+    return (images * local_rate + verify_seconds * pairs / max(1, np.count_nonzero(verified))) / len(readable)
+
+
+def choose(table: pd.DataFrame) -> pd.Series:
+    """The best Public score; among equals the fastest, then the first."""
+    best = table[table["public"] >= table["public"].max() - 1e-12]
+    return best.sort_values("seconds_per_query", kind="stable").iloc[0]
+
+
+def tuned_settings(row: pd.Series, task: str, extraction: dict, about: dict) -> dict:
+    """tuned.json: the sections submission/main.py --settings reads, and what they were chosen on."""
+    sub = load_submission()
+    sections = {}
+    for section in ("verification", "scoring"):
+        names = {f.name for f in dataclasses.fields(sub.SECTIONS[section])}
+        sections[section] = {k: native(row[k]) for k in row.index if k in names}
+    return {"extraction": extraction, **sections, "about": about}
+
+
+def native(value):
+    """A numpy scalar as the JSON value it stands for."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def depth_picture(table: pd.DataFrame, task: str, out: Path) -> None:
+    """Score against rerank depth (best over the other scoring settings) for the best few verification settings."""
+    best = table.groupby(VERIFICATION_KEYS)["public"].max().sort_values(ascending=False).head(BEST_CURVES)
+    series = {}
+    for key in best.index:
+        rows = table[(table[VERIFICATION_KEYS] == pd.Series(key, index=VERIFICATION_KEYS)).all(axis=1)]
+        curve = rows.groupby("rerank")["public"].max()
+        label = ", ".join(f"{k}={native(v)}" for k, v in zip(VERIFICATION_KEYS, key, strict=True))
+        series[label] = list(zip(curve.index.tolist(), curve.tolist(), strict=True))
+    metric = METRIC_NAME[TASK_METRIC[task]]
+    draw.save_png(draw.line_chart(series, f"{task}: Public {metric} by rerank depth (best scoring per depth)",
+                                  "rerank depth", f"Public {metric}"), out / "depth.png")
+
+
+def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, grid_path: Path | None,
+         script_args: list[str], workers: int) -> dict:
+    """Extract once, sweep, write table.csv, tuned.json and depth.png; returns the chosen row with its scores."""
+    grid = read_grid(grid_path, task)
+    _, solution = competition_paths(competition, task)
+    out.mkdir(parents=True, exist_ok=True)
+    max_depth = max(grid["scoring"]["rerank"])
+    distractors = nonlandmark_folder(competition)
+    extra = [*script_args, "--rerank", str(max_depth), "--plan", "fixed"]
+    if task == "recognition":  # the non-landmark neighbours of the largest top-k are searched once
+        extra += ["--top-k", str(max(grid["scoring"]["top_k"]))]
+    if distractors.is_dir() and "--nonlandmark-dir" not in script_args:
+        extra += ["--nonlandmark-dir", str(distractors)]
+    report = replay(competition, task, model, out / "run", limit_h, extra)
+    if report["status"] != "ok":
+        raise UserError(f"the extraction run ended '{report['status']}'; see {out / 'run' / 'script.log'}")
+    run = read_run(out / "run" / "work")
+    tasks, verified = pair_tasks(run, max_depth)
+    matches, inliers, seconds = sweep_verification(tasks, grid_combinations(grid["matching"]),
+                                                   grid_combinations(grid["ransac"]), workers)
+    full = lambda a: np.zeros((len(run.test_ids), *a.shape[1:]), a.dtype)
+    readable = np.flatnonzero(run.query_ok)
+    all_matches, all_inliers = full(matches), full(inliers)
+    all_matches[readable], all_inliers[readable] = matches, inliers
+    table = score_table(run, Scorer(task, solution, run.test_ids), grid, all_matches, all_inliers, seconds,
+                        verified)
+    atomic_write_text(out / "table.csv", table.to_csv(index=False))
+    chosen = choose(table)
+    about = {"competition": str(competition), "task": task, "model": str(model), "chosen_on": "public",
+             **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS},
+             "seconds_per_query": native(chosen["seconds_per_query"]), "settings_rows": len(table)}
+    extraction = json.loads((run.work / "settings.json").read_text())["extraction"]
+    atomic_write_text(out / "tuned.json", json.dumps(tuned_settings(chosen, task, extraction, about), indent=1) + "\n")
+    depth_picture(table, task, out)
+    return {"chosen": chosen, "global_only": table[table["rerank"] == 0]["public"].max(), "table": table}
+
+
+def pair_tasks(run: Run, max_depth: int) -> tuple[list[tuple[Path, list[Path]]], np.ndarray]:
+    """(one (query features, candidate features) task per readable query, verified mask [Q, D]: the pairs whose
+    features the extraction run cached)."""
+    sub = load_submission()
+    db_split, query_split = sub.IMAGE_SPLITS[run.settings.run.task]
+    cache = run.work / "local"
+    depth = min(max_depth, run.neighbours.shape[1])
+    verified = np.zeros((len(run.test_ids), depth), bool)
+    tasks = []
+    for q in np.flatnonzero(run.query_ok):
+        query = sub.local_path(cache, query_split, run.test_ids[q])
+        candidates = [sub.local_path(cache, db_split, run.db_ids[j]) for j in run.neighbours[q, :depth]]
+        if not query.is_file() or not all(path.is_file() for path in candidates):
+            raise UserError(f"{cache}: local features of query {run.test_ids[q]} or its candidates are missing "
+                            "(the extraction run was cut short, or --local-cache-gb trimmed them)")
+        verified[q] = True
+        tasks.append((query, candidates))
+    return tasks, verified
+
+
+def format_summary(result: dict, task: str, out: Path) -> str:
+    chosen, metric = result["chosen"], METRIC_NAME[TASK_METRIC[task]]
+    settings = ", ".join(f"{k} {native(chosen[k])}" for k in chosen.index
+                         if k not in (*REPORTED_SUBSETS, "seconds_per_query"))
+    return "\n".join([
+        f"{task}: {len(result['table'])} settings scored; chosen on Public:",
+        f"  {settings}",
+        f"  {metric} public {chosen['public']:.4f} | private {chosen['private']:.4f} | all {chosen['all']:.4f}"
+        f" ({chosen['seconds_per_query']:.3f} s per query here); best global-only public "
+        f"{result['global_only']:.4f}",
+        f"  {out / 'table.csv'}, {out / 'tuned.json'}, {out / 'depth.png'}",
+        f"  next: python -m local_eval replay ... -- --settings {out / 'tuned.json'}"])
+
+
+def split_script_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    argv = list(argv or [])
+    split = argv.index("--") if "--" in argv else len(argv)
+    return argv[:split], argv[split + 1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    own, script_args = split_script_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m local_eval tune", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Flags after `--` go to submission/main.py for the extraction run.")
+    parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
+    parser.add_argument("--task", required=True, choices=sorted(SCORING))
+    parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
+    parser.add_argument("--out", required=True, type=Path, help="folder for table.csv, tuned.json, depth.png, run/")
+    parser.add_argument("--limit-h", type=float, default=2.0,
+                        help="wall-clock limit of the extraction run, in hours (default %(default)s)")
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="JSON object: setting -> list of values, replacing the default grid's list")
+    parser.add_argument("--workers", type=int, default=multiprocessing.cpu_count(),
+                        help="processes of the verification sweep (default: the cores)")
+    args = parser.parse_args(own)
+    if args.limit_h <= 0 or args.workers < 1:
+        raise UserError("--limit-h must be > 0 and --workers >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file")
+    result = tune(args.competition, args.task, args.model, args.out, args.limit_h, args.grid, script_args,
+                  args.workers)
+    print(format_summary(result, args.task, args.out))
+    return 0
+
+
+def merge_tables(paths: list[Path]) -> pd.DataFrame:
+    """Mean scores and seconds per setting over several tables (competitions of other seeds)."""
+    tables = []
+    for path in paths:
+        try:
+            tables.append(pd.read_csv(path))
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: cannot read it as a tune table ({err})") from None
+    keys = [c for c in tables[0].columns if c not in (*REPORTED_SUBSETS, "seconds_per_query")]
+    merged = pd.concat(tables).groupby(keys, dropna=False, sort=False).agg(
+        **{c: (c, "mean") for c in (*REPORTED_SUBSETS, "seconds_per_query")}, tables=("public", "size"))
+    return merged[merged["tables"] == len(tables)].reset_index()
+
+
+def main_merge(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m local_eval tune-merge",
+                                     description="average tune tables of several competitions and choose on the "
+                                                 "mean Public score")
+    parser.add_argument("--tables", required=True, nargs="+", type=Path, help="table.csv files written by tune")
+    parser.add_argument("--task", required=True, choices=sorted(SCORING))
+    parser.add_argument("--out", required=True, type=Path, help="folder for the merged table.csv and tuned.json")
+    args = parser.parse_args(argv)
+    table = merge_tables(args.tables)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "table.csv", table.to_csv(index=False))
+    chosen = choose(table)
+    about = {"tables": [str(p) for p in args.tables], "task": args.task, "chosen_on": "mean public",
+             **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS}}
+    atomic_write_text(args.out / "tuned.json",
+                      json.dumps(tuned_settings(chosen, args.task, {}, about), indent=1) + "\n")
+    depth_picture(table, args.task, args.out)
+    print(format_summary({"chosen": chosen, "table": table, "global_only": table[table["rerank"] == 0]["public"].max()},
+                         args.task, args.out))
+    return 0
