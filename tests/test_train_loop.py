@@ -15,7 +15,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
-from common.cli import UserError
+from common.cli import UserError, run_main
+from train import loop
+from train.__main__ import main
 from train.config import get_config
 from train.data import folder_data, training_stream
 from train.loop import Trainer, train
@@ -54,6 +56,8 @@ def test_a_run_writes_its_files(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     cfg = load_config(tiny_run)
     assert metrics["step"] == cfg.steps and metrics["stopped_by"] is None
+    assert metrics["strategy"] == "auto" and metrics["strategy_used"] == "default"
+    assert metrics["applied_steps"] == cfg.steps and metrics["skipped_steps"] == 0  # float32: nothing skipped
     assert len(load_label_map(tiny_run)) == metrics["classes"]
     assert 0.0 <= metrics["validation_accuracy"] <= 1.0 and metrics["images_per_second"] > 0
     assert tf.train.latest_checkpoint(str(tiny_run / CHECKPOINT_DIR)).endswith(f"-{cfg.steps}")
@@ -145,15 +149,17 @@ def one_step(strategy: tf.distribute.Strategy, cfg) -> tuple[float, list[np.ndar
     return sums["total"] / sums["images"], [v.numpy() for v in trainer.model.trainable_variables]
 
 
-def test_mirrored_over_two_cpus_takes_the_same_step_as_default():
-    cfg = small_config(learning_rate=0.05, warmup_steps=0, clip_norm=1.0)  # clipping active: checks the global norm
+def test_mirrored_over_two_cpus_takes_the_same_step_as_default_with_and_without_xla():
+    # clipping active: checks the global norm; a narrow net at 32 px keeps the XLA compilation short
+    cfg = small_config(learning_rate=0.05, warmup_steps=0, clip_norm=1.0, image_size=32, tiny_widths=(4, 8, 8, 16))
     mirrored = make_strategy("mirrored")
     assert mirrored.num_replicas_in_sync == 2
     default_loss, default_weights = one_step(tf.distribute.get_strategy(), cfg)
-    mirrored_loss, mirrored_weights = one_step(mirrored, cfg)
-    assert mirrored_loss == pytest.approx(default_loss, rel=1e-4)
-    for a, b in zip(default_weights, mirrored_weights, strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
+    for xla in (False, True):
+        mirrored_loss, mirrored_weights = one_step(mirrored, dataclasses.replace(cfg, xla=xla))
+        assert mirrored_loss == pytest.approx(default_loss, rel=1e-4)
+        for a, b in zip(default_weights, mirrored_weights, strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
 
 
 def test_sigterm_checkpoints_and_the_run_continues(data_dir, tmp_path):
@@ -174,3 +180,25 @@ def test_sigterm_checkpoints_and_the_run_continues(data_dir, tmp_path):
     assert tf.train.latest_checkpoint(str(run_dir / CHECKPOINT_DIR)).endswith(f"-{metrics['step']}")
     resumed = train(load_config(run_dir), data_dir=data_dir, run_dir=run_dir, strategy="default", stop_after=2)
     assert resumed["step"] == metrics["step"] + 2
+
+
+def test_float16_training_applies_its_steps_and_says_so(data_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["--data", str(data_dir), "--config", "tiny", "--out", str(run_dir), "--precision", "float16",
+            "--steps", "16", "--image-size", "64", "--batch-size", "8", "--log-every", "4", "--validate-every", "100"]
+    assert run_main(main, argv) == 0, capsys.readouterr().err[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["precision"] == "float16" and metrics["keras_policy"] == "mixed_float16"
+    assert metrics["applied_steps"] + metrics["skipped_steps"] == metrics["step"] == 16
+    assert metrics["applied_steps"] > 8 and np.isfinite(metrics["loss_total"]) and metrics["loss_scale"] > 1
+    assert logged_steps(run_dir / "logs" / "train", "interval_skipped_steps") == [4, 8, 12, 16]
+    first = checkpoint_values(run_dir)
+    assert all(np.all(np.isfinite(value)) for value in first.values())
+
+
+def test_a_run_that_skips_every_step_ends_with_one_error_line(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "SKIP_WINDOW", 5)
+    cfg = small_config(steps=40, learning_rate=1e30, warmup_steps=0, checkpoint_every=100)  # diverges at once
+    with pytest.raises(UserError, match=r"^steps \d+-\d+: every one had non-finite gradients and was skipped"):
+        train(cfg, data_dir=data_dir, run_dir=tmp_path / "run", strategy="default")
+    assert not (tmp_path / "run" / "metrics.json").exists()

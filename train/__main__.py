@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import signal
 from pathlib import Path
 
 from common.cli import UserError, run_main
-from train.config import CONFIGS, TrainConfig, get_config
+from train.config import CONFIGS, FIELD_RULES, TrainConfig, get_config
 from train.loop import train
+from train.precision import legacy_mixed_precision
 from train.strategy import STRATEGIES
+
+log = logging.getLogger("train")
 
 SCALARS = {"str": str, "int": int, "float": float}
 
@@ -23,6 +27,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         flag, kind = f"--{field.name.replace('_', '-')}", str(field.type)
         defaults = ", ".join(f"{name}: {getattr(cfg, field.name)}" for name, cfg in CONFIGS.items())
+        if field.name in FIELD_RULES:
+            defaults += f" ({FIELD_RULES[field.name][1]})"
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=defaults)
         elif kind.startswith("tuple["):
@@ -49,10 +55,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="tf.distribute strategy; auto: TPU if present, mirrored with >1 GPU, else default")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue from the newest checkpoint in --out when there is one (default on)")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="old spelling of --precision float16 on a GPU, bfloat16 elsewhere")
     add_config_flags(parser)
     args = parser.parse_args(argv)
     if (args.data is None) == (args.tfrecords is None):
         raise UserError("give exactly one of --data and --tfrecords")
+    if args.mixed_precision and args.precision is None:
+        args.precision = legacy_mixed_precision()
+        log.warning("--mixed-precision means --precision %s on this machine; use --precision", args.precision)
     metrics = train(config_from_args(args), data_dir=args.data, run_dir=args.out, strategy=args.strategy,
                     resume=args.resume, tfrecords=args.tfrecords)
     print(f"step {metrics['step']}/{metrics['steps']}: loss {metrics.get('loss_total', float('nan')):.4f}, "

@@ -8,10 +8,13 @@ import tensorflow as tf
 
 
 class CosineClassifier(keras.layers.Layer):
-    """cos(theta) between L2-normalized embeddings and L2-normalized class weights: [B,D] -> [B,classes]."""
+    """cos(theta) between L2-normalized embeddings and L2-normalized class weights: [B,D] -> [B,classes].
+
+    A float32 layer under any precision policy: L2 normalisation in float16 turns a zero vector into NaN
+    (its epsilon rounds to 0) and a sum of squares above 65504 into infinity."""
 
     def __init__(self, num_classes: int, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"dtype": "float32", **kwargs})
         self.num_classes = num_classes
 
     def build(self, input_shape):
@@ -19,7 +22,7 @@ class CosineClassifier(keras.layers.Layer):
                                       initializer="glorot_uniform")
 
     def call(self, embeddings):
-        weights = tf.nn.l2_normalize(tf.cast(self.kernel, embeddings.dtype), axis=0)
+        weights = tf.nn.l2_normalize(self.kernel, axis=0)
         return tf.matmul(tf.nn.l2_normalize(embeddings, axis=1), weights)
 
 

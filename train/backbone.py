@@ -52,7 +52,12 @@ def _last_layer_matching(model: keras.Model, pattern: re.Pattern) -> keras.layer
 
 
 def build_backbone(cfg: TrainConfig) -> keras.Model:
-    """Normalized image [B,H,W,3] -> (conv4 map, conv5 map), for the tiny ResNet or a Keras ResNet."""
+    """Normalized image [B,H,W,3] -> (local head's map, conv5 map), for the tiny ResNet or a Keras ResNet.
+
+    The local head's map is conv4 (stride 16), or at local_stride 32 conv4 sub-sampled by 2 as DELF's
+    block3_strides does. conv5 is the same either way: its first block reads conv4 through 1x1 convolutions
+    of stride 2, which see exactly the sub-sampled cells.
+    """
     if cfg.backbone == "tiny":
         net = tiny_resnet(cfg.tiny_widths)
     elif cfg.backbone in KERAS_RESNETS:
@@ -61,4 +66,8 @@ def build_backbone(cfg: TrainConfig) -> keras.Model:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose tiny, {', '.join(KERAS_RESNETS)}")
     conv4 = _last_layer_matching(net, CONV4_OUTPUT).output
     conv5 = _last_layer_matching(net, CONV5_OUTPUT).output
+    if cfg.local_stride == 32:
+        conv4 = keras.layers.MaxPooling2D(1, strides=2, name="conv4_subsample")(conv4)
+    elif cfg.local_stride != 16:
+        raise ValueError(f"local_stride {cfg.local_stride}: choose 16 or 32")
     return keras.Model(net.input, [conv4, conv5], name="backbone")

@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.cli import UserError
 
 # --- Extraction defaults of the DELG paper. The DELG SavedModel takes them as inputs; submission/main.py keeps
 # a copy (it imports nothing of the kit) that tests/test_submission.py checks against these.
@@ -17,13 +23,20 @@ RETRIEVAL_SCALES: tuple[float, ...] = (0.7071, 1.0, 1.4142)
 PIXEL_MEAN = 128.0
 PIXEL_SCALE = 128.0
 
+BACKBONES = ("tiny", "resnet50", "resnet101")
+# --precision: the type the network computes in; variables and the optimizer stay float32 (Keras mixed policies).
+PRECISIONS = ("float32", "float16", "bfloat16")
+# --local-stride: input pixels between the local head's cells. 16 reads conv4 as it is; 32 sub-samples it by 2
+# (every other cell), as DELF's block3_strides does, for 4x fewer local features per image.
+LOCAL_STRIDES = (16, 32)
+
 
 @dataclass
 class TrainConfig:
     """One training run. Every field is also a command-line flag (--field-name)."""
 
     # model
-    backbone: str = "resnet50"  # tiny | resnet50 | resnet101
+    backbone: str = "resnet50"  # one of BACKBONES
     backbone_weights: str = "none"  # none | imagenet | PATH.h5
     tiny_widths: tuple[int, ...] = (16, 32, 64, 128)  # channels of the tiny ResNet's 4 stages (x4 out)
     embedding_dim: int = 512  # the paper uses 2048; Kaggle-era solutions 512
@@ -32,6 +45,7 @@ class TrainConfig:
     arcface_scale: float = 45.25
     attention_hidden: int = 512
     local_dim: int = 128
+    local_stride: int = 32  # one of LOCAL_STRIDES; 32 is DELF's (block3_strides), which DELG's thresholds assume
     # loss = arcface CE + attention_loss_weight * attention CE + reconstruction_loss_weight * MSE
     attention_loss_weight: float = 1.0
     reconstruction_loss_weight: float = 10.0
@@ -48,7 +62,7 @@ class TrainConfig:
     warmup_steps: int = 1000
     momentum: float = 0.9
     clip_norm: float = 10.0
-    mixed_precision: bool = False
+    precision: str = "float32"  # one of PRECISIONS
     xla: bool = False
     seed: int = 0
     # bookkeeping
@@ -58,7 +72,7 @@ class TrainConfig:
 
 
 CONFIGS: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(backbone="tiny", embedding_dim=64, attention_hidden=64, image_size=96,
+    "tiny": TrainConfig(backbone="tiny", embedding_dim=64, attention_hidden=64, image_size=96, local_stride=16,
                         batch_size=32, steps=300, learning_rate=0.1, warmup_steps=30,
                         checkpoint_every=100, validate_every=100, log_every=10),
     "r50": TrainConfig(backbone="resnet50"),
@@ -71,3 +85,73 @@ def get_config(name: str, **overrides) -> TrainConfig:
     if name not in CONFIGS:
         raise KeyError(f"unknown config {name!r}; choose one of {', '.join(CONFIGS)}")
     return dataclasses.replace(CONFIGS[name], **overrides)
+
+
+def _number(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """check, for finite numbers only (NaN and infinity fail every rule)."""
+    return lambda value: isinstance(value, (int, float)) and math.isfinite(value) and check(value)
+
+
+def _weights_ok(value: str) -> bool:
+    return value in ("none", "imagenet") or (value.endswith(".h5") and Path(value).is_file())
+
+
+# What each field accepts: (test, the rule in words). check_config applies them; fields not listed are free.
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "backbone": (lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
+    "backbone_weights": (_weights_ok, "none, imagenet or an existing .h5 file"),
+    "tiny_widths": (lambda v: len(v) == 4 and all(w >= 1 for w in v), "4 channel counts, each at least 1"),
+    "embedding_dim": (_number(lambda v: v >= 1), "at least 1"),
+    "gem_p": (_number(lambda v: v > 0), "greater than 0"),
+    "arcface_margin": (_number(lambda v: 0 <= v < math.pi / 2), "in [0, pi/2)"),
+    "arcface_scale": (_number(lambda v: v > 0), "greater than 0"),
+    "attention_hidden": (_number(lambda v: v >= 1), "at least 1"),
+    "local_dim": (_number(lambda v: v >= 1), "at least 1"),
+    "local_stride": (lambda v: v in LOCAL_STRIDES, f"one of {', '.join(map(str, LOCAL_STRIDES))}"),
+    "attention_loss_weight": (_number(lambda v: v >= 0), "0 or more"),
+    "reconstruction_loss_weight": (_number(lambda v: v >= 0), "0 or more"),
+    "image_size": (_number(lambda v: v >= 32), "at least 32 (one cell of the stride-32 conv5 map)"),
+    "crop_min_area": (_number(lambda v: 0 < v <= 1), "in (0, 1]"),
+    "crop_aspect_range": (lambda v: len(v) == 2 and all(map(_number(lambda x: x > 0), v)) and v[0] <= v[1],
+                          "two ratios 0 < MIN <= MAX"),
+    "validation_fraction": (_number(lambda v: 0 <= v < 1), "in [0, 1)"),
+    "batch_size": (_number(lambda v: v >= 1), "at least 1"),
+    "steps": (_number(lambda v: v >= 1), "at least 1"),
+    "learning_rate": (_number(lambda v: v > 0), "greater than 0"),
+    "warmup_steps": (_number(lambda v: v >= 0), "0 or more"),
+    "momentum": (_number(lambda v: 0 <= v < 1), "in [0, 1)"),
+    "clip_norm": (_number(lambda v: v > 0), "greater than 0"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "seed": (_number(lambda v: 0 <= v < 2**31), "in [0, 2^31)"),
+    "checkpoint_every": (_number(lambda v: v >= 1), "at least 1"),
+    "validate_every": (_number(lambda v: v >= 1), "at least 1"),
+    "log_every": (_number(lambda v: v >= 1), "at least 1"),
+}
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """A UserError naming the first flag whose value is out of its range or of the wrong kind."""
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, field.name)
+        kind = str(field.type)
+        element = kind.removeprefix("tuple[").split(",")[0].rstrip("]")
+        if kind.startswith("tuple[") and not (isinstance(value, tuple) and all(_is_a(v, element) for v in value)):
+            raise UserError(f"{flag_name(field.name)} {value!r}: expected {element} values")
+        if not kind.startswith("tuple[") and not _is_a(value, kind):
+            raise UserError(f"{flag_name(field.name)} {value!r}: expected {kind}")
+        test, rule = FIELD_RULES.get(field.name, (lambda v: True, ""))
+        if not test(value):
+            shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+            raise UserError(f"{flag_name(field.name)} {shown}: must be {rule}")
+
+
+def _is_a(value: Any, kind: str) -> bool:
+    """Whether value is of the annotated kind (an int passes for float; a bool passes only for bool)."""
+    if kind == "bool" or isinstance(value, bool):
+        return kind == "bool" and isinstance(value, bool)
+    return {"int": isinstance(value, int), "float": isinstance(value, (int, float)),
+            "str": isinstance(value, str)}[kind]

@@ -37,5 +37,8 @@ class Attention(keras.layers.Layer):
 
 
 def attention_pool(features: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
-    """Mean over locations of attention-weighted, channel-L2-normalized features: [B,H,W,C] -> [B,C]."""
-    return tf.reduce_mean(scores * tf.nn.l2_normalize(features, axis=-1), axis=[1, 2])
+    """Mean over locations of attention-weighted, channel-L2-normalized features: [B,H,W,C] -> float32 [B,C].
+
+    In float32 whatever the inputs' type: float16 normalisation fails on zero and on large vectors."""
+    normalized = tf.nn.l2_normalize(tf.cast(features, tf.float32), axis=-1)
+    return tf.reduce_mean(tf.cast(scores, tf.float32) * normalized, axis=[1, 2])

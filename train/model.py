@@ -17,7 +17,12 @@ def normalize_pixels(images: tf.Tensor) -> tf.Tensor:
 
 
 class DelgModel(keras.Model):
-    """The whole DELG network. `call` returns every tensor the losses need; export uses the parts."""
+    """The whole DELG network. `call` returns every tensor the losses need; export uses the parts.
+
+    Under a float16 or bfloat16 policy (train.precision.precision_policy) the backbone and the local head's
+    convolutions compute in that type; GeM, whitening, L2 normalisation and both classifiers compute in
+    float32, and the global descriptor, local descriptors and attention scores come out as float32.
+    """
 
     def __init__(self, cfg: TrainConfig, num_classes: int, **kwargs):
         super().__init__(**kwargs)
@@ -25,28 +30,28 @@ class DelgModel(keras.Model):
         self.num_classes = num_classes
         self.backbone = build_backbone(cfg)
         self.gem = GeM(cfg.gem_p, name="gem")
-        self.whitening = keras.layers.Dense(cfg.embedding_dim, name="whitening")
+        self.whitening = keras.layers.Dense(cfg.embedding_dim, name="whitening", dtype="float32")
         self.cosine_classifier = CosineClassifier(num_classes, name="arcface")
         self.autoencoder = Autoencoder(cfg.local_dim, name="autoencoder")
         self.attention = Attention(cfg.attention_hidden, name="attention")
-        self.attention_classifier = keras.layers.Dense(num_classes, name="attention_classifier")
+        self.attention_classifier = keras.layers.Dense(num_classes, name="attention_classifier", dtype="float32")
 
     def features(self, images: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
         """Pixels in [0,255] -> (conv4 map, conv5 map): the one backbone pass both heads read."""
         return self.backbone(normalize_pixels(images), training=training)
 
     def global_descriptor(self, conv5: tf.Tensor) -> tf.Tensor:
-        """GeM-pooled conv5, whitened, L2-normalized: [B,h,w,C5] -> [B,embedding_dim]."""
-        pooled = tf.cast(self.gem(conv5), tf.float32)
-        return tf.nn.l2_normalize(tf.cast(self.whitening(pooled), tf.float32), axis=1)
+        """GeM-pooled conv5, whitened, L2-normalized, in float32: [B,h,w,C5] -> [B,embedding_dim]."""
+        return tf.nn.l2_normalize(self.whitening(self.gem(conv5)), axis=1)
 
     def local_head(self, conv4: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
-        """Descriptors, reconstruction and attention scores on conv4; no gradient flows into the backbone."""
+        """Descriptors and attention scores (float32), and the reconstruction, on the local head's map (conv4,
+        sub-sampled at local_stride 32); no gradient flows into the backbone."""
         conv4 = tf.stop_gradient(conv4)
         descriptors, reconstruction = self.autoencoder(conv4)
         scores = self.attention(reconstruction, training=training)
-        return {"conv4": conv4, "descriptors": descriptors, "reconstruction": reconstruction,
-                "attention": scores}
+        return {"conv4": conv4, "descriptors": tf.cast(descriptors, tf.float32), "reconstruction": reconstruction,
+                "attention": tf.cast(scores, tf.float32)}
 
     def call(self, images, training=False):
         conv4, conv5 = self.features(images, training=training)
@@ -55,7 +60,7 @@ class DelgModel(keras.Model):
         pooled = attention_pool(local["reconstruction"], local["attention"])
         return {
             "embedding": embedding,
-            "cosine": tf.cast(self.cosine_classifier(embedding), tf.float32),
-            "attention_logits": tf.cast(self.attention_classifier(pooled), tf.float32),
+            "cosine": self.cosine_classifier(embedding),
+            "attention_logits": self.attention_classifier(pooled),
             **local,
         }

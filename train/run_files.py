@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from common.cli import UserError, atomic_write_text
 from train.config import TrainConfig
+from train.precision import legacy_mixed_precision
 
 CONFIG_FILE = "config.json"
 LABEL_MAP_FILE = "label_map.csv"  # columns index,landmark_id: contiguous class index -> GLDv2 landmark id
@@ -18,6 +19,16 @@ METRICS_FILE = "metrics.json"
 # Config fields a resumed run may change: how long it trains and how often it logs, validates and checkpoints.
 # Every other field shapes the model, the optimizer or the data stream the checkpoint belongs to.
 RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "validate_every", "log_every"})
+# Fields that config.json files written before them lack, and the value those runs had.
+FIELDS_ADDED_LATER = {"local_stride": 16}
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """A UserError when run_dir, or a folder above it, exists as something other than a folder."""
+    for path in (Path(run_dir), *Path(run_dir).parents):
+        if path.exists() and not path.is_dir():
+            what = "the run folder" if path == Path(run_dir) else f"a folder of {run_dir}"
+            raise UserError(f"{path} is a file, but it would be {what}; choose another --out")
 
 
 def save_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -28,13 +39,21 @@ def load_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{path}: missing; is {run_dir} a training run folder?")
-    fields = json.loads(path.read_text())
+    fields = {**FIELDS_ADDED_LATER, **upgrade_legacy_fields(json.loads(path.read_text()))}
     known = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(fields) - set(known))
     if unknown:
         raise UserError(f"{path}: unknown fields {unknown}")
     tuples = {name: tuple(value) for name, value in fields.items() if isinstance(value, list)}
     return TrainConfig(**{**fields, **tuples})
+
+
+def upgrade_legacy_fields(fields: dict) -> dict:
+    """Replace fields of older config.json files by their successors (mixed_precision -> precision)."""
+    if "mixed_precision" in fields:
+        fields = dict(fields)
+        fields["precision"] = legacy_mixed_precision() if fields.pop("mixed_precision") else "float32"
+    return fields
 
 
 def save_label_map(run_dir: Path, landmark_ids: list[int]) -> None:
