@@ -1,5 +1,5 @@
-"""`python -m local_eval COMMAND ...`: score, build, replay, time, show, show-pair, tune, tune-merge
-(the demo is `python -m demo`)."""
+"""`python -m local_eval COMMAND ...`: score, build, replay, time, show, show-pair, tune, tune-merge,
+tradeoff (the demo is `python -m demo`)."""
 from __future__ import annotations
 
 import sys
@@ -15,6 +15,7 @@ COMMANDS = {
     "show-pair": ("local_eval.show:main_show_pair", "draw the local-feature matches of two images"),
     "tune": ("local_eval.tune:main", "choose the verification and scoring settings by measuring them"),
     "tune-merge": ("local_eval.tune:main_merge", "average tune tables of several seeds and choose on the mean"),
+    "tradeoff": ("local_eval.tradeoff:main", "score against projected server hours for each rung of the plan"),
 }
 
 if __name__ == "__main__":

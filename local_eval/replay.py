@@ -33,13 +33,13 @@ def competition_paths(competition: Path, task: str) -> tuple[Path, Path]:
     return data, solution
 
 
-def script_command(task: str, data: Path, model: Path, out: Path, limit_h: float, extra: list[str],
+def script_command(task: str, data: Path, model: Path, out: Path, work: Path, limit_h: float, extra: list[str],
                    nonlandmarks: Path | None = None) -> list[str]:
     """The script's command line; the competition's distractor folder goes in as --nonlandmark-dir unless the
     extra flags name one."""
     distractors = ["--nonlandmark-dir", str(nonlandmarks)] if nonlandmarks and "--nonlandmark-dir" not in extra else []
     return [sys.executable, str(SCRIPT), "--task", task, "--data", str(data), "--model", str(model),
-            "--out", str(out / "submission.csv"), "--work", str(out / "work"),
+            "--out", str(out / "submission.csv"), "--work", str(work),
             "--time-budget-h", f"{limit_h:g}", *distractors, *extra]
 
 
@@ -48,7 +48,7 @@ def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[
     start = time.monotonic()
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, cwd=log_path.parent)
+                                   start_new_session=True)  # in our folder: relative paths in the flags work
         try:
             code = process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
@@ -82,17 +82,19 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
-           extra_args: list[str] | None = None) -> dict:
-    """Run the script once, score what it left (final and global-only), write out/report.json."""
+           extra_args: list[str] | None = None, work: Path | None = None) -> dict:
+    """Run the script once, score what it left (final and global-only), write out/report.json. Its WORK folder
+    is out/work unless another is given (runs sharing one reuse each other's cached features)."""
     if task not in TASK_FOLDERS:
         raise UserError(f"unknown task {task!r}; choose recognition or retrieval")
     data, solution = competition_paths(Path(competition), task)
     out = Path(out).resolve()
+    work = out / "work" if work is None else Path(work).resolve()
     out.mkdir(parents=True, exist_ok=True)
     distractors = nonlandmark_folder(Path(competition))
-    command = script_command(task, data.resolve(), Path(model).resolve(), out, limit_h, extra_args or [],
+    command = script_command(task, data.resolve(), Path(model).resolve(), out, work, limit_h, extra_args or [],
                              distractors.resolve() if distractors.is_dir() else None)
-    for stale in (out / "submission.csv", out / "work" / "submission_global_only.csv", out / "work" / "timing.json"):
+    for stale in (out / "submission.csv", work / "submission_global_only.csv", work / "timing.json"):
         stale.unlink(missing_ok=True)  # a run that dies early must not be scored on an earlier run's files
     log.info("replaying %s with a %.3g h limit: %s", task, limit_h, " ".join(command))
     status, seconds = run_with_limit(command, out / "script.log", limit_h * 3600)
@@ -100,8 +102,8 @@ def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
         "status": status,
         "seconds": round(seconds, 3),
         "final": score_if_present(task, solution, out / "submission.csv"),
-        "global_only": score_if_present(task, solution, out / "work" / "submission_global_only.csv"),
-        "timing": read_timing(out / "work"),
+        "global_only": score_if_present(task, solution, work / "submission_global_only.csv"),
+        "timing": read_timing(work),
     }
     if status != "ok":
         report["log_tail"] = tail(out / "script.log")

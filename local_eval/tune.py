@@ -7,7 +7,9 @@ It runs the submission script once as the server would (replay), reranking every
 the grid so that the script caches the local features of every pair; then it sweeps the verification settings
 over those cached features (no new extraction) and the scoring settings over the verified pairs (no new
 RANSAC), scores every combination with the official-equivalent metric, chooses on Public (ties: the faster)
-and reports Private beside it, as the leaderboard split works. It writes
+and reports Private beside it, as the leaderboard split works. Verification is swept in two stages: every
+matching setting x RANSAC threshold x minimum matches at the first iterations and confidence of the grid, then
+every iterations x confidence at the best of those. It writes
   OUT/table.csv   one row per setting: the settings, Public / Private / all scores, seconds per query;
   OUT/tuned.json  the chosen settings, for `submission/main.py --settings` (and replay / export bundle);
   OUT/depth.png   score against rerank depth for the best few verification settings.
@@ -34,7 +36,6 @@ from tqdm import tqdm
 from common.cli import UserError, atomic_write_text
 from local_eval import draw
 from local_eval.kaggle_csv import read_solution
-from local_eval.layout import nonlandmark_folder
 from local_eval.metrics import (
     METRIC_NAME,
     REPORTED_SUBSETS,
@@ -49,11 +50,13 @@ from local_eval.submission_script import load_submission
 log = logging.getLogger("tune")
 
 # The default grid. Verification settings are swept over cached features, scoring settings over verified pairs.
+# Stage 1 sweeps matching x threshold at the first iterations and confidence; stage 2 sweeps iterations x
+# confidence at stage 1's best matching and threshold (every combination of all five costs ~6x more RANSAC).
 MATCHING = {"match_max_distance": [0.9, 1.1], "mutual": [True, False]}
-RANSAC = {"ransac_threshold": [0.002, 0.004, 0.008, 0.016, 0.03], "ransac_iterations": [1000],
-          "ransac_confidence": [1.0]}
+RANSAC = {"ransac_threshold": [0.005, 0.01, 0.02, 0.04], "ransac_iterations": [1000, 300],
+          "ransac_confidence": [1.0, 0.99]}
 FILTER = {"min_matches": [4, 8]}
-SCORING = {"recognition": {"rerank": [0, 1, 3, 5, 10, 20, 30], "top_k": [1, 3, 5, 10],
+SCORING = {"recognition": {"rerank": [0, 1, 3, 5, 10, 20], "top_k": [1, 3, 5, 10],
                            "max_inlier_score": [5, 10, 20, 40], "nonlandmark_penalty": [0.0, 0.5, 1.0, 2.0],
                            "calibrate": [True, False]},
            "retrieval": {"rerank": [0, 10, 30, 100]}}
@@ -97,7 +100,8 @@ def _init_sweep(matching: list[dict], ransac: list[dict]) -> None:
 
 def sweep_query(task: tuple[Path, list[Path]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For one query and its candidates: putative matches [M, D] per matching setting, inliers [M, R, D] per
-    matching x RANSAC setting, and the seconds each (matching, RANSAC) setting took [M, R]."""
+    matching x RANSAC setting, and the seconds each (matching, RANSAC) setting took [M, R] (the similarity
+    matrix, computed once for all matching settings, is charged to each in full)."""
     sub = load_submission()
     matching, ransac = _SWEEP["matching"], _SWEEP["ransac"]
     query = sub.load_local(task[0])
@@ -109,11 +113,13 @@ def sweep_query(task: tuple[Path, list[Path]]) -> tuple[np.ndarray, np.ndarray, 
         other = sub.load_local(path)
         if len(query.descriptors) == 0 or len(other.descriptors) == 0:
             continue
+        began = time.perf_counter()
+        similarity = query.descriptors @ other.descriptors.T
+        similarity_s = time.perf_counter() - began
         for m, match_setting in enumerate(matching):
             began = time.perf_counter()
-            a, b = sub.putative_matches(query.descriptors, other.descriptors, match_setting["match_max_distance"],
-                                        match_setting["mutual"])
-            matching_s = time.perf_counter() - began
+            a, b = sub.matches_in(similarity, match_setting["match_max_distance"], match_setting["mutual"])
+            matching_s = similarity_s + time.perf_counter() - began
             matches[m, d] = len(a)
             for r, ransac_setting in enumerate(ransac):
                 began = time.perf_counter()
@@ -190,10 +196,9 @@ def read_run(work: Path) -> Run:
                arrays["nonlandmark_cosines"], json.loads((work / "timing.json").read_text()))
 
 
-def score_table(run: Run, scorer: Scorer, grid: dict, matches: np.ndarray, inliers: np.ndarray,
-                seconds: np.ndarray, verified: np.ndarray) -> pd.DataFrame:
-    """One row per verification x scoring setting."""
-    matching, ransac = grid_combinations(grid["matching"]), grid_combinations(grid["ransac"])
+def score_table(run: Run, scorer: Scorer, grid: dict, matching: list[dict], ransac: list[dict],
+                matches: np.ndarray, inliers: np.ndarray, seconds: np.ndarray, verified: np.ndarray) -> pd.DataFrame:
+    """One row per verification (matching x RANSAC x filter) x scoring setting."""
     scoring_grid = grid_combinations(grid["scoring"])
     if not run.nonlandmark_cosines.shape[1]:  # no distractor set: the penalty changes nothing
         scoring_grid = [s for s in scoring_grid if s.get("nonlandmark_penalty", 0.0) == scoring_grid[0].get(
@@ -279,6 +284,34 @@ def depth_picture(table: pd.DataFrame, task: str, out: Path) -> None:
                                   "rerank depth", f"Public {metric}"), out / "depth.png")
 
 
+def sweep_stage(run: Run, scorer: Scorer, grid: dict, tasks: list, verified: np.ndarray, matching: list[dict],
+                ransac: list[dict], workers: int) -> pd.DataFrame:
+    """Verify every pair with each matching x RANSAC setting, then score every scoring setting on the result."""
+    matches, inliers, seconds = sweep_verification(tasks, matching, ransac, workers)
+    readable = np.flatnonzero(run.query_ok)
+    all_matches = np.zeros((len(run.test_ids), *matches.shape[1:]), matches.dtype)
+    all_inliers = np.zeros((len(run.test_ids), *inliers.shape[1:]), inliers.dtype)
+    all_matches[readable], all_inliers[readable] = matches, inliers
+    return score_table(run, scorer, grid, matching, ransac, all_matches, all_inliers, seconds, verified)
+
+
+def stages(grid: dict) -> tuple[list[dict], list[dict]]:
+    """Stage 1's (matching, RANSAC) lists: every matching x threshold, at the first iterations and confidence."""
+    first = {name: values[:1] for name, values in grid["ransac"].items() if name != "ransac_threshold"}
+    return (grid_combinations(grid["matching"]),
+            grid_combinations({"ransac_threshold": grid["ransac"]["ransac_threshold"], **first}))
+
+
+def second_stage(grid: dict, best: pd.Series) -> tuple[list[dict], list[dict]]:
+    """Stage 2's lists: the best matching and threshold, every other iterations x confidence."""
+    matching = [{name: native(best[name]) for name in grid["matching"]}]
+    ransac = grid_combinations({"ransac_threshold": [native(best["ransac_threshold"])],
+                                **{name: values for name, values in grid["ransac"].items()
+                                   if name != "ransac_threshold"}})
+    first = {name: values[0] for name, values in grid["ransac"].items() if name != "ransac_threshold"}
+    return matching, [r for r in ransac if any(r[name] != value for name, value in first.items())]
+
+
 def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, grid_path: Path | None,
          script_args: list[str], workers: int) -> dict:
     """Extract once, sweep, write table.csv, tuned.json and depth.png; returns the chosen row with its scores."""
@@ -286,25 +319,20 @@ def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, g
     _, solution = competition_paths(competition, task)
     out.mkdir(parents=True, exist_ok=True)
     max_depth = max(grid["scoring"]["rerank"])
-    distractors = nonlandmark_folder(competition)
-    extra = [*script_args, "--rerank", str(max_depth), "--plan", "fixed"]
+    extra = [*script_args, "--rerank", str(max_depth), "--plan", "fixed"]  # replay adds the distractor folder
     if task == "recognition":  # the non-landmark neighbours of the largest top-k are searched once
         extra += ["--top-k", str(max(grid["scoring"]["top_k"]))]
-    if distractors.is_dir() and "--nonlandmark-dir" not in script_args:
-        extra += ["--nonlandmark-dir", str(distractors)]
     report = replay(competition, task, model, out / "run", limit_h, extra)
     if report["status"] != "ok":
         raise UserError(f"the extraction run ended '{report['status']}'; see {out / 'run' / 'script.log'}")
     run = read_run(out / "run" / "work")
     tasks, verified = pair_tasks(run, max_depth)
-    matches, inliers, seconds = sweep_verification(tasks, grid_combinations(grid["matching"]),
-                                                   grid_combinations(grid["ransac"]), workers)
-    full = lambda a: np.zeros((len(run.test_ids), *a.shape[1:]), a.dtype)
-    readable = np.flatnonzero(run.query_ok)
-    all_matches, all_inliers = full(matches), full(inliers)
-    all_matches[readable], all_inliers[readable] = matches, inliers
-    table = score_table(run, Scorer(task, solution, run.test_ids), grid, all_matches, all_inliers, seconds,
-                        verified)
+    scorer = Scorer(task, solution, run.test_ids)
+    table = sweep_stage(run, scorer, grid, tasks, verified, *stages(grid), workers)
+    matching, ransac = second_stage(grid, choose(table))
+    if ransac:
+        table = pd.concat([table, sweep_stage(run, scorer, grid, tasks, verified, matching, ransac, workers)],
+                          ignore_index=True)
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
     chosen = choose(table)
     about = {"competition": str(competition), "task": task, "model": str(model), "chosen_on": "public",

@@ -63,9 +63,9 @@ KIT_API = (  # the names the kit (local_eval, bench, demo) may use; everything e
     "SECTIONS", "PRESETS", "Settings", "Extraction", "Verification", "Scoring", "Budget", "InputError",
     "parse_settings", "read_settings_record", "DelgSavedModel", "read_test_ids", "read_train_labels",
     "list_image_ids", "image_path", "decode_image", "extract_global", "load_global", "cached_global", "knn",
-    "LocalFeatures", "local_path", "extract_local", "load_local", "putative_matches", "ransac_inliers",
+    "LocalFeatures", "local_path", "extract_local", "load_local", "putative_matches", "matches_in", "ransac_inliers",
     "ransac_matches", "count_inliers", "pixel_threshold", "recognition_predictions", "retrieval_order",
-    "nonlandmark_shares", "expected_local_scores", "rerank_order", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "main",
+    "nonlandmark_shares", "expected_local_scores", "rerank_order", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "main",
 )
 
 # %% 1. Settings
@@ -84,6 +84,7 @@ KNN_Q_BLOCK = 512  # queries per numpy multiply
 # Global descriptors are computed on a few fixed sizes so that images can be batched (section 3).
 BUCKET_ASPECTS = (9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9)  # width / height
 BUCKET_SIDES = (1.0, 0.75, 0.5, 0.375, 0.25)  # longer side, as a share of --global-max-side
+PROBE_SHARE = 0.01  # of the budget, at most, for timing one setting of the ladder (per pass)
 ID_PATTERN = re.compile(r"[0-9A-Za-z_-]{3,}")  # an image id names its own folders a/b/c: 3 characters at least
 
 
@@ -518,7 +519,7 @@ def decode_for_global(path: Path, max_side: int) -> np.ndarray | None:
     def centred_crop(width: int, height: int):
         bucket = global_bucket(width, height, max_side)
         scale = max(bucket[0] / width, bucket[1] / height)
-        crop_w, crop_h = bucket[0] / scale, bucket[1] / scale
+        crop_w, crop_h = min(width, bucket[0] / scale), min(height, bucket[1] / scale)
         left, top = (width - crop_w) / 2, (height - crop_h) / 2
         return bucket, (left, top, left + crop_w, top + crop_h)
 
@@ -685,9 +686,9 @@ class Batcher:
         self.pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
 
     def add(self, row: int, pixels: np.ndarray | None) -> int:
-        """Queue one image; the number of images whose descriptors this call computed."""
+        """Queue one image; the number of images this call finished (computed, or unreadable)."""
         if pixels is None:
-            return 0
+            return 1
         group = self.pending.setdefault(pixels.shape, [])
         group.append((row, pixels))
         if len(group) >= self.ext.global_batch:
@@ -725,7 +726,8 @@ StopRule = Callable[[int, float], bool]  # (images done, seconds spent) -> stop 
 def extract_global(model: DelgSavedModel, ids: list[str], paths: list[Path], cache: Path, extraction: Extraction,
                    run: Run, shard: tuple[int, int] = (0, 1), stop: StopRule | None = None) -> tuple[int, bool]:
     """Extract and cache, chunk by chunk, every missing global descriptor of this shard, batched by size bucket.
-    Returns (images extracted, stopped): when stop(done, seconds) says so, the current chunk is saved as it is."""
+    Returns (images finished, stopped): when stop(finished, seconds) says so, the images still waiting for a
+    batch are dropped and the current chunk is saved as it is."""
     size = run.chunk_size
     chunks = [c for c in range(math.ceil(len(ids) / size)) if c % shard[1] == shard[0]]
     todo = [c for c in chunks if read_chunk(cache, c, ids[c * size:(c + 1) * size], ()) is None]
@@ -735,27 +737,31 @@ def extract_global(model: DelgSavedModel, ids: list[str], paths: list[Path], cac
     load = lambda i: decode_for_global(paths[i], extraction.global_max_side)
     images = prefetched(load, rows, run.decode_threads, run.prefetch)
     dtype = np.float16 if extraction.cache_float16 else np.float32
-    done, began = 0, time.monotonic()
+    finished, began = 0, time.monotonic()
     with tqdm(total=len(rows), desc=f"global {cache.name}", unit="img") as bar:
         for c in todo:
             chunk_ids = ids[c * size:(c + 1) * size]
             descriptors, ok = np.zeros((len(chunk_ids), model.global_dim), np.float32), np.zeros(len(chunk_ids), bool)
             batcher, stopped = Batcher(model, extraction, descriptors, ok), False
             for j in range(len(chunk_ids)):
-                bar.update(batcher.add(j, next(images)))
-                done += 1
-                if stop is not None and stop(done, time.monotonic() - began):
+                count = batcher.add(j, next(images))
+                finished += count
+                bar.update(count)
+                if stop is not None and stop(finished, time.monotonic() - began):
                     stopped = True
                     break
-            bar.update(batcher.flush())
+            if not stopped:
+                count = batcher.flush()
+                finished += count
+                bar.update(count)
             saved = descriptors.astype(dtype)
             atomic_save(chunk_path(cache, c), lambda tmp, d=saved, o=ok, i=chunk_ids, s=stopped:
                         np.savez(tmp, ids=np.array(i), descriptors=d, ok=o, complete=not s))
             if stopped:
                 images.close()
-                log.warning("%s: the deadline stopped extraction after %d of %d images", cache.name, done, len(rows))
-                return done, True
-    return done, False
+                log.warning("%s: stopped after %d of %d images", cache.name, finished, len(rows))
+                return finished, True
+    return finished, False
 
 
 def load_global(cache: Path, ids: list[str], chunk_size: int, dim: int = 0,
@@ -949,12 +955,15 @@ def extract_local(model: DelgSavedModel, data: Path, images: list[tuple[str, str
 def putative_matches(desc_a: np.ndarray, desc_b: np.ndarray, max_distance: float,
                      mutual: bool) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (a, b): b is a's nearest neighbour within max_distance (and, if mutual, vice versa)."""
-    similarity = desc_a @ desc_b.T  # normalized rows: distance^2 = 2 - 2 * similarity
+    return matches_in(desc_a @ desc_b.T, max_distance, mutual)
+
+
+def matches_in(similarity: np.ndarray, max_distance: float, mutual: bool) -> tuple[np.ndarray, np.ndarray]:
+    """putative_matches from the descriptors' similarity matrix (normalized rows: distance^2 = 2 - 2 similarity)."""
     nearest_b = similarity.argmax(axis=1)
-    rows = np.arange(len(desc_a))
-    keep = np.flatnonzero(similarity[rows, nearest_b] >= 1 - max_distance ** 2 / 2)
-    if mutual:  # only the kept candidates' own nearest neighbours are needed (a column argmax is slow)
-        keep = keep[(desc_b[nearest_b[keep]] @ desc_a.T).argmax(axis=1) == keep]
+    keep = np.flatnonzero(similarity[np.arange(len(similarity)), nearest_b] >= 1 - max_distance ** 2 / 2)
+    if mutual:  # only the kept candidates' columns are searched
+        keep = keep[similarity[:, nearest_b[keep]].argmax(axis=0) == keep]
     return keep, nearest_b[keep]
 
 
@@ -1191,19 +1200,24 @@ def ladder(extraction: Extraction, model: DelgSavedModel) -> list[tuple[str, Ext
     return rungs
 
 
-def time_global(model: DelgSavedModel, paths: list[Path], extraction: Extraction, run: Run, scratch: Path) -> float:
+def time_global(model: DelgSavedModel, paths: list[Path], extraction: Extraction, run: Run, scratch: Path,
+                limit_s: float) -> float:
     """Seconds per image of the global pass (decoding included) on these images: a first untimed pass compiles
-    every size they need, the second is timed."""
+    every size they need, the second is timed. A pass that takes more than limit_s stops there, and its rate
+    so far (compilation included: pessimistic) is the answer."""
     ids = [f"probe{i:06d}" for i in range(len(paths))]
     probe_run = dataclasses.replace(run, chunk_size=max(1, len(paths)))
-    seconds = 0.0
+    rate = 0.0
     for _ in ("compile", "time"):
         shutil.rmtree(scratch, ignore_errors=True)
         began = time.monotonic()
-        extract_global(model, ids, paths, scratch, extraction, probe_run)
-        seconds = time.monotonic() - began
+        finished, stopped = extract_global(model, ids, paths, scratch, extraction, probe_run,
+                                           stop=lambda done, seconds: seconds > limit_s)
+        rate = (time.monotonic() - began) / max(1, finished)
+        if stopped:
+            break
     shutil.rmtree(scratch, ignore_errors=True)
-    return seconds / max(1, len(paths))
+    return rate
 
 
 def project_seconds(global_rate: float, knn_rate: float, sizes: Sizes, budget: Budget) -> dict[str, float]:
@@ -1219,8 +1233,9 @@ def plan_extraction(model: DelgSavedModel, probe_paths: list[Path], settings: Se
     the time left; the cheapest when none does. Returns it and the plan's record."""
     run, budget = settings.run, settings.budget
     tried = []
+    limit_s = PROBE_SHARE * budget.time_budget_h * 3600
     for name, extraction in ladder(settings.extraction, model):
-        rate = time_global(model, probe_paths, extraction, run, scratch)
+        rate = time_global(model, probe_paths, extraction, run, scratch, limit_s)
         seconds = project_seconds(rate, knn_rate, sizes, budget)
         fits = sum(seconds.values()) <= time_left
         tried.append({"rung": name, "seconds_per_image": rate, "projected_h": sum(seconds.values()) / 3600,

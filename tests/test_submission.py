@@ -393,3 +393,11 @@ def test_a_cut_short_local_feature_file_is_extracted_again(models, tmp_path):
     assert sub.extract_local(model, data, [("test", "abc123")], cache, EXTRACTION, run) == 1
     assert len(sub.load_local(cached).keypoints) == 200
     assert sub.extract_local(model, data, [("test", "abc123")], cache, EXTRACTION, run) == 0
+
+
+@pytest.mark.parametrize("size", [(320, 240), (240, 320), (1024, 576), (97, 131)])
+def test_global_decoding_of_images_with_a_bucket_aspect(tmp_path, size):
+    path = tmp_path / "image.jpg"
+    path.write_bytes(encoded(np.zeros((size[1], size[0], 3), np.uint8), "JPEG"))
+    pixels = sub.decode_for_global(path, max_side=1024)
+    assert pixels.shape == (*reversed(sub.global_bucket(*size, max_side=1024)), 3)

@@ -10,12 +10,14 @@ from PIL import Image
 
 from local_eval.replay import replay
 from local_eval.submission_script import load_submission
+from local_eval.tune import choose
 from local_eval.tune import main as tune_main
 
 sub = load_submission()
 FAST = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0"]
 GRID = {"match_max_distance": [0.9], "mutual": [True, False], "ransac_threshold": [0.01, 0.04],
-        "min_matches": [4], "rerank": [0, 2, 4], "top_k": [1, 3], "max_inlier_score": [10],
+        "ransac_iterations": [1000, 300], "ransac_confidence": [1.0], "min_matches": [4],
+        "rerank": [0, 2, 4], "top_k": [1, 3], "max_inlier_score": [10],
         "nonlandmark_penalty": [0.0, 1.0], "calibrate": [True]}
 
 
@@ -31,8 +33,13 @@ def tuned(tiny_competition, tiny_model, tmp_path_factory):
 
 def test_every_combination_is_scored_once(tuned):
     table = pd.read_csv(tuned / "table.csv")
-    assert len(table) == 2 * 2 * 3 * 2 * 2  # mutual x threshold x depth x top-k x penalty
-    assert not table.duplicated(["mutual", "ransac_threshold", "rerank", "top_k", "nonlandmark_penalty"]).any()
+    scoring = 3 * 2 * 2  # depth x top-k x penalty
+    assert len(table) == 2 * 2 * scoring + scoring  # stage 1: mutual x threshold; stage 2: 300 iterations at the best
+    stage_two = table[table["ransac_iterations"] == 300]
+    best = choose(table[table["ransac_iterations"] == 1000])
+    assert (stage_two[["mutual", "ransac_threshold"]] == best[["mutual", "ransac_threshold"]]).all().all()
+    keys = ["mutual", "ransac_threshold", "ransac_iterations", "rerank", "top_k", "nonlandmark_penalty"]
+    assert not table.duplicated(keys).any()
     assert table["public"].between(0, 1).all() and table["private"].between(0, 1).all()
     assert (table.loc[table["rerank"] == 0, "seconds_per_query"] == 0).all()
     assert (table.loc[table["rerank"] == 4, "seconds_per_query"] > 0).all()

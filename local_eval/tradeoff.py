@@ -1,0 +1,169 @@
+"""`python -m local_eval tradeoff`: what each step of the database plan's ladder costs in score and saves in time.
+
+    python -m local_eval tradeoff --competition DIR --task recognition|retrieval --model MODEL --out OUT \
+        [--profile P] [--log WORK/timing.json | --speedup X] [-- extra submission/main.py flags]
+
+Replays the script once per rung of its ladder (the settings as given, float16 when the model has it, one global
+scale, longer side 768, 512), each reranking to the deepest of --depths; the rungs share one WORK folder, so local
+features are extracted once. Each run is scored at every depth from its verified pairs (no new RANSAC) and
+projected to the profile's full size from the rates it measured: scaled by --speedup, or anchored to the rates a
+probe measured on the real server (--log; the ladder's relative costs still come from these runs). Writes
+OUT/tradeoff.csv and OUT/tradeoff.png (score against projected hours, the limit marked) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.cli import UserError, atomic_write_text
+from local_eval import draw
+from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
+from local_eval.replay import competition_paths, replay
+from local_eval.submission_script import load_submission
+from local_eval.timing import PROFILES, Profile, load_timing, project, resolve_profile
+from local_eval.tune import Run, Scorer, read_run, score_one, split_script_args
+
+log = logging.getLogger("tradeoff")
+
+DEPTHS = {"recognition": [0, 1, 3, 10], "retrieval": [0, 10, 30, 100]}
+
+
+def rung_flags(extraction) -> list[str]:
+    """The script flags that put the global pass on this rung, and keep it there."""
+    return ["--global-precision", extraction.global_precision, "--global-max-side", str(extraction.global_max_side),
+            "--global-scale-indices", *map(str, extraction.global_scale_indices), "--plan", "fixed"]
+
+
+def verified_inliers(run: Run) -> np.ndarray:
+    """Inliers [queries, candidates] from WORK/verified_pairs.csv (-1 where a pair was not verified)."""
+    pairs = pd.read_csv(run.work / "verified_pairs.csv", dtype={"id": str, "candidate": str})
+    row = {test_id: q for q, test_id in enumerate(run.test_ids)}
+    inliers = np.full(run.neighbours.shape, -1, np.int64)
+    inliers[pairs["id"].map(row).to_numpy(), pairs["rank"].to_numpy() - 1] = pairs["inliers"].to_numpy()
+    return inliers
+
+
+def stage_rates(timing: dict) -> dict[str, dict]:
+    """The stages of a timing log that measured something."""
+    return {name: stage for name, stage in timing["stages"].items() if stage["items"] > 0}
+
+
+def rung_log(timing: dict, reference: dict, server: dict | None) -> dict:
+    """A timing log for `project`: this rung's global and kNN stages, the local stages of whichever run measured
+    them (the rungs share one local cache). With a server log, every stage takes the server's rate, the global
+    stages scaled by this rung's cost relative to the first rung's here."""
+    stages = {**stage_rates(reference), **stage_rates(timing)}
+    if server is None:
+        return {"stages": stages}
+    scaled = {}
+    for name, server_stage in stage_rates(server).items():
+        rate = server_stage["seconds"] / server_stage["items"]
+        if name in ("global_db", "global_query") and name in stages and name in reference["stages"]:
+            here, first = stages[name], reference["stages"][name]
+            rate *= (here["seconds"] / here["items"]) / (first["seconds"] / first["items"])
+        scaled[name] = {"items": 1, "seconds": rate}
+    return {"stages": scaled}
+
+
+def tradeoff(competition: Path, task: str, model: Path, out: Path, profile: Profile, server: dict | None,
+             speedup: float, depths: list[int], limit_h: float, script_args: list[str]) -> pd.DataFrame:
+    sub = load_submission()
+    data, solution = competition_paths(competition, task)
+    base = sub.parse_settings(["--task", task, "--data", str(data), "--model", str(model), *script_args])
+    rungs = sub.ladder(base.extraction, sub.DelgSavedModel(model, base.extraction))
+    work, rows, reference = out / "work", [], None
+    for index, (name, extraction) in enumerate(rungs):
+        log.info("rung %d of %d: %s", index + 1, len(rungs), name)
+        report = replay(competition, task, model, out / f"rung{index}", limit_h,
+                        [*script_args, *rung_flags(extraction), "--rerank", str(max(depths))], work=work)
+        if report["status"] != "ok":
+            raise UserError(f"the run of rung '{name}' ended '{report['status']}'; see {out / f'rung{index}'}")
+        run = read_run(work)
+        reference = reference or report["timing"]
+        rows += rung_rows(run, Scorer(task, solution, run.test_ids), name, extraction, report["timing"], reference,
+                          server, profile, speedup, depths)
+    return pd.DataFrame(rows)
+
+
+def rung_rows(run: Run, scorer: Scorer, name: str, extraction, timing: dict, reference: dict, server: dict | None,
+              profile: Profile, speedup: float, depths: list[int]) -> list[dict]:
+    inliers = verified_inliers(run)
+    projected_log = rung_log(timing, reference, server)
+    rows = []
+    for depth in depths:
+        at_depth = np.where(np.arange(inliers.shape[1]) < depth, inliers, -1)
+        scores = score_one(run, scorer, at_depth, {"rerank": depth})
+        hours = project(projected_log, profile, depth, 1.0 if server else speedup)
+        total = sum(h for h in hours.values() if h is not None)
+        rows.append({"rung": name, "global_scales": " ".join(map(str, extraction.global_scales())),
+                     "global_max_side": extraction.global_max_side, "precision": extraction.global_precision,
+                     "rerank": depth, **{subset: scores[subset] for subset in REPORTED_SUBSETS},
+                     "projected_h": round(total, 3), "fits": total <= profile.limit_h})
+    return rows
+
+
+def picture(table: pd.DataFrame, task: str, profile: Profile, out: Path) -> None:
+    metric = METRIC_NAME[TASK_METRIC[task]]
+    series = {f"{rung} (depths {', '.join(map(str, part['rerank']))})":
+              list(zip(part["projected_h"], part["all"], strict=True))
+              for rung, part in table.groupby("rung", sort=False)}
+    draw.save_png(draw.line_chart(series, f"{task}: {metric} (all) against projected hours at full size",
+                                  "projected server hours", metric, vertical=(profile.limit_h, "limit")),
+                  out / "tradeoff.png")
+
+
+def format_table(table: pd.DataFrame, task: str, profile: Profile, source: str) -> str:
+    metric = METRIC_NAME[TASK_METRIC[task]]
+    lines = [f"{task} tradeoff, projected to {profile.db:,} database / {profile.test:,} test images, limit "
+             f"{profile.limit_h:g} h ({source}):",
+             f"  {'rung':<16}{'rerank':>7}  {metric + ' public':>14}{'private':>9}{'all':>8}{'hours':>9}  fits"]
+    for row in table.itertuples():
+        lines.append(f"  {row.rung:<16}{row.rerank:>7}  {row.public:>14.4f}{row.private:>9.4f}{row.all:>8.4f}"
+                     f"{row.projected_h:>9.2f}  {'yes' if row.fits else 'no'}")
+    best = table[table["fits"]].sort_values("public", ascending=False, kind="stable").head(1)
+    lines.append("  best that fits (on Public): " + (f"{best.iloc[0]['rung']}, rerank {best.iloc[0]['rerank']}"
+                                                    if len(best) else "none"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    own, script_args = split_script_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m local_eval tradeoff", description=__doc__.split("\n\n")[0],
+                                     epilog="Flags after `--` go to submission/main.py in every run.")
+    parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
+    parser.add_argument("--task", required=True, choices=sorted(DEPTHS))
+    parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
+    parser.add_argument("--out", required=True, type=Path, help="folder for tradeoff.csv, tradeoff.png and the runs")
+    parser.add_argument("--profile", default=None, help=f"competition to project to: {', '.join(PROFILES)} "
+                                                         "(default: the task's 2020 profile)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--log", type=Path, help="timing.json of `submission/main.py --probe` on the real server")
+    source.add_argument("--speedup", type=float, default=1.0,
+                        help="how many times faster the server runs the network stages than this machine")
+    parser.add_argument("--depths", type=int, nargs="+", default=None, help="rerank depths to score")
+    parser.add_argument("--limit-h", type=float, default=2.0, help="wall-clock limit of each local run (hours)")
+    args = parser.parse_args(own)
+    if args.speedup <= 0 or args.limit_h <= 0:
+        raise UserError("--speedup and --limit-h must be > 0")
+    depths = args.depths or DEPTHS[args.task]
+    if min(depths) < 0:
+        raise UserError("--depths must be >= 0")
+    profile = resolve_profile(args.profile or f"{args.task}-2020", {})
+    if profile.task != args.task:
+        raise UserError(f"--profile {args.profile} is a {profile.task} profile")
+    server = load_timing(args.log) if args.log else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = tradeoff(args.competition, args.task, args.model, args.out, profile, server, args.speedup, depths,
+                     args.limit_h, script_args)
+    atomic_write_text(args.out / "tradeoff.csv", table.to_csv(index=False))
+    picture(table, args.task, profile, args.out)
+    source_text = f"rates of {args.log}" if server else f"this machine's rates / {args.speedup:g} on GPU stages"
+    text = format_table(table, args.task, profile, source_text)
+    atomic_write_text(args.out / "tradeoff.txt", text + "\n")
+    print(text)
+    return 0
+
