@@ -1,6 +1,12 @@
 """`python -m train --data DIR --config tiny|r50|r101 --out RUN_DIR [--steps N --batch-size B ...]`: train DELG.
 
 Every TrainConfig field is a flag (--field-name) that overrides the named config.
+
+With --strategy multiworker, start the same command on every worker, each with its own TF_CONFIG. Worker 0
+(the chief) restores and writes RUN_DIR; the others take the chief's state at start and keep nothing of
+their own. SIGTERM or Ctrl-C on any worker checkpoints the whole group at one step and stops it; when a
+worker dies outright, the others end with one error line. Either way, restart every worker with the same
+command: the group resumes at the chief's newest checkpoint.
 """
 from __future__ import annotations
 
@@ -46,7 +52,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
+    summary, _, multiworker = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(prog="python -m train", description=summary, epilog=multiworker,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="GLDv2/Kaggle folder with train.csv and train/a/b/c/<id>.jpg")
     parser.add_argument("--tfrecords", type=Path, help="train from shards written by `python -m train.tfrecords`")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="named config (default tiny)")

@@ -214,9 +214,15 @@ def validation_stream(encoded_and_labels: tf.data.Dataset, cfg: TrainConfig) -> 
 
 
 def finish(examples: tf.data.Dataset, batch_size: int, drop_remainder: bool) -> tf.data.Dataset:
-    """Drop unreadable examples (logged by tf.data), batch, prefetch."""
+    """Drop unreadable examples (logged by tf.data), batch, prefetch.
+
+    Under a multi-worker strategy each worker takes its share of every global batch (tf.data's DATA sharding),
+    as the replicas of one machine do: every worker walks the same stream, so its positions stay common."""
     examples = examples.ignore_errors(log_warning=True)
-    return examples.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    batches = examples.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return batches.with_options(options)
 
 
 def folder_validation_files(table: pd.DataFrame) -> tf.data.Dataset:

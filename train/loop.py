@@ -20,7 +20,8 @@ import signal
 import threading
 import time
 import zlib
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import keras
@@ -331,27 +332,34 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
     check_flags_fit(cfg, strategy)
     data = resolve_data(cfg, data_dir, tfrecords)
     trainer = Trainer(cfg, len(data.landmark_ids), strategy)
-    restore_or_join(trainer, run_dir, resume, data.landmark_ids)
     chief, finished = is_chief(strategy), run_dir / run_files.METRICS_FILE
-    if int(trainer.step) >= cfg.steps and finished.is_file():
-        log.info("%s is already trained to step %d; its metrics are in %s", run_dir, cfg.steps, finished)
-        return json.loads(finished.read_text())
-    if chief:
-        run_files.save_config(run_dir, cfg)
-        run_files.save_label_map(run_dir, data.landmark_ids)
-    try:
+    with lost_peers_reported(strategy):
+        restore_or_join(trainer, run_dir, resume, data.landmark_ids)
+        if int(trainer.step) >= cfg.steps and finished.is_file():
+            log.info("%s is already trained to step %d; its metrics are in %s", run_dir, cfg.steps, finished)
+            return json.loads(finished.read_text())
+        if chief:
+            run_files.save_config(run_dir, cfg)
+            run_files.save_label_map(run_dir, data.landmark_ids)
         result = run_steps(trainer, data, CheckpointWriter(trainer, run_dir), run_dir / "logs" if chief else None,
                            stop_after)
+    metrics = {**result, **run_description(cfg, chosen, strategy, data)}
+    if chief:
+        atomic_write_text(finished, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+@contextmanager
+def lost_peers_reported(strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """In a multi-worker group, a collective that fails because a worker died becomes one UserError line."""
+    try:
+        yield
     except PEER_ERRORS as err:
         if worker_count(strategy) == 1:
             raise
         raise UserError(f"worker {worker_id(strategy)}: lost the group ({type(err).__name__}: {first_line(err)}); "
                         f"restart every worker with the same command: they resume together from the chief's "
                         f"newest checkpoint") from None
-    metrics = {**result, **run_description(cfg, chosen, strategy, data)}
-    if chief:
-        atomic_write_text(finished, json.dumps(metrics, indent=2) + "\n")
-    return metrics
 
 
 def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids: list[int]) -> None:
