@@ -16,7 +16,7 @@ import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 from common.cli import UserError, run_main
-from train import loop
+from train import loop, run_files
 from train.__main__ import main
 from train.config import get_config
 from train.data import folder_data, training_stream
@@ -103,6 +103,29 @@ def stopped_run(data_dir, tmp_path):
     cfg = small_config()
     train(cfg, data_dir=data_dir, run_dir=tmp_path / "run", strategy="default", stop_after=2)
     return tmp_path / "run", cfg
+
+
+def test_a_checkpoint_of_an_older_kit_restores_its_plain_sgd_state(stopped_run, data_dir):
+    run_dir, cfg = stopped_run
+    landmark_ids = load_label_map(run_dir)
+    prefix = tf.train.latest_checkpoint(str(run_dir / CHECKPOINT_DIR))
+    saved = Trainer(cfg, len(landmark_ids), tf.distribute.get_strategy())
+    saved.checkpoint.restore(prefix).assert_existing_objects_matched()
+    old = tf.train.Checkpoint(model=saved.model, optimizer=saved.optimizer.inner_optimizer, step=saved.step,
+                              data_position=saved.data_position)  # SGD at the top, as the kit saved it before
+    assert run_files.checkpoint_manager(old, run_dir).save(checkpoint_number=2) == prefix
+    assert run_files.has_plain_optimizer(prefix)
+    resumed = Trainer(cfg, len(landmark_ids), tf.distribute.get_strategy())
+    loop.restore_or_join(resumed, run_dir, resume=True, landmark_ids=landmark_ids)
+    assert int(resumed.step) == 2 and resumed.applied_steps == 2
+    momentum = [v for v in resumed.optimizer.inner_optimizer.variables if "momentum" in v.path]
+    assert momentum and any(np.any(v.numpy() != 0) for v in momentum)
+    def restored(trainer):  # what the older checkpoint held (the loss-scale optimizer's own counters excepted)
+        inner = trainer.optimizer.inner_optimizer
+        return [*loop.model_and_optimizer_variables(trainer.model, inner), trainer.step, trainer.data_position]
+
+    for a, b in zip(restored(saved), restored(resumed), strict=True):
+        np.testing.assert_array_equal(b.numpy(), a.numpy())
 
 
 def test_resuming_with_another_config_is_refused_and_leaves_the_run_as_it_was(stopped_run, data_dir):

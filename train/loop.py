@@ -368,7 +368,11 @@ def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids:
     prefix = tf.train.latest_checkpoint(str(run_dir / run_files.CHECKPOINT_DIR))
     if is_chief(trainer.strategy) and resume and prefix is not None:
         run_files.check_resumable(run_dir, trainer.cfg, landmark_ids)
-        run_files.restore_checkpoint(trainer.checkpoint, prefix, "cannot resume from this checkpoint",
+        checkpoint = trainer.checkpoint
+        if run_files.has_plain_optimizer(prefix):  # an older kit's run: its SGD state goes into the inner optimizer
+            checkpoint = run_files.make_checkpoint(trainer.model, trainer.optimizer.inner_optimizer, trainer.step,
+                                                   trainer.data_position)
+        run_files.restore_checkpoint(checkpoint, prefix, "cannot resume from this checkpoint",
                                      "; train with --no-resume or into another run folder")
         log.info("resumed %s at step %d", prefix, int(trainer.step))
     if worker_count(trainer.strategy) > 1:

@@ -108,6 +108,14 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: Path, keep: int
     return tf.train.CheckpointManager(checkpoint, str(Path(run_dir) / CHECKPOINT_DIR), max_to_keep=keep)
 
 
+def has_plain_optimizer(prefix: str) -> bool:
+    """Whether a training checkpoint holds its optimizer bare, as the kit saved it before every run's SGD went
+    inside a LossScaleOptimizer (whose state sits under optimizer/inner_optimizer/)."""
+    names = [name for name, _ in tf.train.list_variables(prefix)]
+    return (any(name.startswith("optimizer/") for name in names)
+            and not any(name.startswith("optimizer/inner_optimizer/") for name in names))
+
+
 # What reading a checkpoint that does not fit the model raises (IndexError: a truncated file).
 CHECKPOINT_ERRORS = (AssertionError, IndexError, ValueError, tf.errors.OpError)
 
