@@ -1,19 +1,22 @@
 """`make demo` (`python -m demo`): the whole competition loop on a generated competition, with no data of the user's.
 
 build the `small` synthetic competition -> train the tiny DELG on CPU -> export -> replay both tasks ->
-project the timings to a real competition -> one summary. Every step whose output exists is reused.
+the recognition tradeoff (each rung of the database plan at a few rerank depths, projected to the real
+competition) -> one summary. Every step whose output exists is reused.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from common.cli import UserError, check_at_least, run_main
 from local_eval.layout import task_folder
+from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
 from local_eval.replay import replay
 from local_eval.synthetic import SIZES, build_synthetic
 from local_eval.timing import PROFILES, format_report, projection_report
@@ -23,11 +26,13 @@ DEMO = {
     "out": Path("work/demo"),
     "size": "small",
     "seed": 0,
-    "train": {"config": "tiny", "steps": 600, "image_size": 96, "batch_size": 32},
+    "config": "tiny",  # train/config.py's tiny config, trained for train_steps
+    "train_steps": 1200,
     "limit_h": 0.25,  # each replay's wall-clock limit
     # flags for submission/main.py beyond its defaults: retrieval reranks 30 (DELG: 100) to stay within minutes
     "script_args": {"recognition": [], "retrieval": ["--rerank", "30"]},
     "profile": "recognition-2020",
+    "tradeoff_depths": [0, 3, 10],  # recognition rerank depths scored on every rung of the plan's ladder
 }
 log = logging.getLogger("demo")
 
@@ -51,8 +56,7 @@ def train_step(out: Path, competition: Path, steps: int) -> Path:
     from train.config import get_config  # TensorFlow loads only when a step needs it (`--help` stays fast)
     from train.loop import train
 
-    settings = {**DEMO["train"], "steps": steps}
-    cfg = get_config(settings.pop("config"), **settings)
+    cfg = get_config(DEMO["config"], steps=steps)
     run_dir = out / "run"
     train(cfg, data_dir=task_folder(competition, "recognition"), run_dir=run_dir)  # resumes; no-op when done
     return run_dir
@@ -81,27 +85,42 @@ def replay_step(out: Path, competition: Path, model: Path, task: str) -> dict:
     return replay(competition, task, model, report_dir, DEMO["limit_h"], DEMO["script_args"][task])
 
 
+def tradeoff_step(out: Path, competition: Path, model: Path) -> str:
+    """The recognition tradeoff table at this machine's speed (rungs share the recognition replay's features)."""
+    from local_eval.tradeoff import tradeoff, write_outputs
+
+    folder = out / "tradeoff"
+    if up_to_date(folder / "tradeoff.txt", model / "saved_model.pb"):
+        return (folder / "tradeoff.txt").read_text().rstrip("\n")
+    shutil.rmtree(folder / "work", ignore_errors=True)  # features of an older model
+    profile = PROFILES[DEMO["profile"]]
+    table = tradeoff(competition, "recognition", model, folder, profile, None, 1.0, DEMO["tradeoff_depths"],
+                     DEMO["limit_h"], DEMO["script_args"]["recognition"], reuse=out / "replay-recognition" / "work")
+    return write_outputs(table, "recognition", profile, "this machine's rates, speedup x1", folder)
+
+
 def usage_table(task: str, report: dict) -> list[str]:
-    key, metric = ("gap", "GAP") if task == "recognition" else ("map@100", "mAP@100")
+    key = TASK_METRIC[task]
+    metric = METRIC_NAME[key]
     lines = [f"  {metric:<8} {'public':>8} {'private':>8} {'all':>8}"]
     for name in ("global_only", "final"):
         scores = report.get(name) or {}
         if "all" not in scores:
             lines.append(f"  {name:<12} (no scores: {scores.get('error', 'no submission')})")
             continue
-        row = " ".join(f"{scores[subset][key]:8.4f}" for subset in ("public", "private", "all"))
+        row = " ".join(f"{scores[subset][key]:8.4f}" for subset in REPORTED_SUBSETS)
         lines.append(f"  {'reranked' if name == 'final' else 'global':<8} {row}")
     return lines
 
 
-def summary(reports: dict[str, dict], projection: dict, step_seconds: dict) -> str:
+def summary(reports: dict[str, dict], projection: dict, tradeoff_text: str, step_seconds: dict) -> str:
     lines = ["", "=" * 72, "DEMO SUMMARY (synthetic competition, tiny DELG trained on this CPU)"]
     for task, report in reports.items():
         flags = " ".join(DEMO["script_args"][task]) or "defaults"
         lines += [f"{task} ({flags}): {report['status']} in {report['seconds']:.0f} s", *usage_table(task, report)]
         stages = report["timing"].get("stages", {})
         lines.append("  seconds per stage: " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in stages.items()))
-    lines += ["", format_report(projection), "",
+    lines += ["", format_report(projection), "", tradeoff_text, "",
               "demo steps (s): " + ", ".join(f"{k} {v}" for k, v in step_seconds.items()), "=" * 72]
     return "\n".join(lines)
 
@@ -111,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO["out"], help="folder for everything the demo makes")
     parser.add_argument("--size", default=DEMO["size"], choices=list(SIZES), help="synthetic competition size")
-    parser.add_argument("--train-steps", type=int, default=DEMO["train"]["steps"], help="training steps (1 or more)")
+    parser.add_argument("--train-steps", type=int, default=DEMO["train_steps"], help="training steps (1 or more)")
     args = parser.parse_args(argv)
     check_at_least("--train-steps", args.train_steps, 1)
 
@@ -124,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if not reports["recognition"]["timing"]:
         raise UserError("the recognition replay left no timing log; see its script.log")
     projection = projection_report(reports["recognition"]["timing"], PROFILES[DEMO["profile"]])
-    text = summary(reports, projection, seconds)
+    tradeoff_text = timed("tradeoff", seconds, tradeoff_step, args.out, competition, model)
+    text = summary(reports, projection, tradeoff_text, seconds)
     (args.out / "summary.txt").write_text(text + "\n")
     print(text)
     return 0

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +71,27 @@ def rung_log(timing: dict, reference: dict, server: dict | None) -> dict:
     return {"stages": scaled}
 
 
+def reuse_caches(source: Path, work: Path) -> None:
+    """Start WORK with the feature caches of an earlier run of the same model (hard links: no copies, and the
+    script replaces cache files by renames, so neither run changes the other's)."""
+    if work.exists() or not (source / "cache_key.json").is_file():
+        return
+    for folder in ("global", "local"):
+        if (source / folder).is_dir():
+            shutil.copytree(source / folder, work / folder, copy_function=os.link)
+    shutil.copy2(source / "cache_key.json", work / "cache_key.json")
+
+
 def tradeoff(competition: Path, task: str, model: Path, out: Path, profile: Profile, server: dict | None,
-             speedup: float, depths: list[int], limit_h: float, script_args: list[str]) -> pd.DataFrame:
+             speedup: float, depths: list[int], limit_h: float, script_args: list[str],
+             reuse: Path | None = None) -> pd.DataFrame:
     sub = load_submission()
     data, solution = competition_paths(competition, task)
     base = sub.parse_settings(["--task", task, "--data", str(data), "--model", str(model), *script_args])
     rungs = sub.ladder(base.extraction, sub.DelgSavedModel(model, base.extraction))
     work, rows, reference = out / "work", [], None
+    if reuse is not None:
+        reuse_caches(reuse, work)
     for index, (name, extraction) in enumerate(rungs):
         log.info("rung %d of %d: %s", index + 1, len(rungs), name)
         report = replay(competition, task, model, out / f"rung{index}", limit_h,
@@ -146,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="how many times faster the server runs the network stages than this machine")
     parser.add_argument("--depths", type=int, nargs="+", default=None, help="rerank depths to score")
     parser.add_argument("--limit-h", type=float, default=2.0, help="wall-clock limit of each local run (hours)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="WORK folder of an earlier run of this model and competition: its cached features "
+                             "are linked in, not extracted again")
     args = parser.parse_args(own)
     if args.speedup <= 0 or args.limit_h <= 0:
         raise UserError("--speedup and --limit-h must be > 0")
@@ -158,12 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     server = load_timing(args.log) if args.log else None
     args.out.mkdir(parents=True, exist_ok=True)
     table = tradeoff(args.competition, args.task, args.model, args.out, profile, server, args.speedup, depths,
-                     args.limit_h, script_args)
-    atomic_write_text(args.out / "tradeoff.csv", table.to_csv(index=False))
-    picture(table, args.task, profile, args.out)
-    source_text = f"rates of {args.log}" if server else f"this machine's rates / {args.speedup:g} on GPU stages"
-    text = format_table(table, args.task, profile, source_text)
-    atomic_write_text(args.out / "tradeoff.txt", text + "\n")
-    print(text)
+                     args.limit_h, script_args, args.reuse)
+    source = f"rates of {args.log}" if server else f"this machine's rates / {args.speedup:g} on GPU stages"
+    print(write_outputs(table, args.task, profile, source, args.out))
     return 0
+
+
+def write_outputs(table: pd.DataFrame, task: str, profile: Profile, source: str, out: Path) -> str:
+    """tradeoff.csv, tradeoff.png and tradeoff.txt (the printed table, returned)."""
+    atomic_write_text(out / "tradeoff.csv", table.to_csv(index=False))
+    picture(table, task, profile, out)
+    text = format_table(table, task, profile, source)
+    atomic_write_text(out / "tradeoff.txt", text + "\n")
+    return text
 

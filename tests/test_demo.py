@@ -22,6 +22,9 @@ def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path):
     first = run_demo(tmp_path / "demo")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "DEMO SUMMARY" in first.stdout and "verdict (speedup x1)" in first.stdout
+    assert "recognition tradeoff" in first.stdout and "best that fits" in first.stdout
+    tradeoff = (tmp_path / "demo" / "tradeoff" / "tradeoff.csv").read_text().splitlines()
+    assert tradeoff[1].startswith("as given,") and len(tradeoff) > 3
     for task, metric in (("recognition", "gap"), ("retrieval", "map@100")):
         report = json.loads((tmp_path / "demo" / f"replay-{task}" / "report.json").read_text())
         assert report["status"] == "ok"
@@ -35,7 +38,7 @@ def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path):
     assert "already trained" in second.stderr and "replaying" not in second.stderr
     longer = run_demo(tmp_path / "demo", steps=32)  # more training: the export and the replays are redone
     assert longer.returncode == 0, longer.stderr[-3000:]
-    assert "resumed" in longer.stderr and longer.stderr.count("replaying") == 2
+    assert "resumed" in longer.stderr and longer.stderr.count("replaying") > 2  # both tasks and the tradeoff
 
 
 def test_bad_demo_flag_is_one_error_line(tmp_path):
