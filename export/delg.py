@@ -27,13 +27,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import keras
 import tensorflow as tf
 
 from common.cli import atomic_output_dir
 from export.receptive_field import ReceptiveField, receptive_field
 from train.backbone import build_backbone
 from train.model import DelgModel
+from train.precision import precision_policy
 from train.run_files import (
     LABEL_MAP_FILE,
     latest_checkpoint,
@@ -174,12 +174,8 @@ def backbone_in_float16(model: DelgModel) -> Iterator[None]:
 
     The policies are read from a copy of the backbone built under that policy. The layers keep their float32
     variables, so a graph traced inside shares them with the float32 graphs: one copy of the weights."""
-    previous_global = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
+    with precision_policy("float16"):
         float16_layers = build_backbone(dataclasses.replace(model.cfg, backbone_weights="none")).layers
-    finally:
-        keras.mixed_precision.set_global_policy(previous_global)
     layers = model.backbone.layers
     previous = [layer.dtype_policy for layer in layers]
     for layer, twin in zip(layers, float16_layers, strict=True):

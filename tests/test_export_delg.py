@@ -69,10 +69,11 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def test_receptive_field_of_keras_resnet50_conv4_is_delfs():
-    field = receptive_field(build_backbone(get_config("r50")).outputs[0])
-    # DELF's published numbers for ResNet50 at conv4: rf 291, stride 16, padding 145.
-    assert (field.size, field.stride, field.padding) == (291, 16, 145)
+@pytest.mark.parametrize("local_stride", [16, 32])
+def test_receptive_field_of_keras_resnet50_conv4_is_delfs(local_stride):
+    field = receptive_field(build_backbone(get_config("r50", local_stride=local_stride)).outputs[0])
+    # DELF's published numbers for ResNet50 at conv4: rf 291, padding 145, stride 16 (32 with block3_strides).
+    assert (field.size, field.stride, field.padding) == (291, local_stride, 145)
 
 
 def test_changed_cells_are_those_whose_box_holds_the_changed_pixel():
