@@ -73,6 +73,31 @@ def training_images_per_second(cfg: TrainConfig, data_dir: Path, steps: int, war
     return images / seconds, flops / seconds
 
 
+def network_images_per_second(peers: dict[str, TrainConfig], num_classes: int, steps: int = 12) -> dict[str, float]:
+    """images/s of each config's training steps on one batch held in memory (the network alone, no decoding).
+
+    The peers run in turn, then again in the reverse order, and their times add up, so that a drift in the
+    machine's load falls on all of them alike. Each is measured right after it is built: a trainer built after
+    others runs markedly faster on this CPU than they do, whatever its config."""
+    seconds = dict.fromkeys(peers, 0.0)
+    for order in (list(peers), list(reversed(peers))):
+        for name in order:
+            cfg = peers[name]
+            trainer = Trainer(cfg, num_classes, tf.distribute.get_strategy())
+            images = tf.random.uniform([cfg.batch_size, cfg.image_size, cfg.image_size, 3], 0, 255, seed=1)
+            batch = {"image": images, "label": tf.random.uniform([cfg.batch_size], 0, num_classes, tf.int64, seed=2),
+                     "position": tf.range(cfg.batch_size, dtype=tf.int64)}
+            iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+            for _ in range(3):  # tracing and warm-up
+                trainer.train_step(iterator).numpy()
+            start = time.perf_counter()
+            for _ in range(steps):
+                outcome = trainer.train_step(iterator)
+            outcome.numpy()  # waits for the last step
+            seconds[name] += time.perf_counter() - start
+    return {name: 2 * steps * peers[name].batch_size / seconds[name] for name in peers}
+
+
 def main() -> None:
     from local_eval.synthetic import build_synthetic
 
@@ -89,13 +114,14 @@ def main() -> None:
             print(f"train {name} {cfg.image_size}px batch {cfg.batch_size}: {images_per_second:.1f} images/s, "
                   f"{flops / 1e9:.1f} GFLOP/s = {flops / matmul:.0%} of matmul")
         base = get_config("tiny", image_size=96, batch_size=32, local_stride=16)
-        peers = [("float32, stride 16", base), ("float16", dataclasses.replace(base, precision="float16")),
-                 ("bfloat16", dataclasses.replace(base, precision="bfloat16")),
-                 ("float32, stride 32", dataclasses.replace(base, local_stride=32))]
-        speeds = {name: training_images_per_second(cfg, data_dir, steps=20)[0] for name, cfg in peers}
-        print("train tiny 96px batch 32 by --precision / --local-stride (CPU; GPUs gain from float16, CPUs do not): "
-              + ", ".join(f"{name} {speed:.1f} images/s ({speed / speeds[peers[0][0]]:.2f}x)"
-                          for name, speed in speeds.items()))
+        peers = {"float32, stride 16": base, "float16": dataclasses.replace(base, precision="float16"),
+                 "bfloat16": dataclasses.replace(base, precision="bfloat16"),
+                 "float32, stride 32": dataclasses.replace(base, local_stride=32)}
+        speeds = network_images_per_second(peers, num_classes=150)
+        reference = speeds["float32, stride 16"]
+        print("train tiny 96px batch 32, network alone, by --precision / --local-stride (a CPU gains nothing from "
+              "float16; GPUs do): " + ", ".join(f"{name} {speed:.1f} images/s ({speed / reference:.2f}x)"
+                                                for name, speed in speeds.items()))
         cfg = get_config("r50", image_size=224)
         flops, images_per_second = forward_flops_per_second(cfg, batch=4, repeats=3)
         print(f"forward r50 224px batch 4: {images_per_second:.1f} images/s, {flops / 1e9:.1f} GFLOP/s "
