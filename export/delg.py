@@ -14,9 +14,11 @@ Beside it, `global_batch` (GLOBAL_BATCH_SIGNATURE) takes B images of one size an
 returns one descriptor per image, summed over scales and L2-normalized inside the graph, as the submission
 script does with serving_default's rows: what a GPU needs to be busy (one call per batch, not per image).
 `export delg --float16` adds `global_batch_float16`: the backbone computes in float16, GeM, whitening and the
-normalisations in float32, the output is float32; it shares the float32 graph's variables. Both batched
-functions are XLA-compiled unless XLA fails where the export runs. assets/export_info.json says which
-functions exist, float16 or not, XLA or not, and the model's dimensions.
+normalisations in float32, the output is float32; it shares the float32 graph's variables. Each batched
+function also comes XLA-compiled (`..._xla`), unless XLA fails where the export runs or --no-xla: XLA is
+slower on a CPU and removes per-layer overhead on a GPU, so the script times both where it runs and keeps the
+faster. assets/export_info.json says which functions exist, float16 or not, XLA or not, and the model's
+dimensions.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ SIGNATURE = [
 # The batched global function, a second signature; the submission script calls exactly these names.
 GLOBAL_BATCH = "global_batch"
 GLOBAL_BATCH_FLOAT16 = "global_batch_float16"  # only in exports made with --float16
+XLA_SUFFIX = "_xla"  # global_batch_xla, global_batch_float16_xla: the same functions XLA-compiled
 GLOBAL_BATCH_SIGNATURE = [
     tf.TensorSpec([None, None, None, 3], tf.uint8, name="input_images"),  # B images of one size
     tf.TensorSpec([None], tf.float32, name="input_scales"),  # the global scales, e.g. 0.7071 1.0 1.4142
@@ -219,20 +222,23 @@ class BatchedGlobal:
             return traced.get_concrete_function()
 
 
-def batched_functions(float16: bool) -> dict[str, bool]:
-    """The batched signatures an export holds: name -> whether it computes in float16."""
-    return {GLOBAL_BATCH: False, **({GLOBAL_BATCH_FLOAT16: True} if float16 else {})}
+def batched_functions(float16: bool, xla: bool) -> dict[str, tuple[bool, bool]]:
+    """The batched signatures an export holds: name -> (computes in float16, XLA-compiled)."""
+    plain = {GLOBAL_BATCH: False, **({GLOBAL_BATCH_FLOAT16: True} if float16 else {})}
+    compiled = {name + XLA_SUFFIX: half for name, half in plain.items()} if xla else {}
+    return {**{name: (half, False) for name, half in plain.items()},
+            **{name: (half, True) for name, half in compiled.items()}}
 
 
-def write_saved_model(model: DelgModel, out_dir: Path, label_map: Path | None, batched: dict[str, bool],
-                      compiled: set[str]) -> None:
-    """serving_default plus the batched functions (XLA for those in `compiled`), saved into out_dir."""
+def write_saved_model(model: DelgModel, out_dir: Path, label_map: Path | None,
+                      batched: dict[str, tuple[bool, bool]]) -> None:
+    """serving_default plus the batched functions, saved into out_dir."""
     module = serving_module(model, DelgExtractor(model).serve, SIGNATURE)
     if label_map is not None:
         module.label_map = tf.saved_model.Asset(str(label_map))
     signatures = {"serving_default": module.serve}
-    for name, float16 in batched.items():
-        signatures[name] = BatchedGlobal(model, float16, xla=name in compiled).concrete_function()
+    for name, (float16, xla) in batched.items():
+        signatures[name] = BatchedGlobal(model, float16, xla=xla).concrete_function()
     tf.saved_model.save(module, str(out_dir), signatures=signatures)
 
 
@@ -253,23 +259,22 @@ def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, fl
               xla: bool = True) -> dict:
     """Write the DELG SavedModel of `model` into the existing folder out_dir; returns what export_info.json says.
 
-    With xla, each batched function is compiled unless, once loaded back, it fails here; it is then saved
-    uncompiled and the reason recorded."""
-    batched = batched_functions(float16)
-    compiled = set(batched) if xla else set()
+    With xla, each batched function also comes XLA-compiled unless, once loaded back, the compiled one fails
+    here; it is then left out and the reason recorded."""
+    batched = batched_functions(float16, xla)
     xla_errors: dict[str, str] = {}
     while True:
-        write_saved_model(model, out_dir, label_map, batched, compiled)
+        write_saved_model(model, out_dir, label_map, batched)
         failures = failing_functions(out_dir, list(batched))
         if not failures:
             break
         for name, reason in failures.items():
-            if name not in compiled:
+            if not batched[name][1]:
                 raise RuntimeError(f"{out_dir}: {name} fails without XLA: {reason}")
-            log.warning("%s: XLA fails on this machine (%s); saving it without XLA", name, reason)
-            compiled.discard(name)
+            log.warning("%s: XLA fails on this machine (%s); saving the model without it", name, reason)
+            del batched[name]
             xla_errors[name] = reason
-    info = export_info(model, batched, compiled, xla_errors)
+    info = export_info(model, batched, xla_errors)
     (Path(out_dir) / "assets").mkdir(exist_ok=True)
     (Path(out_dir) / "assets" / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     log.info("functions: %s", ", ".join(f"{name} ({'float16' if f['float16'] else 'float32'}"
@@ -277,14 +282,13 @@ def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, fl
     return info
 
 
-def export_info(model: DelgModel, batched: dict[str, bool], compiled: set[str], xla_errors: dict[str, str]) -> dict:
-    """What assets/export_info.json records: each function (float16? XLA?) and the model's dimensions."""
+def export_info(model: DelgModel, batched: dict[str, tuple[bool, bool]], xla_errors: dict[str, str]) -> dict:
+    """What assets/export_info.json records: each function (float16? XLA?), the compiled ones left out and why,
+    and the model's dimensions."""
     functions = {"serving_default": {"float16": False, "xla": False}}
-    for name, float16 in batched.items():
-        functions[name] = {"float16": float16, "xla": name in compiled,
-                           **({"xla_error": xla_errors[name]} if name in xla_errors else {})}
-    return {"functions": functions, "global_dim": model.cfg.embedding_dim, "local_dim": model.cfg.local_dim,
-            "local_stride": DelgExtractor(model).field.stride}
+    functions.update({name: {"float16": float16, "xla": xla} for name, (float16, xla) in batched.items()})
+    return {"functions": functions, "xla_errors": xla_errors, "global_dim": model.cfg.embedding_dim,
+            "local_dim": model.cfg.local_dim, "local_stride": DelgExtractor(model).field.stride}
 
 
 def export_delg(run_dir: Path, out_dir: Path, overwrite: bool = False, float16: bool = False,

@@ -63,9 +63,10 @@ KIT_API = (  # the names the kit (local_eval, bench, demo) may use; everything e
     "SECTIONS", "PRESETS", "Settings", "Extraction", "Verification", "Scoring", "Budget", "InputError",
     "parse_settings", "read_settings_record", "DelgSavedModel", "read_test_ids", "read_train_labels",
     "list_image_ids", "image_path", "decode_image", "extract_global", "load_global", "cached_global", "knn",
-    "LocalFeatures", "local_path", "extract_local", "load_local", "putative_matches", "matches_in", "ransac_inliers",
-    "ransac_matches", "count_inliers", "pixel_threshold", "recognition_predictions", "retrieval_order",
-    "nonlandmark_shares", "expected_local_scores", "rerank_order", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "main",
+    "LocalFeatures", "local_path", "extract_local", "load_local", "putative_matches", "matches_in",
+    "ransac_inliers", "ransac_matches", "count_inliers", "pixel_threshold", "recognition_predictions",
+    "retrieval_order", "nonlandmark_shares", "expected_local_scores", "rerank_order", "KNN_Q_BLOCK", "KNN_DB_CHUNK",
+    "ladder", "BATCH_SIGNATURES", "main",
 )
 
 # %% 1. Settings
@@ -109,6 +110,8 @@ class Extraction:
     global_precision: str = setting("float32", "global pass precision; float16 needs a model exported with "
                                     "--float16", choices=("float32", "float16"))
     global_batch: int = setting(16, "images per batched global call (models exported with global_batch)", minimum=1)
+    global_xla: str = setting("auto", "XLA-compiled batched functions (exports hold both): auto lets --plan auto time "
+                              "both and keep the faster, off with --plan fixed", choices=("auto", "on", "off"))
     cache_float16: bool = setting(False, "store cached global descriptors as float16 (half the disk and memory)")
 
     def global_scales(self) -> tuple[float, ...]:
@@ -576,7 +579,9 @@ def check_output_paths(run: Run) -> None:
 DELG_INPUTS = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
                "input_global_scales_ind")
 DELG_OUTPUTS = ("boxes", "features", "scales", "scores", "global_descriptors")
-BATCH_SIGNATURES = {"float32": "global_batch", "float16": "global_batch_float16"}  # export/delg.py writes them
+# (precision, XLA-compiled) -> the batched signature export/delg.py writes for it
+BATCH_SIGNATURES = {("float32", False): "global_batch", ("float32", True): "global_batch_xla",
+                    ("float16", False): "global_batch_float16", ("float16", True): "global_batch_float16_xla"}
 
 
 class DelgSavedModel:
@@ -597,12 +602,18 @@ class DelgSavedModel:
             self.kind, self.function = "tf2", serving
         else:
             self.kind, self.function = "tf1", self._prune()
-        self.batched = {precision: signatures[name] for precision, name in BATCH_SIGNATURES.items()
-                        if name in signatures}
+        self.batched = {key: signatures[name] for key, name in BATCH_SIGNATURES.items() if name in signatures}
         probe = np.full((1, 64, 64, 3), 128, np.uint8)
-        self.global_dim = int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
+        try:
+            self.global_dim = int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
+        except tf.errors.OpError as err:  # a batched function this TensorFlow cannot run: the contract still works
+            log.warning("the batched global functions fail here (%s): one image per call",
+                        str(err).strip().splitlines()[0][:200])
+            self.batched = {}
+            self.global_dim = int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
+        names = [BATCH_SIGNATURES[key] for key in self.batched]
         log.info("loaded %s DELG model from %s (global dimension %d, batched global: %s)", self.kind, model_dir,
-                 self.global_dim, ", ".join(self.batched) or "no")
+                 self.global_dim, ", ".join(names) or "no")
 
     def _prune(self):
         feeds = [name for name in DELG_INPUTS if self._has_tensor(name)]
@@ -639,10 +650,11 @@ class DelgSavedModel:
         raw = self(image, max_features=0, scales=scales)["global_descriptors"]
         return l2_normalize(l2_normalize(np.atleast_2d(raw).astype(np.float32)).sum(axis=0))
 
-    def global_batch(self, images: np.ndarray, global_scales: tuple[float, ...], precision: str) -> np.ndarray:
-        """Descriptors [B,D] of B images of one size: one batched call when the model has one for this
-        precision, else one contract call per image."""
-        function = self.batched.get(precision)
+    def global_batch(self, images: np.ndarray, global_scales: tuple[float, ...], precision: str,
+                     xla: bool = False) -> np.ndarray:
+        """Descriptors [B,D] of B images of one size: one batched call when the model has a function for this
+        precision (XLA-compiled if asked and present), else one contract call per image."""
+        function = self.batched.get((precision, xla)) or self.batched.get((precision, False))
         if function is None:
             return np.stack([self.global_descriptor(image, global_scales) for image in images])
         outputs = function(input_images=tf.constant(images), input_scales=tf.constant(global_scales, tf.float32))
@@ -704,11 +716,12 @@ class Batcher:
         group = self.pending.pop(shape)
         rows = [row for row, _ in group]
         images = np.stack([pixels for _, pixels in group])
-        if self.ext.global_precision in self.model.batched and len(group) < self.ext.global_batch:
+        if (self.ext.global_precision, False) in self.model.batched and len(group) < self.ext.global_batch:
             padding = np.zeros((self.ext.global_batch - len(group), *shape), np.uint8)  # one compiled shape
             images = np.concatenate([images, padding])
         try:
-            found = self.model.global_batch(images, self.ext.global_scales(), self.ext.global_precision)
+            found = self.model.global_batch(images, self.ext.global_scales(), self.ext.global_precision,
+                                            self.ext.global_xla == "on")
             self.descriptors[rows], self.ok[rows] = found[:len(rows)], True
         except Exception as err:  # noqa: BLE001 - one bad image must not end the run: retry them one by one
             log.warning("batched global call failed (%s); retrying its %d images one by one",
@@ -1189,7 +1202,7 @@ def ladder(extraction: Extraction, model: DelgSavedModel) -> list[tuple[str, Ext
     has it), one global scale (the one nearest 1), longer side 768, then 512."""
     rungs = [("as given", extraction)]
     step = lambda name, **change: rungs.append((name, dataclasses.replace(rungs[-1][1], **change)))
-    if "float16" in model.batched and extraction.global_precision != "float16":
+    if ("float16", False) in model.batched and extraction.global_precision != "float16":
         step("float16", global_precision="float16")
     if len(extraction.global_scale_indices) > 1:
         nearest = min(extraction.global_scale_indices, key=lambda i: abs(math.log(extraction.scales[i])))
@@ -1235,7 +1248,8 @@ def plan_extraction(model: DelgSavedModel, probe_paths: list[Path], settings: Se
     tried = []
     limit_s = PROBE_SHARE * budget.time_budget_h * 3600
     for name, extraction in ladder(settings.extraction, model):
-        rate = time_global(model, probe_paths, extraction, run, scratch, limit_s)
+        probed = dataclasses.replace(extraction, global_xla="off") if extraction.global_xla == "auto" else extraction
+        rate = time_global(model, probe_paths, probed, run, scratch, limit_s)
         seconds = project_seconds(rate, knn_rate, sizes, budget)
         fits = sum(seconds.values()) <= time_left
         tried.append({"rung": name, "seconds_per_image": rate, "projected_h": sum(seconds.values()) / 3600,
@@ -1245,6 +1259,7 @@ def plan_extraction(model: DelgSavedModel, probe_paths: list[Path], settings: Se
         if fits:
             break
     chosen = tried[-1]
+    extraction, chosen["xla"] = choose_xla(model, probe_paths, extraction, run, scratch, limit_s, chosen)
     record = {"mode": "auto", "chosen": chosen["rung"], "fits": chosen["fits"], "rungs": tried,
               "seconds_per_image": chosen["seconds_per_image"], "knn_seconds_per_item": knn_rate,
               "sizes": sizes._asdict(), "time_left_h": time_left / 3600,
@@ -1254,6 +1269,25 @@ def plan_extraction(model: DelgSavedModel, probe_paths: list[Path], settings: Se
     log.info("plan: global pass at '%s' (%s): projected %.2f h, %s", chosen["rung"],
              json.dumps(chosen["global"]), chosen["projected_h"], verb)
     return extraction, record
+
+
+def choose_xla(model: DelgSavedModel, probe_paths: list[Path], extraction: Extraction, run: Run, scratch: Path,
+               limit_s: float, chosen: dict) -> tuple[Extraction, dict | None]:
+    """--global-xla auto: time the XLA-compiled function of the chosen setting too and keep the faster (XLA
+    removes per-layer overhead on a GPU; on a CPU it is slower). The setting and what was measured."""
+    if extraction.global_xla != "auto":
+        return extraction, None
+    plain = dataclasses.replace(extraction, global_xla="off")
+    if (extraction.global_precision, True) not in model.batched:
+        return plain, None
+    compiled = dataclasses.replace(extraction, global_xla="on")
+    rate = time_global(model, probe_paths, compiled, run, scratch, limit_s)
+    faster = rate < chosen["seconds_per_image"]
+    log.info("plan: XLA-compiled %.4f s/image against %.4f without: %s", rate, chosen["seconds_per_image"],
+             "XLA" if faster else "no XLA")
+    if faster:
+        chosen["seconds_per_image"] = rate
+    return (compiled if faster else plain), {"seconds_per_image": rate, "used": faster}
 
 
 def global_settings(extraction: Extraction) -> dict:
@@ -1474,6 +1508,8 @@ def plan_run(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: 
     """The extraction settings of the global pass: planned (--plan auto) or as given; recorded in timing.plan."""
     run_, extraction = settings.run, settings.extraction
     if settings.budget.plan == "fixed" or parse_shard(run_.shard) != (0, 1) or not inputs.db_ids:
+        if extraction.global_xla == "auto":
+            extraction = dataclasses.replace(extraction, global_xla="off")
         timing.plan = {"mode": "fixed", "global": global_settings(extraction), "knn_seconds_per_item": knn_rate}
         return extraction
     sizes = Sizes(len(inputs.db_ids), len(inputs.test_ids), len(nonlandmark_paths(run_)[0]))

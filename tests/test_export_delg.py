@@ -23,6 +23,7 @@ from export.delg import (
     GLOBAL_BATCH_FLOAT16,
     GLOBAL_BATCH_OUTPUT,
     GLOBAL_BATCH_SIGNATURE,
+    XLA_SUFFIX,
     cell_boxes,
     export_delg,
     save_delg,
@@ -284,7 +285,9 @@ def float16_export(tmp_path_factory, tiny_run):
 def test_batched_signatures_follow_the_contract(run_and_model, float16_export):
     root, _, _ = run_and_model
     expected_inputs = {spec.name: (spec.shape.as_list(), spec.dtype) for spec in GLOBAL_BATCH_SIGNATURE}
-    for out, names in ((root / "delg", [GLOBAL_BATCH]), (float16_export[0], [GLOBAL_BATCH, GLOBAL_BATCH_FLOAT16])):
+    plain = [GLOBAL_BATCH, GLOBAL_BATCH + XLA_SUFFIX]
+    half = [GLOBAL_BATCH_FLOAT16, GLOBAL_BATCH_FLOAT16 + XLA_SUFFIX]
+    for out, names in ((root / "delg", plain), (float16_export[0], plain + half)):
         loaded = tf.saved_model.load(str(out))
         assert sorted(loaded.signatures) == sorted(["serving_default", *names])
         for name in names:
@@ -295,12 +298,13 @@ def test_batched_signatures_follow_the_contract(run_and_model, float16_export):
                 GLOBAL_BATCH_OUTPUT: ([None, 64], tf.float32)}
         info = export_info(out)
         assert sorted(info["functions"]) == sorted(loaded.signatures)
-        assert all(info["functions"][name]["xla"] for name in names), "XLA runs on this CPU"
-        assert [info["functions"][name]["float16"] for name in names] == [False, True][:len(names)]
+        assert [info["functions"][name]["xla"] for name in names] == [n.endswith(XLA_SUFFIX) for n in names]
+        assert info["xla_errors"] == {}, "XLA runs on this CPU"
+        assert [info["functions"][name]["float16"] for name in names] == [n in half for n in names]
         assert (info["global_dim"], info["local_dim"]) == (64, 128)
         assert info["local_stride"] == delg.DelgExtractor(run_and_model[1]).field.stride
-        compiled, half = saved_functions(out)
-        assert len(compiled) == len(names) and (len(half) > 0) == (len(names) == 2)
+        compiled, float16_functions = saved_functions(out)
+        assert len(compiled) == len(names) // 2 and len(float16_functions) == len(set(names) & set(half))
 
 
 @pytest.mark.parametrize("size", [(72, 100), (57, 41)])
@@ -357,21 +361,24 @@ def test_float16_pooling_survives_activations_beyond_float16_cubes(tmp_path):
     assert np.isfinite(float16).all() and cosines(float16, float32).min() >= 0.99
 
 
-def test_a_function_failing_under_xla_is_saved_without_it(tmp_path, monkeypatch, caplog):
+def test_a_function_failing_under_xla_is_left_out(tmp_path, monkeypatch, caplog):
     make_run_dir(tmp_path / "run")
     real_check = delg.failing_functions
     checks = []
+    compiled_name = GLOBAL_BATCH + XLA_SUFFIX
 
     def xla_fails_once(saved_model_dir, names):
         checks.append(saved_functions(saved_model_dir)[0])
-        return {GLOBAL_BATCH: "Detected unsupported operations when trying to compile"} if len(checks) == 1 \
+        return {compiled_name: "Detected unsupported operations when trying to compile"} if len(checks) == 1 \
             else real_check(saved_model_dir, names)
 
     monkeypatch.setattr(delg, "failing_functions", xla_fails_once)
     export_delg(tmp_path / "run", tmp_path / "delg")
-    assert [len(compiled) for compiled in checks] == [1, 0], "compiled at first, saved again without XLA"
-    assert export_info(tmp_path / "delg")["functions"][GLOBAL_BATCH] == {
-        "float16": False, "xla": False, "xla_error": "Detected unsupported operations when trying to compile"}
+    assert [len(compiled) for compiled in checks] == [1, 0], "compiled at first, saved again without it"
+    info = export_info(tmp_path / "delg")
+    assert compiled_name not in info["functions"]
+    assert info["functions"][GLOBAL_BATCH] == {"float16": False, "xla": False}
+    assert info["xla_errors"] == {compiled_name: "Detected unsupported operations when trying to compile"}
     assert saved_functions(tmp_path / "delg")[0] == []
     assert "XLA fails on this machine" in caplog.text
     loaded = tf.saved_model.load(str(tmp_path / "delg"))
@@ -384,6 +391,7 @@ def test_no_xla_flag_compiles_nothing(tmp_path):
     make_run_dir(tmp_path / "run")
     assert export_main(["delg", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "delg"), "--no-xla"]) == 0
     assert [f["xla"] for f in export_info(tmp_path / "delg")["functions"].values()] == [False, False]
+    assert list(export_info(tmp_path / "delg")["functions"]) == ["serving_default", GLOBAL_BATCH]
     assert saved_functions(tmp_path / "delg")[0] == []
 
 

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from common import kit
+from export import delg
 from local_eval import timing
 from local_eval.submission_script import SCRIPT, load_submission
 from train import config
@@ -27,6 +28,12 @@ def test_notebook_limit_stage_names_and_script_path_have_one_home():
     assert sub.Budget().time_budget_h == kit.NOTEBOOK_LIMIT_H
     assert sub.TIMING_STAGES == timing.STAGES
     assert SCRIPT == kit.SUBMISSION_SCRIPT and SCRIPT.is_file()
+
+
+def test_batched_signature_names_are_the_exports():
+    assert sub.BATCH_SIGNATURES == {
+        ("float32", False): delg.GLOBAL_BATCH, ("float32", True): delg.GLOBAL_BATCH + delg.XLA_SUFFIX,
+        ("float16", False): delg.GLOBAL_BATCH_FLOAT16, ("float16", True): delg.GLOBAL_BATCH_FLOAT16 + delg.XLA_SUFFIX}
 
 
 def test_the_kit_uses_only_the_notebooks_listed_names():

@@ -202,11 +202,11 @@ class Interrupting:
         self.model, self.calls, self.stop_at = model, 0, stop_at
         self.global_dim, self.batched = model.global_dim, model.batched
 
-    def global_batch(self, images, scales, precision):
+    def global_batch(self, images, scales, precision, xla=False):
         self.calls += 1
         if self.calls == self.stop_at:
             raise KeyboardInterrupt
-        return self.model.global_batch(images, scales, precision)
+        return self.model.global_batch(images, scales, precision, xla)
 
 
 def test_interrupted_extraction_resumes_from_the_cache(competition, delg_model_dir, tmp_path):
@@ -232,7 +232,7 @@ def test_a_deadline_during_the_database_pass_keeps_what_was_done(competition, de
     data = competition[0] / "landmark-recognition"
     ids, _ = sub.read_train_labels(data)
     paths = [image_path(data, "train", i) for i in ids]
-    settings = settings_for("recognition", data, delg_model_dir, tmp_path, "--chunk-size", "3")
+    settings = settings_for("recognition", data, delg_model_dir, tmp_path, "--chunk-size", "3", "--global-batch", "1")
     model = sub.DelgSavedModel(delg_model_dir, settings.extraction)
     cache = tmp_path / "global"
     done, stopped = sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run,
@@ -330,7 +330,7 @@ def test_a_crash_during_extraction_leaves_a_complete_empty_submission(competitio
                                                                        monkeypatch):
     data = competition[0] / "landmark-retrieval"
 
-    def crash(*_):
+    def crash(*_, **__):
         raise RuntimeError("killed during extraction")
 
     monkeypatch.setattr(sub, "extract_global", crash)
