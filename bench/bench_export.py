@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from export.delg import GLOBAL_BATCH, GLOBAL_BATCH_FLOAT16, GLOBAL_BATCH_OUTPUT, save_delg
+from export.delg import GLOBAL_BATCH, GLOBAL_BATCH_FLOAT16, GLOBAL_BATCH_OUTPUT, XLA_SUFFIX, save_delg
 from train.config import DELG_GLOBAL_SCALE_INDICES, DELG_IMAGE_SCALES, DELG_MAX_FEATURE_NUM, get_config
 from train.model import DelgModel
 
@@ -132,20 +132,18 @@ def bench_batched(name: str) -> None:
     model = DelgModel(get_config(name), num_classes=10)
     model(tf.zeros([1, 64, 64, 3]))
     with tempfile.TemporaryDirectory() as tmp:
-        exports = {}
-        for xla in (True, False):
-            save_delg(model, Path(tmp) / f"xla-{xla}", float16=True, xla=xla)
-            exports[xla] = tf.saved_model.load(str(Path(tmp) / f"xla-{xla}")).signatures
+        save_delg(model, Path(tmp) / "delg", float16=True, xla=True)  # each batched function plain and compiled
+        signatures = tf.saved_model.load(str(Path(tmp) / "delg")).signatures
         for height, width in BATCH_SIZES:
             batches, count, rounds = PLAN[name, width]
             images = np.random.default_rng(0).integers(0, 256, (max(batches), height, width, 3), np.uint8)
-            peers = {"per-image serving_default": (per_image_call(exports[False]["serving_default"], images[:count]),
+            peers = {"per-image serving_default": (per_image_call(signatures["serving_default"], images[:count]),
                                                    count)}
             for function in (GLOBAL_BATCH, GLOBAL_BATCH_FLOAT16):
                 for batch in batches:
-                    for xla in (True, False):
-                        label = f"{function} b{batch}{' XLA' if xla else ''}"
-                        peers[label] = (batched_call(exports[xla][function], images[:batch]), batch)
+                    for suffix in (XLA_SUFFIX, ""):
+                        label = f"{function} b{batch}{' XLA' if suffix else ''}"
+                        peers[label] = (batched_call(signatures[function + suffix], images[:batch]), batch)
             rates = interleaved_rates(peers, rounds)
             per_image = rates["per-image serving_default"]
             for label, rate in rates.items():
