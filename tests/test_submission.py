@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -227,9 +228,11 @@ def test_plan_depth_degrades_with_the_time_left(tmp_path):
     timing.add("local_features", 10, 1.0)  # 0.1 s per image
     timing.add("verification", 10, 1.0)  # 0.1 s per pair
     roomy = sub.plan_depth(timing, 100, 10, 1.0)
-    tight = sub.plan_depth(timing, 10_000, 10, 1.0)
-    assert roomy == 10 and 0 < tight < 10
-    assert sub.plan_depth(timing, 1_000_000, 10, 1.0) == 0
+    tight = sub.plan_depth(timing, 5_000, 10, 1.0)
+    assert roomy == 10 and 1 < tight < 10
+    assert sub.plan_depth(timing, 1_000_000, 10, 1.0) == 1  # depth 1 for as many queries as time allows
+    timing.deadline = time.monotonic() + 0.25  # less than one query at depth 1 (0.1 + 0.2 s)
+    assert sub.plan_depth(timing, 10, 10, 1.0) == 0
 
 
 def test_local_cache_is_trimmed_to_its_limit_oldest_first(tmp_path):
