@@ -119,7 +119,8 @@ class Trainer:
         self.data_position = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_position")
         self.sums = {name: tf.Variable(0.0, trainable=False, name=f"sum_{name}") for name in SUMMED}
         self.checkpoint = run_files.make_checkpoint(self.model, self.optimizer, self.step, self.data_position)
-        self._scaled_gradients = tf.function(self._scaled_gradients, jit_compile=cfg.xla)
+        if cfg.xla:
+            self._scaled_gradients = tf.function(self._scaled_gradients, jit_compile=True)
         self.train_step = tf.function(self._train_step)
         self.validation_step = tf.function(self._validation_step)
 

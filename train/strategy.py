@@ -1,6 +1,7 @@
 """Which tf.distribute strategy a run uses (auto | default | mirrored | multiworker | tpu), and who is the chief."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,8 +30,12 @@ def connect_tpu(address: str) -> tf.distribute.Strategy:
     return tf.distribute.TPUStrategy(resolver)
 
 
+@functools.cache
 def mirrored() -> tf.distribute.Strategy:
-    """Mirrored over every GPU; without GPUs, over every logical CPU device (2 in the tests)."""
+    """Mirrored over every GPU; without GPUs, over every logical CPU device (2 in the tests).
+
+    One per process: two MirroredStrategy objects number their collective operations alike, and when both
+    have run, TensorFlow mixes up the two ("Shape mismatch in the collective instance")."""
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
     return tf.distribute.MirroredStrategy(devices)
