@@ -25,7 +25,7 @@ from train.loop import train
 from train.run_files import CHECKPOINT_DIR, METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 40
+STEPS = 32
 FLAGS = {"image_size": 64, "batch_size": 8, "steps": STEPS, "warmup_steps": 4, "checkpoint_every": 4,
          "log_every": 4, "validate_every": 1000}
 
