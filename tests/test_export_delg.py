@@ -77,11 +77,12 @@ def test_receptive_field_of_keras_resnet50_conv4_is_delfs(local_stride):
     assert (field.size, field.stride, field.padding) == (291, local_stride, 145)
 
 
-def test_changed_cells_are_those_whose_box_holds_the_changed_pixel():
-    backbone = build_backbone(get_config("tiny"))
+@pytest.mark.parametrize("stride, pixel", [(16, (50, 37)), (32, (50, 37)), (32, (5, 120)), (32, (100, 64))])
+def test_changed_cells_are_those_whose_box_holds_the_changed_pixel(stride, pixel):
+    backbone = build_backbone(get_config("tiny", local_stride=stride))
     field = receptive_field(backbone.outputs[0])
-    image = np.random.default_rng(1).normal(size=(1, 96, 96, 3)).astype(np.float32)
-    pixel = (50, 37)
+    assert field.stride == stride
+    image = np.random.default_rng(1).normal(size=(1, 128, 128, 3)).astype(np.float32)
     changed_image = image.copy()
     changed_image[0, pixel[0], pixel[1]] += 10.0
     before, after = backbone(image)[0].numpy(), backbone(changed_image)[0].numpy()
