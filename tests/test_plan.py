@@ -17,10 +17,11 @@ LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-fe
 
 
 def test_a_budget_too_small_for_the_full_settings_steps_down_and_ends_in_time(tiny_competition, tiny_model, tmp_path):
-    # At --global-max-side 4096 every tiny image is fed at 1024 px or more: far too slow for a 54-second limit.
+    # At --global-max-side 4096 every tiny image is fed at 1024 px or more (about 20x the cost at 768 px here);
+    # with 60% of the 54-second limit kept for reranking that cannot fit unless a machine is ~6x faster than ours.
     report = replay(tiny_competition, "recognition", tiny_model, tmp_path, 0.015,
                     [*LIGHT, "--global-max-side", "4096", "--global-batch", "4", "--probe-images", "8",
-                     "--global-xla", "off"])
+                     "--global-xla", "off", "--rerank-reserve", "0.6"])
     assert report["status"] == "ok" and report["seconds"] < 54
     assert 0 <= report["final"]["all"]["gap"] <= 1
     plan = report["timing"]["plan"]
