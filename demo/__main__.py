@@ -1,6 +1,6 @@
 """`make demo` (`python -m demo`): the whole competition loop on a generated competition, with no data of the user's.
 
-build the `small` synthetic competition -> train the tiny DELG on CPU -> export -> replay both tasks ->
+build the `demo` synthetic competition (half of `small`) -> train the tiny DELG on CPU -> export -> replay both tasks ->
 the recognition tradeoff (each rung of the database plan at a few rerank depths, projected to the real
 competition) -> one summary. Every step whose output exists is reused.
 """
@@ -24,7 +24,7 @@ from local_eval.timing import PROFILES, format_report, projection_report
 # The demo's settings in one place (the stages read nothing else).
 DEMO = {
     "out": Path("work/demo"),
-    "size": "small",
+    "size": "demo",
     "seed": 0,
     "config": "tiny",  # train/config.py's tiny config, trained for train_steps
     "train_steps": 1200,

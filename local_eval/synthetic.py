@@ -59,6 +59,7 @@ class CompetitionSize:
 
 SIZES = {
     "tiny": CompetitionSize(30, 240, 80, 100, 40, 40, 96, 160),
+    "demo": CompetitionSize(75, 1500, 300, 750, 150, 150, 192, 320),  # half of small: what `make demo` fits
     "small": CompetitionSize(150, 3000, 600, 1500, 300, 300, 192, 320),
     "medium": CompetitionSize(1500, 30000, 6000, 15000, 3000, 3000, 192, 320),
 }

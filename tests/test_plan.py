@@ -11,6 +11,7 @@ from local_eval.replay import replay
 from local_eval.submission_script import load_submission
 from local_eval.timing import load_timing, projection_report, resolve_profile
 from local_eval.tradeoff import main as tradeoff_main
+from local_eval.tradeoff import measured_stages
 
 sub = load_submission()
 LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0"]
@@ -68,6 +69,19 @@ def test_tradeoff_scores_each_rung_at_each_depth(tiny_competition, tiny_model, t
     deeper = table[table["rerank"] == 3]["projected_h"].to_numpy()
     assert (deeper > table[table["rerank"] == 0]["projected_h"].to_numpy()).all()
     assert (tmp_path / "tradeoff.png").is_file() and "best that fits" in capsys.readouterr().out
+
+
+def test_a_rung_that_found_features_cached_is_projected_from_the_run_that_extracted_them():
+    stage = lambda items, seconds: {"items": items, "seconds": seconds}
+    extracted = {"stages": {"global_db": stage(300, 30.0), "global_query": stage(80, 8.0),
+                            "local_features": stage(290, 29.0), "verification": stage(800, 4.0)}}
+    cached_rung = {"stages": {"global_db": stage(0, 0.0), "global_query": stage(0, 0.0),
+                              "local_features": stage(3, 9.0), "verification": stage(800, 4.2)}}
+    other_rung = {"stages": {**cached_rung["stages"], "global_db": stage(300, 12.0)}}
+    assert measured_stages(cached_rung, extracted)["global_db"] == stage(300, 30.0)
+    assert measured_stages(cached_rung, extracted)["local_features"] == stage(290, 29.0)  # not 3 s per feature
+    assert measured_stages(other_rung, extracted)["global_db"] == stage(300, 12.0)
+    assert measured_stages(other_rung, extracted)["verification"] == stage(800, 4.2)  # its own, as complete
 
 
 def test_a_run_cut_after_half_its_queries_verifies_the_most_confident_half(tiny_competition, tiny_model, tmp_path):
