@@ -60,8 +60,8 @@ log = logging.getLogger("submission")
 KIT_API = (  # the names the kit (local_eval, bench, demo) may use; everything else may change without notice
     "KIT_API", "DELG_IMAGE_SCALES", "DELG_GLOBAL_SCALE_INDICES", "DELG_MAX_IMAGE_SIDE", "DELG_MAX_FEATURE_NUM",
     "DELG_ATTENTION_ABS_THRESHOLD", "NOTEBOOK_LIMIT_H", "TIMING_STAGES", "IMAGE_SPLITS", "RETRIEVAL_SIZE",
-    "SECTIONS", "PRESETS", "Settings", "Extraction", "Verification", "Scoring", "Budget", "InputError",
-    "parse_settings", "read_settings_record", "DelgSavedModel", "read_test_ids", "read_train_labels",
+    "SECTIONS", "PRESETS", "DEFAULT_RERANK", "Settings", "Extraction", "Verification", "Scoring", "Budget",
+    "InputError", "parse_settings", "read_settings_record", "DelgSavedModel", "read_test_ids", "read_train_labels",
     "list_image_ids", "image_path", "decode_image", "extract_global", "load_global", "cached_global", "knn",
     "LocalFeatures", "local_path", "extract_local", "load_local", "putative_matches", "matches_in",
     "ransac_inliers", "ransac_matches", "count_inliers", "pixel_threshold", "recognition_predictions",
@@ -1493,6 +1493,7 @@ def probe(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Tim
     with verification_pool(settings.verification, 0) as pool:
         verify_batch(model, probe_settings, timing, pool, queries, inputs.db_split, [candidates] * len(queries))
     shutil.rmtree(scratch, ignore_errors=True)
+    timing.rerank_depth = settings.rerank_depth()  # what `local_eval time --log` projects by default
     project_rerank(timing, sizes, settings)
     log.info("probe of %d images: global pass at '%s', projected %.2f h (%s); details in %s", count,
              timing.plan["chosen"], sum(timing.plan["projection_h"].values()),
