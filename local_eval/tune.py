@@ -57,7 +57,7 @@ RANSAC = {"ransac_threshold": [0.005, 0.01, 0.02, 0.04], "ransac_iterations": [1
           "ransac_confidence": [1.0, 0.99]}
 FILTER = {"min_matches": [4, 8]}
 SCORING = {"recognition": {"rerank": [0, 1, 3, 5, 10, 20], "top_k": [1, 3, 5, 10],
-                           "max_inlier_score": [5, 10, 20, 40], "nonlandmark_penalty": [0.0, 0.5, 1.0, 2.0],
+                           "max_inlier_score": [10, 20, 40, 80], "nonlandmark_penalty": [0.0, 0.5, 1.0, 2.0],
                            "calibrate": [True, False]},
            "retrieval": {"rerank": [0, 10, 30, 100]}}
 VERIFICATION_KEYS = [*MATCHING, *RANSAC, *FILTER]

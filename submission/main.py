@@ -142,7 +142,7 @@ class Scoring:
     rerank: int | None = setting(None, "candidates verified per query (default: 20 recognition, 100 retrieval); "
                                  "the time budget may lower it; 0 = global only", minimum=0)
     top_k: int = setting(1, "recognition: neighbours whose scores are summed per landmark", minimum=1)
-    max_inlier_score: int = setting(40, "recognition: C in the candidate score min(inliers, C)/C + cosine",
+    max_inlier_score: int = setting(80, "recognition: C in the candidate score min(inliers, C)/C + cosine",
                                     minimum=1)
     nonlandmark_penalty: float = setting(0.0, "confidence x (1 - penalty x non-landmark share of the top-k)",
                                          minimum=0)
