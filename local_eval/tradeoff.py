@@ -60,7 +60,7 @@ def measured_stages(timing: dict, reference: dict) -> dict[str, dict]:
     rung extracts only a few features, and a rate over a few items is mostly start-up)."""
     own, first = stage_rates(timing), stage_rates(reference)
     stages = {}
-    for name in {*own, *first}:
+    for name in dict.fromkeys([*first, *own]):  # the logs' stage order
         candidates = [stage for stage in (own.get(name), first.get(name)) if stage is not None]
         stages[name] = candidates[0] if name.startswith("global") else max(candidates, key=lambda s: s["items"])
     return stages
