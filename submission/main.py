@@ -1251,8 +1251,7 @@ def plan_extraction(model: DelgSavedModel, probe_paths: list[Path], settings: Se
     tried = []
     limit_s = PROBE_SHARE * budget.time_budget_h * 3600
     for name, extraction in ladder(settings.extraction, model):
-        probed = dataclasses.replace(extraction, global_xla="off") if extraction.global_xla == "auto" else extraction
-        rate = time_global(model, probe_paths, probed, run, scratch, limit_s)
+        rate = time_global(model, probe_paths, extraction, run, scratch, limit_s)  # "auto" runs uncompiled
         seconds = project_seconds(rate, knn_rate, sizes, budget)
         fits = sum(seconds.values()) <= time_left
         tried.append({"rung": name, "seconds_per_image": rate, "projected_h": sum(seconds.values()) / 3600,
