@@ -61,7 +61,7 @@ def load_model(settings):
     """The submission's model wrapper with the submission's extraction settings."""
     sub = load_submission()
     try:
-        return sub.DelgSavedModel(settings.run.model, settings.extraction)
+        return sub.DelgSavedModel(settings.run.model[0], settings.extraction)
     except sub.InputError as err:
         raise UserError(str(err)) from None
 
@@ -113,7 +113,7 @@ class Extractor:
     def global_descriptors(self, split: str, wanted: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(descriptors, ok) of the wanted ids: from the submission's cache, the missing ones extracted."""
         sub = load_submission()
-        ids, descriptors, ok = sub.cached_global(self.work / "global" / split)
+        ids, descriptors, ok = sub.cached_global(self.work / "global" / "m0" / split)
         found = {image_id: (d, o) for image_id, d, o in zip(ids, descriptors, ok, strict=True)}
         missing = [i for i in wanted if i not in found]
         if missing:

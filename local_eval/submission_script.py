@@ -1,4 +1,5 @@
-"""submission/main.py, which must stand alone on Kaggle (it is no package): its path, and the script as a module."""
+"""submission/main.py, which must stand alone on Kaggle (it is no package): its path, the script as a module, and the
+files shipped beside it (budget, search, settings_cli, store) as the script imported them."""
 from __future__ import annotations
 
 import importlib.util
@@ -19,3 +20,12 @@ def load_submission() -> ModuleType:
         sys.modules[MODULE_NAME] = module  # worker processes find pickled functions by this name
         spec.loader.exec_module(module)
     return sys.modules[MODULE_NAME]
+
+
+def sibling(name: str) -> ModuleType:
+    """A file shipped beside the script (budget, search, settings_cli, store), the module the script imports too:
+    its folder goes on sys.path, as the script puts it there."""
+    folder = str(SCRIPT.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from common.cli import UserError
 from common.kit import NOTEBOOK_LIMIT_H
+from local_eval.submission_script import sibling
 
-STAGES = ("global_db", "global_query", "knn", "local_features", "verification")  # the script's TIMING_STAGES
+budget = sibling("budget")  # the script's cost model: what each stage does per item, written down once
+STAGES = budget.TIMING_STAGES
 GPU_STAGES = ("global_db", "global_query", "knn", "local_features")  # --speedup applies to these
 DEFAULT_MARGIN = 0.1  # keep 10% of the limit free: server machines vary
 
@@ -70,19 +72,19 @@ def unit_costs(log: dict, speedup: float) -> dict[str, float | None]:
             for name, cost in costs.items()}
 
 
+def full_size(log: dict, profile: Profile) -> tuple[object, dict]:
+    """(the profile's sizes, the run's work flags): the non-landmark set and the global stage as the run had them."""
+    work = log.get("work") or {}
+    sizes = budget.Sizes(profile.db, profile.test, int(work.get("nonlandmarks", 0)))
+    return sizes, {flag: bool(work.get(flag)) for flag in ("suppression", "dba", "global_rerank")}
+
+
 def project(log: dict, profile: Profile, rerank: int, speedup: float = 1.0) -> dict[str, float | None]:
-    """Hours per stage at full size with `rerank` candidates verified per query (None: not measured)."""
-    cost = unit_costs(log, speedup)
-    units = {
-        "global_db": profile.db,
-        "global_query": profile.test,
-        "knn": profile.test * profile.db,
-        # an upper bound: a database image shared by several queries is extracted once
-        "local_features": profile.test * (1 + rerank) if rerank else 0,
-        "verification": profile.test * rerank,
-    }
-    return {name: (None if cost[name] is None else cost[name] * units[name] / 3600)
-            if units[name] else 0.0 for name in STAGES}
+    """Hours per stage at full size with `rerank` candidates verified per query (None: not measured); local
+    features are an upper bound: a database image shared by several queries is extracted once."""
+    sizes, flags = full_size(log, profile)
+    seconds = budget.project_seconds(unit_costs(log, speedup), budget.stage_units(sizes, rerank, **flags))
+    return {name: None if s is None else s / 3600 for name, s in seconds.items()}
 
 
 def max_rerank_depth(log: dict, profile: Profile, speedup: float, margin: float) -> int | None:
@@ -91,10 +93,9 @@ def max_rerank_depth(log: dict, profile: Profile, speedup: float, margin: float)
     if cost["local_features"] is None or cost["verification"] is None:
         return None
     fixed_h = sum(h or 0.0 for h in project(log, profile, rerank=0, speedup=speedup).values())
-    query_local_h = profile.test * cost["local_features"] / 3600
-    per_candidate_h = profile.test * (cost["local_features"] + cost["verification"]) / 3600
-    room_h = profile.limit_h * (1 - margin) - fixed_h - query_local_h
-    return max(0, math.floor(room_h / per_candidate_h)) if per_candidate_h > 0 else None
+    room_s = (profile.limit_h * (1 - margin) - fixed_h) * 3600
+    depth = budget.depth_that_fits(room_s, profile.test, cost["local_features"], cost["verification"])
+    return max(0, math.floor(depth)) if math.isfinite(depth) else None
 
 
 def verdict(total_h: float, profile: Profile, margin: float) -> str:

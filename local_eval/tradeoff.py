@@ -100,7 +100,8 @@ def tradeoff(competition: Path, task: str, model: Path, out: Path, profile: Prof
     sub = load_submission()
     data, solution = competition_paths(competition, task)
     base = sub.parse_settings(["--task", task, "--data", str(data), "--model", str(model), *script_args])
-    rungs = sub.ladder(base.extraction, sub.DelgSavedModel(model, base.extraction))
+    loaded = sub.DelgSavedModel(model, base.extraction)
+    rungs = sub.ladder(base.extraction, ("float16", False) in loaded.batched)
     work, rows, reference = out / "work", [], None
     if reuse is not None:  # the run that extracted the reused features measured their rates
         reuse_caches(reuse, work)

@@ -7,12 +7,16 @@ It runs the submission script once as the server would (replay), reranking every
 the grid so that the script caches the local features of every pair; then it sweeps the verification settings
 over those cached features (no new extraction) and the scoring settings over the verified pairs (no new
 RANSAC), scores every combination with the official-equivalent metric, chooses on Public (ties: the faster)
-and reports Private beside it, as the leaderboard split works. Verification is swept in two stages: every
+and reports Private beside it, as the leaderboard split works. Recognition's global stage (how a query nobody
+verified is scored: top-k, non-landmark suppression) is chosen first, on the unverified run; the verification
+and scoring settings then on the verified ones; last, the chosen settings are scored with 0, 10, 30 and 100% of
+the queries verified (most confident first), the regimes a time limit leaves. Verification is swept in two stages: every
 matching setting x RANSAC threshold x minimum matches at the first iterations and confidence of the grid, then
 every iterations x confidence at the best of those. It writes
   OUT/table.csv   one row per setting: the settings, Public / Private / all scores, seconds per query;
   OUT/tuned.json  the chosen settings, for `submission/main.py --settings` (and replay / export bundle);
-  OUT/depth.png   score against rerank depth for the best few verification settings.
+  OUT/depth.png   score against rerank depth for the best few verification settings;
+  OUT/regimes.csv the chosen settings' scores by share of queries verified.
 
 `python -m local_eval tune-merge --tables A/table.csv B/table.csv ... --out OUT` averages the tables of several
 competitions (seeds) setting by setting and chooses on the mean Public score: how the script's defaults were set.
@@ -56,11 +60,15 @@ MATCHING = {"match_max_distance": [0.9, 1.1], "mutual": [True, False]}
 RANSAC = {"ransac_threshold": [0.005, 0.01, 0.02, 0.04], "ransac_iterations": [1000, 300],
           "ransac_confidence": [1.0, 0.99]}
 FILTER = {"min_matches": [4, 8]}
+GLOBAL = {"recognition": {"global_top_k": [1, 3, 5], "suppression": [True, False], "db_nonlandmark_k": [5, 10],
+                          "query_nonlandmark_k": [10], "query_nonlandmark_weight": [0.0, 0.5, 1.0, 1.5]},
+          "retrieval": {}}
 SCORING = {"recognition": {"rerank": [0, 1, 3, 5, 10, 20], "top_k": [1, 3, 5, 10],
                            "max_inlier_score": [10, 20, 40, 80], "nonlandmark_penalty": [0.0, 0.5, 1.0, 2.0],
                            "calibrate": [True, False]},
            "retrieval": {"rerank": [0, 10, 30, 100]}}
 VERIFICATION_KEYS = [*MATCHING, *RANSAC, *FILTER]
+REGIMES = (0.0, 0.1, 0.3, 1.0)  # shares of the queries verified
 BEST_CURVES = 5  # verification settings drawn in depth.png
 
 
@@ -71,7 +79,7 @@ def grid_combinations(grid: dict[str, list]) -> list[dict]:
 def read_grid(path: Path | None, task: str) -> dict[str, dict[str, list]]:
     """The default grid, with any list replaced by --grid's (a JSON object of setting -> list of values)."""
     grid = {"matching": dict(MATCHING), "ransac": dict(RANSAC), "filter": dict(FILTER),
-            "scoring": dict(SCORING[task])}
+            "scoring": dict(SCORING[task]), "global": dict(GLOBAL[task])}
     if path is None:
         return grid
     try:
@@ -177,11 +185,16 @@ class Run:
     test_ids: list[str]
     db_ids: list[str]
     labels: np.ndarray
-    neighbours: np.ndarray
-    cosines: np.ndarray
-    query_ok: np.ndarray
-    nonlandmark_cosines: np.ndarray
+    candidates: object  # the script's Candidates
     timing: dict
+
+    @property
+    def neighbours(self) -> np.ndarray:
+        return self.candidates.neighbours
+
+    @property
+    def query_ok(self) -> np.ndarray:
+        return self.candidates.query_ok
 
 
 def read_run(work: Path) -> Run:
@@ -191,16 +204,17 @@ def read_run(work: Path) -> Run:
         raise UserError(f"{path}: the extraction run left no neighbours (see its script.log)")
     with np.load(path) as saved:
         arrays = {name: saved[name] for name in saved.files}
+    candidates = sub.Candidates(**{name: arrays[name] for name in sub.Candidates._fields})
     return Run(work, sub.read_settings_record(work), arrays["test_ids"].tolist(), arrays["db_ids"].tolist(),
-               arrays["labels"], arrays["neighbours"], arrays["cosines"], arrays["query_ok"],
-               arrays["nonlandmark_cosines"], json.loads((work / "timing.json").read_text()))
+               arrays["labels"], candidates, json.loads((work / "timing.json").read_text()))
 
 
 def score_table(run: Run, scorer: Scorer, grid: dict, matching: list[dict], ransac: list[dict],
-                matches: np.ndarray, inliers: np.ndarray, seconds: np.ndarray, verified: np.ndarray) -> pd.DataFrame:
+                matches: np.ndarray, inliers: np.ndarray, seconds: np.ndarray, verified: np.ndarray,
+                stage: dict) -> pd.DataFrame:
     """One row per verification (matching x RANSAC x filter) x scoring setting."""
     scoring_grid = grid_combinations(grid["scoring"])
-    if not run.nonlandmark_cosines.shape[1]:  # no distractor set: the penalty changes nothing
+    if not run.candidates.query_nonlandmark.shape[1]:  # no distractor set: the penalty changes nothing
         scoring_grid = [s for s in scoring_grid if s.get("nonlandmark_penalty", 0.0) == scoring_grid[0].get(
             "nonlandmark_penalty", 0.0)]
     local_rate = (run.timing["stages"]["local_features"]["seconds"] /
@@ -214,28 +228,64 @@ def score_table(run: Run, scorer: Scorer, grid: dict, matching: list[dict], rans
         for scoring in scoring_grid:
             depth = min(scoring["rerank"], counts.shape[1])
             at_depth = np.where(np.arange(counts.shape[1]) < depth, counts, -1)
-            scores = score_one(run, scorer, at_depth, scoring)
+            scores = score_one(run, scorer, at_depth, scoring, stage)
             rows.append({**verification, **scoring, **{s: scores[s] for s in REPORTED_SUBSETS},
                          "seconds_per_query": query_seconds(run, depth, seconds[m, r], local_rate, verified)})
     return pd.DataFrame(rows)
 
 
-def score_one(run: Run, scorer: Scorer, inliers: np.ndarray, scoring: dict) -> dict:
+def score_one(run: Run, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage: dict | None = None) -> dict:
     """The scores of one setting, computed by the script's own functions on the candidates it would have:
-    recognition searches max(top_k, depth) neighbours."""
+    recognition searches max(top_k, global top-k, depth) neighbours."""
     sub = load_submission()
+    c = run.candidates
     if scorer.task == "recognition":
         settings = dataclasses.replace(run.settings.scoring, **{k: v for k, v in scoring.items() if k != "rerank"})
-        k = max(settings.top_k, scoring["rerank"])
-        shares = sub.nonlandmark_shares(run.cosines, run.nonlandmark_cosines, settings.top_k)
-        landmarks, confidences = sub.recognition_predictions(run.cosines[:, :k], run.neighbours[:, :k],
-                                                             inliers[:, :k], run.labels, settings, shares,
-                                                             run.query_ok)
+        global_stage = dataclasses.replace(run.settings.global_stage, **(stage or {}))
+        k = max(settings.top_k, global_stage.global_top_k, scoring["rerank"])
+        found = c._replace(cosines=c.cosines[:, :k], neighbours=c.neighbours[:, :k])
+        landmarks, confidences = sub.recognition_predictions(found, inliers[:, :k], run.labels, global_stage,
+                                                             settings)
         return scorer.recognition(landmarks, confidences)
-    order = sub.retrieval_order(run.cosines, inliers)
-    ranked = np.take_along_axis(run.neighbours, order, 1)
+    order = sub.retrieval_order(c.cosines, inliers)
+    ranked = np.take_along_axis(c.neighbours, order, 1)
     return scorer.retrieval([[run.db_ids[j] for j in row] if ok else [] for row, ok in
-                             zip(ranked, run.query_ok, strict=True)])
+                             zip(ranked, c.query_ok, strict=True)])
+
+
+def global_table(run: Run, scorer: Scorer, grid: dict) -> pd.DataFrame:
+    """Recognition's global-stage settings scored on the unverified run (every query global-only)."""
+    unverified = np.full(run.neighbours.shape, -1)
+    rows = []
+    for stage in grid_combinations(grid["global"]):
+        scores = score_one(run, scorer, unverified, {"rerank": 0}, stage)
+        rows.append({**stage, **{s: scores[s] for s in REPORTED_SUBSETS}})
+    return pd.DataFrame(rows)
+
+
+def regimes(run: Run, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage: dict) -> pd.DataFrame:
+    """The chosen settings' scores with 0, 10, 30, 100% of the readable queries verified, most confident first
+    (the order the script reranks in), the rest global-only: what a time limit that stops verification leaves."""
+    sub = load_submission()
+    depth = min(scoring["rerank"], inliers.shape[1])
+    at_depth = np.where(np.arange(inliers.shape[1]) < depth, inliers, -1)
+    unverified = np.full(at_depth.shape, -1)
+    if scorer.task == "recognition":
+        settings = dataclasses.replace(run.settings.scoring, **{k: v for k, v in scoring.items() if k != "rerank"})
+        global_stage = dataclasses.replace(run.settings.global_stage, **stage)
+        priority = sub.recognition_predictions(run.candidates, unverified, run.labels, global_stage, settings)[1]
+    else:
+        priority = run.candidates.cosines[:, 0]
+    order = sub.rerank_order(priority, run.query_ok)
+    rows = []
+    for share in REGIMES:
+        cut = unverified.copy()
+        chosen = order[:round(share * len(order))]
+        cut[chosen] = at_depth[chosen]
+        scores = score_one(run, scorer, cut, scoring, stage)
+        rows.append({"verified_share": share, "queries_verified": len(chosen),
+                     **{s: scores[s] for s in REPORTED_SUBSETS}})
+    return pd.DataFrame(rows)
 
 
 def query_seconds(run: Run, depth: int, verify_seconds: float, local_rate: float, verified: np.ndarray) -> float:
@@ -285,14 +335,14 @@ def depth_picture(table: pd.DataFrame, task: str, out: Path) -> None:
 
 
 def sweep_stage(run: Run, scorer: Scorer, grid: dict, tasks: list, verified: np.ndarray, matching: list[dict],
-                ransac: list[dict], workers: int) -> pd.DataFrame:
+                ransac: list[dict], workers: int, stage: dict) -> pd.DataFrame:
     """Verify every pair with each matching x RANSAC setting, then score every scoring setting on the result."""
     matches, inliers, seconds = sweep_verification(tasks, matching, ransac, workers)
     readable = np.flatnonzero(run.query_ok)
     all_matches = np.zeros((len(run.test_ids), *matches.shape[1:]), matches.dtype)
     all_inliers = np.zeros((len(run.test_ids), *inliers.shape[1:]), inliers.dtype)
     all_matches[readable], all_inliers[readable] = matches, inliers
-    return score_table(run, scorer, grid, matching, ransac, all_matches, all_inliers, seconds, verified)
+    return score_table(run, scorer, grid, matching, ransac, all_matches, all_inliers, seconds, verified, stage)
 
 
 def stages(grid: dict) -> tuple[list[dict], list[dict]]:
@@ -314,34 +364,66 @@ def second_stage(grid: dict, best: pd.Series) -> tuple[list[dict], list[dict]]:
 
 def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, grid_path: Path | None,
          script_args: list[str], workers: int) -> dict:
-    """Extract once, sweep, write table.csv, tuned.json and depth.png; returns the chosen row with its scores."""
+    """Extract once, choose the global stage, sweep verification and scoring, score the regimes; write table.csv,
+    tuned.json, depth.png and regimes.csv; returns the chosen row with its scores."""
     grid = read_grid(grid_path, task)
     _, solution = competition_paths(competition, task)
     out.mkdir(parents=True, exist_ok=True)
     max_depth = max(grid["scoring"]["rerank"])
     extra = [*script_args, "--rerank", str(max_depth), "--plan", "fixed"]  # replay adds the distractor folder
-    if task == "recognition":  # the non-landmark neighbours of the largest top-k are searched once
-        extra += ["--top-k", str(max(grid["scoring"]["top_k"]))]
+    if task == "recognition":  # the neighbours of the largest top-k are searched once
+        extra += ["--top-k", str(max(grid["scoring"]["top_k"])),
+                  "--global-top-k", str(max(grid["global"]["global_top_k"])),
+                  "--db-nonlandmark-k", str(max(grid["global"]["db_nonlandmark_k"])),
+                  "--query-nonlandmark-k", str(max(grid["global"]["query_nonlandmark_k"]))]
     report = replay(competition, task, model, out / "run", limit_h, extra)
     if report["status"] != "ok":
         raise UserError(f"the extraction run ended '{report['status']}'; see {out / 'run' / 'script.log'}")
     run = read_run(out / "run" / "work")
     tasks, verified = pair_tasks(run, max_depth)
     scorer = Scorer(task, solution, run.test_ids)
-    table = sweep_stage(run, scorer, grid, tasks, verified, *stages(grid), workers)
+    stage = {}
+    if grid["global"]:
+        global_rows = global_table(run, scorer, grid)
+        stage = {k: native(v) for k, v in choose_global(global_rows).items() if k in grid["global"]}
+        atomic_write_text(out / "global.csv", global_rows.to_csv(index=False))
+    table = sweep_stage(run, scorer, grid, tasks, verified, *stages(grid), workers, stage)
     matching, ransac = second_stage(grid, choose(table))
     if ransac:
-        table = pd.concat([table, sweep_stage(run, scorer, grid, tasks, verified, matching, ransac, workers)],
+        table = pd.concat([table, sweep_stage(run, scorer, grid, tasks, verified, matching, ransac, workers, stage)],
                           ignore_index=True)
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
     chosen = choose(table)
+    regime_table = regimes(run, scorer, chosen_inliers(run, tasks, verified, chosen, workers),
+                           {k: native(chosen[k]) for k in grid["scoring"]}, stage)
+    atomic_write_text(out / "regimes.csv", regime_table.to_csv(index=False))
     about = {"competition": str(competition), "task": task, "model": str(model), "chosen_on": "public",
              **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS},
-             "seconds_per_query": native(chosen["seconds_per_query"]), "settings_rows": len(table)}
+             "seconds_per_query": native(chosen["seconds_per_query"]), "settings_rows": len(table),
+             "regimes": regime_table.to_dict(orient="records")}
     extraction = json.loads((run.work / "settings.json").read_text())["extraction"]
-    atomic_write_text(out / "tuned.json", json.dumps(tuned_settings(chosen, task, extraction, about), indent=1) + "\n")
+    tuned = tuned_settings(chosen, task, extraction, about)
+    tuned["global_stage"] = stage
+    atomic_write_text(out / "tuned.json", json.dumps(tuned, indent=1) + "\n")
     depth_picture(table, task, out)
-    return {"chosen": chosen, "global_only": table[table["rerank"] == 0]["public"].max(), "table": table}
+    return {"chosen": chosen, "global_only": table[table["rerank"] == 0]["public"].max(), "table": table,
+            "global_stage": stage, "regimes": regime_table}
+
+
+def choose_global(table: pd.DataFrame) -> pd.Series:
+    """The global-stage setting with the best Public score (the first among equals)."""
+    return table.loc[table["public"].idxmax()]
+
+
+def chosen_inliers(run: Run, tasks: list, verified: np.ndarray, chosen: pd.Series, workers: int) -> np.ndarray:
+    """Inliers [Q, D] of every cached pair under the chosen verification setting (-1: not verified)."""
+    matching = [{name: native(chosen[name]) for name in MATCHING}]
+    ransac = [{name: native(chosen[name]) for name in RANSAC}]
+    matches, inliers, _ = sweep_verification(tasks, matching, ransac, workers)
+    counts = np.full(verified.shape, -1, np.int64)
+    readable = np.flatnonzero(run.query_ok)
+    counts[readable] = np.where(matches[:, 0] >= native(chosen["min_matches"]), inliers[:, 0, 0], 0)
+    return counts
 
 
 def pair_tasks(run: Run, max_depth: int) -> tuple[list[tuple[Path, list[Path]]], np.ndarray]:
@@ -374,6 +456,10 @@ def format_summary(result: dict, task: str, out: Path) -> str:
         f"  {metric} public {chosen['public']:.4f} | private {chosen['private']:.4f} | all {chosen['all']:.4f}"
         f" ({chosen['seconds_per_query']:.3f} s per query here); best global-only public "
         f"{result['global_only']:.4f}",
+        *([f"  global stage (unverified queries): {result['global_stage']}"] if result.get("global_stage") else []),
+        *(["  by share of queries verified: " + ", ".join(
+            f"{r['verified_share']:.0%} {r['public']:.4f}/{r['private']:.4f}" for _, r in result["regimes"].iterrows())
+           + " (public/private)"] if result.get("regimes") is not None else []),
         f"  {out / 'table.csv'}, {out / 'tuned.json'}, {out / 'depth.png'}",
         f"  next: python -m local_eval replay ... -- --settings {out / 'tuned.json'}"])
 

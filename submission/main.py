@@ -1,25 +1,29 @@
-"""Landmark recognition / retrieval submission: DELG global kNN, then local reranking inside a time budget.
+"""Landmark recognition / retrieval submission: DELG global kNN, a global stage, then local reranking inside a
+time budget.
 
-One self-contained file to paste into a Kaggle notebook or run as a script:
+One self-contained script (with budget.py and settings_cli.py beside it) to paste into a Kaggle notebook or run:
 
     python main.py --task recognition --data ../input/landmark-recognition-2021 \
-        --model ../input/delg-model --out submission.csv [--settings tuned.json] [--preset host-2020]
+        --model ../input/delg-model [--model ../input/second-model] --out submission.csv [--settings tuned.json]
 
-It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. nearest neighbours,
-5. local features and verification, 6. scoring, 7. time budget, 8. main. Only numpy, pandas,
-tensorflow, pydegensac, scikit-learn, tqdm, Pillow and the standard library are used.
+It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. nearest neighbours, 5. the global
+stage (whitening, non-landmark suppression, query expansion, database augmentation, SuperGlobal reranking),
+6. local features and verification, 7. scoring, 8. main. Only numpy, pandas, tensorflow, pydegensac,
+scikit-learn, tqdm, Pillow and the standard library are used. budget.py holds the cost model and the plan of
+the run (what fits the time limit); settings_cli.py turns the settings sections below into flags and files.
 
-Settings come in four small sections (extraction, verification, scoring, budget), each a dataclass whose
+Settings come in small sections (extraction, global, verification, scoring, budget), each a dataclass whose
 fields are also the flags. They are layered: the script's defaults, then --preset, then the --settings file,
 then the flags given on the command line. WORK/settings.json records what a run used and where each value
 came from; give it back as --settings to run the same way again.
 
-Files it leaves: --out (all-empty at once, then global-only, then the reranked result every --write-every-s
-seconds and at the end), WORK/settings.json, WORK/timing.json (items and seconds per stage, and the plan of
-the database pass), WORK/submission_global_only.csv, WORK/neighbours.npz (every query's candidates and
-cosines), WORK/verified_pairs.csv (id, rank, candidate, cosine, inliers of every verified pair), and its
-caches: WORK/global/<split>/chunk_*.npz (resumable) and WORK/local/<split>/<id>.npz, each deleted when its key
-in WORK/cache_key.json (the model's files and the settings the features depend on) no longer matches.
+Files it leaves: --out (all-empty once the model has loaded, then global-only, then the reranked result every
+--write-every-s seconds and at the end), WORK/settings.json, WORK/timing.json (items and seconds per stage,
+the plan of the database pass, the versions it ran with), WORK/submission_global_only.csv, WORK/neighbours.npz
+(every query's candidates, their scores and non-landmark cosines), WORK/verified_pairs.csv (id, rank,
+candidate, cosine, inliers of every verified pair), and its caches: WORK/global/m<i>/<split>/chunk_*.npz (per
+model, resumable) and WORK/local/<split>/<id>.npz, each deleted when its key in WORK/cache_key.json (the
+models' files and the settings the features depend on) no longer matches.
 
 The kit (local_eval: replay, tune, show; tests and benches) imports only the names in KIT_API.
 """
@@ -30,18 +34,14 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import multiprocessing
 import os
+import platform
 import re
 import shutil
 import sys
-import tempfile
 import time
-import zipfile
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -50,24 +50,76 @@ import numpy as np
 import pandas as pd
 import pydegensac
 import tensorflow as tf
-from PIL import Image
 from sklearn.isotonic import IsotonicRegression
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the files shipped beside this one
+from budget import (  # noqa: E402
+    TIMING_STAGES,
+    Sizes,
+    Timing,
+    database_stop_rule,
+    deepest_rerank,
+    ladder,
+    plan_depth,
+    plan_run,
+    project_rerank,
+    project_seconds,
+    rerank_seconds_per_query,
+    stage_units,
+    work_flags,
+)
+from search import (  # noqa: E402
+    KNN_DB_CHUNK,
+    KNN_Q_BLOCK,
+    knn,
+    knn_seconds_per_item,
+    l2_normalize,
+)
+from settings_cli import (  # noqa: E402
+    InputError,
+    build_parser,
+    layer_settings,
+    read_settings_file,
+    setting,
+)
+from store import (  # noqa: E402
+    LocalFeatures,
+    atomic_save,
+    cache_keys,
+    cached_global,
+    clear_stale_caches,
+    compact_valid,
+    decode_image,
+    extract_global,
+    extract_local,
+    image_path,
+    load_global,
+    load_local,
+    local_path,
+    save_json,
+    timed_global,
+    trim_local_cache,
+)
+
 log = logging.getLogger("submission")
 
-KIT_API = (  # the names the kit (local_eval, bench, demo) may use; everything else may change without notice
+__all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all else may change without notice
     "KIT_API", "DELG_IMAGE_SCALES", "DELG_GLOBAL_SCALE_INDICES", "DELG_MAX_IMAGE_SIDE", "DELG_MAX_FEATURE_NUM",
     "DELG_ATTENTION_ABS_THRESHOLD", "NOTEBOOK_LIMIT_H", "TIMING_STAGES", "IMAGE_SPLITS", "RETRIEVAL_SIZE",
-    "SECTIONS", "PRESETS", "DEFAULT_RERANK", "Settings", "Extraction", "Verification", "Scoring", "Budget",
-    "InputError", "parse_settings", "read_settings_record", "DelgSavedModel", "read_test_ids", "read_train_labels",
-    "list_image_ids", "image_path", "decode_image", "extract_global", "load_global", "cached_global", "knn",
-    "LocalFeatures", "local_path", "extract_local", "load_local", "putative_matches", "matches_in",
-    "ransac_inliers", "ransac_matches", "count_inliers", "pixel_threshold", "recognition_predictions",
-    "retrieval_order", "nonlandmark_shares", "expected_local_scores", "rerank_order", "KNN_Q_BLOCK", "KNN_DB_CHUNK",
-    "ladder", "BATCH_SIGNATURES", "main",
+    "SECTIONS", "PRESETS", "DEFAULT_RERANK", "Settings", "Extraction", "Global", "Verification", "Scoring",
+    "Budget", "InputError", "parse_settings", "read_settings_file", "read_settings_record", "DelgSavedModel",
+    "read_test_ids", "read_train_labels", "list_image_ids", "image_path", "decode_image", "extract_global",
+    "load_global", "cached_global", "knn", "LocalFeatures", "local_path", "extract_local", "load_local",
+    "putative_matches", "matches_in", "ransac_inliers", "ransac_matches", "count_inliers", "pixel_threshold",
+    "Candidates", "recognition_predictions", "global_predictions", "verified_predictions", "retrieval_order",
+    "nonlandmark_shares", "expected_local_scores", "rerank_order", "fit_whitening", "apply_whitening",
+    "query_expansion", "database_augmentation", "superglobal_rerank", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder",
+    "BATCH_SIGNATURES", "Sizes", "Timing", "stage_units", "project_seconds", "rerank_seconds_per_query",
+    "deepest_rerank", "plan_depth", "main",
 )
+KIT_API = __all__
 
 # %% 1. Settings
 # DELG extraction defaults (a copy of train/config.py: this file imports nothing from the kit; a test ties them).
@@ -78,20 +130,8 @@ DELG_MAX_FEATURE_NUM = 1000
 DELG_ATTENTION_ABS_THRESHOLD = 0.0
 NOTEBOOK_LIMIT_H = 9.0  # Kaggle's notebook limit of most years (a copy of common/kit.py)
 IMAGE_SPLITS = {"recognition": ("train", "test"), "retrieval": ("index", "test")}
-TIMING_STAGES = ("global_db", "global_query", "knn", "local_features", "verification")
 RETRIEVAL_SIZE = 100  # index ids submitted per query
-KNN_DB_CHUNK = 8192  # database rows per numpy multiply (measured best with KNN_Q_BLOCK on 2 cores)
-KNN_Q_BLOCK = 512  # queries per numpy multiply
-# Global descriptors are computed on a few fixed sizes so that images can be batched (section 3).
-BUCKET_ASPECTS = (9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9)  # width / height
-BUCKET_SIDES = (1.0, 0.75, 0.5, 0.375, 0.25)  # longer side, as a share of --global-max-side
-PROBE_SHARE = 0.01  # of the budget, at most, for timing one setting of the ladder (per pass)
 ID_PATTERN = re.compile(r"[0-9A-Za-z_-]{3,}")  # an image id names its own folders a/b/c: 3 characters at least
-
-
-def setting(default, help_text: str, **checks):
-    """A settings field: its default, its --help and its checks (minimum, above, maximum, below, choices)."""
-    return field(default=default, metadata={"help": help_text, **checks})
 
 
 @dataclass(frozen=True)
@@ -116,6 +156,37 @@ class Extraction:
 
     def global_scales(self) -> tuple[float, ...]:
         return tuple(self.scales[i] for i in self.global_scale_indices)
+
+
+@dataclass(frozen=True)
+class Global:
+    """The global stage: how descriptors become candidates, and how a query nobody verified is scored."""
+
+    whiten: str = setting("off", "database: fit PCA whitening on the database descriptors here (one covariance); "
+                          "off: use them as the model gives them (`export delg` whitens inside the model)",
+                          choices=("off", "database"))
+    whiten_shrinkage: float = setting(0.1, "--whiten database: added to each eigenvalue, as a share of their mean",
+                                      minimum=0)
+    dba_n: int = setting(0, "database-side augmentation: each database descriptor becomes the sim^alpha-weighted "
+                         "sum of its n nearest (itself included); 0 = off", minimum=0)
+    dba_alpha: float = setting(3.0, "DBA: the alpha of its weights", minimum=0)
+    qe_n: int = setting(0, "alpha query expansion: q + the sim^alpha-weighted sum of its top n, searched again; "
+                        "0 = off", minimum=0)
+    qe_alpha: float = setting(3.0, "alpha-QE: the alpha of its weights", minimum=0)
+    superglobal_m: int = setting(0, "SuperGlobal reranking of each query's top M candidates with global "
+                                 "descriptors only (ICCV 2023: M 400); 0 = off", minimum=0)
+    superglobal_k: int = setting(9, "SuperGlobal: neighbours within the M that refine each candidate", minimum=1)
+    superglobal_beta: float = setting(0.15, "SuperGlobal: weight of a neighbour, times its cosine", minimum=0)
+    global_top_k: int = setting(3, "recognition, unverified queries: neighbours whose scores are summed per "
+                                "landmark", minimum=1)
+    suppression: bool = setting(True, "non-landmark suppression with --nonlandmark-dir (recognition 2020 1st): "
+                                "a candidate scores clamp(cos, 0, 1) - B(j), B(j) its mean cosine to its "
+                                "--db-nonlandmark-k nearest non-landmark images")
+    db_nonlandmark_k: int = setting(5, "suppression: non-landmark neighbours of a database image in B(j)",
+                                    minimum=1)
+    query_nonlandmark_k: int = setting(10, "suppression: non-landmark neighbours of a query in C(q)", minimum=1)
+    query_nonlandmark_weight: float = setting(1.0, "suppression: confidence -= weight x C(q), the query's mean "
+                                              "cosine to its nearest non-landmark images", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -175,16 +246,21 @@ class Run:
     task: str = setting(None, "which competition", choices=tuple(IMAGE_SPLITS), required=True)
     data: Path = setting(None, "competition folder: train.csv, train/, test/ (recognition) or index/, test/ "
                          "(retrieval), and sample_submission.csv", required=True)
-    model: Path = setting(None, "DELG SavedModel folder: our TF2 export or Google's released TF1 model",
-                          required=True)
+    model: tuple[Path, ...] = setting(None, "DELG SavedModel folder: our TF2 export or Google's released TF1 "
+                                      "model; give it again for an ensemble (--model A --model B)", required=True,
+                                      repeat=True)
+    model_weights: tuple[float, ...] | None = setting(None, "ensemble: one weight per --model (default all 1)",
+                                                      above=0)
+    local_model: Path | None = setting(None, "ensemble: the model whose local features verify (default: the "
+                                       "first --model)")
     out: Path = setting(Path("submission.csv"), "submission file to write")
     work: Path = setting(Path("work/submission"), "cache and log folder")
     settings: Path | None = setting(None, "JSON settings file (local_eval tune's tuned.json, or a run's "
                                     "WORK/settings.json); command-line flags win over it")
     preset: str | None = setting(None, "a published recipe under the settings file and flags: host-2020 "
                                  "(Kaggle 2020 baseline) or delg-paper", choices=("host-2020", "delg-paper"))
-    nonlandmark_dir: Path | None = setting(None, "folder of images known to show no landmark: a test image whose "
-                                           "neighbours are mostly among them gets a lower confidence")
+    nonlandmark_dir: Path | None = setting(None, "folder of images known to show no landmark: non-landmark "
+                                           "suppression and the penalty compare queries and database to them")
     probe: int | None = setting(None, "time this many images of every stage, write WORK/timing.json with the "
                                 "projection to this data's full size, and stop", minimum=1)
     shard: str = setting("0/1", "i/n: extract only the i-th of n slices of the database descriptors, then stop")
@@ -196,8 +272,12 @@ class Run:
     local_cache_gb: float = setting(10.0, "disk kept for cached local features; the oldest go first", above=0)
     knn_block_mb: int = setting(512, "memory for one block of the query x database similarity matrix", minimum=1)
 
+    def verifying_model(self) -> Path:
+        return self.local_model or self.model[0]
 
-SECTIONS = {"extraction": Extraction, "verification": Verification, "scoring": Scoring, "budget": Budget}
+
+SECTIONS = {"extraction": Extraction, "global_stage": Global, "verification": Verification, "scoring": Scoring,
+            "budget": Budget}
 # The verification and scoring defaults above and DEFAULT_RERANK were chosen by `local_eval tune` on three
 # synthetic competitions (seeds 21-23, averaged with `tune-merge`, chosen on Public); README "Defaults" has the
 # tables and the command that reproduces them.
@@ -206,15 +286,15 @@ DEFAULT_RERANK = {"recognition": 20, "retrieval": 100}
 # 20 px, 1000 iterations at confidence 1, score min(inliers, 20)/20 + cosine over the top 3 of 3 reranked; it
 # also used an attention threshold of 175, which fits Google's released model only: pass it yourself).
 # delg-paper: the DELG paper's retrieval reranking (DELF's perform_retrieval: top 100, one-way matches within
-# 1.0, 20 px residual).
+# 1.0, 20 px residual). Neither suppressed non-landmarks.
 PRESETS: dict[str, dict] = {
     "host-2020": {"scales": (0.7071, 1.0, 1.4142), "global_scale_indices": (0, 1, 2), "rerank": 3, "top_k": 3,
-                  "max_inlier_score": 20, "match_max_distance": 0.9, "mutual": False, "min_matches": 5,
-                  "ransac_threshold_px": 20.0, "ransac_iterations": 1000, "ransac_confidence": 1.0,
-                  "nonlandmark_penalty": 0.0, "calibrate": False},
+                  "global_top_k": 3, "max_inlier_score": 20, "match_max_distance": 0.9, "mutual": False,
+                  "min_matches": 5, "ransac_threshold_px": 20.0, "ransac_iterations": 1000, "ransac_confidence": 1.0,
+                  "nonlandmark_penalty": 0.0, "calibrate": False, "suppression": False},
     "delg-paper": {"scales": DELG_IMAGE_SCALES, "global_scale_indices": DELG_GLOBAL_SCALE_INDICES, "rerank": 100,
                    "match_max_distance": 1.0, "mutual": False, "min_matches": 4, "ransac_threshold_px": 20.0,
-                   "ransac_iterations": 1000, "ransac_confidence": 1.0, "calibrate": False},
+                   "ransac_iterations": 1000, "ransac_confidence": 1.0, "calibrate": False, "suppression": False},
 }
 
 
@@ -222,6 +302,7 @@ PRESETS: dict[str, dict] = {
 class Settings:
     run: Run
     extraction: Extraction
+    global_stage: Global
     verification: Verification
     scoring: Scoring
     budget: Budget
@@ -231,134 +312,28 @@ class Settings:
         return DEFAULT_RERANK[self.run.task] if self.scoring.rerank is None else self.scoring.rerank
 
 
-class InputError(Exception):
-    """A problem with the inputs: printed as one line, exit status 2."""
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def field_type(f: dataclasses.Field) -> tuple[type, bool]:
-    """(element type, is a tuple) of a settings field, from its annotation."""
-    kind = str(f.type).removesuffix(" | None")
-    names = {"int": int, "float": float, "str": str, "bool": bool, "Path": Path}
-    if kind.startswith("tuple["):
-        return names[kind.removeprefix("tuple[").split(",")[0]], True
-    return names[kind], False
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per settings field. Unset flags stay out of the result, so the layers below them show through."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for cls in (Run, *SECTIONS.values()):
-        group = parser.add_argument_group(cls.__name__.lower(), cls.__doc__)
-        for f in fields(cls):
-            kind, is_tuple = field_type(f)
-            meta = f.metadata
-            options = {"default": argparse.SUPPRESS, "help": meta["help"]}
-            if meta.get("required"):
-                options["required"] = True
-            elif f.default is not None:
-                shown = " ".join(map(str, f.default)) if is_tuple else f.default
-                options["help"] += f" (default: {shown})"
-            if kind is bool:
-                options["action"] = argparse.BooleanOptionalAction
-            else:
-                options["type"] = kind
-                options["nargs"] = "+" if is_tuple else None
-                options["choices"] = meta.get("choices")
-            group.add_argument(flag(f.name), **options)
-    return parser
-
-
-def read_settings_file(path: Path) -> dict:
-    """{setting: value} from a JSON file of sections ({"verification": {...}, ...}); other top-level keys
-    (a record's "run", "sources", "plan", a tune's "about") are ignored."""
-    try:
-        content = json.loads(path.read_text())
-    except OSError as err:
-        raise InputError(f"--settings {path}: cannot read it ({err.strerror})") from None
-    except ValueError as err:
-        raise InputError(f"--settings {path}: not JSON ({err})") from None
-    if not isinstance(content, dict):
-        raise InputError(f"--settings {path}: expected an object of sections {', '.join(SECTIONS)}")
-    values = {}
-    for section, cls in SECTIONS.items():
-        given = content.get(section, {})
-        known = {f.name: f for f in fields(cls)}
-        if not isinstance(given, dict):
-            raise InputError(f"--settings {path}: '{section}' must be an object")
-        for name, value in given.items():
-            if name not in known:
-                raise InputError(f"--settings {path}: unknown setting '{section}.{name}'")
-            values[name] = coerce(known[name], value, f"--settings {path}: '{section}.{name}'")
-    return values
-
-
-def coerce(f: dataclasses.Field, value, where: str):
-    """value as the field's type (a JSON number for a float, a list for a tuple); InputError naming `where`."""
-    kind, is_tuple = field_type(f)
-    if value is None and "None" in str(f.type):
-        return None
-
-    def fits(item) -> bool:
-        if kind is bool or isinstance(item, bool):
-            return kind is bool and isinstance(item, bool)
-        return isinstance(item, (int, float) if kind is float else str if kind is Path else kind)
-
-    items = value if is_tuple and isinstance(value, list) else [value]
-    if (is_tuple and not (isinstance(value, list) and value)) or not all(fits(item) for item in items):
-        expected = f"a non-empty list of {kind.__name__}" if is_tuple else kind.__name__
-        raise InputError(f"{where} must be {expected}, got {value!r}")
-    items = [kind(item) for item in items]
-    return tuple(items) if is_tuple else items[0]
-
-
-def check_settings(section) -> None:
-    """Every field within its range: one InputError naming the flag."""
-    for f in fields(section):
-        value, meta = getattr(section, f.name), f.metadata
-        for item in value if isinstance(value, tuple) else [value]:
-            if item is None or isinstance(item, (bool, str, Path)):
-                continue
-            bounds = [("minimum", lambda v, b: v >= b, ">="), ("above", lambda v, b: v > b, ">"),
-                      ("maximum", lambda v, b: v <= b, "<="), ("below", lambda v, b: v < b, "<")]
-            for key, holds, sign in bounds:
-                if key in meta and not (math.isfinite(item) and holds(item, meta[key])):
-                    raise InputError(f"{flag(f.name)} must be {sign} {meta[key]}, got {item}")
+def settings_parser() -> argparse.ArgumentParser:
+    return build_parser(__doc__.split("\n\n")[0], [Run, *SECTIONS.values()])
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """The layered settings of a run: defaults < --preset < --settings file < command-line flags."""
-    given = vars(build_parser().parse_args(argv))
-    values, sources = {}, {}
-    layers = [("preset " + given["preset"], PRESETS[given["preset"]]) if given.get("preset") else None,
-              ("file " + str(given["settings"]), read_settings_file(given["settings"])) if given.get("settings")
-              else None,
-              ("command line", given)]
-    for source, layer in filter(None, layers):
-        values.update(layer)
-        sources.update({name: source for name in layer})
-    sections = {}
-    for name, cls in (("run", Run), *SECTIONS.items()):
-        section = cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
-        section = dataclasses.replace(section, **{f.name: tuple(getattr(section, f.name)) for f in fields(cls)
-                                                  if isinstance(getattr(section, f.name), list)})
-        check_settings(section)
-        sections[name] = section
-    settings = Settings(**sections, sources={k: v for k, v in sources.items() if k not in {f.name for f in
-                                                                                          fields(Run)}})
+    given = vars(settings_parser().parse_args(argv))
+    sections, sources = layer_settings(given, PRESETS, {"run": Run, **SECTIONS}, SECTIONS)
+    run_names = {f.name for f in fields(Run)}
+    settings = Settings(**sections, sources={k: v for k, v in sources.items() if k not in run_names})
     check_consistency(settings)
     return settings
 
 
 def check_consistency(settings: Settings) -> None:
-    ext = settings.extraction
+    ext, run = settings.extraction, settings.run
     bad = [i for i in ext.global_scale_indices if i >= len(ext.scales)]
     if bad:
         raise InputError(f"--global-scale-indices {bad[0]} is out of range for {len(ext.scales)} --scales")
-    parse_shard(settings.run.shard)
+    if run.model_weights is not None and len(run.model_weights) != len(run.model):
+        raise InputError(f"--model-weights gives {len(run.model_weights)} weights for {len(run.model)} --model")
+    parse_shard(run.shard)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -371,12 +346,22 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def runtime_versions() -> dict[str, str]:
+    """The versions this run used (Python and the packages the script imports)."""
+    import sklearn
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "numpy": np.__version__,
+            "pandas": pd.__version__, "scikit-learn": sklearn.__version__,
+            "pydegensac": getattr(pydegensac, "__version__", "unknown")}
+
+
 def settings_record(settings: Settings, plan: dict | None = None) -> dict:
     """The run's settings as JSON: one object per section, where each value came from, the plan's choice."""
     as_json = lambda section: json.loads(json.dumps(dataclasses.asdict(section), default=str))
     record = {name: as_json(getattr(settings, name)) for name in ("run", *SECTIONS)}
     record["scoring"]["rerank"] = settings.rerank_depth()
     record["sources"] = settings.sources
+    record["versions"] = runtime_versions()
     if plan is not None:
         record["plan"] = plan
     return record
@@ -389,8 +374,9 @@ def read_settings_record(work: Path) -> Settings | None:
         return None
     record = json.loads(path.read_text())
     run = record["run"]
-    argv = ["--task", run["task"], "--data", run["data"], "--model", run["model"], "--work", str(work),
-            "--settings", str(path)]
+    models = run["model"] if isinstance(run["model"], list) else [run["model"]]
+    argv = ["--task", run["task"], "--data", run["data"], *[a for m in models for a in ("--model", m)],
+            "--work", str(work), "--settings", str(path)]
     return parse_settings(argv)
 
 
@@ -459,109 +445,11 @@ def list_image_ids(folder: Path) -> list[str]:
     return valid
 
 
-def image_path(data: Path, split: str, image_id: str) -> Path:
-    """Image 'abcdef…' of a split lives at split/a/b/c/abcdef….jpg."""
-    return data / split / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
-
-
 def round_robin(labels: np.ndarray) -> np.ndarray:
     """Row order taking one image of every landmark before a second of any: a database pass cut short by the
     deadline still covers every landmark."""
     occurrence = pd.Series(labels).groupby(labels).cumcount().to_numpy()
     return np.lexsort((np.arange(len(labels)), occurrence))
-
-
-def open_rgb(path: Path, layout: Callable[[int, int], tuple[tuple[int, int], tuple[float, ...]]]) -> Image.Image:
-    """The file as RGB: layout(width, height) gives the output size and the box of the original to resize into it.
-    A JPEG that shrinks is decoded at a reduced scale (PIL's draft mode), which saves most of its decoding time."""
-    with Image.open(path) as image:
-        width, height = image.size
-        size, box = layout(width, height)
-        shrink = min(size[0] / (box[2] - box[0]), size[1] / (box[3] - box[1]))
-        if shrink < 1:
-            image.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
-        fx, fy = image.size[0] / width, image.size[1] / height
-        image = image.convert("RGB")
-        box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-        if image.size == size and box == (0, 0, *image.size):
-            return image
-        return image.resize(size, Image.BILINEAR, box=box)
-
-
-def warn_unreadable(path: Path, err: Exception) -> None:
-    log.warning("skipping unreadable image %s: %s", path, (str(err).splitlines() or [type(err).__name__])[0][:200])
-
-
-def decode_image(path: Path, max_side: int, min_side: int) -> np.ndarray | None:
-    """RGB uint8 [H,W,3] for local features: longer side capped, shorter side edge-padded; None (logged) when
-    unreadable."""
-    def capped(width: int, height: int):
-        factor = min(1.0, max_side / max(width, height))
-        return (max(1, round(width * factor)), max(1, round(height * factor))), (0, 0, width, height)
-
-    try:
-        pixels = np.asarray(open_rgb(path, capped))
-    except Exception as err:  # noqa: BLE001 - any unreadable image is skipped, never fatal
-        warn_unreadable(path, err)
-        return None
-    pad_rows, pad_cols = max(0, min_side - pixels.shape[0]), max(0, min_side - pixels.shape[1])
-    return np.pad(pixels, [(0, pad_rows), (0, pad_cols), (0, 0)], mode="edge")
-
-
-def global_bucket(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) of the bucket an image is fed at for its global descriptor: the nearest of
-    BUCKET_ASPECTS, and the largest of BUCKET_SIDES (x max_side) not above the image's longer side (the
-    smallest when the image is smaller than all). Sides are multiples of 16."""
-    aspect = min(BUCKET_ASPECTS, key=lambda a: abs(math.log(width / height / a)))
-    sides = [max(16, round(max_side * share / 16) * 16) for share in BUCKET_SIDES]
-    long_side = next((side for side in sides if side <= max(width, height)), sides[-1])
-    short_side = max(16, round(long_side * min(aspect, 1 / aspect) / 16) * 16)
-    return (long_side, short_side) if aspect >= 1 else (short_side, long_side)
-
-
-def decode_for_global(path: Path, max_side: int) -> np.ndarray | None:
-    """RGB uint8 of the image's bucket: the centred part of the image with the bucket's aspect, resized to it (an
-    image between 9:16 and 16:9 loses at most ~13% of its longer side; wider ones more). None when unreadable."""
-    def centred_crop(width: int, height: int):
-        bucket = global_bucket(width, height, max_side)
-        scale = max(bucket[0] / width, bucket[1] / height)
-        crop_w, crop_h = min(width, bucket[0] / scale), min(height, bucket[1] / scale)
-        left, top = (width - crop_w) / 2, (height - crop_h) / 2
-        return bucket, (left, top, left + crop_w, top + crop_h)
-
-    try:
-        return np.asarray(open_rgb(path, centred_crop))
-    except Exception as err:  # noqa: BLE001 - any unreadable image is skipped, never fatal
-        warn_unreadable(path, err)
-        return None
-
-
-def prefetched(load: Callable, items: Iterable, threads: int, depth: int) -> Iterator:
-    """load(item) for each item, in order, computed by `threads` threads up to `depth` items ahead."""
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(load, item))
-            if len(pending) >= depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) into a temporary file beside path, then rename it over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def save_json(path: Path, content: dict) -> None:
-    atomic_save(path, lambda tmp: tmp.write_text(json.dumps(content, indent=1, default=str)))
 
 
 def check_output_paths(run: Run) -> None:
@@ -672,300 +560,104 @@ class DelgSavedModel:
                              max(image.shape[:2]))
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def chunk_path(cache: Path, index: int) -> Path:
-    return cache / f"chunk_{index:06d}.npz"
-
-
-def read_chunk(cache: Path, index: int, ids: list[str], fields_: tuple[str, ...],
-               complete: bool = True) -> list[np.ndarray] | None:
-    """The named arrays of a cached chunk (only its ids are read for no fields), or None when the chunk is
-    missing, unreadable, for other ids, or (with complete) cut short by a deadline."""
-    try:
-        with np.load(chunk_path(cache, index)) as chunk:
-            if chunk["ids"].tolist() == ids and (not complete or bool(chunk["complete"])):
-                return [chunk[name] for name in fields_]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        pass
-    return None
-
-
-class Batcher:
-    """Collects (row, pixels) by image size and calls the model on full batches of one size."""
-
-    def __init__(self, model: DelgSavedModel, extraction: Extraction, descriptors: np.ndarray, ok: np.ndarray):
-        self.model, self.ext, self.descriptors, self.ok = model, extraction, descriptors, ok
-        self.pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
-
-    def add(self, row: int, pixels: np.ndarray | None) -> int:
-        """Queue one image; the number of images this call finished (computed, or unreadable)."""
-        if pixels is None:
-            return 1
-        group = self.pending.setdefault(pixels.shape, [])
-        group.append((row, pixels))
-        if len(group) >= self.ext.global_batch:
-            return self._run(pixels.shape)
-        if sum(map(len, self.pending.values())) > 4 * self.ext.global_batch:  # bounded memory with many sizes
-            return self._run(max(self.pending, key=lambda shape: len(self.pending[shape])))
-        return 0
-
-    def flush(self) -> int:
-        return sum(self._run(shape) for shape in list(self.pending))
-
-    def _run(self, shape: tuple) -> int:
-        group = self.pending.pop(shape)
-        rows = [row for row, _ in group]
-        images = np.stack([pixels for _, pixels in group])
-        if (self.ext.global_precision, False) in self.model.batched and len(group) < self.ext.global_batch:
-            padding = np.zeros((self.ext.global_batch - len(group), *shape), np.uint8)  # one compiled shape
-            images = np.concatenate([images, padding])
-        try:
-            found = self.model.global_batch(images, self.ext.global_scales(), self.ext.global_precision,
-                                            self.ext.global_xla == "on")
-            self.descriptors[rows], self.ok[rows] = found[:len(rows)], True
-        except Exception as err:  # noqa: BLE001 - one bad image must not end the run: retry them one by one
-            log.warning("batched global call failed (%s); retrying its %d images one by one",
-                        str(err).splitlines()[0][:200], len(rows))
-            for row, pixels in group:
-                with contextlib.suppress(Exception):
-                    self.descriptors[row] = self.model.global_descriptor(pixels, self.ext.global_scales())
-                    self.ok[row] = True
-        return len(rows)
-
-
-StopRule = Callable[[int, float], bool]  # (images done, seconds spent) -> stop now
-
-
-def extract_global(model: DelgSavedModel, ids: list[str], paths: list[Path], cache: Path, extraction: Extraction,
-                   run: Run, shard: tuple[int, int] = (0, 1), stop: StopRule | None = None) -> tuple[int, bool]:
-    """Extract and cache, chunk by chunk, every missing global descriptor of this shard, batched by size bucket.
-    Returns (images finished, stopped): when stop(finished, seconds) says so, the images still waiting for a
-    batch are dropped and the current chunk is saved as it is."""
-    size = run.chunk_size
-    chunks = [c for c in range(math.ceil(len(ids) / size)) if c % shard[1] == shard[0]]
-    todo = [c for c in chunks if read_chunk(cache, c, ids[c * size:(c + 1) * size], ()) is None]
-    if len(todo) < len(chunks):
-        log.info("%s: %d of %d chunks already cached", cache.name, len(chunks) - len(todo), len(chunks))
-    rows = [i for c in todo for i in range(c * size, min(len(ids), (c + 1) * size))]
-    load = lambda i: decode_for_global(paths[i], extraction.global_max_side)
-    images = prefetched(load, rows, run.decode_threads, run.prefetch)
-    dtype = np.float16 if extraction.cache_float16 else np.float32
-    finished, began = 0, time.monotonic()
-    with tqdm(total=len(rows), desc=f"global {cache.name}", unit="img") as bar:
-        for c in todo:
-            chunk_ids = ids[c * size:(c + 1) * size]
-            descriptors, ok = np.zeros((len(chunk_ids), model.global_dim), np.float32), np.zeros(len(chunk_ids), bool)
-            batcher, stopped = Batcher(model, extraction, descriptors, ok), False
-            for j in range(len(chunk_ids)):
-                count = batcher.add(j, next(images))
-                finished += count
-                bar.update(count)
-                if stop is not None and stop(finished, time.monotonic() - began):
-                    stopped = True
-                    break
-            if not stopped:
-                count = batcher.flush()
-                finished += count
-                bar.update(count)
-            saved = descriptors.astype(dtype)
-            atomic_save(chunk_path(cache, c), lambda tmp, d=saved, o=ok, i=chunk_ids, s=stopped:
-                        np.savez(tmp, ids=np.array(i), descriptors=d, ok=o, complete=not s))
-            if stopped:
-                images.close()
-                log.warning("%s: stopped after %d of %d images", cache.name, finished, len(rows))
-                return finished, True
-    return finished, False
-
-
-def load_global(cache: Path, ids: list[str], chunk_size: int, dim: int = 0,
-                allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """All cached descriptors [n,D] float32 and their ok mask, in the order of ids, filled chunk by chunk into
-    one array (dim: the width when no chunk has any). A missing chunk is an error unless allow_missing (a pass
-    cut by the deadline): its rows are then not ok."""
-    descriptors, ok = None, np.zeros(len(ids), bool)
-    for c in range(math.ceil(len(ids) / chunk_size)):
-        rows = slice(c * chunk_size, (c + 1) * chunk_size)
-        part = read_chunk(cache, c, ids[rows], ("descriptors", "ok"), complete=False)
-        if part is None:
-            if not allow_missing:
-                raise InputError(f"{cache}: descriptor chunk {c} is missing (run every --shard first)")
-            continue
-        if descriptors is None:
-            descriptors = np.zeros((len(ids), part[0].shape[1]), np.float32)
-        descriptors[rows], ok[rows] = part  # float16 chunks are converted in place
-    return (np.zeros((len(ids), dim), np.float32) if descriptors is None else descriptors), ok
-
-
-def cached_global(cache: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(ids, descriptors, ok) of every readable chunk in a cache folder, whatever order it was written in."""
-    ids, descriptors, ok = [], [], []
-    for path in sorted(cache.glob("chunk_*.npz")):
-        with contextlib.suppress(OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile), np.load(path) as chunk:
-            part = chunk["ids"].tolist(), chunk["descriptors"].astype(np.float32), chunk["ok"]
-            ids += part[0]
-            descriptors.append(part[1])
-            ok.append(part[2])
-    if not ids:
-        return [], np.zeros((0, 0), np.float32), np.zeros(0, bool)
-    return ids, np.concatenate(descriptors), np.concatenate(ok)
-
-
-def compact_valid(descriptors: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the ok rows, their row numbers): the rows move to the front in place, so no second full-size copy."""
-    rows = np.flatnonzero(ok)
-    for start in range(0, len(rows), KNN_DB_CHUNK):  # a row only moves up, past rows already moved
-        part = rows[start:start + KNN_DB_CHUNK]
-        descriptors[start:start + len(part)] = descriptors[part]
-    return descriptors[:len(rows)], rows
-
-
 # %% 4. Nearest neighbours
-def knn(queries: np.ndarray, database: np.ndarray, k: int, block_mb: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner products (cosines of normalized rows) in blocks of bounded memory, never the full
-    query x database matrix. Returns (scores [nq,k] descending, indices [nq,k]); TensorFlow on a GPU, else numpy."""
-    k = min(k, len(database))
-    if k == 0 or len(queries) == 0:
-        return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
-    if tf.config.list_physical_devices("GPU"):
-        db_block = min(len(database), max(k, block_mb * 2**20 // 4 // 1024))
-        return knn_tensorflow(queries, database, k, q_block=max(1, block_mb * 2**20 // 4 // db_block),
-                              db_block=db_block)
-    db_chunk = max(k, KNN_DB_CHUNK)
-    q_block = max(1, min(KNN_Q_BLOCK, block_mb * 2**20 // 4 // db_chunk))
-    return knn_numpy(queries, database, k, q_block=q_block, db_chunk=db_chunk)
 
 
-def knn_tensorflow(queries: np.ndarray, database: np.ndarray, k: int, q_block: int, db_block: int):
-    """GPU kNN: blocked matmul + top_k, merging the blocks' top-k."""
-    db_parts = [tf.constant(database[s:s + db_block], tf.float32) for s in range(0, len(database), db_block)]
-    scores, indices = [], []
-    for start in tqdm(range(0, len(queries), q_block), desc="knn", unit="block", leave=False):
-        block = tf.constant(queries[start:start + q_block], tf.float32)
-        best_s = best_i = None
-        for part_index, part in enumerate(db_parts):
-            s, i = tf.math.top_k(tf.matmul(block, part, transpose_b=True), min(k, part.shape[0]))
-            i = i + part_index * db_block
-            if best_s is not None:
-                s, order = tf.math.top_k(tf.concat([best_s, s], axis=1), k)
-                i = tf.gather(tf.concat([best_i, i], axis=1), order, batch_dims=1)
-            best_s, best_i = s, i
-        scores.append(best_s.numpy())
-        indices.append(best_i.numpy().astype(np.int64))
-    return np.concatenate(scores), np.concatenate(indices)
+# %% 5. The global stage
+# Between the kNN and verification: each step optional, each measured on the kit's own competitions before it
+# became a default (README "The global stage"). Descriptors are unit rows; cosines are inner products.
+class Whitening(NamedTuple):
+    mean: np.ndarray  # [D]
+    projection: np.ndarray  # [D, D]: onto the principal axes, each scaled to unit variance
 
 
-def knn_numpy(queries: np.ndarray, database: np.ndarray, k: int, q_block: int, db_chunk: int):
-    """CPU kNN near the speed of the bare multiply: after the first database chunk only scores above each
-    query's current k-th best are looked at, and those are few. Score and mask buffers are reused."""
-    queries, database = np.asarray(queries, np.float32), np.asarray(database, np.float32)  # no copy if float32
-    db_chunk = max(k, db_chunk)
-    scores_buffer = np.empty((min(q_block, len(queries)), db_chunk), np.float32)
-    mask_buffer = np.empty(scores_buffer.shape, bool)
-    scores, indices = [], []
-    for start in tqdm(range(0, len(queries), q_block), desc="knn", unit="block", leave=False):
-        block = queries[start:start + q_block]
-        best_s = best_i = None
-        for chunk_start in range(0, len(database), db_chunk):
-            part = database[chunk_start:chunk_start + db_chunk]
-            chunk = np.matmul(block, part.T, out=scores_buffer[:len(block), :len(part)])
-            if best_s is None:
-                best_i = np.argpartition(chunk, len(part) - k, axis=1)[:, len(part) - k:]
-                best_s = np.take_along_axis(chunk, best_i, 1)
-            else:
-                mask = np.greater(chunk, best_s.min(axis=1, keepdims=True), out=mask_buffer[:len(block), :len(part)])
-                best_s, best_i = merge_candidates(best_s, best_i, chunk, np.flatnonzero(mask), chunk_start, k)
-        order = np.lexsort((best_i, -best_s), axis=1)  # score descending, then index ascending
-        scores.append(np.take_along_axis(best_s, order, 1))
-        indices.append(np.take_along_axis(best_i, order, 1).astype(np.int64))
-    return np.concatenate(scores), np.concatenate(indices)
+def fit_whitening(descriptors: np.ndarray, shrinkage: float, block: int = 65_536) -> Whitening:
+    """PCA whitening of the rows (Jégou & Chum 2012): one covariance, accumulated in blocks (no centred copy);
+    each eigenvalue gets shrinkage x their mean added, so near-empty axes are not blown up."""
+    mean = descriptors.mean(axis=0, dtype=np.float64)
+    covariance = np.zeros((descriptors.shape[1],) * 2)
+    for start in range(0, len(descriptors), block):
+        part = descriptors[start:start + block].astype(np.float64)
+        covariance += part.T @ part
+    covariance = covariance / max(1, len(descriptors)) - np.outer(mean, mean)
+    values, vectors = np.linalg.eigh(covariance)
+    values = np.maximum(values, 0) + shrinkage * max(values.mean(), 1e-12)
+    return Whitening(mean.astype(np.float32), (vectors / np.sqrt(values)).astype(np.float32))
 
 
-def merge_candidates(best_s: np.ndarray, best_i: np.ndarray, chunk: np.ndarray, flat: np.ndarray, offset: int,
-                     k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's top-k of its current best and its candidates (flat positions into the chunk)."""
-    if len(flat) == 0:
-        return best_s, best_i
-    rows, cols = np.divmod(flat, chunk.shape[1])
-    counts = np.bincount(rows, minlength=len(chunk))
-    slots = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
-    cand_s = np.full((len(chunk), counts.max()), -np.inf, np.float32)
-    cand_i = np.zeros((len(chunk), counts.max()), best_i.dtype)
-    cand_s[rows, slots], cand_i[rows, slots] = chunk[rows, cols], cols + offset
-    all_s, all_i = np.concatenate([best_s, cand_s], 1), np.concatenate([best_i, cand_i], 1)
-    keep = np.argpartition(all_s, all_s.shape[1] - k, axis=1)[:, all_s.shape[1] - k:]
-    return np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_i, keep, 1)
+def apply_whitening(descriptors: np.ndarray, whitening: Whitening, block: int = 65_536) -> np.ndarray:
+    """The rows whitened and L2-normalized, in place, block by block."""
+    for start in range(0, len(descriptors), block):
+        part = descriptors[start:start + block]
+        part[:] = l2_normalize((part - whitening.mean) @ whitening.projection)
+    return descriptors
 
 
-def knn_seconds_per_item(dim: int, block_mb: int) -> float:
-    """Measured seconds per query x database row of knn on random data the size of one block (for planning)."""
-    rng = np.random.default_rng(0)
-    queries = l2_normalize(rng.normal(size=(256, dim)).astype(np.float32))
-    database = l2_normalize(rng.normal(size=(16_384, dim)).astype(np.float32))
-    began = time.monotonic()
-    knn(queries, database, RETRIEVAL_SIZE, block_mb)
-    return (time.monotonic() - began) / (len(queries) * len(database))
+def weighted_sums(cosines: np.ndarray, neighbours: np.ndarray, vectors: np.ndarray, alpha: float) -> np.ndarray:
+    """normalize(sum over each row's neighbours of max(cos, 0)^alpha x vector): alpha-QE's and DBA's update."""
+    weights = np.maximum(cosines, 0) ** alpha
+    return l2_normalize(np.einsum("qn,qnd->qd", weights, vectors[neighbours]))
 
 
-# %% 5. Local features and verification
-class LocalFeatures(NamedTuple):
-    keypoints: np.ndarray  # [N,2] y, x in the pixels of the image fed to the model
-    descriptors: np.ndarray  # [N,128] L2-normalized
-    side: int  # longer side of that image: relative RANSAC thresholds scale with it
+def query_expansion(queries: np.ndarray, database: np.ndarray, cosines: np.ndarray, neighbours: np.ndarray,
+                    n: int, alpha: float) -> np.ndarray:
+    """alpha-QE (Radenović et al.): each query plus its top n weighted by cos^alpha, normalized (search again)."""
+    top = np.concatenate([np.ones((len(queries), 1), np.float32), cosines[:, :n]], axis=1)
+    stacked = np.concatenate([queries, database])
+    rows = np.concatenate([np.arange(len(queries))[:, None], len(queries) + neighbours[:, :n]], axis=1)
+    return weighted_sums(top, rows, stacked, alpha)
 
 
-def local_path(cache: Path, split: str, image_id: str) -> Path:
-    return cache / split / f"{image_id}.npz"
+def database_augmentation(database: np.ndarray, n: int, alpha: float, block_mb: int,
+                          stop: Callable[[], bool]) -> tuple[np.ndarray, int]:
+    """DBA (retrieval 2019 1st): each database row becomes the cos^alpha-weighted sum of its n nearest rows,
+    itself included. A database x database kNN, block by block; (new rows, rows done) when stop() cuts it."""
+    augmented, block = database.copy(), KNN_Q_BLOCK * 8
+    for start in range(0, len(database), block):
+        if stop():
+            log.warning("DBA cut by the deadline after %d of %d database rows", start, len(database))
+            return augmented, start
+        cosines, neighbours = knn(database[start:start + block], database, n, block_mb)
+        augmented[start:start + block] = weighted_sums(cosines, neighbours, database, alpha)
+    return augmented, len(database)
 
 
-def load_local(path: Path) -> LocalFeatures:
-    with np.load(path) as features:
-        return LocalFeatures(features["keypoints"], features["descriptors"].astype(np.float32),
-                             int(features["side"]))
+def superglobal_rerank(queries: np.ndarray, database: np.ndarray, cosines: np.ndarray, neighbours: np.ndarray,
+                       m: int, k: int, beta: float, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """SuperGlobal's refinement (Shao et al., ICCV 2023) of each query's top m: every candidate becomes
+    (d + sum beta cos d_j) / (1 + sum beta cos) over its k nearest among the m; s1 = q . refined; the refined
+    query is the element-wise max of the k+1 best refined candidates; s2 = refined query . refined; the m are
+    reordered by (s1 + s2) / 2, which becomes their score. Candidates past m keep theirs."""
+    m, cosines, neighbours = min(m, neighbours.shape[1]), cosines.copy(), neighbours.copy()
+    k = min(k, m - 1)
+    for start in range(0, len(queries), batch) if k > 0 else ():
+        rows = slice(start, start + batch)
+        candidates = database[neighbours[rows, :m]]  # [B, m, D]
+        similar = np.einsum("bmd,bnd->bmn", candidates, candidates)
+        similar[:, np.arange(m), np.arange(m)] = -np.inf  # a candidate is not its own neighbour
+        nearest = np.argpartition(-similar, k - 1, axis=2)[:, :, :k]
+        weights = beta * np.maximum(np.take_along_axis(similar, nearest, 2), 0)  # [B, m, k]
+        neighbour_vectors = candidates[np.arange(len(candidates))[:, None, None], nearest]  # [B, m, k, D]
+        mixed = np.einsum("bmk,bmkd->bmd", weights, neighbour_vectors)
+        refined = (candidates + mixed) / (1 + weights.sum(axis=2, keepdims=True))
+        s1 = np.einsum("bmd,bd->bm", refined, queries[rows])
+        best = np.argsort(-s1, axis=1)[:, :k + 1]
+        refined_query = np.take_along_axis(refined, best[..., None], 1).max(axis=1)
+        score = (s1 + np.einsum("bmd,bd->bm", refined, refined_query)) / 2
+        order = np.argsort(-score, axis=1, kind="stable")
+        cosines[rows, :m] = np.take_along_axis(score, order, 1)
+        neighbours[rows, :m] = np.take_along_axis(neighbours[rows, :m], order, 1)
+    return cosines, neighbours
 
 
-def readable_local(path: Path) -> bool:
-    """A cached feature file that opens (a file cut short by a crash does not) and holds every array."""
-    try:
-        with np.load(path) as features:
-            return {"keypoints", "descriptors", "side"} <= set(features.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return False
+def nonlandmark_cosines(descriptors: np.ndarray, nonlandmarks: np.ndarray, k: int, block_mb: int) -> np.ndarray:
+    """Each row's k highest cosines to the non-landmark set, descending ([n, 0] without one)."""
+    if len(nonlandmarks) == 0 or len(descriptors) == 0:
+        return np.zeros((len(descriptors), 0), np.float32)
+    return knn(descriptors, nonlandmarks, k, block_mb)[0].astype(np.float32)
 
 
-def trim_local_cache(cache: Path, max_gb: float) -> int:
-    """Delete the oldest cached local features until the cache holds at most max_gb; the count deleted.
-
-    At full size the features of every reranked image would not fit on a notebook's disk (~250 KB each)."""
-    files = sorted(((f.stat().st_mtime, f.stat().st_size, f) for f in cache.rglob("*.npz")), reverse=True)
-    total, deleted = 0, 0
-    for _, size, path in files:  # newest first: keep while there is room
-        total += size
-        if total > max_gb * 2**30:
-            path.unlink(missing_ok=True)
-            deleted += 1
-    return deleted
-
-
-def extract_local(model: DelgSavedModel, data: Path, images: list[tuple[str, str]], cache: Path,
-                  extraction: Extraction, run: Run) -> int:
-    """Cache local features of every (split, id) not cached yet or cached unreadably (unreadable image: zero
-    features); the count extracted."""
-    todo = [(split, i) for split, i in dict.fromkeys(images) if not readable_local(local_path(cache, split, i))]
-    load = lambda item: decode_image(image_path(data, *item), extraction.max_image_side, extraction.min_image_side)
-    decoded = prefetched(load, todo, run.decode_threads, run.prefetch)
-    for (split, image_id), image in zip(todo, tqdm(decoded, total=len(todo), desc="local", unit="img"), strict=True):
-        features = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 0), np.float32), 0)
-        if image is not None:
-            try:
-                features = model.local_features(image)
-            except Exception as err:  # noqa: BLE001 - one bad image must not end the run
-                log.warning("local extraction failed for %s: %s", image_id, str(err).splitlines()[0][:200])
-        atomic_save(local_path(cache, split, image_id), lambda tmp, f=features:
-                    np.savez(tmp, keypoints=f.keypoints, descriptors=f.descriptors.astype(np.float16), side=f.side))
-    return len(todo)
+# %% 6. Local features and verification
 
 
 def putative_matches(desc_a: np.ndarray, desc_b: np.ndarray, max_distance: float,
@@ -1046,16 +738,21 @@ def verification_pool(verification: Verification, workers: int) -> Iterator[mult
         yield pool
 
 
-def verify_all(tasks: list[tuple[Path, list[Path]]], pool: multiprocessing.pool.Pool | None) -> list[list[int]]:
-    """verify_query over all tasks, in the pool's processes or (no pool) in this one."""
-    progress = lambda results: list(tqdm(results, total=len(tasks), desc="verify", unit="query", leave=False))
-    if pool is None:
-        with threadpool_limits(1):
-            return progress(map(verify_query, tasks))
-    return progress(pool.imap(verify_query, tasks, chunksize=4))
+def verify_all(tasks: list[tuple[Path, list[Path]]], pool: multiprocessing.pool.Pool | None,
+               stop: Callable[[], bool] = lambda: False) -> list[list[int]]:
+    """verify_query over the tasks in order, in the pool's processes or (no pool) in this one, until stop() says
+    so: the results of the queries finished by then."""
+    results = []
+    with threadpool_limits(1) if pool is None else contextlib.nullcontext():
+        found = map(verify_query, tasks) if pool is None else pool.imap(verify_query, tasks, chunksize=4)
+        for result in tqdm(found, total=len(tasks), desc="verify", unit="query", leave=False):
+            results.append(result)
+            if stop():
+                break
+    return results
 
 
-# %% 6. Scoring
+# %% 7. Scoring
 def local_scores(inliers: np.ndarray, cosines: np.ndarray, scoring: Scoring) -> np.ndarray:
     """min(inliers, C)/C of verified candidates. Unverified ones (inliers < 0) get 0, or with calibration the
     local score verified candidates earn at the same cosine, so that every query's confidence is on one scale
@@ -1077,25 +774,88 @@ def expected_local_scores(verified_cosines: np.ndarray, verified_scores: np.ndar
     return fit.predict(cosines.ravel()).reshape(cosines.shape)
 
 
-def recognition_predictions(cosines: np.ndarray, neighbours: np.ndarray, inliers: np.ndarray, labels: np.ndarray,
-                            scoring: Scoring, nonlandmark_share: np.ndarray,
-                            query_ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(landmark, confidence) per query: cosine + local score summed per landmark over the best top_k
-    candidates, times the non-landmark penalty; unreadable queries (and empty databases) get confidence NaN."""
-    nq = len(cosines)
-    if neighbours.shape[1] == 0:
-        return np.zeros(nq, np.int64), np.full(nq, np.nan)
-    scores = cosines + local_scores(inliers, cosines, scoring)
-    best = np.argsort(-scores, axis=1, kind="stable")[:, :scoring.top_k]
+class Candidates(NamedTuple):
+    """What the global stage hands scoring: each query's candidates and their non-landmark evidence."""
+
+    cosines: np.ndarray  # [nq, k] scores of the candidates, descending (cosines, or SuperGlobal's scores)
+    neighbours: np.ndarray  # [nq, k] database rows
+    query_ok: np.ndarray  # [nq] the query image was readable
+    query_nonlandmark: np.ndarray  # [nq, Kq] the query's highest cosines to non-landmark images ([nq, 0]: none)
+    db_nonlandmark: np.ndarray  # [n_db, Kd] the same for every database row ([n_db, 0]: none)
+
+
+def vote(scores: np.ndarray, neighbours: np.ndarray, labels: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(landmark, total) per query: the candidates' scores summed per landmark over the best top_k; a tie goes
+    to the landmark of the better-ranked candidate."""
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
     best_scores = np.take_along_axis(scores, best, 1)
     best_labels = labels[np.take_along_axis(neighbours, best, 1)]
     same = best_labels[:, :, None] == best_labels[:, None, :]
     totals = (same * best_scores[:, None, :]).sum(axis=2)  # each position: the total of its landmark
-    winner = totals.argmax(axis=1)  # first position of the best landmark: ties go to the better-ranked one
-    rows = np.arange(nq)
-    penalty = np.maximum(0.0, 1.0 - scoring.nonlandmark_penalty * nonlandmark_share)
-    confidence = np.where(query_ok, totals[rows, winner] * penalty, np.nan)
-    return best_labels[rows, winner], confidence
+    winner = totals.argmax(axis=1)
+    rows = np.arange(len(scores))
+    return best_labels[rows, winner], totals[rows, winner]
+
+
+def global_predictions(candidates: Candidates, labels: np.ndarray, stage: Global) -> tuple[np.ndarray, np.ndarray]:
+    """(landmark, confidence) of a query nobody verified. With suppression and a non-landmark set (recognition
+    2020 1st): candidate score clamp(cos, 0, 1) - B(j), summed per landmark over the top global_top_k, then
+    confidence -= weight x C(q). Unreadable queries and empty databases get NaN."""
+    c, nq = candidates, len(candidates.cosines)
+    if c.neighbours.shape[1] == 0:
+        return np.zeros(nq, np.int64), np.full(nq, np.nan)
+    scores = c.cosines.astype(np.float64)
+    suppress = stage.suppression and c.query_nonlandmark.shape[1] > 0
+    if suppress:
+        bias = c.db_nonlandmark[:, :stage.db_nonlandmark_k].mean(axis=1)[c.neighbours]
+        scores = np.clip(scores, 0, 1) - bias
+    landmarks, totals = vote(scores, c.neighbours, labels, stage.global_top_k)
+    if suppress:
+        totals = totals - stage.query_nonlandmark_weight * c.query_nonlandmark[:, :stage.query_nonlandmark_k].mean(1)
+    return landmarks, np.where(c.query_ok, totals, np.nan)
+
+
+def verified_predictions(candidates: Candidates, inliers: np.ndarray, labels: np.ndarray,
+                         scoring: Scoring) -> tuple[np.ndarray, np.ndarray]:
+    """(landmark, confidence) of a verified query: cosine + local score summed per landmark over the best
+    top_k candidates, times the non-landmark penalty."""
+    c, nq = candidates, len(candidates.cosines)
+    if c.neighbours.shape[1] == 0:
+        return np.zeros(nq, np.int64), np.full(nq, np.nan)
+    landmarks, totals = vote(c.cosines + local_scores(inliers, c.cosines, scoring), c.neighbours, labels,
+                             scoring.top_k)
+    shares = nonlandmark_shares(c.cosines, c.query_nonlandmark, scoring.top_k)
+    penalty = np.maximum(0.0, 1.0 - scoring.nonlandmark_penalty * shares)
+    return landmarks, np.where(c.query_ok, totals * penalty, np.nan)
+
+
+def recognition_predictions(candidates: Candidates, inliers: np.ndarray, labels: np.ndarray, stage: Global,
+                            scoring: Scoring) -> tuple[np.ndarray, np.ndarray]:
+    """(landmark, confidence) per query: verified queries (any candidate with inliers >= 0) by the verification
+    scoring, the others by the global stage's; with --calibrate the global confidences are mapped onto the
+    verified ones' scale, since GAP ranks all queries in one list."""
+    global_landmarks, global_conf = global_predictions(candidates, labels, stage)
+    verified = (inliers >= 0).any(axis=1) & candidates.query_ok
+    if not verified.any():
+        return global_landmarks, global_conf
+    landmarks, confidences = verified_predictions(candidates, inliers, labels, scoring)
+    if scoring.calibrate:
+        agrees = landmarks == global_landmarks
+        global_conf = calibrated(global_conf, verified, np.where(agrees, confidences, 0.0))
+    return np.where(verified, landmarks, global_landmarks), np.where(verified, confidences, global_conf)
+
+
+def calibrated(global_conf: np.ndarray, verified: np.ndarray, earned: np.ndarray) -> np.ndarray:
+    """The global confidences on the verified scale: a least-squares line, kept increasing, from a verified
+    query's global confidence to what verification gave its global prediction (its confidence where it kept
+    that landmark, 0 where it changed it). A line, not a fit in steps: the unverified queries are the least
+    confident ones, below every verified one, and their order must survive. Fewer than 20 verified: as is."""
+    x, y = global_conf[verified], earned[verified]
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 20 or np.ptp(x[keep]) == 0:
+        return global_conf
+    slope, intercept = np.polyfit(x[keep], y[keep], 1)
+    return max(slope, 1e-3) * global_conf + intercept
 
 
 def recognition_rows(landmarks: np.ndarray, confidences: np.ndarray) -> list[str]:
@@ -1161,165 +921,20 @@ def append_verified_pairs(path: Path, query_ids: list[str], db_ids: list[str], n
     frame.to_csv(path, mode="a", header=False, index=False)
 
 
-# %% 7. Time budget
-class Timing:
-    """Items and seconds per stage, against a deadline; saved as WORK/timing.json after every change."""
-
-    def __init__(self, path: Path, task: str, budget: Budget):
-        self.path, self.task, self.budget_h = path, task, budget.time_budget_h
-        self.start = time.monotonic()
-        self.deadline = self.start + budget.time_budget_h * 3600 * (1 - budget.safety_margin)
-        self.stages = {name: {"items": 0, "seconds": 0.0} for name in TIMING_STAGES}
-        self.rerank_depth = 0
-        self.plan: dict = {}
-
-    def add(self, stage: str, items: int, seconds: float) -> None:
-        self.stages[stage]["items"] += int(items)
-        self.stages[stage]["seconds"] += float(seconds)
-        self.save()
-
-    def rate(self, stage: str) -> float | None:
-        """Seconds per item measured so far, or None before any item."""
-        stage_log = self.stages[stage]
-        return stage_log["seconds"] / stage_log["items"] if stage_log["items"] else None
-
-    def time_left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def save(self) -> None:
-        record = {"task": self.task, "budget_h": self.budget_h, "rerank_depth": self.rerank_depth,
-                  "stages": self.stages, "total_seconds": time.monotonic() - self.start, "plan": self.plan}
-        save_json(self.path, record)
-
-
-class Sizes(NamedTuple):
-    """Image counts of a run, for projections."""
-
-    db: int
-    queries: int
-    nonlandmarks: int
-
-
-def ladder(extraction: Extraction, model: DelgSavedModel) -> list[tuple[str, Extraction]]:
-    """The given global settings, then cheaper ones, each step keeping the previous: float16 (when the model
-    has it), one global scale (the one nearest 1), longer side 768, then 512."""
-    rungs = [("as given", extraction)]
-    step = lambda name, **change: rungs.append((name, dataclasses.replace(rungs[-1][1], **change)))
-    if ("float16", False) in model.batched and extraction.global_precision != "float16":
-        step("float16", global_precision="float16")
-    if len(extraction.global_scale_indices) > 1:
-        nearest = min(extraction.global_scale_indices, key=lambda i: abs(math.log(extraction.scales[i])))
-        step("1 global scale", global_scale_indices=(nearest,))
-    for side in (768, 512):
-        if side < rungs[-1][1].global_max_side:
-            step(f"max side {side}", global_max_side=side)
-    return rungs
-
-
-def time_global(model: DelgSavedModel, paths: list[Path], extraction: Extraction, run: Run, scratch: Path,
-                limit_s: float) -> float:
-    """Seconds per image of the global pass (decoding included) on these images: a first untimed pass compiles
-    every size they need, the second is timed. A pass that takes more than limit_s stops there, and its rate
-    so far (compilation included: pessimistic) is the answer."""
-    ids = [f"probe{i:06d}" for i in range(len(paths))]
-    probe_run = dataclasses.replace(run, chunk_size=max(1, len(paths)))
-    rate = 0.0
-    for _ in ("compile", "time"):
-        shutil.rmtree(scratch, ignore_errors=True)
-        began = time.monotonic()
-        finished, stopped = extract_global(model, ids, paths, scratch, extraction, probe_run,
-                                           stop=lambda done, seconds: seconds > limit_s)
-        rate = (time.monotonic() - began) / max(1, finished)
-        if stopped:
-            break
-    shutil.rmtree(scratch, ignore_errors=True)
-    return rate
-
-
-def project_seconds(global_rate: float, knn_rate: float, sizes: Sizes, budget: Budget) -> dict[str, float]:
-    """Projected seconds of each part of a run at these rates; reranking gets its reserved share."""
-    return {"global_db": sizes.db * global_rate, "global_query": sizes.queries * global_rate,
-            "global_nonlandmark": sizes.nonlandmarks * global_rate, "knn": sizes.queries * sizes.db * knn_rate,
-            "rerank_reserve": budget.rerank_reserve * budget.time_budget_h * 3600}
-
-
-def plan_extraction(model: DelgSavedModel, probe_paths: list[Path], settings: Settings, sizes: Sizes,
-                    time_left: float, knn_rate: float, scratch: Path) -> tuple[Extraction, dict]:
-    """The first rung of the ladder whose projected run (database, queries, kNN and the rerank reserve) fits
-    the time left; the cheapest when none does. Returns it and the plan's record."""
-    run, budget = settings.run, settings.budget
-    tried = []
-    limit_s = PROBE_SHARE * budget.time_budget_h * 3600
-    for name, extraction in ladder(settings.extraction, model):
-        rate = time_global(model, probe_paths, extraction, run, scratch, limit_s)  # "auto" runs uncompiled
-        seconds = project_seconds(rate, knn_rate, sizes, budget)
-        fits = sum(seconds.values()) <= time_left
-        tried.append({"rung": name, "seconds_per_image": rate, "projected_h": sum(seconds.values()) / 3600,
-                      "fits": fits, "global": global_settings(extraction)})
-        log.info("plan: %-14s %.4f s/image, projected %.2f h of %.2f h left: %s", name, rate,
-                 sum(seconds.values()) / 3600, time_left / 3600, "fits" if fits else "does not fit")
-        if fits:
-            break
-    chosen = tried[-1]
-    extraction, chosen["xla"] = choose_xla(model, probe_paths, extraction, run, scratch, limit_s, chosen)
-    record = {"mode": "auto", "chosen": chosen["rung"], "fits": chosen["fits"], "rungs": tried,
-              "seconds_per_image": chosen["seconds_per_image"], "knn_seconds_per_item": knn_rate,
-              "sizes": sizes._asdict(), "time_left_h": time_left / 3600,
-              "projection_h": {k: v / 3600 for k, v in project_seconds(chosen["seconds_per_image"], knn_rate, sizes,
-                                                                     budget).items()}}
-    verb = "fits" if chosen["fits"] else "DOES NOT FIT even so (the database pass will stop at its deadline)"
-    log.info("plan: global pass at '%s' (%s): projected %.2f h, %s", chosen["rung"],
-             json.dumps(chosen["global"]), chosen["projected_h"], verb)
-    return extraction, record
-
-
-def choose_xla(model: DelgSavedModel, probe_paths: list[Path], extraction: Extraction, run: Run, scratch: Path,
-               limit_s: float, chosen: dict) -> tuple[Extraction, dict | None]:
-    """--global-xla auto: time the XLA-compiled function of the chosen setting too and keep the faster (XLA
-    removes per-layer overhead on a GPU; on a CPU it is slower). The setting and what was measured."""
-    if extraction.global_xla != "auto":
-        return extraction, None
-    plain = dataclasses.replace(extraction, global_xla="off")
-    if (extraction.global_precision, True) not in model.batched:
-        return plain, None
-    compiled = dataclasses.replace(extraction, global_xla="on")
-    rate = time_global(model, probe_paths, compiled, run, scratch, limit_s)
-    faster = rate < chosen["seconds_per_image"]
-    log.info("plan: XLA-compiled %.4f s/image against %.4f without: %s", rate, chosen["seconds_per_image"],
-             "XLA" if faster else "no XLA")
-    if faster:
-        chosen["seconds_per_image"] = rate
-    return (compiled if faster else plain), {"seconds_per_image": rate, "used": faster}
-
-
-def global_settings(extraction: Extraction) -> dict:
-    return {"global_scales": list(extraction.global_scales()), "global_max_side": extraction.global_max_side,
-            "global_precision": extraction.global_precision}
-
-
-def plan_depth(timing: Timing, queries_left: int, max_depth: int, new_image_share: float) -> int:
-    """Deepest rerank (<= max_depth) whose projected cost for the remaining queries fits the time left; at
-    least 1 while one more query fits. Breadth first: measured on local competitions, at a fixed cost more
-    queries at depth 1-3 beat fewer at depth 10-20 (README), and the queries come most confident first."""
-    per_image, per_pair = timing.rate("local_features"), timing.rate("verification")
-    if per_image is None or per_pair is None:
-        return max_depth  # the warm-up batch measures the rates
-    per_candidate = per_image * new_image_share + per_pair
-    if timing.time_left() < per_image + per_candidate:
-        return 0
-    depth = (timing.time_left() / max(1, queries_left) - per_image) / per_candidate
-    return int(max(1, min(max_depth, math.floor(depth))))
-
-
 # %% 8. Main
 @dataclass
 class Inputs:
-    """What a run reads: ids, labels (recognition), the database in round-robin order."""
+    """What a run reads: ids, labels (recognition), the database in round-robin order, the non-landmark set."""
 
     test_ids: list[str]
     db_split: str
     db_ids: list[str]
     labels: np.ndarray
+    nonlandmark_ids: list[str] = field(default_factory=list)
+    nonlandmark_paths: list[Path] = field(default_factory=list)
+
+    def sizes(self) -> Sizes:
+        return Sizes(len(self.db_ids), len(self.test_ids), len(self.nonlandmark_ids))
 
 
 def read_inputs(run: Run) -> Inputs:
@@ -1331,7 +946,7 @@ def read_inputs(run: Run) -> Inputs:
         db_ids, labels = [db_ids[i] for i in order], labels[order]
     else:
         db_ids, labels = list_image_ids(run.data / "index"), np.zeros(0, np.int64)
-    return Inputs(test_ids, db_split, db_ids, labels)
+    return Inputs(test_ids, db_split, db_ids, labels, *nonlandmark_paths(run))
 
 
 def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
@@ -1344,86 +959,143 @@ def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
     return [str(p.relative_to(run.nonlandmark_dir)) for p in paths], paths
 
 
-def cache_keys(model_dir: Path, extraction: Extraction) -> dict:
-    """What each feature cache depends on: the model's files and the settings of its features."""
-    model = model_dir.resolve()
-    files = {name: [(model / name).stat().st_size, (model / name).stat().st_mtime_ns]
-             for name in ("saved_model.pb", "variables/variables.index") if (model / name).is_file()}
-    ext = dataclasses.asdict(extraction)
-    local = {name: ext[name] for name in ("scales", "max_image_side", "min_image_side", "max_features",
-                                          "attention_threshold")}
-    global_ = {**global_settings(extraction), "cache_float16": extraction.cache_float16,
-               "buckets": [BUCKET_ASPECTS, BUCKET_SIDES]}
-    return json.loads(json.dumps({"global": {"model": str(model), "files": files, "settings": global_},
-                                  "local": {"model": str(model), "files": files, "settings": local}}))
+class Models(NamedTuple):
+    """The global models (one, or an ensemble) and the one whose local features verify."""
+
+    global_models: list[DelgSavedModel]
+    weights: tuple[float, ...]
+    local: DelgSavedModel
+
+    def has(self, precision: str, xla: bool) -> bool:
+        return all((precision, xla) in model.batched for model in self.global_models)
 
 
-def clear_stale_caches(work: Path, keys: dict) -> None:
-    """Delete WORK/global or WORK/local when WORK/cache_key.json was written for another model or settings."""
-    path = work / "cache_key.json"
-    try:
-        old = json.loads(path.read_text()) if path.is_file() else keys
-    except ValueError:
-        old = {}
-    for folder in ("global", "local"):
-        if old.get(folder) != keys[folder]:
-            log.warning("model or %s settings changed since %s: deleting WORK/%s", folder, path, folder)
-            shutil.rmtree(work / folder, ignore_errors=True)
-    save_json(path, keys)
+def load_models(run: Run, extraction: Extraction) -> Models:
+    paths = [path.resolve() for path in run.model]
+    models = [DelgSavedModel(path, extraction) for path in run.model]
+    local_path_ = run.verifying_model().resolve()
+    local = models[paths.index(local_path_)] if local_path_ in paths else DelgSavedModel(local_path_, extraction)
+    return Models(models, run.model_weights or (1.0,) * len(models), local)
 
 
-def timed_global(model, ids, paths, cache, extraction, run, timing, stage, shard=(0, 1), stop=None) -> bool:
-    began = time.monotonic()
-    count, stopped = extract_global(model, ids, paths, cache, extraction, run, shard, stop)
-    timing.add(stage, count, time.monotonic() - began)
-    return stopped
+class Descriptors(NamedTuple):
+    """The global descriptors of a run (the ensemble's, combined): database rows that were readable and searched
+    (and their row numbers in Inputs.db_ids), queries (all, with an ok mask), non-landmark images."""
+
+    db: np.ndarray
+    db_rows: np.ndarray
+    queries: np.ndarray
+    query_ok: np.ndarray
+    nonlandmarks: np.ndarray
 
 
-def database_stop_rule(timing: Timing, sizes: Sizes, knn_rate: float) -> StopRule:
-    """Stop the database pass when the queries' descriptors and the kNN, at the rate measured so far, would no
-    longer fit before the deadline."""
-    def stop(done: int, seconds: float) -> bool:
-        per_image = seconds / done if done else 0.0
-        return timing.time_left() < sizes.queries * per_image + sizes.queries * sizes.db * knn_rate
-    return stop
-
-
-def global_pass(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing, extraction: Extraction,
-                knn_rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """(database descriptors, their rows, query descriptors, query ok, non-landmark descriptors), or None for a
-    shard run. The database pass stops early when the queries and kNN would no longer fit."""
-    run = settings.run
+def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timing, knn_rate: float
+                ) -> Descriptors | None:
+    """Every model's descriptors of the database, the queries and the non-landmark set (cached per model), or
+    None for a shard run. The database passes stop early when the queries and kNN would no longer fit."""
+    run, extraction = settings.run, settings.extraction
     shard = parse_shard(run.shard)
     _, query_split = IMAGE_SPLITS[run.task]
-    nl_ids, nl_paths = nonlandmark_paths(run)
-    sizes = Sizes(len(inputs.db_ids), len(inputs.test_ids), len(nl_ids))
-    cache = run.work / "global"
+    sizes = inputs.sizes()
     db_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids]
-    stop = database_stop_rule(timing, sizes, knn_rate) if shard == (0, 1) else None
-    cut = timed_global(model, inputs.db_ids, db_paths, cache / inputs.db_split, extraction, run, timing,
-                       "global_db", shard, stop)
+    query_paths = [image_path(run.data, query_split, i) for i in inputs.test_ids]
+    splits = {"db": [], "query": [], "nonlandmark": []}
+    cut_any = False
+    for m, model in enumerate(models.global_models):
+        cache = run.work / "global" / f"m{m}"
+        # the queries of every model, and the database of the models after this one, must still fit
+        later = Sizes(sizes.db * (len(models.global_models) - 1 - m), sizes.queries * len(models.global_models), 0)
+        stop = database_stop_rule(timing, Sizes(later.db, later.queries, 0), knn_rate) if shard == (0, 1) else None
+        cut = timed_global(model, inputs.db_ids, db_paths, cache / inputs.db_split, extraction, run, timing,
+                           "global_db", shard, stop)
+        if shard != (0, 1):
+            log.info("shard %d/%d extracted into %s", *shard, cache / inputs.db_split)
+            continue
+        cut_any |= cut
+        splits["db"].append(load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size, model.global_dim,
+                                        allow_missing=cut))
+        timed_global(model, inputs.test_ids, query_paths, cache / query_split, extraction, run, timing,
+                     "global_query")
+        splits["query"].append(load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim))
+        nl_cut = timed_global(model, inputs.nonlandmark_ids, inputs.nonlandmark_paths, cache / "nonlandmark",
+                              extraction, run, timing, "global_db", stop=timing.past_deadline)
+        splits["nonlandmark"].append(load_global(cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size,
+                                                 model.global_dim, allow_missing=nl_cut))
     if shard != (0, 1):
-        log.info("shard %d/%d extracted into %s", *shard, cache / inputs.db_split)
         return None
-    db_desc, db_rows = compact_valid(*load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size,
-                                                  model.global_dim, allow_missing=cut))
-    if cut:
+    (db, db_ok), (queries, query_ok), (nonlandmarks, nl_ok) = (combine(splits[s], models.weights) for s in splits)
+    db, db_rows = compact_valid(db, db_ok)
+    if cut_any:
         log.warning("database pass cut by the deadline: %d of %d images searched", len(db_rows), sizes.db)
         timing.plan["database_cut_at"] = int(len(db_rows))
-    query_paths = [image_path(run.data, query_split, i) for i in inputs.test_ids]
-    timed_global(model, inputs.test_ids, query_paths, cache / query_split, extraction, run, timing, "global_query")
-    query_desc, query_ok = load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim)
-    nl_cut = timed_global(model, nl_ids, nl_paths, cache / "nonlandmark", extraction, run, timing, "global_db",
-                          stop=lambda done, seconds: timing.time_left() <= 0)
-    nl_desc = compact_valid(*load_global(cache / "nonlandmark", nl_ids, run.chunk_size, model.global_dim,
-                                         allow_missing=nl_cut))[0]
-    return db_desc, db_rows, query_desc, query_ok, nl_desc
+    return Descriptors(db, db_rows, queries, query_ok, compact_valid(nonlandmarks, nl_ok)[0])
+
+
+def combine(parts: list[tuple[np.ndarray, np.ndarray]], weights: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One model's (descriptors, ok) as they are; an ensemble's concatenated, each model's unit rows times its
+    weight, normalized (rows ok in every model)."""
+    if len(parts) == 1:
+        return parts[0]
+    ok = np.logical_and.reduce([part_ok for _, part_ok in parts])
+    joined = np.concatenate([weight * descriptors for (descriptors, _), weight in zip(parts, weights, strict=True)],
+                            axis=1)
+    return l2_normalize(joined), ok
+
+
+def candidate_count(settings: Settings) -> int:
+    """Neighbours searched per query: what scoring, reranking and submitting read."""
+    depth, stage = settings.rerank_depth(), settings.global_stage
+    if settings.run.task == "retrieval":
+        return max(RETRIEVAL_SIZE, depth, stage.superglobal_m)
+    return max(settings.scoring.top_k, stage.global_top_k, depth, stage.superglobal_m)
+
+
+def global_stage(found: Descriptors, n_db: int, settings: Settings, timing: Timing) -> Candidates:
+    """Whitening, non-landmark cosines, DBA, kNN, alpha-QE and SuperGlobal, as the settings ask: the candidates."""
+    stage, run = settings.global_stage, settings.run
+    db, queries, nonlandmarks = found.db, found.queries, found.nonlandmarks
+    began = time.monotonic()
+    if stage.whiten == "database" and len(db) > 1:
+        whitening = fit_whitening(db, stage.whiten_shrinkage)
+        db, queries, nonlandmarks = (apply_whitening(x, whitening) for x in (db, queries, nonlandmarks))
+    products = 0
+    query_nl = nonlandmark_cosines(queries, nonlandmarks, max(stage.query_nonlandmark_k, settings.scoring.top_k),
+                                   run.knn_block_mb)
+    db_nl = np.zeros((n_db, 0), np.float32)
+    if stage.suppression and run.task == "recognition" and len(nonlandmarks):
+        found_nl = nonlandmark_cosines(db, nonlandmarks, stage.db_nonlandmark_k, run.knn_block_mb)
+        db_nl = np.zeros((n_db, found_nl.shape[1]), np.float32)
+        db_nl[found.db_rows] = found_nl
+        products += len(db) * len(nonlandmarks)
+    if stage.dba_n:
+        db, _ = database_augmentation(db, stage.dba_n, stage.dba_alpha, run.knn_block_mb, timing.past_deadline)
+        products += len(db) * len(db)
+    cosines, rows = knn(queries, db, candidate_count(settings), run.knn_block_mb)
+    products += len(queries) * (len(db) + len(nonlandmarks))
+    timing.add("knn", products, time.monotonic() - began)
+    began = time.monotonic()
+    cosines, rows = reranked(queries, db, cosines, rows, stage, run.knn_block_mb)
+    if stage.qe_n or stage.superglobal_m:
+        timing.add("global_rerank", len(queries), time.monotonic() - began)
+    return Candidates(cosines, found.db_rows[rows], found.query_ok, query_nl, db_nl)
+
+
+def reranked(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
+             block_mb: int) -> tuple[np.ndarray, np.ndarray]:
+    """alpha-QE (a second search) and SuperGlobal, as the settings ask."""
+    if stage.qe_n:
+        expanded = query_expansion(queries, db, cosines, rows, stage.qe_n, stage.qe_alpha)
+        cosines, rows = knn(expanded, db, rows.shape[1], block_mb)
+    if stage.superglobal_m:
+        cosines, rows = superglobal_rerank(queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k,
+                                           stage.superglobal_beta)
+    return cosines, rows
 
 
 def rerank(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: Inputs, neighbours: np.ndarray,
            order: list[int], max_depth: int, on_progress: Callable[[np.ndarray, list[int]], None]) -> np.ndarray:
-    """Inliers [nq, candidates] (-1: not verified), batch after batch in `order` while the budget allows;
-    on_progress(inliers, batch) after each batch."""
+    """Inliers [nq, candidates] (-1: not verified), batch after batch in `order` while the budget allows; every
+    image and every query checks the deadline. on_progress(inliers, queries) after each batch."""
     run, budget = settings.run, settings.budget
     inliers = np.full(neighbours.shape, -1, np.int64)
     if budget.max_rerank_queries is not None:
@@ -1432,44 +1104,64 @@ def rerank(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: In
     with verification_pool(settings.verification, run.workers) as pool:
         while start < len(order) and max_depth > 0:
             depth = plan_depth(timing, len(order) - start, max_depth, new_image_share)
-            if depth == 0 or timing.time_left() <= 0:
-                log.info("time budget reached: %d of %d queries keep their global ranking", len(order) - start,
-                         len(order))
+            if depth == 0 or timing.past_deadline():
                 break
             batch = order[start:start + (budget.warmup_queries if start == 0 else budget.rerank_batch)]
             candidates = [[inputs.db_ids[j] for j in neighbours[q, :depth]] for q in batch]
             counts, new_image_share = verify_batch(model, settings, timing, pool,
                                                    [inputs.test_ids[q] for q in batch], inputs.db_split, candidates)
-            for q, query_counts in zip(batch, counts, strict=True):
+            done = batch[:len(counts)]
+            for q, query_counts in zip(done, counts, strict=True):
                 inliers[q, :len(query_counts)] = query_counts
             timing.rerank_depth = max(timing.rerank_depth, depth)
-            start += len(batch)
+            start += len(done)
             log.info("reranked %d of %d queries at depth %d", start, len(order), depth)
-            on_progress(inliers, batch)
+            on_progress(inliers, done)
+            if len(done) < len(batch):
+                break
+    if start < len(order):
+        log.info("time budget reached: %d of %d queries keep their global ranking", len(order) - start, len(order))
     timing.save()
     return inliers
 
 
 def verify_batch(model: DelgSavedModel, settings: Settings, timing: Timing, pool: multiprocessing.pool.Pool | None,
                  query_ids: list[str], db_split: str, candidates: list[list[str]]) -> tuple[list[list[int]], float]:
-    """Inliers of each query with each of its candidates, and the share of candidate images whose local
-    features had to be extracted (the rest were cached)."""
+    """Inliers of each query with each of its candidates, in order until the deadline, and the share of
+    candidate images whose local features had to be extracted (the rest were cached). Features come query by
+    query, so a cut leaves a prefix of queries ready to verify."""
     run = settings.run
     cache = run.work / "local"
-    wanted = [("test", q) for q in query_ids] + [(db_split, c) for cs in candidates for c in cs]
+    wanted = [item for q, cs in zip(query_ids, candidates, strict=True)
+              for item in [("test", q), *((db_split, c) for c in cs)]]
     began = time.monotonic()
-    extracted = extract_local(model, run.data, wanted, cache, settings.extraction, run)
+    extracted = extract_local(model, run.data, wanted, cache, settings.extraction, run, timing.past_deadline)
     timing.add("local_features", extracted, time.monotonic() - began)
     tasks = [(local_path(cache, "test", q), [local_path(cache, db_split, c) for c in cs])
              for q, cs in zip(query_ids, candidates, strict=True)]
+    ready = next((i for i, (q, cs) in enumerate(tasks) if not all(p.is_file() for p in (q, *cs))), len(tasks))
     began = time.monotonic()
-    counts = verify_all(tasks, pool)
-    timing.add("verification", sum(len(cs) for cs in candidates), time.monotonic() - began)
+    counts = verify_all(tasks[:ready], pool, timing.past_deadline)
+    timing.add("verification", sum(len(cs) for cs in candidates[:len(counts)]), time.monotonic() - began)
     trim_local_cache(cache, run.local_cache_gb)
     return counts, max(0.0, extracted - len(query_ids)) / max(1, len(wanted) - len(query_ids))
 
 
-def probe(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing) -> None:
+def time_global_rerank(dim: int, stage: Global, candidates: int) -> float:
+    """Seconds per query of alpha-QE and SuperGlobal (the rest of their work is kNN), on random unit rows."""
+    if not (stage.qe_n or stage.superglobal_m):
+        return 0.0
+    rng = np.random.default_rng(0)
+    queries = l2_normalize(rng.normal(size=(64, dim)).astype(np.float32))
+    database = l2_normalize(rng.normal(size=(max(candidates, 2 * stage.superglobal_m, 1000), dim)).astype(np.float32))
+    began = time.monotonic()
+    reranked(queries, database, *knn(queries, database, candidates), stage, block_mb=64)
+    return (time.monotonic() - began) / len(queries)
+
+
+
+
+def probe(models: Models, inputs: Inputs, settings: Settings, timing: Timing) -> None:
     """--probe N: time N images of every stage on this machine, project the run at this data's full size
     (WORK/timing.json: the measured stages and the plan), and stop."""
     run_ = settings.run
@@ -1477,101 +1169,77 @@ def probe(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Tim
         raise InputError("--probe needs database and test images to time")
     count = run_.probe
     scratch = run_.work / "probe"
-    sizes = Sizes(len(inputs.db_ids), len(inputs.test_ids), len(nonlandmark_paths(run_)[0]))
-    db_paths = [image_path(run_.data, inputs.db_split, i) for i in inputs.db_ids[:count]]
-    knn_rate = knn_seconds_per_item(model.global_dim, run_.knn_block_mb)
-    _, timing.plan = plan_extraction(model, db_paths, settings, sizes, timing.time_left(), knn_rate,
-                                     scratch / "global")
-    seconds = timing.plan["seconds_per_image"] * len(db_paths)
-    timing.add("global_db", len(db_paths), seconds)
-    timing.add("global_query", len(db_paths), seconds)
+    probing = dataclasses.replace(settings, run=dataclasses.replace(run_, work=scratch),
+                                  budget=dataclasses.replace(settings.budget, probe_images=count, plan="auto"))
+    knn_rate = knn_seconds_per_item(models.global_models[0].global_dim * len(models.global_models),
+                                    run_.knn_block_mb)
+    plan_run(models, inputs, probing, timing, knn_rate, gpu_present())
+    seconds = timing.plan["seconds_per_image"] * count
+    timing.add("global_db", count, seconds)
+    timing.add("global_query", count, seconds)
     timing.add("knn", 256 * 16_384, knn_rate * 256 * 16_384)
+    dim = sum(model.global_dim for model in models.global_models)
+    timing.add("global_rerank", 1, time_global_rerank(dim, settings.global_stage, candidate_count(settings)))
     half = max(1, count // 2)
     queries, candidates = inputs.test_ids[:half], inputs.db_ids[:half]
-    probe_settings = dataclasses.replace(settings, run=dataclasses.replace(run_, work=scratch))
     with verification_pool(settings.verification, 0) as pool:
-        verify_batch(model, probe_settings, timing, pool, queries, inputs.db_split, [candidates] * len(queries))
+        verify_batch(models.local, probing, timing, pool, queries, inputs.db_split, [candidates] * len(queries))
     shutil.rmtree(scratch, ignore_errors=True)
     timing.rerank_depth = settings.rerank_depth()  # what `local_eval time --log` projects by default
-    project_rerank(timing, sizes, settings)
-    log.info("probe of %d images: global pass at '%s', projected %.2f h (%s); details in %s", count,
-             timing.plan["chosen"], sum(timing.plan["projection_h"].values()),
-             "fits" if timing.plan["fits"] else "does not fit", timing.path)
+    project_rerank(timing, len(inputs.test_ids), settings.rerank_depth(),
+                   settings.budget.rerank_reserve * settings.budget.time_budget_h * 3600)
+    rerank_h = timing.plan["rerank"]["seconds_per_query"] * len(inputs.test_ids) / 3600
+    log.info("probe of %d images: global pass at '%s' (%s), projected %.2f h; reranking every query at depth "
+             "%d would take %.2f h more; details in %s", count, timing.plan["chosen"],
+             "fits" if timing.plan["fits"] else "does not fit", sum(timing.plan["projection_h"].values()),
+             settings.rerank_depth(), rerank_h, timing.path)
 
 
-def project_rerank(timing: Timing, sizes: Sizes, settings: Settings) -> None:
-    """Add to the plan how many queries at the configured depth the rerank reserve buys at the measured rates."""
-    per_image, per_pair = timing.rate("local_features") or 0.0, timing.rate("verification") or 0.0
-    reserve = settings.budget.rerank_reserve * settings.budget.time_budget_h * 3600
-    depth = settings.rerank_depth()
-    per_query = per_image * (1 + depth) + per_pair * depth
-    timing.plan["rerank"] = {"depth": depth, "seconds_per_query": per_query, "queries": sizes.queries,
-                             "queries_in_reserve": int(reserve / per_query) if per_query else None}
-    timing.save()
-
-
-def plan_run(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing,
-             knn_rate: float) -> Extraction:
-    """The extraction settings of the global pass: planned (--plan auto) or as given; recorded in timing.plan."""
-    run_, extraction = settings.run, settings.extraction
-    if settings.budget.plan == "fixed" or parse_shard(run_.shard) != (0, 1) or not inputs.db_ids:
-        if extraction.global_xla == "auto":
-            extraction = dataclasses.replace(extraction, global_xla="off")
-        timing.plan = {"mode": "fixed", "global": global_settings(extraction), "knn_seconds_per_item": knn_rate}
-        return extraction
-    sizes = Sizes(len(inputs.db_ids), len(inputs.test_ids), len(nonlandmark_paths(run_)[0]))
-    probe_paths = [image_path(run_.data, inputs.db_split, i) for i in inputs.db_ids[:settings.budget.probe_images]]
-    extraction, timing.plan = plan_extraction(model, probe_paths, settings, sizes, timing.time_left(), knn_rate,
-                                              run_.work / "probe")
-    return extraction
+def gpu_present() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def run(settings: Settings) -> None:
     run_ = settings.run
     check_output_paths(run_)
-    timing = Timing(run_.work / "timing.json", run_.task, settings.budget)
+    timing = Timing(run_.work / "timing.json", run_.task, settings.budget, runtime_versions())
     inputs = read_inputs(run_)
-    if parse_shard(run_.shard) == (0, 1) and run_.probe is None:  # a valid file at once, whatever happens later
-        write_submission(run_.out, run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
-    model = DelgSavedModel(run_.model, settings.extraction)
+    timing.work = work_flags(settings, inputs.sizes())
+    models = load_models(run_, settings.extraction)
     if run_.probe is not None:
-        return probe(model, inputs, settings, timing)
-    knn_rate = knn_seconds_per_item(model.global_dim, run_.knn_block_mb)
-    settings = dataclasses.replace(settings, extraction=plan_run(model, inputs, settings, timing, knn_rate))
+        return probe(models, inputs, settings, timing)
+    if parse_shard(run_.shard) == (0, 1):  # a valid file at once, whatever happens later
+        write_submission(run_.out, run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
+    dim = sum(model.global_dim for model in models.global_models)
+    knn_rate = knn_seconds_per_item(dim, run_.knn_block_mb)
+    settings = dataclasses.replace(settings, extraction=plan_run(models, inputs, settings, timing, knn_rate,
+                                                                              gpu_present()))
     timing.save()
     save_json(run_.work / "settings.json", settings_record(settings, timing.plan))
-    clear_stale_caches(run_.work, cache_keys(run_.model, settings.extraction))
-    found = global_pass(model, inputs, settings, timing, settings.extraction, knn_rate)
+    clear_stale_caches(run_.work, cache_keys(run_, settings.extraction))
+    found = global_pass(models, inputs, settings, timing, knn_rate)
     if found is not None:
-        finish(model, inputs, settings, timing, *found)
+        finish(models.local, inputs, settings, timing, found)
 
 
-def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing, db_desc: np.ndarray,
-           db_rows: np.ndarray, query_desc: np.ndarray, query_ok: np.ndarray, nl_desc: np.ndarray) -> None:
-    """kNN, the global-only submission, then reranking (most confident queries first) and the final submission."""
-    run_, scoring = settings.run, settings.scoring
-    began = time.monotonic()
-    depth = settings.rerank_depth()
-    k = RETRIEVAL_SIZE if run_.task == "retrieval" else max(scoring.top_k, depth)
-    cosines, found = knn(query_desc, db_desc, k, run_.knn_block_mb)
-    neighbours = db_rows[found]
-    nonlandmark_cos, _ = knn(query_desc, nl_desc, scoring.top_k, run_.knn_block_mb)
-    timing.add("knn", len(query_desc) * (len(db_desc) + len(nl_desc)), time.monotonic() - began)
-    shares = nonlandmark_shares(cosines, nonlandmark_cos, scoring.top_k)
+def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing, found: Descriptors) -> None:
+    """The global stage, the global-only submission, then reranking (most confident queries first) and the final
+    submission."""
+    run_, depth = settings.run, settings.rerank_depth()
+    candidates = global_stage(found, len(inputs.db_ids), settings, timing)
     atomic_save(run_.work / "neighbours.npz", lambda tmp: np.savez(
         tmp, test_ids=np.array(inputs.test_ids, dtype=str), db_ids=np.array(inputs.db_ids, dtype=str),
-        labels=inputs.labels, neighbours=neighbours, cosines=cosines, query_ok=query_ok,
-        nonlandmark_cosines=nonlandmark_cos))
+        labels=inputs.labels, **candidates._asdict()))
 
     def predictions(inliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return recognition_predictions(cosines, neighbours, inliers, inputs.labels, scoring, shares, query_ok)
+        return recognition_predictions(candidates, inliers, inputs.labels, settings.global_stage, settings.scoring)
 
     def rows_for(inliers: np.ndarray) -> list[str]:
         if run_.task == "recognition":
             return recognition_rows(*predictions(inliers))
-        return retrieval_rows(cosines, neighbours, inliers, inputs.db_ids, query_ok)
+        return retrieval_rows(candidates.cosines, candidates.neighbours, inliers, inputs.db_ids, candidates.query_ok)
 
-    unverified = np.full(neighbours.shape, -1)
+    unverified = np.full(candidates.neighbours.shape, -1)
     write_submission(run_.out, run_.task, inputs.test_ids, rows_for(unverified))
     shutil.copyfile(run_.out, run_.work / "submission_global_only.csv")
     log.info("global-only submission written to %s", run_.out)
@@ -1580,15 +1248,16 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
 
     def on_progress(inliers: np.ndarray, batch: list[int]) -> None:
         nonlocal last_write
-        append_verified_pairs(pairs_path, [inputs.test_ids[q] for q in batch], inputs.db_ids, neighbours[batch],
-                              cosines[batch], inliers[batch])
+        append_verified_pairs(pairs_path, [inputs.test_ids[q] for q in batch], inputs.db_ids,
+                              candidates.neighbours[batch], candidates.cosines[batch], inliers[batch])
         if time.monotonic() - last_write >= settings.budget.write_every_s:
             write_submission(run_.out, run_.task, inputs.test_ids, rows_for(inliers))
             last_write = time.monotonic()
 
-    priority = predictions(unverified)[1] if run_.task == "recognition" else cosines[:, :1].sum(axis=1)
-    inliers = rerank(model, settings, timing, inputs, neighbours, rerank_order(priority, query_ok),
-                     min(depth, neighbours.shape[1]), on_progress)
+    priority = predictions(unverified)[1] if run_.task == "recognition" else candidates.cosines[:, :1].sum(axis=1)
+    inliers = rerank(model, settings, timing, inputs, candidates.neighbours,
+                     rerank_order(priority, candidates.query_ok), min(depth, candidates.neighbours.shape[1]),
+                     on_progress)
     write_submission(run_.out, run_.task, inputs.test_ids, rows_for(inliers))
     log.info("submission written to %s; timings in %s", run_.out, timing.path)
 

@@ -119,12 +119,12 @@ def test_cut_after_half_the_queries_scores_at_least_global_only():
         right[q] &= bool(t)
     cosines = -np.sort(-np.clip(rng.normal(0.55, 0.12, (queries, depth)) + 0.08 * right, 0, 1), axis=1)
     inliers = np.where(right, rng.integers(15, 60, right.shape), rng.integers(0, 8, right.shape))
-    scoring, ok, shares = sub.Scoring(top_k=3, max_inlier_score=20), np.ones(queries, bool), np.zeros(queries)
-    score = lambda found: gap_of(*sub.recognition_predictions(cosines, neighbours, found, labels, scoring, shares,
-                                                              ok), truth)
+    scoring, stage, ok = sub.Scoring(top_k=3, max_inlier_score=20), sub.Global(global_top_k=3), np.ones(queries, bool)
+    found = sub.Candidates(cosines, neighbours, ok, np.zeros((queries, 0)), np.zeros((queries * depth, 0)))
+    score = lambda inl: gap_of(*sub.recognition_predictions(found, inl, labels, stage, scoring), truth)
     unverified = np.full_like(inliers, -1)
     global_only = score(unverified)
-    _, confidence = sub.recognition_predictions(cosines, neighbours, unverified, labels, scoring, shares, ok)
+    _, confidence = sub.recognition_predictions(found, unverified, labels, stage, scoring)
     half = np.array(sub.rerank_order(confidence, ok)[:queries // 2])
     cut = unverified.copy()
     cut[half] = inliers[half]

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from local_eval.submission_script import load_submission
+from local_eval.submission_script import load_submission, sibling
 from tests.delg_test_models import write_tf1_model, write_tf2_model
 
 sub = load_submission()
+search = sibling("search")
+store = sibling("store")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         sub.main(["--help"])
     assert exit_info.value.code == 0
-    parser = sub.build_parser()
+    parser = sub.settings_parser()
     assert all(action.help for action in parser._actions)
     assert "--time-budget-h" in capsys.readouterr().out
 
@@ -116,8 +118,8 @@ def test_unreadable_images_decode_to_none(tmp_path, caplog, contents):
 
 @pytest.mark.parametrize("search", [
     lambda q, d, k: sub.knn(q, d, k, block_mb=1),
-    lambda q, d, k: sub.knn_numpy(q, d, k, q_block=16, db_chunk=300),  # several blocks of both
-    lambda q, d, k: sub.knn_tensorflow(q, d, k, q_block=16, db_block=300),
+    lambda q, d, k: search.knn_numpy(q, d, k, q_block=16, db_chunk=300),  # several blocks of both
+    lambda q, d, k: search.knn_tensorflow(q, d, k, q_block=16, db_block=300),
 ])
 def test_knn_blocks_equal_brute_force(search):
     rng = np.random.default_rng(0)
@@ -164,50 +166,6 @@ def test_retrieval_reorders_the_verified_prefix_by_inliers_then_cosine():
     inliers = np.array([[3, 40, 40, -1]])
     rows = sub.retrieval_rows(cosines, np.array([[0, 1, 2, 3]]), inliers, ["a", "b", "c", "d"], np.array([True]))
     assert rows == ["b c a d"]
-
-
-def test_recognition_sums_scores_per_landmark_and_penalizes_nonlandmarks():
-    cosines = np.array([[0.9, 0.5, 0.45], [0.9, 0.5, 0.45]])
-    neighbours = np.array([[0, 1, 2], [0, 1, 2]])
-    labels = np.array([7, 8, 8])
-    inliers = np.array([[20, 0, -1], [-1, -1, -1]])  # query 0: the first neighbour verified
-    scoring = sub.Scoring(top_k=3, max_inlier_score=20, nonlandmark_penalty=1.0, calibrate=False)
-    landmarks, confidences = sub.recognition_predictions(cosines, neighbours, inliers, labels, scoring,
-                                                         np.array([0.0, 0.5]), np.array([True, True]))
-    assert landmarks.tolist() == [7, 8]
-    assert confidences[0] == pytest.approx(1.9)  # 0.9 + min(20, 20) / 20 beats 0.5 + 0.45
-    assert confidences[1] == pytest.approx(0.475)  # 0.95 beats 0.9, halved by a non-landmark share of 0.5
-    _, unreadable = sub.recognition_predictions(cosines, neighbours, inliers, labels, scoring, np.zeros(2),
-                                                np.array([True, False]))
-    assert np.isnan(unreadable[1])
-
-
-def test_a_landmark_tie_goes_to_the_better_ranked_candidate():
-    scoring = sub.Scoring(top_k=2, calibrate=False)
-    landmarks, _ = sub.recognition_predictions(np.array([[0.5, 0.5]]), np.array([[1, 0]]), np.full((1, 2), -1),
-                                               np.array([4, 9]), scoring, np.zeros(1), np.array([True]))
-    assert landmarks.tolist() == [9]
-
-
-def test_calibration_gives_unverified_candidates_the_local_score_of_their_cosine():
-    rng = np.random.default_rng(0)
-    verified_cos = rng.uniform(0, 1, 200)
-    verified_local = (verified_cos > 0.5).astype(float)  # high cosines earn inliers, low ones none
-    expected = sub.expected_local_scores(verified_cos, verified_local, np.array([0.1, 0.9]))
-    assert expected[0] < 0.1 and expected[1] > 0.9
-    assert (sub.expected_local_scores(verified_cos[:5], verified_local[:5], np.array([0.9])) == 0).all()
-    cosines = np.vstack([np.linspace(0.95, 0.05, 20)] * 2)
-    inliers = np.where(cosines > 0.5, 30, 0)
-    inliers[1] = -1  # the second query was never verified
-    scoring = sub.Scoring(top_k=1, max_inlier_score=20)
-    labels, neighbours = np.arange(20), np.vstack([np.arange(20)] * 2)
-    _, calibrated = sub.recognition_predictions(cosines, neighbours, inliers, labels, scoring, np.zeros(2),
-                                                np.array([True, True]))
-    _, raw = sub.recognition_predictions(cosines, neighbours, inliers, labels,
-                                         dataclasses.replace(scoring, calibrate=False), np.zeros(2),
-                                         np.array([True, True]))
-    assert calibrated[1] == pytest.approx(calibrated[0], abs=0.05)  # on the verified query's scale
-    assert raw[1] < raw[0] - 0.9  # without calibration it ranks a full local score lower
 
 
 def test_rerank_order_puts_the_most_confident_readable_queries_first():
@@ -368,7 +326,7 @@ def test_round_robin_covers_every_landmark_before_a_second_image_of_any():
     ((800, 600), (768, 576)), ((300, 300), (256, 256)), ((1, 1), (256, 256)), ((3840, 2), (1024, 576)),
 ])
 def test_global_buckets_are_few_and_never_upscale_big_images(size, bucket):
-    assert sub.global_bucket(*size, max_side=1024) == bucket
+    assert store.global_bucket(*size, max_side=1024) == bucket
 
 
 def test_global_decoding_crops_the_centre_to_the_bucket(tmp_path):
@@ -376,10 +334,10 @@ def test_global_decoding_crops_the_centre_to_the_bucket(tmp_path):
     wide[:, 100:200] = 255  # a white centre third
     path = tmp_path / "wide.png"
     path.write_bytes(encoded(wide, "PNG"))
-    pixels = sub.decode_for_global(path, max_side=128)
+    pixels = store.decode_for_global(path, max_side=128)
     assert pixels.shape == (64, 128, 3)  # the 16:9 bucket (rounded to 16 px): the centre 200 x 100 pixels
     assert pixels[:, 40:88].mean() > 200 and pixels[:, :24].mean() < 30 and pixels[:, -24:].mean() < 30
-    assert sub.decode_for_global(tmp_path / "missing.jpg", 128) is None
+    assert store.decode_for_global(tmp_path / "missing.jpg", 128) is None
 
 
 def test_a_cut_short_local_feature_file_is_extracted_again(models, tmp_path):
@@ -402,5 +360,5 @@ def test_a_cut_short_local_feature_file_is_extracted_again(models, tmp_path):
 def test_global_decoding_of_images_with_a_bucket_aspect(tmp_path, size):
     path = tmp_path / "image.jpg"
     path.write_bytes(encoded(np.zeros((size[1], size[0], 3), np.uint8), "JPEG"))
-    pixels = sub.decode_for_global(path, max_side=1024)
-    assert pixels.shape == (*reversed(sub.global_bucket(*size, max_side=1024)), 3)
+    pixels = store.decode_for_global(path, max_side=1024)
+    assert pixels.shape == (*reversed(store.global_bucket(*size, max_side=1024)), 3)

@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 
 from common.gldv2 import image_path
-from local_eval.submission_script import load_submission
+from local_eval.submission_script import load_submission, sibling
 from tests.delg_test_models import write_tf1_model, write_tf2_model
 
 sub = load_submission()
+store = sibling("store")
 LANDMARKS = 4
 FAST = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "300",
         "--warmup-queries", "2", "--rerank-batch", "3", "--ransac-threshold-px", "4"]
@@ -223,7 +224,7 @@ def test_interrupted_extraction_resumes_from_the_cache(competition, delg_model_d
     assert extract(model, ids, paths, cache, settings.extraction, settings.run) == (0, False)
     descriptors, ok = sub.load_global(cache, ids, chunk_size=3)
     assert ok.all() and descriptors.shape == (len(ids), model.global_dim)
-    image = sub.decode_for_global(paths[4], settings.extraction.global_max_side)
+    image = store.decode_for_global(paths[4], settings.extraction.global_max_side)
     np.testing.assert_allclose(descriptors[4], model.global_descriptor(image, settings.extraction.global_scales()),
                                atol=1e-3)
 
@@ -247,7 +248,7 @@ def test_a_deadline_during_the_database_pass_keeps_what_was_done(competition, de
 
 def test_shards_merge_into_one_cache(competition, delg_model_dir, tmp_path):
     data = competition[0] / "landmark-recognition"
-    chunks = tmp_path / "work" / "global" / "train"
+    chunks = tmp_path / "work" / "global" / "m0" / "train"
     for shard, chunk_count in [("0/2", 2), ("1/2", 3)]:  # 8 images in chunks of 3: shard 0 has 0 and 2
         argv = ["--task", "recognition", "--data", str(data), "--model", str(delg_model_dir),
                 "--work", str(tmp_path / "work"), "--chunk-size", "3", "--shard", shard, *FAST]
@@ -302,7 +303,7 @@ def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
     model = sub.DelgSavedModel(delg_model_dir, settings.extraction)
     cache = tmp_path / "global"
     sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run)
-    np.savez(sub.chunk_path(cache, 0), ids=np.array(ids[:3]), descriptors=np.array([None]), ok=np.ones(3, bool),
+    np.savez(store.chunk_path(cache, 0), ids=np.array(ids[:3]), descriptors=np.array([None]), ok=np.ones(3, bool),
              complete=True)
     assert sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run) == (0, False)
 
@@ -333,7 +334,7 @@ def test_a_crash_during_extraction_leaves_a_complete_empty_submission(competitio
     def crash(*_, **__):
         raise RuntimeError("killed during extraction")
 
-    monkeypatch.setattr(sub, "extract_global", crash)
+    monkeypatch.setattr(store, "extract_global", crash)  # the passes after the plan
     with pytest.raises(RuntimeError, match="killed"):
         run_script("retrieval", data, delg_model_dir, tmp_path)
     frame = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)

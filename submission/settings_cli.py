@@ -1,0 +1,145 @@
+"""Settings machinery of submission/main.py: dataclass fields as flags, JSON settings files, layering and checks.
+
+Shipped beside main.py (which imports it from its own folder); it knows nothing of landmarks. A settings section
+is a frozen dataclass whose fields are made with `setting()`; main.py defines the sections, this file turns them
+into an argparse parser, reads them from JSON, checks their ranges and layers defaults < preset < file < flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import field, fields
+from pathlib import Path
+
+
+class InputError(Exception):
+    """A problem with the inputs: printed as one line, exit status 2."""
+
+
+def setting(default, help_text: str, **checks):
+    """A settings field: its default, its --help and its checks (minimum, above, maximum, below, choices,
+    required, repeat: a tuple flag given once per value, as --model A --model B)."""
+    return field(default=default, metadata={"help": help_text, **checks})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(element type, is a tuple) of a settings field, from its annotation."""
+    kind = str(f.type).removesuffix(" | None")
+    names = {"int": int, "float": float, "str": str, "bool": bool, "Path": Path}
+    if kind.startswith("tuple["):
+        return names[kind.removeprefix("tuple[").split(",")[0]], True
+    return names[kind], False
+
+
+def build_parser(description: str, sections: list[type]) -> argparse.ArgumentParser:
+    """One flag per settings field. Unset flags stay out of the result, so the layers below them show through."""
+    parser = argparse.ArgumentParser(description=description)
+    for cls in sections:
+        group = parser.add_argument_group(cls.__name__.lower(), cls.__doc__)
+        for f in fields(cls):
+            kind, is_tuple = field_type(f)
+            meta = f.metadata
+            options = {"default": argparse.SUPPRESS, "help": meta["help"]}
+            if meta.get("required"):
+                options["required"] = True
+            elif f.default is not None:
+                shown = " ".join(map(str, f.default)) if is_tuple else f.default
+                options["help"] += f" (default: {shown})"
+            if kind is bool:
+                options["action"] = argparse.BooleanOptionalAction
+            else:
+                options["type"] = kind
+                options["choices"] = meta.get("choices")
+                if meta.get("repeat"):
+                    options["action"] = "append"
+                else:
+                    options["nargs"] = "+" if is_tuple else None
+            group.add_argument(flag(f.name), **options)
+    return parser
+
+
+def read_settings_file(path: Path, sections: dict[str, type]) -> dict:
+    """{setting: value} from a JSON file of sections ({"verification": {...}, ...}); other top-level keys
+    (a record's "run", "sources", "plan", a tune's "about") are ignored."""
+    try:
+        content = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise InputError(f"--settings {path}: cannot read it ({err.strerror})") from None
+    except ValueError as err:
+        raise InputError(f"--settings {path}: not JSON ({err})") from None
+    if not isinstance(content, dict):
+        raise InputError(f"--settings {path}: expected an object of sections {', '.join(sections)}")
+    values = {}
+    for section, cls in sections.items():
+        given = content.get(section, {})
+        known = {f.name: f for f in fields(cls)}
+        if not isinstance(given, dict):
+            raise InputError(f"--settings {path}: '{section}' must be an object")
+        for name, value in given.items():
+            if name not in known:
+                raise InputError(f"--settings {path}: unknown setting '{section}.{name}'")
+            values[name] = coerce(known[name], value, f"--settings {path}: '{section}.{name}'")
+    return values
+
+
+def coerce(f: dataclasses.Field, value, where: str):
+    """value as the field's type (a JSON number for a float, a list for a tuple); InputError naming `where`."""
+    kind, is_tuple = field_type(f)
+    if value is None and "None" in str(f.type):
+        return None
+
+    def fits(item) -> bool:
+        if kind is bool or isinstance(item, bool):
+            return kind is bool and isinstance(item, bool)
+        return isinstance(item, (int, float) if kind is float else str if kind is Path else kind)
+
+    items = value if is_tuple and isinstance(value, list) else [value]
+    if (is_tuple and not (isinstance(value, list) and value)) or not all(fits(item) for item in items):
+        expected = f"a non-empty list of {kind.__name__}" if is_tuple else kind.__name__
+        raise InputError(f"{where} must be {expected}, got {value!r}")
+    items = [kind(item) for item in items]
+    return tuple(items) if is_tuple else items[0]
+
+
+BOUNDS = (("minimum", lambda v, b: v >= b, ">="), ("above", lambda v, b: v > b, ">"),
+          ("maximum", lambda v, b: v <= b, "<="), ("below", lambda v, b: v < b, "<"))
+
+
+def check_settings(section) -> None:
+    """Every field within its range: one InputError naming the flag."""
+    for f in fields(section):
+        value, meta = getattr(section, f.name), f.metadata
+        for item in value if isinstance(value, tuple) else [value]:
+            if item is None or isinstance(item, (bool, str, Path)):
+                continue
+            for key, holds, sign in BOUNDS:
+                if key in meta and not (math.isfinite(item) and holds(item, meta[key])):
+                    raise InputError(f"{flag(f.name)} must be {sign} {meta[key]}, got {item}")
+
+
+def layer_settings(given: dict, presets: dict[str, dict], sections: dict[str, type],
+                   file_sections: dict[str, type]) -> tuple[dict, dict]:
+    """({section name: checked section}, {setting: where its value came from}) from parsed flags: the defaults,
+    then the preset, then the --settings file (read with file_sections), then the flags."""
+    values, sources = {}, {}
+    layers = [("preset " + given["preset"], presets[given["preset"]]) if given.get("preset") else None,
+              ("file " + str(given["settings"]), read_settings_file(given["settings"], file_sections))
+              if given.get("settings") else None,
+              ("command line", given)]
+    for source, layer in filter(None, layers):
+        values.update(layer)
+        sources.update({name: source for name in layer})
+    built = {}
+    for name, cls in sections.items():
+        section = cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+        section = dataclasses.replace(section, **{f.name: tuple(getattr(section, f.name)) for f in fields(cls)
+                                                  if isinstance(getattr(section, f.name), list)})
+        check_settings(section)
+        built[name] = section
+    return built, sources
