@@ -8,7 +8,7 @@ from common.cli import dispatch
 
 COMMANDS = {
     "score": ("local_eval.score:main", "score a submission file against a solution file (GAP, mAP@100)"),
-    "build": ("local_eval.build:main", "build a local competition (synthetic, a GLDv2 subset) or a synthetic revisited dataset"),
+    "build": ("local_eval.build:main", "build a local competition (synthetic, GLDv2 subset) or a revisited dataset"),
     "replay": ("local_eval.replay:main", "run submission/main.py on a local competition as the server would"),
     "time": ("local_eval.timing:main", "project a run's timing log to a real competition's size and limit"),
     "show": ("local_eval.show:main_show", "HTML report of retrieved neighbours and local matches"),
