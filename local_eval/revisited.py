@@ -59,6 +59,7 @@ SPLITS = ("query", "db", "distractors")  # folders of the caches and of the mirr
 @dataclass
 class Dataset:
     folder: Path  # DIR/<dataset>
+    gnd_path: Path
     db_names: list[str]
     query_names: list[str]
     gnd: list[dict]
@@ -108,7 +109,7 @@ def read_dataset(data: Path, dataset: str) -> Dataset:
         raise UserError(f"{path}: {len(gnd)} gnd entries for {len(query_names)} qimlist names")
     for name, entry in zip(query_names, gnd, strict=True):
         check_query(path, name, entry, len(db_names))
-    return Dataset(folder, [str(n) for n in db_names], [str(n) for n in query_names], gnd)
+    return Dataset(folder, path, [str(n) for n in db_names], [str(n) for n in query_names], gnd)
 
 
 def check_query(path: Path, name: str, entry: dict, n_db: int) -> None:
@@ -171,7 +172,7 @@ def cache_key(settings, dataset: Dataset, distractors: Path | None) -> dict:
     return json.loads(json.dumps({
         "model": str(model), "files": [stat(model / n) for n in ("saved_model.pb", "variables/variables.index")],
         "extraction": dataclasses.asdict(settings.extraction), "data": str(dataset.folder.resolve()),
-        "gnd": stat(next(dataset.folder.glob("gnd_*.pkl"))), "distractors": str(distractors and distractors.resolve()),
+        "gnd": stat(dataset.gnd_path), "distractors": str(distractors and distractors.resolve()),
     }, default=str))
 
 

@@ -110,12 +110,13 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def distractors(tmp_path_factory, dataset) -> Path:
-    """A few extra database images, one in a subfolder (its name holds a slash)."""
+    """A few extra database images: one in a subfolder (its name holds a slash), one corrupt."""
     folder = tmp_path_factory.mktemp("distractors")
     images = sorted((dataset / "roxford5k" / "jpg").glob("clutter_*.jpg"))[:2]
     shutil.copy(images[0], folder / "extra_a.jpg")
     (folder / "sub").mkdir()
     shutil.copy(images[1], folder / "sub" / "extra_b.jpg")
+    (folder / "extra_c.jpg").write_bytes(images[0].read_bytes()[:200])
     return folder
 
 
@@ -163,7 +164,8 @@ def test_report_structure(result):
         for scores in report[stage].values():
             assert set(scores) == {"map", "mp@1", "mp@5", "mp@10"}
             assert all(0.0 <= value <= 1.0 for value in scores.values())
-    assert report["about"]["rerank"] == RERANK and report["about"]["distractors"] == 2
+    assert report["about"]["rerank"] == RERANK and report["about"]["distractors"] == 3
+    assert report["about"]["unreadable"] == 1
     summary = (result / "summary.txt").read_text()
     assert "Medium" in summary and "Hard" in summary and "73.6" in summary
 
@@ -176,7 +178,7 @@ def ranks_as_indices(path: Path, names: list[str]) -> tuple[list[str], list[np.n
 
 def test_ranks_list_every_image_and_reproduce_the_report(result, dataset):
     gnd = ground_truth(dataset)
-    names = gnd["imlist"] + ["extra_a", "sub/extra_b"]
+    names = gnd["imlist"] + ["extra_a", "extra_c", "sub/extra_b"]
     report = json.loads((result / "report.json").read_text())
     rankings = {}
     for stage, file in (("global", "ranks_global.csv"), ("reranked", "ranks.csv")):
@@ -184,6 +186,7 @@ def test_ranks_list_every_image_and_reproduce_the_report(result, dataset):
         assert queries == gnd["qimlist"]
         for ranking in rankings[stage]:
             assert sorted(ranking.tolist()) == list(range(len(names)))
+            assert names[ranking[-1]] == "extra_c"  # the unreadable image: logged, ranked last
         assert evaluate(rankings[stage], gnd["gnd"]) == report[stage]
     for global_, reranked in zip(rankings["global"], rankings["reranked"], strict=True):
         assert sorted(reranked[:RERANK]) == sorted(global_[:RERANK])  # verification reorders the top only
