@@ -1,6 +1,6 @@
 """Score a model on Revisited Oxford / Paris with the papers' protocol, through the notebook's own pipeline.
 
-    python -m local_eval revisited --data DIR --dataset roxford5k|rparis6k --model MODEL --out OUT \
+    python -m local_eval revisited --data DIR --dataset roxford5k|rparis6k --model MODEL --out OUT
         [--distractors DIR] [-- submission/main.py flags]
 
 It reads the revisitop layout (DIR/<dataset>/jpg/<name>.jpg, DIR/<dataset>/gnd_<dataset>.pkl), crops each query
@@ -318,8 +318,9 @@ def summary(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m local_eval revisited", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m local_eval revisited", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Flags after `--` go to submission/main.py's own settings parser.")
     parser.add_argument("--data", required=True, type=Path, help="folder holding <dataset>/jpg and "
                         "<dataset>/gnd_<dataset>.pkl (revisitop's download, or `build revisited-synthetic`)")
     parser.add_argument("--dataset", required=True, choices=list(DATASETS), help="which of the two")
