@@ -307,8 +307,8 @@ def summary(report: dict) -> str:
         shown = lambda protocol, figures=published[stage]: f"{figures.get(protocol, '-')}"
         lines.append(f"{'DELG R50 GLDv2-clean, ' + stage:34}{shown('medium'):>7}{'-':>7}{shown('hard'):>9}{'-':>7}")
     easy = ", ".join(f"{stage} {percent(report[stage]['easy']['map'])}" for stage in ("global", "reranked"))
-    lines += ["", f"Easy mAP: {easy}. Percent; report.json holds fractions and mP@1/5/10. DELG's rows are its "
-                  "paper's (no distractors).",
+    lines += ["", f"Easy mAP: {easy}. Figures in %; report.json holds fractions and mP@1/5/10.",
+              "DELG's rows are its paper's figures, without distractors.",
               "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items())]
     return "\n".join(lines)
 
