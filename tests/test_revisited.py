@@ -14,6 +14,7 @@ from PIL import Image
 
 from common.cli import run_main
 from local_eval.build import main as build_main
+from local_eval.revisited import clear_stale
 from local_eval.revisited import main as revisited_main
 from local_eval.revisited_metric import (
     KAPPAS,
@@ -216,3 +217,24 @@ def test_bad_ground_truth_is_one_error_line(tmp_path, dataset, capsys):
                                        "--out", str(tmp_path / "out")])
     assert status == 2
     assert f"query '{gnd['qimlist'][1]}': bbx" in capsys.readouterr().err
+
+
+def test_an_output_folder_of_other_files_is_refused(tmp_path, dataset, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    status = run_main(revisited_main, ["--data", str(dataset), "--dataset", "roxford5k", "--model", str(tmp_path),
+                                       "--out", str(out)])
+    assert status == 2 and "was not written by this kit" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_caches_of_another_model_or_setting_are_cleared(tmp_path):
+    (tmp_path / "global" / "db").mkdir(parents=True)
+    clear_stale(tmp_path, {"model": "a"})
+    assert (tmp_path / "global" / "db").is_dir()  # first run: nothing to compare with
+    clear_stale(tmp_path, {"model": "a"})
+    assert (tmp_path / "global" / "db").is_dir()  # same key: kept
+    clear_stale(tmp_path, {"model": "b"})
+    assert not (tmp_path / "global").exists()
+    assert json.loads((tmp_path / "cache_key.json").read_text()) == {"model": "b"}
