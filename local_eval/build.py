@@ -1,4 +1,5 @@
-"""`python -m local_eval build synthetic|gldv2 ...`: build a local competition and print its summary."""
+"""`python -m local_eval build synthetic|gldv2|revisited-synthetic ...`: build a local competition (or a synthetic
+dataset in the Revisited Oxford / Paris layout) and print its summary."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from local_eval import revisited_synthetic
 from local_eval.gldv2_subset import build_gldv2_subset
 from local_eval.layout import nonlandmark_folder, solution_file, task_folder
 from local_eval.synthetic import SIZES, build_synthetic
@@ -14,7 +16,7 @@ from local_eval.synthetic import SIZES, build_synthetic
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m local_eval build", description=__doc__)
-    sources = parser.add_subparsers(dest="source", required=True, metavar="{synthetic,gldv2}")
+    sources = parser.add_subparsers(dest="source", required=True, metavar="{synthetic,gldv2,revisited-synthetic}")
     synthetic = sources.add_parser("synthetic", help="render a synthetic competition from a seed")
     synthetic.add_argument("--size", default="tiny", choices=list(SIZES),
                            help="tiny: tests (~30 landmarks); small: the demo (~150); medium: benchmarks (10x small)")
@@ -31,7 +33,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gldv2.add_argument("--nonlandmark-dir", type=Path, default=None,
                        help="a folder of images known to show no landmark (e.g. an earlier year's non-landmark test "
                             "images): linked as the competition's distractor set")
-    for sub in (synthetic, gldv2):
+    revisited = sources.add_parser("revisited-synthetic",
+                                   help="render a small dataset in the revisitop layout (for local_eval revisited)")
+    revisited.add_argument("--dataset", default="roxford5k", choices=revisited_synthetic.DATASETS,
+                           help="the dataset name it is written as (OUT/NAME/jpg, OUT/NAME/gnd_NAME.pkl)")
+    revisited.add_argument("--size", default="small", choices=list(revisited_synthetic.SIZES),
+                           help="tiny: tests (4 landmarks, 4 queries, 34 database images); small: 11 landmarks, "
+                                "55 queries, 274 database images")
+    revisited.add_argument("--seed", type=int, default=0, help="seed (0 or more): the same seed gives the same bytes")
+    for sub in (synthetic, gldv2, revisited):
         sub.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
         sub.add_argument("--overwrite", action="store_true",
                          help="replace a different competition this kit built at --out (never other folders)")
@@ -84,6 +94,11 @@ def _usage(solution: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.source == "revisited-synthetic":
+        out = revisited_synthetic.build_revisited_synthetic(args.out, args.dataset, args.size, args.seed,
+                                                            args.overwrite)
+        print(revisited_synthetic.summary(out, args.dataset))
+        return 0
     if args.source == "synthetic":
         out = build_synthetic(args.out, size=args.size, seed=args.seed,
                               nonlandmark_share=args.nonlandmark_share, overwrite=args.overwrite)
