@@ -168,7 +168,7 @@ def prepare_out(out: Path) -> Path:
 def cache_key(settings, dataset: Dataset, distractors: Path | None) -> dict:
     """What the caches depend on: the model's files, the extraction settings, the ground truth, the distractors."""
     stat = lambda path: [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
-    model = settings.run.model.resolve()
+    model = settings.run.model[0].resolve()
     return json.loads(json.dumps({
         "model": str(model), "files": [stat(model / n) for n in ("saved_model.pb", "variables/variables.index")],
         "extraction": dataclasses.asdict(settings.extraction), "data": str(dataset.folder.resolve()),
