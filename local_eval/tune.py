@@ -129,13 +129,10 @@ def sweep_query(task: tuple[Path, list[Path]]) -> tuple[np.ndarray, np.ndarray, 
             a, b = sub.matches_in(similarity, match_setting["match_max_distance"], match_setting["mutual"])
             matching_s = similarity_s + time.perf_counter() - began
             matches[m, d] = len(a)
-            for r, ransac_setting in enumerate(ransac):
+            for r, ransac_setting in enumerate(ransac):  # min_matches is swept later over these counts
                 began = time.perf_counter()
-                if len(a) >= 4:
-                    verification = sub.Verification(**ransac_setting)
-                    threshold = sub.pixel_threshold(verification, query.side, other.side)
-                    inliers[m, r, d] = np.count_nonzero(
-                        sub.ransac_inliers(query.keypoints[a], other.keypoints[b], threshold, verification))
+                verification = sub.Verification(**match_setting, **ransac_setting, min_matches=4)
+                inliers[m, r, d] = np.count_nonzero(sub.inlier_mask(query, other, a, b, verification))
                 seconds[m, r] += matching_s + time.perf_counter() - began
     return matches, inliers, seconds
 

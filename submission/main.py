@@ -106,18 +106,18 @@ from store import (  # noqa: E402
 log = logging.getLogger("submission")
 
 __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all else may change without notice
-    "KIT_API", "DELG_IMAGE_SCALES", "DELG_GLOBAL_SCALE_INDICES", "DELG_MAX_IMAGE_SIDE", "DELG_MAX_FEATURE_NUM",
-    "DELG_ATTENTION_ABS_THRESHOLD", "NOTEBOOK_LIMIT_H", "TIMING_STAGES", "IMAGE_SPLITS", "RETRIEVAL_SIZE",
-    "SECTIONS", "PRESETS", "DEFAULT_RERANK", "Settings", "Extraction", "Global", "Verification", "Scoring",
-    "Budget", "InputError", "parse_settings", "read_settings_file", "read_settings_record", "DelgSavedModel",
-    "read_test_ids", "read_train_labels", "list_image_ids", "image_path", "decode_image", "extract_global",
-    "load_global", "cached_global", "knn", "LocalFeatures", "local_path", "extract_local", "load_local",
-    "putative_matches", "matches_in", "ransac_inliers", "ransac_matches", "count_inliers", "pixel_threshold",
-    "Candidates", "recognition_predictions", "global_predictions", "verified_predictions", "retrieval_order",
-    "nonlandmark_shares", "expected_local_scores", "rerank_order", "fit_whitening", "apply_whitening",
-    "query_expansion", "database_augmentation", "superglobal_rerank", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder",
-    "BATCH_SIGNATURES", "Sizes", "Timing", "stage_units", "project_seconds", "rerank_seconds_per_query",
-    "deepest_rerank", "plan_depth", "main",
+    "KIT_API", "DELG_IMAGE_SCALES",
+    "DELG_GLOBAL_SCALE_INDICES", "DELG_MAX_IMAGE_SIDE", "DELG_MAX_FEATURE_NUM", "DELG_ATTENTION_ABS_THRESHOLD",
+    "NOTEBOOK_LIMIT_H", "TIMING_STAGES", "IMAGE_SPLITS", "RETRIEVAL_SIZE", "SECTIONS", "PRESETS", "DEFAULT_RERANK",
+    "Settings", "Extraction", "Global", "Verification", "Scoring", "Budget", "InputError", "parse_settings",
+    "read_settings_file", "read_settings_record", "DelgSavedModel", "read_test_ids", "read_train_labels",
+    "list_image_ids", "image_path", "decode_image", "extract_global", "load_global", "cached_global", "knn",
+    "LocalFeatures", "local_path", "extract_local", "load_local", "putative_matches", "matches_in", "ransac_inliers",
+    "ransac_matches", "inlier_mask", "count_inliers", "pixel_threshold", "Candidates", "recognition_predictions",
+    "global_predictions", "verified_predictions", "retrieval_order", "nonlandmark_shares", "expected_local_scores",
+    "rerank_order", "fit_whitening", "apply_whitening", "query_expansion", "database_augmentation",
+    "superglobal_rerank", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "BATCH_SIGNATURES", "Sizes", "Timing",
+    "stage_units", "project_seconds", "rerank_seconds_per_query", "deepest_rerank", "plan_depth", "main",
 )
 KIT_API = __all__
 
@@ -697,14 +697,21 @@ def ransac_inliers(points_a: np.ndarray, points_b: np.ndarray, threshold_px: flo
 
 def ransac_matches(a: LocalFeatures, b: LocalFeatures,
                    verification: Verification) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Putative matches (indices a, b) and their RANSAC inlier mask; no inliers when there are too few matches."""
+    """Putative matches (indices a, b) and their RANSAC inlier mask."""
     if len(a.descriptors) == 0 or len(b.descriptors) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
     ia, ib = putative_matches(a.descriptors, b.descriptors, verification.match_max_distance, verification.mutual)
+    return ia, ib, inlier_mask(a, b, ia, ib, verification)
+
+
+def inlier_mask(a: LocalFeatures, b: LocalFeatures, ia: np.ndarray, ib: np.ndarray,
+                verification: Verification) -> np.ndarray:
+    """RANSAC inliers among the putative matches (ia, ib) of two images; none when there are fewer than
+    min_matches (and 4, a homography's minimum). The one verification rule: the script and tune use it."""
     if len(ia) < max(4, verification.min_matches):
-        return ia, ib, np.zeros(len(ia), bool)
+        return np.zeros(len(ia), bool)
     threshold = pixel_threshold(verification, a.side, b.side)
-    return ia, ib, ransac_inliers(a.keypoints[ia], b.keypoints[ib], threshold, verification)
+    return ransac_inliers(a.keypoints[ia], b.keypoints[ib], threshold, verification)
 
 
 def count_inliers(a: LocalFeatures, b: LocalFeatures, verification: Verification) -> int:
