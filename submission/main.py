@@ -14,12 +14,13 @@ fields are also the flags. They are layered: the script's defaults, then --prese
 then the flags given on the command line. WORK/settings.json records what a run used and where each value
 came from; give it back as --settings to run the same way again.
 
-Files it leaves: --out (all-empty at once, then global-only, then the reranked result every --write-every-s
-seconds and at the end), WORK/settings.json, WORK/timing.json (items and seconds per stage, and the plan of
-the database pass), WORK/submission_global_only.csv, WORK/neighbours.npz (every query's candidates and
-cosines), WORK/verified_pairs.csv (id, rank, candidate, cosine, inliers of every verified pair), and its
-caches: WORK/global/<split>/chunk_*.npz (resumable) and WORK/local/<split>/<id>.npz, each deleted when its key
-in WORK/cache_key.json (the model's files and the settings the features depend on) no longer matches.
+Files it leaves: --out (all-empty once the inputs and the model are checked, then global-only, then the
+reranked result every --write-every-s seconds and at the end), WORK/settings.json, WORK/timing.json (items and
+seconds per stage, and the plan of the database pass), WORK/submission_global_only.csv, WORK/neighbours.npz
+(every query's candidates and cosines), WORK/verified_pairs.csv (id, rank, candidate, cosine, inliers of every
+verified pair), and its caches: WORK/global/<split>/chunk_*.npz (resumable) and WORK/local/<split>/<id>.npz, each
+deleted when its key in WORK/cache_key.json (the model's files and the settings the features depend on) no
+longer matches. A run holds WORK/.lock while it lasts: a second run on the same --work stops with an error.
 
 The kit (local_eval: replay, tune, show; tests and benches) imports only the names in KIT_API.
 """
@@ -28,6 +29,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
 import math
@@ -481,11 +484,19 @@ def open_rgb(path: Path, layout: Callable[[int, int], tuple[tuple[int, int], tup
         if shrink < 1:
             image.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
         fx, fy = image.size[0] / width, image.size[1] / height
-        image = image.convert("RGB")
+        image = eight_bits(image).convert("RGB")
         box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
         if image.size == size and box == (0, 0, *image.size):
             return image
         return image.resize(size, Image.BILINEAR, box=box)
+
+
+def eight_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (mode I;16*, or I as older Pillow opens such PNGs) scaled to 8 bits, as TensorFlow's
+    decoder does in training; convert("RGB") would clip every pixel above 255 to white. Other modes as they are."""
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray(np.clip(np.asarray(image).astype(np.int64) >> 8, 0, 255).astype(np.uint8))
 
 
 def warn_unreadable(path: Path, err: Exception) -> None:
@@ -548,16 +559,54 @@ def prefetched(load: Callable, items: Iterable, threads: int, depth: int) -> Ite
             yield pending.popleft().result()
 
 
-def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) into a temporary file beside path, then rename it over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~current_umask()  # what open() gives a new file; mkstemp's files are private (0600)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def size_text(count: int) -> str:
+    """Bytes as '3.2 KB', '51.0 MB' or '2.4 GB'."""
+    unit = max(1, min(3, int(math.log(max(count, 1), 1024))))
+    return f"{count / 1024**unit:.1f} {('KB', 'MB', 'GB')[unit - 1]}"
+
+
+@contextlib.contextmanager
+def space_checked(path: Path, partial: Path | None = None) -> Iterator[None]:
+    """A full disk while writing path (or its temporary copy `partial`) becomes one InputError naming the folder,
+    the file, how much of it was written and what is free."""
     try:
-        write(Path(tmp))
+        yield
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        written = (partial or path).stat().st_size if (partial or path).is_file() else 0
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        raise InputError(f"no space left in {path.parent} while writing {path.name}: it needs more than the "
+                         f"{size_text(written)} written when the disk filled ({size_text(free)} free now); free some "
+                         "space there or point --work or --out elsewhere") from None
+
+
+def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a temporary file beside path, then rename it over path (as an ordinary file, mode 0644 under
+    the usual umask)."""
+    tmp = None
+    try:
+        with space_checked(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+            os.close(fd)
+        with space_checked(path, Path(tmp)):
+            write(Path(tmp))
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def save_json(path: Path, content: dict) -> None:
@@ -578,6 +627,30 @@ def check_output_paths(run: Run) -> None:
             raise InputError(f"{name} {path}: {folder} is not writable")
 
 
+@contextlib.contextmanager
+def work_lock(work: Path) -> Iterator[None]:
+    """Hold WORK/.lock while the run lasts: a second run on the same --work refuses to start, since it would
+    rewrite or delete the caches under the first. The system drops the lock when the run ends, however it ends."""
+    path = work / ".lock"
+    with space_checked(path):
+        file = open(path, "a+")  # held open, and locked, until the run ends
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            raise InputError(f"--work {work} is in use by another run ({holder}); wait for it to end or give "
+                             "another --work") from None
+        except OSError as err:  # a file system without locks: run unprotected rather than not at all
+            log.warning("cannot lock %s (%s): make sure no other run uses this --work", path, err.strerror)
+        with space_checked(path):
+            file.truncate(0)
+            file.write(f"process {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            file.flush()
+        yield
+
+
 # %% 3. Global descriptors
 DELG_INPUTS = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
                "input_global_scales_ind")
@@ -587,14 +660,39 @@ BATCH_SIGNATURES = {("float32", False): "global_batch", ("float32", True): "glob
                     ("float16", False): "global_batch_float16", ("float16", True): "global_batch_float16_xla"}
 
 
+def load_saved_model(model_dir: Path):
+    """tf.saved_model.load, or one InputError naming the folder."""
+    if not model_dir.is_dir():
+        raise InputError(f"--model {model_dir}: {'not a folder' if model_dir.exists() else 'no such folder'}")
+    if not (model_dir / "saved_model.pb").is_file():
+        raise InputError(f"--model {model_dir} is not a SavedModel folder (no saved_model.pb)")
+    try:
+        return tf.saved_model.load(str(model_dir))
+    except Exception as err:  # noqa: BLE001 - whatever TensorFlow raises, the folder holds no loadable SavedModel
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise InputError(f"--model {model_dir}: cannot load the SavedModel in it ({reason})") from None
+
+
+def contract_error(model_dir: Path, serving) -> InputError:
+    """The error for a SavedModel that is not DELG: what was expected, what it has."""
+    expected = (f"expected the DELG contract, serving_default({', '.join(DELG_INPUTS)}) -> "
+                f"{', '.join(DELG_OUTPUTS)} (or a TF1 export with these tensors)")
+    if serving is None:
+        return InputError(f"--model {model_dir} is not a DELG model: {expected}; it has no serving_default and no "
+                          "TF1 graph with these tensors")
+    inputs, outputs = sorted(serving.structured_input_signature[1]), sorted(serving.structured_outputs)
+    hint = "; it is a retrieval model (the Kaggle retrieval contract), not the DELG export" if (
+        outputs == ["global_descriptor"]) else ""
+    return InputError(f"--model {model_dir} is not a DELG model: {expected}; its serving_default takes "
+                      f"{', '.join(inputs) or 'nothing'} and gives {', '.join(outputs) or 'nothing'}{hint}")
+
+
 class DelgSavedModel:
     """Calls a DELG SavedModel: TF2 serving_default (and its batched global signatures when exported with them),
     or a TF1 export through .prune() on tensor names."""
 
     def __init__(self, model_dir: Path, extraction: Extraction):
-        if not (model_dir / "saved_model.pb").is_file():
-            raise InputError(f"{model_dir} is not a SavedModel folder (no saved_model.pb)")
-        self.model = tf.saved_model.load(str(model_dir))
+        self.model = load_saved_model(model_dir)
         self.scales = tf.constant(extraction.scales, tf.float32)
         self.global_indices = tf.constant(extraction.global_scale_indices, tf.int32)
         self.max_features = extraction.max_features
@@ -602,23 +700,37 @@ class DelgSavedModel:
         signatures = getattr(self.model, "signatures", {})
         serving = signatures.get("serving_default")
         if serving is not None and set(DELG_INPUTS) <= set(serving.structured_input_signature[1]):
+            if not set(DELG_OUTPUTS) <= set(serving.structured_outputs):
+                raise contract_error(model_dir, serving)
             self.kind, self.function = "tf2", serving
         else:
-            self.kind, self.function = "tf1", self._prune()
+            self.kind, self.function = "tf1", self._prune(model_dir, serving)
         self.batched = {key: signatures[name] for key, name in BATCH_SIGNATURES.items() if name in signatures}
         probe = np.full((1, 64, 64, 3), 128, np.uint8)
-        try:
-            self.global_dim = int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
-        except tf.errors.OpError as err:  # a batched function this TensorFlow cannot run: the contract still works
-            log.warning("the batched global functions fail here (%s): one image per call",
-                        str(err).strip().splitlines()[0][:200])
-            self.batched = {}
-            self.global_dim = int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
+        probe_dim = lambda: int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
+        if self.batched:
+            try:
+                self.global_dim = probe_dim()
+            except tf.errors.OpError as err:  # a batched function this TensorFlow cannot run: the contract still works
+                log.warning("the batched global functions fail here (%s): one image per call",
+                            str(err).strip().splitlines()[0][:200])
+                self.batched = {}
+        if not self.batched:
+            try:
+                self.global_dim = probe_dim()
+            except (tf.errors.OpError, ValueError, TypeError, KeyError, IndexError) as err:
+                raise InputError(f"--model {model_dir}: the DELG contract fails on a 64x64 test image "
+                                 f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]})") from None
         names = [BATCH_SIGNATURES[key] for key in self.batched]
         log.info("loaded %s DELG model from %s (global dimension %d, batched global: %s)", self.kind, model_dir,
                  self.global_dim, ", ".join(names) or "no")
 
-    def _prune(self):
+    def _prune(self, model_dir: Path, serving) -> Callable:
+        """The TF1 contract: the graph's DELG tensors by name (input_max_feature_num and input_global_scales_ind
+        may be absent)."""
+        needed = ("input_image", "input_scales", "input_abs_thres", *DELG_OUTPUTS)
+        if not all(self._has_tensor(name) for name in needed):
+            raise contract_error(model_dir, serving)
         feeds = [name for name in DELG_INPUTS if self._has_tensor(name)]
         self.tf1_feeds = feeds
         return self.model.prune([f"{name}:0" for name in feeds], [f"{name}:0" for name in DELG_OUTPUTS])
@@ -627,7 +739,7 @@ class DelgSavedModel:
         try:
             self.model.graph.get_operation_by_name(name)
             return True
-        except (KeyError, AttributeError):
+        except (KeyError, AttributeError, ValueError):
             return False
 
     def __call__(self, image: np.ndarray, max_features: int, scales: tf.Tensor | None = None,
@@ -1158,7 +1270,8 @@ def append_verified_pairs(path: Path, query_ids: list[str], db_ids: list[str], n
     frame = pd.DataFrame({"id": [query_ids[q] for q in queries], "rank": ranks + 1,
                           "candidate": [db_ids[j] for j in neighbours[queries, ranks]],
                           "cosine": np.round(cosines[queries, ranks], 6), "inliers": inliers[queries, ranks]})
-    frame.to_csv(path, mode="a", header=False, index=False)
+    with space_checked(path):
+        frame.to_csv(path, mode="a", header=False, index=False)
 
 
 # %% 7. Time budget
@@ -1323,14 +1436,28 @@ class Inputs:
 
 
 def read_inputs(run: Run) -> Inputs:
-    db_split, _ = IMAGE_SPLITS[run.task]
+    """The ids and labels of a run, checked before anything is written: a database to search, the image folders,
+    the --nonlandmark-dir."""
+    db_split, query_split = IMAGE_SPLITS[run.task]
     test_ids = read_test_ids(run.data)
     if run.task == "recognition":
         db_ids, labels = read_train_labels(run.data)
+        if not db_ids:
+            raise InputError(f"{run.data / 'train.csv'} lists no images: there is no database to search")
         order = round_robin(labels)
         db_ids, labels = [db_ids[i] for i in order], labels[order]
     else:
         db_ids, labels = list_image_ids(run.data / "index"), np.zeros(0, np.int64)
+        if not db_ids:
+            raise InputError(f"{run.data / 'index'} holds no .jpg images named by an image id: there is no "
+                             "database to search")
+    for split in (db_split, query_split) if test_ids else (db_split,):
+        if not (run.data / split).is_dir():
+            raise InputError(f"{run.data / split} not found: the {split} images belong there")
+    if not test_ids:
+        log.warning("%s lists no test images: the submission will hold only its header",
+                    run.data / "sample_submission.csv")
+    nonlandmark_paths(run)
     return Inputs(test_ids, db_split, db_ids, labels)
 
 
@@ -1407,6 +1534,9 @@ def global_pass(model: DelgSavedModel, inputs: Inputs, settings: Settings, timin
         return None
     db_desc, db_rows = compact_valid(*load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size,
                                                   model.global_dim, allow_missing=cut))
+    if not cut and not len(db_rows):
+        raise InputError(f"none of the {sizes.db} database images under {run.data / inputs.db_split} could be "
+                         "read (see the warnings above): there is no database to search")
     if cut:
         log.warning("database pass cut by the deadline: %d of %d images searched", len(db_rows), sizes.db)
         timing.plan["database_cut_at"] = int(len(db_rows))
@@ -1527,13 +1657,22 @@ def plan_run(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: 
 
 
 def run(settings: Settings) -> None:
+    """Check the output paths, take --work, run."""
     run_ = settings.run
     check_output_paths(run_)
+    with work_lock(run_.work):
+        locked_run(settings)
+
+
+def locked_run(settings: Settings) -> None:
+    """The run, once it holds --work. Nothing is written before the inputs and the model have been checked, so
+    a bad flag leaves an earlier --out as it was."""
+    run_ = settings.run
     timing = Timing(run_.work / "timing.json", run_.task, settings.budget)
     inputs = read_inputs(run_)
+    model = DelgSavedModel(run_.model, settings.extraction)
     if parse_shard(run_.shard) == (0, 1) and run_.probe is None:  # a valid file at once, whatever happens later
         write_submission(run_.out, run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
-    model = DelgSavedModel(run_.model, settings.extraction)
     if run_.probe is not None:
         return probe(model, inputs, settings, timing)
     knn_rate = knn_seconds_per_item(model.global_dim, run_.knn_block_mb)
@@ -1573,7 +1712,7 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
 
     unverified = np.full(neighbours.shape, -1)
     write_submission(run_.out, run_.task, inputs.test_ids, rows_for(unverified))
-    shutil.copyfile(run_.out, run_.work / "submission_global_only.csv")
+    atomic_save(run_.work / "submission_global_only.csv", lambda tmp: shutil.copyfile(run_.out, tmp))
     log.info("global-only submission written to %s", run_.out)
     pairs_path, last_write = run_.work / "verified_pairs.csv", time.monotonic()
     start_verified_pairs(pairs_path)
@@ -1600,6 +1739,12 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_settings(argv))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk where space_checked does not look (the system's temporary files)
+        if err.errno not in NO_SPACE:
+            raise
+        print(f"error: no space left on the device ({err.filename or err.strerror}): free some space there",
+              file=sys.stderr)
         return 2
     return 0
 
