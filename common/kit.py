@@ -1,12 +1,27 @@
-"""Facts of the kit that several packages share, written down once.
+"""Facts of the kit that several packages share, written down once, and the notebook loaded as a module.
 
 submission/main.py keeps its own copies (it must run alone in a Kaggle notebook); tests/test_kit_constants.py
 ties each copy to its home here or in local_eval.
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBMISSION_SCRIPT = REPO_ROOT / "submission" / "main.py"  # the notebook: replayed, bundled, imported by the kit
+SUBMISSION_MODULE = "submission_main"  # its name as a module
 NOTEBOOK_LIMIT_H = 9.0  # Kaggle's notebook limit of most years (2021: 12 h): the default budget everywhere
+
+
+def load_submission() -> ModuleType:
+    """submission/main.py (no package: it stands alone on Kaggle) as a module, loaded once per process (local_eval,
+    export's settings check, tests and benches share the copy)."""
+    if SUBMISSION_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(SUBMISSION_MODULE, SUBMISSION_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[SUBMISSION_MODULE] = module  # worker processes find pickled functions by this name
+        spec.loader.exec_module(module)
+    return sys.modules[SUBMISSION_MODULE]

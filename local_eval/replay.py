@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.cli import UserError, atomic_write_text
+from common.cli import UserError, atomic_write_text, check_positive
 from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.layout import TASK_FOLDERS, nonlandmark_folder, solution_file, task_folder
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC, score_files
@@ -43,20 +44,45 @@ def script_command(task: str, data: Path, model: Path, out: Path, work: Path, li
             "--time-budget-h", f"{limit_h:g}", *distractors, *extra]
 
 
+# Kills a process group once its stdin closes: the replay holds the other end, and the system closes it when the
+# replay ends, however it ends (kill -9 included), so the script and its workers never outlive the replay.
+WATCHDOG = """import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+group = sys.stdin.readline().strip()
+sys.stdin.read()
+if group:
+    try:
+        os.killpg(int(group), signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+"""
+
+
+def start_watchdog() -> subprocess.Popen:
+    """A process that kills the group whose id it is sent as soon as this process ends (see WATCHDOG)."""
+    return subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
 def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[str, float]:
-    """Run command with stdout+stderr to log_path; kill its whole process group at the limit."""
+    """Run command with stdout+stderr to log_path; kill its whole process group at the limit, when this process is
+    interrupted or fails, and (through a watchdog) when it is killed."""
     start = time.monotonic()
-    with open(log_path, "w") as log_file:
+    watchdog = start_watchdog()
+    with watchdog, open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)  # in our folder: relative paths in the flags work
+        watchdog.stdin.write(f"{process.pid}\n")
+        watchdog.stdin.flush()
         try:
             code = process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             code = None
-        finally:  # the limit, Ctrl-C or any error here: the script and its workers go too
-            if process.poll() is None:
+        finally:  # the limit, Ctrl-C or any error here: the script and any worker it left go too
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            process.wait()
+            watchdog.kill()  # its work is done
     if code is None:
         return "timeout", time.monotonic() - start
     return ("ok" if code == 0 else "crash"), time.monotonic() - start
@@ -87,6 +113,7 @@ def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
     is out/work unless another is given (runs sharing one reuse each other's cached features)."""
     if task not in TASK_FOLDERS:
         raise UserError(f"unknown task {task!r}; choose recognition or retrieval")
+    check_positive("--limit-h", limit_h)  # 0, a negative or NaN would only report a timeout
     data, solution = competition_paths(Path(competition), task)
     out = Path(out).resolve()
     work = out / "work" if work is None else Path(work).resolve()
