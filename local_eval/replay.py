@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -44,45 +43,27 @@ def script_command(task: str, data: Path, model: Path, out: Path, work: Path, li
             "--time-budget-h", f"{limit_h:g}", *distractors, *extra]
 
 
-# Kills a process group once its stdin closes: the replay holds the other end, and the system closes it when the
-# replay ends, however it ends (kill -9 included), so the script and its workers never outlive the replay.
-WATCHDOG = """import os, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-group = sys.stdin.readline().strip()
-sys.stdin.read()
-if group:
-    try:
-        os.killpg(int(group), signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-"""
-
-
-def start_watchdog() -> subprocess.Popen:
-    """A process that kills the group whose id it is sent as soon as this process ends (see WATCHDOG)."""
-    return subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+# Leads the script's process group and kills it once its stdin closes: the replay holds the other end, and the system
+# closes it when the replay ends, however it ends (kill -9 included), so the script and its workers never outlive
+# the replay. The group exists before the script starts: no moment when the script runs unwatched.
+WATCHDOG = "import os, signal, sys; sys.stdin.read(); os.killpg(os.getpgrp(), signal.SIGKILL)"
 
 
 def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[str, float]:
-    """Run command with stdout+stderr to log_path; kill its whole process group at the limit, when this process is
-    interrupted or fails, and (through a watchdog) when it is killed."""
+    """Run command with stdout+stderr to log_path, in a process group of its own; kill the group at the limit, when
+    this process is interrupted or fails, and (through the watchdog leading the group) when it is killed."""
     start = time.monotonic()
-    watchdog = start_watchdog()
-    with watchdog, open(log_path, "w") as log_file:
+    with subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, process_group=0) as watchdog, open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)  # in our folder: relative paths in the flags work
-        watchdog.stdin.write(f"{process.pid}\n")
-        watchdog.stdin.flush()
+                                   process_group=watchdog.pid)  # in our folder: relative paths in the flags work
         try:
             code = process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             code = None
         finally:  # the limit, Ctrl-C or any error here: the script and any worker it left go too
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(watchdog.pid, signal.SIGKILL)
             process.wait()
-            watchdog.kill()  # its work is done
     if code is None:
         return "timeout", time.monotonic() - start
     return ("ok" if code == 0 else "crash"), time.monotonic() - start

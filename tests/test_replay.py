@@ -68,6 +68,10 @@ def test_a_limit_that_is_no_positive_number_is_a_flag_error(tmp_path, capsys, li
     assert not (tmp_path / "r").exists()
 
 
+QUICK = ["--plan", "fixed", "--scales", "1.0", "--global-scale-indices", "0", "--global-max-side", "64",
+         "--max-image-side", "96"]  # to reranking, and its workers, soon
+
+
 def script_processes(report: Path) -> list[int]:
     """Live processes of the submission script writing report/submission.csv (its forked workers included)."""
     marker = str(report / "submission.csv").encode()
@@ -99,7 +103,7 @@ def test_a_killed_replay_takes_its_script_down(tmp_path, tiny_competition, tiny_
     out = tmp_path / "out"
     report = out / "run" if command == "tune" else out
     argv = [sys.executable, "-m", "local_eval", command, "--competition", str(tiny_competition), "--task",
-            "recognition", "--model", str(tiny_model), "--out", str(out), "--", "--workers", "2"]
+            "recognition", "--model", str(tiny_model), "--out", str(out), "--", "--workers", "2", *QUICK]
     parent = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         caught = wait_until(lambda: len(script_processes(report)) >= processes or parent.poll() is not None, 600)
