@@ -101,11 +101,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, marker: str = KI
     Temporary names hold the process id, so a later run removes what a killed run left."""
     out = Path(os.path.abspath(out))
     check_output_dir(out, overwrite, marker)
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".partial"))
-    except OSError as err:
-        raise UserError(f"{out}: cannot write in {out.parent} ({err.strerror})") from None
-    try:
+    with partial_dir(out) as tmp:
         yield tmp
         if not (tmp / marker).exists():
             (tmp / marker).write_text(_MARKER_TEXT)
@@ -117,6 +113,20 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, marker: str = KI
         os.replace(tmp, out)
         if old is not None:
             _remove(old)
+
+
+@contextmanager
+def partial_dir(out: str | Path) -> Iterator[Path]:
+    """A temporary folder `.NAME.PID.XXXXXXXX.partial` beside `out` to build it in, removed when done; a later run
+    removes it if this process is killed (and this one first removes what killed runs left)."""
+    out = Path(os.path.abspath(out))
+    remove_stale_partials(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".partial"))
+    except OSError as err:
+        raise UserError(f"{out}: cannot write in {out.parent} ({err.strerror})") from None
+    try:
+        yield tmp
     finally:
         if tmp.exists():
             _remove(tmp)

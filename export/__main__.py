@@ -105,7 +105,8 @@ def main_bundle(argv: list[str] | None) -> None:
     parser.add_argument("--time-budget-h", type=float, default=DEFAULT_BUDGET_H,
                         help="the competition's notebook limit in hours, passed to main.py (default %(default)s)")
     parser.add_argument("--settings", type=Path, default=None,
-                        help="JSON settings file (local_eval tune's) shipped as settings.json, passed to main.py")
+                        help="JSON settings file (local_eval tune's), checked as main.py will read it, shipped as "
+                             "settings.json and passed to main.py")
     parser.add_argument("--nonlandmark-dir", type=Path, default=None,
                         help="folder of images showing no landmark, shipped as nonlandmark/, passed to main.py")
     parser.add_argument("--float16", action="store_true", help="export the model with --float16")

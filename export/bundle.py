@@ -8,7 +8,8 @@ Layout:
     kernel.py                the notebook's code file: installs the wheel offline, runs main.py on Kaggle's paths
                              (its own command-line arguments follow, so they win over the bundle's)
     wheels/pydegensac-*.whl  when one is at hand, for `pip install --no-index --find-links`
-    settings.json            with --settings: tuned settings (`local_eval tune`), passed as main.py --settings
+    settings.json            with --settings: tuned settings (`local_eval tune`), checked by the kit's main.py,
+                             passed as main.py --settings
     nonlandmark/             with --nonlandmark-dir: images known to show no landmark, main.py --nonlandmark-dir
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from common.cli import UserError, atomic_output_dir
-from common.kit import NOTEBOOK_LIMIT_H, SUBMISSION_SCRIPT
+from common.kit import NOTEBOOK_LIMIT_H, SUBMISSION_SCRIPT, load_submission
 from export.delg import export_delg
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,14 @@ def kernel_metadata(user: str, dataset: str, kernel: str, competition: str) -> d
     }
 
 
+def launcher_task(competition: str) -> str:
+    return "retrieval" if "retrieval" in competition else "recognition"
+
+
 def launcher(dataset: str, competition: str, budget_h: float = DEFAULT_BUDGET_H, settings: bool = False,
              nonlandmark: bool = False) -> str:
     """The notebook's code: the submission script with the dataset's and the competition's Kaggle paths."""
-    task = "retrieval" if "retrieval" in competition else "recognition"
+    task = launcher_task(competition)
     in_dataset = 'DATASET + "/{}"'.format
     arguments = [("--task", json.dumps(task)), ("--data", json.dumps(f"/kaggle/input/{competition}")),
                  ("--model", in_dataset(MODEL_DIR)), ("--out", '"/kaggle/working/submission.csv"'),
@@ -103,8 +108,9 @@ def launcher(dataset: str, competition: str, budget_h: float = DEFAULT_BUDGET_H,
     return LAUNCHER.format(dataset=dataset, wheels=WHEEL_DIR, script=SCRIPT_PATH, arguments=text)
 
 
-def check_settings_file(path: Path) -> None:
-    """--settings must be a readable JSON object (main.py checks its fields when it runs)."""
+def check_settings_file(path: Path, competition: str, budget_h: float) -> None:
+    """--settings must be a JSON object that the notebook accepts: the kit's main.py reads it here with the flags the
+    launcher gives, as it will on the server (every key known, every value of its type and in its range)."""
     if not path.is_file():
         raise UserError(f"--settings {path}: not a file")
     try:
@@ -113,6 +119,12 @@ def check_settings_file(path: Path) -> None:
         raise UserError(f"--settings {path}: not readable JSON ({str(err).splitlines()[0]})") from None
     if not isinstance(settings, dict):
         raise UserError(f"--settings {path}: expected a JSON object, found {type(settings).__name__}")
+    notebook = load_submission()
+    try:
+        notebook.parse_settings(["--task", launcher_task(competition), "--data", ".", "--model", ".",
+                                 "--time-budget-h", str(budget_h), "--settings", str(path)])
+    except notebook.InputError as err:
+        raise UserError(str(err)) from None
 
 
 def nonlandmark_images(folder: Path) -> list[Path]:
@@ -142,7 +154,7 @@ def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: 
     if not script.is_file():
         raise UserError(f"{script}: submission script not found")
     if settings is not None:
-        check_settings_file(settings)
+        check_settings_file(settings, competition, budget_h)
     images = nonlandmark_images(nonlandmark_dir) if nonlandmark_dir is not None else []
     wheel = find_pydegensac_wheel(wheel)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

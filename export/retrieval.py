@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import tensorflow as tf
 
-from common.cli import UserError
+from common.cli import UserError, partial_dir
 from export.delg import GLOBAL_BATCH_OUTPUT, BatchedGlobal, load_trained_model, serving_module
 from train.config import RETRIEVAL_SCALES
 from train.model import DelgModel
@@ -70,11 +69,11 @@ def export_retrieval(run_dir: Path, out_zip: Path, dim: int | None = None, max_m
     model = load_trained_model(run_dir)
     check_dim(model, dim)
     out_zip.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_zip.parent, prefix=f".{out_zip.name}.") as tmp:
+    with partial_dir(out_zip) as tmp:  # a killed export's folder is removed by the next one
         module = serving_module(model, retrieval_serve(model), SIGNATURE)
-        tf.saved_model.save(module, f"{tmp}/model", signatures={"serving_default": module.serve})
-        partial = Path(tmp) / "model.zip"
-        zip_saved_model(Path(tmp) / "model", partial)
+        tf.saved_model.save(module, str(tmp / "model"), signatures={"serving_default": module.serve})
+        partial = tmp / "model.zip"
+        zip_saved_model(tmp / "model", partial)
         size_mb = partial.stat().st_size / 2**20
         if size_mb > max_mb:
             raise UserError(f"{out_zip}: the zip would be {size_mb:.1f} MB, over the --max-mb limit of {max_mb} MB")

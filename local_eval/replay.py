@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.cli import UserError, atomic_write_text
+from common.cli import UserError, atomic_write_text, check_positive
 from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.layout import TASK_FOLDERS, nonlandmark_folder, solution_file, task_folder
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC, score_files
@@ -43,20 +43,27 @@ def script_command(task: str, data: Path, model: Path, out: Path, work: Path, li
             "--time-budget-h", f"{limit_h:g}", *distractors, *extra]
 
 
+# Leads the script's process group and kills it once its stdin closes: the replay holds the other end, and the system
+# closes it when the replay ends, however it ends (kill -9 included), so the script and its workers never outlive
+# the replay. The group exists before the script starts: no moment when the script runs unwatched.
+WATCHDOG = "import os, signal, sys; sys.stdin.read(); os.killpg(os.getpgrp(), signal.SIGKILL)"
+
+
 def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[str, float]:
-    """Run command with stdout+stderr to log_path; kill its whole process group at the limit."""
+    """Run command with stdout+stderr to log_path, in a process group of its own; kill the group at the limit, when
+    this process is interrupted or fails, and (through the watchdog leading the group) when it is killed."""
     start = time.monotonic()
-    with open(log_path, "w") as log_file:
+    with subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, process_group=0) as watchdog, open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)  # in our folder: relative paths in the flags work
+                                   process_group=watchdog.pid)  # in our folder: relative paths in the flags work
         try:
             code = process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             code = None
-        finally:  # the limit, Ctrl-C or any error here: the script and its workers go too
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        finally:  # the limit, Ctrl-C or any error here: the script and any worker it left go too
+            os.killpg(watchdog.pid, signal.SIGKILL)
+            process.wait()
     if code is None:
         return "timeout", time.monotonic() - start
     return ("ok" if code == 0 else "crash"), time.monotonic() - start
@@ -87,6 +94,7 @@ def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
     is out/work unless another is given (runs sharing one reuse each other's cached features)."""
     if task not in TASK_FOLDERS:
         raise UserError(f"unknown task {task!r}; choose recognition or retrieval")
+    check_positive("--limit-h", limit_h)  # 0, a negative or NaN would only report a timeout
     data, solution = competition_paths(Path(competition), task)
     out = Path(out).resolve()
     work = out / "work" if work is None else Path(work).resolve()

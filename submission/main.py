@@ -17,13 +17,14 @@ fields are also the flags. They are layered: the script's defaults, then --prese
 then the flags given on the command line. WORK/settings.json records what a run used and where each value
 came from; give it back as --settings to run the same way again.
 
-Files it leaves: --out (all-empty once the model has loaded, then global-only, then the reranked result every
---write-every-s seconds and at the end), WORK/settings.json, WORK/timing.json (items and seconds per stage,
-the plan of the database pass, the versions it ran with), WORK/submission_global_only.csv, WORK/neighbours.npz
-(every query's candidates, their scores and non-landmark cosines), WORK/verified_pairs.csv (id, rank,
-candidate, cosine, inliers of every verified pair), and its caches: WORK/global/m<i>/<split>/chunk_*.npz (per
-model, resumable) and WORK/local/<split>/<id>.npz, each deleted when its key in WORK/cache_key.json (the
-models' files and the settings the features depend on) no longer matches.
+Files it leaves: --out (all-empty once the inputs and the models are checked, then global-only, then the
+reranked result every --write-every-s seconds and at the end), WORK/settings.json, WORK/timing.json (items and
+seconds per stage, the plan of the database pass, the versions it ran with), WORK/submission_global_only.csv,
+WORK/neighbours.npz (every query's candidates, their scores and non-landmark cosines), WORK/verified_pairs.csv
+(id, rank, candidate, cosine, inliers of every verified pair), and its caches: WORK/global/m<i>/<split>/chunk_*.npz
+(per model, resumable) and WORK/local/<split>/<id>.npz, each deleted when its key in WORK/cache_key.json (the
+models' files and the settings the features depend on) no longer matches. A run holds WORK/.lock while it
+lasts: a second run on the same --work stops with an error.
 
 The kit (local_eval: replay, tune, show; tests and benches) imports only the names in KIT_API.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import multiprocessing
@@ -85,6 +87,7 @@ from settings_cli import (  # noqa: E402
     setting,
 )
 from store import (  # noqa: E402
+    NO_SPACE,
     LocalFeatures,
     atomic_save,
     cache_keys,
@@ -99,6 +102,7 @@ from store import (  # noqa: E402
     load_local,
     local_path,
     save_json,
+    space_checked,
     timed_global,
     trim_local_cache,
 )
@@ -466,6 +470,30 @@ def check_output_paths(run: Run) -> None:
             raise InputError(f"{name} {path}: {folder} is not writable")
 
 
+@contextlib.contextmanager
+def work_lock(work: Path) -> Iterator[None]:
+    """Hold WORK/.lock while the run lasts: a second run on the same --work refuses to start, since it would
+    rewrite or delete the caches under the first. The system drops the lock when the run ends, however it ends."""
+    path = work / ".lock"
+    with space_checked(path):
+        file = open(path, "a+")  # held open, and locked, until the run ends
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            raise InputError(f"--work {work} is in use by another run ({holder}); wait for it to end or give "
+                             "another --work") from None
+        except OSError as err:  # a file system without locks: run unprotected rather than not at all
+            log.warning("cannot lock %s (%s): make sure no other run uses this --work", path, err.strerror)
+        with space_checked(path):
+            file.truncate(0)
+            file.write(f"process {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            file.flush()
+        yield
+
+
 # %% 3. Global descriptors
 DELG_INPUTS = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
                "input_global_scales_ind")
@@ -475,14 +503,39 @@ BATCH_SIGNATURES = {("float32", False): "global_batch", ("float32", True): "glob
                     ("float16", False): "global_batch_float16", ("float16", True): "global_batch_float16_xla"}
 
 
+def load_saved_model(model_dir: Path):
+    """tf.saved_model.load, or one InputError naming the folder."""
+    if not model_dir.is_dir():
+        raise InputError(f"--model {model_dir}: {'not a folder' if model_dir.exists() else 'no such folder'}")
+    if not (model_dir / "saved_model.pb").is_file():
+        raise InputError(f"--model {model_dir} is not a SavedModel folder (no saved_model.pb)")
+    try:
+        return tf.saved_model.load(str(model_dir))
+    except Exception as err:  # noqa: BLE001 - whatever TensorFlow raises, the folder holds no loadable SavedModel
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise InputError(f"--model {model_dir}: cannot load the SavedModel in it ({reason})") from None
+
+
+def contract_error(model_dir: Path, serving) -> InputError:
+    """The error for a SavedModel that is not DELG: what was expected, what it has."""
+    expected = (f"expected the DELG contract, serving_default({', '.join(DELG_INPUTS)}) -> "
+                f"{', '.join(DELG_OUTPUTS)} (or a TF1 export with these tensors)")
+    if serving is None:
+        return InputError(f"--model {model_dir} is not a DELG model: {expected}; it has no serving_default and no "
+                          "TF1 graph with these tensors")
+    inputs, outputs = sorted(serving.structured_input_signature[1]), sorted(serving.structured_outputs)
+    hint = "; it is a retrieval model (the Kaggle retrieval contract), not the DELG export" if (
+        outputs == ["global_descriptor"]) else ""
+    return InputError(f"--model {model_dir} is not a DELG model: {expected}; its serving_default takes "
+                      f"{', '.join(inputs) or 'nothing'} and gives {', '.join(outputs) or 'nothing'}{hint}")
+
+
 class DelgSavedModel:
     """Calls a DELG SavedModel: TF2 serving_default (and its batched global signatures when exported with them),
     or a TF1 export through .prune() on tensor names."""
 
     def __init__(self, model_dir: Path, extraction: Extraction):
-        if not (model_dir / "saved_model.pb").is_file():
-            raise InputError(f"{model_dir} is not a SavedModel folder (no saved_model.pb)")
-        self.model = tf.saved_model.load(str(model_dir))
+        self.model = load_saved_model(model_dir)
         self.scales = tf.constant(extraction.scales, tf.float32)
         self.global_indices = tf.constant(extraction.global_scale_indices, tf.int32)
         self.max_features = extraction.max_features
@@ -490,23 +543,37 @@ class DelgSavedModel:
         signatures = getattr(self.model, "signatures", {})
         serving = signatures.get("serving_default")
         if serving is not None and set(DELG_INPUTS) <= set(serving.structured_input_signature[1]):
+            if not set(DELG_OUTPUTS) <= set(serving.structured_outputs):
+                raise contract_error(model_dir, serving)
             self.kind, self.function = "tf2", serving
         else:
-            self.kind, self.function = "tf1", self._prune()
+            self.kind, self.function = "tf1", self._prune(model_dir, serving)
         self.batched = {key: signatures[name] for key, name in BATCH_SIGNATURES.items() if name in signatures}
         probe = np.full((1, 64, 64, 3), 128, np.uint8)
-        try:
-            self.global_dim = int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
-        except tf.errors.OpError as err:  # a batched function this TensorFlow cannot run: the contract still works
-            log.warning("the batched global functions fail here (%s): one image per call",
-                        str(err).strip().splitlines()[0][:200])
-            self.batched = {}
-            self.global_dim = int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
+        probe_dim = lambda: int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
+        if self.batched:
+            try:
+                self.global_dim = probe_dim()
+            except tf.errors.OpError as err:  # a batched function this TensorFlow cannot run: the contract still works
+                log.warning("the batched global functions fail here (%s): one image per call",
+                            str(err).strip().splitlines()[0][:200])
+                self.batched = {}
+        if not self.batched:
+            try:
+                self.global_dim = probe_dim()
+            except (tf.errors.OpError, ValueError, TypeError, KeyError, IndexError) as err:
+                raise InputError(f"--model {model_dir}: the DELG contract fails on a 64x64 test image "
+                                 f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]})") from None
         names = [BATCH_SIGNATURES[key] for key in self.batched]
         log.info("loaded %s DELG model from %s (global dimension %d, batched global: %s)", self.kind, model_dir,
                  self.global_dim, ", ".join(names) or "no")
 
-    def _prune(self):
+    def _prune(self, model_dir: Path, serving) -> Callable:
+        """The TF1 contract: the graph's DELG tensors by name (input_max_feature_num and input_global_scales_ind
+        may be absent)."""
+        needed = ("input_image", "input_scales", "input_abs_thres", *DELG_OUTPUTS)
+        if not all(self._has_tensor(name) for name in needed):
+            raise contract_error(model_dir, serving)
         feeds = [name for name in DELG_INPUTS if self._has_tensor(name)]
         self.tf1_feeds = feeds
         return self.model.prune([f"{name}:0" for name in feeds], [f"{name}:0" for name in DELG_OUTPUTS])
@@ -515,7 +582,7 @@ class DelgSavedModel:
         try:
             self.model.graph.get_operation_by_name(name)
             return True
-        except (KeyError, AttributeError):
+        except (KeyError, AttributeError, ValueError):
             return False
 
     def __call__(self, image: np.ndarray, max_features: int, scales: tf.Tensor | None = None,
@@ -925,7 +992,8 @@ def append_verified_pairs(path: Path, query_ids: list[str], db_ids: list[str], n
     frame = pd.DataFrame({"id": [query_ids[q] for q in queries], "rank": ranks + 1,
                           "candidate": [db_ids[j] for j in neighbours[queries, ranks]],
                           "cosine": np.round(cosines[queries, ranks], 6), "inliers": inliers[queries, ranks]})
-    frame.to_csv(path, mode="a", header=False, index=False)
+    with space_checked(path):
+        frame.to_csv(path, mode="a", header=False, index=False)
 
 
 # %% 8. Main
@@ -945,14 +1013,27 @@ class Inputs:
 
 
 def read_inputs(run: Run) -> Inputs:
-    db_split, _ = IMAGE_SPLITS[run.task]
+    """The ids and labels of a run, checked before anything is written: a database to search, the image folders,
+    the --nonlandmark-dir."""
+    db_split, query_split = IMAGE_SPLITS[run.task]
     test_ids = read_test_ids(run.data)
     if run.task == "recognition":
         db_ids, labels = read_train_labels(run.data)
+        if not db_ids:
+            raise InputError(f"{run.data / 'train.csv'} lists no images: there is no database to search")
         order = round_robin(labels)
         db_ids, labels = [db_ids[i] for i in order], labels[order]
     else:
         db_ids, labels = list_image_ids(run.data / "index"), np.zeros(0, np.int64)
+        if not db_ids:
+            raise InputError(f"{run.data / 'index'} holds no .jpg images named by an image id: there is no "
+                             "database to search")
+    for split in (db_split, query_split) if test_ids else (db_split,):
+        if not (run.data / split).is_dir():
+            raise InputError(f"{run.data / split} not found: the {split} images belong there")
+    if not test_ids:
+        log.warning("%s lists no test images: the submission will hold only its header",
+                    run.data / "sample_submission.csv")
     return Inputs(test_ids, db_split, db_ids, labels, *nonlandmark_paths(run))
 
 
@@ -1032,6 +1113,9 @@ def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timi
         return None
     (db, db_ok), (queries, query_ok), (nonlandmarks, nl_ok) = (combine(splits[s], models.weights) for s in splits)
     db, db_rows = compact_valid(db, db_ok)
+    if not cut_any and not len(db_rows):
+        raise InputError(f"none of the {sizes.db} database images under {run.data / inputs.db_split} could be "
+                         "read (see the warnings above): there is no database to search")
     if cut_any:
         log.warning("database pass cut by the deadline: %d of %d images searched", len(db_rows), sizes.db)
         timing.plan["database_cut_at"] = int(len(db_rows))
@@ -1207,8 +1291,17 @@ def gpu_present() -> bool:
 
 
 def run(settings: Settings) -> None:
+    """Check the output paths, take --work, run."""
     run_ = settings.run
     check_output_paths(run_)
+    with work_lock(run_.work):
+        locked_run(settings)
+
+
+def locked_run(settings: Settings) -> None:
+    """The run, once it holds --work. Nothing is written before the inputs and the models have been checked, so
+    a bad flag leaves an earlier --out as it was."""
+    run_ = settings.run
     timing = Timing(run_.work / "timing.json", run_.task, settings.budget, runtime_versions())
     inputs = read_inputs(run_)
     timing.work = work_flags(settings, inputs.sizes())
@@ -1248,7 +1341,7 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
 
     unverified = np.full(candidates.neighbours.shape, -1)
     write_submission(run_.out, run_.task, inputs.test_ids, rows_for(unverified))
-    shutil.copyfile(run_.out, run_.work / "submission_global_only.csv")
+    atomic_save(run_.work / "submission_global_only.csv", lambda tmp: shutil.copyfile(run_.out, tmp))
     log.info("global-only submission written to %s", run_.out)
     pairs_path, last_write = run_.work / "verified_pairs.csv", time.monotonic()
     start_verified_pairs(pairs_path)
@@ -1276,6 +1369,12 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_settings(argv))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk where space_checked does not look (the system's temporary files)
+        if err.errno not in NO_SPACE:
+            raise
+        print(f"error: no space left on the device ({err.filename or err.strerror}): free some space there",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -54,11 +55,19 @@ def open_rgb(path: Path, layout: Callable[[int, int], tuple[tuple[int, int], tup
         if shrink < 1:
             image.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
         fx, fy = image.size[0] / width, image.size[1] / height
-        image = image.convert("RGB")
+        image = eight_bits(image).convert("RGB")
         box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
         if image.size == size and box == (0, 0, *image.size):
             return image
         return image.resize(size, Image.BILINEAR, box=box)
+
+
+def eight_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (mode I;16*, or I as older Pillow opens such PNGs) scaled to 8 bits, as TensorFlow's
+    decoder does in training; convert("RGB") would clip every pixel above 255 to white. Other modes as they are."""
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray(np.clip(np.asarray(image).astype(np.int64) >> 8, 0, 255).astype(np.uint8))
 
 
 def warn_unreadable(path: Path, err: Exception) -> None:
@@ -121,16 +130,54 @@ def prefetched(load: Callable, items: Iterable, threads: int, depth: int) -> Ite
             yield pending.popleft().result()
 
 
-def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) into a temporary file beside path, then rename it over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~current_umask()  # what open() gives a new file; mkstemp's files are private (0600)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def size_text(count: int) -> str:
+    """Bytes as '3.2 KB', '51.0 MB' or '2.4 GB'."""
+    unit = max(1, min(3, int(math.log(max(count, 1), 1024))))
+    return f"{count / 1024**unit:.1f} {('KB', 'MB', 'GB')[unit - 1]}"
+
+
+@contextlib.contextmanager
+def space_checked(path: Path, partial: Path | None = None) -> Iterator[None]:
+    """A full disk while writing path (or its temporary copy `partial`) becomes one InputError naming the folder,
+    the file, how much of it was written and what is free."""
     try:
-        write(Path(tmp))
+        yield
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        written = (partial or path).stat().st_size if (partial or path).is_file() else 0
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        raise InputError(f"no space left in {path.parent} while writing {path.name}: it needs more than the "
+                         f"{size_text(written)} written when the disk filled ({size_text(free)} free now); free some "
+                         "space there or point --work or --out elsewhere") from None
+
+
+def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a temporary file beside path, then rename it over path (as an ordinary file, mode 0644 under
+    the usual umask)."""
+    tmp = None
+    try:
+        with space_checked(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+            os.close(fd)
+        with space_checked(path, Path(tmp)):
+            write(Path(tmp))
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def save_json(path: Path, content: dict) -> None:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from export.__main__ import main as export_main
 from export.delg import EXPORT_INFO_FILE, GLOBAL_BATCH_FLOAT16
 from tests.test_export_delg import LANDMARK_IDS, make_run_dir, random_image
 from train.config import RETRIEVAL_SCALES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,22 @@ def test_retrieval_zip_holds_the_saved_model_at_its_root(run, tmp_path, capsys):
     expected = tf.nn.l2_normalize(tf.add_n(per_scale)[0], axis=0).numpy()
     assert got.shape == (64,)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_a_killed_retrieval_export_leaves_a_partial_that_the_next_one_removes(run, tmp_path):
+    run_dir, _ = run
+    out = tmp_path / "model.zip"
+    export = subprocess.Popen([sys.executable, "-m", "export", "retrieval", "--run", str(run_dir), "--out", str(out)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".model.zip.*.partial/*")) and export.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the model is being written into its partial folder
+    os.kill(export.pid, signal.SIGKILL)
+    export.wait()
+    assert list(tmp_path.glob(f".model.zip.{export.pid}.*.partial")) and not out.exists(), "not caught while writing"
+    assert export_main(["retrieval", "--run", str(run_dir), "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.zip"]
+    assert zipfile.is_zipfile(out)
 
 
 def test_retrieval_dim_other_than_trained_is_refused(run, tmp_path, capsys):
@@ -78,7 +99,7 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
     wheel = tmp_path / "pydegensac-0.3.0-cp311-cp311-linux_x86_64.whl"
     wheel.write_bytes(b"wheel")
     settings = tmp_path / "tuned.json"
-    settings.write_text(json.dumps({"verification": {"rerank": 50}}))
+    settings.write_text(json.dumps({"scoring": {"rerank": 50}}))
     nonlandmark = tmp_path / "no-landmarks"
     (nonlandmark / "a").mkdir(parents=True)
     Image.fromarray(random_image(40, 30)).save(nonlandmark / "a" / "n1.jpg")
@@ -137,6 +158,10 @@ def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path)
     ("--settings", None, "--settings {path}: not a file"),
     ("--settings", "{not json", "--settings {path}: not readable JSON"),
     ("--settings", "[1, 2]", "--settings {path}: expected a JSON object, found list"),
+    ("--settings", '{"verification": {"rerank": 50}}', "--settings {path}: unknown setting 'verification.rerank'"),
+    ("--settings", '{"scoring": {"rerank": "3"}}', "--settings {path}: 'scoring.rerank' must be int"),
+    ("--settings", '{"budget": {"safety_margin": 1.5}}', "--safety-margin must be < 1"),
+    ("--settings", '{"extraction": {"scales": [1.0], "global_scale_indices": [2]}}', "--global-scale-indices 2"),
     ("--nonlandmark-dir", None, "--nonlandmark-dir {path}: not a folder"),
     ("--nonlandmark-dir", "folder without images", "--nonlandmark-dir {path}: no .jpg/.jpeg/.png images in it"),
 ])

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from common.cli import run_main
+from local_eval import replay as replay_command
 from local_eval.replay import replay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,3 +56,60 @@ def test_missing_competition_is_a_clear_error(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "nope" in result.stderr
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "nan", "inf"])
+def test_a_limit_that_is_no_positive_number_is_a_flag_error(tmp_path, capsys, limit):
+    argv = ["--competition", str(tmp_path), "--task", "recognition", "--model", str(tmp_path), "--out",
+            str(tmp_path / "r"), "--limit-h", limit]
+    assert run_main(replay_command.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --limit-h must be a finite number above 0") and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+QUICK = ["--plan", "fixed", "--scales", "1.0", "--global-scale-indices", "0", "--global-max-side", "64",
+         "--max-image-side", "96"]  # to reranking, and its workers, soon
+
+
+def script_processes(report: Path) -> list[int]:
+    """Live processes of the submission script writing report/submission.csv (its forked workers included)."""
+    marker = str(report / "submission.csv").encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("command, how, processes", [
+    ("replay", signal.SIGKILL, 3),  # during reranking: the script and its 2 workers
+    ("replay", signal.SIGTERM, 1),
+    ("tune", signal.SIGKILL, 1),  # tune replays the script first
+])
+def test_a_killed_replay_takes_its_script_down(tmp_path, tiny_competition, tiny_model, command, how, processes):
+    out = tmp_path / "out"
+    report = out / "run" if command == "tune" else out
+    argv = [sys.executable, "-m", "local_eval", command, "--competition", str(tiny_competition), "--task",
+            "recognition", "--model", str(tiny_model), "--out", str(out), "--", "--workers", "2", *QUICK]
+    parent = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        caught = wait_until(lambda: len(script_processes(report)) >= processes or parent.poll() is not None, 600)
+        assert caught and parent.poll() is None, "the script ended before it could be caught"
+        os.kill(parent.pid, how)
+        assert parent.wait(timeout=60) != 0
+    finally:
+        parent.kill()
+    assert wait_until(lambda: not script_processes(report), 30), script_processes(report)

@@ -308,25 +308,6 @@ def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
     assert sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run) == (0, False)
 
 
-def write_empty_competition(root, task: str, test_ids: list[str]) -> None:
-    """A competition folder with no database images (and the given test ids, their images absent)."""
-    column = "landmarks" if task == "recognition" else "images"
-    root.mkdir(parents=True)
-    pd.DataFrame({"id": test_ids, column: ""}).to_csv(root / "sample_submission.csv", index=False)
-    (root / "train.csv").write_text("id,landmark_id\n")
-    (root / "index").mkdir()
-
-
-@pytest.mark.parametrize("task, test_ids", [("retrieval", []), ("recognition", ["0123abcd", "fedc9876"])])
-def test_empty_inputs_give_a_valid_submission(delg_model_dir, tmp_path, task, test_ids):
-    data = tmp_path / "data"
-    write_empty_competition(data, task, test_ids)
-    (tmp_path / "no_landmarks").mkdir()
-    frame, _ = run_script(task, data, delg_model_dir, tmp_path, "--nonlandmark-dir", str(tmp_path / "no_landmarks"))
-    assert_complete(frame, data, "landmarks" if task == "recognition" else "images")
-    assert (frame.iloc[:, 1] == "").all()
-
-
 def test_a_crash_during_extraction_leaves_a_complete_empty_submission(competition, delg_model_dir, tmp_path,
                                                                        monkeypatch):
     data = competition[0] / "landmark-retrieval"

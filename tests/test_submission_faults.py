@@ -1,0 +1,282 @@
+"""submission/main.py under the faults of issue 21: a bad --model or database leaves an earlier --out as it was,
+one run per --work, 16-bit images, a full disk, and the modes of the files it writes."""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from common.gldv2 import image_path
+from common.kit import SUBMISSION_SCRIPT
+from export.retrieval import export_retrieval
+from local_eval.submission_script import load_submission, sibling
+from tests.delg_test_models import write_tf2_model
+from tests.test_export_delg import make_run_dir
+from tests.test_submission_e2e import FAST, build_competition, scene
+
+sub = load_submission()
+store = sibling("store")
+PREVIOUS = "id,landmarks\nabc123,7 0.9\n"  # an earlier good submission that a failed run must leave alone
+
+
+@pytest.fixture(scope="module")
+def competition(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults_competition")
+    build_competition(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_tf2_model(tmp_path_factory.mktemp("faults_model") / "tf2")
+
+
+def argv(task: str, data, model, tmp_path, *extra: str) -> list[str]:
+    return ["--task", task, "--data", str(data), "--model", str(model), "--out", str(tmp_path / "s.csv"),
+            "--work", str(tmp_path / "work"), *FAST, *extra]
+
+
+def fails_with_one_line(capsys, args: list[str], *named: str) -> str:
+    assert sub.main(args) == 2
+    err = capsys.readouterr().err  # progress bars may come first, ended by a newline or a carriage return
+    last = re.split(r"[\r\n]", err.rstrip("\n"))[-1]
+    assert last.startswith("error: ") and err.count("error:") == 1 and err.endswith("\n"), err
+    for text in named:
+        assert text in last, last
+    return last
+
+
+def previous_submission(tmp_path):
+    out = tmp_path / "s.csv"
+    out.write_text(PREVIOUS)
+    return out
+
+
+def write_random_pb(folder):
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(np.random.default_rng(0).bytes(3000))
+
+
+@pytest.fixture(scope="module")
+def retrieval_model(tmp_path_factory):
+    """The kit's Kaggle retrieval model (another contract), unzipped as a user would."""
+    root = tmp_path_factory.mktemp("retrieval_model")
+    make_run_dir(root / "run")
+    export_retrieval(root / "run", root / "retrieval.zip")
+    with zipfile.ZipFile(root / "retrieval.zip") as archive:
+        archive.extractall(root / "model")
+    return root / "model"
+
+
+def write_wrong_outputs(folder):
+    """The DELG inputs, but only one of its outputs."""
+    module = tf.Module()
+    module.serve = tf.function(lambda **kw: {"features": tf.zeros([1, 128])}).get_concrete_function(
+        input_image=tf.TensorSpec([None, None, 3], tf.uint8), input_scales=tf.TensorSpec([None], tf.float32),
+        input_max_feature_num=tf.TensorSpec([], tf.int32), input_abs_thres=tf.TensorSpec([], tf.float32),
+        input_global_scales_ind=tf.TensorSpec([None], tf.int32))
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda folder: folder.mkdir(), "is not a SavedModel folder (no saved_model.pb)"),
+    (lambda folder: None, "no such folder"),
+    (lambda folder: folder.write_text("x"), "not a folder"),
+    (write_random_pb, "cannot load the SavedModel in it"),
+    ("retrieval", "it is a retrieval model"),
+    (write_wrong_outputs, "is not a DELG model: expected the DELG contract"),
+])
+def test_a_bad_model_is_one_line_and_leaves_the_previous_submission(competition, tmp_path, capsys, request, make,
+                                                                    named):
+    bad = tmp_path / "model"
+    if make == "retrieval":
+        shutil.copytree(request.getfixturevalue("retrieval_model"), bad)
+    else:
+        make(bad)
+    out = previous_submission(tmp_path)
+    fails_with_one_line(capsys, argv("recognition", competition / "landmark-recognition", bad, tmp_path),
+                        f"--model {bad}", named)
+    assert out.read_text() == PREVIOUS
+    assert list(tmp_path.glob(".s.csv*")) == []
+
+
+def test_the_retrieval_model_error_names_both_contracts(retrieval_model):
+    with pytest.raises(sub.InputError) as error:
+        sub.DelgSavedModel(retrieval_model, sub.Extraction())
+    assert "takes input_image and gives global_descriptor" in str(error.value)
+    assert "input_scales, input_max_feature_num" in str(error.value)
+
+
+def empty_header_train(data):
+    (data / "train.csv").write_text("id,landmark_id\n")
+
+
+def train_rows_without_images(data):
+    ids = [f"{i:04d}deadbeef" for i in range(3)]
+    pd.DataFrame({"id": ids, "landmark_id": [1, 2, 1]}).to_csv(data / "train.csv", index=False)
+    for image_id in ids:
+        image_path(data, "train", image_id).unlink(missing_ok=True)
+
+
+def empty_index(data):
+    for path in (data / "index").rglob("*.jpg"):
+        path.unlink()
+
+
+def index_of_unnamed_files(data):
+    for number, path in enumerate(sorted((data / "index").rglob("*.jpg"))):
+        path.rename(path.with_name(f"x{number}.jpg"))  # too short to be an image id
+
+
+@pytest.mark.parametrize("task, damage, named", [
+    ("recognition", empty_header_train, "train.csv lists no images"),
+    ("retrieval", empty_index, "holds no .jpg images named by an image id"),
+    ("retrieval", index_of_unnamed_files, "holds no .jpg images named by an image id"),
+    ("recognition", lambda data: shutil.rmtree(data / "test"), "test not found"),
+])
+def test_an_empty_database_is_an_error_that_leaves_the_previous_submission(competition, model, tmp_path, capsys,
+                                                                           task, damage, named):
+    data = tmp_path / "data"
+    shutil.copytree(competition / f"landmark-{task}", data)
+    damage(data)
+    out = previous_submission(tmp_path)
+    fails_with_one_line(capsys, argv(task, data, model, tmp_path), str(data), named)
+    assert out.read_text() == PREVIOUS
+
+
+def test_a_database_of_unreadable_images_is_an_error(competition, model, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(competition / "landmark-recognition", data)
+    train_rows_without_images(data)
+    fails_with_one_line(capsys, argv("recognition", data, model, tmp_path), "none of the 3 database images",
+                        str(data / "train"))
+
+
+def test_an_empty_test_set_gives_a_header_only_submission(competition, model, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(competition / "landmark-retrieval", data)
+    (data / "sample_submission.csv").write_text("id,images\n")
+    assert sub.main(argv("retrieval", data, model, tmp_path)) == 0
+    assert (tmp_path / "s.csv").read_text().strip() == "id,images"
+    assert "lists no test images" in caplog.text
+
+
+def test_a_bad_nonlandmark_dir_leaves_the_previous_submission(competition, model, tmp_path, capsys):
+    out = previous_submission(tmp_path)
+    args = argv("recognition", competition / "landmark-recognition", model, tmp_path, "--nonlandmark-dir",
+                str(tmp_path / "none"))
+    fails_with_one_line(capsys, args, "--nonlandmark-dir")
+    assert out.read_text() == PREVIOUS
+
+
+def wait_for(condition, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_one_run_per_work_folder_and_a_killed_run_does_not_block(competition, model, tmp_path, capsys):
+    data = competition / "landmark-recognition"
+    args = argv("recognition", data, model, tmp_path)
+    first = subprocess.Popen([sys.executable, str(SUBMISSION_SCRIPT), *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    lock = tmp_path / "work" / ".lock"
+    try:
+        wait_for(lambda: lock.is_file() and f"process {first.pid}," in lock.read_text() or first.poll() is not None)
+        os.kill(first.pid, signal.SIGSTOP)  # holds the lock for as long as the test needs
+        assert first.poll() is None, "the first run ended before it could be caught"
+        before = sorted(p.name for p in (tmp_path / "work").rglob("*"))
+        fails_with_one_line(capsys, args, f"--work {tmp_path / 'work'} is in use by another run",
+                            f"process {first.pid}")
+        assert sorted(p.name for p in (tmp_path / "work").rglob("*")) == before
+    finally:
+        first.kill()
+        first.wait()
+    assert sub.main(args) == 0  # the killed run's lock went with it
+    assert f"process {os.getpid()}," in lock.read_text()
+
+
+def test_written_files_are_ordinary_files(competition, model, tmp_path):
+    assert sub.main(argv("recognition", competition / "landmark-recognition", model, tmp_path)) == 0
+    mask = os.umask(0o022)
+    os.umask(mask)
+    written = [tmp_path / "s.csv", *(p for p in (tmp_path / "work").rglob("*") if p.is_file())]
+    assert {"timing.json", "settings.json", "submission_global_only.csv", "neighbours.npz", "verified_pairs.csv",
+            "cache_key.json", ".lock"} <= {p.name for p in written}
+    assert any(p.suffix == ".npz" and "local" in p.parts for p in written)
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
+
+
+def fill_then_fail(path, *_, **__):
+    """What a write does on a full disk: some bytes land, then ENOSPC."""
+    with open(path, "ab") as file:
+        file.write(b"x" * 4096)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("writer, folder, name", [
+    ("csv", "{tmp}", "s.csv"),  # the first write of --out: the all-empty submission
+    ("npz", "{tmp}/work/global/m0/train", "chunk_000000.npz"),  # database descriptors
+    ("append", "{tmp}/work", "verified_pairs.csv"),  # appended batch after batch
+])
+def test_a_full_disk_is_one_line_naming_the_folder(competition, model, tmp_path, capsys, monkeypatch, writer, folder,
+                                                     name):
+    to_csv = pd.DataFrame.to_csv
+    if writer == "csv":
+        monkeypatch.setattr(pd.DataFrame, "to_csv", lambda frame, path, **kw: fill_then_fail(path))
+    elif writer == "npz":
+        monkeypatch.setattr(np, "savez", fill_then_fail)
+    else:
+        monkeypatch.setattr(pd.DataFrame, "to_csv", lambda frame, path, mode="w", **kw: fill_then_fail(path)
+                            if mode == "a" else to_csv(frame, path, mode=mode, **kw))
+    out = previous_submission(tmp_path)
+    args = argv("recognition", competition / "landmark-recognition", model, tmp_path, "--plan", "fixed")
+    err = fails_with_one_line(capsys, args, f"no space left in {folder.format(tmp=tmp_path)} while writing {name}: "
+                              "it needs more than the ", "written when the disk filled", "free now")
+    assert re.search(r"more than the ([4-9]\.\d) KB written", err), err  # fill_then_fail's 4 KB (and a header)
+    assert [p for p in tmp_path.rglob(".*") if p.name != ".lock"] == []  # no half-written file is left
+    if writer == "csv":  # the earlier submission stays
+        assert out.read_text() == PREVIOUS
+    else:  # the file the run had written before the disk filled, whole
+        expected = pd.read_csv(competition / "landmark-recognition" / "sample_submission.csv", dtype=str)["id"]
+        assert pd.read_csv(out, dtype=str)["id"].tolist() == expected.tolist()
+
+
+def sixteen_bit(pixels: np.ndarray, mode: str) -> bytes:
+    """pixels (uint16) as a PNG (I;16) or a TIFF (I;16B, and I as older Pillow opens 16-bit PNGs)."""
+    image = {"I;16": lambda: Image.fromarray(pixels), "I": lambda: Image.fromarray(pixels).convert("I"),
+             "I;16B": lambda: Image.frombytes("I;16B", pixels.shape[::-1], pixels.astype(">u2").tobytes())}[mode]()
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG" if mode == "I;16" else "TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16_bit_grayscale_is_scaled_to_8_bits_as_training_reads_it(tmp_path, mode):
+    wide = scene(5)[..., 0].astype(np.uint16) * 257 + np.arange(96, dtype=np.uint16)[None]
+    path = tmp_path / "deep.jpg"  # the name says JPEG; Pillow and TensorFlow go by the contents
+    path.write_bytes(sixteen_bit(wide, mode))
+    assert Image.open(path).mode == mode
+    expected = np.repeat((wide >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    assert expected.std() > 20  # a real picture, not one grey (or white) level
+    np.testing.assert_array_equal(sub.decode_image(path, max_side=1024, min_side=32), expected)
+    np.testing.assert_array_equal(store.decode_for_global(path, max_side=96), expected)  # its bucket is 96x96
+    if mode == "I;16":  # training decodes with TensorFlow (train/data.py)
+        trained = tf.io.decode_image(path.read_bytes(), channels=3, expand_animations=False).numpy()
+        np.testing.assert_array_equal(trained, expected)
