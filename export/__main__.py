@@ -11,6 +11,7 @@ from common.cli import UserError, check_at_least, check_input_folder, check_outp
 from export.bundle import DEFAULT_BUDGET_H, DEFAULT_COMPETITION, SUBMISSION_SCRIPT, build_bundle
 from export.delg import export_delg
 from export.retrieval import DEFAULT_MAX_MB, export_retrieval
+from export.whitening import DEFAULT_IMAGES, DEFAULT_SHRINKAGE, WhitenSettings
 
 COMMANDS = {  # name -> ("module:function", help); this module is __main__ under `python -m export`
     "delg": (f"{__name__}:main_delg",
@@ -27,6 +28,51 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if this kit wrote it (a folder or file of other origin is never replaced)")
     return parser
+
+
+WHITEN_FLAGS = ("--whiten-images", "--whiten-shrinkage", "--whiten-dim", "--whiten-data")
+
+
+def _add_whiten_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "PCA whitening of the global descriptors (fitted on the run's training images, inside the SavedModel)")
+    group.add_argument("--no-whiten", dest="whiten", action="store_false",
+                       help="export the trained descriptors as they are, without PCA whitening")
+    group.add_argument("--whiten-images", type=int, default=None, metavar="N",
+                       help=f"training images the fit extracts: a seeded sample, the same for every export "
+                            f"(default {DEFAULT_IMAGES}; all of them when there are fewer)")
+    group.add_argument("--whiten-shrinkage", type=float, default=None, metavar="S",
+                       help=f"added to each eigenvalue before its axis is scaled by 1/sqrt, as a fraction of the "
+                            f"mean eigenvalue; above 0, so axes the sample barely varies along stay finite "
+                            f"(default {DEFAULT_SHRINKAGE:g})")
+    group.add_argument("--whiten-dim", type=int, default=None, metavar="D",
+                       help="keep only the D principal axes of largest variance (default: all, the run's "
+                            "embedding_dim); the descriptor then has D dimensions")
+    group.add_argument("--whiten-data", type=Path, default=None, metavar="DIR",
+                       help="training data folder (train.csv, train/) to fit on (default: the folder the run "
+                            "trained on, as RUN/data.json records it)")
+
+
+def _whiten_settings(args: argparse.Namespace) -> WhitenSettings | None:
+    """The whitening the flags ask for; None with --no-whiten (which no --whiten-* flag may accompany)."""
+    given = [flag for flag in WHITEN_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if not args.whiten:
+        if given:
+            raise UserError(f"{given[0]} has no effect with --no-whiten; drop one of them")
+        return None
+    if args.whiten_images is not None:
+        check_at_least("--whiten-images", args.whiten_images, 1)
+    if args.whiten_shrinkage is not None:
+        check_positive("--whiten-shrinkage", args.whiten_shrinkage)
+    if args.whiten_dim is not None:
+        check_at_least("--whiten-dim", args.whiten_dim, 1)
+    if args.whiten_data is not None:
+        check_input_folder("--whiten-data", args.whiten_data)
+    defaults = WhitenSettings()
+    return WhitenSettings(
+        images=defaults.images if args.whiten_images is None else args.whiten_images,
+        shrinkage=defaults.shrinkage if args.whiten_shrinkage is None else args.whiten_shrinkage,
+        dim=args.whiten_dim, data=args.whiten_data)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -70,23 +116,30 @@ def main_delg(argv: list[str] | None) -> None:
                         help="also hold global_batch_float16 (float16 compute, float32 outputs)")
     parser.add_argument("--no-xla", dest="xla", action="store_false",
                         help="do not XLA-compile the batched global functions")
+    _add_whiten_flags(parser)
     args = _parse(parser, argv)
-    print(export_delg(args.run, args.out, overwrite=args.overwrite, float16=args.float16, xla=args.xla))
+    whiten = _whiten_settings(args)
+    print(export_delg(args.run, args.out, overwrite=args.overwrite, float16=args.float16, xla=args.xla,
+                      whiten=whiten))
 
 
 def main_retrieval(argv: list[str] | None) -> None:
     parser = _parser("retrieval")
     parser.add_argument("--out", type=Path, required=True, help="zip file to create (e.g. model.zip)")
     parser.add_argument("--dim", type=int, default=None,
-                        help="descriptor size D; must equal the run's embedding_dim (default: that value)")
+                        help="descriptor size D (default: the run's embedding_dim); a smaller D is the PCA "
+                             "whitening's reduction (--whiten-dim D), so it needs the whitening")
     parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB,
                         help=f"refuse a zip larger than this many MB (default {DEFAULT_MAX_MB:g})")
+    _add_whiten_flags(parser)
     args = _parse(parser, argv)
     if args.dim is not None:
         check_at_least("--dim", args.dim, 1)
     check_positive("--max-mb", args.max_mb)
+    whiten = _whiten_settings(args)
     _check_zip_out(args.out, args.overwrite)
-    size_mb = export_retrieval(args.run, args.out, dim=args.dim, max_mb=args.max_mb, overwrite=args.overwrite)
+    size_mb = export_retrieval(args.run, args.out, dim=args.dim, max_mb=args.max_mb, overwrite=args.overwrite,
+                               whiten=whiten)
     print(f"{args.out}: {size_mb:.1f} MB (limit {args.max_mb:g} MB)")
 
 
@@ -110,14 +163,16 @@ def main_bundle(argv: list[str] | None) -> None:
     parser.add_argument("--nonlandmark-dir", type=Path, default=None,
                         help="folder of images showing no landmark, shipped as nonlandmark/, passed to main.py")
     parser.add_argument("--float16", action="store_true", help="export the model with --float16")
+    _add_whiten_flags(parser)
     args = _parse(parser, argv)
     for flag in ("--kaggle-user", "--dataset", "--kernel", "--competition"):
         _check_slug(flag, getattr(args, flag[2:].replace("-", "_")))
     check_positive("--time-budget-h", args.time_budget_h)
+    whiten = _whiten_settings(args)
     print(build_bundle(args.run, args.out, user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel,
                        competition=args.competition, wheel=args.wheel, script=args.script,
                        overwrite=args.overwrite, budget_h=args.time_budget_h, settings=args.settings,
-                       nonlandmark_dir=args.nonlandmark_dir, float16=args.float16))
+                       nonlandmark_dir=args.nonlandmark_dir, float16=args.float16, whiten=whiten))
 
 
 def main(argv: list[str]) -> int:

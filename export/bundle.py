@@ -23,6 +23,7 @@ from pathlib import Path
 from common.cli import UserError, atomic_output_dir
 from common.kit import NOTEBOOK_LIMIT_H, SUBMISSION_SCRIPT, load_submission
 from export.delg import export_delg
+from export.whitening import WhitenSettings
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,10 @@ def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: 
                  competition: str = DEFAULT_COMPETITION, wheel: Path | None = None,
                  script: Path = SUBMISSION_SCRIPT, overwrite: bool = False,
                  budget_h: float = DEFAULT_BUDGET_H, settings: Path | None = None,
-                 nonlandmark_dir: Path | None = None, float16: bool = False) -> Path:
-    """Write the bundle folder; the DELG export, script, wheel, settings and non-landmark images copied in."""
+                 nonlandmark_dir: Path | None = None, float16: bool = False,
+                 whiten: WhitenSettings | None = None) -> Path:
+    """Write the bundle folder; the DELG export (PCA-whitened with `whiten`), script, wheel, settings and
+    non-landmark images copied in."""
     if not script.is_file():
         raise UserError(f"{script}: submission script not found")
     if settings is not None:
@@ -158,7 +161,7 @@ def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: 
     images = nonlandmark_images(nonlandmark_dir) if nonlandmark_dir is not None else []
     wheel = find_pydegensac_wheel(wheel)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        export_delg(run_dir, tmp / MODEL_DIR, float16=float16)
+        export_delg(run_dir, tmp / MODEL_DIR, float16=float16, whiten=whiten)
         (tmp / SCRIPT_PATH).parent.mkdir()
         shutil.copy2(script, tmp / SCRIPT_PATH)
         if wheel is not None:

@@ -19,6 +19,11 @@ function also comes XLA-compiled (`..._xla`), unless XLA fails where the export 
 slower on a CPU and removes per-layer overhead on a GPU, so the script times both where it runs and keeps the
 faster. assets/export_info.json says which functions exist, float16 or not, XLA or not, and the model's
 dimensions.
+
+With PCA whitening (export/whitening.py; `export delg` fits it unless --no-whiten), every global output is
+whitened: each per-scale descriptor goes through the fitted whitening and is L2-normalized again, in
+serving_default's rows and inside the batched functions alike, so global_dim is the whitening's dimension and
+export_info.json's "whitening" records the fit.
 """
 from __future__ import annotations
 
@@ -31,9 +36,11 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from common.cli import atomic_output_dir
+from common.cli import UserError, atomic_output_dir, check_output_dir
 from export.receptive_field import ReceptiveField, receptive_field
+from export.whitening import NOT_WHITENED, FittedWhitening, PcaWhitening, WhitenSettings, fit_whitening
 from train.backbone import build_backbone
+from train.config import DELG_GLOBAL_SCALE_INDICES, DELG_IMAGE_SCALES
 from train.model import DelgModel
 from train.precision import precision_policy
 from train.run_files import (
@@ -64,16 +71,21 @@ GLOBAL_BATCH_SIGNATURE = [
 ]
 GLOBAL_BATCH_OUTPUT = "global_descriptors"  # float32 [B, D], each row L2-normalized
 EXPORT_INFO_FILE = "export_info.json"  # in assets/: functions (float16, XLA), global_dim, local_dim, local_stride
+DELG_GLOBAL_SCALES = tuple(DELG_IMAGE_SCALES[i] for i in DELG_GLOBAL_SCALE_INDICES)  # the whitening's fit
 BUILD_SIZE = 64  # side of the dummy image that creates the model's variables before restoring
 # The parts of DelgModel that extraction reads. Only these are saved: the ArcFace and attention
 # classifiers (81k classes x 512 floats = 166 MB for GLDv2-clean) serve training alone.
 SERVING_PARTS = ("backbone", "gem", "whitening", "autoencoder", "attention")
 
 
-def serving_module(model: DelgModel, serve, signature: list[tf.TensorSpec]) -> tf.Module:
-    """A tf.Module holding `serve` as a tf.function and, as its saved variables, the model's SERVING_PARTS."""
+def serving_module(model: DelgModel, serve, signature: list[tf.TensorSpec],
+                   whitening: PcaWhitening | None = None) -> tf.Module:
+    """A tf.Module holding `serve` as a tf.function and, as its saved variables, the model's SERVING_PARTS (and
+    the PCA whitening, as `pca_whitening`, when there is one)."""
     module = tf.Module()
     module.serving_parts = [getattr(model, name) for name in SERVING_PARTS]
+    if whitening is not None:
+        module.pca_whitening = whitening
     module.serve = tf.function(serve, input_signature=signature)
     return module
 
@@ -111,14 +123,29 @@ def cell_boxes(field: ReceptiveField, rows: tf.Tensor, cols: tf.Tensor) -> tf.Te
     return tf.concat([centres - half, centres + half], axis=1)
 
 
-class DelgExtractor:
-    """The extraction graph: one backbone pass per scale feeds the global head and (when asked for) the local head."""
+def global_head(model: DelgModel, whitening: PcaWhitening | None):
+    """conv5 [B,h,w,C] -> [B,D] descriptors in float32: the model's head, then the PCA whitening when there is one."""
+    def head(conv5: tf.Tensor) -> tf.Tensor:
+        descriptors = model.global_descriptor(tf.cast(conv5, tf.float32))
+        return descriptors if whitening is None else whitening(descriptors)
+    return head
 
-    def __init__(self, model: DelgModel):
+
+def output_dim(model: DelgModel, whitening: PcaWhitening | None) -> int:
+    return model.cfg.embedding_dim if whitening is None else whitening.dim
+
+
+class DelgExtractor:
+    """The extraction graph: one backbone pass per scale feeds the global head and (when asked for) the local head.
+
+    With a PCA whitening, each scale's global descriptor is whitened and L2-normalized."""
+
+    def __init__(self, model: DelgModel, whitening: PcaWhitening | None = None):
         self.model = model
         self.field = receptive_field(model.backbone.outputs[0])
         self.local_dim = model.cfg.local_dim
-        self.global_dim = model.cfg.embedding_dim
+        self.global_dim = output_dim(model, whitening)
+        self.global_head = global_head(model, whitening)
 
     def _no_local_features(self):
         return tf.zeros([0, 4]), tf.zeros([0, self.local_dim]), tf.zeros([0])
@@ -136,7 +163,7 @@ class DelgExtractor:
         """Global descriptor [D] and selected local features of the image resized by `scale`."""
         resized = resize_by(pixels, scale)
         conv4, conv5 = self.model.features(resized)
-        global_descriptor = self.model.global_descriptor(conv5)[0]
+        global_descriptor = self.global_head(conv5)[0]
         # An image smaller than one conv4 cell at this scale has no local structure to describe.
         big_enough = tf.reduce_all(tf.shape(resized)[1:3] >= int(self.field.stride))
         local = tf.cond(tf.logical_and(want_local, big_enough),
@@ -193,24 +220,27 @@ def backbone_in_float16(model: DelgModel) -> Iterator[None]:
 class BatchedGlobal:
     """`global_batch`: B images of one size and the global scales -> [B,D] descriptors.
 
-    Per scale: resized as serving_default resizes, backbone, GeM, whitening, L2-normalized; then summed over
-    the scales and L2-normalized. With float16 the backbone computes in float16 and the head in float32 (GeM's
-    x^3 overflows float16 above ~40). With xla the per-scale network is XLA-compiled, once per input shape;
-    the scale loop and the resizing stay outside it, since XLA needs shapes known at compile time.
+    Per scale: resized as serving_default resizes, backbone, GeM, whitening, L2-normalized (then the PCA
+    whitening and L2 again, when there is one); then summed over the scales and L2-normalized. With float16 the
+    backbone computes in float16 and the head in float32 (GeM's x^3 overflows float16 above ~40). With xla the
+    per-scale network is XLA-compiled, once per input shape; the scale loop and the resizing stay outside it,
+    since XLA needs shapes known at compile time.
     """
 
-    def __init__(self, model: DelgModel, float16: bool = False, xla: bool = False):
+    def __init__(self, model: DelgModel, float16: bool = False, xla: bool = False,
+                 whitening: PcaWhitening | None = None):
         self.model, self.float16 = model, float16
+        self.dim, self.global_head = output_dim(model, whitening), global_head(model, whitening)
         self._per_scale = tf.function(self._descriptors, jit_compile=xla)
 
     def _descriptors(self, pixels: tf.Tensor) -> tf.Tensor:
         """Float pixels [B,h,w,3] -> L2-normalized descriptors [B,D], head in float32."""
         _, conv5 = self.model.features(pixels)
-        return self.model.global_descriptor(tf.cast(conv5, tf.float32))
+        return self.global_head(conv5)
 
     def serve(self, input_images: tf.Tensor, input_scales: tf.Tensor) -> dict[str, tf.Tensor]:
         pixels = tf.cast(input_images, tf.float32)
-        total = tf.zeros([tf.shape(pixels)[0], self.model.cfg.embedding_dim])
+        total = tf.zeros([tf.shape(pixels)[0], self.dim])
         for i in tf.range(tf.size(input_scales)):
             total += self._per_scale(resize_images(pixels, input_scales[i]))
         return {GLOBAL_BATCH_OUTPUT: tf.nn.l2_normalize(total, axis=1)}
@@ -231,14 +261,15 @@ def batched_functions(float16: bool, xla: bool) -> dict[str, tuple[bool, bool]]:
 
 
 def write_saved_model(model: DelgModel, out_dir: Path, label_map: Path | None,
-                      batched: dict[str, tuple[bool, bool]]) -> None:
+                      batched: dict[str, tuple[bool, bool]], whitening: FittedWhitening | None = None) -> None:
     """serving_default plus the batched functions, saved into out_dir."""
-    module = serving_module(model, DelgExtractor(model).serve, SIGNATURE)
+    pca = None if whitening is None else PcaWhitening(whitening.fit)
+    module = serving_module(model, DelgExtractor(model, pca).serve, SIGNATURE, pca)
     if label_map is not None:
         module.label_map = tf.saved_model.Asset(str(label_map))
     signatures = {"serving_default": module.serve}
     for name, (float16, xla) in batched.items():
-        signatures[name] = BatchedGlobal(model, float16, xla=xla).concrete_function()
+        signatures[name] = BatchedGlobal(model, float16, xla=xla, whitening=pca).concrete_function()
     tf.saved_model.save(module, str(out_dir), signatures=signatures)
 
 
@@ -256,15 +287,15 @@ def failing_functions(saved_model_dir: Path, names: list[str]) -> dict[str, str]
 
 
 def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, float16: bool = False,
-              xla: bool = True) -> dict:
+              xla: bool = True, whitening: FittedWhitening | None = None) -> dict:
     """Write the DELG SavedModel of `model` into the existing folder out_dir; returns what export_info.json says.
 
     With xla, each batched function also comes XLA-compiled unless, once loaded back, the compiled one fails
-    here; it is then left out and the reason recorded."""
+    here; it is then left out and the reason recorded. With a whitening, every global output is whitened."""
     batched = batched_functions(float16, xla)
     xla_errors: dict[str, str] = {}
     while True:
-        write_saved_model(model, out_dir, label_map, batched)
+        write_saved_model(model, out_dir, label_map, batched, whitening)
         failures = failing_functions(out_dir, list(batched))
         if not failures:
             break
@@ -274,7 +305,7 @@ def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, fl
             log.warning("%s: XLA fails on this machine (%s); saving the model without it", name, reason)
             del batched[name]
             xla_errors[name] = reason
-    info = export_info(model, batched, xla_errors)
+    info = export_info(model, batched, xla_errors, whitening)
     (Path(out_dir) / "assets").mkdir(exist_ok=True)
     (Path(out_dir) / "assets" / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     log.info("functions: %s", ", ".join(f"{name} ({'float16' if f['float16'] else 'float32'}"
@@ -282,20 +313,51 @@ def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, fl
     return info
 
 
-def export_info(model: DelgModel, batched: dict[str, tuple[bool, bool]], xla_errors: dict[str, str]) -> dict:
+def export_info(model: DelgModel, batched: dict[str, tuple[bool, bool]], xla_errors: dict[str, str],
+                whitening: FittedWhitening | None = None) -> dict:
     """What assets/export_info.json records: each function (float16? XLA?), the compiled ones left out and why,
-    and the model's dimensions."""
+    the model's dimensions, and whether and how the global descriptors are PCA-whitened."""
     functions = {"serving_default": {"float16": False, "xla": False}}
     functions.update({name: {"float16": float16, "xla": xla} for name, (float16, xla) in batched.items()})
-    return {"functions": functions, "xla_errors": xla_errors, "global_dim": model.cfg.embedding_dim,
-            "local_dim": model.cfg.local_dim, "local_stride": DelgExtractor(model).field.stride}
+    global_dim = model.cfg.embedding_dim if whitening is None else whitening.fit.dim
+    return {"functions": functions, "xla_errors": xla_errors, "global_dim": global_dim,
+            "local_dim": model.cfg.local_dim, "local_stride": DelgExtractor(model).field.stride,
+            "whitening": NOT_WHITENED if whitening is None else whitening.info}
+
+
+def per_scale_rows(model: DelgModel, scales: tuple[float, ...]):
+    """image uint8 [H,W,3] -> its unwhitened global descriptors at `scales` [G,D], by serving_default's graph."""
+    serve = tf.function(DelgExtractor(model).serve, input_signature=SIGNATURE)
+    scales_in, indices = tf.constant(scales, tf.float32), tf.range(len(scales), dtype=tf.int32)
+
+    def rows_of(image) -> tf.Tensor:
+        outputs = serve(tf.constant(image), scales_in, tf.constant(0), tf.constant(0.0), indices)
+        return outputs["global_descriptors"].numpy()
+
+    return rows_of
+
+
+def fit_model_whitening(model: DelgModel, run_dir: Path, settings: WhitenSettings | None,
+                        scales: tuple[float, ...]) -> FittedWhitening | None:
+    """The PCA whitening of the model's per-scale descriptors at `scales` over the run's training sample (None
+    when settings is None: not whitened)."""
+    if settings is None:
+        return None
+    if settings.dim is not None and settings.dim > model.cfg.embedding_dim:
+        raise UserError(f"--whiten-dim {settings.dim}: more than the run's embedding_dim "
+                        f"{model.cfg.embedding_dim}; whitening can keep at most that many axes")
+    return fit_whitening(run_dir, settings, per_scale_rows(model, scales), scales)
 
 
 def export_delg(run_dir: Path, out_dir: Path, overwrite: bool = False, float16: bool = False,
-                xla: bool = True) -> Path:
-    """Export the run's newest checkpoint as a DELG SavedModel folder (label map in its assets/)."""
+                xla: bool = True, whiten: WhitenSettings | None = None) -> Path:
+    """Export the run's newest checkpoint as a DELG SavedModel folder (label map in its assets/); with `whiten`,
+    PCA whitening fitted on the training images at DELG's global scales is baked into every global output."""
+    check_output_dir(Path(out_dir), overwrite)  # before the fit's minutes, not after
+    model = load_trained_model(run_dir)
+    whitening = fit_model_whitening(model, run_dir, whiten, DELG_GLOBAL_SCALES)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        save_delg(load_trained_model(run_dir), tmp, label_map=Path(run_dir) / LABEL_MAP_FILE, float16=float16,
-                  xla=xla)
+        save_delg(model, tmp, label_map=Path(run_dir) / LABEL_MAP_FILE, float16=float16, xla=xla,
+                  whitening=whitening)
     log.info("wrote %s", out_dir)
     return Path(out_dir)

@@ -3,10 +3,13 @@
 The retrieval competitions (2020, 2021) take the model itself as the submission: a zip whose root holds
 saved_model.pb and variables/. The server runs it on every query and index image, L2-distance kNN on
 the descriptors, and scores mAP@100. Our descriptor is the sum of the per-scale descriptors at
-RETRIEVAL_SCALES, L2-normalized, all inside the graph.
+RETRIEVAL_SCALES, L2-normalized, all inside the graph; with PCA whitening (the default of `export retrieval`,
+fitted on the training images at those scales) each per-scale descriptor is whitened and L2-normalized first.
+The server gets no database to fit it on, so it has to be inside.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import zipfile
@@ -15,7 +18,14 @@ from pathlib import Path
 import tensorflow as tf
 
 from common.cli import UserError, partial_dir
-from export.delg import GLOBAL_BATCH_OUTPUT, BatchedGlobal, load_trained_model, serving_module
+from export.delg import (
+    GLOBAL_BATCH_OUTPUT,
+    BatchedGlobal,
+    fit_model_whitening,
+    load_trained_model,
+    serving_module,
+)
+from export.whitening import PcaWhitening, WhitenSettings
 from train.config import RETRIEVAL_SCALES
 from train.model import DelgModel
 
@@ -29,12 +39,13 @@ DEFAULT_MAX_MB = 500.0
 SIGNATURE = [tf.TensorSpec([None, None, 3], tf.uint8, name="input_image")]
 
 
-def retrieval_serve(model: DelgModel, scales: tuple[float, ...] = RETRIEVAL_SCALES):
+def retrieval_serve(model: DelgModel, scales: tuple[float, ...] = RETRIEVAL_SCALES,
+                    whitening: PcaWhitening | None = None):
     """input_image -> {'global_descriptor': sum of the per-scale descriptors at `scales`, L2-normalized}.
 
     The DELG export's global_batch on a batch of one, without XLA (the server's TensorFlow and device are unknown).
     """
-    batched = BatchedGlobal(model)
+    batched = BatchedGlobal(model, whitening=whitening)
 
     def serve(input_image):
         out = batched.serve(input_image[None], tf.constant(scales, tf.float32))
@@ -43,13 +54,20 @@ def retrieval_serve(model: DelgModel, scales: tuple[float, ...] = RETRIEVAL_SCAL
     return serve
 
 
-def check_dim(model: DelgModel, dim: int | None) -> None:
-    """The descriptor is the trained embedding; a different --dim is refused rather than silently cut."""
+def whiten_to_dim(model: DelgModel, dim: int | None, whiten: WhitenSettings | None) -> WhitenSettings | None:
+    """The whitening settings that give a --dim descriptor: a smaller --dim is the PCA whitening's reduction;
+    without whitening, or above the trained embedding_dim, a different --dim is refused rather than cut or padded."""
     trained = model.cfg.embedding_dim
-    if dim is not None and dim != trained:
+    if dim is None or (whiten is None and dim == trained):
+        return whiten
+    if whiten is None or dim > trained:
+        reduce = " or keep the PCA whitening (no --no-whiten), which can reduce it" if dim < trained else ""
         raise UserError(f"--dim {dim}: this run was trained with embedding_dim {trained}; truncating or "
-                        f"padding a whitened descriptor would change its meaning, so train with "
-                        f"--embedding-dim {dim} instead (or pass --dim {trained})")
+                        f"padding a descriptor would change its meaning, so train with "
+                        f"--embedding-dim {dim} instead{reduce} (or pass --dim {trained})")
+    if whiten.dim is not None and whiten.dim != dim:
+        raise UserError(f"--dim {dim} and --whiten-dim {whiten.dim} disagree; give one of them")
+    return dataclasses.replace(whiten, dim=dim)
 
 
 def zip_saved_model(saved_model_dir: Path, zip_path: Path) -> None:
@@ -61,16 +79,18 @@ def zip_saved_model(saved_model_dir: Path, zip_path: Path) -> None:
 
 
 def export_retrieval(run_dir: Path, out_zip: Path, dim: int | None = None, max_mb: float = DEFAULT_MAX_MB,
-                     overwrite: bool = False) -> float:
-    """Write the retrieval SavedModel zip; returns its size in MB. Refuses a zip larger than max_mb."""
+                     overwrite: bool = False, whiten: WhitenSettings | None = None) -> float:
+    """Write the retrieval SavedModel zip; returns its size in MB. Refuses a zip larger than max_mb. With `whiten`,
+    PCA whitening fitted on the training images at RETRIEVAL_SCALES is inside the model."""
     out_zip = Path(out_zip)
     if out_zip.exists() and not overwrite:
         raise UserError(f"{out_zip} already exists; remove it or choose another output path")
     model = load_trained_model(run_dir)
-    check_dim(model, dim)
+    fitted = fit_model_whitening(model, run_dir, whiten_to_dim(model, dim, whiten), RETRIEVAL_SCALES)
+    pca = None if fitted is None else PcaWhitening(fitted.fit)
     out_zip.parent.mkdir(parents=True, exist_ok=True)
     with partial_dir(out_zip) as tmp:  # a killed export's folder is removed by the next one
-        module = serving_module(model, retrieval_serve(model), SIGNATURE)
+        module = serving_module(model, retrieval_serve(model, whitening=pca), SIGNATURE, pca)
         tf.saved_model.save(module, str(tmp / "model"), signatures={"serving_default": module.serve})
         partial = tmp / "model.zip"
         zip_saved_model(tmp / "model", partial)

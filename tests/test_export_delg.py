@@ -390,7 +390,8 @@ def test_a_function_failing_under_xla_is_left_out(tmp_path, monkeypatch, caplog)
 
 def test_no_xla_flag_compiles_nothing(tmp_path):
     make_run_dir(tmp_path / "run")
-    assert export_main(["delg", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "delg"), "--no-xla"]) == 0
+    assert export_main(["delg", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "delg"), "--no-xla",
+                        "--no-whiten"]) == 0
     assert [f["xla"] for f in export_info(tmp_path / "delg")["functions"].values()] == [False, False]
     assert list(export_info(tmp_path / "delg")["functions"]) == ["serving_default", GLOBAL_BATCH]
     assert saved_functions(tmp_path / "delg")[0] == []

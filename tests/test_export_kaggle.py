@@ -31,7 +31,7 @@ def run(tmp_path_factory):
 
 def test_retrieval_zip_holds_the_saved_model_at_its_root(run, tmp_path, capsys):
     run_dir, model = run
-    assert export_main(["retrieval", "--run", str(run_dir), "--out", str(tmp_path / "model.zip")]) == 0
+    assert export_main(["retrieval", "--run", str(run_dir), "--out", str(tmp_path / "model.zip"), "--no-whiten"]) == 0
     assert "MB (limit 500 MB)" in capsys.readouterr().out
     with zipfile.ZipFile(tmp_path / "model.zip") as archive:
         names = archive.namelist()
@@ -73,7 +73,8 @@ def test_retrieval_dim_other_than_trained_is_refused(run, tmp_path, capsys):
 
 def test_retrieval_zip_over_the_size_limit_is_not_written(run, tmp_path, capsys):
     run_dir, _ = run
-    assert export_main(["retrieval", "--run", str(run_dir), "--out", str(tmp_path / "m.zip"), "--max-mb", "0.01"]) == 2
+    assert export_main(["retrieval", "--run", str(run_dir), "--out", str(tmp_path / "m.zip"), "--max-mb", "0.01",
+                        "--no-whiten"]) == 2
     assert "over the --max-mb limit" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -109,7 +110,7 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
     argv = ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", "--dataset", "my-delg",
             "--kernel", "my-submission", "--competition", "landmark-retrieval-2021", "--wheel", str(wheel),
             "--script", str(script), "--time-budget-h", "12", "--settings", str(settings),
-            "--nonlandmark-dir", str(nonlandmark), "--float16"]
+            "--nonlandmark-dir", str(nonlandmark), "--float16", "--no-whiten"]
     assert export_main(argv) == 0
     assert (out / "delg" / "saved_model.pb").is_file()
     assert (out / "delg" / "assets" / "label_map.csv").read_text().splitlines()[1:] == [
@@ -144,7 +145,8 @@ def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path)
     script = tmp_path / "main.py"
     script.write_text(ECHO_SCRIPT)
     out = tmp_path / "bundle"
-    argv = ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", "--script", str(script)]
+    argv = ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", "--script", str(script),
+            "--no-whiten"]
     assert export_main(argv) == 0
     assert (out / "kernel.py").is_file() and not (out / "settings.json").exists()
     assert not (out / "nonlandmark").exists()

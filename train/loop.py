@@ -342,6 +342,7 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
         if chief:
             run_files.save_config(run_dir, cfg)
             run_files.save_label_map(run_dir, data.landmark_ids)
+            run_files.save_data_source(run_dir, data_dir, tfrecords)
         result = run_steps(trainer, data, CheckpointWriter(trainer, run_dir), run_dir / "logs" if chief else None,
                            stop_after)
     metrics = {**result, **run_description(cfg, chosen, strategy, data)}

@@ -16,6 +16,7 @@ CONFIG_FILE = "config.json"
 LABEL_MAP_FILE = "label_map.csv"  # columns index,landmark_id: contiguous class index -> GLDv2 landmark id
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
+DATA_FILE = "data.json"  # where the run's training data lives: {"data": DIR} or {"tfrecords": DIR}, absolute
 # Config fields a resumed run may change: how long it trains and how often it logs, validates and checkpoints.
 # Every other field shapes the model, the optimizer or the data stream the checkpoint belongs to.
 RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "validate_every", "log_every"})
@@ -54,6 +55,18 @@ def upgrade_legacy_fields(fields: dict) -> dict:
         fields = dict(fields)
         fields["precision"] = legacy_mixed_precision() if fields.pop("mixed_precision") else "float32"
     return fields
+
+
+def save_data_source(run_dir: Path, data_dir: Path | None, tfrecords: Path | None) -> None:
+    """Record the training data folder (or TFRecord folder) the run reads, for export's whitening fit."""
+    source = {"tfrecords": str(Path(tfrecords).resolve())} if tfrecords else {"data": str(Path(data_dir).resolve())}
+    atomic_write_text(Path(run_dir) / DATA_FILE, json.dumps(source, indent=2) + "\n")
+
+
+def load_data_source(run_dir: Path) -> dict[str, str] | None:
+    """What save_data_source wrote, or None for a run trained before the kit recorded it."""
+    path = Path(run_dir) / DATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def save_label_map(run_dir: Path, landmark_ids: list[int]) -> None:
