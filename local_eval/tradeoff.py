@@ -135,13 +135,23 @@ def rung_rows(run: Run, scorer: Scorer, name: str, extraction, timing: dict, ref
     return rows
 
 
+def best_that_fits(table: pd.DataFrame) -> pd.Series | None:
+    """The row with the best Public score among those that fit (the first of equals), or None."""
+    best = table[table["fits"]].sort_values("public", ascending=False, kind="stable").head(1)
+    return best.iloc[0] if len(best) else None
+
+
 def picture(table: pd.DataFrame, task: str, profile: Profile, out: Path) -> None:
     metric = METRIC_NAME[TASK_METRIC[task]]
     series = {f"{rung} (depths {', '.join(map(str, part['rerank']))})":
               list(zip(part["projected_h"], part["all"], strict=True))
               for rung, part in table.groupby("rung", sort=False)}
+    best = best_that_fits(table)
+    marked = None if best is None else (
+        best["projected_h"], best["all"], f"best that fits (on Public): {best['rung']}, rerank {best['rerank']}")
     draw.save_png(draw.line_chart(series, f"{task}: {metric} (all) against projected hours at full size",
-                                  "projected server hours", metric, vertical=(profile.limit_h, "limit")),
+                                  "projected server hours", f"{metric} (all)", vertical=(profile.limit_h, "limit"),
+                                  marked=marked, note=None if best is not None else "nothing fits the limit"),
                   out / "tradeoff.png")
 
 
@@ -153,9 +163,9 @@ def format_table(table: pd.DataFrame, task: str, profile: Profile, source: str) 
     for row in table.itertuples():
         lines.append(f"  {row.rung:<16}{row.rerank:>7}  {row.public:>14.4f}{row.private:>9.4f}{row.all:>8.4f}"
                      f"{row.projected_h:>9.2f}  {'yes' if row.fits else 'no'}")
-    best = table[table["fits"]].sort_values("public", ascending=False, kind="stable").head(1)
-    lines.append("  best that fits (on Public): " + (f"{best.iloc[0]['rung']}, rerank {best.iloc[0]['rerank']}"
-                                                    if len(best) else "none"))
+    best = best_that_fits(table)
+    lines.append("  best that fits (on Public): " + (f"{best['rung']}, rerank {best['rerank']}"
+                                                    if best is not None else "none"))
     return "\n".join(lines)
 
 

@@ -33,7 +33,14 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from common.cli import UserError, atomic_write_text
+from common.cli import (
+    UserError,
+    atomic_output_dir,
+    atomic_write_text,
+    check_at_least,
+    check_output_dir,
+    check_positive,
+)
 from local_eval import draw
 from local_eval.kaggle_csv import read_solution
 from local_eval.metrics import (
@@ -62,6 +69,10 @@ SCORING = {"recognition": {"rerank": [0, 1, 3, 5, 10, 20], "top_k": [1, 3, 5, 10
            "retrieval": {"rerank": [0, 10, 30, 100]}}
 VERIFICATION_KEYS = [*MATCHING, *RANSAC, *FILTER]
 BEST_CURVES = 5  # verification settings drawn in depth.png
+SCORE_COLUMNS = (*REPORTED_SUBSETS, "seconds_per_query")
+MEASURES = (*SCORE_COLUMNS, "tables")  # a table's columns that are no setting ("tables": tune-merge's count)
+# Exact ties go to the cheapest setting by the cost model: fewer candidates verified, then fewer RANSAC iterations.
+TIE_ORDER = ("rerank", "ransac_iterations")
 
 
 def grid_combinations(grid: dict[str, list]) -> list[dict]:
@@ -69,7 +80,8 @@ def grid_combinations(grid: dict[str, list]) -> list[dict]:
 
 
 def read_grid(path: Path | None, task: str) -> dict[str, dict[str, list]]:
-    """The default grid, with any list replaced by --grid's (a JSON object of setting -> list of values)."""
+    """The default grid, with any list replaced by --grid's (a JSON object of setting -> list of values), every
+    value checked as submission/main.py checks the setting."""
     grid = {"matching": dict(MATCHING), "ransac": dict(RANSAC), "filter": dict(FILTER),
             "scoring": dict(SCORING[task])}
     if path is None:
@@ -78,15 +90,39 @@ def read_grid(path: Path | None, task: str) -> dict[str, dict[str, list]]:
         given = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"--grid {path}: cannot read it as JSON ({err})") from None
+    if not isinstance(given, dict):
+        raise UserError(f"--grid {path}: expected a JSON object of setting -> list of values, "
+                        f"such as {{\"rerank\": [0, 10]}}; found {type(given).__name__} {json.dumps(given)[:40]}")
     for name, values in given.items():
         part = next((part for part in grid.values() if name in part), None)
         if part is None:
             raise UserError(f"--grid {path}: '{name}' is not a tunable setting of {task}; "
                             f"choose from {', '.join(k for part in grid.values() for k in part)}")
-        if not isinstance(values, list) or not values:
-            raise UserError(f"--grid {path}: '{name}' must be a non-empty list")
-        part[name] = values
+        part[name] = grid_values(path, name, values)
     return grid
+
+
+def grid_values(path: Path, name: str, values) -> list:
+    """--grid's list for one setting: non-empty, no repeats, each value of the setting's type and range."""
+    if not isinstance(values, list) or not values:
+        raise UserError(f"--grid {path}: '{name}' must be a non-empty list of values, got {json.dumps(values)}")
+    sub = load_submission()
+    section = next(cls() for cls in (sub.Verification, sub.Scoring) if name in {f.name for f in
+                                                                                  dataclasses.fields(cls)})
+    field = next(f for f in dataclasses.fields(section) if f.name == name)
+    where, checked = f"--grid {path}: '{name}'", []
+    for value in values:
+        try:
+            if value is None:  # the script reads null as "the default", which is no value to sweep
+                raise sub.InputError(f"{where} must be {sub.field_type(field)[0].__name__}, got null")
+            checked.append(sub.coerce(field, value, where))
+            sub.check_settings(dataclasses.replace(section, **{name: checked[-1]}))
+        except sub.InputError as err:
+            raise UserError(str(err).replace(sub.flag(name), where)) from None
+    repeated = [value for k, value in enumerate(checked) if value in checked[:k]]
+    if repeated:
+        raise UserError(f"--grid {path}: '{name}' lists {json.dumps(repeated[0])} more than once")
+    return checked
 
 
 # Verification sweep (worker processes)
@@ -250,9 +286,15 @@ def query_seconds(run: Run, depth: int, verify_seconds: float, local_rate: float
 
 
 def choose(table: pd.DataFrame) -> pd.Series:
-    """The best Public score; among equals the fastest, then the first."""
+    """The best Public score; among equals the cheapest by a fixed order of the settings, never by measured time
+    (which load moves), so that the same table always gives the same choice: TIE_ORDER first, then the other
+    settings' values, smallest first, in the table's column order."""
+    if table.empty:
+        raise UserError("no setting was scored: nothing to choose from")
     best = table[table["public"] >= table["public"].max() - 1e-12]
-    return best.sort_values("seconds_per_query", kind="stable").iloc[0]
+    settings = [c for c in best.columns if c not in MEASURES]
+    order = [*(c for c in TIE_ORDER if c in settings), *(c for c in settings if c not in TIE_ORDER)]
+    return best.sort_values(order, kind="stable").iloc[0]
 
 
 def tuned_settings(row: pd.Series, task: str, extraction: dict, about: dict) -> dict:
@@ -270,18 +312,27 @@ def native(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def depth_picture(table: pd.DataFrame, task: str, out: Path) -> None:
-    """Score against rerank depth (best over the other scoring settings) for the best few verification settings."""
+def depth_picture(table: pd.DataFrame, task: str, out: Path, chosen: pd.Series) -> None:
+    """Score against rerank depth (best over the other scoring settings) for the best few verification settings,
+    each named by the settings in which they differ (the rest in a note), the chosen setting ringed."""
     best = table.groupby(VERIFICATION_KEYS)["public"].max().sort_values(ascending=False).head(BEST_CURVES)
+    keys = pd.DataFrame(list(best.index), columns=VERIFICATION_KEYS)
+    differing = [k for k in VERIFICATION_KEYS if keys[k].nunique() > 1]
+    shared = ", ".join(f"{k}={native(keys[k].iloc[0])}" for k in VERIFICATION_KEYS if k not in differing)
     series = {}
     for key in best.index:
         rows = table[(table[VERIFICATION_KEYS] == pd.Series(key, index=VERIFICATION_KEYS)).all(axis=1)]
         curve = rows.groupby("rerank")["public"].max()
-        label = ", ".join(f"{k}={native(v)}" for k, v in zip(VERIFICATION_KEYS, key, strict=True))
+        setting = dict(zip(VERIFICATION_KEYS, key, strict=True))
+        label = ", ".join(f"{k}={native(setting[k])}" for k in differing) or "the one verification setting"
         series[label] = list(zip(curve.index.tolist(), curve.tolist(), strict=True))
     metric = METRIC_NAME[TASK_METRIC[task]]
+    marked = (native(chosen["rerank"]), native(chosen["public"]),
+              f"chosen: rerank {native(chosen['rerank'])}, " +
+              ", ".join(f"{k}={native(chosen[k])}" for k in differing) + f" (Public {chosen['public']:.4f})")
     draw.save_png(draw.line_chart(series, f"{task}: Public {metric} by rerank depth (best scoring per depth)",
-                                  "rerank depth", f"Public {metric}"), out / "depth.png")
+                                  "rerank depth", f"Public {metric}", marked=marked,
+                                  note=f"every curve: {shared}" if shared else None), out / "depth.png")
 
 
 def sweep_stage(run: Run, scorer: Scorer, grid: dict, tasks: list, verified: np.ndarray, matching: list[dict],
@@ -313,35 +364,53 @@ def second_stage(grid: dict, best: pd.Series) -> tuple[list[dict], list[dict]]:
 
 
 def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, grid_path: Path | None,
-         script_args: list[str], workers: int) -> dict:
-    """Extract once, sweep, write table.csv, tuned.json and depth.png; returns the chosen row with its scores."""
+         script_args: list[str], workers: int, overwrite: bool = False) -> dict:
+    """Extract once, sweep, write OUT (table.csv, tuned.json, depth.png, run/) whole or not at all; returns the
+    chosen row with its scores. An existing OUT is replaced only with overwrite."""
     grid = read_grid(grid_path, task)
     _, solution = competition_paths(competition, task)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_output_dir(out, overwrite) as tmp:
+        result = sweep(competition, task, model, tmp, limit_h, grid, solution, script_args, workers)
+        write_choice(tmp, result["table"], result["chosen"], task, result["extraction"],
+                     {"competition": str(competition), "task": task, "model": str(model)})
+    return result
+
+
+def sweep(competition: Path, task: str, model: Path, out: Path, limit_h: float, grid: dict, solution: Path,
+          script_args: list[str], workers: int) -> dict:
+    """The extraction run in out/run, then both sweeps: the table, its chosen row, the run's extraction settings."""
     max_depth = max(grid["scoring"]["rerank"])
     extra = [*script_args, "--rerank", str(max_depth), "--plan", "fixed"]  # replay adds the distractor folder
     if task == "recognition":  # the non-landmark neighbours of the largest top-k are searched once
         extra += ["--top-k", str(max(grid["scoring"]["top_k"]))]
     report = replay(competition, task, model, out / "run", limit_h, extra)
     if report["status"] != "ok":
-        raise UserError(f"the extraction run ended '{report['status']}'; see {out / 'run' / 'script.log'}")
+        last = report.get("log_tail", "").strip().splitlines()[-1:] or ["no log"]
+        raise UserError(f"the extraction run ended '{report['status']}': {last[0]}")
     run = read_run(out / "run" / "work")
     tasks, verified = pair_tasks(run, max_depth)
+    if not tasks:
+        raise UserError(f"{competition}: no test image of the extraction run was readable; nothing to tune on")
     scorer = Scorer(task, solution, run.test_ids)
     table = sweep_stage(run, scorer, grid, tasks, verified, *stages(grid), workers)
     matching, ransac = second_stage(grid, choose(table))
     if ransac:
         table = pd.concat([table, sweep_stage(run, scorer, grid, tasks, verified, matching, ransac, workers)],
                           ignore_index=True)
-    atomic_write_text(out / "table.csv", table.to_csv(index=False))
-    chosen = choose(table)
-    about = {"competition": str(competition), "task": task, "model": str(model), "chosen_on": "public",
+    extraction = json.loads((run.work / "settings.json").read_text())["extraction"]
+    return {"chosen": choose(table), "global_only": table[table["rerank"] == 0]["public"].max(), "table": table,
+            "extraction": extraction}
+
+
+def write_choice(out: Path, table: pd.DataFrame, chosen: pd.Series, task: str, extraction: dict,
+                 about: dict) -> None:
+    """table.csv, tuned.json (the chosen settings and what they were chosen on) and depth.png into out."""
+    about = {**about, "chosen_on": "mean public" if "tables" in table.columns else "public",
              **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS},
              "seconds_per_query": native(chosen["seconds_per_query"]), "settings_rows": len(table)}
-    extraction = json.loads((run.work / "settings.json").read_text())["extraction"]
+    atomic_write_text(out / "table.csv", table.to_csv(index=False))
     atomic_write_text(out / "tuned.json", json.dumps(tuned_settings(chosen, task, extraction, about), indent=1) + "\n")
-    depth_picture(table, task, out)
-    return {"chosen": chosen, "global_only": table[table["rerank"] == 0]["public"].max(), "table": table}
+    depth_picture(table, task, out, chosen)
 
 
 def pair_tasks(run: Run, max_depth: int) -> tuple[list[tuple[Path, list[Path]]], np.ndarray]:
@@ -367,7 +436,7 @@ def pair_tasks(run: Run, max_depth: int) -> tuple[list[tuple[Path, list[Path]]],
 def format_summary(result: dict, task: str, out: Path) -> str:
     chosen, metric = result["chosen"], METRIC_NAME[TASK_METRIC[task]]
     settings = ", ".join(f"{k} {native(chosen[k])}" for k in chosen.index
-                         if k not in (*REPORTED_SUBSETS, "seconds_per_query"))
+                         if k not in MEASURES)
     return "\n".join([
         f"{task}: {len(result['table'])} settings scored; chosen on Public:",
         f"  {settings}",
@@ -399,29 +468,54 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON object: setting -> list of values, replacing the default grid's list")
     parser.add_argument("--workers", type=int, default=multiprocessing.cpu_count(),
                         help="processes of the verification sweep (default: the cores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT written by the kit")
     args = parser.parse_args(own)
-    if args.limit_h <= 0 or args.workers < 1:
-        raise UserError("--limit-h must be > 0 and --workers >= 1")
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file")
+    check_positive("--limit-h", args.limit_h)
+    check_at_least("--workers", args.workers, 1)
+    check_output_dir(args.out, args.overwrite)  # before the grid is read and the script loaded
     result = tune(args.competition, args.task, args.model, args.out, args.limit_h, args.grid, script_args,
-                  args.workers)
+                  args.workers, args.overwrite)
     print(format_summary(result, args.task, args.out))
     return 0
 
 
-def merge_tables(paths: list[Path]) -> pd.DataFrame:
-    """Mean scores and seconds per setting over several tables (competitions of other seeds)."""
-    tables = []
-    for path in paths:
-        try:
-            tables.append(pd.read_csv(path))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{path}: cannot read it as a tune table ({err})") from None
-    keys = [c for c in tables[0].columns if c not in (*REPORTED_SUBSETS, "seconds_per_query")]
+def merge_tables(paths: list[Path], task: str) -> pd.DataFrame:
+    """Mean scores and seconds per setting over several tables (competitions of other seeds); only the settings
+    every table holds (a table may have swept a narrower grid), and at least one."""
+    tables = [read_table(path, task) for path in paths]
+    keys = [c for c in tables[0].columns if c not in MEASURES]
+    tables = [table[[*keys, *SCORE_COLUMNS]] for table in tables]
     merged = pd.concat(tables).groupby(keys, dropna=False, sort=False).agg(
-        **{c: (c, "mean") for c in (*REPORTED_SUBSETS, "seconds_per_query")}, tables=("public", "size"))
-    return merged[merged["tables"] == len(tables)].reset_index()
+        **{c: (c, "mean") for c in SCORE_COLUMNS}, tables=("public", "size"))
+    common = merged[merged["tables"] == len(tables)].reset_index()
+    if common.empty:
+        raise UserError(f"{paths[0]} and the other tables share no setting: they were tuned on different grids; "
+                        "merge tables of one grid (or of grids that overlap)")
+    if len(common) < len(merged):
+        log.warning("%d of %d settings are not in every table and are left out", len(merged) - len(common),
+                    len(merged))
+    return common
+
+
+def read_table(path: Path, task: str) -> pd.DataFrame:
+    """A table.csv written by tune (or tune-merge) for this task: its settings columns, scores that are numbers."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read it as a tune table ({str(err).splitlines()[0]})") from None
+    settings = [*VERIFICATION_KEYS, *SCORING[task]]
+    expected = {*settings, *SCORE_COLUMNS}
+    missing, extra = expected - set(table.columns), set(table.columns) - expected - {"tables"}
+    if missing or extra:
+        other = next((t for t in SCORING if t != task and set(SCORING[t]) <= set(table.columns)), None)
+        raise UserError(f"{path}: not a {task} tune table" + (f" (a {other} one)" if other else "") +
+                        f"; expected the columns {','.join([*settings, *SCORE_COLUMNS])}")
+    if table.empty:
+        raise UserError(f"{path}: a tune table with no rows")
+    for column in SCORE_COLUMNS:
+        if not pd.api.types.is_numeric_dtype(table[column]):
+            raise UserError(f"{path}: column {column} holds values that are not numbers")
+    return table
 
 
 def main_merge(argv: list[str] | None = None) -> int:
@@ -431,16 +525,13 @@ def main_merge(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", required=True, nargs="+", type=Path, help="table.csv files written by tune")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--out", required=True, type=Path, help="folder for the merged table.csv and tuned.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT written by the kit")
     args = parser.parse_args(argv)
-    table = merge_tables(args.tables)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "table.csv", table.to_csv(index=False))
+    check_output_dir(args.out, args.overwrite)
+    table = merge_tables(args.tables, args.task)
     chosen = choose(table)
-    about = {"tables": [str(p) for p in args.tables], "task": args.task, "chosen_on": "mean public",
-             **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS}}
-    atomic_write_text(args.out / "tuned.json",
-                      json.dumps(tuned_settings(chosen, args.task, {}, about), indent=1) + "\n")
-    depth_picture(table, args.task, args.out)
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        write_choice(tmp, table, chosen, args.task, {}, {"tables": [str(p) for p in args.tables], "task": args.task})
     print(format_summary({"chosen": chosen, "table": table, "global_only": table[table["rerank"] == 0]["public"].max()},
                          args.task, args.out))
     return 0
