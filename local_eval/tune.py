@@ -500,7 +500,7 @@ def merge_tables(paths: list[Path], task: str) -> pd.DataFrame:
 def read_table(path: Path, task: str) -> pd.DataFrame:
     """A table.csv written by tune (or tune-merge) for this task: its settings columns, scores that are numbers."""
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, keep_default_na=False)  # an empty or "n/a" score is shown as written
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read it as a tune table ({str(err).splitlines()[0]})") from None
     settings = [*VERIFICATION_KEYS, *SCORING[task]]
@@ -513,8 +513,10 @@ def read_table(path: Path, task: str) -> pd.DataFrame:
     if table.empty:
         raise UserError(f"{path}: a tune table with no rows")
     for column in SCORE_COLUMNS:
-        if not pd.api.types.is_numeric_dtype(table[column]):
-            raise UserError(f"{path}: column {column} holds values that are not numbers")
+        values = pd.to_numeric(table[column], errors="coerce")
+        if values.isna().any():
+            line = int(values.isna().to_numpy().argmax()) + 2
+            raise UserError(f"{path}, line {line}: {column} {str(table[column].iloc[line - 2])!r} is not a number")
     return table
 
 
