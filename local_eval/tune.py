@@ -1,18 +1,19 @@
 """`python -m local_eval tune`: choose the reranking recipe by measuring it on a local competition.
 
     python -m local_eval tune --competition DIR --task recognition|retrieval --model MODEL --out OUT \
-        [--limit-h H] [--grid GRID.json] [-- extra submission/main.py flags]
+        [--limit-h H] [--grid GRID.json] [--overwrite] [-- extra submission/main.py flags]
 
 It runs the submission script once as the server would (replay), reranking every query to the deepest depth of
 the grid so that the script caches the local features of every pair; then it sweeps the verification settings
 over those cached features (no new extraction) and the scoring settings over the verified pairs (no new
-RANSAC), scores every combination with the official-equivalent metric, chooses on Public (ties: the faster)
-and reports Private beside it, as the leaderboard split works. Verification is swept in two stages: every
-matching setting x RANSAC threshold x minimum matches at the first iterations and confidence of the grid, then
-every iterations x confidence at the best of those. It writes
+RANSAC), scores every combination with the official-equivalent metric, chooses on Public (exact ties: the
+cheapest by a fixed order of the settings) and reports Private beside it, as the leaderboard split works.
+Verification is swept in two stages: every matching setting x RANSAC threshold x minimum matches at the first
+iterations and confidence of the grid, then every iterations x confidence at the best of those. It writes OUT
+whole (an existing OUT only with --overwrite):
   OUT/table.csv   one row per setting: the settings, Public / Private / all scores, seconds per query;
   OUT/tuned.json  the chosen settings, for `submission/main.py --settings` (and replay / export bundle);
-  OUT/depth.png   score against rerank depth for the best few verification settings.
+  OUT/depth.png   score against rerank depth for the best few verification settings, the choice ringed.
 
 `python -m local_eval tune-merge --tables A/table.csv B/table.csv ... --out OUT` averages the tables of several
 competitions (seeds) setting by setting and chooses on the mean Public score: how the script's defaults were set.
