@@ -26,7 +26,15 @@ from local_eval import draw
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
 from local_eval.replay import competition_paths, replay
 from local_eval.submission_script import load_submission
-from local_eval.timing import DEFAULT_MARGIN, PROFILES, Profile, load_timing, project, resolve_profile
+from local_eval.timing import (
+    DEFAULT_MARGIN,
+    PROFILES,
+    Profile,
+    load_timing,
+    project,
+    resolve_profile,
+    unmeasured_stages,
+)
 from local_eval.tune import Run, Scorer, read_run, score_one, split_script_args
 
 log = logging.getLogger("tradeoff")
@@ -198,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     if profile.task != args.task:
         raise UserError(f"--profile {args.profile} is a {profile.task} profile")
     server = load_timing(args.log) if args.log else None
+    unmeasured = unmeasured_stages(server, max(depths)) if server else []
+    if unmeasured:
+        raise UserError(f"--log {args.log}: {', '.join(unmeasured)} not measured (cached or skipped), so it cannot "
+                        "anchor the projection; give the timing.json of a cold run or of a probe (--probe N)")
     args.out.mkdir(parents=True, exist_ok=True)
     table = tradeoff(args.competition, args.task, args.model, args.out, profile, server, args.speedup, depths,
                      args.limit_h, script_args, args.reuse)

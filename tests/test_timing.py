@@ -158,3 +158,15 @@ def test_flags_that_make_no_projection_are_flag_errors(tmp_path, capsys, flags, 
     assert run_main(time_main, ["--log", str(path), "--profile", "recognition-2021", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {named} ") and err.count("\n") == 1
+
+
+def test_tradeoff_refuses_a_server_log_that_cannot_anchor_it(tmp_path, capsys):
+    from local_eval.tradeoff import main as tradeoff_main
+
+    warm = tmp_path / "timing.json"
+    warm.write_text(json.dumps(with_stage(LOG, "global_db", items=0, seconds=0.0)))
+    flags = ["--competition", str(tmp_path), "--task", "recognition", "--model", str(tmp_path), "--out",
+             str(tmp_path / "out"), "--log", str(warm)]
+    assert run_main(tradeoff_main, flags) == 2
+    assert capsys.readouterr().err.startswith(f"error: --log {warm}: global_db not measured (cached or skipped)")
+    assert not (tmp_path / "out").exists()

@@ -156,6 +156,10 @@ def test_shards_of_one_landmark_are_refused(mini_folder, tmp_path):
     (tmp_path / "shards" / "label_map.csv").write_text("index,landmark_id\n0,13\n")
     with pytest.raises(UserError, match="1 landmark to train on"):
         tfrecord_data(tmp_path / "shards", get_config("tiny"))
+    for broken in (b"\x89PNG\r\n" + bytes(range(256)), b"index,landmark_id\n0,13,5\n", b"index,landmark_id\n0,x\n"):
+        (tmp_path / "shards" / "label_map.csv").write_bytes(broken)
+        with pytest.raises(UserError, match=f"^{tmp_path / 'shards' / 'label_map.csv'}"):
+            tfrecord_data(tmp_path / "shards", get_config("tiny"))
 
 
 def test_train_on_one_landmark_exits_2_with_one_line(tmp_path):
