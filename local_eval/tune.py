@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import itertools
 import json
 import logging
@@ -107,23 +108,29 @@ def grid_values(path: Path, name: str, values) -> list:
     """--grid's list for one setting: non-empty, no repeats, each value of the setting's type and range."""
     if not isinstance(values, list) or not values:
         raise UserError(f"--grid {path}: '{name}' must be a non-empty list of values, got {json.dumps(values)}")
-    sub = load_submission()
-    section = next(cls() for cls in (sub.Verification, sub.Scoring) if name in {f.name for f in
-                                                                                  dataclasses.fields(cls)})
+    sub, cli = load_submission(), settings_functions()
+    section = next(cls() for cls in sub.SECTIONS.values() if name in {f.name for f in dataclasses.fields(cls)})
     field = next(f for f in dataclasses.fields(section) if f.name == name)
     where, checked = f"--grid {path}: '{name}'", []
     for value in values:
         try:
             if value is None:  # the script reads null as "the default", which is no value to sweep
-                raise sub.InputError(f"{where} must be {sub.field_type(field)[0].__name__}, got null")
-            checked.append(sub.coerce(field, value, where))
-            sub.check_settings(dataclasses.replace(section, **{name: checked[-1]}))
+                raise sub.InputError(f"{where} must be {cli.field_type(field)[0].__name__}, got null")
+            checked.append(cli.coerce(field, value, where))
+            cli.check_settings(dataclasses.replace(section, **{name: checked[-1]}))
         except sub.InputError as err:
-            raise UserError(str(err).replace(sub.flag(name), where)) from None
+            raise UserError(str(err).replace(cli.flag(name), where)) from None
     repeated = [value for k, value in enumerate(checked) if value in checked[:k]]
     if repeated:
         raise UserError(f"--grid {path}: '{name}' lists {json.dumps(repeated[0])} more than once")
     return checked
+
+
+def settings_functions():
+    """The script's functions that read and range-check one setting (coerce, check_settings, flag, field_type):
+    main.py's own, or those of settings_cli.py beside it once the script is split in files."""
+    sub = load_submission()
+    return sub if hasattr(sub, "coerce") else importlib.import_module("settings_cli")
 
 
 # Verification sweep (worker processes)
