@@ -103,12 +103,6 @@ def seconds_per_item(stage: dict | None) -> float | None:
     return stage["seconds"] / stage["items"]
 
 
-def unmeasured_stages(log: dict, rerank: int) -> list[str]:
-    """The stages a projection at this rerank depth needs that the log did no work in (cached or skipped)."""
-    needed = STAGES if rerank else tuple(name for name in STAGES if name not in ("local_features", "verification"))
-    return [name for name in needed if seconds_per_item(log["stages"].get(name)) is None]
-
-
 def unit_costs(log: dict, speedup: float) -> dict[str, float | None]:
     """Seconds per unit of each stage; knn's unit (as the script logs it) is one query x one database row."""
     costs = {name: seconds_per_item(log["stages"].get(name)) for name in STAGES}
@@ -129,6 +123,11 @@ def project(log: dict, profile: Profile, rerank: int, speedup: float = 1.0) -> d
     }
     return {name: (None if cost[name] is None else cost[name] * units[name] / 3600)
             if units[name] else 0.0 for name in STAGES}
+
+
+def unmeasured_stages(log: dict, profile: Profile, rerank: int) -> list[str]:
+    """The stages a projection at this rerank depth needs that the log did no work in (cached or skipped)."""
+    return [name for name, hours in project(log, profile, rerank).items() if hours is None]
 
 
 def max_rerank_depth(log: dict, profile: Profile, speedup: float, margin: float) -> int | None:
@@ -178,7 +177,7 @@ def projection_report(log: dict, profile: Profile, speedup: float = 1.0, margin:
     rerank = int(log.get("rerank_depth", 0)) if rerank is None else rerank
     hours = project(log, profile, rerank, speedup)
     total = sum(h for h in hours.values() if h is not None)
-    unmeasured = unmeasured_stages(log, rerank)
+    unmeasured = [name for name, h in hours.items() if h is None]
     return {
         "profile": dataclasses.asdict(profile),
         "speedup": speedup,

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if profile.task != args.task:
         raise UserError(f"--profile {args.profile} is a {profile.task} profile")
     server = load_timing(args.log) if args.log else None
-    unmeasured = unmeasured_stages(server, max(depths)) if server else []
+    unmeasured = unmeasured_stages(server, profile, max(depths)) if server else []
     if unmeasured:
         raise UserError(f"--log {args.log}: {', '.join(unmeasured)} not measured (cached or skipped), so it cannot "
                         "anchor the projection; give the timing.json of a cold run or of a probe (--probe N)")
