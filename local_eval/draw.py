@@ -207,7 +207,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
     height = size[1] + legend_h
     title_font, small = font(15), font(12)
     margin_left, margin_right = 60, 20
-    margin_top = 52 + (16 if note else 0)  # title, note, then the y label above the plot
+    margin_top = 58 + (16 if note else 0)  # title, note, then the y label above the plot
     margin_bottom = 44 + legend_h
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -236,7 +236,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
         draw.text((to_x(x_value) - 12, margin_top + plot_h + 4), f"{x_value:.3g}", fill=(0, 0, 0), font=small)
     draw.text((margin_left + plot_w // 2 - draw.textlength(x_label, font=small) / 2, margin_top + plot_h + 20),
               x_label, fill=(0, 0, 0), font=small)
-    draw.text((4, margin_top - 18), y_label, fill=(0, 0, 0), font=small)
+    draw.text((4, margin_top - 26), y_label, fill=(0, 0, 0), font=small)
     if vertical:
         x = to_x(vertical[0])
         for top in range(margin_top, margin_top + plot_h, 8):

@@ -38,7 +38,7 @@ def test_the_whole_legend_fits_with_every_series_in_its_colour():
 
 def test_the_title_and_the_y_label_do_not_touch():
     picture = line_chart(SERIES, "recognition: Public GAP by rerank depth", "rerank depth", "Public GAP")
-    rows = ink_rows(picture, 0, 52)  # above the plot: the title, then the y label
+    rows = ink_rows(picture, 0, 58)  # above the plot: the title, then the y label
     runs = np.flatnonzero(np.diff(rows.astype(int)) == 1)
     assert len(runs) + rows[0] >= 2  # two separate bands of ink, blank rows between them
 
