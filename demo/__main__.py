@@ -1,8 +1,9 @@
 """`make demo` (`python -m demo`): the whole competition loop on a generated competition, with no data of the user's.
 
 build the `demo` synthetic competition (half of `small`) -> train the tiny DELG on CPU -> export -> replay both tasks ->
-the recognition tradeoff (each rung of the database plan at a few rerank depths, projected to the real
-competition) -> one summary. Every step whose output exists is reused.
+the HTML report of the recognition replay (`local_eval show`) -> the recognition tradeoff (each rung of the
+database plan at a few rerank depths, projected to the real competition) -> one summary, with the files to open and
+the commands that come next. Every step whose output exists is reused.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from common.cli import UserError, check_at_least, run_main
-from local_eval.layout import task_folder
+from local_eval.layout import nonlandmark_folder, task_folder
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
 from local_eval.replay import replay
 from local_eval.synthetic import SIZES, build_synthetic
@@ -33,6 +34,8 @@ DEMO = {
     "script_args": {"recognition": [], "retrieval": ["--rerank", "30"]},
     "profile": "recognition-2020",
     "tradeoff_depths": [0, 3, 10],  # recognition rerank depths scored on every rung of the plan's ladder
+    "show_queries": 12,  # queries pictured in the HTML report
+    "probe_images": 30,  # the probe the summary suggests (see README, "Fitting the server")
 }
 log = logging.getLogger("demo")
 
@@ -85,6 +88,18 @@ def replay_step(out: Path, competition: Path, model: Path, task: str) -> dict:
     return replay(competition, task, model, report_dir, DEMO["limit_h"], DEMO["script_args"][task])
 
 
+def show_step(out: Path, competition: Path, model: Path) -> Path:
+    """The HTML report of the recognition replay (scores, precision curve, match pictures); its index.html."""
+    from local_eval.show import main_show
+
+    report_dir, replay_dir = out / "show-recognition", out / "replay-recognition"
+    if not up_to_date(report_dir / "index.html", replay_dir / "report.json"):
+        main_show(["--competition", str(competition), "--task", "recognition", "--submission",
+                   str(replay_dir / "submission.csv"), "--model", str(model), "--out", str(report_dir),
+                   "--queries", str(DEMO["show_queries"]), "--overwrite"])
+    return report_dir / "index.html"
+
+
 def tradeoff_step(out: Path, competition: Path, model: Path) -> str:
     """The recognition tradeoff table at this machine's speed (rungs share the recognition replay's features)."""
     from local_eval.tradeoff import tradeoff, write_outputs
@@ -113,16 +128,33 @@ def usage_table(task: str, report: dict) -> list[str]:
     return lines
 
 
-def summary(reports: dict[str, dict], projection: dict, tradeoff_text: str, step_seconds: dict) -> str:
+def summary(reports: dict[str, dict], projection: dict, tradeoff_text: str, step_seconds: dict,
+            files: dict[str, Path]) -> str:
     lines = ["", "=" * 72, "DEMO SUMMARY (synthetic competition, tiny DELG trained on this CPU)"]
     for task, report in reports.items():
         flags = " ".join(DEMO["script_args"][task]) or "defaults"
         lines += [f"{task} ({flags}): {report['status']} in {report['seconds']:.0f} s", *usage_table(task, report)]
         stages = report["timing"].get("stages", {})
         lines.append("  seconds per stage: " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in stages.items()))
-    lines += ["", format_report(projection), "", tradeoff_text, "",
+    lines += ["", format_report(projection), "", tradeoff_text, "", *follow_ups(files),
               "demo steps (s): " + ", ".join(f"{k} {v}" for k, v in step_seconds.items()), "=" * 72]
     return "\n".join(lines)
+
+
+def follow_ups(files: dict[str, Path]) -> list[str]:
+    """The files to open and the commands that come next, with this run's paths."""
+    recognition = task_folder(files["competition"], "recognition")
+    probe = files["out"] / "probe"
+    return [
+        "open:",
+        f"  {files['show']}   the recognition replay: scores, precision curve, match pictures",
+        f"  {files['tradeoff']}   score against projected server hours, the best setting that fits ringed",
+        "next: time every stage with a probe (the server's own rates when run there), then project it:",
+        f"  python submission/main.py --task recognition --data {recognition} --model {files['model']} "
+        f"--nonlandmark-dir {nonlandmark_folder(files['competition'])} --probe {DEMO['probe_images']} "
+        f"--work {probe}",
+        f"  python -m local_eval time --log {probe / 'timing.json'} --profile recognition-2021 --speedup 20",
+        ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     if not reports["recognition"]["timing"]:
         raise UserError("the recognition replay left no timing log; see its script.log")
     projection = projection_report(reports["recognition"]["timing"], PROFILES[DEMO["profile"]])
+    show = timed("show", seconds, show_step, args.out, competition, model)
     tradeoff_text = timed("tradeoff", seconds, tradeoff_step, args.out, competition, model)
-    text = summary(reports, projection, tradeoff_text, seconds)
+    files = {"out": args.out, "competition": competition, "model": model, "show": show,
+             "tradeoff": args.out / "tradeoff" / "tradeoff.png"}
+    text = summary(reports, projection, tradeoff_text, seconds, files)
     (args.out / "summary.txt").write_text(text + "\n")
     print(text)
     return 0

@@ -127,19 +127,95 @@ def precision_curve(correct: np.ndarray, title: str, size: tuple[int, int] = (64
 
 SERIES_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
                   (140, 86, 75), (127, 127, 127)]
+SERIES_MARKERS = ("circle", "square", "triangle", "diamond", "cross")
+SERIES_DASHES = ((), (10, 5), (3, 4), (12, 4, 3, 4), (6, 3))  # on/off lengths in pixels; () is a solid line
+LEGEND_ROW = 18
+MARK_COLOUR = (0, 0, 0)
+
+
+def series_style(index: int) -> tuple[tuple[int, int, int], str, tuple[int, ...]]:
+    """(colour, marker, dash pattern) of the index-th series: neighbours differ in all three."""
+    return (SERIES_COLOURS[index % len(SERIES_COLOURS)], SERIES_MARKERS[index % len(SERIES_MARKERS)],
+            SERIES_DASHES[index % len(SERIES_DASHES)])
+
+
+def draw_marker(draw: ImageDraw.ImageDraw, kind: str, x: float, y: float, colour, radius: float = 4) -> None:
+    r = radius
+    if kind == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    elif kind == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+    elif kind == "triangle":
+        draw.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=colour)
+    elif kind == "diamond":
+        draw.polygon([(x, y - r - 1), (x + r + 1, y), (x, y + r + 1), (x - r - 1, y)], fill=colour)
+    else:  # cross
+        draw.line([(x - r, y - r), (x + r, y + r)], fill=colour, width=3)
+        draw.line([(x - r, y + r), (x + r, y - r)], fill=colour, width=3)
+
+
+def draw_polyline(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], colour, dash: tuple[int, ...],
+                  width: int = 2) -> None:
+    """A line through points, solid or in the on/off dash pattern (which runs on from one segment to the next)."""
+    if not dash:
+        draw.line(points, fill=colour, width=width)
+        return
+    walked = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        steps = max(1, math.ceil(math.hypot(x1 - x0, y1 - y0)))  # one pixel each
+        run: list[tuple[float, float]] = []
+        for k in range(steps + 1):
+            at = (x0 + (x1 - x0) * k / steps, y0 + (y1 - y0) * k / steps)
+            if dash_is_on(walked + k * math.hypot(x1 - x0, y1 - y0) / steps, dash):
+                run.append(at)
+            elif run:
+                draw.line([run[0], run[-1]], fill=colour, width=width)
+                run = []
+        if len(run) > 1:
+            draw.line([run[0], run[-1]], fill=colour, width=width)
+        walked += math.hypot(x1 - x0, y1 - y0)
+
+
+def dash_is_on(distance: float, dash: tuple[int, ...]) -> bool:
+    """Whether the point `distance` pixels along a line falls on an "on" part of the dash pattern."""
+    at = distance % sum(dash)
+    for index, part in enumerate(dash):
+        if at < part:
+            return index % 2 == 0
+        at -= part
+    return False
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, width: float, text_font) -> str:
+    """text, cut with an ellipsis when it is wider than width."""
+    if draw.textlength(text, font=text_font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=text_font) > width:
+        text = text[:-1]
+    return text + "…"
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str,
-               vertical: tuple[float, str] | None = None, size: tuple[int, int] = (820, 460)) -> Image.Image:
-    """Lines with dots, one per named series of (x, y) points, a legend under the plot, and optionally a dashed
-    vertical line at vertical[0] labelled vertical[1] (a time limit, say)."""
-    width, height = size
-    legend_h = 18 * len(series) + 6
-    margin_left, margin_right, margin_top, margin_bottom = 60, 20, 34, 44 + legend_h
-    canvas = Image.new("RGB", size, BACKGROUND)
+               vertical: tuple[float, str] | None = None, marked: tuple[float, float, str] | None = None,
+               note: str | None = None, size: tuple[int, int] = (820, 420)) -> Image.Image:
+    """Lines with markers, one per named series of (x, y) points, each series in its own colour, marker and dash;
+    the legend under the plot (the canvas grows with it). Optionally a dashed vertical line at vertical[0]
+    labelled vertical[1] (a time limit, say), a ring around the point marked[:2] labelled marked[2] (the chosen
+    setting), and a note line under the title (what every series shares)."""
+    width = size[0]
+    legend_h = LEGEND_ROW * (len(series) + (marked is not None)) + 8
+    height = size[1] + legend_h
+    title_font, small = font(15), font(12)
+    margin_left, margin_right = 60, 20
+    margin_top = 58 + (16 if note else 0)  # title, note, then the y label above the plot
+    margin_bottom = 44 + legend_h
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    small = font(12)
-    draw.text((margin_left, 8), title, fill=(0, 0, 0), font=font(15))
+    draw.text((margin_left, 8), fit_text(draw, title, width - margin_left - 8, title_font), fill=(0, 0, 0),
+              font=title_font)
+    if note:
+        draw.text((margin_left, 30), fit_text(draw, note, width - margin_left - 8, small), fill=(70, 70, 70),
+                  font=small)
     points = [point for line in series.values() for point in line]
     xs = [x for x, _ in points] + ([vertical[0]] if vertical else [])
     ys = [y for _, y in points]
@@ -149,7 +225,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
     y_low, y_high = y_low - pad, y_high + pad
     x_high = x_high if x_high > x_low else x_low + 1
     plot_w, plot_h = width - margin_left - margin_right, height - margin_top - margin_bottom
-    to_x = lambda x: margin_left + (x - x_low) / (x_high - x_low) * plot_w
+    inset = 10  # pixels between the frame and the first and last x, so that no marker sits on the frame
+    to_x = lambda x: margin_left + inset + (x - x_low) / (x_high - x_low) * (plot_w - 2 * inset)
     to_y = lambda y: margin_top + (1 - (y - y_low) / (y_high - y_low)) * plot_h
     draw.rectangle([margin_left, margin_top, margin_left + plot_w, margin_top + plot_h], outline=(0, 0, 0))
     for i in range(5):
@@ -157,23 +234,33 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
         draw.line([(margin_left - 4, to_y(y_value)), (margin_left + plot_w, to_y(y_value))], fill=(225, 225, 225))
         draw.text((4, to_y(y_value) - 7), f"{y_value:.3f}", fill=(0, 0, 0), font=small)
         draw.text((to_x(x_value) - 12, margin_top + plot_h + 4), f"{x_value:.3g}", fill=(0, 0, 0), font=small)
-    draw.text((margin_left + plot_w // 2 - 60, margin_top + plot_h + 20), x_label, fill=(0, 0, 0), font=small)
-    draw.text((margin_left, margin_top - 14), y_label, fill=(0, 0, 0), font=small)
+    draw.text((margin_left + plot_w // 2 - draw.textlength(x_label, font=small) / 2, margin_top + plot_h + 20),
+              x_label, fill=(0, 0, 0), font=small)
+    draw.text((4, margin_top - 26), y_label, fill=(0, 0, 0), font=small)
     if vertical:
         x = to_x(vertical[0])
         for top in range(margin_top, margin_top + plot_h, 8):
             draw.line([(x, top), (x, min(top + 4, margin_top + plot_h))], fill=(200, 0, 0), width=2)
         draw.text((x + 4, margin_top + 4), vertical[1], fill=(200, 0, 0), font=small)
+    legend_top = margin_top + plot_h + 40
     for index, (name, line) in enumerate(series.items()):
-        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+        colour, marker, dash = series_style(index)
         ordered = sorted(line)
         if len(ordered) > 1:
-            draw.line([(to_x(x), to_y(y)) for x, y in ordered], fill=colour, width=2)
+            draw_polyline(draw, [(to_x(x), to_y(y)) for x, y in ordered], colour, dash)
         for x, y in ordered:
-            draw.ellipse([to_x(x) - 3, to_y(y) - 3, to_x(x) + 3, to_y(y) + 3], fill=colour)
-        legend_y = height - legend_h + 18 * index
-        draw.rectangle([margin_left, legend_y + 3, margin_left + 12, legend_y + 13], fill=colour)
-        draw.text((margin_left + 18, legend_y), name[:110], fill=(0, 0, 0), font=small)
+            draw_marker(draw, marker, to_x(x), to_y(y), colour)
+        row_y = legend_top + LEGEND_ROW * index
+        draw_polyline(draw, [(margin_left, row_y + 8), (margin_left + 36, row_y + 8)], colour, dash)
+        draw_marker(draw, marker, margin_left + 18, row_y + 8, colour)
+        draw.text((margin_left + 44, row_y + 1), fit_text(draw, name, plot_w - 44, small), fill=(0, 0, 0), font=small)
+    if marked:
+        x, y = to_x(marked[0]), to_y(marked[1])
+        draw.ellipse([x - 9, y - 9, x + 9, y + 9], outline=MARK_COLOUR, width=2)
+        row_y = legend_top + LEGEND_ROW * len(series)
+        draw.ellipse([margin_left + 12, row_y + 2, margin_left + 24, row_y + 14], outline=MARK_COLOUR, width=2)
+        draw.text((margin_left + 44, row_y + 1), fit_text(draw, marked[2], plot_w - 44, small), fill=(0, 0, 0),
+                  font=small)
     return canvas
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from common.cli import UserError, atomic_output_dir, check_at_least, check_input_folder
-from common.gldv2 import ID, IDS, INDEX_IMAGES, LANDMARK, LANDMARKS, USAGE, check_fields, image_path
+from common.gldv2 import ID, IDS, INDEX_IMAGES, LANDMARK, LANDMARKS, USAGE, check_fields, image_path, read_csv_strings
 from local_eval.layout import BUILD_INFO, check_existing, nonlandmark_folder, task_folder, write_build_info, write_csvs
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,7 @@ def read_gldv2_csv(gldv2: Path, name: str) -> pd.DataFrame:
     path = gldv2 / name
     if not path.is_file():
         raise UserError(f"{path}: file not found (expected the GLDv2 file {name})")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, OSError) as err:
-        raise UserError(f"{path}: not a readable CSV file: {err}") from None
+    frame = read_csv_strings(path)
     missing = [c for c in FILES[name] if c not in frame.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {','.join(frame.columns)}")

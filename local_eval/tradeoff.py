@@ -26,7 +26,15 @@ from local_eval import draw
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
 from local_eval.replay import competition_paths, replay
 from local_eval.submission_script import load_submission
-from local_eval.timing import DEFAULT_MARGIN, PROFILES, Profile, load_timing, project, resolve_profile
+from local_eval.timing import (
+    DEFAULT_MARGIN,
+    PROFILES,
+    Profile,
+    load_timing,
+    project,
+    resolve_profile,
+    unmeasured_stages,
+)
 from local_eval.tune import Run, Scorer, read_run, score_one, split_script_args
 
 log = logging.getLogger("tradeoff")
@@ -136,13 +144,23 @@ def rung_rows(run: Run, scorer: Scorer, name: str, extraction, timing: dict, ref
     return rows
 
 
+def best_that_fits(table: pd.DataFrame) -> pd.Series | None:
+    """The row with the best Public score among those that fit (the first of equals), or None."""
+    best = table[table["fits"]].sort_values("public", ascending=False, kind="stable").head(1)
+    return best.iloc[0] if len(best) else None
+
+
 def picture(table: pd.DataFrame, task: str, profile: Profile, out: Path) -> None:
     metric = METRIC_NAME[TASK_METRIC[task]]
     series = {f"{rung} (depths {', '.join(map(str, part['rerank']))})":
               list(zip(part["projected_h"], part["all"], strict=True))
               for rung, part in table.groupby("rung", sort=False)}
+    best = best_that_fits(table)
+    marked = None if best is None else (
+        best["projected_h"], best["all"], f"best that fits (on Public): {best['rung']}, rerank {best['rerank']}")
     draw.save_png(draw.line_chart(series, f"{task}: {metric} (all) against projected hours at full size",
-                                  "projected server hours", metric, vertical=(profile.limit_h, "limit")),
+                                  "projected server hours", f"{metric} (all)", vertical=(profile.limit_h, "limit"),
+                                  marked=marked, note=None if best is not None else "nothing fits the limit"),
                   out / "tradeoff.png")
 
 
@@ -154,9 +172,9 @@ def format_table(table: pd.DataFrame, task: str, profile: Profile, source: str) 
     for row in table.itertuples():
         lines.append(f"  {row.rung:<16}{row.rerank:>7}  {row.public:>14.4f}{row.private:>9.4f}{row.all:>8.4f}"
                      f"{row.projected_h:>9.2f}  {'yes' if row.fits else 'no'}")
-    best = table[table["fits"]].sort_values("public", ascending=False, kind="stable").head(1)
-    lines.append("  best that fits (on Public): " + (f"{best.iloc[0]['rung']}, rerank {best.iloc[0]['rerank']}"
-                                                    if len(best) else "none"))
+    best = best_that_fits(table)
+    lines.append("  best that fits (on Public): " + (f"{best['rung']}, rerank {best['rerank']}"
+                                                    if best is not None else "none"))
     return "\n".join(lines)
 
 
@@ -189,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     if profile.task != args.task:
         raise UserError(f"--profile {args.profile} is a {profile.task} profile")
     server = load_timing(args.log) if args.log else None
+    unmeasured = unmeasured_stages(server, profile, max(depths)) if server else []
+    if unmeasured:
+        raise UserError(f"--log {args.log}: {', '.join(unmeasured)} not measured (cached or skipped), so it cannot "
+                        "anchor the projection; give the timing.json of a cold run or of a probe (--probe N)")
     args.out.mkdir(parents=True, exist_ok=True)
     table = tradeoff(args.competition, args.task, args.model, args.out, profile, server, args.speedup, depths,
                      args.limit_h, script_args, args.reuse)

@@ -1,21 +1,23 @@
 """`python -m local_eval tune`: choose the reranking recipe by measuring it on a local competition.
 
     python -m local_eval tune --competition DIR --task recognition|retrieval --model MODEL --out OUT \
-        [--limit-h H] [--grid GRID.json] [-- extra submission/main.py flags]
+        [--limit-h H] [--grid GRID.json] [--overwrite] [-- extra submission/main.py flags]
 
 It runs the submission script once as the server would (replay), reranking every query to the deepest depth of
 the grid so that the script caches the local features of every pair; then it sweeps the verification settings
 over those cached features (no new extraction) and the scoring settings over the verified pairs (no new
-RANSAC), scores every combination with the official-equivalent metric, chooses on Public (ties: the faster)
-and reports Private beside it, as the leaderboard split works. Recognition's global stage (how a query nobody
-verified is scored: top-k, non-landmark suppression) is chosen first, on the unverified run; the verification
-and scoring settings then on the verified ones; last, the chosen settings are scored with 0, 10, 30 and 100% of
-the queries verified (most confident first), the regimes a time limit leaves. Verification is swept in two stages: every
-matching setting x RANSAC threshold x minimum matches at the first iterations and confidence of the grid, then
-every iterations x confidence at the best of those. It writes
+RANSAC), scores every combination with the official-equivalent metric, chooses on Public (exact ties: the
+cheapest by a fixed order of the settings) and reports Private beside it, as the leaderboard split works.
+Recognition's global stage (how a query nobody verified is scored: top-k, non-landmark suppression) is chosen
+first, on the unverified run; the verification and scoring settings then on the verified ones; last, the chosen
+settings are scored with 0, 10, 30 and 100% of the queries verified (most confident first), the regimes a time
+limit leaves. Verification is swept in two stages: every matching setting x RANSAC threshold x minimum matches at
+the first iterations and confidence of the grid, then every iterations x confidence at the best of those. It
+writes OUT whole (an existing OUT only with --overwrite):
   OUT/table.csv   one row per setting: the settings, Public / Private / all scores, seconds per query;
   OUT/tuned.json  the chosen settings, for `submission/main.py --settings` (and replay / export bundle);
-  OUT/depth.png   score against rerank depth for the best few verification settings;
+  OUT/depth.png   score against rerank depth for the best few verification settings, the choice ringed;
+  OUT/global.csv  recognition: the global-stage settings scored with no query verified;
   OUT/regimes.csv the chosen settings' scores by share of queries verified.
 
 `python -m local_eval tune-merge --tables A/table.csv B/table.csv ... --out OUT` averages the tables of several
@@ -37,7 +39,14 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from common.cli import UserError, atomic_write_text
+from common.cli import (
+    UserError,
+    atomic_output_dir,
+    atomic_write_text,
+    check_at_least,
+    check_output_dir,
+    check_positive,
+)
 from local_eval import draw
 from local_eval.kaggle_csv import read_solution
 from local_eval.metrics import (
@@ -49,7 +58,7 @@ from local_eval.metrics import (
     subsets_with_all,
 )
 from local_eval.replay import competition_paths, replay
-from local_eval.submission_script import load_submission
+from local_eval.submission_script import load_submission, sibling
 
 log = logging.getLogger("tune")
 
@@ -70,6 +79,10 @@ SCORING = {"recognition": {"rerank": [0, 1, 3, 5, 10, 20], "top_k": [1, 3, 5, 10
 VERIFICATION_KEYS = [*MATCHING, *RANSAC, *FILTER]
 REGIMES = (0.0, 0.1, 0.3, 1.0)  # shares of the queries verified
 BEST_CURVES = 5  # verification settings drawn in depth.png
+SCORE_COLUMNS = (*REPORTED_SUBSETS, "seconds_per_query")
+MEASURES = (*SCORE_COLUMNS, "tables")  # a table's columns that are no setting ("tables": tune-merge's count)
+# Exact ties go to the cheapest setting by the cost model: fewer candidates verified, then fewer RANSAC iterations.
+TIE_ORDER = ("rerank", "ransac_iterations")
 
 
 def grid_combinations(grid: dict[str, list]) -> list[dict]:
@@ -77,7 +90,8 @@ def grid_combinations(grid: dict[str, list]) -> list[dict]:
 
 
 def read_grid(path: Path | None, task: str) -> dict[str, dict[str, list]]:
-    """The default grid, with any list replaced by --grid's (a JSON object of setting -> list of values)."""
+    """The default grid, with any list replaced by --grid's (a JSON object of setting -> list of values), every
+    value checked as submission/main.py checks the setting."""
     grid = {"matching": dict(MATCHING), "ransac": dict(RANSAC), "filter": dict(FILTER),
             "scoring": dict(SCORING[task]), "global": dict(GLOBAL[task])}
     if path is None:
@@ -86,15 +100,38 @@ def read_grid(path: Path | None, task: str) -> dict[str, dict[str, list]]:
         given = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"--grid {path}: cannot read it as JSON ({err})") from None
+    if not isinstance(given, dict):
+        raise UserError(f"--grid {path}: expected a JSON object of setting -> list of values, "
+                        f"such as {{\"rerank\": [0, 10]}}; found {type(given).__name__} {json.dumps(given)[:40]}")
     for name, values in given.items():
         part = next((part for part in grid.values() if name in part), None)
         if part is None:
             raise UserError(f"--grid {path}: '{name}' is not a tunable setting of {task}; "
                             f"choose from {', '.join(k for part in grid.values() for k in part)}")
-        if not isinstance(values, list) or not values:
-            raise UserError(f"--grid {path}: '{name}' must be a non-empty list")
-        part[name] = values
+        part[name] = grid_values(path, name, values)
     return grid
+
+
+def grid_values(path: Path, name: str, values) -> list:
+    """--grid's list for one setting: non-empty, no repeats, each value of the setting's type and range."""
+    if not isinstance(values, list) or not values:
+        raise UserError(f"--grid {path}: '{name}' must be a non-empty list of values, got {json.dumps(values)}")
+    sub, cli = load_submission(), sibling("settings_cli")
+    section = next(cls() for cls in sub.SECTIONS.values() if name in {f.name for f in dataclasses.fields(cls)})
+    field = next(f for f in dataclasses.fields(section) if f.name == name)
+    where, checked = f"--grid {path}: '{name}'", []
+    for value in values:
+        try:
+            if value is None:  # the script reads null as "the default", which is no value to sweep
+                raise sub.InputError(f"{where} must be {cli.field_type(field)[0].__name__}, got null")
+            checked.append(cli.coerce(field, value, where))
+            cli.check_settings(dataclasses.replace(section, **{name: checked[-1]}))
+        except sub.InputError as err:
+            raise UserError(str(err).replace(cli.flag(name), where)) from None
+    repeated = [value for k, value in enumerate(checked) if value in checked[:k]]
+    if repeated:
+        raise UserError(f"--grid {path}: '{name}' lists {json.dumps(repeated[0])} more than once")
+    return checked
 
 
 # Verification sweep (worker processes)
@@ -297,9 +334,15 @@ def query_seconds(run: Run, depth: int, verify_seconds: float, local_rate: float
 
 
 def choose(table: pd.DataFrame) -> pd.Series:
-    """The best Public score; among equals the fastest, then the first."""
+    """The best Public score; among equals the cheapest by a fixed order of the settings, never by measured time
+    (which load moves), so that the same table always gives the same choice: TIE_ORDER first, then the other
+    settings' values, smallest first, in the table's column order."""
+    if table.empty:
+        raise UserError("no setting was scored: nothing to choose from")
     best = table[table["public"] >= table["public"].max() - 1e-12]
-    return best.sort_values("seconds_per_query", kind="stable").iloc[0]
+    settings = [c for c in best.columns if c not in MEASURES]
+    order = [*(c for c in TIE_ORDER if c in settings), *(c for c in settings if c not in TIE_ORDER)]
+    return best.sort_values(order, kind="stable").iloc[0]
 
 
 def tuned_settings(row: pd.Series, task: str, extraction: dict, about: dict) -> dict:
@@ -317,18 +360,27 @@ def native(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def depth_picture(table: pd.DataFrame, task: str, out: Path) -> None:
-    """Score against rerank depth (best over the other scoring settings) for the best few verification settings."""
+def depth_picture(table: pd.DataFrame, task: str, out: Path, chosen: pd.Series) -> None:
+    """Score against rerank depth (best over the other scoring settings) for the best few verification settings,
+    each named by the settings in which they differ (the rest in a note), the chosen setting ringed."""
     best = table.groupby(VERIFICATION_KEYS)["public"].max().sort_values(ascending=False).head(BEST_CURVES)
+    keys = pd.DataFrame(list(best.index), columns=VERIFICATION_KEYS)
+    differing = [k for k in VERIFICATION_KEYS if keys[k].nunique() > 1]
+    shared = ", ".join(f"{k}={native(keys[k].iloc[0])}" for k in VERIFICATION_KEYS if k not in differing)
     series = {}
     for key in best.index:
         rows = table[(table[VERIFICATION_KEYS] == pd.Series(key, index=VERIFICATION_KEYS)).all(axis=1)]
         curve = rows.groupby("rerank")["public"].max()
-        label = ", ".join(f"{k}={native(v)}" for k, v in zip(VERIFICATION_KEYS, key, strict=True))
+        setting = dict(zip(VERIFICATION_KEYS, key, strict=True))
+        label = ", ".join(f"{k}={native(setting[k])}" for k in differing) or "the one verification setting"
         series[label] = list(zip(curve.index.tolist(), curve.tolist(), strict=True))
     metric = METRIC_NAME[TASK_METRIC[task]]
+    marked = (native(chosen["rerank"]), native(chosen["public"]),
+              f"chosen: rerank {native(chosen['rerank'])}, " +
+              ", ".join(f"{k}={native(chosen[k])}" for k in differing) + f" (Public {chosen['public']:.4f})")
     draw.save_png(draw.line_chart(series, f"{task}: Public {metric} by rerank depth (best scoring per depth)",
-                                  "rerank depth", f"Public {metric}"), out / "depth.png")
+                                  "rerank depth", f"Public {metric}", marked=marked,
+                                  note=f"every curve: {shared}" if shared else None), out / "depth.png")
 
 
 def sweep_stage(run: Run, scorer: Scorer, grid: dict, tasks: list, verified: np.ndarray, matching: list[dict],
@@ -360,12 +412,23 @@ def second_stage(grid: dict, best: pd.Series) -> tuple[list[dict], list[dict]]:
 
 
 def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, grid_path: Path | None,
-         script_args: list[str], workers: int) -> dict:
-    """Extract once, choose the global stage, sweep verification and scoring, score the regimes; write table.csv,
-    tuned.json, depth.png and regimes.csv; returns the chosen row with its scores."""
+         script_args: list[str], workers: int, overwrite: bool = False) -> dict:
+    """Extract once, choose the global stage, sweep verification and scoring, score the regimes; write OUT
+    (table.csv, tuned.json, depth.png, global.csv, regimes.csv, run/) whole or not at all; returns the chosen row
+    with its scores. An existing OUT is replaced only with overwrite."""
     grid = read_grid(grid_path, task)
     _, solution = competition_paths(competition, task)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_output_dir(out, overwrite) as tmp:
+        result = sweep(competition, task, model, tmp, limit_h, grid, solution, script_args, workers)
+        write_choice(tmp, result["table"], result["chosen"], task, result["extraction"],
+                     {"competition": str(competition), "task": task, "model": str(model),
+                      "regimes": result["regimes"].to_dict(orient="records")}, result["global_stage"])
+    return result
+
+
+def sweep(competition: Path, task: str, model: Path, out: Path, limit_h: float, grid: dict, solution: Path,
+          script_args: list[str], workers: int) -> dict:
+    """The extraction run in out/run, then both sweeps: the table, its chosen row, the run's extraction settings."""
     max_depth = max(grid["scoring"]["rerank"])
     extra = [*script_args, "--rerank", str(max_depth), "--plan", "fixed"]  # replay adds the distractor folder
     if task == "recognition":  # the neighbours of the largest top-k are searched once
@@ -375,9 +438,12 @@ def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, g
                   "--query-nonlandmark-k", str(max(grid["global"]["query_nonlandmark_k"]))]
     report = replay(competition, task, model, out / "run", limit_h, extra)
     if report["status"] != "ok":
-        raise UserError(f"the extraction run ended '{report['status']}'; see {out / 'run' / 'script.log'}")
+        last = report.get("log_tail", "").strip().splitlines()[-1:] or ["no log"]
+        raise UserError(f"the extraction run ended '{report['status']}': {last[0]}")
     run = read_run(out / "run" / "work")
     tasks, verified = pair_tasks(run, max_depth)
+    if not tasks:
+        raise UserError(f"{competition}: no test image of the extraction run was readable; nothing to tune on")
     scorer = Scorer(task, solution, run.test_ids)
     stage = {}
     if grid["global"]:
@@ -389,26 +455,17 @@ def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, g
     if ransac:
         table = pd.concat([table, sweep_stage(run, scorer, grid, tasks, verified, matching, ransac, workers, stage)],
                           ignore_index=True)
-    atomic_write_text(out / "table.csv", table.to_csv(index=False))
     chosen = choose(table)
     regime_table = regimes(run, scorer, chosen_inliers(run, tasks, verified, chosen, workers),
                            {k: native(chosen[k]) for k in grid["scoring"]}, stage)
     atomic_write_text(out / "regimes.csv", regime_table.to_csv(index=False))
-    about = {"competition": str(competition), "task": task, "model": str(model), "chosen_on": "public",
-             **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS},
-             "seconds_per_query": native(chosen["seconds_per_query"]), "settings_rows": len(table),
-             "regimes": regime_table.to_dict(orient="records")}
     extraction = json.loads((run.work / "settings.json").read_text())["extraction"]
-    tuned = tuned_settings(chosen, task, extraction, about)
-    tuned["global_stage"] = stage
-    atomic_write_text(out / "tuned.json", json.dumps(tuned, indent=1) + "\n")
-    depth_picture(table, task, out)
     return {"chosen": chosen, "global_only": table[table["rerank"] == 0]["public"].max(), "table": table,
-            "global_stage": stage, "regimes": regime_table}
+            "extraction": extraction, "global_stage": stage, "regimes": regime_table}
 
 
 def choose_global(table: pd.DataFrame) -> pd.Series:
-    """The global-stage setting with the best Public score (the first among equals)."""
+    """The global-stage setting with the best Public score; among equals the first in the grid's fixed order."""
     return table.loc[table["public"].idxmax()]
 
 
@@ -421,6 +478,21 @@ def chosen_inliers(run: Run, tasks: list, verified: np.ndarray, chosen: pd.Serie
     readable = np.flatnonzero(run.query_ok)
     counts[readable] = np.where(matches[:, 0] >= native(chosen["min_matches"]), inliers[:, 0, 0], 0)
     return counts
+
+
+def write_choice(out: Path, table: pd.DataFrame, chosen: pd.Series, task: str, extraction: dict,
+                 about: dict, global_stage: dict | None = None) -> None:
+    """table.csv, tuned.json (the chosen settings, the global stage's, and what they were chosen on) and depth.png
+    into out."""
+    about = {**about, "chosen_on": "mean public" if "tables" in table.columns else "public",
+             **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS},
+             "seconds_per_query": native(chosen["seconds_per_query"]), "settings_rows": len(table)}
+    tuned = tuned_settings(chosen, task, extraction, about)
+    if global_stage:
+        tuned["global_stage"] = global_stage
+    atomic_write_text(out / "table.csv", table.to_csv(index=False))
+    atomic_write_text(out / "tuned.json", json.dumps(tuned, indent=1) + "\n")
+    depth_picture(table, task, out, chosen)
 
 
 def pair_tasks(run: Run, max_depth: int) -> tuple[list[tuple[Path, list[Path]]], np.ndarray]:
@@ -446,7 +518,7 @@ def pair_tasks(run: Run, max_depth: int) -> tuple[list[tuple[Path, list[Path]]],
 def format_summary(result: dict, task: str, out: Path) -> str:
     chosen, metric = result["chosen"], METRIC_NAME[TASK_METRIC[task]]
     settings = ", ".join(f"{k} {native(chosen[k])}" for k in chosen.index
-                         if k not in (*REPORTED_SUBSETS, "seconds_per_query"))
+                         if k not in MEASURES)
     return "\n".join([
         f"{task}: {len(result['table'])} settings scored; chosen on Public:",
         f"  {settings}",
@@ -482,29 +554,56 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON object: setting -> list of values, replacing the default grid's list")
     parser.add_argument("--workers", type=int, default=multiprocessing.cpu_count(),
                         help="processes of the verification sweep (default: the cores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT written by the kit")
     args = parser.parse_args(own)
-    if args.limit_h <= 0 or args.workers < 1:
-        raise UserError("--limit-h must be > 0 and --workers >= 1")
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file")
+    check_positive("--limit-h", args.limit_h)
+    check_at_least("--workers", args.workers, 1)
+    check_output_dir(args.out, args.overwrite)  # before the grid is read and the script loaded
     result = tune(args.competition, args.task, args.model, args.out, args.limit_h, args.grid, script_args,
-                  args.workers)
+                  args.workers, args.overwrite)
     print(format_summary(result, args.task, args.out))
     return 0
 
 
-def merge_tables(paths: list[Path]) -> pd.DataFrame:
-    """Mean scores and seconds per setting over several tables (competitions of other seeds)."""
-    tables = []
-    for path in paths:
-        try:
-            tables.append(pd.read_csv(path))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{path}: cannot read it as a tune table ({err})") from None
-    keys = [c for c in tables[0].columns if c not in (*REPORTED_SUBSETS, "seconds_per_query")]
+def merge_tables(paths: list[Path], task: str) -> pd.DataFrame:
+    """Mean scores and seconds per setting over several tables (competitions of other seeds); only the settings
+    every table holds (a table may have swept a narrower grid), and at least one."""
+    tables = [read_table(path, task) for path in paths]
+    keys = [c for c in tables[0].columns if c not in MEASURES]
+    tables = [table[[*keys, *SCORE_COLUMNS]] for table in tables]
     merged = pd.concat(tables).groupby(keys, dropna=False, sort=False).agg(
-        **{c: (c, "mean") for c in (*REPORTED_SUBSETS, "seconds_per_query")}, tables=("public", "size"))
-    return merged[merged["tables"] == len(tables)].reset_index()
+        **{c: (c, "mean") for c in SCORE_COLUMNS}, tables=("public", "size"))
+    common = merged[merged["tables"] == len(tables)].reset_index()
+    if common.empty:
+        raise UserError(f"{paths[0]} and the other tables share no setting: they were tuned on different grids; "
+                        "merge tables of one grid (or of grids that overlap)")
+    if len(common) < len(merged):
+        log.warning("%d of %d settings are not in every table and are left out", len(merged) - len(common),
+                    len(merged))
+    return common
+
+
+def read_table(path: Path, task: str) -> pd.DataFrame:
+    """A table.csv written by tune (or tune-merge) for this task: its settings columns, scores that are numbers."""
+    try:
+        table = pd.read_csv(path, keep_default_na=False)  # an empty or "n/a" score is shown as written
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read it as a tune table ({str(err).splitlines()[0]})") from None
+    settings = [*VERIFICATION_KEYS, *SCORING[task]]
+    expected = {*settings, *SCORE_COLUMNS}
+    missing, extra = expected - set(table.columns), set(table.columns) - expected - {"tables"}
+    if missing or extra:
+        other = next((t for t in SCORING if t != task and set(SCORING[t]) <= set(table.columns)), None)
+        raise UserError(f"{path}: not a {task} tune table" + (f" (a {other} one)" if other else "") +
+                        f"; expected the columns {','.join([*settings, *SCORE_COLUMNS])}")
+    if table.empty:
+        raise UserError(f"{path}: a tune table with no rows")
+    for column in SCORE_COLUMNS:
+        values = pd.to_numeric(table[column], errors="coerce")
+        if values.isna().any():
+            line = int(values.isna().to_numpy().argmax()) + 2
+            raise UserError(f"{path}, line {line}: {column} {str(table[column].iloc[line - 2])!r} is not a number")
+    return table
 
 
 def main_merge(argv: list[str] | None = None) -> int:
@@ -514,16 +613,13 @@ def main_merge(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", required=True, nargs="+", type=Path, help="table.csv files written by tune")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--out", required=True, type=Path, help="folder for the merged table.csv and tuned.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT written by the kit")
     args = parser.parse_args(argv)
-    table = merge_tables(args.tables)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "table.csv", table.to_csv(index=False))
+    check_output_dir(args.out, args.overwrite)
+    table = merge_tables(args.tables, args.task)
     chosen = choose(table)
-    about = {"tables": [str(p) for p in args.tables], "task": args.task, "chosen_on": "mean public",
-             **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS}}
-    atomic_write_text(args.out / "tuned.json",
-                      json.dumps(tuned_settings(chosen, args.task, {}, about), indent=1) + "\n")
-    depth_picture(table, args.task, args.out)
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        write_choice(tmp, table, chosen, args.task, {}, {"tables": [str(p) for p in args.tables], "task": args.task})
     print(format_summary({"chosen": chosen, "table": table, "global_only": table[table["rerank"] == 0]["public"].max()},
                          args.task, args.out))
     return 0

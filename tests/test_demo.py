@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from local_eval.layout import nonlandmark_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,7 @@ def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path):
         for name in ("global_only", "final"):
             assert 0.0 <= report[name]["all"][metric] <= 1.0
     assert (tmp_path / "demo" / "summary.txt").read_text().strip() in first.stdout
+    follow_the_summary(first.stdout, tmp_path / "demo")
     assert any(nonlandmark_folder(tmp_path / "demo" / "competition").iterdir())
     second = run_demo(tmp_path / "demo")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -39,6 +42,23 @@ def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path):
     longer = run_demo(tmp_path / "demo", steps=32)  # more training: the export and the replays are redone
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "resumed" in longer.stderr and longer.stderr.count("replaying") > 2  # both tasks and the tradeoff
+
+
+def follow_the_summary(summary: str, out: Path) -> None:
+    """The files the summary says to open exist, and the commands it says come next run and write what the next
+    one reads (the probe's timing.json)."""
+    opened = summary.split("\nopen:\n")[1].split("\nnext:")[0].splitlines()
+    assert [line.split()[0] for line in opened] == [str(out / "show-recognition" / "index.html"),
+                                                    str(out / "tradeoff" / "tradeoff.png")]
+    assert "<img" in (out / "show-recognition" / "index.html").read_text()
+    with Image.open(out / "tradeoff" / "tradeoff.png") as picture:
+        assert picture.width > 400
+    commands = [line.split() for line in summary.split("\nnext:")[1].splitlines()[1:3]]
+    for command in commands:
+        assert command[0] == "python"
+        result = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "probe" / "timing.json").is_file() and "verdict (speedup x20)" in result.stdout
 
 
 def test_bad_demo_flag_is_one_error_line(tmp_path):

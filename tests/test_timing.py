@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from local_eval.timing import Profile, max_rerank_depth, projection_report
+from common.cli import run_main
+from local_eval.timing import Profile, format_report, max_rerank_depth, projection_report
+from local_eval.timing import main as time_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # 100 db images in 50 s, 10 queries in 5 s, knn 0.1 s for 10 x 100, 40 local extractions in 8 s,
@@ -76,3 +79,94 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "missing.json" in result.stderr
     assert run_cli("--log", str(tmp_path / "x"), "--profile", "nope").returncode == 2
+
+
+def with_stage(log: dict, name: str, **fields) -> dict:
+    changed = json.loads(json.dumps(log))
+    changed["stages"][name].update(fields)
+    return changed
+
+
+def test_a_warm_cache_log_gives_no_verdict_but_says_what_to_time():
+    warm = with_stage(with_stage(LOG, "global_db", items=0, seconds=0.0), "global_query", items=0, seconds=0.0)
+    report = projection_report(warm, PROFILE)
+    assert report["fits"] is None and report["unmeasured"] == ["global_db", "global_query"]
+    assert report["verdict"].startswith("cannot project: global_db, global_query were not measured")
+    assert "cold run" in report["verdict"] and "--probe" in report["verdict"]
+    assert report["max_rerank_depth"] is None and report["depth_advice"] is None
+    text = format_report(report)
+    assert "fits" not in text.replace("cannot project", "") and "+ the stages not measured" in text
+
+
+def test_unmeasured_local_stages_do_not_count_at_depth_0_but_block_a_deeper_verdict():
+    no_local = with_stage(with_stage(LOG, "local_features", items=0), "verification", items=0)
+    assert projection_report(no_local, PROFILE, rerank=0)["fits"] is True
+    deeper = projection_report(no_local, PROFILE, rerank=3)
+    assert deeper["fits"] is None and deeper["unmeasured"] == ["local_features", "verification"]
+
+
+def test_when_nothing_fits_the_report_says_so_and_names_no_depth():
+    tight = Profile("recognition", db=36_000, test=3_600, limit_h=9.0)  # global-only 9.1 h > 8.1 h allowed
+    report = projection_report(LOG, tight)
+    assert not report["fits"] and report["max_rerank_depth"] is None
+    assert report["depth_advice"].startswith("nothing fits, not even global-only (rerank depth 0): 9.10 h > 8.10 h")
+    assert "largest rerank depth" not in format_report(report)
+    just = Profile("recognition", db=36_000, test=3_600, limit_h=9.1 / 0.9)  # global-only fits, exactly
+    assert projection_report(LOG, just)["depth_advice"] == "largest rerank depth that fits: 0"
+
+
+@pytest.mark.parametrize(("log", "named"), [
+    ([], "expected a JSON object"),
+    ("not a log", "expected a JSON object"),
+    (with_stage(LOG, "global_db", seconds=-216.0), "stages.global_db.seconds must be a number of seconds >= 0, "
+                                                   "found -216.0"),
+    (with_stage(LOG, "knn", seconds="0.1"), 'stages.knn.seconds .* found the string "0.1"'),
+    (with_stage(LOG, "verification", seconds=None), "stages.verification.seconds .* found null"),
+    (with_stage(LOG, "global_query", items=None), "stages.global_query.items must be a whole number >= 0, found null"),
+    (with_stage(LOG, "global_query", items=2.5), "stages.global_query.items .* found 2.5"),
+    (with_stage(LOG, "global_query", items=True), "stages.global_query.items .* found true"),
+    (with_stage(LOG, "local_features", items=-3), "stages.local_features.items .* found -3"),
+    ({**LOG, "rerank_depth": None}, "rerank_depth must be a whole number >= 0, found null"),
+    ({**LOG, "stages": []}, "expected a 'stages' object"),
+])
+def test_a_malformed_log_is_one_error_naming_file_and_field(tmp_path, capsys, log, named):
+    path = tmp_path / "timing.json"
+    path.write_text(json.dumps(log))
+    assert run_main(time_main, ["--log", str(path), "--profile", "recognition-2021"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"error: {re.escape(str(path))}: {named}[^\n]*\n", err), err
+
+
+def test_a_nan_in_the_log_and_a_folder_as_the_log_are_one_error(tmp_path, capsys):
+    path = tmp_path / "timing.json"
+    path.write_text(json.dumps(LOG).replace("50.0", "NaN"))
+    assert run_main(time_main, ["--log", str(path), "--profile", "recognition-2021"]) == 2
+    assert "stages.global_db.seconds must be a number of seconds >= 0, found NaN" in capsys.readouterr().err
+    assert run_main(time_main, ["--log", str(tmp_path), "--profile", "recognition-2021"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: a folder, not a timing log (give the timing.json in a " \
+                                      "run's --work folder)\n"
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--speedup", "nan"], "--speedup"), (["--speedup", "0"], "--speedup"), (["--margin", "1"], "--margin"),
+    (["--margin", "-0.1"], "--margin"), (["--rerank", "-1"], "--rerank"), (["--limit-h", "0"], "--limit-h"),
+    (["--limit-h", "inf"], "--limit-h"), (["--db", "0"], "--db"), (["--test", "-5"], "--test"),
+])
+def test_flags_that_make_no_projection_are_flag_errors(tmp_path, capsys, flags, named):
+    path = tmp_path / "timing.json"
+    path.write_text(json.dumps(LOG))
+    assert run_main(time_main, ["--log", str(path), "--profile", "recognition-2021", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {named} ") and err.count("\n") == 1
+
+
+def test_tradeoff_refuses_a_server_log_that_cannot_anchor_it(tmp_path, capsys):
+    from local_eval.tradeoff import main as tradeoff_main
+
+    warm = tmp_path / "timing.json"
+    warm.write_text(json.dumps(with_stage(LOG, "global_db", items=0, seconds=0.0)))
+    flags = ["--competition", str(tmp_path), "--task", "recognition", "--model", str(tmp_path), "--out",
+             str(tmp_path / "out"), "--log", str(warm)]
+    assert run_main(tradeoff_main, flags) == 2
+    assert capsys.readouterr().err.startswith(f"error: --log {warm}: global_db not measured (cached or skipped)")
+    assert not (tmp_path / "out").exists()

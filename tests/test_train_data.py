@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import io
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +23,7 @@ from train.tfrecords import tfrecord_data, write_tfrecords
 
 LANDMARKS = (907, 13, 55, 2001)  # deliberately not contiguous and not sorted
 PER_LANDMARK = 4
+ROOT = Path(__file__).resolve().parents[1]
 CORRUPT, TRUNCATED, MISSING = "c0c0c0c0c0c0c0c0", "d0d0d0d0d0d0d0d0", "e0e0e0e0e0e0e0e0"
 
 
@@ -72,19 +78,99 @@ def test_split_is_by_image_and_drops_missing_files(mini_folder):
 
 
 def test_train_clean_csv_restricts_the_images(mini_folder, tmp_path):
-    import shutil
-
     shutil.copytree(mini_folder, tmp_path / "data")
-    clean = pd.DataFrame({"landmark_id": [13], "images": ["1" + "0" + "a" * 14 + " " + "11" + "a" * 14]})
+    clean = pd.DataFrame({"landmark_id": [13, 55], "images": ["1" + "0" + "a" * 14 + " " + "11" + "a" * 14,
+                                                               "2" + "0" + "a" * 14]})
     clean.to_csv(tmp_path / "data" / "train_clean.csv", index=False)
     examples = read_examples(tmp_path / "data", validation_fraction=0.0, seed=0)
-    assert sorted(examples.train["id"]) == ["10" + "a" * 14, "11" + "a" * 14]
+    assert sorted(examples.train["id"]) == ["10" + "a" * 14, "11" + "a" * 14, "20" + "a" * 14]
 
 
 def test_malformed_train_csv_names_the_line(tmp_path):
     (tmp_path / "train.csv").write_text("id,landmark_id\n" + "a" * 16 + ",3\nnot-an-id,4\n")
     with pytest.raises(UserError, match="line 3"):
         read_examples(tmp_path, 0.1, 0)
+
+
+GOOD_ROW = "a" * 16 + ",3\n"
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"id,landmark_id\n" + GOOD_ROW.encode() + b"b" * 16 + b",4,9\n", "line 3: 3 fields where the header has 2"),
+    (b"id,landmark_id\n\n" + GOOD_ROW.encode() + b"c" * 16 + b",4,\n", "line 4: 3 fields where the header has 2"),
+    (b"id,landmark_id\n" + GOOD_ROW.encode() + b"b" * 16 + b"\n", "line 3: id b{16}: landmark_id '' is not"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "line 1: byte 0x89 is not UTF-8 text"),
+    (b"id,landmark_id\n" + GOOD_ROW.encode() + "bbbbbbbbbbbbbbb\u00e9,4\n".encode("latin-1"),
+     "line 3: byte 0xe9 is not UTF-8"),
+    (b"id,landmark_id\n" + GOOD_ROW.encode() + b"\0" * 64, "line 3: a NUL byte"),
+    (b"", "empty; it needs at least a header line"),
+    (b'id,landmark_id\n"' + GOOD_ROW.encode(), "not a readable CSV file"),
+])
+def test_a_ragged_or_binary_train_csv_is_one_error_naming_file_and_line(tmp_path, content, expected):
+    (tmp_path / "train.csv").write_bytes(content)
+    with pytest.raises(UserError, match=f"^{tmp_path / 'train.csv'}(, line \\d+)?: ") as caught:
+        read_examples(tmp_path, 0.1, 0)
+    assert re.search(expected, str(caught.value)), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_train_clean_csv_is_read_as_carefully(mini_folder, tmp_path):
+    shutil.copytree(mini_folder, tmp_path / "data")
+    (tmp_path / "data" / "train_clean.csv").write_text("landmark_id,images\n13,a b\n55,c,d\n")
+    with pytest.raises(UserError, match="train_clean.csv, line 3: 3 fields where the header has 2"):
+        read_examples(tmp_path / "data", 0.1, 0)
+
+
+def one_landmark_folder(root, images: int = 5, other: int | None = None):
+    """A folder of `images` images of landmark 7 (and one image of landmark `other`, when given)."""
+    rows = [(f"{j:02x}" + "b" * 14, 7) for j in range(images)]
+    rows += [("ff" + "b" * 14, other)] if other is not None else []
+    for k, (image_id, _) in enumerate(rows):
+        write_image(root, image_id, jpeg_bytes((40 * k % 255, 90, 20), (40, 40)))
+    pd.DataFrame(rows, columns=["id", "landmark_id"]).to_csv(root / "train.csv", index=False)
+    return root
+
+
+def test_one_landmark_is_refused_before_training(tmp_path):
+    one_landmark_folder(tmp_path)
+    with pytest.raises(UserError, match="1 landmark to train on; at least 2 landmarks are needed"):
+        read_examples(tmp_path, 0.2, 0)
+
+
+def test_a_second_landmark_only_in_validation_is_not_enough(tmp_path):
+    one_landmark_folder(tmp_path, images=4, other=8)  # 5 images; validation takes one, by seed
+    refused = 0
+    for seed in range(12):
+        try:
+            examples = read_examples(tmp_path, 0.2, seed)
+        except UserError as err:
+            assert "validation images set aside" in str(err) and "1 landmark to train on" in str(err)
+            refused += 1
+        else:
+            assert set(examples.train["label"]) == {0, 1}
+    assert 0 < refused < 12  # refused exactly when landmark 8's only image went to validation
+
+
+def test_shards_of_one_landmark_are_refused(mini_folder, tmp_path):
+    write_tfrecords(mini_folder, tmp_path / "shards", shards=1, validation_fraction=0.2, seed=0)
+    (tmp_path / "shards" / "label_map.csv").write_text("index,landmark_id\n0,13\n")
+    with pytest.raises(UserError, match="1 landmark to train on"):
+        tfrecord_data(tmp_path / "shards", get_config("tiny"))
+    for broken in (b"\x89PNG\r\n" + bytes(range(256)), b"index,landmark_id\n0,13,5\n", b"index,landmark_id\n0,x\n"):
+        (tmp_path / "shards" / "label_map.csv").write_bytes(broken)
+        with pytest.raises(UserError, match=f"^{tmp_path / 'shards' / 'label_map.csv'}"):
+            tfrecord_data(tmp_path / "shards", get_config("tiny"))
+
+
+def test_train_on_one_landmark_exits_2_with_one_line(tmp_path):
+    one_landmark_folder(tmp_path / "data")
+    result = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "data"), "--out",
+                             str(tmp_path / "run"), "--steps", "2"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [result.stderr.splitlines()[-1]] and "at least 2 landmarks are needed" in errors[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def take_positions(dataset, batches: int) -> list[int]:

@@ -75,3 +75,117 @@ def test_a_bad_grid_is_one_line(tmp_path, tiny_competition, tiny_model, capsys):
     assert run_main(tune_main, ["--competition", str(tiny_competition), "--task", "recognition", "--model",
                                 str(tiny_model), "--out", str(tmp_path / "out"), "--grid", str(grid)]) == 2
     assert "'ransac_thresholds' is not a tunable setting" in capsys.readouterr().err
+
+
+def test_the_out_folder_is_the_kits_and_is_refused_without_overwrite(tuned, tiny_competition, tiny_model, capsys):
+    from common.cli import KIT_MARKER, run_main
+
+    assert (tuned / KIT_MARKER).is_file() and not list(tuned.parent.glob(f".{tuned.name}.*"))  # no debris
+    before = (tuned / "table.csv").read_bytes()
+    assert run_main(tune_main, ["--competition", str(tiny_competition), "--task", "recognition", "--model",
+                                str(tiny_model), "--out", str(tuned)]) == 2
+    assert capsys.readouterr().err == f"error: {tuned} already exists; pass --overwrite to replace it or choose " \
+                                      "another output path\n"
+    assert (tuned / "table.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize(("grid", "message"), [
+    ([], 'expected a JSON object of setting -> list of values, such as {"rerank": [0, 10]}; found list []'),
+    ("rerank", 'expected a JSON object of setting -> list of values, such as {"rerank": [0, 10]}; found str "rerank"'),
+    ({"rerank": [0, "3"]}, "'rerank' must be int, got '3'"),
+    ({"rerank": [0, 3.5]}, "'rerank' must be int, got 3.5"),
+    ({"rerank": [0, None]}, "'rerank' must be int, got null"),
+    ({"rerank": [0, -1]}, "'rerank' must be >= 0, got -1"),
+    ({"rerank": []}, "'rerank' must be a non-empty list of values, got []"),
+    ({"rerank": 3}, "'rerank' must be a non-empty list of values, got 3"),
+    ({"rerank": [3, 3]}, "'rerank' lists 3 more than once"),
+    ({"mutual": [1]}, "'mutual' must be bool, got 1"),
+    ({"ransac_threshold": [0.01, 2]}, "'ransac_threshold' must be <= 1, got 2.0"),
+    ({"min_matches": [2]}, "'min_matches' must be >= 4, got 2"),
+])
+def test_a_bad_grid_value_is_one_line_naming_the_setting(tmp_path, capsys, grid, message):
+    from common.cli import run_main
+
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid))
+    assert run_main(tune_main, ["--competition", str(tmp_path), "--task", "recognition", "--model", str(tmp_path),
+                                "--out", str(tmp_path / "out"), "--grid", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: --grid {path}: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_ties_go_to_the_cheapest_setting_whatever_the_measured_time_or_row_order():
+    rows = [{"match_max_distance": 1.1, "mutual": True, "ransac_threshold": t, "ransac_iterations": it,
+             "ransac_confidence": 1.0, "min_matches": 4, "rerank": depth, "top_k": 1, "public": 0.5, "private": p,
+             "all": 0.5, "seconds_per_query": seconds}
+            for depth, t, it, p, seconds in [(10, 0.02, 1000, 0.1, 0.1), (5, 0.04, 1000, 0.2, 0.9),
+                                             (5, 0.01, 300, 0.3, 0.5), (5, 0.02, 300, 0.4, 0.7),
+                                             (0, 0.02, 300, 0.0, 0)]]
+    table = pd.DataFrame(rows)
+    table.loc[4, "public"] = 0.4  # the cheapest of all, but not among the best
+    chosen = choose(table)
+    assert (chosen["rerank"], chosen["ransac_iterations"], chosen["ransac_threshold"]) == (5, 300, 0.01)
+    for seed in range(4):
+        shuffled = table.sample(frac=1, random_state=seed)
+        shuffled["seconds_per_query"] = shuffled["seconds_per_query"].to_numpy()[::-1]  # as load might move them
+        assert choose(shuffled)["private"] == chosen["private"]
+
+
+def tune_table(rerank: list[int], task: str = "recognition", public: float = 0.5) -> pd.DataFrame:
+    """A table as tune writes it, over a small grid."""
+    scoring = {"recognition": {"top_k": 1, "max_inlier_score": 40, "nonlandmark_penalty": 0.0, "calibrate": True},
+               "retrieval": {}}[task]
+    return pd.DataFrame([{"match_max_distance": 1.1, "mutual": True, "ransac_threshold": 0.02,
+                          "ransac_iterations": 1000, "ransac_confidence": 1.0, "min_matches": 4, "rerank": depth,
+                          **scoring, "public": public + depth / 100, "private": 0.3, "all": 0.4,
+                          "seconds_per_query": 0.01 * depth} for depth in rerank])
+
+
+def run_merge(tmp_path, tables: list[pd.DataFrame | bytes], task: str = "recognition", *more: str) -> int:
+    from common.cli import run_main
+    from local_eval.tune import main_merge
+
+    paths = []
+    for k, table in enumerate(tables):
+        paths.append(tmp_path / f"t{k}" / "table.csv")
+        paths[-1].parent.mkdir()
+        paths[-1].write_bytes(table if isinstance(table, bytes) else table.to_csv(index=False).encode())
+    return run_main(main_merge, ["--tables", *map(str, paths), "--task", task, "--out", str(tmp_path / "m"), *more])
+
+
+def test_tune_merge_averages_the_settings_every_table_holds(tmp_path, caplog):
+    assert run_merge(tmp_path, [tune_table([0, 3, 10]), tune_table([0, 3], public=0.6)]) == 0
+    merged = pd.read_csv(tmp_path / "m" / "table.csv")
+    assert merged["rerank"].tolist() == [0, 3] and merged["public"].tolist() == pytest.approx([0.55, 0.58])
+    assert json.loads((tmp_path / "m" / "tuned.json").read_text())["scoring"]["rerank"] == 3
+    assert "1 of 3 settings are not in every table and are left out" in caplog.text
+
+
+@pytest.mark.parametrize(("tables", "task", "message"), [
+    ([tune_table([0, 3]), tune_table([5, 10])], "recognition", "share no setting: they were tuned on different grids"),
+    ([tune_table([0, 3]), b"\x89PNG\r\n\x1a\n" + bytes(range(256))], "recognition", "cannot read it as a tune table"),
+    ([tune_table([0, 3]), b'{"rerank": [0, 3]}\n'], "recognition", "not a recognition tune table"),
+    ([tune_table([0, 3]), b""], "recognition", "cannot read it as a tune table"),
+    ([tune_table([0, 3], "retrieval")], "recognition", "not a recognition tune table"),
+    ([tune_table([0, 3])], "retrieval", "not a retrieval tune table (a recognition one)"),
+    ([tune_table([0, 3]).assign(public=["0.5", "x"])], "recognition", "line 3: public 'x' is not a number"),
+    ([tune_table([0, 3]).assign(public="n/a")], "recognition", "line 2: public 'n/a' is not a number"),
+    ([tune_table([0, 3]).head(0)], "recognition", "a tune table with no rows"),
+])
+def test_tune_merge_refuses_what_it_cannot_merge_and_writes_nothing(tmp_path, capsys, tables, task, message):
+    assert run_merge(tmp_path, tables, task) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_tune_merge_refuses_an_existing_out_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "m"
+    for name, rerank in (("first", [0, 3]), ("second", [0, 10]), ("third", [0, 10])):
+        (tmp_path / name).mkdir()
+        flags = ["--overwrite"] if name == "third" else []
+        status = run_merge(tmp_path / name, [tune_table(rerank)], "recognition", "--out", str(out), *flags)
+        assert status == (2 if name == "second" else 0)
+        if name == "second":
+            assert "pass --overwrite" in capsys.readouterr().err
+        assert pd.read_csv(out / "table.csv")["rerank"].tolist() == ([0, 3] if name != "third" else [0, 10])

@@ -18,7 +18,7 @@ import pandas as pd
 import tensorflow as tf
 
 from common.cli import UserError
-from common.gldv2 import ID_PATTERN, image_path
+from common.gldv2 import ID_PATTERN, image_path, read_csv_strings
 from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 TRAIN_CSV = "train.csv"
 CLEAN_CSV = "train_clean.csv"
 EPOCHS_FOREVER = 2**62
+MIN_LANDMARKS = 2  # with one class, ArcFace and the attention loss are 0 and nothing learns
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,17 @@ def read_train_csv(path: Path) -> pd.DataFrame:
     """train.csv (id,landmark_id or id,url,landmark_id) -> DataFrame id, landmark_id, checked row by row."""
     if not path.is_file():
         raise UserError(f"{path}: missing; expected a GLDv2/Kaggle folder with train.csv and train/")
-    table = pd.read_csv(path, dtype={"id": str, "url": str}, keep_default_na=False)
+    table = read_csv_strings(path)
     missing = {"id", "landmark_id"} - set(table.columns)
     if missing:
         raise UserError(f"{path}: missing columns {sorted(missing)}; expected id,landmark_id or id,url,landmark_id")
     landmark_ids = pd.to_numeric(table["landmark_id"], errors="coerce")
-    for line, (image_id, landmark_id) in enumerate(zip(table["id"], landmark_ids, strict=True), start=2):
+    rows = zip(table["id"], table["landmark_id"], landmark_ids, strict=True)
+    for line, (image_id, text, landmark_id) in enumerate(rows, start=2):
         if not ID_PATTERN.match(image_id):
             raise UserError(f"{path}, line {line}: id {image_id!r} is not 16 hex digits")
         if pd.isna(landmark_id) or landmark_id != int(landmark_id):
-            raise UserError(f"{path}, line {line}: id {image_id}: landmark_id is not an integer")
+            raise UserError(f"{path}, line {line}: id {image_id}: landmark_id {text!r} is not an integer")
     if table["id"].duplicated().any():
         raise UserError(f"{path}: id {table['id'][table['id'].duplicated()].iloc[0]} appears more than once")
     return pd.DataFrame({"id": table["id"], "landmark_id": landmark_ids.astype(np.int64)})
@@ -58,7 +60,7 @@ def read_train_csv(path: Path) -> pd.DataFrame:
 
 def keep_clean(table: pd.DataFrame, clean_csv: Path) -> pd.DataFrame:
     """Only the images listed in train_clean.csv (landmark_id,images with space-separated ids)."""
-    clean = pd.read_csv(clean_csv, dtype={"images": str}, keep_default_na=False)
+    clean = read_csv_strings(clean_csv)
     if set(clean.columns) != {"landmark_id", "images"}:
         raise UserError(f"{clean_csv}: expected columns landmark_id,images")
     clean_ids = {image_id for images in clean["images"] for image_id in images.split()}
@@ -90,6 +92,13 @@ def split_by_image(table: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.
             table.iloc[np.sort(order[:count])].reset_index(drop=True))
 
 
+def check_landmark_count(count: int, source: str) -> None:
+    """Training needs at least MIN_LANDMARKS classes: with one, every loss is 0 and validation is trivially right."""
+    if count < MIN_LANDMARKS:
+        raise UserError(f"{source}: {count} landmark{'' if count == 1 else 's'} to train on; at least "
+                        f"{MIN_LANDMARKS} landmarks are needed (with one, every loss is 0 and nothing learns)")
+
+
 def read_examples(data_dir: Path, validation_fraction: float, seed: int) -> Examples:
     """A GLDv2/Kaggle folder -> train/validation tables with contiguous labels (train_clean.csv when present)."""
     data_dir = Path(data_dir)
@@ -101,6 +110,7 @@ def read_examples(data_dir: Path, validation_fraction: float, seed: int) -> Exam
     index_of = {landmark_id: index for index, landmark_id in enumerate(landmark_ids)}
     table = table.assign(label=table["landmark_id"].map(index_of).astype(np.int64))
     train, validation = split_by_image(table[["id", "path", "label"]], validation_fraction, seed)
+    check_landmark_count(train["label"].nunique(), f"{data_dir / TRAIN_CSV} (validation images set aside)")
     log.info("%s: %d train and %d validation images of %d landmarks",
              data_dir, len(train), len(validation), len(landmark_ids))
     return Examples(train, validation, landmark_ids)

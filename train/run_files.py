@@ -9,6 +9,7 @@ import pandas as pd
 import tensorflow as tf
 
 from common.cli import UserError, atomic_write_text
+from common.gldv2 import read_csv_strings
 from train.config import TrainConfig
 from train.precision import legacy_mixed_precision
 
@@ -79,9 +80,12 @@ def load_label_map(run_dir: Path) -> list[int]:
     path = Path(run_dir) / LABEL_MAP_FILE
     if not path.is_file():
         raise UserError(f"{path}: missing; is {run_dir} a training run folder?")
-    frame = pd.read_csv(path)
-    if list(frame.columns) != ["index", "landmark_id"] or list(frame["index"]) != list(range(len(frame))):
-        raise UserError(f"{path}: expected columns index,landmark_id with index 0..N-1")
+    frame = read_csv_strings(path)
+    expected = UserError(f"{path}: expected columns index,landmark_id with index 0..N-1 and integer landmark ids")
+    if list(frame.columns) != ["index", "landmark_id"] or list(frame["index"]) != [str(i) for i in range(len(frame))]:
+        raise expected
+    if not frame["landmark_id"].str.fullmatch(r"-?\d+").all():
+        raise expected
     return [int(x) for x in frame["landmark_id"]]
 
 

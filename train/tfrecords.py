@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from common.cli import UserError, atomic_output_dir, atomic_write_text, run_main
 from train.config import TrainConfig
-from train.data import EpochSource, TrainingData, read_examples
+from train.data import EpochSource, TrainingData, check_landmark_count, read_examples
 from train.run_files import load_label_map, save_label_map
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,10 @@ def tfrecord_data(folder: Path, cfg: TrainConfig, shuffle_buffer: int = 10_000) 
     info = json.loads((folder / INFO_FILE).read_text())
     train_files = shard_files(folder, "train", info["train_shards"])
     validation_files = shard_files(folder, "validation", info["validation_shards"])
+    landmark_ids = load_label_map(folder)
+    check_landmark_count(len(landmark_ids), str(folder))
     return TrainingData(
-        landmark_ids=load_label_map(folder), train_count=info["train"], validation_count=info["validation"],
+        landmark_ids=landmark_ids, train_count=info["train"], validation_count=info["validation"],
         epoch_source=tfrecord_epoch_source(train_files, cfg.seed, shuffle_buffer),
         validation_files=lambda: tf.data.TFRecordDataset(validation_files).map(parse))
 
