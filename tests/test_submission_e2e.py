@@ -341,3 +341,28 @@ def test_submission_rewrites_wait_for_write_every_s(competition, delg_model_dir,
             assert len(writes) == 3
         else:
             assert len(writes) > 4
+
+
+def test_an_ensemble_caches_each_model_and_concatenates_their_descriptors(competition, models, tmp_path):
+    data = competition[0] / "landmark-recognition"
+    frame, timing = run_script("recognition", data, models["tf2"], tmp_path, "--model", str(models["tf1"]),
+                               "--model-weights", "1", "0.5", "--local-model", str(models["tf1"]),
+                               "--qe-n", "2", "--superglobal-m", "4", "--superglobal-k", "2")
+    assert_complete(frame, data, "landmarks")
+    work = tmp_path / "work"
+    for m in ("m0", "m1"):
+        assert list((work / "global" / m / "train").glob("chunk_*.npz"))
+    single = sub.load_global(work / "global" / "m0" / "test", frame["id"].tolist(), 10_000)[0]
+    settings = sub.read_settings_record(work)
+    assert [p.name for p in settings.run.model] == ["tf2", "tf1"]
+    assert json.loads((work / "settings.json").read_text())["run"]["model_weights"] == [1.0, 0.5]
+    assert timing["stages"]["global_rerank"]["items"] == len(frame)  # alpha-QE and SuperGlobal, timed
+    assert single.shape[1] * 2 == sum(sub.DelgSavedModel(m, settings.extraction).global_dim
+                                      for m in settings.run.model)
+
+
+def test_model_weights_must_match_the_models(competition, models, capsys):
+    data = competition[0] / "landmark-recognition"
+    argv = ["--task", "recognition", "--data", str(data), "--model", str(models["tf2"]), "--model-weights", "1", "2"]
+    assert sub.main(argv) == 2
+    assert "--model-weights gives 2 weights for 1 --model" in capsys.readouterr().err
