@@ -25,10 +25,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import keras
 import tensorflow as tf
 
 from common.cli import atomic_output_dir
@@ -284,11 +286,13 @@ def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, fl
 
 def export_info(model: DelgModel, batched: dict[str, tuple[bool, bool]], xla_errors: dict[str, str]) -> dict:
     """What assets/export_info.json records: each function (float16? XLA?), the compiled ones left out and why,
-    and the model's dimensions."""
+    the model's dimensions, and the versions that exported it."""
     functions = {"serving_default": {"float16": False, "xla": False}}
     functions.update({name: {"float16": float16, "xla": xla} for name, (float16, xla) in batched.items()})
     return {"functions": functions, "xla_errors": xla_errors, "global_dim": model.cfg.embedding_dim,
-            "local_dim": model.cfg.local_dim, "local_stride": DelgExtractor(model).field.stride}
+            "local_dim": model.cfg.local_dim, "local_stride": DelgExtractor(model).field.stride,
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                         "python": platform.python_version()}}
 
 
 def export_delg(run_dir: Path, out_dir: Path, overwrite: bool = False, float16: bool = False,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from types import ModuleType
 
@@ -9,6 +10,13 @@ from common.kit import SUBMISSION_SCRIPT
 
 SCRIPT = SUBMISSION_SCRIPT
 MODULE_NAME = "submission_main"
+SCRIPT_PYTHON_ENV = "KIT_SCRIPT_PYTHON"  # another interpreter for the script (replays, end-to-end tests)
+
+
+def script_python() -> str:
+    """The interpreter that runs the script in a subprocess: $KIT_SCRIPT_PYTHON when set (e.g. .venv-kaggle's
+    Python, Kaggle's image's versions), else this process's."""
+    return os.environ.get(SCRIPT_PYTHON_ENV) or sys.executable
 
 
 def load_submission() -> ModuleType:

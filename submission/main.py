@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import importlib.metadata
 import json
 import logging
 import math
@@ -371,12 +373,25 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+@functools.cache
+def runtime_versions() -> dict[str, str]:
+    """The versions this run uses: Python and the packages the script imports (settings.json, timing.json)."""
+    versions = {"python": sys.version.split()[0], "tensorflow": tf.__version__}
+    for name in ("numpy", "pandas", "scikit-learn", "pydegensac"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # imported, yet installed without metadata
+            versions[name] = "unknown"
+    return versions
+
+
 def settings_record(settings: Settings, plan: dict | None = None) -> dict:
     """The run's settings as JSON: one object per section, where each value came from, the plan's choice."""
     as_json = lambda section: json.loads(json.dumps(dataclasses.asdict(section), default=str))
     record = {name: as_json(getattr(settings, name)) for name in ("run", *SECTIONS)}
     record["scoring"]["rerank"] = settings.rerank_depth()
     record["sources"] = settings.sources
+    record["versions"] = runtime_versions()
     if plan is not None:
         record["plan"] = plan
     return record
@@ -587,6 +602,22 @@ BATCH_SIGNATURES = {("float32", False): "global_batch", ("float32", True): "glob
                     ("float16", False): "global_batch_float16", ("float16", True): "global_batch_float16_xla"}
 
 
+OLDEST_LOADING_TF = "2.10"  # the oldest TensorFlow known to load the kit's exports (2.9 lacks DisableCopyOnRead)
+EXPORT_INFO_PATH = ("assets", "export_info.json")  # export/delg.py writes the exporting versions there
+
+
+def model_load_error(model_dir: Path, err: Exception) -> str:
+    """One line: the load failure, this TensorFlow, the one that exported the model, the oldest known to work."""
+    try:
+        info = json.loads(model_dir.joinpath(*EXPORT_INFO_PATH).read_text())
+        exported = f"TensorFlow {info['versions']['tensorflow']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        exported = f"an unrecorded TensorFlow (no version in {'/'.join(EXPORT_INFO_PATH)})"
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return (f"--model {model_dir}: TensorFlow {tf.__version__} cannot load it ({reason}); it was exported with "
+            f"{exported}; TensorFlow {OLDEST_LOADING_TF} or newer is known to load the kit's exports")
+
+
 class DelgSavedModel:
     """Calls a DELG SavedModel: TF2 serving_default (and its batched global signatures when exported with them),
     or a TF1 export through .prune() on tensor names."""
@@ -594,7 +625,10 @@ class DelgSavedModel:
     def __init__(self, model_dir: Path, extraction: Extraction):
         if not (model_dir / "saved_model.pb").is_file():
             raise InputError(f"{model_dir} is not a SavedModel folder (no saved_model.pb)")
-        self.model = tf.saved_model.load(str(model_dir))
+        try:
+            self.model = tf.saved_model.load(str(model_dir))
+        except Exception as err:  # e.g. an op this TensorFlow lacks: say which versions are involved
+            raise InputError(model_load_error(model_dir, err)) from None
         self.scales = tf.constant(extraction.scales, tf.float32)
         self.global_indices = tf.constant(extraction.global_scale_indices, tf.int32)
         self.max_features = extraction.max_features
@@ -1188,7 +1222,8 @@ class Timing:
 
     def save(self) -> None:
         record = {"task": self.task, "budget_h": self.budget_h, "rerank_depth": self.rerank_depth,
-                  "stages": self.stages, "total_seconds": time.monotonic() - self.start, "plan": self.plan}
+                  "stages": self.stages, "total_seconds": time.monotonic() - self.start, "plan": self.plan,
+                  "versions": runtime_versions()}
         save_json(self.path, record)
 
 
