@@ -16,6 +16,8 @@ from local_eval.submission_script import SCRIPT_PYTHON_ENV, load_submission
 CONFIDENCE_TOLERANCE = 1e-5
 OTHER_PYTHON = os.environ.get(SCRIPT_PYTHON_ENV)
 SUBMISSIONS = ("submission.csv", "work/submission_global_only.csv")
+# Tiny and independent of the two runs' speeds: no plan (it follows measured rates), few features and candidates.
+REPLAY_FLAGS = ["--plan", "fixed", "--max-features", "300", "--rerank", "5"]
 
 
 def test_the_script_reads_the_export_info_where_export_writes_it():
@@ -43,7 +45,8 @@ def assert_same_predictions(task: str, pinned: dict[str, list[str]], other: dict
 @pytest.mark.skipif(not OTHER_PYTHON, reason=f"set ${SCRIPT_PYTHON_ENV} to another interpreter (make kaggle-check)")
 @pytest.mark.parametrize("task", ["recognition", "retrieval"])
 def test_other_interpreter_gives_the_pinned_predictions(tmp_path, tiny_competition, tiny_model, task):
-    reports = {name: replay(tiny_competition, task, tiny_model, tmp_path / name, limit_h=0.2, python=python)
+    reports = {name: replay(tiny_competition, task, tiny_model, tmp_path / name, limit_h=1.0,
+                            extra_args=REPLAY_FLAGS, python=python)
                for name, python in [("pinned", sys.executable), ("other", OTHER_PYTHON)]}
     for report in reports.values():
         assert report["status"] == "ok", report.get("log_tail")
