@@ -6,8 +6,14 @@ STAMP    := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 WORK     := work
 export PYTHONUNBUFFERED := 1
+# Kaggle's image (requirements-kaggle.txt) for `make kaggle-check`, on its Python 3.12: python3.12 on PATH or
+# pyenv's, else python3 (said when it happens).
+KAGGLE_VENV   := .venv-kaggle
+KAGGLE_STAMP  := $(KAGGLE_VENV)/.installed
+KAGGLE_PYTHON := 3.12
+KAGGLE_BASES  := python$(KAGGLE_PYTHON) $(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/$(KAGGLE_PYTHON).*/bin/python$(KAGGLE_PYTHON))
 
-.PHONY: install test bench lint demo clean-demo
+.PHONY: install test bench lint demo clean-demo kaggle-check
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -31,6 +37,25 @@ $(CHROMIUM):
 
 test: install
 	$(PY) -m pytest tests
+
+$(KAGGLE_STAMP): requirements-kaggle.txt
+	@base=""; for candidate in $(KAGGLE_BASES); do \
+		if "$$candidate" -c 'import sys; sys.exit(not sys.version.startswith("$(KAGGLE_PYTHON)."))' 2>/dev/null; \
+		then base=$$candidate; break; fi; \
+	done; \
+	if [ -z "$$base" ]; then \
+		base=python3; echo "note: no Python $(KAGGLE_PYTHON) (Kaggle's) here: $(KAGGLE_VENV) uses $$(python3 --version)"; \
+	fi; \
+	echo "building $(KAGGLE_VENV) with $$base ($$("$$base" --version))"; \
+	rm -rf $(KAGGLE_VENV) && "$$base" -m venv $(KAGGLE_VENV)
+	$(KAGGLE_VENV)/bin/pip install --quiet -r requirements-kaggle.txt
+	touch $(KAGGLE_STAMP)
+
+# The notebook on Kaggle's versions: models exported here (.venv) run by .venv-kaggle's Python in the end-to-end
+# tests, and one tiny replay of each task under both, which must predict the same.
+kaggle-check: $(STAMP) $(KAGGLE_STAMP)
+	KIT_SCRIPT_PYTHON=$(abspath $(KAGGLE_VENV))/bin/python $(PY) -m pytest tests/test_kaggle_stack.py \
+		tests/test_submission_e2e.py
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 from common.cli import UserError, check_at_least, check_input_folder, check_output_parent, check_positive, dispatch
-from export.bundle import DEFAULT_BUDGET_H, DEFAULT_COMPETITION, SUBMISSION_SCRIPT, build_bundle
+from export.bundle import DEFAULT_BUDGET_H, DEFAULT_COMPETITION, KAGGLE_PYTHONS, SUBMISSION_SCRIPT, build_bundle
 from export.delg import export_delg
 from export.retrieval import DEFAULT_MAX_MB, export_retrieval
 from export.whitening import DEFAULT_IMAGES, DEFAULT_SHRINKAGE, WhitenSettings
@@ -151,10 +151,14 @@ def main_bundle(argv: list[str] | None) -> None:
     parser.add_argument("--kernel", default="delg-landmark-submission", help="notebook slug (default %(default)s)")
     parser.add_argument("--competition", default=DEFAULT_COMPETITION,
                         help="competition slug the notebook is attached to (default %(default)s)")
-    parser.add_argument("--wheel", type=Path, default=None,
-                        help="pydegensac wheel to include (default: look in pip's wheel cache; never downloads)")
+    parser.add_argument("--wheel", type=Path, action="append", default=[],
+                        help="a pydegensac wheel to ship; repeat the flag for several (kernel.py installs the one "
+                             "tagged for its Python)")
+    parser.add_argument("--python", nargs="+", metavar="X.Y", default=None,
+                        help="fetch pydegensac's wheel for each of these Pythons with pip (needs internet); default "
+                             f"without --wheel: {' '.join(KAGGLE_PYTHONS)} (Kaggle's image's Python and the next)")
     parser.add_argument("--script", type=Path, default=SUBMISSION_SCRIPT,
-                        help="submission script to ship (default %(default)s)")
+                        help="submission script, shipped as main.py with the .py files beside it (default %(default)s)")
     parser.add_argument("--time-budget-h", type=float, default=DEFAULT_BUDGET_H,
                         help="the competition's notebook limit in hours, passed to main.py (default %(default)s)")
     parser.add_argument("--settings", type=Path, default=None,
@@ -170,7 +174,7 @@ def main_bundle(argv: list[str] | None) -> None:
     check_positive("--time-budget-h", args.time_budget_h)
     whiten = _whiten_settings(args)
     print(build_bundle(args.run, args.out, user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel,
-                       competition=args.competition, wheel=args.wheel, script=args.script,
+                       competition=args.competition, wheels=args.wheel, pythons=args.python, script=args.script,
                        overwrite=args.overwrite, budget_h=args.time_budget_h, settings=args.settings,
                        nonlandmark_dir=args.nonlandmark_dir, float16=args.float16, whiten=whiten))
 

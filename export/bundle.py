@@ -1,23 +1,28 @@
 """The Kaggle bundle: one folder that `kaggle datasets create` uploads and `kaggle kernels push` runs.
 
 Layout:
-    dataset-metadata.json    the dataset (model + script + wheel)
+    dataset-metadata.json    the dataset (model + scripts + wheels)
     kernel-metadata.json     the notebook: internet off, GPU on, this dataset and the competition attached
     delg/                    the DELG SavedModel (label map in delg/assets/)
-    submission/main.py       the submission script
-    kernel.py                the notebook's code file: installs the wheel offline, runs main.py on Kaggle's paths
-                             (its own command-line arguments follow, so they win over the bundle's)
-    wheels/pydegensac-*.whl  when one is at hand, for `pip install --no-index --find-links`
+    submission/*.py          the submission script as main.py, with the .py files beside it (modules it imports)
+    kernel.py                the notebook's code file: installs the wheel for its Python offline, runs main.py on
+                             Kaggle's paths (its own command-line arguments follow, so they win over the bundle's)
+    wheels/pydegensac-*.whl  the --wheel files and one wheel fetched per --python (default: the Python of Kaggle's
+                             image and the next one); kernel.py installs the one tagged cpXY for its Python
     settings.json            with --settings: tuned settings (`local_eval tune`), checked by the kit's main.py,
                              passed as main.py --settings
     nonlandmark/             with --nonlandmark-dir: images known to show no landmark, main.py --nonlandmark-dir
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
-import os
+import re
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from common.cli import UserError, atomic_output_dir
@@ -28,7 +33,8 @@ from export.whitening import WhitenSettings
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "delg"
-SCRIPT_PATH = "submission/main.py"
+SCRIPT_DIR = "submission"
+SCRIPT_PATH = f"{SCRIPT_DIR}/main.py"
 KERNEL_FILE = "kernel.py"
 WHEEL_DIR = "wheels"
 SETTINGS_FILE = "settings.json"
@@ -36,37 +42,112 @@ NONLANDMARK_DIR = "nonlandmark"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_COMPETITION = "landmark-recognition-2021"
 DEFAULT_BUDGET_H = NOTEBOOK_LIMIT_H  # main.py keeps its own safety margin inside it
+KAGGLE_PYTHONS = ("3.12", "3.13")  # Kaggle's image today, and the next (its Colab base has moved to 3.13)
+WHEEL_PLATFORM = "manylinux2014_x86_64"  # Kaggle's servers
 # Kaggle runs the kernel's code file with no arguments, so the launcher carries the paths of the server. Run by
 # hand (`python kernel.py --probe 30` in an interactive session), it passes its own arguments on to main.py.
-LAUNCHER = """\"\"\"Kaggle notebook: install pydegensac offline if needed, then run the submission script.\"\"\"
+LAUNCHER = """\"\"\"Kaggle notebook: install pydegensac's wheel for this Python offline, then run main.py.\"\"\"
 import subprocess
 import sys
+from pathlib import Path
 
 DATASET = "/kaggle/input/{dataset}"
+
+
+def install_pydegensac() -> None:
+    \"\"\"pip-install the bundled wheel tagged for this Python (cpXY); one error line when there is none.\"\"\"
+    tag = "cp{{}}{{}}".format(*sys.version_info[:2])
+    wheels = sorted(Path(DATASET, "{wheels}").glob("pydegensac-*.whl"))
+    matching = [wheel for wheel in wheels if tag in wheel.name.split("-")[-3].split(".")]
+    if not matching:
+        found = ", ".join(wheel.name for wheel in wheels) or "none"
+        print(f"error: no pydegensac wheel for this Python {{sys.version.split()[0]}} ({{tag}}) in "
+              f"{{DATASET}}/{wheels}; wheels found: {{found}}", file=sys.stderr)
+        sys.exit(2)
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", str(matching[-1])]
+    if subprocess.run(command).returncode != 0:
+        print(f"error: pip could not install {{matching[-1]}} (its message is above)", file=sys.stderr)
+        sys.exit(2)
+
+
 try:
     import pydegensac  # noqa: F401
 except ImportError:
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", DATASET + "/{wheels}",
-                    "pydegensac"], check=True)
+    install_pydegensac()
 # Inside a notebook cell sys.argv is the Jupyter kernel's own; only a command line's arguments are passed on.
 extra = [] if "ipykernel" in sys.modules else sys.argv[1:]
-subprocess.run([sys.executable, DATASET + "/{script}", {arguments}] + extra, check=True)
+status = subprocess.run([sys.executable, DATASET + "/{script}", {arguments}] + extra).returncode
+if status != 0:
+    sys.exit(status)
 """
 
 
-def pip_wheel_cache() -> Path:
-    """Where pip keeps the wheels it built (PIP_CACHE_DIR or ~/.cache/pip, then wheels/)."""
-    return Path(os.environ.get("PIP_CACHE_DIR", Path.home() / ".cache" / "pip")) / "wheels"
+def check_wheel(path: Path) -> Path:
+    """A --wheel argument: an existing pydegensac .whl file."""
+    if not path.is_file() or path.suffix != ".whl":
+        raise UserError(f"--wheel {path}: not a .whl file")
+    if not path.name.startswith("pydegensac-"):
+        raise UserError(f"--wheel {path}: not a pydegensac wheel (its name must start with pydegensac-)")
+    return path
 
 
-def find_pydegensac_wheel(explicit: Path | None) -> Path | None:
-    """The --wheel file, else the newest pydegensac wheel in pip's wheel cache, else None (nothing downloads)."""
-    if explicit is not None:
-        if not explicit.is_file() or explicit.suffix != ".whl":
-            raise UserError(f"--wheel {explicit}: not a .whl file")
-        return explicit
-    found = sorted(pip_wheel_cache().rglob("pydegensac-*.whl"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def check_python_version(version: str) -> str:
+    """A --python argument: MAJOR.MINOR, e.g. 3.12."""
+    if not re.fullmatch(r"3\.\d{1,2}", version):
+        raise UserError(f"--python {version!r}: expected a Python version such as 3.12")
+    return version
+
+
+def download_pydegensac_wheel(version: str, folder: Path) -> Path:
+    """pip-download the kit's pydegensac for Python `version` on Kaggle's platform into folder/version; a
+    UserError saying to pass --wheel when pip cannot (no internet, or no wheel for that Python)."""
+    requirement = f"pydegensac=={importlib.metadata.version('pydegensac')}"
+    target = folder / version
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "--python-version", version, "--platform", WHEEL_PLATFORM, "--dest", str(target), requirement]
+    log.info("fetching %s for Python %s", requirement, version)
+    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    wheels = sorted(target.glob("pydegensac-*.whl"))
+    if result.returncode != 0 or not wheels:
+        reason = ([line.strip() for line in result.stderr.splitlines() if line.strip()] or ["no wheel"])[-1]
+        raise UserError(f"--python {version}: pip could not download {requirement} for {WHEEL_PLATFORM} "
+                        f"({reason}); without internet, pass the wheels you have as --wheel PATH (repeatable)")
+    return wheels[-1]
+
+
+def gather_wheels(wheels: list[Path], pythons: list[str] | None, folder: Path) -> list[Path]:
+    """The --wheel files plus one downloaded wheel per --python; with neither given, one per KAGGLE_PYTHONS."""
+    explicit = [check_wheel(Path(path)) for path in wheels]
+    if pythons is None:
+        pythons = [] if explicit else list(KAGGLE_PYTHONS)
+    versions = [check_python_version(version) for version in dict.fromkeys(pythons)]
+    fetched = [download_pydegensac_wheel(version, folder) for version in versions]
+    by_name = {wheel.name: wheel for wheel in [*explicit, *fetched]}
+    return [by_name[name] for name in sorted(by_name)]
+
+
+def python_tags(wheel_name: str) -> set[str]:
+    """The Python tags of a wheel file name (pydegensac-0.3.0-cp312-cp312-manylinux...whl -> {'cp312'})."""
+    parts = wheel_name.removesuffix(".whl").split("-")
+    return set(parts[-3].split(".")) if len(parts) >= 5 else set()
+
+
+def warn_without_kaggle_python(wheels: list[Path]) -> None:
+    """A warning when no wheel fits the Python of Kaggle's image (KAGGLE_PYTHONS[0])."""
+    tag = "cp" + KAGGLE_PYTHONS[0].replace(".", "")
+    if not any(tag in python_tags(wheel.name) for wheel in wheels):
+        log.warning("no pydegensac wheel for Kaggle's Python %s (%s) among: %s; the notebook stops at once there",
+                    KAGGLE_PYTHONS[0], tag, ", ".join(wheel.name for wheel in wheels) or "none")
+
+
+def copy_scripts(script: Path, target: Path) -> list[str]:
+    """The script as target/main.py and the .py files beside it (modules it imports) under their own names."""
+    target.mkdir()
+    for sibling in sorted(script.parent.glob("*.py")):
+        if sibling.name != "main.py" and sibling.resolve() != script.resolve():
+            shutil.copy2(sibling, target / sibling.name)
+    shutil.copy2(script, target / "main.py")
+    return sorted(path.name for path in target.glob("*.py"))
 
 
 def dataset_metadata(user: str, dataset: str) -> dict:
@@ -105,7 +186,7 @@ def launcher(dataset: str, competition: str, budget_h: float = DEFAULT_BUDGET_H,
         arguments.append(("--settings", in_dataset(SETTINGS_FILE)))
     if nonlandmark:
         arguments.append(("--nonlandmark-dir", in_dataset(NONLANDMARK_DIR)))
-    text = ",\n                ".join(f'"{flag}", {value}' for flag, value in arguments)
+    text = (",\n" + " " * len("status = subprocess.run([")).join(f'"{flag}", {value}' for flag, value in arguments)
     return LAUNCHER.format(dataset=dataset, wheels=WHEEL_DIR, script=SCRIPT_PATH, arguments=text)
 
 
@@ -147,36 +228,38 @@ def copy_images(images: list[Path], source: Path, target: Path) -> None:
 
 
 def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: str,
-                 competition: str = DEFAULT_COMPETITION, wheel: Path | None = None,
-                 script: Path = SUBMISSION_SCRIPT, overwrite: bool = False,
+                 competition: str = DEFAULT_COMPETITION, wheels: list[Path] | None = None,
+                 pythons: list[str] | None = None, script: Path = SUBMISSION_SCRIPT, overwrite: bool = False,
                  budget_h: float = DEFAULT_BUDGET_H, settings: Path | None = None,
                  nonlandmark_dir: Path | None = None, float16: bool = False,
                  whiten: WhitenSettings | None = None) -> Path:
-    """Write the bundle folder; the DELG export (PCA-whitened with `whiten`), script, wheel, settings and
-    non-landmark images copied in."""
+    """Write the bundle folder: the DELG export (PCA-whitened with `whiten`), scripts, wheels, settings and
+    non-landmark images. Wheels: the given ones plus one fetched per Python in `pythons` (None: KAGGLE_PYTHONS,
+    unless wheels are given)."""
     if not script.is_file():
         raise UserError(f"{script}: submission script not found")
     if settings is not None:
         check_settings_file(settings, competition, budget_h)
     images = nonlandmark_images(nonlandmark_dir) if nonlandmark_dir is not None else []
-    wheel = find_pydegensac_wheel(wheel)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        export_delg(run_dir, tmp / MODEL_DIR, float16=float16, whiten=whiten)
-        (tmp / SCRIPT_PATH).parent.mkdir()
-        shutil.copy2(script, tmp / SCRIPT_PATH)
-        if wheel is not None:
+    with tempfile.TemporaryDirectory(prefix="pydegensac-") as downloads:
+        shipped = gather_wheels(list(wheels or []), pythons, Path(downloads))
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            export_delg(run_dir, tmp / MODEL_DIR, float16=float16, whiten=whiten)
+            scripts = copy_scripts(script, tmp / SCRIPT_DIR)
             (tmp / WHEEL_DIR).mkdir()
-            shutil.copy2(wheel, tmp / WHEEL_DIR / wheel.name)
-        if settings is not None:
-            shutil.copy2(settings, tmp / SETTINGS_FILE)
-        copy_images(images, nonlandmark_dir, tmp / NONLANDMARK_DIR)
-        (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(user, dataset), indent=2))
-        code = launcher(dataset, competition, budget_h, settings=settings is not None, nonlandmark=bool(images))
-        (tmp / KERNEL_FILE).write_text(code)
-        metadata = kernel_metadata(user, dataset, kernel, competition)
-        (tmp / "kernel-metadata.json").write_text(json.dumps(metadata, indent=2))
-    if wheel is None:
-        log.warning("no pydegensac wheel found (pass --wheel PATH); the notebook must find one another way")
+            for wheel in shipped:
+                shutil.copy2(wheel, tmp / WHEEL_DIR / wheel.name)
+            if settings is not None:
+                shutil.copy2(settings, tmp / SETTINGS_FILE)
+            copy_images(images, nonlandmark_dir, tmp / NONLANDMARK_DIR)
+            (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(user, dataset), indent=2))
+            code = launcher(dataset, competition, budget_h, settings=settings is not None, nonlandmark=bool(images))
+            (tmp / KERNEL_FILE).write_text(code)
+            metadata = kernel_metadata(user, dataset, kernel, competition)
+            (tmp / "kernel-metadata.json").write_text(json.dumps(metadata, indent=2))
+    log.info("shipped %s; wheels: %s", ", ".join(f"{SCRIPT_DIR}/{name}" for name in scripts),
+             ", ".join(wheel.name for wheel in shipped))
+    warn_without_kaggle_python(shipped)
     if images:
         log.info("shipped %d non-landmark images", len(images))
     log.info("wrote %s", out_dir)

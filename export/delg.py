@@ -30,10 +30,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import keras
 import tensorflow as tf
 
 from common.cli import UserError, atomic_output_dir, check_output_dir
@@ -316,13 +318,16 @@ def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, fl
 def export_info(model: DelgModel, batched: dict[str, tuple[bool, bool]], xla_errors: dict[str, str],
                 whitening: FittedWhitening | None = None) -> dict:
     """What assets/export_info.json records: each function (float16? XLA?), the compiled ones left out and why,
-    the model's dimensions, and whether and how the global descriptors are PCA-whitened."""
+    the model's dimensions, whether and how the global descriptors are PCA-whitened, and the versions that
+    exported it."""
     functions = {"serving_default": {"float16": False, "xla": False}}
     functions.update({name: {"float16": float16, "xla": xla} for name, (float16, xla) in batched.items()})
     global_dim = model.cfg.embedding_dim if whitening is None else whitening.fit.dim
     return {"functions": functions, "xla_errors": xla_errors, "global_dim": global_dim,
             "local_dim": model.cfg.local_dim, "local_stride": DelgExtractor(model).field.stride,
-            "whitening": NOT_WHITENED if whitening is None else whitening.info}
+            "whitening": NOT_WHITENED if whitening is None else whitening.info,
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                         "python": platform.python_version()}}
 
 
 def per_scale_rows(model: DelgModel, scales: tuple[float, ...]):

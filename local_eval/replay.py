@@ -1,6 +1,10 @@
 """Replay submission/main.py on a local competition as the Kaggle server would, then score and time it.
 
 `python -m local_eval replay --competition DIR --task recognition|retrieval --model MODEL_DIR --out REPORT_DIR`
+
+--python PATH runs the script with another interpreter (e.g. a venv of Kaggle's image's versions) while the kit
+keeps this one: how to check a new Kaggle image before spending a submission. Without it, $KIT_SCRIPT_PYTHON
+or this interpreter runs the script.
 """
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +23,7 @@ from common.cli import UserError, atomic_write_text, check_positive
 from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.layout import TASK_FOLDERS, nonlandmark_folder, solution_file, task_folder
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC, score_files
-from local_eval.submission_script import SCRIPT
+from local_eval.submission_script import SCRIPT, SCRIPT_PYTHON_ENV, script_python
 
 LOG_TAIL_LINES = 30
 log = logging.getLogger("replay")
@@ -33,12 +38,20 @@ def competition_paths(competition: Path, task: str) -> tuple[Path, Path]:
     return data, solution
 
 
+def check_python(python: str, source: str = "--python") -> str:
+    """An interpreter to run the script: a path or a command on PATH that can be executed."""
+    found = shutil.which(python)
+    if found is None:
+        raise UserError(f"{source} {python}: not an executable file or command on PATH")
+    return found
+
+
 def script_command(task: str, data: Path, model: Path, out: Path, work: Path, limit_h: float, extra: list[str],
-                   nonlandmarks: Path | None = None) -> list[str]:
+                   nonlandmarks: Path | None = None, python: str = sys.executable) -> list[str]:
     """The script's command line; the competition's distractor folder goes in as --nonlandmark-dir unless the
     extra flags name one."""
     distractors = ["--nonlandmark-dir", str(nonlandmarks)] if nonlandmarks and "--nonlandmark-dir" not in extra else []
-    return [sys.executable, str(SCRIPT), "--task", task, "--data", str(data), "--model", str(model),
+    return [python, str(SCRIPT), "--task", task, "--data", str(data), "--model", str(model),
             "--out", str(out / "submission.csv"), "--work", str(work),
             "--time-budget-h", f"{limit_h:g}", *distractors, *extra]
 
@@ -89,19 +102,21 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
-           extra_args: list[str] | None = None, work: Path | None = None) -> dict:
+           extra_args: list[str] | None = None, work: Path | None = None, python: str | None = None) -> dict:
     """Run the script once, score what it left (final and global-only), write out/report.json. Its WORK folder
-    is out/work unless another is given (runs sharing one reuse each other's cached features)."""
+    is out/work unless another is given (runs sharing one reuse each other's cached features). The script runs
+    with `python` (default: $KIT_SCRIPT_PYTHON or this interpreter)."""
     if task not in TASK_FOLDERS:
         raise UserError(f"unknown task {task!r}; choose recognition or retrieval")
     check_positive("--limit-h", limit_h)  # 0, a negative or NaN would only report a timeout
+    python = check_python(python) if python else check_python(script_python(), f"${SCRIPT_PYTHON_ENV}")
     data, solution = competition_paths(Path(competition), task)
     out = Path(out).resolve()
     work = out / "work" if work is None else Path(work).resolve()
     out.mkdir(parents=True, exist_ok=True)
     distractors = nonlandmark_folder(Path(competition))
     command = script_command(task, data.resolve(), Path(model).resolve(), out, work, limit_h, extra_args or [],
-                             distractors.resolve() if distractors.is_dir() else None)
+                             distractors.resolve() if distractors.is_dir() else None, python)
     for stale in (out / "submission.csv", work / "submission_global_only.csv", work / "timing.json"):
         stale.unlink(missing_ok=True)  # a run that dies early must not be scored on an earlier run's files
     log.info("replaying %s with a %.3g h limit: %s", task, limit_h, " ".join(command))
@@ -109,6 +124,7 @@ def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
     report = {
         "status": status,
         "seconds": round(seconds, 3),
+        "python": python,
         "final": score_if_present(task, solution, out / "submission.csv"),
         "global_only": score_if_present(task, solution, work / "submission_global_only.csv"),
         "timing": read_timing(work),
@@ -129,7 +145,9 @@ def headline(task: str, scores: dict | None) -> str:
 
 def format_report(task: str, report: dict) -> str:
     metric = METRIC_NAME[TASK_METRIC[task]]
+    versions = report["timing"].get("versions", {})
     lines = [f"{task}: status {report['status']} in {report['seconds']:.1f} s",
+             f"  run by {report['python']}: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "no versions"),
              f"  {metric} global only: {headline(task, report['global_only'])}",
              f"  {metric} final:       {headline(task, report['final'])}"]
     for name, stage in report["timing"].get("stages", {}).items():
@@ -148,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="report folder (report.json, submissions, log)")
     parser.add_argument("--limit-h", type=float, default=NOTEBOOK_LIMIT_H,
                         help="wall-clock limit of the run, in hours (default %(default)s)")
+    parser.add_argument("--python", default=None, metavar="PATH",
+                        help="interpreter that runs the script, e.g. a venv of Kaggle's image's versions "
+                             f"(default: ${SCRIPT_PYTHON_ENV}, else this one)")
     parser.add_argument("script_args", nargs="*", help="extra flags for submission/main.py, after `--`")
     args = parser.parse_args(argv)
-    report = replay(args.competition, args.task, args.model, args.out, args.limit_h, args.script_args)
+    report = replay(args.competition, args.task, args.model, args.out, args.limit_h, args.script_args,
+                    python=args.python)
     print(format_report(args.task, report))
     return 0 if report["status"] == "ok" else 1

@@ -34,11 +34,12 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
+import importlib.metadata
 import json
 import logging
 import multiprocessing
 import os
-import platform
 import re
 import shutil
 import sys
@@ -350,13 +351,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+@functools.cache
 def runtime_versions() -> dict[str, str]:
-    """The versions this run used (Python and the packages the script imports)."""
-    import sklearn
-
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "numpy": np.__version__,
-            "pandas": pd.__version__, "scikit-learn": sklearn.__version__,
-            "pydegensac": getattr(pydegensac, "__version__", "unknown")}
+    """The versions this run uses: Python and the packages the script imports (settings.json, timing.json)."""
+    versions = {"python": sys.version.split()[0], "tensorflow": tf.__version__}
+    for name in ("numpy", "pandas", "scikit-learn", "pydegensac"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # imported, yet installed without metadata
+            versions[name] = "unknown"
+    return versions
 
 
 def settings_record(settings: Settings, plan: dict | None = None) -> dict:
@@ -503,17 +507,32 @@ BATCH_SIGNATURES = {("float32", False): "global_batch", ("float32", True): "glob
                     ("float16", False): "global_batch_float16", ("float16", True): "global_batch_float16_xla"}
 
 
+OLDEST_LOADING_TF = "2.10"  # the oldest TensorFlow known to load the kit's exports (2.9 lacks DisableCopyOnRead)
+EXPORT_INFO_PATH = ("assets", "export_info.json")  # export/delg.py writes the exporting versions there
+
+
 def load_saved_model(model_dir: Path):
-    """tf.saved_model.load, or one InputError naming the folder."""
+    """tf.saved_model.load, or one InputError naming the folder (and, when TensorFlow fails, the versions)."""
     if not model_dir.is_dir():
         raise InputError(f"--model {model_dir}: {'not a folder' if model_dir.exists() else 'no such folder'}")
     if not (model_dir / "saved_model.pb").is_file():
         raise InputError(f"--model {model_dir} is not a SavedModel folder (no saved_model.pb)")
     try:
         return tf.saved_model.load(str(model_dir))
-    except Exception as err:  # noqa: BLE001 - whatever TensorFlow raises, the folder holds no loadable SavedModel
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise InputError(f"--model {model_dir}: cannot load the SavedModel in it ({reason})") from None
+    except Exception as err:  # noqa: BLE001 - whatever TensorFlow raises (an op it lacks, a corrupt file): one line
+        raise InputError(model_load_error(model_dir, err)) from None
+
+
+def model_load_error(model_dir: Path, err: Exception) -> str:
+    """One line: the load failure, this TensorFlow, the one that exported the model, the oldest known to work."""
+    try:
+        info = json.loads(model_dir.joinpath(*EXPORT_INFO_PATH).read_text())
+        exported = f"TensorFlow {info['versions']['tensorflow']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        exported = f"an unrecorded TensorFlow (no version in {'/'.join(EXPORT_INFO_PATH)})"
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return (f"--model {model_dir}: TensorFlow {tf.__version__} cannot load it ({reason}); it was exported with "
+            f"{exported}; TensorFlow {OLDEST_LOADING_TF} or newer is known to load the kit's exports")
 
 
 def contract_error(model_dir: Path, serving) -> InputError:

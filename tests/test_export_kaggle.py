@@ -3,24 +3,37 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
 import time
+import venv
 import zipfile
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from export.__main__ import main as export_main
+from export.bundle import KAGGLE_PYTHONS, SUBMISSION_SCRIPT, WHEEL_PLATFORM
 from export.delg import EXPORT_INFO_FILE, GLOBAL_BATCH_FLOAT16
 from tests.test_export_delg import LANDMARK_IDS, make_run_dir, random_image
 from train.config import RETRIEVAL_SCALES
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def offline_pip(tmp_path_factory, monkeypatch):
+    """pip finds packages in an empty folder of its own only (never the internet), which a test may fill."""
+    index = tmp_path_factory.mktemp("index")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    return index
 
 
 @pytest.fixture(scope="module")
@@ -79,26 +92,64 @@ def test_retrieval_zip_over_the_size_limit_is_not_written(run, tmp_path, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
-ECHO_SCRIPT = "import json, sys\nprint(json.dumps(sys.argv[1:]))\n"  # a main.py that shows what it was given
+# A main.py that shows what it was given, through a module beside it (the bundle ships the folder's .py files).
+ECHO_SCRIPT = "import sys\nfrom echo_helper import show\nshow(sys.argv[1:])\n"
+ECHO_HELPER = "import json\n\n\ndef show(argv):\n    print(json.dumps(argv))\n"
+THIS_TAG = "cp{}{}".format(*sys.version_info[:2])
 
 
-def run_kernel(bundle: Path, *args: str) -> list[str]:
-    """Run the bundle's kernel.py with the dataset path pointed at the bundle; the arguments main.py received."""
+def echo_script(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "echo_helper.py").write_text(ECHO_HELPER)
+    script = folder / "main.py"
+    script.write_text(ECHO_SCRIPT)
+    return script
+
+
+def wheel_name(tag: str) -> str:
+    return f"pydegensac-0.3.0-{tag}-{tag}-manylinux_2_17_x86_64.{WHEEL_PLATFORM}.whl"
+
+
+def write_wheel(folder: Path, tag: str) -> Path:
+    """A small installable pydegensac wheel for Python `tag` whose module says which wheel it came from."""
+    files = {"pydegensac/__init__.py": f"WHEEL_TAG = {tag!r}\n",
+             "pydegensac-0.3.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: pydegensac\nVersion: 0.3.0\n",
+             "pydegensac-0.3.0.dist-info/WHEEL": f"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: {tag}-{tag}-"
+                                                 f"{WHEEL_PLATFORM}\n"}
+    files["pydegensac-0.3.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in [*files, "pydegensac-0.3.0."
+                                                                                             "dist-info/RECORD"])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / wheel_name(tag)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return path
+
+
+def kernel_here(bundle: Path) -> Path:
+    """The bundle's kernel.py with its dataset path pointed at the bundle."""
     code = (bundle / "kernel.py").read_text()
     dataset_line = next(line for line in code.splitlines() if line.startswith("DATASET = "))
     local = bundle.parent / "kernel_local.py"
     local.write_text(code.replace(dataset_line, f"DATASET = {str(bundle)!r}"))
-    result = subprocess.run([sys.executable, str(local), *args], capture_output=True, text=True, timeout=60)
+    return local
+
+
+def run_kernel(bundle: Path, *args: str, python: tuple[str, ...] = (sys.executable,)) -> list[str]:
+    """Run the bundle's kernel.py; the arguments main.py received."""
+    result = subprocess.run([*python, str(kernel_here(bundle)), *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def bundle_argv(run_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", *extra]
+
+
 def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
     run_dir, _ = run
-    script = tmp_path / "main.py"
-    script.write_text(ECHO_SCRIPT)
-    wheel = tmp_path / "pydegensac-0.3.0-cp311-cp311-linux_x86_64.whl"
-    wheel.write_bytes(b"wheel")
+    script = echo_script(tmp_path / "scripts")
+    wheels = [write_wheel(tmp_path / "wheels", tag) for tag in ("cp311", "cp312")]
     settings = tmp_path / "tuned.json"
     settings.write_text(json.dumps({"scoring": {"rerank": 50}}))
     nonlandmark = tmp_path / "no-landmarks"
@@ -108,7 +159,8 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
     (nonlandmark / "notes.txt").write_text("not an image")
     out = tmp_path / "bundle"
     argv = ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", "--dataset", "my-delg",
-            "--kernel", "my-submission", "--competition", "landmark-retrieval-2021", "--wheel", str(wheel),
+            "--kernel", "my-submission", "--competition", "landmark-retrieval-2021", "--wheel", str(wheels[0]),
+            "--wheel", str(wheels[1]),
             "--script", str(script), "--time-budget-h", "12", "--settings", str(settings),
             "--nonlandmark-dir", str(nonlandmark), "--float16", "--no-whiten"]
     assert export_main(argv) == 0
@@ -117,8 +169,12 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
         f"{i},{landmark}" for i, landmark in enumerate(LANDMARK_IDS)]
     info = json.loads((out / "delg" / "assets" / EXPORT_INFO_FILE).read_text())
     assert info["functions"][GLOBAL_BATCH_FLOAT16]["float16"] is True
+    assert info["versions"] == {"tensorflow": tf.__version__, "keras": keras.__version__,
+                                "python": platform.python_version()}
+    assert sorted(p.name for p in (out / "submission").iterdir()) == ["echo_helper.py", "main.py"]
     assert (out / "submission" / "main.py").read_text() == script.read_text()
-    assert (out / "wheels" / wheel.name).read_bytes() == b"wheel"
+    assert sorted(p.name for p in (out / "wheels").iterdir()) == [w.name for w in wheels]
+    assert all((out / "wheels" / w.name).read_bytes() == w.read_bytes() for w in wheels)
     assert (out / "settings.json").read_text() == settings.read_text()
     shipped = sorted(str(p.relative_to(out / "nonlandmark")) for p in (out / "nonlandmark").rglob("*") if p.is_file())
     assert shipped == ["a/n1.jpg", "n2.png"]
@@ -142,11 +198,9 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
 
 def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path):
     run_dir, _ = run
-    script = tmp_path / "main.py"
-    script.write_text(ECHO_SCRIPT)
     out = tmp_path / "bundle"
-    argv = ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", "--script", str(script),
-            "--no-whiten"]
+    argv = bundle_argv(run_dir, out, "--script", str(echo_script(tmp_path / "scripts")),
+                       "--wheel", str(write_wheel(tmp_path, THIS_TAG)))
     assert export_main(argv) == 0
     assert (out / "kernel.py").is_file() and not (out / "settings.json").exists()
     assert not (out / "nonlandmark").exists()
@@ -190,3 +244,98 @@ def test_bundle_without_submission_script_is_a_one_line_error(run, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "missing.py" in err and "\n" not in err
     assert not (tmp_path / "b").exists()
+
+
+def test_bundle_fetches_a_wheel_for_each_kaggle_python_by_default(run, tmp_path, offline_pip):
+    """Without --wheel, pip downloads pydegensac for KAGGLE_PYTHONS (here from a local folder, not the internet)."""
+    run_dir, _ = run
+    tags = ["cp" + version.replace(".", "") for version in KAGGLE_PYTHONS]
+    for tag in ["cp310", *tags]:
+        write_wheel(offline_pip, tag)
+    out = tmp_path / "bundle"
+    assert export_main(bundle_argv(run_dir, out)) == 0
+    assert sorted(p.name for p in (out / "wheels").iterdir()) == sorted(wheel_name(tag) for tag in tags)
+    assert {p.name for p in (out / "submission").iterdir()} == {p.name for p in SUBMISSION_SCRIPT.parent.glob("*.py")}
+
+
+def test_bundle_adds_fetched_wheels_to_the_given_ones(run, tmp_path, offline_pip):
+    run_dir, _ = run
+    write_wheel(offline_pip, "cp310")
+    given = write_wheel(tmp_path / "mine", "cp39")
+    out = tmp_path / "bundle"
+    assert export_main(bundle_argv(run_dir, out, "--wheel", str(given), "--python", "3.10", "--script",
+                                   str(echo_script(tmp_path / "scripts")))) == 0
+    assert sorted(p.name for p in (out / "wheels").iterdir()) == [wheel_name("cp310"), wheel_name("cp39")]
+
+
+def test_a_failed_download_is_one_line_that_says_to_pass_wheel(run, tmp_path, capsys):
+    run_dir, _ = run
+    assert export_main(bundle_argv(run_dir, tmp_path / "b", "--python", "3.12")) == 2  # the local index is empty
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --python 3.12: pip could not download pydegensac==0.3.0") and "\n" not in err
+    assert err.endswith("pass the wheels you have as --wheel PATH (repeatable)")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--python", "3", "--python '3': expected a Python version such as 3.12"),
+    ("--wheel", "missing.whl", "--wheel {tmp}/missing.whl: not a .whl file"),
+    ("--wheel", "other-1.0-py3-none-any.whl", "--wheel {tmp}/other-1.0-py3-none-any.whl: not a pydegensac wheel"),
+])
+def test_bad_wheel_flags_are_one_line_errors(run, tmp_path, capsys, flag, value, message):
+    run_dir, _ = run
+    (tmp_path / "other-1.0-py3-none-any.whl").write_bytes(b"")
+    argument = value if flag == "--python" else str(tmp_path / value)
+    assert export_main(bundle_argv(run_dir, tmp_path / "b", flag, argument)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: " + message.format(tmp=tmp_path)) and "\n" not in err
+
+
+@pytest.fixture(scope="module")
+def kernel_bundle(run, tmp_path_factory):
+    """A bundle whose wheels are for the running Python and two others (those two are no real wheels)."""
+    run_dir, _ = run
+    root = tmp_path_factory.mktemp("kernel_bundle")
+    minor = sys.version_info[1]
+    wheels = [write_wheel(root / "wheels", THIS_TAG)]
+    for other in (minor - 1, minor + 1):
+        wheels.append(root / "wheels" / wheel_name(f"cp3{other}"))
+        wheels[-1].write_bytes(b"not a wheel: installing it fails")
+    argv = bundle_argv(run_dir, root / "bundle", "--script", str(echo_script(root / "scripts")),
+                       *[arg for wheel in wheels for arg in ("--wheel", str(wheel))])
+    assert export_main(argv) == 0
+    return root / "bundle"
+
+
+def python_without_pydegensac(folder: Path) -> Path:
+    """A fresh venv's Python: the interpreter's own packages (pip among them), not the kit's pydegensac."""
+    venv.create(folder, system_site_packages=True, with_pip=False, symlinks=True)
+    python = folder / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import pip, importlib.util as u; "
+                            "assert u.find_spec('pydegensac') is None"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("the base interpreter lacks pip, or has pydegensac itself")
+    return python
+
+
+def test_kernel_installs_the_wheel_tagged_for_its_python(kernel_bundle, tmp_path):
+    python = python_without_pydegensac(tmp_path / "venv")
+    received = run_kernel(kernel_bundle, "--probe", "30", python=(str(python),))
+    assert received[-2:] == ["--probe", "30"]
+    installed = subprocess.run([str(python), "-c", "import pydegensac; print(pydegensac.WHEEL_TAG)"],
+                               capture_output=True, text=True)
+    assert installed.stdout.strip() == THIS_TAG
+
+
+def test_kernel_without_a_wheel_for_its_python_ends_with_one_error_line(kernel_bundle, tmp_path):
+    dataset = tmp_path / "dataset"  # the bundle's kernel.py with wheels for other Pythons only
+    (dataset / "wheels").mkdir(parents=True)
+    others = sorted(p.name for p in (kernel_bundle / "wheels").iterdir() if p.name != wheel_name(THIS_TAG))
+    for name in others:
+        (dataset / "wheels" / name).write_bytes((kernel_bundle / "wheels" / name).read_bytes())
+    (dataset / "kernel.py").write_text((kernel_bundle / "kernel.py").read_text())
+    result = subprocess.run([sys.executable, "-S", str(kernel_here(dataset))], capture_output=True, text=True,
+                            timeout=60)  # -S: without site-packages, pydegensac is not importable
+    assert result.returncode == 2 and result.stdout == ""  # main.py never started
+    assert result.stderr.strip() == (f"error: no pydegensac wheel for this Python {platform.python_version()} "
+                                     f"({THIS_TAG}) in {dataset}/wheels; wheels found: {', '.join(others)}")

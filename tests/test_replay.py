@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 
 from common.cli import run_main
 from local_eval import replay as replay_command
-from local_eval.replay import replay
+from local_eval.replay import format_report, replay
+from local_eval.submission_script import script_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,8 @@ def test_replay_report_equals_score_command(tmp_path, tiny_competition, tiny_mod
     global_only = tmp_path / "report" / "work" / "submission_global_only.csv"
     assert report["global_only"] == score_cli(task, solution, global_only)
     assert {"global_db", "global_query", "knn"} <= set(report["timing"]["stages"])
+    assert report["python"] == shutil.which(script_python())  # $KIT_SCRIPT_PYTHON or this interpreter
+    assert f"run by {report['python']}: python " in format_report(task, report)
 
 
 def test_overrunning_script_is_stopped_and_reported(tmp_path, tiny_competition, tiny_model):
@@ -113,3 +117,13 @@ def test_a_killed_replay_takes_its_script_down(tmp_path, tiny_competition, tiny_
     finally:
         parent.kill()
     assert wait_until(lambda: not script_processes(report), 30), script_processes(report)
+
+
+def test_python_that_cannot_run_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    result = subprocess.run([sys.executable, "-m", "local_eval", "replay", "--competition", str(tmp_path),
+                             "--task", "retrieval", "--model", str(tmp_path), "--out", str(tmp_path / "r"),
+                             "--python", str(missing)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --python {missing}: not an executable file or command on PATH"
+    assert not (tmp_path / "r").exists()

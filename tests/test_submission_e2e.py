@@ -2,12 +2,19 @@
 
 The model and data folders come from fixtures (`delg_model_dir`, `competition`): swap in conftest's
 `tiny_model` / `tiny_competition` to run the same checks on the real exported model and synthetic data.
+With $KIT_SCRIPT_PYTHON set (`make kaggle-check`: .venv-kaggle's Python, Kaggle's image's versions), the script
+runs with that interpreter while the models and data come from this one; the tests that call or patch the
+script inside this process are skipped then.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing.pool
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -15,11 +22,18 @@ import pytest
 from PIL import Image
 
 from common.gldv2 import image_path
-from local_eval.submission_script import load_submission, sibling
+from export.delg import EXPORT_INFO_FILE
+from local_eval.submission_script import SCRIPT, SCRIPT_PYTHON_ENV, load_submission, sibling
 from tests.delg_test_models import write_tf1_model, write_tf2_model
 
 sub = load_submission()
 store = sibling("store")
+SCRIPT_PYTHON = os.environ.get(SCRIPT_PYTHON_ENV)  # when set, the interpreter that runs the script
+in_this_process = pytest.mark.skipif(bool(SCRIPT_PYTHON), reason=f"calls or patches the script in this process, "
+                                                                 f"not with ${SCRIPT_PYTHON_ENV}")
+VERSIONS_PROBE = ("import importlib.metadata as m, json, sys; print(json.dumps({'python': sys.version.split()[0], "
+                  "**{name: m.version(name) for name in ('tensorflow', 'numpy', 'pandas', 'scikit-learn', "
+                  "'pydegensac')}}))")
 LANDMARKS = 4
 FAST = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "300",
         "--warmup-queries", "2", "--rerank-batch", "3", "--ransac-threshold-px", "4"]
@@ -103,11 +117,30 @@ def competition(tmp_path_factory):
     return root, build_competition(root)
 
 
+def run_main(argv: list[str]) -> tuple[int, str]:
+    """The script's exit status and its error output: run in this process, or with $KIT_SCRIPT_PYTHON."""
+    if SCRIPT_PYTHON:
+        result = subprocess.run([SCRIPT_PYTHON, str(SCRIPT), *argv], capture_output=True, text=True, timeout=900)
+        return result.returncode, result.stderr
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        status = sub.main(argv)
+    return status, errors.getvalue()
+
+
+def script_versions() -> dict[str, str]:
+    """The versions of Python and of the script's packages where the script runs, as its interpreter reports them."""
+    probe = subprocess.run([SCRIPT_PYTHON or sys.executable, "-c", VERSIONS_PROBE], capture_output=True, text=True,
+                           check=True)
+    return json.loads(probe.stdout)
+
+
 def run_script(task: str, data, model, tmp_path, *extra: str) -> tuple[pd.DataFrame, dict]:
     out, work = tmp_path / "submission.csv", tmp_path / "work"
     argv = ["--task", task, "--data", str(data), "--model", str(model), "--out", str(out),
             "--work", str(work), *FAST, *extra]
-    assert sub.main(argv) == 0
+    status, errors = run_main(argv)
+    assert status == 0, errors[-3000:]
     timing = json.loads((work / "timing.json").read_text())
     return pd.read_csv(out, dtype=str, keep_default_na=False), timing
 
@@ -130,7 +163,8 @@ def test_recognition_end_to_end(competition, delg_model_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", counted_start)
     frame, timing = run_script("recognition", data, delg_model_dir, tmp_path, "--workers", "2", "--rerank", "3")
-    assert len(pools) == 1  # one verification pool for every batch
+    if not SCRIPT_PYTHON:
+        assert len(pools) == 1  # one verification pool for every batch (counted in this process only)
     assert_complete(frame, data, "landmarks")
     predictions = dict(zip(frame["id"], frame["landmarks"], strict=True))
     for image_id, landmark in truth["views"].items():
@@ -146,6 +180,9 @@ def test_recognition_end_to_end(competition, delg_model_dir, tmp_path, monkeypat
     pairs = pd.read_csv(tmp_path / "work" / "verified_pairs.csv")
     assert len(pairs) == timing["stages"]["verification"]["items"]
     assert pairs.columns.tolist() == ["id", "rank", "candidate", "cosine", "inliers"]
+    versions = script_versions()
+    assert timing["versions"] == versions
+    assert json.loads((tmp_path / "work" / "settings.json").read_text())["versions"] == versions
 
 
 def test_retrieval_end_to_end_with_a_tf1_model(competition, models, tmp_path):
@@ -177,6 +214,7 @@ def settings_for(task: str, data, model, work, *extra: str):
                                *FAST, *extra])
 
 
+@in_this_process
 def test_reranking_puts_the_verified_view_first(competition, delg_model_dir, tmp_path):
     """A query whose global ranking is wrong: RANSAC inliers move the true match above the impostor."""
     root, truth = competition
@@ -210,6 +248,7 @@ class Interrupting:
         return self.model.global_batch(images, scales, precision, xla)
 
 
+@in_this_process
 def test_interrupted_extraction_resumes_from_the_cache(competition, delg_model_dir, tmp_path):
     data = competition[0] / "landmark-recognition"
     ids, _ = sub.read_train_labels(data)
@@ -229,6 +268,7 @@ def test_interrupted_extraction_resumes_from_the_cache(competition, delg_model_d
                                atol=1e-3)
 
 
+@in_this_process
 def test_a_deadline_during_the_database_pass_keeps_what_was_done(competition, delg_model_dir, tmp_path):
     data = competition[0] / "landmark-recognition"
     ids, _ = sub.read_train_labels(data)
@@ -252,17 +292,51 @@ def test_shards_merge_into_one_cache(competition, delg_model_dir, tmp_path):
     for shard, chunk_count in [("0/2", 2), ("1/2", 3)]:  # 8 images in chunks of 3: shard 0 has 0 and 2
         argv = ["--task", "recognition", "--data", str(data), "--model", str(delg_model_dir),
                 "--work", str(tmp_path / "work"), "--chunk-size", "3", "--shard", shard, *FAST]
-        assert sub.main(argv) == 0
+        status, errors = run_main(argv)
+        assert status == 0, errors[-3000:]
         assert len(list(chunks.glob("chunk_*.npz"))) == chunk_count
     assert not (tmp_path / "work" / "submission_global_only.csv").exists()
     _, timing = run_script("recognition", data, delg_model_dir, tmp_path, "--chunk-size", "3")
     assert timing["stages"]["global_db"]["items"] == 0  # everything came from the shards' cache
 
 
-def test_missing_sample_submission_is_a_clear_error(tmp_path, delg_model_dir, capsys):
+def test_missing_sample_submission_is_a_clear_error(tmp_path, delg_model_dir):
     argv = ["--task", "retrieval", "--data", str(tmp_path), "--model", str(delg_model_dir)]
-    assert sub.main(argv) == 2
-    assert "sample_submission.csv" in capsys.readouterr().err
+    status, errors = run_main(argv)
+    assert status == 2 and "sample_submission.csv" in errors.strip().splitlines()[-1]
+
+
+def model_of_a_later_tensorflow(model_dir, exported_with: str | None):
+    """A tiny model whose graph uses an op this TensorFlow lacks (as a TF 2.21 export does on TF 2.9)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    write_tf2_model(model_dir)
+    saved = saved_model_pb2.SavedModel.FromString((model_dir / "saved_model.pb").read_bytes())
+    for function in saved.meta_graphs[0].graph_def.library.function:
+        for node in function.node_def:
+            if node.op == "Conv2D":
+                node.op = "OpOfALaterTensorFlow"
+    (model_dir / "saved_model.pb").write_bytes(saved.SerializeToString())
+    if exported_with is not None:
+        (model_dir / "assets").mkdir(exist_ok=True)
+        (model_dir / "assets" / EXPORT_INFO_FILE).write_text(json.dumps({"versions": {"tensorflow": exported_with}}))
+    return model_dir
+
+
+@pytest.mark.parametrize("exported_with, named", [("9.1.0", "TensorFlow 9.1.0"),
+                                                  (None, "an unrecorded TensorFlow (no version in assets/")])
+def test_a_model_this_tensorflow_cannot_load_ends_with_one_error_line(competition, tmp_path, exported_with, named):
+    model = model_of_a_later_tensorflow(tmp_path / "model", exported_with)
+    argv = ["--task", "retrieval", "--data", str(competition[0] / "landmark-retrieval"), "--model", str(model),
+            "--out", str(tmp_path / "submission.csv"), "--work", str(tmp_path / "work")]
+    status, errors = run_main(argv)
+    running = script_versions()["tensorflow"]
+    last = errors.strip().splitlines()[-1]
+    assert status == 2 and "Traceback" not in errors
+    assert last.startswith(f"error: --model {model}: TensorFlow {running} cannot load it (Op type not registered "
+                           f"'OpOfALaterTensorFlow'")
+    assert f"it was exported with {named}" in last
+    assert last.endswith(f"TensorFlow {sub.OLDEST_LOADING_TF} or newer is known to load the kit's exports")
 
 
 def test_synthetic_competition_both_tasks(tiny_competition, delg_model_dir, tmp_path):
@@ -294,6 +368,7 @@ def test_changed_settings_or_model_clear_the_caches(competition, models, tmp_pat
     assert other_model["global_query"] == first["global_query"] and other_model["local_features"] > 0
 
 
+@in_this_process
 def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
     """A cached chunk whose descriptors cannot be read without pickle still counts as cached: only ids are read."""
     data = competition[0] / "landmark-recognition"
@@ -308,6 +383,7 @@ def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
     assert sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run) == (0, False)
 
 
+@in_this_process
 def test_a_crash_during_extraction_leaves_a_complete_empty_submission(competition, delg_model_dir, tmp_path,
                                                                        monkeypatch):
     data = competition[0] / "landmark-retrieval"
@@ -323,6 +399,7 @@ def test_a_crash_during_extraction_leaves_a_complete_empty_submission(competitio
     assert (frame["images"] == "").all()
 
 
+@in_this_process
 def test_submission_rewrites_wait_for_write_every_s(competition, delg_model_dir, tmp_path, monkeypatch):
     data = competition[0] / "landmark-recognition"
     writes = []
@@ -361,6 +438,7 @@ def test_an_ensemble_caches_each_model_and_concatenates_their_descriptors(compet
                                       for m in settings.run.model)
 
 
+@in_this_process
 def test_model_weights_must_match_the_models(competition, models, capsys):
     data = competition[0] / "landmark-recognition"
     argv = ["--task", "recognition", "--data", str(data), "--model", str(models["tf2"]), "--model-weights", "1", "2"]
