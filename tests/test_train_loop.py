@@ -39,12 +39,12 @@ def small_config(**overrides):
 
 
 def test_loss_falls_within_a_few_dozen_steps(data_dir):
-    cfg = small_config(image_size=64, batch_size=16, steps=40, warmup_steps=5, learning_rate=0.05)
+    cfg = small_config(image_size=64, batch_size=16, steps=60, warmup_steps=5, learning_rate=0.05)
     data = folder_data(data_dir, cfg)
     trainer = Trainer(cfg, len(data.landmark_ids), tf.distribute.get_strategy())
     iterator = iter(training_stream(data.epoch_source, data.train_count, cfg))
     mean_losses = []
-    for _ in range(4):
+    for _ in range(6):
         for _ in range(10):
             trainer.train_step(iterator)
         sums = trainer.take_sums()
