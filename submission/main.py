@@ -595,6 +595,8 @@ class DelgSavedModel:
         if not (model_dir / "saved_model.pb").is_file():
             raise InputError(f"{model_dir} is not a SavedModel folder (no saved_model.pb)")
         self.model = tf.saved_model.load(str(model_dir))
+        info = model_dir / "assets" / "export_info.json"  # a global-only export has no local features
+        self.has_local = not (info.is_file() and json.loads(info.read_text()).get("global_only", False))
         self.scales = tf.constant(extraction.scales, tf.float32)
         self.global_indices = tf.constant(extraction.global_scale_indices, tf.int32)
         self.max_features = extraction.max_features
@@ -1552,6 +1554,9 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
     run_, scoring = settings.run, settings.scoring
     began = time.monotonic()
     depth = settings.rerank_depth()
+    if depth and not model.has_local:
+        log.info("%s is a global-only model (no local features): no reranking, global-only", run_.model)
+        depth = 0
     k = RETRIEVAL_SIZE if run_.task == "retrieval" else max(scoring.top_k, depth)
     cosines, found = knn(query_desc, db_desc, k, run_.knn_block_mb)
     neighbours = db_rows[found]
