@@ -82,9 +82,20 @@ def _keras_backbone(name: str, weights: str) -> keras.Model:
     net = constructor(include_top=False, weights=None, input_shape=(None, None, 3))
     if weights != "none":
         net.set_weights(constructor(include_top=False, weights=weights, input_shape=(None, None, 3)).get_weights())
+    _preprocessing_in_float32(net)
     if name.startswith("efficientnet-"):
         _set_imagenet_normalization(net)
     return net
+
+
+def _preprocessing_in_float32(net: keras.Model) -> None:
+    """The application's pixel normalisation computes in float32 under any precision policy (pixels come in
+    as float32; the first convolution casts to the policy's type)."""
+    for layer in net.layers:
+        if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
+            layer.dtype_policy = keras.DTypePolicy("float32")
+        if isinstance(layer, keras.layers.Normalization):
+            layer.mean, layer.variance = (keras.ops.cast(v, "float32") for v in (layer.mean, layer.variance))
 
 
 def _set_imagenet_normalization(net: keras.Model) -> None:
@@ -95,6 +106,7 @@ def _set_imagenet_normalization(net: keras.Model) -> None:
     mean, variance, count = normalization.get_weights()
     normalization.set_weights([np.reshape(IMAGENET_MEAN, mean.shape), np.reshape(IMAGENET_STD, variance.shape) ** 2,
                                count])
+    normalization.finalize_state()  # the layer computes with tensors made from its weights
 
 
 def own_preprocessing(backbone: str) -> bool:
