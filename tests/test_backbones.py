@@ -3,6 +3,7 @@ after SIGTERM, exports, loads back and runs through the submission script."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -166,6 +167,7 @@ def test_a_family_resumes_exactly_after_sigterm_exports_and_submits(overrides, t
     assert out["features"].shape[0] == (0 if cfg.global_only else 50)
 
     caplog.clear()
+    caplog.set_level(logging.INFO)
     submission = tmp_path / "submission.csv"
     assert sub.main(["--task", "recognition", "--data", str(data), "--model", str(tmp_path / "delg"),
                      "--work", str(tmp_path / "work"), "--out", str(submission), *LIGHT]) == 0

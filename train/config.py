@@ -124,8 +124,9 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "arcface_margin": (_number(lambda v: 0 <= v < math.pi / 2), "in [0, pi/2)"),
     "arcface_scale": (_number(lambda v: v > 0), "greater than 0"),
     "subcenters": (_number(lambda v: v >= 1), "at least 1"),
-    "dynamic_margin": (lambda v: len(v) in (0, 3) and all(map(_number(lambda x: x >= 0), v)),
-                       "three numbers A,LAMBDA,B, each 0 or more (margin A * n^-LAMBDA + B), or none"),
+    "dynamic_margin": (lambda v: len(v) in (0, 3) and all(map(_number(lambda x: x >= 0), v[:2]))
+                       and all(map(_number(lambda x: True), v)),
+                       "three numbers A,LAMBDA,B (margin A * n^-LAMBDA + B), A and LAMBDA 0 or more, or none"),
     "attention_hidden": (_number(lambda v: v >= 1), "at least 1"),
     "local_dim": (_number(lambda v: v >= 1), "at least 1"),
     "local_stride": (lambda v: v in LOCAL_STRIDES, f"one of {', '.join(map(str, LOCAL_STRIDES))}"),

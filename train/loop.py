@@ -214,9 +214,9 @@ def class_margins(cfg: TrainConfig, class_counts: list[int] | None) -> tf.Tensor
         raise UserError(f"{flag}: the data does not say how many images each class has; "
                         "write the TFRecord shards again with this kit's `python -m train.tfrecords`")
     margins = dynamic_margins(class_counts, *cfg.dynamic_margin)
-    if margins.max() >= math.pi / 2:
-        raise UserError(f"{flag} {','.join(map(str, cfg.dynamic_margin))}: the margins reach {margins.max():.3f}; "
-                        f"each must stay below pi/2")
+    if margins.min() < 0 or margins.max() >= math.pi / 2:
+        raise UserError(f"{flag} {','.join(map(str, cfg.dynamic_margin))}: the margins range from "
+                        f"{margins.min():.3f} to {margins.max():.3f} on this data; each must be in [0, pi/2)")
     log.info("dynamic ArcFace margins from %.3f to %.3f", margins.min(), margins.max())
     return tf.constant(margins)
 
