@@ -13,7 +13,7 @@ KAGGLE_STAMP  := $(KAGGLE_VENV)/.installed
 KAGGLE_PYTHON := 3.12
 KAGGLE_BASES  := python$(KAGGLE_PYTHON) $(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/$(KAGGLE_PYTHON).*/bin/python$(KAGGLE_PYTHON))
 
-.PHONY: install test bench lint demo clean-demo kaggle-check
+.PHONY: install test test-backbones bench lint demo clean-demo kaggle-check
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -37,6 +37,10 @@ $(CHROMIUM):
 
 test: install
 	$(PY) -m pytest tests
+
+# The Keras backbone families end to end (train, SIGTERM, resume, export, submit): tens of minutes on 2 cores.
+test-backbones: install
+	$(PY) -m pytest tests/test_backbones.py -m slow
 
 $(KAGGLE_STAMP): requirements-kaggle.txt
 	@base=""; for candidate in $(KAGGLE_BASES); do \

@@ -24,6 +24,9 @@ With PCA whitening (export/whitening.py; `export delg` fits it unless --no-white
 whitened: each per-scale descriptor goes through the fitted whitening and is L2-normalized again, in
 serving_default's rows and inside the batched functions alike, so global_dim is the whitening's dimension and
 export_info.json's "whitening" records the fit.
+
+A global-only run (train --global-only) has no local head: its export holds the same global functions, and its
+serving_default returns the global descriptors with zero local features; export_info.json says "global_only".
 """
 from __future__ import annotations
 
@@ -78,6 +81,12 @@ BUILD_SIZE = 64  # side of the dummy image that creates the model's variables be
 # The parts of DelgModel that extraction reads. Only these are saved: the ArcFace and attention
 # classifiers (81k classes x 512 floats = 166 MB for GLDv2-clean) serve training alone.
 SERVING_PARTS = ("backbone", "gem", "whitening", "autoencoder", "attention")
+LOCAL_PARTS = ("autoencoder", "attention")  # what a global-only model lacks
+
+
+def serving_part_names(model: DelgModel) -> tuple[str, ...]:
+    """The SERVING_PARTS this model has: a global-only model has no local head."""
+    return tuple(name for name in SERVING_PARTS if not (model.cfg.global_only and name in LOCAL_PARTS))
 
 
 def serving_module(model: DelgModel, serve, signature: list[tf.TensorSpec],
@@ -85,7 +94,7 @@ def serving_module(model: DelgModel, serve, signature: list[tf.TensorSpec],
     """A tf.Module holding `serve` as a tf.function and, as its saved variables, the model's SERVING_PARTS (and
     the PCA whitening, as `pca_whitening`, when there is one)."""
     module = tf.Module()
-    module.serving_parts = [getattr(model, name) for name in SERVING_PARTS]
+    module.serving_parts = [getattr(model, name) for name in serving_part_names(model)]
     if whitening is not None:
         module.pca_whitening = whitening
     module.serve = tf.function(serve, input_signature=signature)
@@ -166,6 +175,8 @@ class DelgExtractor:
         resized = resize_by(pixels, scale)
         conv4, conv5 = self.model.features(resized)
         global_descriptor = self.global_head(conv5)[0]
+        if self.model.cfg.global_only:
+            return global_descriptor, self._no_local_features()
         # An image smaller than one conv4 cell at this scale has no local structure to describe.
         big_enough = tf.reduce_all(tf.shape(resized)[1:3] >= int(self.field.stride))
         local = tf.cond(tf.logical_and(want_local, big_enough),
@@ -308,6 +319,7 @@ def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, fl
             del batched[name]
             xla_errors[name] = reason
     info = export_info(model, batched, xla_errors, whitening)
+    info["global_only"] = model.cfg.global_only
     (Path(out_dir) / "assets").mkdir(exist_ok=True)
     (Path(out_dir) / "assets" / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     log.info("functions: %s", ", ".join(f"{name} ({'float16' if f['float16'] else 'float32'}"

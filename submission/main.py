@@ -559,6 +559,8 @@ class DelgSavedModel:
 
     def __init__(self, model_dir: Path, extraction: Extraction):
         self.model = load_saved_model(model_dir)
+        info = model_dir / "assets" / "export_info.json"  # a global-only export has no local features
+        self.has_local = not (info.is_file() and json.loads(info.read_text()).get("global_only", False))
         self.scales = tf.constant(extraction.scales, tf.float32)
         self.global_indices = tf.constant(extraction.global_scale_indices, tf.int32)
         self.max_features = extraction.max_features
@@ -1349,6 +1351,9 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
     """The global stage, the global-only submission, then reranking (most confident queries first) and the final
     submission."""
     run_, depth = settings.run, settings.rerank_depth()
+    if depth and not model.has_local:
+        log.info("%s is a global-only model (no local features): no reranking, global-only", run_.verifying_model())
+        depth = 0
     candidates = global_stage(found, len(inputs.db_ids), settings, timing)
     atomic_save(run_.work / "neighbours.npz", lambda tmp: np.savez(
         tmp, test_ids=np.array(inputs.test_ids, dtype=str), db_ids=np.array(inputs.db_ids, dtype=str),

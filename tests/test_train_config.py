@@ -1,6 +1,7 @@
 """python -m train's flags: every bad value is one `error:` line naming the flag (exit 2), before any training."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 
@@ -38,6 +39,10 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     (["--local-stride", "8"], "--local-stride 8: must be one of 16, 32"),
     (["--precision", "float8"], "--precision float8: must be one of float32, float16, bfloat16"),
     (["--log-every", "0"], "--log-every 0: must be at least 1"),
+    (["--subcenters", "0"], "--subcenters 0: must be at least 1"),
+    (["--dynamic-margin", "0.4,0.25"], "--dynamic-margin 0.4 0.25: must be three numbers"),
+    (["--dynamic-margin", "0.4,-1,0"], "--dynamic-margin 0.4 -1.0 0.0: must be three numbers"),
+    (["--dynamic-margin", "2,0,0"], "--dynamic-margin 2.0,0.0,0.0: the margins range from 2.000 to 2.000 on this data"),
 ])
 def test_a_flag_out_of_range_is_one_error_line_naming_it(flags, named, data_dir, tmp_path, capsys):
     code, err = run_cli(["--data", str(data_dir), "--out", str(tmp_path / "run"), *flags], capsys)
@@ -64,6 +69,17 @@ def test_flags_the_strategy_cannot_run_are_one_error_line(data_dir, tmp_path, ca
     code, err = run_cli([*base, "--strategy", "multiworker"], capsys)
     assert code == 2 and "task index 3 is not one of the 1 worker addresses" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_numbers_of_a_flag_may_be_comma_or_space_separated(data_dir, tmp_path):
+    from train.__main__ import add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="tiny")
+    add_config_flags(parser)
+    commas = config_from_args(parser.parse_args(["--dynamic-margin", "0.5,0.25,-0.05", "--global-only"]))
+    spaces = config_from_args(parser.parse_args(["--dynamic-margin", "0.5", "0.25", "-0.05", "--global-only"]))
+    assert commas == spaces == get_config("tiny", dynamic_margin=(0.5, 0.25, -0.05), global_only=True)
 
 
 def test_every_named_config_passes_its_own_checks():

@@ -1,6 +1,7 @@
-"""`python -m train --data DIR --config tiny|r50|r101 --out RUN_DIR [--steps N --batch-size B ...]`: train DELG.
+"""`python -m train --data DIR --config tiny|r50|effv2s|... --out RUN_DIR [--steps N --batch-size B ...]`: train DELG.
 
-Every TrainConfig field is a flag (--field-name) that overrides the named config.
+Every TrainConfig field is a flag (--field-name) that overrides the named config; a flag of several numbers
+takes them comma- or space-separated (--dynamic-margin 0.4,0.25,0.05).
 
 With --strategy multiworker, start the same command on every worker, each with its own TF_CONFIG. Worker 0
 (the chief) restores and writes RUN_DIR; the others take the chief's state at start and keep nothing of
@@ -39,15 +40,25 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=defaults)
         elif kind.startswith("tuple["):
             element = SCALARS[kind.removeprefix("tuple[").split(",")[0].rstrip("]")]
-            group.add_argument(flag, type=element, nargs="+", default=None, help=defaults)
+            group.add_argument(flag, type=comma_separated(element), nargs="+", default=None, help=defaults)
         else:
             group.add_argument(flag, type=SCALARS[kind], default=None, help=defaults)
+
+
+def comma_separated(element: type):
+    """An argparse type: 'a,b,c' (or one value) -> a list of `element`."""
+    def parse(text: str) -> list:
+        return [element(part) for part in text.split(",")]
+
+    parse.__name__ = element.__name__  # argparse names it in "invalid float value"
+    return parse
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
-    overrides = {name: tuple(v) if isinstance(v, list) else v for name, v in overrides.items()}
+    overrides = {name: tuple(x for part in v for x in part) if isinstance(v, list) else v
+                 for name, v in overrides.items()}
     return get_config(args.config, **overrides)
 
 

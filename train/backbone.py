@@ -1,15 +1,48 @@
-"""Backbones that map normalized pixels to the conv4 (local head) and conv5 (global head) feature maps."""
+"""Backbones that map pixels to the local head's map (stride 16) and the global head's map (the last one).
+
+Families: the tiny ResNet, Keras's ResNets (50, 101, 152), EfficientNet (B0-B7), EfficientNetV2 (B0-B3, S, M,
+L) and ConvNeXt (tiny, small, base, large). Each family normalises pixels its own way, inside the model:
+the ResNets as DELG does, (x - 128) / 128 (model.normalize_pixels); the others through the Keras application's
+own preprocessing layers, which take pixels in [0, 255].
+"""
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import keras
+import numpy as np
 
 from train.config import TrainConfig
 
-KERAS_RESNETS = {"resnet50": keras.applications.ResNet50, "resnet101": keras.applications.ResNet101}
-CONV4_OUTPUT = re.compile(r"^conv4_block\d+_out$")
-CONV5_OUTPUT = re.compile(r"^conv5_block\d+_out$")
+A = keras.applications
+# ImageNet statistics of pixels in [0, 1] that Keras's EfficientNet (B0-B7) normalises its input with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build each member of a backbone family and where its stride-16 map is."""
+
+    constructors: dict[str, Callable[..., keras.Model]]
+    stride16_reader: Callable[[keras.Model], str]  # the layer that reads the stride-16 map (the last stride-16 block)
+    own_preprocessing: bool  # True: pixels in [0, 255] enter the network, which normalises them itself
+
+
+FAMILIES = {
+    "resnet": Family({"resnet50": A.ResNet50, "resnet101": A.ResNet101, "resnet152": A.ResNet152},
+                     lambda net: "conv5_block1_1_conv", own_preprocessing=False),
+    "efficientnet": Family({f"efficientnet-b{i}": getattr(A, f"EfficientNetB{i}") for i in range(8)},
+                           lambda net: "block6a_expand_conv", own_preprocessing=True),
+    "efficientnetv2": Family({f"efficientnetv2-{v}": getattr(A, f"EfficientNetV2{v.upper()}")
+                              for v in ("b0", "b1", "b2", "b3", "s", "m", "l")},
+                             lambda net: "block6a_expand_conv", own_preprocessing=True),
+    "convnext": Family({f"convnext-{v}": getattr(A, f"ConvNeXt{v.title()}")
+                        for v in ("tiny", "small", "base", "large")},
+                       lambda net: f"{net.name}_downsampling_block_2", own_preprocessing=True),
+}
+KERAS_BACKBONES = {name: family for family in FAMILIES.values() for name in family.constructors}
 
 
 def _bottleneck(x, filters: int, stride: int, name: str):
@@ -42,32 +75,63 @@ def tiny_resnet(widths: tuple[int, ...]) -> keras.Model:
     return keras.Model(inputs, x, name="tiny_resnet")
 
 
-def _keras_resnet(name: str, weights: str) -> keras.Model:
-    weights_arg = None if weights == "none" else weights
-    return KERAS_RESNETS[name](include_top=False, weights=weights_arg, input_shape=(None, None, 3))
+def _keras_backbone(name: str, weights: str) -> keras.Model:
+    """The Keras application without its classifier, built without weights (so that the graph is the same
+    whatever the weights: Keras's EfficientNet adds a layer when it loads ImageNet's), then given them."""
+    constructor = KERAS_BACKBONES[name].constructors[name]
+    net = constructor(include_top=False, weights=None, input_shape=(None, None, 3))
+    if weights != "none":
+        net.set_weights(constructor(include_top=False, weights=weights, input_shape=(None, None, 3)).get_weights())
+    _preprocessing_in_float32(net)
+    if name.startswith("efficientnet-"):
+        _set_imagenet_normalization(net)
+    return net
 
 
-def _last_layer_matching(model: keras.Model, pattern: re.Pattern) -> keras.layers.Layer:
-    return [layer for layer in model.layers if pattern.match(layer.name)][-1]
+def _preprocessing_in_float32(net: keras.Model) -> None:
+    """The application's pixel normalisation computes in float32 under any precision policy (pixels come in
+    as float32; the first convolution casts to the policy's type)."""
+    for layer in net.layers:
+        if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
+            layer.dtype_policy = keras.DTypePolicy("float32")
+        if isinstance(layer, keras.layers.Normalization):
+            layer.mean, layer.variance = (keras.ops.cast(v, "float32") for v in (layer.mean, layer.variance))
+
+
+def _set_imagenet_normalization(net: keras.Model) -> None:
+    """Keras's EfficientNet (B0-B7) keeps its input statistics as weights: ImageNet's after loading its file
+    (with the standard deviation where the variance belongs, which Keras fixes with an extra layer), identity
+    without. Written here as (x/255 - mean) / std, whatever the weights, so every run normalises alike."""
+    normalization = next(layer for layer in net.layers if isinstance(layer, keras.layers.Normalization))
+    mean, variance, count = normalization.get_weights()
+    normalization.set_weights([np.reshape(IMAGENET_MEAN, mean.shape), np.reshape(IMAGENET_STD, variance.shape) ** 2,
+                               count])
+    normalization.finalize_state()  # the layer computes with tensors made from its weights
+
+
+def own_preprocessing(backbone: str) -> bool:
+    """Whether the backbone takes pixels in [0, 255] and normalises them itself (else (x - 128) / 128 first)."""
+    return backbone in KERAS_BACKBONES and KERAS_BACKBONES[backbone].own_preprocessing
 
 
 def build_backbone(cfg: TrainConfig) -> keras.Model:
-    """Normalized image [B,H,W,3] -> (local head's map, conv5 map), for the tiny ResNet or a Keras ResNet.
+    """Image [B,H,W,3] -> (local head's map, global head's map).
 
-    The local head's map is conv4 (stride 16), or at local_stride 32 conv4 sub-sampled by 2 as DELF's
-    block3_strides does. conv5 is the same either way: its first block reads conv4 through 1x1 convolutions
-    of stride 2, which see exactly the sub-sampled cells.
+    The local head's map is the stride-16 map that the first stride-32 block reads (conv4 for the ResNets),
+    or at local_stride 32 that map sub-sampled by 2 as DELF's block3_strides does. The global head's map is
+    the network's last (stride 32). Pixels enter as own_preprocessing(cfg.backbone) says.
     """
     if cfg.backbone == "tiny":
         net = tiny_resnet(cfg.tiny_widths)
-    elif cfg.backbone in KERAS_RESNETS:
-        net = _keras_resnet(cfg.backbone, cfg.backbone_weights)
+        reader = "conv5_block1_1_conv"
+    elif cfg.backbone in KERAS_BACKBONES:
+        net = _keras_backbone(cfg.backbone, cfg.backbone_weights)
+        reader = KERAS_BACKBONES[cfg.backbone].stride16_reader(net)
     else:
-        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose tiny, {', '.join(KERAS_RESNETS)}")
-    conv4 = _last_layer_matching(net, CONV4_OUTPUT).output
-    conv5 = _last_layer_matching(net, CONV5_OUTPUT).output
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose tiny, {', '.join(KERAS_BACKBONES)}")
+    stride16 = net.get_layer(reader).input
     if cfg.local_stride == 32:
-        conv4 = keras.layers.MaxPooling2D(1, strides=2, name="conv4_subsample")(conv4)
+        stride16 = keras.layers.MaxPooling2D(1, strides=2, name="conv4_subsample")(stride16)
     elif cfg.local_stride != 16:
         raise ValueError(f"local_stride {cfg.local_stride}: choose 16 or 32")
-    return keras.Model(net.input, [conv4, conv5], name="backbone")
+    return keras.Model(net.input, [stride16, net.output], name="backbone")

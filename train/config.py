@@ -23,7 +23,11 @@ RETRIEVAL_SCALES: tuple[float, ...] = (0.7071, 1.0, 1.4142)
 PIXEL_MEAN = 128.0
 PIXEL_SCALE = 128.0
 
-BACKBONES = ("tiny", "resnet50", "resnet101")
+# --backbone: the tiny ResNet, and the Keras applications of four families (train/backbone.py builds them).
+BACKBONES = ("tiny", "resnet50", "resnet101", "resnet152",
+             *(f"efficientnet-b{i}" for i in range(8)),
+             *(f"efficientnetv2-{v}" for v in ("b0", "b1", "b2", "b3", "s", "m", "l")),
+             *(f"convnext-{v}" for v in ("tiny", "small", "base", "large")))
 # --precision: the type the network computes in; variables and the optimizer stay float32 (Keras mixed policies).
 PRECISIONS = ("float32", "float16", "bfloat16")
 # --local-stride: input pixels between the local head's cells. 16 reads conv4 as it is; 32 sub-samples it by 2
@@ -43,6 +47,10 @@ class TrainConfig:
     gem_p: float = 3.0
     arcface_margin: float = 0.1
     arcface_scale: float = 45.25
+    subcenters: int = 1  # K > 1: sub-center ArcFace, K weight vectors per class, its cosine their largest
+    # (a, lambda, b): each class's margin is a * n^-lambda + b, n its training images, instead of arcface_margin
+    dynamic_margin: tuple[float, ...] = ()
+    global_only: bool = False  # no local head (attention, autoencoder) and no local loss: one global descriptor
     attention_hidden: int = 512
     local_dim: int = 128
     local_stride: int = 32  # one of LOCAL_STRIDES; 32 is DELF's (block3_strides), which DELG's thresholds assume
@@ -79,6 +87,14 @@ CONFIGS: dict[str, TrainConfig] = {
                         checkpoint_every=100, validate_every=100, log_every=10),
     "r50": TrainConfig(backbone="resnet50"),
     "r101": TrainConfig(backbone="resnet101"),
+    # The backbones of the 2020-2021 winners' ensembles (README, "Training"), at DELG's other defaults.
+    "r152": TrainConfig(backbone="resnet152"),
+    "effb5": TrainConfig(backbone="efficientnet-b5"),
+    "effb7": TrainConfig(backbone="efficientnet-b7"),
+    "effv2s": TrainConfig(backbone="efficientnetv2-s"),
+    "effv2m": TrainConfig(backbone="efficientnetv2-m"),
+    "convnext-t": TrainConfig(backbone="convnext-tiny"),
+    "convnext-b": TrainConfig(backbone="convnext-base"),
 }
 
 
@@ -107,6 +123,10 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gem_p": (_number(lambda v: v > 0), "greater than 0"),
     "arcface_margin": (_number(lambda v: 0 <= v < math.pi / 2), "in [0, pi/2)"),
     "arcface_scale": (_number(lambda v: v > 0), "greater than 0"),
+    "subcenters": (_number(lambda v: v >= 1), "at least 1"),
+    "dynamic_margin": (lambda v: len(v) in (0, 3) and all(map(_number(lambda x: x >= 0), v[:2]))
+                       and all(map(_number(lambda x: True), v)),
+                       "three numbers A,LAMBDA,B (margin A * n^-LAMBDA + B), A and LAMBDA 0 or more, or none"),
     "attention_hidden": (_number(lambda v: v >= 1), "at least 1"),
     "local_dim": (_number(lambda v: v >= 1), "at least 1"),
     "local_stride": (lambda v: v in LOCAL_STRIDES, f"one of {', '.join(map(str, LOCAL_STRIDES))}"),

@@ -249,6 +249,7 @@ class TrainingData:
     validation_count: int
     epoch_source: EpochSource
     validation_files: Callable[[], tf.data.Dataset]  # -> (encoded bytes, label), in a fixed order
+    class_counts: list[int] | None = None  # training images of each class (dynamic margins); None: not known
 
 
 def folder_data(data_dir: Path, cfg: TrainConfig) -> TrainingData:
@@ -258,4 +259,10 @@ def folder_data(data_dir: Path, cfg: TrainConfig) -> TrainingData:
         landmark_ids=examples.landmark_ids, train_count=len(examples.train),
         validation_count=len(examples.validation),
         epoch_source=folder_epoch_source(list(examples.train["path"]), list(examples.train["label"]), cfg.seed),
-        validation_files=lambda: folder_validation_files(examples.validation))
+        validation_files=lambda: folder_validation_files(examples.validation),
+        class_counts=class_counts(examples.train["label"], len(examples.landmark_ids)))
+
+
+def class_counts(labels, num_classes: int) -> list[int]:
+    """The number of images of each class index 0..num_classes-1."""
+    return np.bincount(np.asarray(labels, np.int64), minlength=num_classes).tolist()

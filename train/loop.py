@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import signal
 import threading
@@ -31,7 +32,8 @@ from tqdm import tqdm
 
 from common.cli import UserError, atomic_write_text
 from train import run_files
-from train.config import TrainConfig, check_config
+from train.arcface import dynamic_margins
+from train.config import TrainConfig, check_config, flag_name
 from train.data import TrainingData, folder_data, training_stream, validation_stream
 from train.losses import delg_losses
 from train.model import DelgModel
@@ -106,8 +108,10 @@ def model_and_optimizer_variables(model: keras.Model, optimizer) -> list[tf.Vari
 class Trainer:
     """Model, optimizer and the compiled steps of one run, under one strategy."""
 
-    def __init__(self, cfg: TrainConfig, num_classes: int, strategy: tf.distribute.Strategy):
+    def __init__(self, cfg: TrainConfig, num_classes: int, strategy: tf.distribute.Strategy,
+                 class_counts: list[int] | None = None):
         self.cfg, self.strategy = cfg, strategy
+        self.margins = class_margins(cfg, class_counts)
         keras.utils.set_random_seed(cfg.seed)
         with strategy.scope(), precision_policy(cfg.precision):
             self.model = DelgModel(cfg, num_classes)
@@ -142,7 +146,7 @@ class Trainer:
         the gradients of the loss-scaled mean loss over the global batch."""
         with tf.GradientTape() as tape:
             outputs = self.model(batch["image"], training=True)
-            losses = delg_losses(outputs, batch["label"], self.cfg)
+            losses = delg_losses(outputs, batch["label"], self.cfg, self.margins)
             loss = tf.nn.compute_average_loss(losses["total"], global_batch_size=self.cfg.batch_size)
             scaled_loss = self.optimizer.scale_loss(loss)
         return outputs, losses, tape.gradient(scaled_loss, self.model.trainable_variables)
@@ -199,6 +203,22 @@ class Trainer:
             batch_correct, batch_count = self.validation_step(batch)
             correct, count = correct + float(batch_correct), count + float(batch_count)
         return correct / max(count, 1.0), int(count)
+
+
+def class_margins(cfg: TrainConfig, class_counts: list[int] | None) -> tf.Tensor | None:
+    """Each class's ArcFace margin under --dynamic-margin (None without it: cfg.arcface_margin for all)."""
+    if not cfg.dynamic_margin:
+        return None
+    flag = flag_name("dynamic_margin")
+    if class_counts is None:
+        raise UserError(f"{flag}: the data does not say how many images each class has; "
+                        "write the TFRecord shards again with this kit's `python -m train.tfrecords`")
+    margins = dynamic_margins(class_counts, *cfg.dynamic_margin)
+    if margins.min() < 0 or margins.max() >= math.pi / 2:
+        raise UserError(f"{flag} {','.join(map(str, cfg.dynamic_margin))}: the margins range from "
+                        f"{margins.min():.3f} to {margins.max():.3f} on this data; each must be in [0, pi/2)")
+    log.info("dynamic ArcFace margins from %.3f to %.3f", margins.min(), margins.max())
+    return tf.constant(margins)
 
 
 def count_correct(cosine: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
@@ -332,7 +352,7 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
     strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
     check_flags_fit(cfg, strategy)
     data = resolve_data(cfg, data_dir, tfrecords)
-    trainer = Trainer(cfg, len(data.landmark_ids), strategy)
+    trainer = Trainer(cfg, len(data.landmark_ids), strategy, data.class_counts)
     chief, finished = is_chief(strategy), run_dir / run_files.METRICS_FILE
     with lost_peers_reported(strategy):
         restore_or_join(trainer, run_dir, resume, data.landmark_ids)
@@ -386,7 +406,8 @@ def run_description(cfg: TrainConfig, chosen: str, strategy: tf.distribute.Strat
     return {"backbone": cfg.backbone, "strategy": chosen, "strategy_used": strategy_name(strategy),
             "workers": worker_count(strategy), "replicas": strategy.num_replicas_in_sync,
             "precision": cfg.precision, "keras_policy": keras_policy(cfg.precision),
-            "local_stride": cfg.local_stride, "classes": len(data.landmark_ids), "train_images": data.train_count,
+            "local_stride": cfg.local_stride, "global_only": cfg.global_only,
+            "classes": len(data.landmark_ids), "train_images": data.train_count,
             "validation_images": data.validation_count}
 
 

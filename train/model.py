@@ -1,11 +1,13 @@
-"""DELG: one backbone pass feeds a global head (GeM, whitening, ArcFace) and a local head (autoencoder, attention)."""
+"""DELG: one backbone pass feeds a global head (GeM, whitening, ArcFace) and a local head (autoencoder, attention).
+
+With global_only the local head is left out: the model is a backbone, GeM, whitening and ArcFace."""
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
 
 from train.arcface import CosineClassifier
-from train.backbone import build_backbone
+from train.backbone import build_backbone, own_preprocessing
 from train.config import PIXEL_MEAN, PIXEL_SCALE, TrainConfig
 from train.local_head import Attention, Autoencoder, attention_pool
 from train.pooling import GeM
@@ -31,13 +33,18 @@ class DelgModel(keras.Model):
         self.backbone = build_backbone(cfg)
         self.gem = GeM(cfg.gem_p, name="gem")
         self.whitening = keras.layers.Dense(cfg.embedding_dim, name="whitening", dtype="float32")
-        self.cosine_classifier = CosineClassifier(num_classes, name="arcface")
+        self.cosine_classifier = CosineClassifier(num_classes, cfg.subcenters, name="arcface")
+        if cfg.global_only:
+            return
         self.autoencoder = Autoencoder(cfg.local_dim, name="autoencoder")
         self.attention = Attention(cfg.attention_hidden, name="attention")
         self.attention_classifier = keras.layers.Dense(num_classes, name="attention_classifier", dtype="float32")
 
     def features(self, images: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
-        """Pixels in [0,255] -> (conv4 map, conv5 map): the one backbone pass both heads read."""
+        """Pixels in [0,255] -> (conv4 map, conv5 map): the one backbone pass both heads read. The pixels are
+        normalised as the backbone's family does it (build_backbone)."""
+        if own_preprocessing(self.cfg.backbone):
+            return self.backbone(tf.cast(images, tf.float32), training=training)
         return self.backbone(normalize_pixels(images), training=training)
 
     def global_descriptor(self, conv5: tf.Tensor) -> tf.Tensor:
@@ -56,6 +63,8 @@ class DelgModel(keras.Model):
     def call(self, images, training=False):
         conv4, conv5 = self.features(images, training=training)
         embedding = self.global_descriptor(conv5)
+        if self.cfg.global_only:
+            return {"embedding": embedding, "cosine": self.cosine_classifier(embedding)}
         local = self.local_head(conv4, training=training)
         pooled = attention_pool(local["reconstruction"], local["attention"])
         return {

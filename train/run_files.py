@@ -116,9 +116,18 @@ def label_map_difference(saved: list[int], new: list[int]) -> str:
 
 def make_checkpoint(model: tf.keras.Model, optimizer=None, step: tf.Variable | None = None,
                     data_position: tf.Variable | None = None) -> tf.train.Checkpoint:
-    """The checkpoint's object graph: model, and for training also optimizer, step and data-stream position."""
-    parts = {"model": model, "optimizer": optimizer, "step": step, "data_position": data_position}
+    """The checkpoint's object graph: model, and for training also optimizer, step, data-stream position and, for
+    a model with dropout (EfficientNet's blocks), the states of its random generators, which Keras does not
+    checkpoint with the model: without them a resumed run would drop other units than an uninterrupted one."""
+    random_states = random_generator_states(model) if optimizer is not None else []
+    parts = {"model": model, "optimizer": optimizer, "step": step, "data_position": data_position,
+             "random_states": random_states or None}
     return tf.train.Checkpoint(**{name: part for name, part in parts.items() if part is not None})
+
+
+def random_generator_states(model: tf.keras.Model) -> list[tf.Variable]:
+    """The state variables of the model's Keras random seed generators (dropout, stochastic depth)."""
+    return [v.value for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
 def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: Path, keep: int = 3):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from common.cli import UserError, atomic_output_dir, atomic_write_text, run_main
 from train.config import TrainConfig
-from train.data import EpochSource, TrainingData, check_landmark_count, read_examples
+from train.data import EpochSource, TrainingData, check_landmark_count, class_counts, read_examples
 from train.run_files import load_label_map, save_label_map
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ def write_tfrecords(data_dir: Path, out: Path, shards: int, validation_fraction:
     examples = read_examples(data_dir, validation_fraction, seed)
     validation_shards = max(1, math.ceil(shards * len(examples.validation) / max(1, len(examples.train))))
     info = {"train": len(examples.train), "validation": len(examples.validation), "train_shards": shards,
-            "validation_shards": validation_shards, "validation_fraction": validation_fraction, "seed": seed}
+            "validation_shards": validation_shards, "validation_fraction": validation_fraction, "seed": seed,
+            "class_counts": class_counts(examples.train["label"], len(examples.landmark_ids))}
     with atomic_output_dir(out) as tmp:
         write_split(examples.train, examples.landmark_ids, tmp, "train", shards)
         write_split(examples.validation, examples.landmark_ids, tmp, "validation", validation_shards)
@@ -119,7 +120,8 @@ def tfrecord_data(folder: Path, cfg: TrainConfig, shuffle_buffer: int = 10_000) 
     return TrainingData(
         landmark_ids=landmark_ids, train_count=info["train"], validation_count=info["validation"],
         epoch_source=tfrecord_epoch_source(train_files, cfg.seed, shuffle_buffer),
-        validation_files=lambda: tf.data.TFRecordDataset(validation_files).map(parse))
+        validation_files=lambda: tf.data.TFRecordDataset(validation_files).map(parse),
+        class_counts=info.get("class_counts"))  # shards written before it lack it
 
 
 def main(argv: list[str] | None = None) -> int:

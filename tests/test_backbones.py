@@ -1,0 +1,183 @@
+"""Backbone families, sub-center ArcFace with dynamic margins, global-only models: each trains, resumes exactly
+after SIGTERM, exports, loads back and runs through the submission script."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from export.delg import EXPORT_INFO_FILE, cell_boxes, export_delg
+from export.receptive_field import receptive_field
+from local_eval.layout import solution_file
+from local_eval.metrics import score_files
+from local_eval.submission_script import load_submission
+from tests.test_train_loop import checkpoint_values
+from train import loop
+from train.arcface import CosineClassifier, arcface_logits, dynamic_margins
+from train.backbone import IMAGENET_MEAN, IMAGENET_STD, KERAS_BACKBONES, build_backbone
+from train.config import BACKBONES, TrainConfig, get_config
+from train.loop import train
+
+sub = load_submission()
+# The smallest member of each family, and a global-only tiny model.
+SMALLEST = {"efficientnetv2": {"backbone": "efficientnetv2-b0"}, "efficientnet": {"backbone": "efficientnet-b0"},
+            "convnext": {"backbone": "convnext-tiny"}, "resnet152": {"backbone": "resnet152"},
+            "global-only": {"global_only": True}}
+LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0",
+         "--plan", "fixed"]
+
+
+def test_every_backbone_flag_value_has_a_builder():
+    assert sorted(BACKBONES) == sorted(["tiny", *KERAS_BACKBONES])
+
+
+@pytest.mark.parametrize("backbone, conv3_blocks, conv4_blocks", [("resnet101", 4, 23), ("resnet152", 8, 36)])
+def test_receptive_field_of_deeper_resnets_by_hand(backbone, conv3_blocks, conv4_blocks):
+    # ResNet50 (4 conv3 blocks, 6 conv4 blocks) sees 291 px; each more block's 3x3 conv widens the field by
+    # 2 cells of its stage's stride: 2*8 px in conv3, 2*16 px in conv4.
+    field = receptive_field(build_backbone(TrainConfig(backbone=backbone, local_stride=16)).outputs[0])
+    size = 291 + 16 * (conv3_blocks - 4) + 32 * (conv4_blocks - 6)
+    assert (field.size, field.stride, field.padding) == (size, 16, (size - 1) / 2)
+
+
+def with_visible_fields(backbone: keras.Model) -> keras.Model:
+    """Zero the squeeze-and-excitation convolutions: each gate becomes a constant, and a cell then depends on the
+    pixels its convolutions see only (the field receptive_field computes). Set ConvNeXt's layer scales (1e-6 at
+    start) to 1, so that every block's change shows in float32."""
+    for layer in backbone.layers:
+        if layer.name.endswith("_se_reduce"):
+            for weight in layer.weights:
+                weight.assign(tf.zeros_like(weight))
+        if type(layer).__name__ == "LayerScale":
+            for weight in layer.weights:
+                weight.assign(tf.ones_like(weight))
+    return backbone
+
+
+@pytest.mark.parametrize("backbone", ["efficientnetv2-b0", "efficientnet-b0", "convnext-tiny"])
+def test_changed_cells_are_exactly_those_whose_box_holds_the_changed_pixel(backbone):
+    net = with_visible_fields(build_backbone(TrainConfig(backbone=backbone, local_stride=16)))
+    field = receptive_field(net.outputs[0])
+    assert field.stride == 16
+    size = 32 * math.ceil((field.size / 2 + 40) / 32)  # some cells' boxes miss a pixel near a corner
+    image = np.random.default_rng(1).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
+    changed_image = image.copy()
+    pixel = (9, 22)
+    changed_image[0, pixel[0], pixel[1]] = 255 - image[0, pixel[0], pixel[1]]
+    before, after = net(image)[0].numpy(), net(changed_image)[0].numpy()
+    changed = (after != before).any(axis=-1)[0].reshape(-1)
+    boxes = cell_boxes(field, before.shape[1], before.shape[2]).numpy()
+    holds = ((boxes[:, 0] <= pixel[0]) & (pixel[0] <= boxes[:, 2]) &
+             (boxes[:, 1] <= pixel[1]) & (pixel[1] <= boxes[:, 3]))
+    assert 0 < holds.sum() < len(holds)
+    np.testing.assert_array_equal(changed, holds)
+
+
+@pytest.mark.parametrize("backbone, scale, offset", [
+    ("efficientnet-b0", 1 / (255 * np.array(IMAGENET_STD)), -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)),
+    ("efficientnetv2-b0", 1 / (255 * np.array(IMAGENET_STD)), -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)),
+    ("efficientnetv2-s", np.full(3, 1 / 128), np.full(3, -1.0)),
+    ("convnext-tiny", 1 / (255 * np.array(IMAGENET_STD)), -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)),
+])
+def test_pixels_are_normalised_once_as_the_family_does(backbone, scale, offset):
+    net = build_backbone(TrainConfig(backbone=backbone))
+    first_conv = next(layer for layer in net.layers if isinstance(layer, (keras.layers.Conv2D, keras.Sequential)))
+    conv_input = first_conv.input
+    while conv_input._keras_history[0].__class__.__name__ == "ZeroPadding2D":
+        conv_input = conv_input._keras_history[0].input
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3)).astype(np.float32)
+    got = keras.Model(net.input, conv_input)(pixels).numpy()
+    np.testing.assert_allclose(got, pixels * scale + offset, atol=1e-4)
+
+
+def test_backbone_weights_from_a_file(tmp_path):
+    source = build_backbone(TrainConfig(backbone="efficientnetv2-b0"))
+    keras_net = keras.applications.EfficientNetV2B0(include_top=False, weights=None, input_shape=(None, None, 3))
+    keras_net.save_weights(tmp_path / "b0.weights.h5")
+    loaded = build_backbone(TrainConfig(backbone="efficientnetv2-b0", backbone_weights=str(tmp_path / "b0.weights.h5")))
+    expected = {w.path: w.numpy() for w in keras_net.weights}
+    for weight in loaded.weights:
+        np.testing.assert_array_equal(weight.numpy(), expected[weight.path], err_msg=weight.path)
+    assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(source.weights, loaded.weights, strict=True))
+
+
+def test_sub_center_arcface_with_dynamic_margins_by_hand():
+    # 2 classes x 2 sub-centers in 2-d; the embedding (1, 0) is at 0 degrees from class 0's second sub-center
+    # and at 60 degrees from class 1's first.
+    classifier = CosineClassifier(num_classes=2, subcenters=2)
+    classifier.build((None, 2))
+    half = math.sqrt(3) / 2
+    classifier.kernel.assign(np.array([[0.0, 2.0, 0.5, -1.0], [1.0, 0.0, half, 0.0]], np.float32))
+    cosine = classifier(tf.constant([[1.0, 0.0], [0.0, 3.0]])).numpy()
+    np.testing.assert_allclose(cosine, [[1.0, 0.5], [1.0, half]], atol=1e-6)
+    # classes with 16 and 1 training images: margins 0.4 * 16^-0.25 + 0.05 = 0.25 and 0.4 + 0.05 = 0.45
+    margins = dynamic_margins([16, 1], 0.4, 0.25, 0.05)
+    np.testing.assert_allclose(margins, [0.25, 0.45], atol=1e-7)
+    labels = tf.constant([1, 1])
+    logits = arcface_logits(cosine, labels, tf.gather(margins, labels)[:, None], scale=10.0).numpy()
+    expected = [[10.0, 10 * math.cos(math.radians(60) + 0.45)], [10.0, 10 * math.cos(math.radians(30) + 0.45)]]
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def sigterm_at_first_checkpoint(monkeypatch) -> None:
+    """The next training sends itself a real SIGTERM right after its first checkpoint (once)."""
+    real_save = loop.CheckpointWriter.save
+
+    def save_then_sigterm(self, step):
+        real_save(self, step)
+        monkeypatch.setattr(loop.CheckpointWriter, "save", real_save)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop.CheckpointWriter, "save", save_then_sigterm)
+
+
+# Each case trains three times (straight, stopped, resumed): minutes for the Keras families on 2 cores, so those
+# are marked slow and run by `make test-backbones`, not `make test`.
+FAMILY_CASES = [pytest.param(overrides, id=name, marks=[] if name == "global-only" else [pytest.mark.slow])
+                for name, overrides in SMALLEST.items()]
+
+
+@pytest.mark.parametrize("overrides", FAMILY_CASES)
+def test_a_family_resumes_exactly_after_sigterm_exports_and_submits(overrides, tiny_competition, tmp_path,
+                                                                      monkeypatch, caplog):
+    data = tiny_competition / "landmark-recognition"
+    cfg = get_config("tiny", steps=20, image_size=64, batch_size=4, warmup_steps=2, checkpoint_every=5,
+                     log_every=5, validate_every=100, validation_fraction=0.0, **overrides)
+    straight = train(cfg, data_dir=data, run_dir=tmp_path / "straight", strategy="default")
+    sigterm_at_first_checkpoint(monkeypatch)
+    stopped = train(cfg, data_dir=data, run_dir=tmp_path / "run", strategy="default")
+    assert (stopped["stopped_by"], stopped["step"]) == ("SIGTERM", 6)
+    resumed = train(cfg, data_dir=data, run_dir=tmp_path / "run", strategy="default")
+    assert resumed["step"] == straight["step"] == 20 and resumed["global_only"] == cfg.global_only
+    expected, got = checkpoint_values(tmp_path / "straight"), checkpoint_values(tmp_path / "run")
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+    export_delg(tmp_path / "run", tmp_path / "delg", xla=False)
+    assert json.loads((tmp_path / "delg" / "assets" / EXPORT_INFO_FILE).read_text())["global_only"] == cfg.global_only
+    serving = tf.saved_model.load(str(tmp_path / "delg")).signatures["serving_default"]
+    image = np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    out = serving(input_image=tf.constant(image), input_scales=tf.constant([0.5, 1.0]),
+                  input_max_feature_num=tf.constant(50), input_abs_thres=tf.constant(0.0),
+                  input_global_scales_ind=tf.constant([0, 1]))
+    assert out["global_descriptors"].shape == (2, cfg.embedding_dim)
+    assert np.isfinite(out["global_descriptors"].numpy()).all()
+    assert out["features"].shape[0] == (0 if cfg.global_only else 50)
+
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    submission = tmp_path / "submission.csv"
+    assert sub.main(["--task", "recognition", "--data", str(data), "--model", str(tmp_path / "delg"),
+                     "--work", str(tmp_path / "work"), "--out", str(submission), *LIGHT]) == 0
+    scores = score_files("recognition", solution_file(tiny_competition, "recognition"), submission)
+    assert 0 <= scores["all"]["gap"] <= 1
+    assert caplog.text.count("is a global-only model") == int(cfg.global_only)
+    assert ("reranked" in caplog.text) != cfg.global_only
