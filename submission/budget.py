@@ -32,6 +32,7 @@ log = logging.getLogger("submission")
 
 TIMING_STAGES = ("global_db", "global_query", "knn", "global_rerank", "local_features", "verification")
 PROBE_SHARE = 0.01  # of the budget, at most, for timing one setting of the ladder (per pass)
+PLAN_SHARE = 0.1  # of the time left, at most, for timing the ladder; then the cheapest rung, untimed
 LOAD_SPREAD = 0.25  # two timings of one setting further apart than this share: the machine is busy, say so
 
 
@@ -87,6 +88,17 @@ def deepest_rerank(seconds_left: float, queries: int, per_image: float, per_pair
     return int(max(1, min(max_depth, math.floor(depth))))
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux's /proc; 0 elsewhere): the server's clock runs from the notebook's
+    start, so importing TensorFlow and loading the model are charged to the budget too."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def load_average() -> str:
     with_load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     return " ".join(f"{value:.2f}" for value in with_load)
@@ -97,7 +109,7 @@ class Timing:
 
     def __init__(self, path: Path, task: str, budget: Budget, versions: dict | None = None):
         self.path, self.task, self.budget_h, self.versions = path, task, budget.time_budget_h, versions or {}
-        self.start = time.monotonic()
+        self.start = time.monotonic() - process_age()
         self.deadline = self.start + budget.time_budget_h * 3600 * (1 - budget.safety_margin)
         self.stages = {name: {"items": 0, "seconds": 0.0} for name in TIMING_STAGES}
         self.rerank_depth = 0
@@ -154,17 +166,24 @@ Measure = Callable[[object, float], tuple[float, float]]  # (extraction, limit s
 def plan_extraction(rungs: list[tuple[str, object]], measure: Measure, units: Callable[[int], dict],
                     knn_rate: float, reserve_s: float, timing: Timing, limit_s: float) -> tuple[object, dict]:
     """The first rung whose projected run (global passes, kNN and the rerank reserve) fits the time left after
-    its own timing; the cheapest when none does. Returns it and the plan's record."""
-    tried, chosen = [], None
-    for name, extraction in rungs:
-        rate, spread = measure(extraction, limit_s)
+    its own timing; the cheapest when none does. Planning itself may use PLAN_SHARE of the time left when it
+    starts: past that, the cheapest rung is taken untimed, at the cheapest rate measured (an upper bound for it).
+    Returns the rung and the plan's record."""
+    tried, chosen, planning_s = [], None, PLAN_SHARE * timing.time_left()
+    began = time.monotonic()
+    for index, (name, extraction) in enumerate(rungs):
+        over = bool(tried) and time.monotonic() - began > planning_s
+        if over and index < len(rungs) - 1:
+            continue  # no time to time it: on to the cheapest
+        rate, spread = (min(t["seconds_per_image"] for t in tried), 0.0) if over else measure(extraction, limit_s)
         seconds = project_seconds({"global_db": rate, "global_query": rate, "knn": knn_rate}, units(0))
         parts = {**{k: v for k, v in seconds.items() if v}, "rerank_reserve": reserve_s}
         fits = sum(parts.values()) <= timing.time_left()
-        tried.append({"rung": name, "seconds_per_image": rate, "spread": spread,
+        tried.append({"rung": name, "seconds_per_image": rate, "spread": spread, "timed": not over,
                       "projected_h": {k: v / 3600 for k, v in parts.items()}, "fits": fits,
                       "global": global_settings(extraction)})
-        log.info("plan: %-14s %.4f s/image: %s of %.2f h left: %s", name, rate, hours_text(parts),
+        untimed = " (untimed: planning's time is up)" if over else ""
+        log.info("plan: %-14s %.4f s/image%s: %s of %.2f h left: %s", name, rate, untimed, hours_text(parts),
                  timing.time_left() / 3600, "fits" if fits else "does not fit")
         warn_spread(name, spread)
         chosen = (extraction, tried[-1])
@@ -173,7 +192,8 @@ def plan_extraction(rungs: list[tuple[str, object]], measure: Measure, units: Ca
     extraction, record = chosen
     plan = {"mode": "auto", "chosen": record["rung"], "fits": record["fits"], "rungs": tried,
             "seconds_per_image": record["seconds_per_image"], "knn_seconds_per_item": knn_rate,
-            "projection_h": record["projected_h"], "load_average": load_average()}
+            "projection_h": record["projected_h"], "planning_s": time.monotonic() - began,
+            "load_average": load_average()}
     verb = "fits" if record["fits"] else "DOES NOT FIT even so (the database pass will stop at its deadline)"
     log.info("plan: global pass at '%s' (%s): %s; %s (load average %s)", record["rung"],
              json.dumps(record["global"]), hours_text(record["projected_h"], 1), verb, plan["load_average"])

@@ -1127,9 +1127,10 @@ def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timi
         cut_any |= cut
         splits["db"].append(load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size, model.global_dim,
                                         allow_missing=cut))
-        timed_global(model, inputs.test_ids, query_paths, cache / query_split, extraction, run, timing,
-                     "global_query")
-        splits["query"].append(load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim))
+        query_cut = timed_global(model, inputs.test_ids, query_paths, cache / query_split, extraction, run, timing,
+                                 "global_query", stop=timing.past_deadline)  # the rest: unreadable, predicted empty
+        splits["query"].append(load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim,
+                                           allow_missing=query_cut))
         nl_cut = timed_global(model, inputs.nonlandmark_ids, inputs.nonlandmark_paths, cache / "nonlandmark",
                               extraction, run, timing, "global_db", stop=timing.past_deadline)
         splits["nonlandmark"].append(load_global(cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size,
