@@ -143,7 +143,9 @@ def run_kernel(bundle: Path, *args: str, python: tuple[str, ...] = (sys.executab
 
 
 def bundle_argv(run_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", *extra]
+    """A bundle of the test run, unwhitened (its run records no training data; tests/test_whitening.py bundles
+    whitened)."""
+    return ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", "--no-whiten", *extra]
 
 
 def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
