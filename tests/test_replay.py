@@ -76,13 +76,13 @@ QUICK = ["--plan", "fixed", "--scales", "1.0", "--global-scale-indices", "0", "-
          "--max-image-side", "96"]  # to reranking, and its workers, soon
 
 
-def script_processes(report: Path) -> list[int]:
-    """Live processes of the submission script writing report/submission.csv (its forked workers included)."""
-    marker = str(report / "submission.csv").encode()
+def script_processes(*markers: str) -> list[int]:
+    """Live processes of the submission script whose command line holds every marker (its forked workers
+    included)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes():
+            if entry.name.isdigit() and all(m.encode() in (entry / "cmdline").read_bytes() for m in markers):
                 found.append(int(entry.name))
         except OSError:  # ended meanwhile
             continue
@@ -105,18 +105,19 @@ def wait_until(condition, seconds: float) -> bool:
 ])
 def test_a_killed_replay_takes_its_script_down(tmp_path, tiny_competition, tiny_model, command, how, processes):
     out = tmp_path / "out"
-    report = out / "run" if command == "tune" else out
+    # tune writes OUT whole: its replay runs in a partial folder beside OUT, named .out.<pid>.*.partial
+    markers = (str(tmp_path), "/run/submission.csv") if command == "tune" else (str(out / "submission.csv"),)
     argv = [sys.executable, "-m", "local_eval", command, "--competition", str(tiny_competition), "--task",
             "recognition", "--model", str(tiny_model), "--out", str(out), "--", "--workers", "2", *QUICK]
     parent = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        caught = wait_until(lambda: len(script_processes(report)) >= processes or parent.poll() is not None, 600)
+        caught = wait_until(lambda: len(script_processes(*markers)) >= processes or parent.poll() is not None, 600)
         assert caught and parent.poll() is None, "the script ended before it could be caught"
         os.kill(parent.pid, how)
         assert parent.wait(timeout=60) != 0
     finally:
         parent.kill()
-    assert wait_until(lambda: not script_processes(report), 30), script_processes(report)
+    assert wait_until(lambda: not script_processes(*markers), 30), script_processes(*markers)
 
 
 def test_python_that_cannot_run_is_a_clear_error(tmp_path):
