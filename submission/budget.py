@@ -107,9 +107,11 @@ def load_average() -> str:
 class Timing:
     """Items and seconds per stage, against a deadline; saved as WORK/timing.json after every change."""
 
-    def __init__(self, path: Path, task: str, budget: Budget, versions: dict | None = None):
+    def __init__(self, path: Path, task: str, budget: Budget, versions: dict | None = None,
+                 started: float | None = None):
+        """started: the clock's zero (time.monotonic()); by default this process's start, as on the server."""
         self.path, self.task, self.budget_h, self.versions = path, task, budget.time_budget_h, versions or {}
-        self.start = time.monotonic() - process_age()
+        self.start = time.monotonic() - process_age() if started is None else started
         self.deadline = self.start + budget.time_budget_h * 3600 * (1 - budget.safety_margin)
         self.stages = {name: {"items": 0, "seconds": 0.0} for name in TIMING_STAGES}
         self.rerank_depth = 0

@@ -42,7 +42,8 @@ def test_the_depth_that_fits():
 
 
 def plan_inputs(tmp_path, limit_h: float):
-    timing = budget.Timing(tmp_path / "timing.json", "recognition", sub.Budget(time_budget_h=limit_h, safety_margin=0))
+    timing = budget.Timing(tmp_path / "timing.json", "recognition", sub.Budget(time_budget_h=limit_h, safety_margin=0),
+                           started=time.monotonic())  # not pytest's start: the suite may have run for minutes
     rungs = budget.ladder(sub.Extraction(global_xla="off"), has_float16=False)
     units = lambda depth: budget.stage_units(budget.Sizes(100, 10, 0), depth)
     return timing, rungs, units

@@ -181,7 +181,8 @@ def test_nonlandmark_share_counts_nonlandmarks_among_the_top_k():
 
 
 def test_plan_depth_degrades_with_the_time_left(tmp_path):
-    timing = sub.Timing(tmp_path / "timing.json", "recognition", sub.Budget(time_budget_h=1.0, safety_margin=0.0))
+    timing = sub.Timing(tmp_path / "timing.json", "recognition", sub.Budget(time_budget_h=1.0, safety_margin=0.0),
+                        started=time.monotonic())  # the budget counts from now, not from pytest's start
     assert sub.plan_depth(timing, 100, max_depth=10, new_image_share=1.0) == 10  # nothing measured yet
     timing.add("local_features", 10, 1.0)  # 0.1 s per image
     timing.add("verification", 10, 1.0)  # 0.1 s per pair
