@@ -121,7 +121,7 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all
     "ransac_matches", "inlier_mask", "count_inliers", "pixel_threshold", "Candidates", "recognition_predictions",
     "global_predictions", "verified_predictions", "retrieval_order", "nonlandmark_shares", "expected_local_scores",
     "rerank_order", "fit_whitening", "apply_whitening", "query_expansion", "database_augmentation",
-    "superglobal_rerank", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "BATCH_SIGNATURES", "Sizes", "Timing",
+    "superglobal_rerank", "reranked", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "BATCH_SIGNATURES", "Sizes", "Timing",
     "stage_units", "project_seconds", "rerank_seconds_per_query", "deepest_rerank", "plan_depth", "main",
 )
 KIT_API = __all__
