@@ -90,7 +90,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     """Parse, then check what every export shares: each --run is a folder (and an ensemble's weights fit its runs),
     --out can be written where it points."""
     args = parser.parse_args(argv)
-    ensemble = isinstance(args.run, list)  # retrieval: --run repeats
+    ensemble = isinstance(args.run, list)  # retrieval and bundle: --run repeats
     for run in args.run if ensemble else [args.run]:
         check_input_folder("--run", run)
     if ensemble:
@@ -176,7 +176,7 @@ def main_retrieval(argv: list[str] | None) -> None:
 
 
 def main_bundle(argv: list[str] | None) -> None:
-    parser = _parser("bundle")
+    parser = _parser("bundle", ensemble=True)
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     parser.add_argument("--kaggle-user", required=True, help="your Kaggle user name (owner of dataset and notebook)")
     parser.add_argument("--dataset", default="delg-landmark-model", help="dataset slug (default %(default)s)")
@@ -208,7 +208,8 @@ def main_bundle(argv: list[str] | None) -> None:
     print(build_bundle(args.run, args.out, user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel,
                        competition=args.competition, wheels=args.wheel, pythons=args.python, script=args.script,
                        overwrite=args.overwrite, budget_h=args.time_budget_h, settings=args.settings,
-                       nonlandmark_dir=args.nonlandmark_dir, float16=args.float16, whiten=whiten))
+                       nonlandmark_dir=args.nonlandmark_dir, float16=args.float16, whiten=whiten,
+                       weights=args.model_weights))
 
 
 def main(argv: list[str]) -> int:

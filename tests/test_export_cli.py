@@ -35,9 +35,11 @@ BUNDLE = ["--kaggle-user", "someone"]
     (main_bundle, ["--run", "{run}", "--out", "{tmp}/b", *BUNDLE, "--competition", "a/b"], "--competition 'a/b'"),
     (main_retrieval, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--model-weights", "1"],
      "--model-weights gives 1 weights for 2 --run"),
+    (main_bundle, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/b", *BUNDLE, "--model-weights", "1", "2", "3"],
+     "--model-weights gives 3 weights for 2 --run"),
     (main_retrieval, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--model-weights", "1", "0"],
      "--model-weights must be a finite number above 0"),
-    (main_retrieval, ["--run", "{run}", "--run", "{run}", "--out", "{tmp}/m.zip"], "--run {run} is given twice"),
+    (main_bundle, ["--run", "{run}", "--run", "{run}", "--out", "{tmp}/b", *BUNDLE], "--run {run} is given twice"),
     (main_retrieval, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--dim", "32"],
      "--dim 32 sets one run's descriptor size"),
 ])

@@ -245,6 +245,20 @@ def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path)
     assert "--nonlandmark-dir" not in received and received[-2:] == ["--time-budget-h", "9.0"]
 
 
+def test_bundle_of_two_runs_ships_both_models_and_passes_both_to_main(run, second_run, tmp_path):
+    out = tmp_path / "bundle"
+    argv = bundle_argv(run[0], out, "--run", str(second_run), "--model-weights", "1", "0.7", "--script",
+                       str(echo_script(tmp_path / "scripts")), "--wheel", str(write_wheel(tmp_path, THIS_TAG)))
+    assert export_main(argv) == 0
+    dims = [json.loads((out / model / "assets" / EXPORT_INFO_FILE).read_text())["global_dim"]
+            for model in ("delg", "delg-2")]
+    assert dims == [64, 32]  # each run in its folder, in --run order
+    received = run_kernel(out)
+    assert received[4:11] == ["--model", f"{out}/delg", "--model", f"{out}/delg-2", "--model-weights", "1.0", "0.7"]
+    parsed = load_submission().parse_settings(received).run  # the notebook's own flags read it as an ensemble
+    assert parsed.model == (out / "delg", out / "delg-2") and parsed.model_weights == (1.0, 0.7)
+
+
 @pytest.mark.parametrize("flag, content, message", [
     ("--settings", None, "--settings {path}: not a file"),
     ("--settings", "{not json", "--settings {path}: not readable JSON"),
