@@ -1,7 +1,8 @@
 """Landmark recognition / retrieval submission: DELG global kNN, a global stage, then local reranking inside a
 time budget.
 
-One self-contained script (with budget.py and settings_cli.py beside it) to paste into a Kaggle notebook or run:
+One script, with the .py files beside it (it imports them from its own folder; the bundle ships them all), to
+paste into a Kaggle notebook or run:
 
     python main.py --task recognition --data ../input/landmark-recognition-2021 \
         --model ../input/delg-model [--model ../input/second-model] --out submission.csv [--settings tuned.json]
@@ -9,8 +10,12 @@ One self-contained script (with budget.py and settings_cli.py beside it) to past
 It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. nearest neighbours, 5. the global
 stage (whitening, non-landmark suppression, query expansion, database augmentation, SuperGlobal reranking),
 6. local features and verification, 7. scoring, 8. main. Only numpy, pandas, tensorflow, pydegensac,
-scikit-learn, tqdm, Pillow and the standard library are used. budget.py holds the cost model and the plan of
-the run (what fits the time limit); settings_cli.py turns the settings sections below into flags and files.
+scikit-learn, tqdm, Pillow and the standard library are used. The machinery lives in the files beside it:
+budget.py (the cost model and the plan of the run: what fits the time limit), probing.py (--probe: every stage
+timed, the run projected), savedmodel.py (the DELG SavedModel, its contract and its loading errors), store.py
+(image decoding and the feature caches), search.py (exact kNN), verifier.py (each batch's local features, the
+pairs verified in worker processes), files.py (the input tables and folders checked, --out, --work and its lock,
+the log of verified pairs) and settings_cli.py (the settings sections below as flags and files).
 
 Settings come in small sections (extraction, global, verification, scoring, budget), each a dataclass whose
 fields are also the flags. They are layered: the script's defaults, then --preset, then the --settings file,
@@ -31,20 +36,16 @@ The kit (local_eval: replay, tune, show; tests and benches) imports only the nam
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import importlib.metadata
 import json
 import logging
-import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -54,8 +55,6 @@ import pandas as pd
 import pydegensac
 import tensorflow as tf
 from sklearn.isotonic import IsotonicRegression
-from threadpoolctl import threadpool_limits  # installed with scikit-learn
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the files shipped beside this one
 from budget import (  # noqa: E402
@@ -67,26 +66,35 @@ from budget import (  # noqa: E402
     ladder,
     plan_depth,
     plan_run,
-    project_rerank,
     project_seconds,
     rerank_seconds_per_query,
     stage_units,
     work_flags,
 )
-from search import (  # noqa: E402
-    KNN_DB_CHUNK,
-    KNN_Q_BLOCK,
-    knn,
-    knn_seconds_per_item,
-    l2_normalize,
+from files import ID_PATTERN as ID_PATTERN  # noqa: E402
+from files import PAIR_COLUMNS as PAIR_COLUMNS  # noqa: E402
+from files import (  # noqa: E402
+    append_verified_pairs,
+    check_columns,
+    check_ids,
+    check_output_paths,
+    list_image_ids,
+    read_table,
+    start_verified_pairs,
+    work_lock,
 )
-from settings_cli import (  # noqa: E402
-    InputError,
-    build_parser,
-    layer_settings,
-    read_settings_file,
-    setting,
-)
+from probing import gpu_present, probe  # noqa: E402
+from probing import time_global_rerank as time_global_rerank  # noqa: E402
+from savedmodel import BATCH_SIGNATURES, DelgSavedModel  # noqa: E402
+from savedmodel import DELG_INPUTS as DELG_INPUTS  # noqa: E402
+from savedmodel import DELG_OUTPUTS as DELG_OUTPUTS  # noqa: E402
+from savedmodel import EXPORT_INFO_PATH as EXPORT_INFO_PATH  # noqa: E402
+from savedmodel import OLDEST_LOADING_TF as OLDEST_LOADING_TF  # noqa: E402
+from savedmodel import contract_error as contract_error  # noqa: E402
+from savedmodel import load_saved_model as load_saved_model  # noqa: E402
+from savedmodel import model_load_error as model_load_error  # noqa: E402
+from search import KNN_DB_CHUNK, KNN_Q_BLOCK, knn, knn_seconds_per_item, l2_normalize  # noqa: E402
+from settings_cli import InputError, build_parser, layer_settings, parse_shard, read_settings_file, setting  # noqa: E402
 from store import (  # noqa: E402
     NO_SPACE,
     LocalFeatures,
@@ -103,10 +111,12 @@ from store import (  # noqa: E402
     load_local,
     local_path,
     save_json,
-    space_checked,
     timed_global,
-    trim_local_cache,
 )
+from store import trim_local_cache as trim_local_cache  # noqa: E402
+from verifier import verification_pool, verify_batch  # noqa: E402
+from verifier import verify_all as verify_all  # noqa: E402
+from verifier import verify_query as verify_query  # noqa: E402
 
 log = logging.getLogger("submission")
 
@@ -136,7 +146,6 @@ DELG_ATTENTION_ABS_THRESHOLD = 0.0
 NOTEBOOK_LIMIT_H = 9.0  # Kaggle's notebook limit of most years (a copy of common/kit.py)
 IMAGE_SPLITS = {"recognition": ("train", "test"), "retrieval": ("index", "test")}
 RETRIEVAL_SIZE = 100  # index ids submitted per query
-ID_PATTERN = re.compile(r"[0-9A-Za-z_-]{3,}")  # an image id names its own folders a/b/c: 3 characters at least
 
 
 @dataclass(frozen=True)
@@ -345,16 +354,6 @@ def check_consistency(settings: Settings) -> None:
     parse_shard(run.shard)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise InputError(f"--shard must look like i/n, got {text!r}") from None
-    if not 0 <= index < count:
-        raise InputError(f"--shard {text}: need 0 <= i < n")
-    return index, count
-
-
 @functools.cache
 def runtime_versions() -> dict[str, str]:
     """The versions this run uses: Python and the packages the script imports (settings.json, timing.json)."""
@@ -393,36 +392,6 @@ def read_settings_record(work: Path) -> Settings | None:
 
 
 # %% 2. Inputs
-def read_table(path: Path, **options) -> pd.DataFrame:
-    """A CSV file (a header line and zero or more rows); a clear error when missing or without a header."""
-    if not path.is_file():
-        raise InputError(f"{path} not found")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, **options)
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{path} is empty: it needs at least a header line") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not a CSV file ({str(err).splitlines()[0]})") from None
-
-
-def check_columns(frame: pd.DataFrame, path: Path, columns: set[str]) -> None:
-    missing = columns - set(frame.columns)
-    if missing:
-        raise InputError(f"{path} lacks columns {sorted(missing)}")
-
-
-def check_ids(ids: pd.Series, path: Path) -> None:
-    """Every id a valid image id, none twice; the error names the file, line and id."""
-    bad = np.flatnonzero(~ids.str.fullmatch(ID_PATTERN.pattern).to_numpy(bool))
-    if len(bad):
-        raise InputError(f"{path} line {bad[0] + 2}: id {ids.iloc[bad[0]]!r} is not an image id "
-                         "(3 or more letters, digits, _ or -)")
-    repeated = np.flatnonzero(ids.duplicated().to_numpy())
-    if len(repeated):
-        first = int(np.flatnonzero((ids == ids.iloc[repeated[0]]).to_numpy())[0])
-        raise InputError(f"{path} line {repeated[0] + 2}: id {ids.iloc[repeated[0]]} repeats line {first + 2}")
-
-
 def read_test_ids(data: Path) -> list[str]:
     """Test ids come from sample_submission.csv, so the output has exactly the rows the server expects."""
     path = data / "sample_submission.csv"
@@ -446,17 +415,6 @@ def read_train_labels(data: Path) -> tuple[list[str], np.ndarray]:
     return frame["id"].tolist(), frame["landmark_id"].astype(np.int64).to_numpy()
 
 
-def list_image_ids(folder: Path) -> list[str]:
-    """Ids of the .jpg files under folder (GLDv2 layout); a file whose name is no image id is skipped."""
-    if not folder.is_dir():
-        raise InputError(f"{folder} not found")
-    stems = sorted(p.stem for p in folder.rglob("*.jpg"))
-    valid = [s for s in stems if ID_PATTERN.fullmatch(s)]
-    if len(valid) < len(stems):
-        log.warning("%s: skipping %d files whose names are no image ids", folder, len(stems) - len(valid))
-    return valid
-
-
 def round_robin(labels: np.ndarray) -> np.ndarray:
     """Row order taking one image of every landmark before a second of any: a database pass cut short by the
     deadline still covers every landmark."""
@@ -464,194 +422,7 @@ def round_robin(labels: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(labels)), occurrence))
 
 
-def check_output_paths(run: Run) -> None:
-    """--out must be a file path and --work a folder path that can be created; one error line otherwise."""
-    for name, path, is_folder in (("--out", run.out, False), ("--work", run.work, True)):
-        if path.exists() and path.is_dir() != is_folder:
-            raise InputError(f"{name} {path} is {'a file' if is_folder else 'a folder'}")
-        folder = path if is_folder else path.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise InputError(f"{name} {path}: cannot create {folder} ({err.strerror or err})") from None
-        if not os.access(folder, os.W_OK):
-            raise InputError(f"{name} {path}: {folder} is not writable")
-
-
-@contextlib.contextmanager
-def work_lock(work: Path) -> Iterator[None]:
-    """Hold WORK/.lock while the run lasts: a second run on the same --work refuses to start, since it would
-    rewrite or delete the caches under the first. The system drops the lock when the run ends, however it ends."""
-    path = work / ".lock"
-    with space_checked(path):
-        file = open(path, "a+")  # held open, and locked, until the run ends
-    with file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            raise InputError(f"--work {work} is in use by another run ({holder}); wait for it to end or give "
-                             "another --work") from None
-        except OSError as err:  # a file system without locks: run unprotected rather than not at all
-            log.warning("cannot lock %s (%s): make sure no other run uses this --work", path, err.strerror)
-        with space_checked(path):
-            file.truncate(0)
-            file.write(f"process {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            file.flush()
-        yield
-
-
 # %% 3. Global descriptors
-DELG_INPUTS = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
-               "input_global_scales_ind")
-DELG_OUTPUTS = ("boxes", "features", "scales", "scores", "global_descriptors")
-# (precision, XLA-compiled) -> the batched signature export/delg.py writes for it
-BATCH_SIGNATURES = {("float32", False): "global_batch", ("float32", True): "global_batch_xla",
-                    ("float16", False): "global_batch_float16", ("float16", True): "global_batch_float16_xla"}
-
-
-OLDEST_LOADING_TF = "2.10"  # the oldest TensorFlow known to load the kit's exports (2.9 lacks DisableCopyOnRead)
-EXPORT_INFO_PATH = ("assets", "export_info.json")  # export/delg.py writes the exporting versions there
-
-
-def load_saved_model(model_dir: Path):
-    """tf.saved_model.load, or one InputError naming the folder (and, when TensorFlow fails, the versions)."""
-    if not model_dir.is_dir():
-        raise InputError(f"--model {model_dir}: {'not a folder' if model_dir.exists() else 'no such folder'}")
-    if not (model_dir / "saved_model.pb").is_file():
-        raise InputError(f"--model {model_dir} is not a SavedModel folder (no saved_model.pb)")
-    try:
-        return tf.saved_model.load(str(model_dir))
-    except Exception as err:  # noqa: BLE001 - whatever TensorFlow raises (an op it lacks, a corrupt file): one line
-        raise InputError(model_load_error(model_dir, err)) from None
-
-
-def model_load_error(model_dir: Path, err: Exception) -> str:
-    """One line: the load failure, this TensorFlow, the one that exported the model, the oldest known to work."""
-    try:
-        info = json.loads(model_dir.joinpath(*EXPORT_INFO_PATH).read_text())
-        exported = f"TensorFlow {info['versions']['tensorflow']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        exported = f"an unrecorded TensorFlow (no version in {'/'.join(EXPORT_INFO_PATH)})"
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-    return (f"--model {model_dir}: TensorFlow {tf.__version__} cannot load it ({reason}); it was exported with "
-            f"{exported}; TensorFlow {OLDEST_LOADING_TF} or newer is known to load the kit's exports")
-
-
-def contract_error(model_dir: Path, serving) -> InputError:
-    """The error for a SavedModel that is not DELG: what was expected, what it has."""
-    expected = (f"expected the DELG contract, serving_default({', '.join(DELG_INPUTS)}) -> "
-                f"{', '.join(DELG_OUTPUTS)} (or a TF1 export with these tensors)")
-    if serving is None:
-        return InputError(f"--model {model_dir} is not a DELG model: {expected}; it has no serving_default and no "
-                          "TF1 graph with these tensors")
-    inputs, outputs = sorted(serving.structured_input_signature[1]), sorted(serving.structured_outputs)
-    hint = "; it is a retrieval model (the Kaggle retrieval contract), not the DELG export" if (
-        outputs == ["global_descriptor"]) else ""
-    return InputError(f"--model {model_dir} is not a DELG model: {expected}; its serving_default takes "
-                      f"{', '.join(inputs) or 'nothing'} and gives {', '.join(outputs) or 'nothing'}{hint}")
-
-
-class DelgSavedModel:
-    """Calls a DELG SavedModel: TF2 serving_default (and its batched global signatures when exported with them),
-    or a TF1 export through .prune() on tensor names."""
-
-    def __init__(self, model_dir: Path, extraction: Extraction):
-        self.model = load_saved_model(model_dir)
-        info = model_dir / "assets" / "export_info.json"  # a global-only export has no local features
-        self.has_local = not (info.is_file() and json.loads(info.read_text()).get("global_only", False))
-        self.scales = tf.constant(extraction.scales, tf.float32)
-        self.global_indices = tf.constant(extraction.global_scale_indices, tf.int32)
-        self.max_features = extraction.max_features
-        self.threshold = tf.constant(extraction.attention_threshold, tf.float32)
-        signatures = getattr(self.model, "signatures", {})
-        serving = signatures.get("serving_default")
-        if serving is not None and set(DELG_INPUTS) <= set(serving.structured_input_signature[1]):
-            if not set(DELG_OUTPUTS) <= set(serving.structured_outputs):
-                raise contract_error(model_dir, serving)
-            self.kind, self.function = "tf2", serving
-        else:
-            self.kind, self.function = "tf1", self._prune(model_dir, serving)
-        self.batched = {key: signatures[name] for key, name in BATCH_SIGNATURES.items() if name in signatures}
-        probe = np.full((1, 64, 64, 3), 128, np.uint8)
-        probe_dim = lambda: int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
-        if self.batched:
-            try:
-                self.global_dim = probe_dim()
-            except tf.errors.OpError as err:  # a batched function this TensorFlow cannot run: the contract still works
-                log.warning("the batched global functions fail here (%s): one image per call",
-                            str(err).strip().splitlines()[0][:200])
-                self.batched = {}
-        if not self.batched:
-            try:
-                self.global_dim = probe_dim()
-            except (tf.errors.OpError, ValueError, TypeError, KeyError, IndexError) as err:
-                raise InputError(f"--model {model_dir}: the DELG contract fails on a 64x64 test image "
-                                 f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]})") from None
-        names = [BATCH_SIGNATURES[key] for key in self.batched]
-        log.info("loaded %s DELG model from %s (global dimension %d, batched global: %s)", self.kind, model_dir,
-                 self.global_dim, ", ".join(names) or "no")
-
-    def _prune(self, model_dir: Path, serving) -> Callable:
-        """The TF1 contract: the graph's DELG tensors by name (input_max_feature_num and input_global_scales_ind
-        may be absent)."""
-        needed = ("input_image", "input_scales", "input_abs_thres", *DELG_OUTPUTS)
-        if not all(self._has_tensor(name) for name in needed):
-            raise contract_error(model_dir, serving)
-        feeds = [name for name in DELG_INPUTS if self._has_tensor(name)]
-        self.tf1_feeds = feeds
-        return self.model.prune([f"{name}:0" for name in feeds], [f"{name}:0" for name in DELG_OUTPUTS])
-
-    def _has_tensor(self, name: str) -> bool:
-        try:
-            self.model.graph.get_operation_by_name(name)
-            return True
-        except (KeyError, AttributeError, ValueError):
-            return False
-
-    def __call__(self, image: np.ndarray, max_features: int, scales: tf.Tensor | None = None,
-                 global_indices: tf.Tensor | None = None) -> dict[str, np.ndarray]:
-        """The DELG contract on one image: boxes, features, scales, scores, global_descriptors."""
-        if scales is None:
-            scales, global_indices = self.scales, self.global_indices
-        elif global_indices is None:
-            global_indices = tf.range(tf.size(scales))
-        inputs = {"input_image": tf.constant(image), "input_scales": scales,
-                  "input_max_feature_num": tf.constant(max_features, tf.int32), "input_abs_thres": self.threshold,
-                  "input_global_scales_ind": global_indices}
-        if self.kind == "tf2":
-            outputs = self.function(**inputs)
-        else:
-            outputs = dict(zip(DELG_OUTPUTS, self.function(*[inputs[name] for name in self.tf1_feeds]),
-                               strict=True))
-        return {name: value.numpy() for name, value in outputs.items()}
-
-    def global_descriptor(self, image: np.ndarray, global_scales: tuple[float, ...]) -> np.ndarray:
-        """One image through the contract: L2-normalize each scale's descriptor, sum, L2-normalize (as DELG)."""
-        scales = tf.constant(global_scales, tf.float32)
-        raw = self(image, max_features=0, scales=scales)["global_descriptors"]
-        return l2_normalize(l2_normalize(np.atleast_2d(raw).astype(np.float32)).sum(axis=0))
-
-    def global_batch(self, images: np.ndarray, global_scales: tuple[float, ...], precision: str,
-                     xla: bool = False) -> np.ndarray:
-        """Descriptors [B,D] of B images of one size: one batched call when the model has a function for this
-        precision (XLA-compiled if asked and present), else one contract call per image."""
-        function = self.batched.get((precision, xla)) or self.batched.get((precision, False))
-        if function is None:
-            return np.stack([self.global_descriptor(image, global_scales) for image in images])
-        outputs = function(input_images=tf.constant(images), input_scales=tf.constant(global_scales, tf.float32))
-        return outputs["global_descriptors"].numpy().astype(np.float32)
-
-    def local_features(self, image: np.ndarray) -> LocalFeatures:
-        """Keypoints [N,2] (box centres, y x), L2-normalized descriptors [N,128] and the image's longer side."""
-        outputs = self(image, self.max_features)
-        boxes = outputs["boxes"].reshape(-1, 4)
-        keypoints = (boxes[:, :2] + boxes[:, 2:]) / 2
-        return LocalFeatures(keypoints.astype(np.float32), l2_normalize(outputs["features"].astype(np.float32)),
-                             max(image.shape[:2]))
-
-
 # %% 4. Nearest neighbours
 
 
@@ -810,47 +581,6 @@ def count_inliers(a: LocalFeatures, b: LocalFeatures, verification: Verification
     return int(np.count_nonzero(ransac_matches(a, b, verification)[2]))
 
 
-_WORKER_SETTINGS: list[Verification] = []
-
-
-def _init_worker(verification: Verification) -> None:
-    """One BLAS thread per worker: small matrix products run several times slower on busy shared cores."""
-    _WORKER_SETTINGS[:] = [verification]
-    threadpool_limits(1)
-
-
-def verify_query(task: tuple[Path, list[Path]]) -> list[int]:
-    """Inliers between one query and each of its candidates, from their cached local features."""
-    query = load_local(task[0])
-    return [count_inliers(query, load_local(path), _WORKER_SETTINGS[0]) for path in task[1]]
-
-
-@contextlib.contextmanager
-def verification_pool(verification: Verification, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
-    """Worker processes for verify_query, started once for the whole rerank; None: verify in this process."""
-    if workers <= 1:
-        _WORKER_SETTINGS[:] = [verification]
-        yield None
-        return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (verification,)) as pool:
-        yield pool
-
-
-def verify_all(tasks: list[tuple[Path, list[Path]]], pool: multiprocessing.pool.Pool | None,
-               stop: Callable[[], bool] = lambda: False) -> list[list[int]]:
-    """verify_query over the tasks in order, in the pool's processes or (no pool) in this one, until stop() says
-    so: the results of the queries finished by then."""
-    results = []
-    with threadpool_limits(1) if pool is None else contextlib.nullcontext():
-        found = map(verify_query, tasks) if pool is None else pool.imap(verify_query, tasks, chunksize=4)
-        for result in tqdm(found, total=len(tasks), desc="verify", unit="query", leave=False):
-            results.append(result)
-            if stop():
-                break
-    return results
-
-
 # %% 7. Scoring
 def local_scores(inliers: np.ndarray, cosines: np.ndarray, scoring: Scoring) -> np.ndarray:
     """min(inliers, C)/C of verified candidates. Unverified ones (inliers < 0) get 0, or with calibration the
@@ -1000,25 +730,6 @@ def write_submission(path: Path, task: str, test_ids: list[str], rows: list[str]
     column = "landmarks" if task == "recognition" else "images"
     frame = pd.DataFrame({"id": test_ids, column: rows})
     atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-PAIR_COLUMNS = ["id", "rank", "candidate", "cosine", "inliers"]
-
-
-def start_verified_pairs(path: Path) -> None:
-    """A fresh verified_pairs.csv holding only its header; append_verified_pairs adds each batch."""
-    atomic_save(path, lambda tmp: pd.DataFrame(columns=PAIR_COLUMNS).to_csv(tmp, index=False))
-
-
-def append_verified_pairs(path: Path, query_ids: list[str], db_ids: list[str], neighbours: np.ndarray,
-                          cosines: np.ndarray, inliers: np.ndarray) -> None:
-    """The verified (query, candidate) pairs of these queries with rank, cosine and inliers (debugging, pictures)."""
-    queries, ranks = np.nonzero(inliers >= 0)
-    frame = pd.DataFrame({"id": [query_ids[q] for q in queries], "rank": ranks + 1,
-                          "candidate": [db_ids[j] for j in neighbours[queries, ranks]],
-                          "cosine": np.round(cosines[queries, ranks], 6), "inliers": inliers[queries, ranks]})
-    with space_checked(path):
-        frame.to_csv(path, mode="a", header=False, index=False)
 
 
 # %% 8. Main
@@ -1218,7 +929,7 @@ def rerank(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: In
     if budget.max_rerank_queries is not None:
         order = order[:budget.max_rerank_queries]
     start, new_image_share = 0, 1.0
-    with verification_pool(settings.verification, run.workers) as pool:
+    with verification_pool(count_inliers, settings.verification, run.workers) as pool:
         while start < len(order) and max_depth > 0:
             depth = plan_depth(timing, len(order) - start, max_depth, new_image_share)
             if depth == 0 or timing.past_deadline():
@@ -1242,80 +953,6 @@ def rerank(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: In
     return inliers
 
 
-def verify_batch(model: DelgSavedModel, settings: Settings, timing: Timing, pool: multiprocessing.pool.Pool | None,
-                 query_ids: list[str], db_split: str, candidates: list[list[str]]) -> tuple[list[list[int]], float]:
-    """Inliers of each query with each of its candidates, in order until the deadline, and the share of
-    candidate images whose local features had to be extracted (the rest were cached). Features come query by
-    query, so a cut leaves a prefix of queries ready to verify."""
-    run = settings.run
-    cache = run.work / "local"
-    wanted = [item for q, cs in zip(query_ids, candidates, strict=True)
-              for item in [("test", q), *((db_split, c) for c in cs)]]
-    began = time.monotonic()
-    extracted = extract_local(model, run.data, wanted, cache, settings.extraction, run, timing.past_deadline)
-    timing.add("local_features", extracted, time.monotonic() - began)
-    tasks = [(local_path(cache, "test", q), [local_path(cache, db_split, c) for c in cs])
-             for q, cs in zip(query_ids, candidates, strict=True)]
-    ready = next((i for i, (q, cs) in enumerate(tasks) if not all(p.is_file() for p in (q, *cs))), len(tasks))
-    began = time.monotonic()
-    counts = verify_all(tasks[:ready], pool, timing.past_deadline)
-    timing.add("verification", sum(len(cs) for cs in candidates[:len(counts)]), time.monotonic() - began)
-    trim_local_cache(cache, run.local_cache_gb)
-    return counts, max(0.0, extracted - len(query_ids)) / max(1, len(wanted) - len(query_ids))
-
-
-def time_global_rerank(dim: int, stage: Global, candidates: int) -> float:
-    """Seconds per query of alpha-QE and SuperGlobal (the rest of their work is kNN), on random unit rows."""
-    if not (stage.qe_n or stage.superglobal_m):
-        return 0.0
-    rng = np.random.default_rng(0)
-    queries = l2_normalize(rng.normal(size=(64, dim)).astype(np.float32))
-    database = l2_normalize(rng.normal(size=(max(candidates, 2 * stage.superglobal_m, 1000), dim)).astype(np.float32))
-    began = time.monotonic()
-    reranked(queries, database, *knn(queries, database, candidates), stage, block_mb=64)
-    return (time.monotonic() - began) / len(queries)
-
-
-
-
-def probe(models: Models, inputs: Inputs, settings: Settings, timing: Timing) -> None:
-    """--probe N: time N images of every stage on this machine, project the run at this data's full size
-    (WORK/timing.json: the measured stages and the plan), and stop."""
-    run_ = settings.run
-    if not inputs.db_ids or not inputs.test_ids:
-        raise InputError("--probe needs database and test images to time")
-    count = run_.probe
-    scratch = run_.work / "probe"
-    probing = dataclasses.replace(settings, run=dataclasses.replace(run_, work=scratch),
-                                  budget=dataclasses.replace(settings.budget, probe_images=count, plan="auto"))
-    knn_rate = knn_seconds_per_item(models.global_models[0].global_dim * len(models.global_models),
-                                    run_.knn_block_mb)
-    plan_run(models, inputs, probing, timing, knn_rate, gpu_present())
-    seconds = timing.plan["seconds_per_image"] * count
-    timing.add("global_db", count, seconds)
-    timing.add("global_query", count, seconds)
-    timing.add("knn", 256 * 16_384, knn_rate * 256 * 16_384)
-    dim = sum(model.global_dim for model in models.global_models)
-    timing.add("global_rerank", 1, time_global_rerank(dim, settings.global_stage, candidate_count(settings)))
-    half = max(1, count // 2)
-    queries, candidates = inputs.test_ids[:half], inputs.db_ids[:half]
-    with verification_pool(settings.verification, 0) as pool:
-        verify_batch(models.local, probing, timing, pool, queries, inputs.db_split, [candidates] * len(queries))
-    shutil.rmtree(scratch, ignore_errors=True)
-    timing.rerank_depth = settings.rerank_depth()  # what `local_eval time --log` projects by default
-    project_rerank(timing, len(inputs.test_ids), settings.rerank_depth(),
-                   settings.budget.rerank_reserve * settings.budget.time_budget_h * 3600)
-    rerank_h = timing.plan["rerank"]["seconds_per_query"] * len(inputs.test_ids) / 3600
-    log.info("probe of %d images: global pass at '%s' (%s), projected %.2f h; reranking every query at depth "
-             "%d would take %.2f h more; details in %s", count, timing.plan["chosen"],
-             "fits" if timing.plan["fits"] else "does not fit", sum(timing.plan["projection_h"].values()),
-             settings.rerank_depth(), rerank_h, timing.path)
-
-
-def gpu_present() -> bool:
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def run(settings: Settings) -> None:
     """Check the output paths, take --work, run."""
     run_ = settings.run
@@ -1333,7 +970,7 @@ def locked_run(settings: Settings) -> None:
     timing.work = work_flags(settings, inputs.sizes())
     models = load_models(run_, settings.extraction)
     if run_.probe is not None:
-        return probe(models, inputs, settings, timing)
+        return probe(models, inputs, settings, timing, candidate_count(settings), reranked, count_inliers)
     if parse_shard(run_.shard) == (0, 1):  # a valid file at once, whatever happens later
         write_submission(run_.out, run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
     dim = sum(model.global_dim for model in models.global_models)
