@@ -1,28 +1,35 @@
 """The files of submission/main.py besides its caches: the input tables and image folders checked (each problem one
-InputError line naming the file, and the line and id), --out and --work checked, the lock on --work, and
-WORK/verified_pairs.csv, the log of the verified pairs.
+InputError line naming the file, and the line and id), --out and --work checked, the lock on --work,
+WORK/verified_pairs.csv (the log of the verified pairs) and WORK/settings.json (the run's settings, the versions
+it ran with, the plan's choice), written and read back.
 
 Shipped beside main.py (which imports it from its own folder).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import functools
+import importlib.metadata
+import json
 import logging
 import os
 import re
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from settings_cli import InputError
 from store import atomic_save, space_checked
 
 if TYPE_CHECKING:  # main.py's types, for the annotations only
-    from main import Run
+    from main import Run, Settings
 
 log = logging.getLogger("submission")
 
@@ -125,3 +132,42 @@ def append_verified_pairs(path: Path, query_ids: list[str], db_ids: list[str], n
                           "cosine": np.round(cosines[queries, ranks], 6), "inliers": inliers[queries, ranks]})
     with space_checked(path):
         frame.to_csv(path, mode="a", header=False, index=False)
+
+
+@functools.cache
+def runtime_versions() -> dict[str, str]:
+    """The versions this run uses: Python and the packages the script imports (settings.json, timing.json)."""
+    versions = {"python": sys.version.split()[0], "tensorflow": tf.__version__}
+    for name in ("numpy", "pandas", "scikit-learn", "pydegensac"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # imported, yet installed without metadata
+            versions[name] = "unknown"
+    return versions
+
+
+def settings_record(settings: Settings, sections: Iterable[str], plan: dict | None = None) -> dict:
+    """WORK/settings.json: the run's settings as JSON, one object per section (run and `sections`), where each
+    value came from, the versions, the plan's choice."""
+    as_json = lambda section: json.loads(json.dumps(dataclasses.asdict(section), default=str))
+    record = {name: as_json(getattr(settings, name)) for name in ("run", *sections)}
+    record["scoring"]["rerank"] = settings.rerank_depth()
+    record["sources"] = settings.sources
+    record["versions"] = runtime_versions()
+    if plan is not None:
+        record["plan"] = plan
+    return record
+
+
+def recorded_settings(work: Path, parse: Callable[[list[str]], Settings]) -> Settings | None:
+    """The settings a finished run recorded in WORK/settings.json, read back by parse (main.py's parse_settings)
+    with the flags they need; None when the run left none."""
+    path = Path(work) / "settings.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    run = record["run"]
+    models = run["model"] if isinstance(run["model"], list) else [run["model"]]
+    argv = ["--task", run["task"], "--data", run["data"], *[a for m in models for a in ("--model", m)],
+            "--work", str(work), "--settings", str(path)]
+    return parse(argv)

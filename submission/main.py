@@ -15,7 +15,8 @@ budget.py (the cost model and the plan of the run: what fits the time limit), pr
 timed, the run projected), savedmodel.py (the DELG SavedModel, its contract and its loading errors), store.py
 (image decoding and the feature caches), search.py (exact kNN), verifier.py (each batch's local features, the
 pairs verified in worker processes), files.py (the input tables and folders checked, --out, --work and its lock,
-the log of verified pairs) and settings_cli.py (the settings sections below as flags and files).
+the log of verified pairs, WORK/settings.json written and read back) and settings_cli.py (the settings sections
+below as flags and files).
 
 Settings come in small sections (extraction, global, verification, scoring, budget), each a dataclass whose
 fields are also the flags. They are layered: the script's defaults, then --preset, then the --settings file,
@@ -37,9 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import importlib.metadata
-import json
 import logging
 import os
 import shutil
@@ -53,7 +51,6 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import pydegensac
-import tensorflow as tf
 from sklearn.isotonic import IsotonicRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the files shipped beside this one
@@ -80,6 +77,9 @@ from files import (  # noqa: E402
     check_output_paths,
     list_image_ids,
     read_table,
+    recorded_settings,
+    runtime_versions,
+    settings_record,
     start_verified_pairs,
     work_lock,
 )
@@ -354,41 +354,9 @@ def check_consistency(settings: Settings) -> None:
     parse_shard(run.shard)
 
 
-@functools.cache
-def runtime_versions() -> dict[str, str]:
-    """The versions this run uses: Python and the packages the script imports (settings.json, timing.json)."""
-    versions = {"python": sys.version.split()[0], "tensorflow": tf.__version__}
-    for name in ("numpy", "pandas", "scikit-learn", "pydegensac"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:  # imported, yet installed without metadata
-            versions[name] = "unknown"
-    return versions
-
-
-def settings_record(settings: Settings, plan: dict | None = None) -> dict:
-    """The run's settings as JSON: one object per section, where each value came from, the plan's choice."""
-    as_json = lambda section: json.loads(json.dumps(dataclasses.asdict(section), default=str))
-    record = {name: as_json(getattr(settings, name)) for name in ("run", *SECTIONS)}
-    record["scoring"]["rerank"] = settings.rerank_depth()
-    record["sources"] = settings.sources
-    record["versions"] = runtime_versions()
-    if plan is not None:
-        record["plan"] = plan
-    return record
-
-
 def read_settings_record(work: Path) -> Settings | None:
     """The settings a finished run recorded in WORK/settings.json (None when it left none)."""
-    path = Path(work) / "settings.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    run = record["run"]
-    models = run["model"] if isinstance(run["model"], list) else [run["model"]]
-    argv = ["--task", run["task"], "--data", run["data"], *[a for m in models for a in ("--model", m)],
-            "--work", str(work), "--settings", str(path)]
-    return parse_settings(argv)
+    return recorded_settings(work, parse_settings)
 
 
 # %% 2. Inputs
@@ -978,7 +946,7 @@ def locked_run(settings: Settings) -> None:
     settings = dataclasses.replace(settings, extraction=plan_run(models, inputs, settings, timing, knn_rate,
                                                                               gpu_present()))
     timing.save()
-    save_json(run_.work / "settings.json", settings_record(settings, timing.plan))
+    save_json(run_.work / "settings.json", settings_record(settings, SECTIONS, timing.plan))
     clear_stale_caches(run_.work, cache_keys(run_, settings.extraction))
     found = global_pass(models, inputs, settings, timing, knn_rate)
     if found is not None:
