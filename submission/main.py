@@ -390,8 +390,162 @@ def round_robin(labels: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(labels)), occurrence))
 
 
+@dataclass
+class Inputs:
+    """What a run reads: ids, labels (recognition), the database in round-robin order, the non-landmark set."""
+
+    test_ids: list[str]
+    db_split: str
+    db_ids: list[str]
+    labels: np.ndarray
+    nonlandmark_ids: list[str] = field(default_factory=list)
+    nonlandmark_paths: list[Path] = field(default_factory=list)
+
+    def sizes(self) -> Sizes:
+        return Sizes(len(self.db_ids), len(self.test_ids), len(self.nonlandmark_ids))
+
+
+def read_inputs(run: Run) -> Inputs:
+    """The ids and labels of a run, checked before anything is written: a database to search, the image folders,
+    the --nonlandmark-dir."""
+    db_split, query_split = IMAGE_SPLITS[run.task]
+    test_ids = read_test_ids(run.data)
+    if run.task == "recognition":
+        db_ids, labels = read_train_labels(run.data)
+        if not db_ids:
+            raise InputError(f"{run.data / 'train.csv'} lists no images: there is no database to search")
+        order = round_robin(labels)
+        db_ids, labels = [db_ids[i] for i in order], labels[order]
+    else:
+        db_ids, labels = list_image_ids(run.data / "index"), np.zeros(0, np.int64)
+        if not db_ids:
+            raise InputError(f"{run.data / 'index'} holds no .jpg images named by an image id: there is no "
+                             "database to search")
+    for split in (db_split, query_split) if test_ids else (db_split,):
+        if not (run.data / split).is_dir():
+            raise InputError(f"{run.data / split} not found: the {split} images belong there")
+    if not test_ids:
+        log.warning("%s lists no test images: the submission will hold only its header",
+                    run.data / "sample_submission.csv")
+    return Inputs(test_ids, db_split, db_ids, labels, *nonlandmark_paths(run))
+
+
+def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
+    """Ids and paths of the --nonlandmark-dir images (none without the flag)."""
+    if run.nonlandmark_dir is None:
+        return [], []
+    if not run.nonlandmark_dir.is_dir():
+        raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} is not a folder")
+    paths = sorted(p for p in run.nonlandmark_dir.rglob("*") if p.is_file())
+    return [str(p.relative_to(run.nonlandmark_dir)) for p in paths], paths
+
+
 # %% 3. Global descriptors
+# A DELG model (savedmodel.py) gives each image a global descriptor: each scale's L2-normalized, summed,
+# L2-normalized. store.py batches the images by size and caches the descriptors per model and split.
+class Models(NamedTuple):
+    """The global models (one, or an ensemble) and the one whose local features verify."""
+
+    global_models: list[DelgSavedModel]
+    weights: tuple[float, ...]
+    local: DelgSavedModel
+
+    def has(self, precision: str, xla: bool) -> bool:
+        return all((precision, xla) in model.batched for model in self.global_models)
+
+
+def load_models(run: Run, extraction: Extraction) -> Models:
+    paths = [path.resolve() for path in run.model]
+    models = [DelgSavedModel(path, extraction) for path in run.model]
+    local_path_ = run.verifying_model().resolve()
+    local = models[paths.index(local_path_)] if local_path_ in paths else DelgSavedModel(local_path_, extraction)
+    return Models(models, run.model_weights or (1.0,) * len(models), local)
+
+
+class Descriptors(NamedTuple):
+    """The global descriptors of a run (the ensemble's, combined): database rows that were readable and searched
+    (and their row numbers in Inputs.db_ids), queries (all, with an ok mask), non-landmark images."""
+
+    db: np.ndarray
+    db_rows: np.ndarray
+    queries: np.ndarray
+    query_ok: np.ndarray
+    nonlandmarks: np.ndarray
+
+
+def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timing, knn_rate: float
+                ) -> Descriptors | None:
+    """Every model's descriptors of the database, the queries and the non-landmark set (cached per model), or
+    None for a shard run. The database passes stop early when the queries and kNN would no longer fit."""
+    run, extraction = settings.run, settings.extraction
+    shard = parse_shard(run.shard)
+    _, query_split = IMAGE_SPLITS[run.task]
+    sizes = inputs.sizes()
+    db_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids]
+    query_paths = [image_path(run.data, query_split, i) for i in inputs.test_ids]
+    splits = {"db": [], "query": [], "nonlandmark": []}
+    cut_any = False
+    for m, model in enumerate(models.global_models):
+        cache = run.work / "global" / f"m{m}"
+        # the queries of every model, and the database of the models after this one, must still fit
+        later = Sizes(sizes.db * (len(models.global_models) - 1 - m), sizes.queries * len(models.global_models), 0)
+        stop = database_stop_rule(timing, Sizes(later.db, later.queries, 0), knn_rate) if shard == (0, 1) else None
+        cut = timed_global(model, inputs.db_ids, db_paths, cache / inputs.db_split, extraction, run, timing,
+                           "global_db", shard, stop)
+        if shard != (0, 1):
+            log.info("shard %d/%d extracted into %s", *shard, cache / inputs.db_split)
+            continue
+        cut_any |= cut
+        splits["db"].append(load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size, model.global_dim,
+                                        allow_missing=cut))
+        query_cut = timed_global(model, inputs.test_ids, query_paths, cache / query_split, extraction, run, timing,
+                                 "global_query", stop=timing.past_deadline)  # the rest: unreadable, predicted empty
+        splits["query"].append(load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim,
+                                           allow_missing=query_cut))
+        nl_cut = timed_global(model, inputs.nonlandmark_ids, inputs.nonlandmark_paths, cache / "nonlandmark",
+                              extraction, run, timing, "global_db", stop=timing.past_deadline)
+        splits["nonlandmark"].append(load_global(cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size,
+                                                 model.global_dim, allow_missing=nl_cut))
+    if shard != (0, 1):
+        return None
+    (db, db_ok), (queries, query_ok), (nonlandmarks, nl_ok) = (combine(splits[s], models.weights) for s in splits)
+    db, db_rows = compact_valid(db, db_ok)
+    if not cut_any and not len(db_rows):
+        raise InputError(f"none of the {sizes.db} database images under {run.data / inputs.db_split} could be "
+                         "read (see the warnings above): there is no database to search")
+    if cut_any:
+        log.warning("database pass cut by the deadline: %d of %d images searched", len(db_rows), sizes.db)
+        timing.plan["database_cut_at"] = int(len(db_rows))
+    return Descriptors(db, db_rows, queries, query_ok, compact_valid(nonlandmarks, nl_ok)[0])
+
+
+def combine(parts: list[tuple[np.ndarray, np.ndarray]], weights: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One model's (descriptors, ok) as they are; an ensemble's concatenated, each model's unit rows times its
+    weight, normalized (rows ok in every model)."""
+    if len(parts) == 1:
+        return parts[0]
+    ok = np.logical_and.reduce([part_ok for _, part_ok in parts])
+    joined = np.concatenate([weight * descriptors for (descriptors, _), weight in zip(parts, weights, strict=True)],
+                            axis=1)
+    return l2_normalize(joined), ok
+
+
 # %% 4. Nearest neighbours
+# search.py's knn: the exact top-k cosines, in blocks of bounded memory. Here: how many candidates a query gets,
+# and an image's nearest non-landmark images.
+def candidate_count(settings: Settings) -> int:
+    """Neighbours searched per query: what scoring, reranking and submitting read."""
+    depth, stage = settings.rerank_depth(), settings.global_stage
+    if settings.run.task == "retrieval":
+        return max(RETRIEVAL_SIZE, depth, stage.superglobal_m)
+    return max(settings.scoring.top_k, stage.global_top_k, depth, stage.superglobal_m)
+
+
+def nonlandmark_cosines(descriptors: np.ndarray, nonlandmarks: np.ndarray, k: int, block_mb: int) -> np.ndarray:
+    """Each row's k highest cosines to the non-landmark set, descending ([n, 0] without one)."""
+    if len(nonlandmarks) == 0 or len(descriptors) == 0:
+        return np.zeros((len(descriptors), 0), np.float32)
+    return knn(descriptors, nonlandmarks, k, block_mb)[0].astype(np.float32)
 
 
 # %% 5. The global stage
@@ -481,16 +635,51 @@ def superglobal_rerank(queries: np.ndarray, database: np.ndarray, cosines: np.nd
     return cosines, neighbours
 
 
-def nonlandmark_cosines(descriptors: np.ndarray, nonlandmarks: np.ndarray, k: int, block_mb: int) -> np.ndarray:
-    """Each row's k highest cosines to the non-landmark set, descending ([n, 0] without one)."""
-    if len(nonlandmarks) == 0 or len(descriptors) == 0:
-        return np.zeros((len(descriptors), 0), np.float32)
-    return knn(descriptors, nonlandmarks, k, block_mb)[0].astype(np.float32)
+def global_stage(found: Descriptors, n_db: int, settings: Settings, timing: Timing) -> Candidates:
+    """Whitening, non-landmark cosines, DBA, kNN, alpha-QE and SuperGlobal, as the settings ask: the candidates."""
+    stage, run = settings.global_stage, settings.run
+    db, queries, nonlandmarks = found.db, found.queries, found.nonlandmarks
+    began = time.monotonic()
+    if stage.whiten == "database" and len(db) > 1:
+        whitening = fit_whitening(db, stage.whiten_shrinkage)
+        db, queries, nonlandmarks = (apply_whitening(x, whitening) for x in (db, queries, nonlandmarks))
+    products = 0
+    query_nl = nonlandmark_cosines(queries, nonlandmarks, max(stage.query_nonlandmark_k, settings.scoring.top_k),
+                                   run.knn_block_mb)
+    db_nl = np.zeros((n_db, 0), np.float32)
+    if stage.suppression and run.task == "recognition" and len(nonlandmarks):
+        found_nl = nonlandmark_cosines(db, nonlandmarks, stage.db_nonlandmark_k, run.knn_block_mb)
+        db_nl = np.zeros((n_db, found_nl.shape[1]), np.float32)
+        db_nl[found.db_rows] = found_nl
+        products += len(db) * len(nonlandmarks)
+    if stage.dba_n:
+        db, _ = database_augmentation(db, stage.dba_n, stage.dba_alpha, run.knn_block_mb, timing.past_deadline)
+        products += len(db) * len(db)
+    cosines, rows = knn(queries, db, candidate_count(settings), run.knn_block_mb)
+    products += len(queries) * (len(db) + len(nonlandmarks))
+    timing.add("knn", products, time.monotonic() - began)
+    began = time.monotonic()
+    cosines, rows = reranked(queries, db, cosines, rows, stage, run.knn_block_mb)
+    if stage.qe_n or stage.superglobal_m:
+        timing.add("global_rerank", len(queries), time.monotonic() - began)
+    return Candidates(cosines, found.db_rows[rows], found.query_ok, query_nl, db_nl)
+
+
+def reranked(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
+             block_mb: int) -> tuple[np.ndarray, np.ndarray]:
+    """alpha-QE (a second search) and SuperGlobal, as the settings ask."""
+    if stage.qe_n:
+        expanded = query_expansion(queries, db, cosines, rows, stage.qe_n, stage.qe_alpha)
+        cosines, rows = knn(expanded, db, rows.shape[1], block_mb)
+    if stage.superglobal_m:
+        cosines, rows = superglobal_rerank(queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k,
+                                           stage.superglobal_beta)
+    return cosines, rows
 
 
 # %% 6. Local features and verification
-
-
+# Local features come from the DELG model, cached by store.py; verifier.py applies the rule below (count_inliers)
+# to each batch's pairs, in worker processes.
 def putative_matches(desc_a: np.ndarray, desc_b: np.ndarray, max_distance: float,
                      mutual: bool) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (a, b): b is a's nearest neighbour within max_distance (and, if mutual, vice versa)."""
@@ -547,6 +736,39 @@ def inlier_mask(a: LocalFeatures, b: LocalFeatures, ia: np.ndarray, ib: np.ndarr
 
 def count_inliers(a: LocalFeatures, b: LocalFeatures, verification: Verification) -> int:
     return int(np.count_nonzero(ransac_matches(a, b, verification)[2]))
+
+
+def rerank(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: Inputs, neighbours: np.ndarray,
+           order: list[int], max_depth: int, on_progress: Callable[[np.ndarray, list[int]], None]) -> np.ndarray:
+    """Inliers [nq, candidates] (-1: not verified), batch after batch in `order` while the budget allows; every
+    image and every query checks the deadline. on_progress(inliers, queries) after each batch."""
+    run, budget = settings.run, settings.budget
+    inliers = np.full(neighbours.shape, -1, np.int64)
+    if budget.max_rerank_queries is not None:
+        order = order[:budget.max_rerank_queries]
+    start, new_image_share = 0, 1.0
+    with verification_pool(count_inliers, settings.verification, run.workers) as pool:
+        while start < len(order) and max_depth > 0:
+            depth = plan_depth(timing, len(order) - start, max_depth, new_image_share)
+            if depth == 0 or timing.past_deadline():
+                break
+            batch = order[start:start + (budget.warmup_queries if start == 0 else budget.rerank_batch)]
+            candidates = [[inputs.db_ids[j] for j in neighbours[q, :depth]] for q in batch]
+            counts, new_image_share = verify_batch(model, settings, timing, pool,
+                                                   [inputs.test_ids[q] for q in batch], inputs.db_split, candidates)
+            done = batch[:len(counts)]
+            for q, query_counts in zip(done, counts, strict=True):
+                inliers[q, :len(query_counts)] = query_counts
+            timing.rerank_depth = max(timing.rerank_depth, depth)
+            start += len(done)
+            log.info("reranked %d of %d queries at depth %d", start, len(order), depth)
+            on_progress(inliers, done)
+            if len(done) < len(batch):
+                break
+    if start < len(order):
+        log.info("time budget reached: %d of %d queries keep their global ranking", len(order) - start, len(order))
+    timing.save()
+    return inliers
 
 
 # %% 7. Scoring
@@ -701,226 +923,6 @@ def write_submission(path: Path, task: str, test_ids: list[str], rows: list[str]
 
 
 # %% 8. Main
-@dataclass
-class Inputs:
-    """What a run reads: ids, labels (recognition), the database in round-robin order, the non-landmark set."""
-
-    test_ids: list[str]
-    db_split: str
-    db_ids: list[str]
-    labels: np.ndarray
-    nonlandmark_ids: list[str] = field(default_factory=list)
-    nonlandmark_paths: list[Path] = field(default_factory=list)
-
-    def sizes(self) -> Sizes:
-        return Sizes(len(self.db_ids), len(self.test_ids), len(self.nonlandmark_ids))
-
-
-def read_inputs(run: Run) -> Inputs:
-    """The ids and labels of a run, checked before anything is written: a database to search, the image folders,
-    the --nonlandmark-dir."""
-    db_split, query_split = IMAGE_SPLITS[run.task]
-    test_ids = read_test_ids(run.data)
-    if run.task == "recognition":
-        db_ids, labels = read_train_labels(run.data)
-        if not db_ids:
-            raise InputError(f"{run.data / 'train.csv'} lists no images: there is no database to search")
-        order = round_robin(labels)
-        db_ids, labels = [db_ids[i] for i in order], labels[order]
-    else:
-        db_ids, labels = list_image_ids(run.data / "index"), np.zeros(0, np.int64)
-        if not db_ids:
-            raise InputError(f"{run.data / 'index'} holds no .jpg images named by an image id: there is no "
-                             "database to search")
-    for split in (db_split, query_split) if test_ids else (db_split,):
-        if not (run.data / split).is_dir():
-            raise InputError(f"{run.data / split} not found: the {split} images belong there")
-    if not test_ids:
-        log.warning("%s lists no test images: the submission will hold only its header",
-                    run.data / "sample_submission.csv")
-    return Inputs(test_ids, db_split, db_ids, labels, *nonlandmark_paths(run))
-
-
-def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
-    """Ids and paths of the --nonlandmark-dir images (none without the flag)."""
-    if run.nonlandmark_dir is None:
-        return [], []
-    if not run.nonlandmark_dir.is_dir():
-        raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} is not a folder")
-    paths = sorted(p for p in run.nonlandmark_dir.rglob("*") if p.is_file())
-    return [str(p.relative_to(run.nonlandmark_dir)) for p in paths], paths
-
-
-class Models(NamedTuple):
-    """The global models (one, or an ensemble) and the one whose local features verify."""
-
-    global_models: list[DelgSavedModel]
-    weights: tuple[float, ...]
-    local: DelgSavedModel
-
-    def has(self, precision: str, xla: bool) -> bool:
-        return all((precision, xla) in model.batched for model in self.global_models)
-
-
-def load_models(run: Run, extraction: Extraction) -> Models:
-    paths = [path.resolve() for path in run.model]
-    models = [DelgSavedModel(path, extraction) for path in run.model]
-    local_path_ = run.verifying_model().resolve()
-    local = models[paths.index(local_path_)] if local_path_ in paths else DelgSavedModel(local_path_, extraction)
-    return Models(models, run.model_weights or (1.0,) * len(models), local)
-
-
-class Descriptors(NamedTuple):
-    """The global descriptors of a run (the ensemble's, combined): database rows that were readable and searched
-    (and their row numbers in Inputs.db_ids), queries (all, with an ok mask), non-landmark images."""
-
-    db: np.ndarray
-    db_rows: np.ndarray
-    queries: np.ndarray
-    query_ok: np.ndarray
-    nonlandmarks: np.ndarray
-
-
-def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timing, knn_rate: float
-                ) -> Descriptors | None:
-    """Every model's descriptors of the database, the queries and the non-landmark set (cached per model), or
-    None for a shard run. The database passes stop early when the queries and kNN would no longer fit."""
-    run, extraction = settings.run, settings.extraction
-    shard = parse_shard(run.shard)
-    _, query_split = IMAGE_SPLITS[run.task]
-    sizes = inputs.sizes()
-    db_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids]
-    query_paths = [image_path(run.data, query_split, i) for i in inputs.test_ids]
-    splits = {"db": [], "query": [], "nonlandmark": []}
-    cut_any = False
-    for m, model in enumerate(models.global_models):
-        cache = run.work / "global" / f"m{m}"
-        # the queries of every model, and the database of the models after this one, must still fit
-        later = Sizes(sizes.db * (len(models.global_models) - 1 - m), sizes.queries * len(models.global_models), 0)
-        stop = database_stop_rule(timing, Sizes(later.db, later.queries, 0), knn_rate) if shard == (0, 1) else None
-        cut = timed_global(model, inputs.db_ids, db_paths, cache / inputs.db_split, extraction, run, timing,
-                           "global_db", shard, stop)
-        if shard != (0, 1):
-            log.info("shard %d/%d extracted into %s", *shard, cache / inputs.db_split)
-            continue
-        cut_any |= cut
-        splits["db"].append(load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size, model.global_dim,
-                                        allow_missing=cut))
-        query_cut = timed_global(model, inputs.test_ids, query_paths, cache / query_split, extraction, run, timing,
-                                 "global_query", stop=timing.past_deadline)  # the rest: unreadable, predicted empty
-        splits["query"].append(load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim,
-                                           allow_missing=query_cut))
-        nl_cut = timed_global(model, inputs.nonlandmark_ids, inputs.nonlandmark_paths, cache / "nonlandmark",
-                              extraction, run, timing, "global_db", stop=timing.past_deadline)
-        splits["nonlandmark"].append(load_global(cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size,
-                                                 model.global_dim, allow_missing=nl_cut))
-    if shard != (0, 1):
-        return None
-    (db, db_ok), (queries, query_ok), (nonlandmarks, nl_ok) = (combine(splits[s], models.weights) for s in splits)
-    db, db_rows = compact_valid(db, db_ok)
-    if not cut_any and not len(db_rows):
-        raise InputError(f"none of the {sizes.db} database images under {run.data / inputs.db_split} could be "
-                         "read (see the warnings above): there is no database to search")
-    if cut_any:
-        log.warning("database pass cut by the deadline: %d of %d images searched", len(db_rows), sizes.db)
-        timing.plan["database_cut_at"] = int(len(db_rows))
-    return Descriptors(db, db_rows, queries, query_ok, compact_valid(nonlandmarks, nl_ok)[0])
-
-
-def combine(parts: list[tuple[np.ndarray, np.ndarray]], weights: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """One model's (descriptors, ok) as they are; an ensemble's concatenated, each model's unit rows times its
-    weight, normalized (rows ok in every model)."""
-    if len(parts) == 1:
-        return parts[0]
-    ok = np.logical_and.reduce([part_ok for _, part_ok in parts])
-    joined = np.concatenate([weight * descriptors for (descriptors, _), weight in zip(parts, weights, strict=True)],
-                            axis=1)
-    return l2_normalize(joined), ok
-
-
-def candidate_count(settings: Settings) -> int:
-    """Neighbours searched per query: what scoring, reranking and submitting read."""
-    depth, stage = settings.rerank_depth(), settings.global_stage
-    if settings.run.task == "retrieval":
-        return max(RETRIEVAL_SIZE, depth, stage.superglobal_m)
-    return max(settings.scoring.top_k, stage.global_top_k, depth, stage.superglobal_m)
-
-
-def global_stage(found: Descriptors, n_db: int, settings: Settings, timing: Timing) -> Candidates:
-    """Whitening, non-landmark cosines, DBA, kNN, alpha-QE and SuperGlobal, as the settings ask: the candidates."""
-    stage, run = settings.global_stage, settings.run
-    db, queries, nonlandmarks = found.db, found.queries, found.nonlandmarks
-    began = time.monotonic()
-    if stage.whiten == "database" and len(db) > 1:
-        whitening = fit_whitening(db, stage.whiten_shrinkage)
-        db, queries, nonlandmarks = (apply_whitening(x, whitening) for x in (db, queries, nonlandmarks))
-    products = 0
-    query_nl = nonlandmark_cosines(queries, nonlandmarks, max(stage.query_nonlandmark_k, settings.scoring.top_k),
-                                   run.knn_block_mb)
-    db_nl = np.zeros((n_db, 0), np.float32)
-    if stage.suppression and run.task == "recognition" and len(nonlandmarks):
-        found_nl = nonlandmark_cosines(db, nonlandmarks, stage.db_nonlandmark_k, run.knn_block_mb)
-        db_nl = np.zeros((n_db, found_nl.shape[1]), np.float32)
-        db_nl[found.db_rows] = found_nl
-        products += len(db) * len(nonlandmarks)
-    if stage.dba_n:
-        db, _ = database_augmentation(db, stage.dba_n, stage.dba_alpha, run.knn_block_mb, timing.past_deadline)
-        products += len(db) * len(db)
-    cosines, rows = knn(queries, db, candidate_count(settings), run.knn_block_mb)
-    products += len(queries) * (len(db) + len(nonlandmarks))
-    timing.add("knn", products, time.monotonic() - began)
-    began = time.monotonic()
-    cosines, rows = reranked(queries, db, cosines, rows, stage, run.knn_block_mb)
-    if stage.qe_n or stage.superglobal_m:
-        timing.add("global_rerank", len(queries), time.monotonic() - began)
-    return Candidates(cosines, found.db_rows[rows], found.query_ok, query_nl, db_nl)
-
-
-def reranked(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
-             block_mb: int) -> tuple[np.ndarray, np.ndarray]:
-    """alpha-QE (a second search) and SuperGlobal, as the settings ask."""
-    if stage.qe_n:
-        expanded = query_expansion(queries, db, cosines, rows, stage.qe_n, stage.qe_alpha)
-        cosines, rows = knn(expanded, db, rows.shape[1], block_mb)
-    if stage.superglobal_m:
-        cosines, rows = superglobal_rerank(queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k,
-                                           stage.superglobal_beta)
-    return cosines, rows
-
-
-def rerank(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: Inputs, neighbours: np.ndarray,
-           order: list[int], max_depth: int, on_progress: Callable[[np.ndarray, list[int]], None]) -> np.ndarray:
-    """Inliers [nq, candidates] (-1: not verified), batch after batch in `order` while the budget allows; every
-    image and every query checks the deadline. on_progress(inliers, queries) after each batch."""
-    run, budget = settings.run, settings.budget
-    inliers = np.full(neighbours.shape, -1, np.int64)
-    if budget.max_rerank_queries is not None:
-        order = order[:budget.max_rerank_queries]
-    start, new_image_share = 0, 1.0
-    with verification_pool(count_inliers, settings.verification, run.workers) as pool:
-        while start < len(order) and max_depth > 0:
-            depth = plan_depth(timing, len(order) - start, max_depth, new_image_share)
-            if depth == 0 or timing.past_deadline():
-                break
-            batch = order[start:start + (budget.warmup_queries if start == 0 else budget.rerank_batch)]
-            candidates = [[inputs.db_ids[j] for j in neighbours[q, :depth]] for q in batch]
-            counts, new_image_share = verify_batch(model, settings, timing, pool,
-                                                   [inputs.test_ids[q] for q in batch], inputs.db_split, candidates)
-            done = batch[:len(counts)]
-            for q, query_counts in zip(done, counts, strict=True):
-                inliers[q, :len(query_counts)] = query_counts
-            timing.rerank_depth = max(timing.rerank_depth, depth)
-            start += len(done)
-            log.info("reranked %d of %d queries at depth %d", start, len(order), depth)
-            on_progress(inliers, done)
-            if len(done) < len(batch):
-                break
-    if start < len(order):
-        log.info("time budget reached: %d of %d queries keep their global ranking", len(order) - start, len(order))
-    timing.save()
-    return inliers
-
-
 def run(settings: Settings) -> None:
     """Check the output paths, take --work, run."""
     run_ = settings.run
