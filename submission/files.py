@@ -115,6 +115,13 @@ def work_lock(work: Path) -> Iterator[None]:
         yield
 
 
+def write_submission(path: Path, task: str, test_ids: list[str], rows: list[str]) -> None:
+    """submission.csv, written whole: id,landmarks (recognition) or id,images (retrieval)."""
+    column = "landmarks" if task == "recognition" else "images"
+    frame = pd.DataFrame({"id": test_ids, column: rows})
+    atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
 PAIR_COLUMNS = ["id", "rank", "candidate", "cosine", "inliers"]
 
 

@@ -10,13 +10,10 @@ paste into a Kaggle notebook or run:
 It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. nearest neighbours, 5. the global
 stage (whitening, non-landmark suppression, query expansion, database augmentation, SuperGlobal reranking),
 6. local features and verification, 7. scoring, 8. main. Only numpy, pandas, tensorflow, pydegensac,
-scikit-learn, tqdm, Pillow and the standard library are used. The machinery lives in the files beside it:
-budget.py (the cost model and the plan of the run: what fits the time limit), probing.py (--probe: every stage
-timed, the run projected), savedmodel.py (the DELG SavedModel, its contract and its loading errors), store.py
-(image decoding and the feature caches), search.py (exact kNN), verifier.py (each batch's local features, the
-pairs verified in worker processes), files.py (the input tables and folders checked, --out, --work and its lock,
-the log of verified pairs, WORK/settings.json written and read back) and settings_cli.py (the settings sections
-below as flags and files).
+scikit-learn, tqdm, Pillow and the standard library are used. The machinery lives beside it: budget.py (cost
+model, plan), probing.py (--probe), savedmodel.py (the DELG SavedModel contract, loading errors), store.py
+(decoding, caches), search.py (exact kNN), verifier.py (verification in worker processes), files.py (input
+checks, --out, --work and its lock, the run's records) and settings_cli.py (settings as flags and files).
 
 Settings come in small sections (extraction, global, verification, scoring, budget), each a dataclass whose
 fields are also the flags. They are layered: the script's defaults, then --preset, then the --settings file,
@@ -68,8 +65,6 @@ from budget import (  # noqa: E402
     stage_units,
     work_flags,
 )
-from files import ID_PATTERN as ID_PATTERN  # noqa: E402
-from files import PAIR_COLUMNS as PAIR_COLUMNS  # noqa: E402
 from files import (  # noqa: E402
     append_verified_pairs,
     check_columns,
@@ -82,17 +77,10 @@ from files import (  # noqa: E402
     settings_record,
     start_verified_pairs,
     work_lock,
+    write_submission,
 )
 from probing import gpu_present, probe  # noqa: E402
-from probing import time_global_rerank as time_global_rerank  # noqa: E402
 from savedmodel import BATCH_SIGNATURES, DelgSavedModel  # noqa: E402
-from savedmodel import DELG_INPUTS as DELG_INPUTS  # noqa: E402
-from savedmodel import DELG_OUTPUTS as DELG_OUTPUTS  # noqa: E402
-from savedmodel import EXPORT_INFO_PATH as EXPORT_INFO_PATH  # noqa: E402
-from savedmodel import OLDEST_LOADING_TF as OLDEST_LOADING_TF  # noqa: E402
-from savedmodel import contract_error as contract_error  # noqa: E402
-from savedmodel import load_saved_model as load_saved_model  # noqa: E402
-from savedmodel import model_load_error as model_load_error  # noqa: E402
 from search import KNN_DB_CHUNK, KNN_Q_BLOCK, knn, knn_seconds_per_item, l2_normalize  # noqa: E402
 from settings_cli import InputError, build_parser, layer_settings, parse_shard, read_settings_file, setting  # noqa: E402
 from store import (  # noqa: E402
@@ -113,10 +101,7 @@ from store import (  # noqa: E402
     save_json,
     timed_global,
 )
-from store import trim_local_cache as trim_local_cache  # noqa: E402
 from verifier import verification_pool, verify_batch  # noqa: E402
-from verifier import verify_all as verify_all  # noqa: E402
-from verifier import verify_query as verify_query  # noqa: E402
 
 log = logging.getLogger("submission")
 
@@ -914,12 +899,6 @@ def rerank_order(priority: np.ndarray, query_ok: np.ndarray) -> list[int]:
     the top of GAP's single ranking, where a wrong prediction costs most, have been verified."""
     priority = np.where(query_ok, np.nan_to_num(priority, nan=-np.inf), -np.inf)
     return [int(q) for q in np.argsort(-priority, kind="stable") if query_ok[q]]
-
-
-def write_submission(path: Path, task: str, test_ids: list[str], rows: list[str]) -> None:
-    column = "landmarks" if task == "recognition" else "images"
-    frame = pd.DataFrame({"id": test_ids, column: rows})
-    atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 # %% 8. Main
