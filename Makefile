@@ -35,8 +35,12 @@ $(CHROMIUM):
 		echo "note: $(CHROMIUM) is missing; 'sudo apt-get install chromium' lets the browser test run"; \
 	fi
 
+# Two pytest workers, a test file each at a time (a file's module fixtures are built once): one test process
+# leaves a core idle most of the time (subprocess starts, TensorFlow's tracing and imports are single-threaded).
+TEST_WORKERS := -n 2 --dist loadfile
+
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(TEST_WORKERS)
 
 # The Keras backbone families end to end (train, SIGTERM, resume, export, submit): tens of minutes on 2 cores.
 test-backbones: install
@@ -59,7 +63,7 @@ $(KAGGLE_STAMP): requirements-kaggle.txt
 # tests, and one tiny replay of each task under both, which must predict the same.
 kaggle-check: $(STAMP) $(KAGGLE_STAMP)
 	KIT_SCRIPT_PYTHON=$(abspath $(KAGGLE_VENV))/bin/python $(PY) -m pytest tests/test_kaggle_stack.py \
-		tests/test_submission_e2e.py
+		tests/test_submission_e2e.py $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) -m bench
