@@ -26,6 +26,9 @@ from train.run_files import CHECKPOINT_DIR, METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 32
+# How long a worker may take to start and reach a checkpoint, or to end: generous, for a busy 2-core machine (two
+# TensorFlow processes start and trace there at once; 90 s was once too short at a load average of 7.5).
+WORKER_WAIT_S = 300
 FLAGS = {"image_size": 64, "batch_size": 8, "steps": STEPS, "warmup_steps": 4, "checkpoint_every": 4,
          "log_every": 4, "validate_every": 1000}
 
@@ -94,7 +97,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 def wait_for_checkpoint_after(run_dir: Path, step: int, workers: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + WORKER_WAIT_S
     while not [s for s in checkpoint_steps(run_dir) if s > step]:
         assert time.monotonic() < deadline and all(w.poll() is None for w in workers), \
             [w.communicate()[1][-3000:] for w in workers if w.poll() is not None]
@@ -102,7 +105,7 @@ def wait_for_checkpoint_after(run_dir: Path, step: int, workers: list[subprocess
 
 
 def finish(workers: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
-    return [(w.wait(timeout=120), *w.communicate()) for w in workers]
+    return [(w.wait(timeout=WORKER_WAIT_S), *w.communicate()) for w in workers]
 
 
 def final_step(stdout: str) -> int:
