@@ -136,7 +136,8 @@ def test_batched_functions_return_whitened_descriptors(delg_pair, tiny_competiti
 
 
 def test_no_whiten_gives_the_trained_descriptors(delg_pair, tiny_run, tiny_competition):
-    """--no-whiten is the export as it was: the training model's embedding, in every function."""
+    """An unwhitened export (export_delg's default, as --no-whiten) is the training model's embedding, in every
+    function."""
     model = load_trained_model(tiny_run)
     images = landmark_images(tiny_competition, 2, 64, 80)
     plain = delg_pair["plain"][1]
