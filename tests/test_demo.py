@@ -21,7 +21,8 @@ from demo.__main__ import main as demo_main
 from local_eval.layout import nonlandmark_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-# Two scales, 200 features, global buckets of 512 px at most (the tradeoff's ladder: as given, 1 global scale).
+# Two scales, 200 features, global buckets of 512 px at most (the tradeoff's ladder: as given, 1 global scale);
+# recognition reranks 5 (the script's default: 20), retrieval 10 (the demo's: 30).
 LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200",
          "--global-max-side", "512"]
 
@@ -29,7 +30,8 @@ LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-fe
 @pytest.fixture
 def light_demo(monkeypatch, caplog) -> None:
     """The demo's settings made light (script flags, tradeoff depths, probe and report sizes); INFO logs caught."""
-    monkeypatch.setitem(DEMO, "script_args", {"recognition": LIGHT, "retrieval": [*LIGHT, "--rerank", "30"]})
+    script_args = {"recognition": [*LIGHT, "--rerank", "5"], "retrieval": [*LIGHT, "--rerank", "10"]}
+    monkeypatch.setitem(DEMO, "script_args", script_args)
     monkeypatch.setitem(DEMO, "tradeoff_depths", [0, 3])
     monkeypatch.setitem(DEMO, "probe_images", 8)
     monkeypatch.setitem(DEMO, "show_queries", 4)
