@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny competition, one tiny training run and one tiny exported model per session.
+"""Shared fixtures: one tiny competition, one tiny training run and two tiny exported models per session (the
+plain export, and one with the float16 functions and a PCA whitening).
 
 TensorFlow is split into two logical CPU devices here, before anything initializes its devices,
 so the strategy tests can run MirroredStrategy on a CPU-only machine.
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import tensorflow as tf
+
+WHITEN_IMAGES = 24  # training images the whitened export's PCA is fitted on (the tiny competition has more)
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
@@ -40,4 +43,15 @@ def tiny_model(tmp_path_factory, tiny_run):
 
     out = tmp_path_factory.mktemp("model") / "delg"
     export_delg(tiny_run, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_float16_model(tmp_path_factory, tiny_run):
+    """The tiny run exported through the command line with --float16 and a whitening fitted on WHITEN_IMAGES."""
+    from export.__main__ import main as export_main
+
+    out = tmp_path_factory.mktemp("model_float16") / "delg"
+    assert export_main(["delg", "--run", str(tiny_run), "--out", str(out), "--float16", "--whiten-images",
+                        str(WHITEN_IMAGES)]) == 0
     return out

@@ -1,47 +1,72 @@
 """`make demo`'s pipeline (`python -m demo`) at `tiny` size: build, train, export, replay both tasks, project,
-summarize; then reuse. And the house order: local_eval stands below training, the demo above everything."""
+summarize; then reuse. And the house order: local_eval stands below training, the demo above everything.
+
+The pipeline runs in this process (`python -m demo` itself runs below, on a bad flag) with lighter script flags:
+what it checks is the demo's plumbing; the script's default flags are replayed in test_replay."""
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from common.cli import run_main
+from demo.__main__ import DEMO
+from demo.__main__ import main as demo_main
 from local_eval.layout import nonlandmark_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+# Two scales, 200 features, global buckets of 512 px at most (the tradeoff's ladder: as given, 1 global scale);
+# recognition reranks 5 (the script's default: 20), retrieval 10 (the demo's: 30).
+LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200",
+         "--global-max-side", "512"]
 
 
-def run_demo(out: Path, steps: int = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "demo", "--out", str(out), "--size", "tiny",
-                           "--train-steps", str(steps)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+@pytest.fixture
+def light_demo(monkeypatch, caplog) -> None:
+    """The demo's settings made light (script flags, tradeoff depths, probe and report sizes); INFO logs caught."""
+    script_args = {"recognition": [*LIGHT, "--rerank", "5"], "retrieval": [*LIGHT, "--rerank", "10"]}
+    monkeypatch.setitem(DEMO, "script_args", script_args)
+    monkeypatch.setitem(DEMO, "tradeoff_depths", [0, 3])
+    monkeypatch.setitem(DEMO, "probe_images", 8)
+    monkeypatch.setitem(DEMO, "show_queries", 4)
+    caplog.set_level(logging.INFO)
 
 
-def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path):
-    first = run_demo(tmp_path / "demo")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "DEMO SUMMARY" in first.stdout and "verdict (speedup x1)" in first.stdout
-    assert "recognition tradeoff" in first.stdout and "best that fits" in first.stdout
-    tradeoff = (tmp_path / "demo" / "tradeoff" / "tradeoff.csv").read_text().splitlines()
+def run_demo(out: Path, capsys, caplog, steps: int) -> tuple[str, str]:
+    """The demo's printed summary and its log."""
+    caplog.clear()
+    status = run_main(demo_main, ["--out", str(out), "--size", "tiny", "--train-steps", str(steps)])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err[-3000:]
+    return printed.out, caplog.text
+
+
+def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path, light_demo, capsys, caplog):
+    out = tmp_path / "demo"
+    printed, _ = run_demo(out, capsys, caplog, steps=10)
+    assert "DEMO SUMMARY" in printed and "verdict (speedup x1)" in printed
+    assert "recognition tradeoff" in printed and "best that fits" in printed
+    tradeoff = (out / "tradeoff" / "tradeoff.csv").read_text().splitlines()
     assert tradeoff[1].startswith("as given,") and len(tradeoff) > 3
     for task, metric in (("recognition", "gap"), ("retrieval", "map@100")):
-        report = json.loads((tmp_path / "demo" / f"replay-{task}" / "report.json").read_text())
+        report = json.loads((out / f"replay-{task}" / "report.json").read_text())
         assert report["status"] == "ok"
         for name in ("global_only", "final"):
             assert 0.0 <= report[name]["all"][metric] <= 1.0
-    assert (tmp_path / "demo" / "summary.txt").read_text().strip() in first.stdout
-    follow_the_summary(first.stdout, tmp_path / "demo")
-    assert any(nonlandmark_folder(tmp_path / "demo" / "competition").iterdir())
-    second = run_demo(tmp_path / "demo")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "already holds this competition" in second.stderr
-    assert "already trained" in second.stderr and "replaying" not in second.stderr
-    longer = run_demo(tmp_path / "demo", steps=32)  # more training: the export and the replays are redone
-    assert longer.returncode == 0, longer.stderr[-3000:]
-    assert "resumed" in longer.stderr and longer.stderr.count("replaying") > 2  # both tasks and the tradeoff
+    assert (out / "summary.txt").read_text().strip() in printed
+    follow_the_summary(printed, out)
+    assert any(nonlandmark_folder(out / "competition").iterdir())
+    _, logged = run_demo(out, capsys, caplog, steps=10)
+    assert "already holds this competition" in logged
+    assert "already trained" in logged and "replaying" not in logged
+    _, logged = run_demo(out, capsys, caplog, steps=12)  # more training: the export and the replays are redone
+    assert "resumed" in logged and logged.count("replaying") > 2  # both tasks and the tradeoff
 
 
 def follow_the_summary(summary: str, out: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,30 +80,36 @@ def checkpoint_values(run_dir: Path) -> dict[str, np.ndarray]:
             if (dtype.is_floating or dtype.is_integer) and not name.startswith("save_counter")}
 
 
-def test_a_stopped_run_resumes_at_its_step_with_the_same_weights(data_dir, tmp_path):
-    cfg = small_config()
-    straight = train(cfg, data_dir=data_dir, run_dir=tmp_path / "straight", strategy="default")
-    first = train(cfg, data_dir=data_dir, run_dir=tmp_path / "resumed", strategy="default", stop_after=2)
-    assert first["step"] == 2
-    second = train(cfg, data_dir=data_dir, run_dir=tmp_path / "resumed", strategy="default")
-    assert second["step"] == straight["step"] == cfg.steps
-    expected, got = checkpoint_values(tmp_path / "straight"), checkpoint_values(tmp_path / "resumed")
-    assert expected.keys() == got.keys() and any("optimizer" in name for name in got)
-    for name, value in expected.items():
-        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
-    again = train(cfg, data_dir=data_dir, run_dir=tmp_path / "resumed", strategy="default")
-    assert again == second  # a finished run is not trained again and keeps its metrics
-    longer = dataclasses.replace(cfg, steps=cfg.steps + 2, log_every=1, checkpoint_every=1)
-    assert train(longer, data_dir=data_dir, run_dir=tmp_path / "resumed", strategy="default")["step"] == longer.steps
-    assert load_config(tmp_path / "resumed") == longer
+@pytest.fixture(scope="module")
+def stopped_once(data_dir, tmp_path_factory) -> Path:
+    """A run of small_config() stopped after 2 steps, trained once for the module."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    train(small_config(), data_dir=data_dir, run_dir=run_dir, strategy="default", stop_after=2)
+    return run_dir
 
 
 @pytest.fixture
-def stopped_run(data_dir, tmp_path):
-    """A run of small_config() stopped after 2 steps, and its config."""
-    cfg = small_config()
-    train(cfg, data_dir=data_dir, run_dir=tmp_path / "run", strategy="default", stop_after=2)
-    return tmp_path / "run", cfg
+def stopped_run(stopped_once, tmp_path):
+    """A copy of the stopped run (this test's to change), and its config."""
+    shutil.copytree(stopped_once, tmp_path / "run")
+    return tmp_path / "run", small_config()
+
+
+def test_a_stopped_run_resumes_at_its_step_with_the_same_weights(stopped_run, data_dir, tmp_path):
+    run_dir, cfg = stopped_run
+    assert json.loads((run_dir / "metrics.json").read_text())["step"] == 2
+    straight = train(cfg, data_dir=data_dir, run_dir=tmp_path / "straight", strategy="default")
+    second = train(cfg, data_dir=data_dir, run_dir=run_dir, strategy="default")
+    assert second["step"] == straight["step"] == cfg.steps
+    expected, got = checkpoint_values(tmp_path / "straight"), checkpoint_values(run_dir)
+    assert expected.keys() == got.keys() and any("optimizer" in name for name in got)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    again = train(cfg, data_dir=data_dir, run_dir=run_dir, strategy="default")
+    assert again == second  # a finished run is not trained again and keeps its metrics
+    longer = dataclasses.replace(cfg, steps=cfg.steps + 2, log_every=1, checkpoint_every=1)
+    assert train(longer, data_dir=data_dir, run_dir=run_dir, strategy="default")["step"] == longer.steps
+    assert load_config(run_dir) == longer
 
 
 def test_a_checkpoint_of_an_older_kit_restores_its_plain_sgd_state(stopped_run, data_dir):

@@ -21,11 +21,12 @@ from export.delg import (
     load_trained_model,
 )
 from export.whitening import PcaWhitening, fit_pca_whitening, l2_normalize, mean_pair_cosine, whiten
+from tests.conftest import WHITEN_IMAGES
 from tests.test_export_delg import batched_descriptors, extract, landmark_images, make_run_dir
 from train.config import RETRIEVAL_SCALES
 from train.run_files import DATA_FILE
 
-FIT_IMAGES = "24"  # training images the exports below fit on (the tiny competition has more)
+FIT_IMAGES = str(WHITEN_IMAGES)  # training images the exports below fit on (as conftest's whitened export)
 
 
 def correlated(count: int, width: int, seed: int = 0) -> np.ndarray:
@@ -93,13 +94,10 @@ def test_whitening_spreads_collapsed_descriptors():
 # --- The exports ---
 
 @pytest.fixture(scope="module")
-def delg_pair(tmp_path_factory, tiny_run):
-    """The tiny run exported twice, whitened (with the float16 function) and with --no-whiten; both loaded."""
-    root = tmp_path_factory.mktemp("whitening")
-    assert export_main(["delg", "--run", str(tiny_run), "--out", str(root / "plain"), "--no-whiten"]) == 0
-    assert export_main(["delg", "--run", str(tiny_run), "--out", str(root / "white"), "--float16",
-                        "--whiten-images", FIT_IMAGES]) == 0
-    return {name: (root / name, tf.saved_model.load(str(root / name))) for name in ("plain", "white")}
+def delg_pair(tiny_model, tiny_float16_model):
+    """The tiny run exported twice (conftest's): whitened (with the float16 functions) and not; both loaded."""
+    return {name: (out, tf.saved_model.load(str(out))) for name, out in (("plain", tiny_model),
+                                                                          ("white", tiny_float16_model))}
 
 
 def fitted(loaded) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +136,8 @@ def test_batched_functions_return_whitened_descriptors(delg_pair, tiny_competiti
 
 
 def test_no_whiten_gives_the_trained_descriptors(delg_pair, tiny_run, tiny_competition):
-    """--no-whiten is the export as it was: the training model's embedding, in every function."""
+    """An unwhitened export (export_delg's default, as --no-whiten) is the training model's embedding, in every
+    function."""
     model = load_trained_model(tiny_run)
     images = landmark_images(tiny_competition, 2, 64, 80)
     plain = delg_pair["plain"][1]
@@ -230,8 +229,9 @@ def test_missing_training_folder_is_one_error_line(tiny_run, tmp_path, capsys):
 
 
 def test_bundle_ships_the_whitened_model(tiny_run, tmp_path):
-    out = tmp_path / "bundle"
-    assert run_main(main_bundle, ["--run", str(tiny_run), "--out", str(out), "--kaggle-user", "me",
-                                  "--whiten-images", "12", "--whiten-shrinkage", "0.5"]) == 0
+    out, wheel = tmp_path / "bundle", tmp_path / "pydegensac-0.3.0-cp312-cp312-manylinux2014_x86_64.whl"
+    wheel.write_bytes(b"")  # given, so pip fetches none from the internet (test_export_kaggle tests the fetch)
+    assert run_main(main_bundle, ["--run", str(tiny_run), "--out", str(out), "--kaggle-user", "me", "--wheel",
+                                  str(wheel), "--whiten-images", "12", "--whiten-shrinkage", "0.5"]) == 0
     whitening = export_info(out / "delg")["whitening"]
     assert whitening["applied"] and whitening["images"] == 12 and whitening["shrinkage"] == 0.5
