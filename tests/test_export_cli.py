@@ -60,8 +60,11 @@ def test_bad_flags_are_one_error_line_and_touch_nothing(tmp_path, capsys, main, 
 
 
 def test_a_killed_export_leaves_a_partial_that_the_next_export_removes(tiny_run, tmp_path):
+    """Exports without the whitening's fit and XLA's check (tests/test_whitening.py, tests/test_export_delg.py):
+    neither is what this is about."""
     out = tmp_path / "model"
-    export = subprocess.Popen([sys.executable, "-m", "export", "delg", "--run", str(tiny_run), "--out", str(out)],
+    flags = ["--run", str(tiny_run), "--out", str(out), "--no-whiten", "--no-xla"]
+    export = subprocess.Popen([sys.executable, "-m", "export", "delg", *flags],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob(".model.*.partial")) and export.poll() is None and time.monotonic() < deadline:
@@ -70,7 +73,7 @@ def test_a_killed_export_leaves_a_partial_that_the_next_export_removes(tiny_run,
     export.wait()
     partials = list(tmp_path.glob(f".model.{export.pid}.*.partial"))
     assert partials and not out.exists(), "the export was not caught while writing"
-    assert run_main(main_delg, ["--run", str(tiny_run), "--out", str(out)]) == 0
+    assert run_main(main_delg, flags) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert (out / "saved_model.pb").is_file() and (out / KIT_MARKER).is_file()
-    assert run_main(main_delg, ["--run", str(tiny_run), "--out", str(out), "--overwrite"]) == 0  # the kit's: replaced
+    assert run_main(main_delg, [*flags, "--overwrite"]) == 0  # the kit's: replaced

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +22,10 @@ from PIL import Image
 from common.kit import load_submission
 from export.__main__ import main as export_main
 from export.bundle import KAGGLE_PYTHONS, SUBMISSION_SCRIPT, WHEEL_PLATFORM
-from export.delg import EXPORT_INFO_FILE, GLOBAL_BATCH_FLOAT16
+from export.delg import EXPORT_INFO_FILE, GLOBAL_BATCH_FLOAT16, export_delg
 from tests.test_export_delg import LANDMARK_IDS, make_run_dir, random_image
 from train.config import RETRIEVAL_SCALES
+from train.model import DelgModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +49,7 @@ def run(tmp_path_factory):
 def second_run(tmp_path_factory):
     """An ensemble's second member: another untrained tiny run, with 32-dimensional descriptors."""
     run_dir = tmp_path_factory.mktemp("export_kaggle_second") / "run"
-    make_run_dir(run_dir, embedding_dim=32)
-    return run_dir
+    return run_dir, make_run_dir(run_dir, embedding_dim=32)
 
 
 def test_retrieval_zip_holds_the_saved_model_at_its_root(run, tmp_path, capsys):
@@ -63,11 +64,16 @@ def test_retrieval_zip_holds_the_saved_model_at_its_root(run, tmp_path, capsys):
     serve = tf.saved_model.load(str(tmp_path / "unzipped")).signatures["serving_default"]
     image = random_image(72, 96)
     got = serve(input_image=tf.constant(image))["global_descriptor"].numpy()
-    per_scale = [model(tf.image.resize(image[None].astype(np.float32), (round(72 * s), round(96 * s))))["embedding"]
-                 for s in RETRIEVAL_SCALES]
-    expected = tf.nn.l2_normalize(tf.add_n(per_scale)[0], axis=0).numpy()
     assert got.shape == (64,)
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(got, keras_descriptor(model, image), atol=1e-4)
+
+
+def keras_descriptor(model: DelgModel, image: np.ndarray) -> np.ndarray:
+    """The Keras model's retrieval descriptor: its embeddings at RETRIEVAL_SCALES summed, L2-normalized."""
+    height, width = image.shape[:2]
+    per_scale = [model(tf.image.resize(image[None].astype(np.float32), (round(height * s), round(width * s))))
+                 ["embedding"] for s in RETRIEVAL_SCALES]
+    return tf.nn.l2_normalize(tf.add_n(per_scale)[0], axis=0).numpy()
 
 
 def retrieval_descriptor(runs: list[Path], out: Path, image: np.ndarray, *flags: str) -> np.ndarray:
@@ -83,10 +89,10 @@ def retrieval_descriptor(runs: list[Path], out: Path, image: np.ndarray, *flags:
 
 
 def test_ensemble_retrieval_model_combines_its_runs_as_the_notebook_does(run, second_run, tmp_path):
+    """Each run's descriptor is its Keras model's (what its own zip serves: the test above)."""
     image = random_image(72, 96, seed=3)
-    first = retrieval_descriptor([run[0]], tmp_path / "a.zip", image)
-    second = retrieval_descriptor([second_run], tmp_path / "b.zip", image)
-    both = retrieval_descriptor([run[0], second_run], tmp_path / "ab.zip", image, "--model-weights", "1", "0.7")
+    first, second = keras_descriptor(run[1], image), keras_descriptor(second_run[1], image)
+    both = retrieval_descriptor([run[0], second_run[0]], tmp_path / "ab.zip", image, "--model-weights", "1", "0.7")
     assert (first.shape, second.shape, both.shape) == ((64,), (32,), (96,))
     ok = np.ones(1, bool)
     expected, _ = load_submission().combine([(first[None], ok), (second[None], ok)], (1.0, 0.7))
@@ -181,7 +187,32 @@ def bundle_argv(run_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", "--no-whiten", *extra]
 
 
-def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
+class ExportOnce:
+    """export_delg that exports a run once per set of arguments and copies that folder for each later call."""
+
+    def __init__(self, root: Path):
+        self.root, self.exported = root, {}
+
+    def __call__(self, run_dir: Path, out_dir: Path, **kwargs) -> Path:
+        key = (str(run_dir), repr(sorted(kwargs.items())))
+        if key not in self.exported:
+            self.exported[key] = export_delg(run_dir, self.root / str(len(self.exported)), **kwargs)
+        shutil.copytree(self.exported[key], out_dir)
+        return Path(out_dir)
+
+
+@pytest.fixture(scope="module")
+def delg_exports(tmp_path_factory) -> ExportOnce:
+    return ExportOnce(tmp_path_factory.mktemp("delg_exports"))
+
+
+@pytest.fixture
+def export_once(delg_exports, monkeypatch) -> None:
+    """The bundle's models come from delg_exports: the bundle tests share each model's export."""
+    monkeypatch.setattr("export.bundle.export_delg", delg_exports)
+
+
+def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path, export_once):
     run_dir, _ = run
     script = echo_script(tmp_path / "scripts")
     wheels = [write_wheel(tmp_path / "wheels", tag) for tag in ("cp311", "cp312")]
@@ -231,7 +262,7 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path):
     assert run_kernel(out, "--probe", "30") == [*received, "--probe", "30"]
 
 
-def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path):
+def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path, export_once):
     run_dir, _ = run
     out = tmp_path / "bundle"
     argv = bundle_argv(run_dir, out, "--script", str(echo_script(tmp_path / "scripts")),
@@ -245,9 +276,9 @@ def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path)
     assert "--nonlandmark-dir" not in received and received[-2:] == ["--time-budget-h", "9.0"]
 
 
-def test_bundle_of_two_runs_ships_both_models_and_passes_both_to_main(run, second_run, tmp_path):
+def test_bundle_of_two_runs_ships_both_models_and_passes_both_to_main(run, second_run, tmp_path, export_once):
     out = tmp_path / "bundle"
-    argv = bundle_argv(run[0], out, "--run", str(second_run), "--model-weights", "1", "0.7", "--script",
+    argv = bundle_argv(run[0], out, "--run", str(second_run[0]), "--model-weights", "1", "0.7", "--script",
                        str(echo_script(tmp_path / "scripts")), "--wheel", str(write_wheel(tmp_path, THIS_TAG)))
     assert export_main(argv) == 0
     dims = [json.loads((out / model / "assets" / EXPORT_INFO_FILE).read_text())["global_dim"]
@@ -295,7 +326,7 @@ def test_bundle_without_submission_script_is_a_one_line_error(run, tmp_path, cap
     assert not (tmp_path / "b").exists()
 
 
-def test_bundle_fetches_a_wheel_for_each_kaggle_python_by_default(run, tmp_path, offline_pip):
+def test_bundle_fetches_a_wheel_for_each_kaggle_python_by_default(run, tmp_path, offline_pip, export_once):
     """Without --wheel, pip downloads pydegensac for KAGGLE_PYTHONS (here from a local folder, not the internet)."""
     run_dir, _ = run
     tags = ["cp" + version.replace(".", "") for version in KAGGLE_PYTHONS]
@@ -307,7 +338,7 @@ def test_bundle_fetches_a_wheel_for_each_kaggle_python_by_default(run, tmp_path,
     assert {p.name for p in (out / "submission").iterdir()} == {p.name for p in SUBMISSION_SCRIPT.parent.glob("*.py")}
 
 
-def test_bundle_adds_fetched_wheels_to_the_given_ones(run, tmp_path, offline_pip):
+def test_bundle_adds_fetched_wheels_to_the_given_ones(run, tmp_path, offline_pip, export_once):
     run_dir, _ = run
     write_wheel(offline_pip, "cp310")
     given = write_wheel(tmp_path / "mine", "cp39")
@@ -341,7 +372,7 @@ def test_bad_wheel_flags_are_one_line_errors(run, tmp_path, capsys, flag, value,
 
 
 @pytest.fixture(scope="module")
-def kernel_bundle(run, tmp_path_factory):
+def kernel_bundle(run, tmp_path_factory, delg_exports):
     """A bundle whose wheels are for the running Python and two others (those two are no real wheels)."""
     run_dir, _ = run
     root = tmp_path_factory.mktemp("kernel_bundle")
@@ -352,7 +383,9 @@ def kernel_bundle(run, tmp_path_factory):
         wheels[-1].write_bytes(b"not a wheel: installing it fails")
     argv = bundle_argv(run_dir, root / "bundle", "--script", str(echo_script(root / "scripts")),
                        *[arg for wheel in wheels for arg in ("--wheel", str(wheel))])
-    assert export_main(argv) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("export.bundle.export_delg", delg_exports)
+        assert export_main(argv) == 0
     return root / "bundle"
 
 

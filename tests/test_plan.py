@@ -18,12 +18,14 @@ LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-fe
 
 
 def test_a_budget_too_small_for_the_full_settings_steps_down_and_ends_in_time(tiny_competition, tiny_model, tmp_path):
-    # At --global-max-side 4096 every tiny image is fed at 1024 px or more (about 20x the cost at 768 px here);
-    # with 60% of the 54-second limit kept for reranking that cannot fit unless a machine is ~6x faster than ours.
-    report = replay(tiny_competition, "recognition", tiny_model, tmp_path, 0.015,
+    # At --global-max-side 4096 every tiny image is fed at 1024 px or more (about 20x the cost at 768 px here).
+    # Of the 90-second limit the script keeps 15% free and plans 70% for reranking: the few seconds left for the
+    # global pass after its start (as many as 60% of a 54-second limit left) cannot fit that unless a machine is
+    # ~6x faster than ours, and a loaded machine's slow start still leaves the script time to end inside the limit.
+    report = replay(tiny_competition, "recognition", tiny_model, tmp_path, 0.025,
                     [*LIGHT, "--global-max-side", "4096", "--global-batch", "4", "--probe-images", "8",
-                     "--global-xla", "off", "--rerank-reserve", "0.6"])
-    assert report["status"] == "ok" and report["seconds"] < 54
+                     "--global-xla", "off", "--rerank-reserve", "0.7"])
+    assert report["status"] == "ok" and report["seconds"] < 90
     assert 0 <= report["final"]["all"]["gap"] <= 1
     plan = report["timing"]["plan"]
     assert plan["mode"] == "auto" and plan["chosen"] != "as given"
@@ -59,11 +61,13 @@ def test_probe_times_every_stage_and_local_eval_time_projects_it(tiny_competitio
 
 
 def test_tradeoff_scores_each_rung_at_each_depth(tiny_competition, tiny_model, tmp_path, capsys):
+    """Given a longer side of 512, the ladder has two rungs (the model has no float16): as given, 1 global scale."""
     assert tradeoff_main(["--competition", str(tiny_competition), "--task", "retrieval", "--model", str(tiny_model),
-                          "--out", str(tmp_path), "--depths", "0", "3", "--speedup", "50", "--", *LIGHT]) == 0
+                          "--out", str(tmp_path), "--depths", "0", "3", "--speedup", "50", "--", *LIGHT,
+                          "--global-max-side", "512"]) == 0
     table = pd.read_csv(tmp_path / "tradeoff.csv")
     rungs = table["rung"].unique().tolist()
-    assert rungs[0] == "as given" and "1 global scale" in rungs and len(table) == 2 * len(rungs)
+    assert rungs == ["as given", "1 global scale"] and len(table) == 2 * len(rungs)
     limit_h = resolve_profile("retrieval-2020", {}).limit_h
     assert (table["projected_h"] > 0).all()  # whether a row fits depends on this machine's load: it must agree
     assert (table["fits"] == (table["projected_h"] <= limit_h * (1 - DEFAULT_MARGIN))).all()

@@ -27,9 +27,13 @@ def score_cli(task: str, solution: Path, submission: Path) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("task", ["recognition", "retrieval"])
-def test_replay_report_equals_score_command(tmp_path, tiny_competition, tiny_model, task):
-    report = replay(tiny_competition, task, tiny_model, tmp_path / "report", limit_h=0.2)
+@pytest.mark.parametrize("task, flags", [
+    ("recognition", []),  # the script's defaults
+    ("retrieval", ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200",
+                   "--rerank", "10"]),
+])
+def test_replay_report_equals_score_command(tmp_path, tiny_competition, tiny_model, task, flags):
+    report = replay(tiny_competition, task, tiny_model, tmp_path / "report", 0.2, flags)
     assert report["status"] == "ok", report.get("log_tail")
     on_disk = json.loads((tmp_path / "report" / "report.json").read_text())
     assert on_disk["final"] == report["final"]
