@@ -20,6 +20,7 @@ import tensorflow as tf
 from common.cli import UserError, partial_dir
 from export.delg import (
     GLOBAL_BATCH_OUTPUT,
+    SAVE_OPTIONS,
     BatchedGlobal,
     fit_model_whitening,
     load_trained_model,
@@ -91,7 +92,8 @@ def export_retrieval(run_dir: Path, out_zip: Path, dim: int | None = None, max_m
     out_zip.parent.mkdir(parents=True, exist_ok=True)
     with partial_dir(out_zip) as tmp:  # a killed export's folder is removed by the next one
         module = serving_module(model, retrieval_serve(model, whitening=pca), SIGNATURE, pca)
-        tf.saved_model.save(module, str(tmp / "model"), signatures={"serving_default": module.serve})
+        tf.saved_model.save(module, str(tmp / "model"), signatures={"serving_default": module.serve},
+                            options=SAVE_OPTIONS)
         partial = tmp / "model.zip"
         zip_saved_model(tmp / "model", partial)
         size_mb = partial.stat().st_size / 2**20
