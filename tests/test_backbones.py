@@ -24,6 +24,7 @@ from train.arcface import CosineClassifier, arcface_logits, dynamic_margins
 from train.backbone import IMAGENET_MEAN, IMAGENET_STD, KERAS_BACKBONES, build_backbone
 from train.config import BACKBONES, TrainConfig, get_config
 from train.loop import train
+from train.model import DelgModel
 
 sub = load_submission()
 # The smallest member of each family, and a global-only tiny model.
@@ -95,6 +96,20 @@ def test_pixels_are_normalised_once_as_the_family_does(backbone, scale, offset):
     pixels = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3)).astype(np.float32)
     got = keras.Model(net.input, conv_input)(pixels).numpy()
     np.testing.assert_allclose(got, pixels * scale + offset, atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet-b0", "convnext-tiny"])
+def test_an_image_below_one_conv5_cell_is_extended_by_its_last_row_and_column(backbone):
+    # These families' valid-padded stride-2 convolutions leave no conv5 cell below 32 px a side: GeM over no
+    # cells made the global descriptor NaN.
+    model = DelgModel(TrainConfig(backbone=backbone, embedding_dim=8, global_only=True), num_classes=2)
+    image = np.random.default_rng(0).integers(0, 256, (1, 20, 24, 3)).astype(np.float32)
+    extended = np.pad(image, [(0, 0), (0, 12), (0, 8), (0, 0)], mode="edge")
+    traced = tf.function(model.features, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    expected = model.features(tf.constant(extended))[1].numpy()
+    for conv5 in (model.features(tf.constant(image))[1], traced(tf.constant(image))[1]):
+        np.testing.assert_allclose(conv5.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert expected.shape[1:3] == (1, 1) and np.isfinite(model.global_descriptor(expected).numpy()).all()
 
 
 def test_backbone_weights_from_a_file(tmp_path):
