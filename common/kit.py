@@ -29,7 +29,7 @@ def load_submission() -> ModuleType:
 
 
 def sibling(name: str) -> ModuleType:
-    """A file shipped beside the script (budget, search, settings_cli, store), the module the script imports too:
+    """A file shipped beside the script (budget, store, savedmodel, verifier, ...), the module the script imports too:
     its folder goes on sys.path, as the script puts it there."""
     folder = str(SUBMISSION_SCRIPT.parent)
     if folder not in sys.path:

@@ -72,11 +72,12 @@ def up_to_date(output: Path, source: Path) -> bool:
 
 def export_step(out: Path, run_dir: Path) -> Path:
     from export.delg import export_delg
+    from export.whitening import WhitenSettings
     from train.run_files import latest_checkpoint
 
     model = out / "model"
     if not up_to_date(model / "saved_model.pb", Path(latest_checkpoint(run_dir) + ".index")):
-        export_delg(run_dir, model, overwrite=True)
+        export_delg(run_dir, model, overwrite=True, whiten=WhitenSettings())  # `export delg`'s defaults
     return model
 
 

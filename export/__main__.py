@@ -22,9 +22,20 @@ COMMANDS = {  # name -> ("module:function", help); this module is __main__ under
 }
 
 
-def _parser(command: str) -> argparse.ArgumentParser:
+RUN_HELP = "training run folder (config.json, checkpoints/)"
+
+
+def _parser(command: str, ensemble: bool = False) -> argparse.ArgumentParser:
+    """The flags every export shares; with `ensemble`, --run repeats and --model-weights weighs the runs."""
     parser = argparse.ArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command][1])
-    parser.add_argument("--run", type=Path, required=True, help="training run folder (config.json, checkpoints/)")
+    if ensemble:
+        parser.add_argument("--run", type=Path, action="append", required=True,
+                            help=RUN_HELP + "; repeat it for an ensemble (--run A --run B)")
+        parser.add_argument("--model-weights", type=float, nargs="+", default=None, metavar="W",
+                            help="ensemble: one weight per --run, as submission/main.py's --model-weights "
+                                 "(default all 1)")
+    else:
+        parser.add_argument("--run", type=Path, required=True, help=RUN_HELP)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if this kit wrote it (a folder or file of other origin is never replaced)")
     return parser
@@ -76,11 +87,31 @@ def _whiten_settings(args: argparse.Namespace) -> WhitenSettings | None:
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse, then check what every export shares: --run is a folder, --out can be written where it points."""
+    """Parse, then check what every export shares: each --run is a folder (and an ensemble's weights fit its runs),
+    --out can be written where it points."""
     args = parser.parse_args(argv)
-    check_input_folder("--run", args.run)
+    ensemble = isinstance(args.run, list)  # retrieval and bundle: --run repeats
+    for run in args.run if ensemble else [args.run]:
+        check_input_folder("--run", run)
+    if ensemble:
+        _check_ensemble(args.run, args.model_weights)
     check_output_parent(args.out)
     return args
+
+
+def _check_ensemble(runs: list[Path], weights: list[float] | None) -> None:
+    """Each --run once; --model-weights, when given, one finite weight above 0 per --run."""
+    seen = set()
+    for run in runs:
+        if run.resolve() in seen:
+            raise UserError(f"--run {run} is given twice; give each run of the ensemble once")
+        seen.add(run.resolve())
+    if weights is None:
+        return
+    if len(weights) != len(runs):
+        raise UserError(f"--model-weights gives {len(weights)} weights for {len(runs)} --run")
+    for weight in weights:
+        check_positive("--model-weights", weight)
 
 
 def _check_zip_out(out: Path, overwrite: bool) -> None:
@@ -124,11 +155,12 @@ def main_delg(argv: list[str] | None) -> None:
 
 
 def main_retrieval(argv: list[str] | None) -> None:
-    parser = _parser("retrieval")
+    parser = _parser("retrieval", ensemble=True)
     parser.add_argument("--out", type=Path, required=True, help="zip file to create (e.g. model.zip)")
     parser.add_argument("--dim", type=int, default=None,
                         help="descriptor size D (default: the run's embedding_dim); a smaller D is the PCA "
-                             "whitening's reduction (--whiten-dim D), so it needs the whitening")
+                             "whitening's reduction (--whiten-dim D), so it needs the whitening; one --run only "
+                             "(an ensemble's D is the sum of its runs')")
     parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB,
                         help=f"refuse a zip larger than this many MB (default {DEFAULT_MAX_MB:g})")
     _add_whiten_flags(parser)
@@ -139,12 +171,12 @@ def main_retrieval(argv: list[str] | None) -> None:
     whiten = _whiten_settings(args)
     _check_zip_out(args.out, args.overwrite)
     size_mb = export_retrieval(args.run, args.out, dim=args.dim, max_mb=args.max_mb, overwrite=args.overwrite,
-                               whiten=whiten)
+                               whiten=whiten, weights=args.model_weights)
     print(f"{args.out}: {size_mb:.1f} MB (limit {args.max_mb:g} MB)")
 
 
 def main_bundle(argv: list[str] | None) -> None:
-    parser = _parser("bundle")
+    parser = _parser("bundle", ensemble=True)
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     parser.add_argument("--kaggle-user", required=True, help="your Kaggle user name (owner of dataset and notebook)")
     parser.add_argument("--dataset", default="delg-landmark-model", help="dataset slug (default %(default)s)")
@@ -176,7 +208,8 @@ def main_bundle(argv: list[str] | None) -> None:
     print(build_bundle(args.run, args.out, user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel,
                        competition=args.competition, wheels=args.wheel, pythons=args.python, script=args.script,
                        overwrite=args.overwrite, budget_h=args.time_budget_h, settings=args.settings,
-                       nonlandmark_dir=args.nonlandmark_dir, float16=args.float16, whiten=whiten))
+                       nonlandmark_dir=args.nonlandmark_dir, float16=args.float16, whiten=whiten,
+                       weights=args.model_weights))
 
 
 def main(argv: list[str]) -> int:

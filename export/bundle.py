@@ -4,6 +4,9 @@ Layout:
     dataset-metadata.json    the dataset (model + scripts + wheels)
     kernel-metadata.json     the notebook: internet off, GPU on, this dataset and the competition attached
     delg/                    the DELG SavedModel (label map in delg/assets/)
+    delg-2/, delg-3/, ...    an ensemble's other runs (several --run): kernel.py passes every model as main.py
+                             --model, in --run order (the first, delg/, gives the local features), and
+                             --model-weights when given
     submission/*.py          the submission script as main.py, with the .py files beside it (modules it imports)
     kernel.py                the notebook's code file: installs the wheel for its Python offline, runs main.py on
                              Kaggle's paths (its own command-line arguments follow, so they win over the bundle's)
@@ -23,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from common.cli import UserError, atomic_output_dir
@@ -174,14 +178,24 @@ def launcher_task(competition: str) -> str:
     return "retrieval" if "retrieval" in competition else "recognition"
 
 
+def model_dirs(count: int) -> list[str]:
+    """The bundle's model folders, one per run: delg/, then delg-2/, delg-3/, ... for an ensemble's others."""
+    return [MODEL_DIR] + [f"{MODEL_DIR}-{i}" for i in range(2, count + 1)]
+
+
 def launcher(dataset: str, competition: str, budget_h: float = DEFAULT_BUDGET_H, settings: bool = False,
-             nonlandmark: bool = False) -> str:
-    """The notebook's code: the submission script with the dataset's and the competition's Kaggle paths."""
+             nonlandmark: bool = False, models: Sequence[str] = (MODEL_DIR,),
+             weights: Sequence[float] | None = None) -> str:
+    """The notebook's code: the submission script with the dataset's and the competition's Kaggle paths, one
+    --model per folder in `models` (and their --model-weights when given)."""
     task = launcher_task(competition)
     in_dataset = 'DATASET + "/{}"'.format
     arguments = [("--task", json.dumps(task)), ("--data", json.dumps(f"/kaggle/input/{competition}")),
-                 ("--model", in_dataset(MODEL_DIR)), ("--out", '"/kaggle/working/submission.csv"'),
-                 ("--work", '"/tmp/landmark-work"'), ("--time-budget-h", json.dumps(str(budget_h)))]
+                 *[("--model", in_dataset(model)) for model in models]]
+    if weights is not None:
+        arguments.append(("--model-weights", ", ".join(json.dumps(str(float(weight))) for weight in weights)))
+    arguments += [("--out", '"/kaggle/working/submission.csv"'), ("--work", '"/tmp/landmark-work"'),
+                  ("--time-budget-h", json.dumps(str(budget_h)))]
     if settings:
         arguments.append(("--settings", in_dataset(SETTINGS_FILE)))
     if nonlandmark:
@@ -227,15 +241,15 @@ def copy_images(images: list[Path], source: Path, target: Path) -> None:
         shutil.copy2(image, destination)
 
 
-def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: str,
+def build_bundle(run_dirs: Sequence[Path], out_dir: Path, user: str, dataset: str, kernel: str,
                  competition: str = DEFAULT_COMPETITION, wheels: list[Path] | None = None,
                  pythons: list[str] | None = None, script: Path = SUBMISSION_SCRIPT, overwrite: bool = False,
                  budget_h: float = DEFAULT_BUDGET_H, settings: Path | None = None,
                  nonlandmark_dir: Path | None = None, float16: bool = False,
-                 whiten: WhitenSettings | None = None) -> Path:
-    """Write the bundle folder: the DELG export (PCA-whitened with `whiten`), scripts, wheels, settings and
-    non-landmark images. Wheels: the given ones plus one fetched per Python in `pythons` (None: KAGGLE_PYTHONS,
-    unless wheels are given)."""
+                 whiten: WhitenSettings | None = None, weights: Sequence[float] | None = None) -> Path:
+    """Write the bundle folder: each run's DELG export (PCA-whitened with `whiten`; several runs are an ensemble,
+    `weights` one per run), scripts, wheels, settings and non-landmark images. Wheels: the given ones plus one
+    fetched per Python in `pythons` (None: KAGGLE_PYTHONS, unless wheels are given)."""
     if not script.is_file():
         raise UserError(f"{script}: submission script not found")
     if settings is not None:
@@ -244,7 +258,9 @@ def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: 
     with tempfile.TemporaryDirectory(prefix="pydegensac-") as downloads:
         shipped = gather_wheels(list(wheels or []), pythons, Path(downloads))
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            export_delg(run_dir, tmp / MODEL_DIR, float16=float16, whiten=whiten)
+            models = model_dirs(len(run_dirs))
+            for run_dir, model in zip(run_dirs, models, strict=True):
+                export_delg(run_dir, tmp / model, float16=float16, whiten=whiten)
             scripts = copy_scripts(script, tmp / SCRIPT_DIR)
             (tmp / WHEEL_DIR).mkdir()
             for wheel in shipped:
@@ -253,12 +269,16 @@ def build_bundle(run_dir: Path, out_dir: Path, user: str, dataset: str, kernel: 
                 shutil.copy2(settings, tmp / SETTINGS_FILE)
             copy_images(images, nonlandmark_dir, tmp / NONLANDMARK_DIR)
             (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(user, dataset), indent=2))
-            code = launcher(dataset, competition, budget_h, settings=settings is not None, nonlandmark=bool(images))
+            code = launcher(dataset, competition, budget_h, settings=settings is not None, nonlandmark=bool(images),
+                            models=models, weights=weights)
             (tmp / KERNEL_FILE).write_text(code)
             metadata = kernel_metadata(user, dataset, kernel, competition)
             (tmp / "kernel-metadata.json").write_text(json.dumps(metadata, indent=2))
     log.info("shipped %s; wheels: %s", ", ".join(f"{SCRIPT_DIR}/{name}" for name in scripts),
              ", ".join(wheel.name for wheel in shipped))
+    if len(run_dirs) > 1:
+        pairs = ", ".join(f"{model}/ from {run_dir}" for model, run_dir in zip(models, run_dirs, strict=True))
+        log.info("ensemble: %s; weights %s", pairs, " ".join(f"{w:g}" for w in weights) if weights else "all 1")
     warn_without_kaggle_python(shipped)
     if images:
         log.info("shipped %d non-landmark images", len(images))

@@ -6,6 +6,10 @@ the descriptors, and scores mAP@100. Our descriptor is the sum of the per-scale 
 RETRIEVAL_SCALES, L2-normalized, all inside the graph; with PCA whitening (the default of `export retrieval`,
 fitted on the training images at those scales) each per-scale descriptor is whitened and L2-normalized first.
 The server gets no database to fit it on, so it has to be inside.
+
+An ensemble (several runs) is one SavedModel with the same contract: each run's descriptor (as above) is
+L2-normalized, multiplied by its weight, and the weighted descriptors are concatenated and L2-normalized, as
+submission/main.py combines `--model A --model B --model-weights ...`; D is the sum of the runs' dimensions.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import dataclasses
 import logging
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import tensorflow as tf
@@ -38,6 +43,7 @@ DEFAULT_MAX_MB = 500.0
 
 
 SIGNATURE = [tf.TensorSpec([None, None, 3], tf.uint8, name="input_image")]
+OUTPUT = "global_descriptor"
 
 
 def retrieval_serve(model: DelgModel, scales: tuple[float, ...] = RETRIEVAL_SCALES,
@@ -50,9 +56,47 @@ def retrieval_serve(model: DelgModel, scales: tuple[float, ...] = RETRIEVAL_SCAL
 
     def serve(input_image):
         out = batched.serve(input_image[None], tf.constant(scales, tf.float32))
-        return {"global_descriptor": out[GLOBAL_BATCH_OUTPUT][0]}
+        return {OUTPUT: out[GLOBAL_BATCH_OUTPUT][0]}
 
     return serve
+
+
+def ensemble_serve(members: Sequence[tf.Module], weights: Sequence[float]):
+    """input_image -> {'global_descriptor': each member's descriptor L2-normalized, times its weight, concatenated,
+    L2-normalized}: submission/main.py's combination of an ensemble's descriptors."""
+    def serve(input_image):
+        parts = [weight * tf.nn.l2_normalize(member.serve(input_image)[OUTPUT], axis=0)
+                 for member, weight in zip(members, weights, strict=True)]
+        return {OUTPUT: tf.nn.l2_normalize(tf.concat(parts, axis=0), axis=0)}
+
+    return serve
+
+
+def retrieval_member(run_dir: Path, dim: int | None, whiten: WhitenSettings | None) -> tf.Module:
+    """One run's retrieval module (serve and the variables it reads), whitened with `whiten` when given."""
+    model = load_trained_model(run_dir)
+    fitted = fit_model_whitening(model, run_dir, whiten_to_dim(model, dim, whiten), RETRIEVAL_SCALES)
+    pca = None if fitted is None else PcaWhitening(fitted.fit)
+    member = serving_module(model, retrieval_serve(model, whitening=pca), SIGNATURE, pca)
+    log.info("%s: %d-dimensional descriptor", run_dir, descriptor_dim(member))
+    return member
+
+
+def descriptor_dim(module: tf.Module) -> int:
+    """D of a retrieval module's [D] output (traces its serve once)."""
+    return int(module.serve.get_concrete_function().structured_outputs[OUTPUT].shape[0])
+
+
+def retrieval_module(members: Sequence[tf.Module], weights: Sequence[float]) -> tf.Module:
+    """The module to save: the one member as it is, or the members' weighted ensemble."""
+    if len(members) == 1:
+        return members[0]
+    module = tf.Module()
+    module.members = list(members)
+    module.serve = tf.function(ensemble_serve(members, weights), input_signature=SIGNATURE)
+    log.info("ensemble of %d runs, weights %s: %d-dimensional descriptor", len(members),
+             " ".join(f"{weight:g}" for weight in weights), descriptor_dim(module))
+    return module
 
 
 def whiten_to_dim(model: DelgModel, dim: int | None, whiten: WhitenSettings | None) -> WhitenSettings | None:
@@ -79,19 +123,23 @@ def zip_saved_model(saved_model_dir: Path, zip_path: Path) -> None:
                 archive.write(path, path.relative_to(saved_model_dir).as_posix())
 
 
-def export_retrieval(run_dir: Path, out_zip: Path, dim: int | None = None, max_mb: float = DEFAULT_MAX_MB,
-                     overwrite: bool = False, whiten: WhitenSettings | None = None) -> float:
-    """Write the retrieval SavedModel zip; returns its size in MB. Refuses a zip larger than max_mb. With `whiten`,
-    PCA whitening fitted on the training images at RETRIEVAL_SCALES is inside the model."""
+def export_retrieval(run_dirs: Sequence[Path], out_zip: Path, dim: int | None = None,
+                     max_mb: float = DEFAULT_MAX_MB, overwrite: bool = False, whiten: WhitenSettings | None = None,
+                     weights: Sequence[float] | None = None) -> float:
+    """Write the retrieval SavedModel zip of one run, or of several runs' ensemble (`weights`: one per run, default
+    all 1); returns its size in MB. Refuses a zip larger than max_mb. With `whiten`, PCA whitening fitted on each
+    run's training images at RETRIEVAL_SCALES is inside the model."""
     out_zip = Path(out_zip)
     if out_zip.exists() and not overwrite:
         raise UserError(f"{out_zip} already exists; remove it or choose another output path")
-    model = load_trained_model(run_dir)
-    fitted = fit_model_whitening(model, run_dir, whiten_to_dim(model, dim, whiten), RETRIEVAL_SCALES)
-    pca = None if fitted is None else PcaWhitening(fitted.fit)
+    if dim is not None and len(run_dirs) > 1:
+        raise UserError(f"--dim {dim} sets one run's descriptor size; an ensemble's is the sum of its runs': "
+                        f"reduce each run's with --whiten-dim instead")
+    weights = tuple(weights or (1.0,) * len(run_dirs))
+    members = [retrieval_member(run_dir, dim, whiten) for run_dir in run_dirs]
     out_zip.parent.mkdir(parents=True, exist_ok=True)
     with partial_dir(out_zip) as tmp:  # a killed export's folder is removed by the next one
-        module = serving_module(model, retrieval_serve(model, whitening=pca), SIGNATURE, pca)
+        module = retrieval_module(members, weights)
         tf.saved_model.save(module, str(tmp / "model"), signatures={"serving_default": module.serve},
                             options=SAVE_OPTIONS)
         partial = tmp / "model.zip"
@@ -100,5 +148,5 @@ def export_retrieval(run_dir: Path, out_zip: Path, dim: int | None = None, max_m
         if size_mb > max_mb:
             raise UserError(f"{out_zip}: the zip would be {size_mb:.1f} MB, over the --max-mb limit of {max_mb} MB")
         os.replace(partial, out_zip)
-    log.info("wrote %s (%.1f MB)", out_zip, size_mb)
+    log.info("wrote %s (%.1f MB, limit %g MB)", out_zip, size_mb, max_mb)
     return size_mb

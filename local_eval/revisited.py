@@ -4,7 +4,8 @@
         [--distractors DIR] [-- submission/main.py flags]
 
 It reads the revisitop layout (DIR/<dataset>/jpg/<name>.jpg, DIR/<dataset>/gnd_<dataset>.pkl), crops each query
-to its bbx, and runs submission/main.py's functions: global descriptors, exact kNN ranking the whole database
+to its bbx, and runs submission/main.py's functions: global descriptors, its global stage (PCA whitening fitted
+on the database by default; --dba-n, --qe-n, --superglobal-m when given) and exact kNN ranking the whole database
 (with --distractors, a folder of extra database images such as revisitop's 1M distractors), then its local-feature
 verification (pydegensac) of the top --rerank candidates, reordered as the notebook orders them. Flags after `--`
 are the script's (--settings tuned.json, --rerank N, --ransac-threshold-px 4, --workers 2, ...). It scores both
@@ -209,12 +210,21 @@ def global_descriptors(model, settings, images: Images, work: Path) -> dict[str,
     return found
 
 
-def global_ranking(queries: np.ndarray, database: np.ndarray, ok: np.ndarray,
+def global_ranking(queries: np.ndarray, database: np.ndarray, ok: np.ndarray, stage,
                    block_mb: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rankings [nq, n] of every database row, best first; cosines [nq, n_ok] of the readable rows): the
-    script's exact kNN over the readable rows, then the unreadable ones (logged by the extractor) last."""
+    """(rankings [nq, n] of every database row, best first; scores [nq, n_ok] of the readable rows): the
+    script's global stage over the readable rows (whitening fitted on them, DBA, exact kNN, alpha-QE, SuperGlobal,
+    as its settings ask), then the unreadable ones (logged by the extractor) last."""
+    sub = load_submission()
     readable = np.flatnonzero(ok)
-    cosines, found = load_submission().knn(queries, database[readable], len(readable), block_mb)
+    db, queries = database[readable].copy(), queries.copy()
+    if stage.whiten == "database" and len(db) > 1:
+        whitening = sub.fit_whitening(db, stage.whiten_shrinkage)
+        db, queries = sub.apply_whitening(db, whitening), sub.apply_whitening(queries, whitening)
+    if stage.dba_n:
+        db, _ = sub.database_augmentation(db, stage.dba_n, stage.dba_alpha, block_mb, stop=lambda: False)
+    cosines, found = sub.knn(queries, db, len(readable), block_mb)
+    cosines, found = sub.reranked(queries, db, cosines, found, stage, block_mb)
     unreadable = np.broadcast_to(np.flatnonzero(~ok), (len(queries), len(ok) - len(readable)))
     return np.concatenate([readable[found], unreadable], axis=1), cosines
 
@@ -355,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     database = np.concatenate([found["db"][0], found["distractors"][0]])
     database_ok = np.concatenate([found["db"][1], found["distractors"][1]])
     began = time.monotonic()
-    ranking, cosines = global_ranking(query_desc, database, database_ok, settings.run.knn_block_mb)
+    ranking, cosines = global_ranking(query_desc, database, database_ok, settings.global_stage,
+                                      settings.run.knn_block_mb)
     seconds["knn"] = time.monotonic() - began
     depth = min(settings.rerank_depth(), cosines.shape[1])
     reranked = rerank(model, settings, images, ranking, cosines, depth, work, seconds)
@@ -365,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         "about": {"queries": len(dataset.query_names), "database": len(dataset.db_names),
                   "distractors": len(images.names["distractors"]), "unreadable": int((~database_ok).sum()),
                   "scored_queries": scored_queries(dataset.gnd), "rerank": depth, "model": str(args.model),
-                  "script_flags": args.script_args, "crop_sizes": [list(s) for s in crop_sizes]},
+                  "script_flags": args.script_args,
+                  "global_stage": dataclasses.asdict(settings.global_stage),
+                  "crop_sizes": [list(s) for s in crop_sizes]},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     write_ranks(args.out / "ranks_global.csv", images, ranking)

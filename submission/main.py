@@ -1,7 +1,8 @@
 """Landmark recognition / retrieval submission: DELG global kNN, a global stage, then local reranking inside a
 time budget.
 
-One self-contained script (with budget.py and settings_cli.py beside it) to paste into a Kaggle notebook or run:
+One script, with the .py files beside it (it imports them from its own folder; the bundle ships them all), to
+paste into a Kaggle notebook or run:
 
     python main.py --task recognition --data ../input/landmark-recognition-2021 \
         --model ../input/delg-model [--model ../input/second-model] --out submission.csv [--settings tuned.json]
@@ -9,8 +10,10 @@ One self-contained script (with budget.py and settings_cli.py beside it) to past
 It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. nearest neighbours, 5. the global
 stage (whitening, non-landmark suppression, query expansion, database augmentation, SuperGlobal reranking),
 6. local features and verification, 7. scoring, 8. main. Only numpy, pandas, tensorflow, pydegensac,
-scikit-learn, tqdm, Pillow and the standard library are used. budget.py holds the cost model and the plan of
-the run (what fits the time limit); settings_cli.py turns the settings sections below into flags and files.
+scikit-learn, tqdm, Pillow and the standard library are used. The machinery lives beside it: budget.py (cost
+model, plan), probing.py (--probe), savedmodel.py (the DELG SavedModel contract, loading errors), store.py
+(decoding, caches), search.py (exact kNN), verifier.py (verification in worker processes), files.py (input
+checks, --out, --work and its lock, the run's records) and settings_cli.py (settings as flags and files).
 
 Settings come in small sections (extraction, global, verification, scoring, budget), each a dataclass whose
 fields are also the flags. They are layered: the script's defaults, then --preset, then the --settings file,
@@ -31,20 +34,13 @@ The kit (local_eval: replay, tune, show; tests and benches) imports only the nam
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
-import functools
-import importlib.metadata
-import json
 import logging
-import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -52,10 +48,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import pydegensac
-import tensorflow as tf
 from sklearn.isotonic import IsotonicRegression
-from threadpoolctl import threadpool_limits  # installed with scikit-learn
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the files shipped beside this one
 from budget import (  # noqa: E402
@@ -67,26 +60,29 @@ from budget import (  # noqa: E402
     ladder,
     plan_depth,
     plan_run,
-    project_rerank,
     project_seconds,
     rerank_seconds_per_query,
     stage_units,
     work_flags,
 )
-from search import (  # noqa: E402
-    KNN_DB_CHUNK,
-    KNN_Q_BLOCK,
-    knn,
-    knn_seconds_per_item,
-    l2_normalize,
+from files import (  # noqa: E402
+    append_verified_pairs,
+    check_columns,
+    check_ids,
+    check_output_paths,
+    list_image_ids,
+    read_table,
+    recorded_settings,
+    runtime_versions,
+    settings_record,
+    start_verified_pairs,
+    work_lock,
+    write_submission,
 )
-from settings_cli import (  # noqa: E402
-    InputError,
-    build_parser,
-    layer_settings,
-    read_settings_file,
-    setting,
-)
+from probing import gpu_present, probe  # noqa: E402
+from savedmodel import BATCH_SIGNATURES, DelgSavedModel  # noqa: E402
+from search import KNN_DB_CHUNK, KNN_Q_BLOCK, knn, knn_seconds_per_item, l2_normalize  # noqa: E402
+from settings_cli import InputError, build_parser, layer_settings, parse_shard, read_settings_file, setting  # noqa: E402
 from store import (  # noqa: E402
     NO_SPACE,
     LocalFeatures,
@@ -103,10 +99,9 @@ from store import (  # noqa: E402
     load_local,
     local_path,
     save_json,
-    space_checked,
     timed_global,
-    trim_local_cache,
 )
+from verifier import verification_pool, verify_batch  # noqa: E402
 
 log = logging.getLogger("submission")
 
@@ -121,7 +116,7 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all
     "ransac_matches", "inlier_mask", "count_inliers", "pixel_threshold", "Candidates", "recognition_predictions",
     "global_predictions", "verified_predictions", "retrieval_order", "nonlandmark_shares", "expected_local_scores",
     "rerank_order", "fit_whitening", "apply_whitening", "query_expansion", "database_augmentation",
-    "superglobal_rerank", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "BATCH_SIGNATURES", "Sizes", "Timing",
+    "superglobal_rerank", "reranked", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "BATCH_SIGNATURES", "Sizes", "Timing",
     "stage_units", "project_seconds", "rerank_seconds_per_query", "deepest_rerank", "plan_depth", "main",
 )
 KIT_API = __all__
@@ -136,7 +131,6 @@ DELG_ATTENTION_ABS_THRESHOLD = 0.0
 NOTEBOOK_LIMIT_H = 9.0  # Kaggle's notebook limit of most years (a copy of common/kit.py)
 IMAGE_SPLITS = {"recognition": ("train", "test"), "retrieval": ("index", "test")}
 RETRIEVAL_SIZE = 100  # index ids submitted per query
-ID_PATTERN = re.compile(r"[0-9A-Za-z_-]{3,}")  # an image id names its own folders a/b/c: 3 characters at least
 
 
 @dataclass(frozen=True)
@@ -345,84 +339,12 @@ def check_consistency(settings: Settings) -> None:
     parse_shard(run.shard)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise InputError(f"--shard must look like i/n, got {text!r}") from None
-    if not 0 <= index < count:
-        raise InputError(f"--shard {text}: need 0 <= i < n")
-    return index, count
-
-
-@functools.cache
-def runtime_versions() -> dict[str, str]:
-    """The versions this run uses: Python and the packages the script imports (settings.json, timing.json)."""
-    versions = {"python": sys.version.split()[0], "tensorflow": tf.__version__}
-    for name in ("numpy", "pandas", "scikit-learn", "pydegensac"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:  # imported, yet installed without metadata
-            versions[name] = "unknown"
-    return versions
-
-
-def settings_record(settings: Settings, plan: dict | None = None) -> dict:
-    """The run's settings as JSON: one object per section, where each value came from, the plan's choice."""
-    as_json = lambda section: json.loads(json.dumps(dataclasses.asdict(section), default=str))
-    record = {name: as_json(getattr(settings, name)) for name in ("run", *SECTIONS)}
-    record["scoring"]["rerank"] = settings.rerank_depth()
-    record["sources"] = settings.sources
-    record["versions"] = runtime_versions()
-    if plan is not None:
-        record["plan"] = plan
-    return record
-
-
 def read_settings_record(work: Path) -> Settings | None:
     """The settings a finished run recorded in WORK/settings.json (None when it left none)."""
-    path = Path(work) / "settings.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    run = record["run"]
-    models = run["model"] if isinstance(run["model"], list) else [run["model"]]
-    argv = ["--task", run["task"], "--data", run["data"], *[a for m in models for a in ("--model", m)],
-            "--work", str(work), "--settings", str(path)]
-    return parse_settings(argv)
+    return recorded_settings(work, parse_settings)
 
 
 # %% 2. Inputs
-def read_table(path: Path, **options) -> pd.DataFrame:
-    """A CSV file (a header line and zero or more rows); a clear error when missing or without a header."""
-    if not path.is_file():
-        raise InputError(f"{path} not found")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, **options)
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{path} is empty: it needs at least a header line") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not a CSV file ({str(err).splitlines()[0]})") from None
-
-
-def check_columns(frame: pd.DataFrame, path: Path, columns: set[str]) -> None:
-    missing = columns - set(frame.columns)
-    if missing:
-        raise InputError(f"{path} lacks columns {sorted(missing)}")
-
-
-def check_ids(ids: pd.Series, path: Path) -> None:
-    """Every id a valid image id, none twice; the error names the file, line and id."""
-    bad = np.flatnonzero(~ids.str.fullmatch(ID_PATTERN.pattern).to_numpy(bool))
-    if len(bad):
-        raise InputError(f"{path} line {bad[0] + 2}: id {ids.iloc[bad[0]]!r} is not an image id "
-                         "(3 or more letters, digits, _ or -)")
-    repeated = np.flatnonzero(ids.duplicated().to_numpy())
-    if len(repeated):
-        first = int(np.flatnonzero((ids == ids.iloc[repeated[0]]).to_numpy())[0])
-        raise InputError(f"{path} line {repeated[0] + 2}: id {ids.iloc[repeated[0]]} repeats line {first + 2}")
-
-
 def read_test_ids(data: Path) -> list[str]:
     """Test ids come from sample_submission.csv, so the output has exactly the rows the server expects."""
     path = data / "sample_submission.csv"
@@ -446,17 +368,6 @@ def read_train_labels(data: Path) -> tuple[list[str], np.ndarray]:
     return frame["id"].tolist(), frame["landmark_id"].astype(np.int64).to_numpy()
 
 
-def list_image_ids(folder: Path) -> list[str]:
-    """Ids of the .jpg files under folder (GLDv2 layout); a file whose name is no image id is skipped."""
-    if not folder.is_dir():
-        raise InputError(f"{folder} not found")
-    stems = sorted(p.stem for p in folder.rglob("*.jpg"))
-    valid = [s for s in stems if ID_PATTERN.fullmatch(s)]
-    if len(valid) < len(stems):
-        log.warning("%s: skipping %d files whose names are no image ids", folder, len(stems) - len(valid))
-    return valid
-
-
 def round_robin(labels: np.ndarray) -> np.ndarray:
     """Row order taking one image of every landmark before a second of any: a database pass cut short by the
     deadline still covers every landmark."""
@@ -464,195 +375,162 @@ def round_robin(labels: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(labels)), occurrence))
 
 
-def check_output_paths(run: Run) -> None:
-    """--out must be a file path and --work a folder path that can be created; one error line otherwise."""
-    for name, path, is_folder in (("--out", run.out, False), ("--work", run.work, True)):
-        if path.exists() and path.is_dir() != is_folder:
-            raise InputError(f"{name} {path} is {'a file' if is_folder else 'a folder'}")
-        folder = path if is_folder else path.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise InputError(f"{name} {path}: cannot create {folder} ({err.strerror or err})") from None
-        if not os.access(folder, os.W_OK):
-            raise InputError(f"{name} {path}: {folder} is not writable")
+@dataclass
+class Inputs:
+    """What a run reads: ids, labels (recognition), the database in round-robin order, the non-landmark set."""
+
+    test_ids: list[str]
+    db_split: str
+    db_ids: list[str]
+    labels: np.ndarray
+    nonlandmark_ids: list[str] = field(default_factory=list)
+    nonlandmark_paths: list[Path] = field(default_factory=list)
+
+    def sizes(self) -> Sizes:
+        return Sizes(len(self.db_ids), len(self.test_ids), len(self.nonlandmark_ids))
 
 
-@contextlib.contextmanager
-def work_lock(work: Path) -> Iterator[None]:
-    """Hold WORK/.lock while the run lasts: a second run on the same --work refuses to start, since it would
-    rewrite or delete the caches under the first. The system drops the lock when the run ends, however it ends."""
-    path = work / ".lock"
-    with space_checked(path):
-        file = open(path, "a+")  # held open, and locked, until the run ends
-    with file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            raise InputError(f"--work {work} is in use by another run ({holder}); wait for it to end or give "
-                             "another --work") from None
-        except OSError as err:  # a file system without locks: run unprotected rather than not at all
-            log.warning("cannot lock %s (%s): make sure no other run uses this --work", path, err.strerror)
-        with space_checked(path):
-            file.truncate(0)
-            file.write(f"process {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            file.flush()
-        yield
+def read_inputs(run: Run) -> Inputs:
+    """The ids and labels of a run, checked before anything is written: a database to search, the image folders,
+    the --nonlandmark-dir."""
+    db_split, query_split = IMAGE_SPLITS[run.task]
+    test_ids = read_test_ids(run.data)
+    if run.task == "recognition":
+        db_ids, labels = read_train_labels(run.data)
+        if not db_ids:
+            raise InputError(f"{run.data / 'train.csv'} lists no images: there is no database to search")
+        order = round_robin(labels)
+        db_ids, labels = [db_ids[i] for i in order], labels[order]
+    else:
+        db_ids, labels = list_image_ids(run.data / "index"), np.zeros(0, np.int64)
+        if not db_ids:
+            raise InputError(f"{run.data / 'index'} holds no .jpg images named by an image id: there is no "
+                             "database to search")
+    for split in (db_split, query_split) if test_ids else (db_split,):
+        if not (run.data / split).is_dir():
+            raise InputError(f"{run.data / split} not found: the {split} images belong there")
+    if not test_ids:
+        log.warning("%s lists no test images: the submission will hold only its header",
+                    run.data / "sample_submission.csv")
+    return Inputs(test_ids, db_split, db_ids, labels, *nonlandmark_paths(run))
+
+
+def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
+    """Ids and paths of the --nonlandmark-dir images (none without the flag)."""
+    if run.nonlandmark_dir is None:
+        return [], []
+    if not run.nonlandmark_dir.is_dir():
+        raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} is not a folder")
+    paths = sorted(p for p in run.nonlandmark_dir.rglob("*") if p.is_file())
+    return [str(p.relative_to(run.nonlandmark_dir)) for p in paths], paths
 
 
 # %% 3. Global descriptors
-DELG_INPUTS = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
-               "input_global_scales_ind")
-DELG_OUTPUTS = ("boxes", "features", "scales", "scores", "global_descriptors")
-# (precision, XLA-compiled) -> the batched signature export/delg.py writes for it
-BATCH_SIGNATURES = {("float32", False): "global_batch", ("float32", True): "global_batch_xla",
-                    ("float16", False): "global_batch_float16", ("float16", True): "global_batch_float16_xla"}
+# A DELG model (savedmodel.py) gives each image a global descriptor: each scale's L2-normalized, summed,
+# L2-normalized. store.py batches the images by size and caches the descriptors per model and split.
+class Models(NamedTuple):
+    """The global models (one, or an ensemble) and the one whose local features verify."""
+
+    global_models: list[DelgSavedModel]
+    weights: tuple[float, ...]
+    local: DelgSavedModel
+
+    def has(self, precision: str, xla: bool) -> bool:
+        return all((precision, xla) in model.batched for model in self.global_models)
 
 
-OLDEST_LOADING_TF = "2.10"  # the oldest TensorFlow known to load the kit's exports (2.9 lacks DisableCopyOnRead)
-EXPORT_INFO_PATH = ("assets", "export_info.json")  # export/delg.py writes the exporting versions there
+def load_models(run: Run, extraction: Extraction) -> Models:
+    paths = [path.resolve() for path in run.model]
+    models = [DelgSavedModel(path, extraction) for path in run.model]
+    local_path_ = run.verifying_model().resolve()
+    local = models[paths.index(local_path_)] if local_path_ in paths else DelgSavedModel(local_path_, extraction)
+    return Models(models, run.model_weights or (1.0,) * len(models), local)
 
 
-def load_saved_model(model_dir: Path):
-    """tf.saved_model.load, or one InputError naming the folder (and, when TensorFlow fails, the versions)."""
-    if not model_dir.is_dir():
-        raise InputError(f"--model {model_dir}: {'not a folder' if model_dir.exists() else 'no such folder'}")
-    if not (model_dir / "saved_model.pb").is_file():
-        raise InputError(f"--model {model_dir} is not a SavedModel folder (no saved_model.pb)")
-    try:
-        return tf.saved_model.load(str(model_dir))
-    except Exception as err:  # noqa: BLE001 - whatever TensorFlow raises (an op it lacks, a corrupt file): one line
-        raise InputError(model_load_error(model_dir, err)) from None
+class Descriptors(NamedTuple):
+    """The global descriptors of a run (the ensemble's, combined): database rows that were readable and searched
+    (and their row numbers in Inputs.db_ids), queries (all, with an ok mask), non-landmark images."""
+
+    db: np.ndarray
+    db_rows: np.ndarray
+    queries: np.ndarray
+    query_ok: np.ndarray
+    nonlandmarks: np.ndarray
 
 
-def model_load_error(model_dir: Path, err: Exception) -> str:
-    """One line: the load failure, this TensorFlow, the one that exported the model, the oldest known to work."""
-    try:
-        info = json.loads(model_dir.joinpath(*EXPORT_INFO_PATH).read_text())
-        exported = f"TensorFlow {info['versions']['tensorflow']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        exported = f"an unrecorded TensorFlow (no version in {'/'.join(EXPORT_INFO_PATH)})"
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-    return (f"--model {model_dir}: TensorFlow {tf.__version__} cannot load it ({reason}); it was exported with "
-            f"{exported}; TensorFlow {OLDEST_LOADING_TF} or newer is known to load the kit's exports")
+def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timing, knn_rate: float
+                ) -> Descriptors | None:
+    """Every model's descriptors of the database, the queries and the non-landmark set (cached per model), or
+    None for a shard run. The database passes stop early when the queries and kNN would no longer fit."""
+    run, extraction = settings.run, settings.extraction
+    shard = parse_shard(run.shard)
+    _, query_split = IMAGE_SPLITS[run.task]
+    sizes = inputs.sizes()
+    db_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids]
+    query_paths = [image_path(run.data, query_split, i) for i in inputs.test_ids]
+    splits = {"db": [], "query": [], "nonlandmark": []}
+    cut_any = False
+    for m, model in enumerate(models.global_models):
+        cache = run.work / "global" / f"m{m}"
+        # the queries of every model, and the database of the models after this one, must still fit
+        later = Sizes(sizes.db * (len(models.global_models) - 1 - m), sizes.queries * len(models.global_models), 0)
+        stop = database_stop_rule(timing, Sizes(later.db, later.queries, 0), knn_rate) if shard == (0, 1) else None
+        cut = timed_global(model, inputs.db_ids, db_paths, cache / inputs.db_split, extraction, run, timing,
+                           "global_db", shard, stop)
+        if shard != (0, 1):
+            log.info("shard %d/%d extracted into %s", *shard, cache / inputs.db_split)
+            continue
+        cut_any |= cut
+        splits["db"].append(load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size, model.global_dim,
+                                        allow_missing=cut))
+        query_cut = timed_global(model, inputs.test_ids, query_paths, cache / query_split, extraction, run, timing,
+                                 "global_query", stop=timing.past_deadline)  # the rest: unreadable, predicted empty
+        splits["query"].append(load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim,
+                                           allow_missing=query_cut))
+        nl_cut = timed_global(model, inputs.nonlandmark_ids, inputs.nonlandmark_paths, cache / "nonlandmark",
+                              extraction, run, timing, "global_db", stop=timing.past_deadline)
+        splits["nonlandmark"].append(load_global(cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size,
+                                                 model.global_dim, allow_missing=nl_cut))
+    if shard != (0, 1):
+        return None
+    (db, db_ok), (queries, query_ok), (nonlandmarks, nl_ok) = (combine(splits[s], models.weights) for s in splits)
+    db, db_rows = compact_valid(db, db_ok)
+    if not cut_any and not len(db_rows):
+        raise InputError(f"none of the {sizes.db} database images under {run.data / inputs.db_split} could be "
+                         "read (see the warnings above): there is no database to search")
+    if cut_any:
+        log.warning("database pass cut by the deadline: %d of %d images searched", len(db_rows), sizes.db)
+        timing.plan["database_cut_at"] = int(len(db_rows))
+    return Descriptors(db, db_rows, queries, query_ok, compact_valid(nonlandmarks, nl_ok)[0])
 
 
-def contract_error(model_dir: Path, serving) -> InputError:
-    """The error for a SavedModel that is not DELG: what was expected, what it has."""
-    expected = (f"expected the DELG contract, serving_default({', '.join(DELG_INPUTS)}) -> "
-                f"{', '.join(DELG_OUTPUTS)} (or a TF1 export with these tensors)")
-    if serving is None:
-        return InputError(f"--model {model_dir} is not a DELG model: {expected}; it has no serving_default and no "
-                          "TF1 graph with these tensors")
-    inputs, outputs = sorted(serving.structured_input_signature[1]), sorted(serving.structured_outputs)
-    hint = "; it is a retrieval model (the Kaggle retrieval contract), not the DELG export" if (
-        outputs == ["global_descriptor"]) else ""
-    return InputError(f"--model {model_dir} is not a DELG model: {expected}; its serving_default takes "
-                      f"{', '.join(inputs) or 'nothing'} and gives {', '.join(outputs) or 'nothing'}{hint}")
-
-
-class DelgSavedModel:
-    """Calls a DELG SavedModel: TF2 serving_default (and its batched global signatures when exported with them),
-    or a TF1 export through .prune() on tensor names."""
-
-    def __init__(self, model_dir: Path, extraction: Extraction):
-        self.model = load_saved_model(model_dir)
-        info = model_dir / "assets" / "export_info.json"  # a global-only export has no local features
-        self.has_local = not (info.is_file() and json.loads(info.read_text()).get("global_only", False))
-        self.scales = tf.constant(extraction.scales, tf.float32)
-        self.global_indices = tf.constant(extraction.global_scale_indices, tf.int32)
-        self.max_features = extraction.max_features
-        self.threshold = tf.constant(extraction.attention_threshold, tf.float32)
-        signatures = getattr(self.model, "signatures", {})
-        serving = signatures.get("serving_default")
-        if serving is not None and set(DELG_INPUTS) <= set(serving.structured_input_signature[1]):
-            if not set(DELG_OUTPUTS) <= set(serving.structured_outputs):
-                raise contract_error(model_dir, serving)
-            self.kind, self.function = "tf2", serving
-        else:
-            self.kind, self.function = "tf1", self._prune(model_dir, serving)
-        self.batched = {key: signatures[name] for key, name in BATCH_SIGNATURES.items() if name in signatures}
-        probe = np.full((1, 64, 64, 3), 128, np.uint8)
-        probe_dim = lambda: int(self.global_batch(probe, extraction.global_scales(), "float32").shape[1])
-        if self.batched:
-            try:
-                self.global_dim = probe_dim()
-            except tf.errors.OpError as err:  # a batched function this TensorFlow cannot run: the contract still works
-                log.warning("the batched global functions fail here (%s): one image per call",
-                            str(err).strip().splitlines()[0][:200])
-                self.batched = {}
-        if not self.batched:
-            try:
-                self.global_dim = probe_dim()
-            except (tf.errors.OpError, ValueError, TypeError, KeyError, IndexError) as err:
-                raise InputError(f"--model {model_dir}: the DELG contract fails on a 64x64 test image "
-                                 f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]})") from None
-        names = [BATCH_SIGNATURES[key] for key in self.batched]
-        log.info("loaded %s DELG model from %s (global dimension %d, batched global: %s)", self.kind, model_dir,
-                 self.global_dim, ", ".join(names) or "no")
-
-    def _prune(self, model_dir: Path, serving) -> Callable:
-        """The TF1 contract: the graph's DELG tensors by name (input_max_feature_num and input_global_scales_ind
-        may be absent)."""
-        needed = ("input_image", "input_scales", "input_abs_thres", *DELG_OUTPUTS)
-        if not all(self._has_tensor(name) for name in needed):
-            raise contract_error(model_dir, serving)
-        feeds = [name for name in DELG_INPUTS if self._has_tensor(name)]
-        self.tf1_feeds = feeds
-        return self.model.prune([f"{name}:0" for name in feeds], [f"{name}:0" for name in DELG_OUTPUTS])
-
-    def _has_tensor(self, name: str) -> bool:
-        try:
-            self.model.graph.get_operation_by_name(name)
-            return True
-        except (KeyError, AttributeError, ValueError):
-            return False
-
-    def __call__(self, image: np.ndarray, max_features: int, scales: tf.Tensor | None = None,
-                 global_indices: tf.Tensor | None = None) -> dict[str, np.ndarray]:
-        """The DELG contract on one image: boxes, features, scales, scores, global_descriptors."""
-        if scales is None:
-            scales, global_indices = self.scales, self.global_indices
-        elif global_indices is None:
-            global_indices = tf.range(tf.size(scales))
-        inputs = {"input_image": tf.constant(image), "input_scales": scales,
-                  "input_max_feature_num": tf.constant(max_features, tf.int32), "input_abs_thres": self.threshold,
-                  "input_global_scales_ind": global_indices}
-        if self.kind == "tf2":
-            outputs = self.function(**inputs)
-        else:
-            outputs = dict(zip(DELG_OUTPUTS, self.function(*[inputs[name] for name in self.tf1_feeds]),
-                               strict=True))
-        return {name: value.numpy() for name, value in outputs.items()}
-
-    def global_descriptor(self, image: np.ndarray, global_scales: tuple[float, ...]) -> np.ndarray:
-        """One image through the contract: L2-normalize each scale's descriptor, sum, L2-normalize (as DELG)."""
-        scales = tf.constant(global_scales, tf.float32)
-        raw = self(image, max_features=0, scales=scales)["global_descriptors"]
-        return l2_normalize(l2_normalize(np.atleast_2d(raw).astype(np.float32)).sum(axis=0))
-
-    def global_batch(self, images: np.ndarray, global_scales: tuple[float, ...], precision: str,
-                     xla: bool = False) -> np.ndarray:
-        """Descriptors [B,D] of B images of one size: one batched call when the model has a function for this
-        precision (XLA-compiled if asked and present), else one contract call per image."""
-        function = self.batched.get((precision, xla)) or self.batched.get((precision, False))
-        if function is None:
-            return np.stack([self.global_descriptor(image, global_scales) for image in images])
-        outputs = function(input_images=tf.constant(images), input_scales=tf.constant(global_scales, tf.float32))
-        return outputs["global_descriptors"].numpy().astype(np.float32)
-
-    def local_features(self, image: np.ndarray) -> LocalFeatures:
-        """Keypoints [N,2] (box centres, y x), L2-normalized descriptors [N,128] and the image's longer side."""
-        outputs = self(image, self.max_features)
-        boxes = outputs["boxes"].reshape(-1, 4)
-        keypoints = (boxes[:, :2] + boxes[:, 2:]) / 2
-        return LocalFeatures(keypoints.astype(np.float32), l2_normalize(outputs["features"].astype(np.float32)),
-                             max(image.shape[:2]))
+def combine(parts: list[tuple[np.ndarray, np.ndarray]], weights: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One model's (descriptors, ok) as they are; an ensemble's concatenated, each model's unit rows times its
+    weight, normalized (rows ok in every model)."""
+    if len(parts) == 1:
+        return parts[0]
+    ok = np.logical_and.reduce([part_ok for _, part_ok in parts])
+    joined = np.concatenate([weight * descriptors for (descriptors, _), weight in zip(parts, weights, strict=True)],
+                            axis=1)
+    return l2_normalize(joined), ok
 
 
 # %% 4. Nearest neighbours
+# search.py's knn: the exact top-k cosines, in blocks of bounded memory. Here: how many candidates a query gets,
+# and an image's nearest non-landmark images.
+def candidate_count(settings: Settings) -> int:
+    """Neighbours searched per query: what scoring, reranking and submitting read."""
+    depth, stage = settings.rerank_depth(), settings.global_stage
+    if settings.run.task == "retrieval":
+        return max(RETRIEVAL_SIZE, depth, stage.superglobal_m)
+    return max(settings.scoring.top_k, stage.global_top_k, depth, stage.superglobal_m)
+
+
+def nonlandmark_cosines(descriptors: np.ndarray, nonlandmarks: np.ndarray, k: int, block_mb: int) -> np.ndarray:
+    """Each row's k highest cosines to the non-landmark set, descending ([n, 0] without one)."""
+    if len(nonlandmarks) == 0 or len(descriptors) == 0:
+        return np.zeros((len(descriptors), 0), np.float32)
+    return knn(descriptors, nonlandmarks, k, block_mb)[0].astype(np.float32)
 
 
 # %% 5. The global stage
@@ -742,16 +620,51 @@ def superglobal_rerank(queries: np.ndarray, database: np.ndarray, cosines: np.nd
     return cosines, neighbours
 
 
-def nonlandmark_cosines(descriptors: np.ndarray, nonlandmarks: np.ndarray, k: int, block_mb: int) -> np.ndarray:
-    """Each row's k highest cosines to the non-landmark set, descending ([n, 0] without one)."""
-    if len(nonlandmarks) == 0 or len(descriptors) == 0:
-        return np.zeros((len(descriptors), 0), np.float32)
-    return knn(descriptors, nonlandmarks, k, block_mb)[0].astype(np.float32)
+def global_stage(found: Descriptors, n_db: int, settings: Settings, timing: Timing) -> Candidates:
+    """Whitening, non-landmark cosines, DBA, kNN, alpha-QE and SuperGlobal, as the settings ask: the candidates."""
+    stage, run = settings.global_stage, settings.run
+    db, queries, nonlandmarks = found.db, found.queries, found.nonlandmarks
+    began = time.monotonic()
+    if stage.whiten == "database" and len(db) > 1:
+        whitening = fit_whitening(db, stage.whiten_shrinkage)
+        db, queries, nonlandmarks = (apply_whitening(x, whitening) for x in (db, queries, nonlandmarks))
+    products = 0
+    query_nl = nonlandmark_cosines(queries, nonlandmarks, max(stage.query_nonlandmark_k, settings.scoring.top_k),
+                                   run.knn_block_mb)
+    db_nl = np.zeros((n_db, 0), np.float32)
+    if stage.suppression and run.task == "recognition" and len(nonlandmarks):
+        found_nl = nonlandmark_cosines(db, nonlandmarks, stage.db_nonlandmark_k, run.knn_block_mb)
+        db_nl = np.zeros((n_db, found_nl.shape[1]), np.float32)
+        db_nl[found.db_rows] = found_nl
+        products += len(db) * len(nonlandmarks)
+    if stage.dba_n:
+        db, _ = database_augmentation(db, stage.dba_n, stage.dba_alpha, run.knn_block_mb, timing.past_deadline)
+        products += len(db) * len(db)
+    cosines, rows = knn(queries, db, candidate_count(settings), run.knn_block_mb)
+    products += len(queries) * (len(db) + len(nonlandmarks))
+    timing.add("knn", products, time.monotonic() - began)
+    began = time.monotonic()
+    cosines, rows = reranked(queries, db, cosines, rows, stage, run.knn_block_mb)
+    if stage.qe_n or stage.superglobal_m:
+        timing.add("global_rerank", len(queries), time.monotonic() - began)
+    return Candidates(cosines, found.db_rows[rows], found.query_ok, query_nl, db_nl)
+
+
+def reranked(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
+             block_mb: int) -> tuple[np.ndarray, np.ndarray]:
+    """alpha-QE (a second search) and SuperGlobal, as the settings ask."""
+    if stage.qe_n:
+        expanded = query_expansion(queries, db, cosines, rows, stage.qe_n, stage.qe_alpha)
+        cosines, rows = knn(expanded, db, rows.shape[1], block_mb)
+    if stage.superglobal_m:
+        cosines, rows = superglobal_rerank(queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k,
+                                           stage.superglobal_beta)
+    return cosines, rows
 
 
 # %% 6. Local features and verification
-
-
+# Local features come from the DELG model, cached by store.py; verifier.py applies the rule below (count_inliers)
+# to each batch's pairs, in worker processes.
 def putative_matches(desc_a: np.ndarray, desc_b: np.ndarray, max_distance: float,
                      mutual: bool) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (a, b): b is a's nearest neighbour within max_distance (and, if mutual, vice versa)."""
@@ -810,45 +723,37 @@ def count_inliers(a: LocalFeatures, b: LocalFeatures, verification: Verification
     return int(np.count_nonzero(ransac_matches(a, b, verification)[2]))
 
 
-_WORKER_SETTINGS: list[Verification] = []
-
-
-def _init_worker(verification: Verification) -> None:
-    """One BLAS thread per worker: small matrix products run several times slower on busy shared cores."""
-    _WORKER_SETTINGS[:] = [verification]
-    threadpool_limits(1)
-
-
-def verify_query(task: tuple[Path, list[Path]]) -> list[int]:
-    """Inliers between one query and each of its candidates, from their cached local features."""
-    query = load_local(task[0])
-    return [count_inliers(query, load_local(path), _WORKER_SETTINGS[0]) for path in task[1]]
-
-
-@contextlib.contextmanager
-def verification_pool(verification: Verification, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
-    """Worker processes for verify_query, started once for the whole rerank; None: verify in this process."""
-    if workers <= 1:
-        _WORKER_SETTINGS[:] = [verification]
-        yield None
-        return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (verification,)) as pool:
-        yield pool
-
-
-def verify_all(tasks: list[tuple[Path, list[Path]]], pool: multiprocessing.pool.Pool | None,
-               stop: Callable[[], bool] = lambda: False) -> list[list[int]]:
-    """verify_query over the tasks in order, in the pool's processes or (no pool) in this one, until stop() says
-    so: the results of the queries finished by then."""
-    results = []
-    with threadpool_limits(1) if pool is None else contextlib.nullcontext():
-        found = map(verify_query, tasks) if pool is None else pool.imap(verify_query, tasks, chunksize=4)
-        for result in tqdm(found, total=len(tasks), desc="verify", unit="query", leave=False):
-            results.append(result)
-            if stop():
+def rerank(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: Inputs, neighbours: np.ndarray,
+           order: list[int], max_depth: int, on_progress: Callable[[np.ndarray, list[int]], None]) -> np.ndarray:
+    """Inliers [nq, candidates] (-1: not verified), batch after batch in `order` while the budget allows; every
+    image and every query checks the deadline. on_progress(inliers, queries) after each batch."""
+    run, budget = settings.run, settings.budget
+    inliers = np.full(neighbours.shape, -1, np.int64)
+    if budget.max_rerank_queries is not None:
+        order = order[:budget.max_rerank_queries]
+    start, new_image_share = 0, 1.0
+    with verification_pool(count_inliers, settings.verification, run.workers) as pool:
+        while start < len(order) and max_depth > 0:
+            depth = plan_depth(timing, len(order) - start, max_depth, new_image_share)
+            if depth == 0 or timing.past_deadline():
                 break
-    return results
+            batch = order[start:start + (budget.warmup_queries if start == 0 else budget.rerank_batch)]
+            candidates = [[inputs.db_ids[j] for j in neighbours[q, :depth]] for q in batch]
+            counts, new_image_share = verify_batch(model, settings, timing, pool,
+                                                   [inputs.test_ids[q] for q in batch], inputs.db_split, candidates)
+            done = batch[:len(counts)]
+            for q, query_counts in zip(done, counts, strict=True):
+                inliers[q, :len(query_counts)] = query_counts
+            timing.rerank_depth = max(timing.rerank_depth, depth)
+            start += len(done)
+            log.info("reranked %d of %d queries at depth %d", start, len(order), depth)
+            on_progress(inliers, done)
+            if len(done) < len(batch):
+                break
+    if start < len(order):
+        log.info("time budget reached: %d of %d queries keep their global ranking", len(order) - start, len(order))
+    timing.save()
+    return inliers
 
 
 # %% 7. Scoring
@@ -996,326 +901,7 @@ def rerank_order(priority: np.ndarray, query_ok: np.ndarray) -> list[int]:
     return [int(q) for q in np.argsort(-priority, kind="stable") if query_ok[q]]
 
 
-def write_submission(path: Path, task: str, test_ids: list[str], rows: list[str]) -> None:
-    column = "landmarks" if task == "recognition" else "images"
-    frame = pd.DataFrame({"id": test_ids, column: rows})
-    atomic_save(path, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-PAIR_COLUMNS = ["id", "rank", "candidate", "cosine", "inliers"]
-
-
-def start_verified_pairs(path: Path) -> None:
-    """A fresh verified_pairs.csv holding only its header; append_verified_pairs adds each batch."""
-    atomic_save(path, lambda tmp: pd.DataFrame(columns=PAIR_COLUMNS).to_csv(tmp, index=False))
-
-
-def append_verified_pairs(path: Path, query_ids: list[str], db_ids: list[str], neighbours: np.ndarray,
-                          cosines: np.ndarray, inliers: np.ndarray) -> None:
-    """The verified (query, candidate) pairs of these queries with rank, cosine and inliers (debugging, pictures)."""
-    queries, ranks = np.nonzero(inliers >= 0)
-    frame = pd.DataFrame({"id": [query_ids[q] for q in queries], "rank": ranks + 1,
-                          "candidate": [db_ids[j] for j in neighbours[queries, ranks]],
-                          "cosine": np.round(cosines[queries, ranks], 6), "inliers": inliers[queries, ranks]})
-    with space_checked(path):
-        frame.to_csv(path, mode="a", header=False, index=False)
-
-
 # %% 8. Main
-@dataclass
-class Inputs:
-    """What a run reads: ids, labels (recognition), the database in round-robin order, the non-landmark set."""
-
-    test_ids: list[str]
-    db_split: str
-    db_ids: list[str]
-    labels: np.ndarray
-    nonlandmark_ids: list[str] = field(default_factory=list)
-    nonlandmark_paths: list[Path] = field(default_factory=list)
-
-    def sizes(self) -> Sizes:
-        return Sizes(len(self.db_ids), len(self.test_ids), len(self.nonlandmark_ids))
-
-
-def read_inputs(run: Run) -> Inputs:
-    """The ids and labels of a run, checked before anything is written: a database to search, the image folders,
-    the --nonlandmark-dir."""
-    db_split, query_split = IMAGE_SPLITS[run.task]
-    test_ids = read_test_ids(run.data)
-    if run.task == "recognition":
-        db_ids, labels = read_train_labels(run.data)
-        if not db_ids:
-            raise InputError(f"{run.data / 'train.csv'} lists no images: there is no database to search")
-        order = round_robin(labels)
-        db_ids, labels = [db_ids[i] for i in order], labels[order]
-    else:
-        db_ids, labels = list_image_ids(run.data / "index"), np.zeros(0, np.int64)
-        if not db_ids:
-            raise InputError(f"{run.data / 'index'} holds no .jpg images named by an image id: there is no "
-                             "database to search")
-    for split in (db_split, query_split) if test_ids else (db_split,):
-        if not (run.data / split).is_dir():
-            raise InputError(f"{run.data / split} not found: the {split} images belong there")
-    if not test_ids:
-        log.warning("%s lists no test images: the submission will hold only its header",
-                    run.data / "sample_submission.csv")
-    return Inputs(test_ids, db_split, db_ids, labels, *nonlandmark_paths(run))
-
-
-def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
-    """Ids and paths of the --nonlandmark-dir images (none without the flag)."""
-    if run.nonlandmark_dir is None:
-        return [], []
-    if not run.nonlandmark_dir.is_dir():
-        raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} is not a folder")
-    paths = sorted(p for p in run.nonlandmark_dir.rglob("*") if p.is_file())
-    return [str(p.relative_to(run.nonlandmark_dir)) for p in paths], paths
-
-
-class Models(NamedTuple):
-    """The global models (one, or an ensemble) and the one whose local features verify."""
-
-    global_models: list[DelgSavedModel]
-    weights: tuple[float, ...]
-    local: DelgSavedModel
-
-    def has(self, precision: str, xla: bool) -> bool:
-        return all((precision, xla) in model.batched for model in self.global_models)
-
-
-def load_models(run: Run, extraction: Extraction) -> Models:
-    paths = [path.resolve() for path in run.model]
-    models = [DelgSavedModel(path, extraction) for path in run.model]
-    local_path_ = run.verifying_model().resolve()
-    local = models[paths.index(local_path_)] if local_path_ in paths else DelgSavedModel(local_path_, extraction)
-    return Models(models, run.model_weights or (1.0,) * len(models), local)
-
-
-class Descriptors(NamedTuple):
-    """The global descriptors of a run (the ensemble's, combined): database rows that were readable and searched
-    (and their row numbers in Inputs.db_ids), queries (all, with an ok mask), non-landmark images."""
-
-    db: np.ndarray
-    db_rows: np.ndarray
-    queries: np.ndarray
-    query_ok: np.ndarray
-    nonlandmarks: np.ndarray
-
-
-def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timing, knn_rate: float
-                ) -> Descriptors | None:
-    """Every model's descriptors of the database, the queries and the non-landmark set (cached per model), or
-    None for a shard run. The database passes stop early when the queries and kNN would no longer fit."""
-    run, extraction = settings.run, settings.extraction
-    shard = parse_shard(run.shard)
-    _, query_split = IMAGE_SPLITS[run.task]
-    sizes = inputs.sizes()
-    db_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids]
-    query_paths = [image_path(run.data, query_split, i) for i in inputs.test_ids]
-    splits = {"db": [], "query": [], "nonlandmark": []}
-    cut_any = False
-    for m, model in enumerate(models.global_models):
-        cache = run.work / "global" / f"m{m}"
-        # the queries of every model, and the database of the models after this one, must still fit
-        later = Sizes(sizes.db * (len(models.global_models) - 1 - m), sizes.queries * len(models.global_models), 0)
-        stop = database_stop_rule(timing, Sizes(later.db, later.queries, 0), knn_rate) if shard == (0, 1) else None
-        cut = timed_global(model, inputs.db_ids, db_paths, cache / inputs.db_split, extraction, run, timing,
-                           "global_db", shard, stop)
-        if shard != (0, 1):
-            log.info("shard %d/%d extracted into %s", *shard, cache / inputs.db_split)
-            continue
-        cut_any |= cut
-        splits["db"].append(load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size, model.global_dim,
-                                        allow_missing=cut))
-        query_cut = timed_global(model, inputs.test_ids, query_paths, cache / query_split, extraction, run, timing,
-                                 "global_query", stop=timing.past_deadline)  # the rest: unreadable, predicted empty
-        splits["query"].append(load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim,
-                                           allow_missing=query_cut))
-        nl_cut = timed_global(model, inputs.nonlandmark_ids, inputs.nonlandmark_paths, cache / "nonlandmark",
-                              extraction, run, timing, "global_db", stop=timing.past_deadline)
-        splits["nonlandmark"].append(load_global(cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size,
-                                                 model.global_dim, allow_missing=nl_cut))
-    if shard != (0, 1):
-        return None
-    (db, db_ok), (queries, query_ok), (nonlandmarks, nl_ok) = (combine(splits[s], models.weights) for s in splits)
-    db, db_rows = compact_valid(db, db_ok)
-    if not cut_any and not len(db_rows):
-        raise InputError(f"none of the {sizes.db} database images under {run.data / inputs.db_split} could be "
-                         "read (see the warnings above): there is no database to search")
-    if cut_any:
-        log.warning("database pass cut by the deadline: %d of %d images searched", len(db_rows), sizes.db)
-        timing.plan["database_cut_at"] = int(len(db_rows))
-    return Descriptors(db, db_rows, queries, query_ok, compact_valid(nonlandmarks, nl_ok)[0])
-
-
-def combine(parts: list[tuple[np.ndarray, np.ndarray]], weights: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """One model's (descriptors, ok) as they are; an ensemble's concatenated, each model's unit rows times its
-    weight, normalized (rows ok in every model)."""
-    if len(parts) == 1:
-        return parts[0]
-    ok = np.logical_and.reduce([part_ok for _, part_ok in parts])
-    joined = np.concatenate([weight * descriptors for (descriptors, _), weight in zip(parts, weights, strict=True)],
-                            axis=1)
-    return l2_normalize(joined), ok
-
-
-def candidate_count(settings: Settings) -> int:
-    """Neighbours searched per query: what scoring, reranking and submitting read."""
-    depth, stage = settings.rerank_depth(), settings.global_stage
-    if settings.run.task == "retrieval":
-        return max(RETRIEVAL_SIZE, depth, stage.superglobal_m)
-    return max(settings.scoring.top_k, stage.global_top_k, depth, stage.superglobal_m)
-
-
-def global_stage(found: Descriptors, n_db: int, settings: Settings, timing: Timing) -> Candidates:
-    """Whitening, non-landmark cosines, DBA, kNN, alpha-QE and SuperGlobal, as the settings ask: the candidates."""
-    stage, run = settings.global_stage, settings.run
-    db, queries, nonlandmarks = found.db, found.queries, found.nonlandmarks
-    began = time.monotonic()
-    if stage.whiten == "database" and len(db) > 1:
-        whitening = fit_whitening(db, stage.whiten_shrinkage)
-        db, queries, nonlandmarks = (apply_whitening(x, whitening) for x in (db, queries, nonlandmarks))
-    products = 0
-    query_nl = nonlandmark_cosines(queries, nonlandmarks, max(stage.query_nonlandmark_k, settings.scoring.top_k),
-                                   run.knn_block_mb)
-    db_nl = np.zeros((n_db, 0), np.float32)
-    if stage.suppression and run.task == "recognition" and len(nonlandmarks):
-        found_nl = nonlandmark_cosines(db, nonlandmarks, stage.db_nonlandmark_k, run.knn_block_mb)
-        db_nl = np.zeros((n_db, found_nl.shape[1]), np.float32)
-        db_nl[found.db_rows] = found_nl
-        products += len(db) * len(nonlandmarks)
-    if stage.dba_n:
-        db, _ = database_augmentation(db, stage.dba_n, stage.dba_alpha, run.knn_block_mb, timing.past_deadline)
-        products += len(db) * len(db)
-    cosines, rows = knn(queries, db, candidate_count(settings), run.knn_block_mb)
-    products += len(queries) * (len(db) + len(nonlandmarks))
-    timing.add("knn", products, time.monotonic() - began)
-    began = time.monotonic()
-    cosines, rows = reranked(queries, db, cosines, rows, stage, run.knn_block_mb)
-    if stage.qe_n or stage.superglobal_m:
-        timing.add("global_rerank", len(queries), time.monotonic() - began)
-    return Candidates(cosines, found.db_rows[rows], found.query_ok, query_nl, db_nl)
-
-
-def reranked(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
-             block_mb: int) -> tuple[np.ndarray, np.ndarray]:
-    """alpha-QE (a second search) and SuperGlobal, as the settings ask."""
-    if stage.qe_n:
-        expanded = query_expansion(queries, db, cosines, rows, stage.qe_n, stage.qe_alpha)
-        cosines, rows = knn(expanded, db, rows.shape[1], block_mb)
-    if stage.superglobal_m:
-        cosines, rows = superglobal_rerank(queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k,
-                                           stage.superglobal_beta)
-    return cosines, rows
-
-
-def rerank(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: Inputs, neighbours: np.ndarray,
-           order: list[int], max_depth: int, on_progress: Callable[[np.ndarray, list[int]], None]) -> np.ndarray:
-    """Inliers [nq, candidates] (-1: not verified), batch after batch in `order` while the budget allows; every
-    image and every query checks the deadline. on_progress(inliers, queries) after each batch."""
-    run, budget = settings.run, settings.budget
-    inliers = np.full(neighbours.shape, -1, np.int64)
-    if budget.max_rerank_queries is not None:
-        order = order[:budget.max_rerank_queries]
-    start, new_image_share = 0, 1.0
-    with verification_pool(settings.verification, run.workers) as pool:
-        while start < len(order) and max_depth > 0:
-            depth = plan_depth(timing, len(order) - start, max_depth, new_image_share)
-            if depth == 0 or timing.past_deadline():
-                break
-            batch = order[start:start + (budget.warmup_queries if start == 0 else budget.rerank_batch)]
-            candidates = [[inputs.db_ids[j] for j in neighbours[q, :depth]] for q in batch]
-            counts, new_image_share = verify_batch(model, settings, timing, pool,
-                                                   [inputs.test_ids[q] for q in batch], inputs.db_split, candidates)
-            done = batch[:len(counts)]
-            for q, query_counts in zip(done, counts, strict=True):
-                inliers[q, :len(query_counts)] = query_counts
-            timing.rerank_depth = max(timing.rerank_depth, depth)
-            start += len(done)
-            log.info("reranked %d of %d queries at depth %d", start, len(order), depth)
-            on_progress(inliers, done)
-            if len(done) < len(batch):
-                break
-    if start < len(order):
-        log.info("time budget reached: %d of %d queries keep their global ranking", len(order) - start, len(order))
-    timing.save()
-    return inliers
-
-
-def verify_batch(model: DelgSavedModel, settings: Settings, timing: Timing, pool: multiprocessing.pool.Pool | None,
-                 query_ids: list[str], db_split: str, candidates: list[list[str]]) -> tuple[list[list[int]], float]:
-    """Inliers of each query with each of its candidates, in order until the deadline, and the share of
-    candidate images whose local features had to be extracted (the rest were cached). Features come query by
-    query, so a cut leaves a prefix of queries ready to verify."""
-    run = settings.run
-    cache = run.work / "local"
-    wanted = [item for q, cs in zip(query_ids, candidates, strict=True)
-              for item in [("test", q), *((db_split, c) for c in cs)]]
-    began = time.monotonic()
-    extracted = extract_local(model, run.data, wanted, cache, settings.extraction, run, timing.past_deadline)
-    timing.add("local_features", extracted, time.monotonic() - began)
-    tasks = [(local_path(cache, "test", q), [local_path(cache, db_split, c) for c in cs])
-             for q, cs in zip(query_ids, candidates, strict=True)]
-    ready = next((i for i, (q, cs) in enumerate(tasks) if not all(p.is_file() for p in (q, *cs))), len(tasks))
-    began = time.monotonic()
-    counts = verify_all(tasks[:ready], pool, timing.past_deadline)
-    timing.add("verification", sum(len(cs) for cs in candidates[:len(counts)]), time.monotonic() - began)
-    trim_local_cache(cache, run.local_cache_gb)
-    return counts, max(0.0, extracted - len(query_ids)) / max(1, len(wanted) - len(query_ids))
-
-
-def time_global_rerank(dim: int, stage: Global, candidates: int) -> float:
-    """Seconds per query of alpha-QE and SuperGlobal (the rest of their work is kNN), on random unit rows."""
-    if not (stage.qe_n or stage.superglobal_m):
-        return 0.0
-    rng = np.random.default_rng(0)
-    queries = l2_normalize(rng.normal(size=(64, dim)).astype(np.float32))
-    database = l2_normalize(rng.normal(size=(max(candidates, 2 * stage.superglobal_m, 1000), dim)).astype(np.float32))
-    began = time.monotonic()
-    reranked(queries, database, *knn(queries, database, candidates), stage, block_mb=64)
-    return (time.monotonic() - began) / len(queries)
-
-
-
-
-def probe(models: Models, inputs: Inputs, settings: Settings, timing: Timing) -> None:
-    """--probe N: time N images of every stage on this machine, project the run at this data's full size
-    (WORK/timing.json: the measured stages and the plan), and stop."""
-    run_ = settings.run
-    if not inputs.db_ids or not inputs.test_ids:
-        raise InputError("--probe needs database and test images to time")
-    count = run_.probe
-    scratch = run_.work / "probe"
-    probing = dataclasses.replace(settings, run=dataclasses.replace(run_, work=scratch),
-                                  budget=dataclasses.replace(settings.budget, probe_images=count, plan="auto"))
-    knn_rate = knn_seconds_per_item(models.global_models[0].global_dim * len(models.global_models),
-                                    run_.knn_block_mb)
-    plan_run(models, inputs, probing, timing, knn_rate, gpu_present())
-    seconds = timing.plan["seconds_per_image"] * count
-    timing.add("global_db", count, seconds)
-    timing.add("global_query", count, seconds)
-    timing.add("knn", 256 * 16_384, knn_rate * 256 * 16_384)
-    dim = sum(model.global_dim for model in models.global_models)
-    timing.add("global_rerank", 1, time_global_rerank(dim, settings.global_stage, candidate_count(settings)))
-    half = max(1, count // 2)
-    queries, candidates = inputs.test_ids[:half], inputs.db_ids[:half]
-    with verification_pool(settings.verification, 0) as pool:
-        verify_batch(models.local, probing, timing, pool, queries, inputs.db_split, [candidates] * len(queries))
-    shutil.rmtree(scratch, ignore_errors=True)
-    timing.rerank_depth = settings.rerank_depth()  # what `local_eval time --log` projects by default
-    project_rerank(timing, len(inputs.test_ids), settings.rerank_depth(),
-                   settings.budget.rerank_reserve * settings.budget.time_budget_h * 3600)
-    rerank_h = timing.plan["rerank"]["seconds_per_query"] * len(inputs.test_ids) / 3600
-    log.info("probe of %d images: global pass at '%s' (%s), projected %.2f h; reranking every query at depth "
-             "%d would take %.2f h more; details in %s", count, timing.plan["chosen"],
-             "fits" if timing.plan["fits"] else "does not fit", sum(timing.plan["projection_h"].values()),
-             settings.rerank_depth(), rerank_h, timing.path)
-
-
-def gpu_present() -> bool:
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def run(settings: Settings) -> None:
     """Check the output paths, take --work, run."""
     run_ = settings.run
@@ -1333,7 +919,7 @@ def locked_run(settings: Settings) -> None:
     timing.work = work_flags(settings, inputs.sizes())
     models = load_models(run_, settings.extraction)
     if run_.probe is not None:
-        return probe(models, inputs, settings, timing)
+        return probe(models, inputs, settings, timing, candidate_count(settings), reranked, count_inliers)
     if parse_shard(run_.shard) == (0, 1):  # a valid file at once, whatever happens later
         write_submission(run_.out, run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
     dim = sum(model.global_dim for model in models.global_models)
@@ -1341,7 +927,7 @@ def locked_run(settings: Settings) -> None:
     settings = dataclasses.replace(settings, extraction=plan_run(models, inputs, settings, timing, knn_rate,
                                                                               gpu_present()))
     timing.save()
-    save_json(run_.work / "settings.json", settings_record(settings, timing.plan))
+    save_json(run_.work / "settings.json", settings_record(settings, SECTIONS, timing.plan))
     clear_stale_caches(run_.work, cache_keys(run_, settings.extraction))
     found = global_pass(models, inputs, settings, timing, knn_rate)
     if found is not None:

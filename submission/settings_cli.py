@@ -143,3 +143,14 @@ def layer_settings(given: dict, presets: dict[str, dict], sections: dict[str, ty
         check_settings(section)
         built[name] = section
     return built, sources
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """--shard i/n as (i, n): the i-th of n slices."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard must look like i/n, got {text!r}") from None
+    if not 0 <= index < count:
+        raise InputError(f"--shard {text}: need 0 <= i < n")
+    return index, count

@@ -1,7 +1,7 @@
 """Image decoding and the feature caches of submission/main.py: global descriptors in resumable chunks, local
 features one file per image, every file written atomically.
 
-Shipped beside main.py (which imports it from its own folder). The model is main.py's DelgSavedModel, passed in.
+Shipped beside main.py (which imports it from its own folder). The model is savedmodel.py's DelgSavedModel, passed in.
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from PIL import Image
 from settings_cli import InputError
 from tqdm import tqdm
 
-if TYPE_CHECKING:  # main.py's types, for the annotations only
-    from main import DelgSavedModel, Extraction, Run
+if TYPE_CHECKING:  # the types of main.py and the files beside it, for the annotations only
+    from main import Extraction, Run
+    from savedmodel import DelgSavedModel
 
 log = logging.getLogger("submission")
 

@@ -33,6 +33,15 @@ BUNDLE = ["--kaggle-user", "someone"]
     (main_bundle, ["--run", "{run}", "--out", "{tmp}/b", *BUNDLE, "--time-budget-h", "nan"], "--time-budget-h"),
     (main_bundle, ["--run", "{run}", "--out", "{tmp}/b", "--kaggle-user", 'me"; rm'], "--kaggle-user"),
     (main_bundle, ["--run", "{run}", "--out", "{tmp}/b", *BUNDLE, "--competition", "a/b"], "--competition 'a/b'"),
+    (main_retrieval, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--model-weights", "1"],
+     "--model-weights gives 1 weights for 2 --run"),
+    (main_bundle, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/b", *BUNDLE, "--model-weights", "1", "2", "3"],
+     "--model-weights gives 3 weights for 2 --run"),
+    (main_retrieval, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--model-weights", "1", "0"],
+     "--model-weights must be a finite number above 0"),
+    (main_bundle, ["--run", "{run}", "--run", "{run}", "--out", "{tmp}/b", *BUNDLE], "--run {run} is given twice"),
+    (main_retrieval, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--dim", "32"],
+     "--dim 32 sets one run's descriptor size"),
 ])
 def test_bad_flags_are_one_error_line_and_touch_nothing(tmp_path, capsys, main, flags, named):
     paths = {"tmp": tmp_path, "file": tmp_path / "file", "run": tmp_path / "run", "mine": tmp_path / "mine",

@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from common.kit import load_submission
 from export.__main__ import main as export_main
 from export.bundle import KAGGLE_PYTHONS, SUBMISSION_SCRIPT, WHEEL_PLATFORM
 from export.delg import EXPORT_INFO_FILE, GLOBAL_BATCH_FLOAT16
@@ -42,6 +43,14 @@ def run(tmp_path_factory):
     return root / "run", make_run_dir(root / "run")
 
 
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory):
+    """An ensemble's second member: another untrained tiny run, with 32-dimensional descriptors."""
+    run_dir = tmp_path_factory.mktemp("export_kaggle_second") / "run"
+    make_run_dir(run_dir, embedding_dim=32)
+    return run_dir
+
+
 def test_retrieval_zip_holds_the_saved_model_at_its_root(run, tmp_path, capsys):
     run_dir, model = run
     assert export_main(["retrieval", "--run", str(run_dir), "--out", str(tmp_path / "model.zip"), "--no-whiten"]) == 0
@@ -59,6 +68,30 @@ def test_retrieval_zip_holds_the_saved_model_at_its_root(run, tmp_path, capsys):
     expected = tf.nn.l2_normalize(tf.add_n(per_scale)[0], axis=0).numpy()
     assert got.shape == (64,)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def retrieval_descriptor(runs: list[Path], out: Path, image: np.ndarray, *flags: str) -> np.ndarray:
+    """Export the runs' retrieval zip, load it back unzipped, and describe the image with it."""
+    argv = ["retrieval", *[arg for run_dir in runs for arg in ("--run", str(run_dir))], "--out", str(out),
+            "--no-whiten", *flags]
+    assert export_main(argv) == 0
+    with zipfile.ZipFile(out) as archive:
+        archive.extractall(out.with_suffix(""))
+    serve = tf.saved_model.load(str(out.with_suffix(""))).signatures["serving_default"]
+    assert [spec.name for spec in serve.structured_input_signature[1].values()] == ["input_image"]
+    return serve(input_image=tf.constant(image))["global_descriptor"].numpy()
+
+
+def test_ensemble_retrieval_model_combines_its_runs_as_the_notebook_does(run, second_run, tmp_path):
+    image = random_image(72, 96, seed=3)
+    first = retrieval_descriptor([run[0]], tmp_path / "a.zip", image)
+    second = retrieval_descriptor([second_run], tmp_path / "b.zip", image)
+    both = retrieval_descriptor([run[0], second_run], tmp_path / "ab.zip", image, "--model-weights", "1", "0.7")
+    assert (first.shape, second.shape, both.shape) == ((64,), (32,), (96,))
+    ok = np.ones(1, bool)
+    expected, _ = load_submission().combine([(first[None], ok), (second[None], ok)], (1.0, 0.7))
+    np.testing.assert_allclose(both, expected[0], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(both[64:]) / np.linalg.norm(both[:64]), 0.7, rtol=1e-5)
 
 
 def test_a_killed_retrieval_export_leaves_a_partial_that_the_next_one_removes(run, tmp_path):
@@ -210,6 +243,20 @@ def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path)
     received = run_kernel(out)
     assert received[:2] == ["--task", "recognition"] and "--settings" not in received
     assert "--nonlandmark-dir" not in received and received[-2:] == ["--time-budget-h", "9.0"]
+
+
+def test_bundle_of_two_runs_ships_both_models_and_passes_both_to_main(run, second_run, tmp_path):
+    out = tmp_path / "bundle"
+    argv = bundle_argv(run[0], out, "--run", str(second_run), "--model-weights", "1", "0.7", "--script",
+                       str(echo_script(tmp_path / "scripts")), "--wheel", str(write_wheel(tmp_path, THIS_TAG)))
+    assert export_main(argv) == 0
+    dims = [json.loads((out / model / "assets" / EXPORT_INFO_FILE).read_text())["global_dim"]
+            for model in ("delg", "delg-2")]
+    assert dims == [64, 32]  # each run in its folder, in --run order
+    received = run_kernel(out)
+    assert received[4:11] == ["--model", f"{out}/delg", "--model", f"{out}/delg-2", "--model-weights", "1.0", "0.7"]
+    parsed = load_submission().parse_settings(received).run  # the notebook's own flags read it as an ensemble
+    assert parsed.model == (out / "delg", out / "delg-2") and parsed.model_weights == (1.0, 0.7)
 
 
 @pytest.mark.parametrize("flag, content, message", [

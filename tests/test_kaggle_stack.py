@@ -11,7 +11,7 @@ import pytest
 
 from export.delg import EXPORT_INFO_FILE
 from local_eval.replay import replay
-from local_eval.submission_script import SCRIPT_PYTHON_ENV, load_submission
+from local_eval.submission_script import SCRIPT_PYTHON_ENV, sibling
 
 CONFIDENCE_TOLERANCE = 1e-5
 OTHER_PYTHON = os.environ.get(SCRIPT_PYTHON_ENV)
@@ -21,7 +21,7 @@ REPLAY_FLAGS = ["--plan", "fixed", "--max-features", "300", "--rerank", "5"]
 
 
 def test_the_script_reads_the_export_info_where_export_writes_it():
-    assert load_submission().EXPORT_INFO_PATH == ("assets", EXPORT_INFO_FILE)
+    assert sibling("savedmodel").EXPORT_INFO_PATH == ("assets", EXPORT_INFO_FILE)
 
 
 def read_rows(path) -> dict[str, list[str]]:

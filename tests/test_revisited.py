@@ -14,7 +14,7 @@ from PIL import Image
 
 from common.cli import run_main
 from local_eval.build import main as build_main
-from local_eval.revisited import clear_stale
+from local_eval.revisited import clear_stale, global_ranking
 from local_eval.revisited import main as revisited_main
 from local_eval.revisited_metric import (
     KAPPAS,
@@ -167,6 +167,7 @@ def test_report_structure(result):
             assert all(0.0 <= value <= 1.0 for value in scores.values())
     assert report["about"]["rerank"] == RERANK and report["about"]["distractors"] == 3
     assert report["about"]["unreadable"] == 1
+    assert report["about"]["global_stage"]["whiten"] == "database"  # the script's defaults, recorded
     summary = (result / "summary.txt").read_text()
     assert "Medium" in summary and "Hard" in summary and "73.6" in summary
 
@@ -192,6 +193,32 @@ def test_ranks_list_every_image_and_reproduce_the_report(result, dataset):
     for global_, reranked in zip(rankings["global"], rankings["reranked"], strict=True):
         assert sorted(reranked[:RERANK]) == sorted(global_[:RERANK])  # verification reorders the top only
         assert (reranked[RERANK:] == global_[RERANK:]).all()
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int = 8) -> np.ndarray:
+    rows = rng.normal(size=(n, dim)).astype(np.float32) + 3  # off-centre, as collapsed descriptors are
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_the_ranking_goes_through_the_scripts_global_stage():
+    """Whitening fitted on the readable database rows, then SuperGlobal, exactly as the script's functions do
+    them; the unreadable row last."""
+    rng = np.random.default_rng(0)
+    queries, database = unit_rows(rng, 3), unit_rows(rng, 12)
+    ok = np.ones(12, bool)
+    ok[4] = False
+    stage = sub.Global(whiten="database", superglobal_m=6, superglobal_k=2)
+    ranking, scores = global_ranking(queries, database, ok, stage, block_mb=64)
+    readable = np.flatnonzero(ok)
+    whitening = sub.fit_whitening(database[readable], stage.whiten_shrinkage)
+    db, q = sub.apply_whitening(database[readable].copy(), whitening), sub.apply_whitening(queries.copy(), whitening)
+    cosines, rows = sub.knn(q, db, len(readable), 64)
+    expected_scores, expected_rows = sub.superglobal_rerank(q, db, cosines, rows, 6, 2, stage.superglobal_beta)
+    assert (ranking[:, :-1] == readable[expected_rows]).all() and (ranking[:, -1] == 4).all()
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+    plain, _ = global_ranking(queries, database, ok, sub.Global(whiten="off"), block_mb=64)
+    assert (plain[:, :-1] == readable[sub.knn(queries, database[readable], len(readable), 64)[1]]).all()
+    assert (plain != ranking).any()  # the stage changed something
 
 
 def test_queries_are_cropped_to_their_box(result, dataset):

@@ -202,7 +202,7 @@ def test_local_cache_is_trimmed_to_its_limit_oldest_first(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x" * 1000)
         os.utime(path, (1e9 - age, 1e9 - age))
-    assert sub.trim_local_cache(tmp_path, max_gb=2500 / 2**30) == 1
+    assert store.trim_local_cache(tmp_path, max_gb=2500 / 2**30) == 1
     assert sorted(p.stem for p in (tmp_path / "train").iterdir()) == ["mid", "new"]
 
 

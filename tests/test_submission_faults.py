@@ -76,7 +76,7 @@ def retrieval_model(tmp_path_factory):
     """The kit's Kaggle retrieval model (another contract), unzipped as a user would."""
     root = tmp_path_factory.mktemp("retrieval_model")
     make_run_dir(root / "run")
-    export_retrieval(root / "run", root / "retrieval.zip")
+    export_retrieval([root / "run"], root / "retrieval.zip")
     with zipfile.ZipFile(root / "retrieval.zip") as archive:
         archive.extractall(root / "model")
     return root / "model"

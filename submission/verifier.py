@@ -1,0 +1,90 @@
+"""Verification's plumbing of submission/main.py: the local features of a batch of queries and their candidates,
+then each pair verified in worker processes (or in this one) until the deadline. The rule that verifies a pair
+(main.py's count_inliers: putative matches, RANSAC) is handed in, with its settings.
+
+Shipped beside main.py (which imports it from its own folder).
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from store import extract_local, load_local, local_path, trim_local_cache
+from threadpoolctl import threadpool_limits  # installed with scikit-learn
+from tqdm import tqdm
+
+if TYPE_CHECKING:  # the types of main.py and the files beside it, for the annotations only
+    from budget import Timing
+    from main import Settings, Verification
+    from savedmodel import DelgSavedModel
+    from store import LocalFeatures
+
+    CountInliers = Callable[[LocalFeatures, LocalFeatures, Verification], int]
+
+_WORKER_SETTINGS: list = []  # this process's (count_inliers, verification)
+
+
+def _init_worker(count_inliers: CountInliers, verification: Verification) -> None:
+    """One BLAS thread per worker: small matrix products run several times slower on busy shared cores."""
+    _WORKER_SETTINGS[:] = [count_inliers, verification]
+    threadpool_limits(1)
+
+
+def verify_query(task: tuple[Path, list[Path]]) -> list[int]:
+    """Inliers between one query and each of its candidates, from their cached local features."""
+    count_inliers, verification = _WORKER_SETTINGS
+    query = load_local(task[0])
+    return [count_inliers(query, load_local(path), verification) for path in task[1]]
+
+
+@contextlib.contextmanager
+def verification_pool(count_inliers: CountInliers, verification: Verification,
+                      workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """Worker processes for verify_query, started once for the whole rerank; None: verify in this process."""
+    if workers <= 1:
+        _WORKER_SETTINGS[:] = [count_inliers, verification]
+        yield None
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (count_inliers, verification)) as pool:
+        yield pool
+
+
+def verify_all(tasks: list[tuple[Path, list[Path]]], pool: multiprocessing.pool.Pool | None,
+               stop: Callable[[], bool] = lambda: False) -> list[list[int]]:
+    """verify_query over the tasks in order, in the pool's processes or (no pool) in this one, until stop() says
+    so: the results of the queries finished by then."""
+    results = []
+    with threadpool_limits(1) if pool is None else contextlib.nullcontext():
+        found = map(verify_query, tasks) if pool is None else pool.imap(verify_query, tasks, chunksize=4)
+        for result in tqdm(found, total=len(tasks), desc="verify", unit="query", leave=False):
+            results.append(result)
+            if stop():
+                break
+    return results
+
+
+def verify_batch(model: DelgSavedModel, settings: Settings, timing: Timing, pool: multiprocessing.pool.Pool | None,
+                 query_ids: list[str], db_split: str, candidates: list[list[str]]) -> tuple[list[list[int]], float]:
+    """Inliers of each query with each of its candidates, in order until the deadline, and the share of
+    candidate images whose local features had to be extracted (the rest were cached). Features come query by
+    query, so a cut leaves a prefix of queries ready to verify."""
+    run = settings.run
+    cache = run.work / "local"
+    wanted = [item for q, cs in zip(query_ids, candidates, strict=True)
+              for item in [("test", q), *((db_split, c) for c in cs)]]
+    began = time.monotonic()
+    extracted = extract_local(model, run.data, wanted, cache, settings.extraction, run, timing.past_deadline)
+    timing.add("local_features", extracted, time.monotonic() - began)
+    tasks = [(local_path(cache, "test", q), [local_path(cache, db_split, c) for c in cs])
+             for q, cs in zip(query_ids, candidates, strict=True)]
+    ready = next((i for i, (q, cs) in enumerate(tasks) if not all(p.is_file() for p in (q, *cs))), len(tasks))
+    began = time.monotonic()
+    counts = verify_all(tasks[:ready], pool, timing.past_deadline)
+    timing.add("verification", sum(len(cs) for cs in candidates[:len(counts)]), time.monotonic() - began)
+    trim_local_cache(cache, run.local_cache_gb)
+    return counts, max(0.0, extracted - len(query_ids)) / max(1, len(wanted) - len(query_ids))
