@@ -14,8 +14,7 @@ from train.pooling import GeM
 
 
 def extend_to(images: tf.Tensor, side: int) -> tf.Tensor:
-    """[B,H,W,C] -> [B,max(H,side),max(W,side),C], the last row and column repeated as needed (without a gather when
-    side is 1 or the static shape is large enough)."""
+    """[B,H,W,C] -> [B,max(H,side),max(W,side),C], repeating the last row and column (as is, when large enough)."""
     if side <= 1 or all(size is not None and size >= side for size in images.shape[1:3]):
         return images
     shape = tf.shape(images)
