@@ -25,6 +25,7 @@ import tensorflow as tf
 from common.cli import UserError, partial_dir
 from export.delg import (
     GLOBAL_BATCH_OUTPUT,
+    SAVE_OPTIONS,
     BatchedGlobal,
     fit_model_whitening,
     load_trained_model,
@@ -139,7 +140,8 @@ def export_retrieval(run_dirs: Sequence[Path], out_zip: Path, dim: int | None = 
     out_zip.parent.mkdir(parents=True, exist_ok=True)
     with partial_dir(out_zip) as tmp:  # a killed export's folder is removed by the next one
         module = retrieval_module(members, weights)
-        tf.saved_model.save(module, str(tmp / "model"), signatures={"serving_default": module.serve})
+        tf.saved_model.save(module, str(tmp / "model"), signatures={"serving_default": module.serve},
+                            options=SAVE_OPTIONS)
         partial = tmp / "model.zip"
         zip_saved_model(tmp / "model", partial)
         size_mb = partial.stat().st_size / 2**20

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -24,6 +28,7 @@ from train.arcface import CosineClassifier, arcface_logits, dynamic_margins
 from train.backbone import IMAGENET_MEAN, IMAGENET_STD, KERAS_BACKBONES, build_backbone
 from train.config import BACKBONES, TrainConfig, get_config
 from train.loop import train
+from train.model import DelgModel
 
 sub = load_submission()
 # The smallest member of each family, and a global-only tiny model.
@@ -32,6 +37,9 @@ SMALLEST = {"efficientnetv2": {"backbone": "efficientnetv2-b0"}, "efficientnet":
             "global-only": {"global_only": True}}
 LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0",
          "--plan", "fixed"]
+# The end-to-end cases' submission: global descriptors at most 128 px on a side, 10 queries reranked at depth 3.
+FEW_RERANKED = ["--global-max-side", "128", "--rerank", "3", "--max-rerank-queries", "10"]
+STEPS, LOG_EVERY = 20, 5  # each family trains STEPS steps; SIGTERM comes after the first LOG_EVERY
 
 
 def test_every_backbone_flag_value_has_a_builder():
@@ -97,6 +105,20 @@ def test_pixels_are_normalised_once_as_the_family_does(backbone, scale, offset):
     np.testing.assert_allclose(got, pixels * scale + offset, atol=1e-4)
 
 
+@pytest.mark.parametrize("backbone", ["efficientnet-b0", "convnext-tiny"])
+def test_an_image_below_one_conv5_cell_is_extended_by_its_last_row_and_column(backbone):
+    # These families' valid-padded stride-2 convolutions leave no conv5 cell below 32 px a side: GeM over no
+    # cells made the global descriptor NaN.
+    model = DelgModel(TrainConfig(backbone=backbone, embedding_dim=8, global_only=True), num_classes=2)
+    image = np.random.default_rng(0).integers(0, 256, (1, 20, 24, 3)).astype(np.float32)
+    extended = np.pad(image, [(0, 0), (0, 12), (0, 8), (0, 0)], mode="edge")
+    traced = tf.function(model.features, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    expected = model.features(tf.constant(extended))[1].numpy()
+    for conv5 in (model.features(tf.constant(image))[1], traced(tf.constant(image))[1]):
+        np.testing.assert_allclose(conv5.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert expected.shape[1:3] == (1, 1) and np.isfinite(model.global_descriptor(expected).numpy()).all()
+
+
 def test_backbone_weights_from_a_file(tmp_path):
     source = build_backbone(TrainConfig(backbone="efficientnetv2-b0"))
     keras_net = keras.applications.EfficientNetV2B0(include_top=False, weights=None, input_shape=(None, None, 3))
@@ -126,16 +148,30 @@ def test_sub_center_arcface_with_dynamic_margins_by_hand():
     np.testing.assert_allclose(logits, expected, atol=1e-5)
 
 
-def sigterm_at_first_checkpoint(monkeypatch) -> None:
-    """The next training sends itself a real SIGTERM right after its first checkpoint (once)."""
-    real_save = loop.CheckpointWriter.save
+@dataclass(frozen=True)
+class FamilyRun:
+    """One family's end-to-end trainings and export, which its three checks share."""
 
-    def save_then_sigterm(self, step):
-        real_save(self, step)
-        monkeypatch.setattr(loop.CheckpointWriter, "save", real_save)
+    cfg: TrainConfig
+    straight: dict  # metrics of the uninterrupted run
+    stopped: dict  # of the run stopped by SIGTERM
+    resumed: dict  # of the same run resumed
+    straight_dir: Path
+    run_dir: Path  # the stopped and resumed run
+    model: Path  # the straight run's DELG export
+
+
+def sigterm_after_first_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next training sends itself a real SIGTERM right after it logs its first interval (once)."""
+    real_log = loop.log_interval
+
+    def log_then_sigterm(*args, **kwargs):
+        summary = real_log(*args, **kwargs)
+        monkeypatch.setattr(loop, "log_interval", real_log)
         os.kill(os.getpid(), signal.SIGTERM)
+        return summary
 
-    monkeypatch.setattr(loop.CheckpointWriter, "save", save_then_sigterm)
+    monkeypatch.setattr(loop, "log_interval", log_then_sigterm)
 
 
 # Each case trains three times (straight, stopped, resumed): minutes for the Keras families on 2 cores, so those
@@ -144,27 +180,42 @@ FAMILY_CASES = [pytest.param(overrides, id=name, marks=[] if name == "global-onl
                 for name, overrides in SMALLEST.items()]
 
 
-@pytest.mark.parametrize("overrides", FAMILY_CASES)
-def test_a_family_resumes_exactly_after_sigterm_exports_and_submits(overrides, tiny_competition, tmp_path,
-                                                                      monkeypatch, caplog):
+@pytest.fixture(scope="module", params=FAMILY_CASES)
+def family(request, tiny_competition, tmp_path_factory) -> FamilyRun:
+    """Three trainings of STEPS steps at 64 px: straight, stopped by SIGTERM after the first log interval, resumed;
+    and the export of the straight run. The straight run and its export run in a process of their own, beside
+    the other two trainings: tracing a Keras backbone keeps one core busy for tens of seconds."""
     data = tiny_competition / "landmark-recognition"
-    cfg = get_config("tiny", steps=20, image_size=64, batch_size=4, warmup_steps=2, checkpoint_every=5,
-                     log_every=5, validate_every=100, validation_fraction=0.0, **overrides)
-    straight = train(cfg, data_dir=data, run_dir=tmp_path / "straight", strategy="default")
-    sigterm_at_first_checkpoint(monkeypatch)
-    stopped = train(cfg, data_dir=data, run_dir=tmp_path / "run", strategy="default")
-    assert (stopped["stopped_by"], stopped["step"]) == ("SIGTERM", 6)
-    resumed = train(cfg, data_dir=data, run_dir=tmp_path / "run", strategy="default")
-    assert resumed["step"] == straight["step"] == 20 and resumed["global_only"] == cfg.global_only
-    expected, got = checkpoint_values(tmp_path / "straight"), checkpoint_values(tmp_path / "run")
+    out = tmp_path_factory.mktemp("family")
+    cfg = get_config("tiny", steps=STEPS, image_size=64, batch_size=4, warmup_steps=2, checkpoint_every=STEPS,
+                     log_every=LOG_EVERY, validate_every=STEPS, validation_fraction=0.0, **request.param)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        straight = pool.submit(train, cfg, data_dir=data, run_dir=out / "straight", strategy="default")
+        export = pool.submit(export_delg, out / "straight", out / "delg", xla=False)
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            sigterm_after_first_log(monkeypatch)
+            stopped = train(cfg, data_dir=data, run_dir=out / "run", strategy="default")
+        resumed = train(cfg, data_dir=data, run_dir=out / "run", strategy="default")
+        return FamilyRun(cfg, straight.result(), stopped, resumed, out / "straight", out / "run", export.result())
+
+
+def test_a_family_resumes_exactly_after_sigterm(family):
+    cfg = family.cfg
+    assert (family.stopped["stopped_by"], family.stopped["step"]) == ("SIGTERM", LOG_EVERY + 1)
+    assert family.resumed["step"] == family.straight["step"] == STEPS
+    assert family.resumed["global_only"] == cfg.global_only
+    expected, got = checkpoint_values(family.straight_dir), checkpoint_values(family.run_dir)
     assert expected.keys() == got.keys()
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
 
-    export_delg(tmp_path / "run", tmp_path / "delg", xla=False)
-    assert json.loads((tmp_path / "delg" / "assets" / EXPORT_INFO_FILE).read_text())["global_only"] == cfg.global_only
-    serving = tf.saved_model.load(str(tmp_path / "delg")).signatures["serving_default"]
-    image = np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+
+def test_a_family_exports_and_the_export_loads_back(family):
+    cfg = family.cfg
+    assert json.loads((family.model / "assets" / EXPORT_INFO_FILE).read_text())["global_only"] == cfg.global_only
+    serving = tf.saved_model.load(str(family.model)).signatures["serving_default"]
+    # 128 x 112 px: 8 x 7 stride-16 cells at scale 1 and 4 x 4 at 0.5, more than the 50 features asked for
+    image = np.random.default_rng(0).integers(0, 256, (128, 112, 3), dtype=np.uint8)
     out = serving(input_image=tf.constant(image), input_scales=tf.constant([0.5, 1.0]),
                   input_max_feature_num=tf.constant(50), input_abs_thres=tf.constant(0.0),
                   input_global_scales_ind=tf.constant([0, 1]))
@@ -172,12 +223,14 @@ def test_a_family_resumes_exactly_after_sigterm_exports_and_submits(overrides, t
     assert np.isfinite(out["global_descriptors"].numpy()).all()
     assert out["features"].shape[0] == (0 if cfg.global_only else 50)
 
-    caplog.clear()
+
+def test_a_family_export_runs_through_the_submission_script(family, tiny_competition, tmp_path, caplog):
     caplog.set_level(logging.INFO)
+    data = tiny_competition / "landmark-recognition"
     submission = tmp_path / "submission.csv"
-    assert sub.main(["--task", "recognition", "--data", str(data), "--model", str(tmp_path / "delg"),
-                     "--work", str(tmp_path / "work"), "--out", str(submission), *LIGHT]) == 0
+    assert sub.main(["--task", "recognition", "--data", str(data), "--model", str(family.model),
+                     "--work", str(tmp_path / "work"), "--out", str(submission), *LIGHT, *FEW_RERANKED]) == 0
     scores = score_files("recognition", solution_file(tiny_competition, "recognition"), submission)
     assert 0 <= scores["all"]["gap"] <= 1
-    assert caplog.text.count("is a global-only model") == int(cfg.global_only)
-    assert ("reranked" in caplog.text) != cfg.global_only
+    assert caplog.text.count("is a global-only model") == int(family.cfg.global_only)
+    assert ("reranked" in caplog.text) != family.cfg.global_only

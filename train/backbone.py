@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from train.config import TrainConfig
+from train.config import LAST_MAP_STRIDE, TrainConfig
 
 A = keras.applications
 # ImageNet statistics of pixels in [0, 1] that Keras's EfficientNet (B0-B7) normalises its input with.
@@ -28,19 +28,22 @@ class Family:
     constructors: dict[str, Callable[..., keras.Model]]
     stride16_reader: Callable[[keras.Model], str]  # the layer that reads the stride-16 map (the last stride-16 block)
     own_preprocessing: bool  # True: pixels in [0, 255] enter the network, which normalises them itself
+    # True: its stride-2 convolutions are valid-padded and leave no cell of the last map for an input below
+    # LAST_MAP_STRIDE pixels a side (Keras's EfficientNet B0-B7 and ConvNeXt); GeM over no cells is NaN.
+    needs_one_cell: bool = False
 
 
 FAMILIES = {
     "resnet": Family({"resnet50": A.ResNet50, "resnet101": A.ResNet101, "resnet152": A.ResNet152},
                      lambda net: "conv5_block1_1_conv", own_preprocessing=False),
     "efficientnet": Family({f"efficientnet-b{i}": getattr(A, f"EfficientNetB{i}") for i in range(8)},
-                           lambda net: "block6a_expand_conv", own_preprocessing=True),
+                           lambda net: "block6a_expand_conv", own_preprocessing=True, needs_one_cell=True),
     "efficientnetv2": Family({f"efficientnetv2-{v}": getattr(A, f"EfficientNetV2{v.upper()}")
                               for v in ("b0", "b1", "b2", "b3", "s", "m", "l")},
                              lambda net: "block6a_expand_conv", own_preprocessing=True),
     "convnext": Family({f"convnext-{v}": getattr(A, f"ConvNeXt{v.title()}")
                         for v in ("tiny", "small", "base", "large")},
-                       lambda net: f"{net.name}_downsampling_block_2", own_preprocessing=True),
+                       lambda net: f"{net.name}_downsampling_block_2", own_preprocessing=True, needs_one_cell=True),
 }
 KERAS_BACKBONES = {name: family for family in FAMILIES.values() for name in family.constructors}
 
@@ -112,6 +115,12 @@ def _set_imagenet_normalization(net: keras.Model) -> None:
 def own_preprocessing(backbone: str) -> bool:
     """Whether the backbone takes pixels in [0, 255] and normalises them itself (else (x - 128) / 128 first)."""
     return backbone in KERAS_BACKBONES and KERAS_BACKBONES[backbone].own_preprocessing
+
+
+def min_input_side(backbone: str) -> int:
+    """The fewest pixels a side of an input that leaves the backbone's last map a cell (1: any input does)."""
+    needs_one_cell = backbone in KERAS_BACKBONES and KERAS_BACKBONES[backbone].needs_one_cell
+    return LAST_MAP_STRIDE if needs_one_cell else 1
 
 
 def build_backbone(cfg: TrainConfig) -> keras.Model:

@@ -22,6 +22,8 @@ RETRIEVAL_SCALES: tuple[float, ...] = (0.7071, 1.0, 1.4142)
 # Pixels enter the network as (x - 128) / 128, inside the graph.
 PIXEL_MEAN = 128.0
 PIXEL_SCALE = 128.0
+# Every backbone's last map (the global head's) has stride 32: one of its cells spans this many pixels a side.
+LAST_MAP_STRIDE = 32
 
 # --backbone: the tiny ResNet, and the Keras applications of four families (train/backbone.py builds them).
 BACKBONES = ("tiny", "resnet50", "resnet101", "resnet152",
@@ -132,7 +134,8 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "local_stride": (lambda v: v in LOCAL_STRIDES, f"one of {', '.join(map(str, LOCAL_STRIDES))}"),
     "attention_loss_weight": (_number(lambda v: v >= 0), "0 or more"),
     "reconstruction_loss_weight": (_number(lambda v: v >= 0), "0 or more"),
-    "image_size": (_number(lambda v: v >= 32), "at least 32 (one cell of the stride-32 conv5 map)"),
+    "image_size": (_number(lambda v: v >= LAST_MAP_STRIDE),
+                   f"at least {LAST_MAP_STRIDE} (one cell of the stride-{LAST_MAP_STRIDE} conv5 map)"),
     "crop_min_area": (_number(lambda v: 0 < v <= 1), "in (0, 1]"),
     "crop_aspect_range": (lambda v: len(v) == 2 and all(map(_number(lambda x: x > 0), v)) and v[0] <= v[1],
                           "two ratios 0 < MIN <= MAX"),

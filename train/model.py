@@ -7,10 +7,20 @@ import keras
 import tensorflow as tf
 
 from train.arcface import CosineClassifier
-from train.backbone import build_backbone, own_preprocessing
+from train.backbone import build_backbone, min_input_side, own_preprocessing
 from train.config import PIXEL_MEAN, PIXEL_SCALE, TrainConfig
 from train.local_head import Attention, Autoencoder, attention_pool
 from train.pooling import GeM
+
+
+def extend_to(images: tf.Tensor, side: int) -> tf.Tensor:
+    """[B,H,W,C] -> [B,max(H,side),max(W,side),C], repeating the last row and column (as is, when large enough)."""
+    if side <= 1 or all(size is not None and size >= side for size in images.shape[1:3]):
+        return images
+    shape = tf.shape(images)
+    rows = tf.minimum(tf.range(tf.maximum(shape[1], side)), shape[1] - 1)
+    cols = tf.minimum(tf.range(tf.maximum(shape[2], side)), shape[2] - 1)
+    return tf.gather(tf.gather(images, rows, axis=1), cols, axis=2)
 
 
 def normalize_pixels(images: tf.Tensor) -> tf.Tensor:
@@ -42,7 +52,9 @@ class DelgModel(keras.Model):
 
     def features(self, images: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
         """Pixels in [0,255] -> (conv4 map, conv5 map): the one backbone pass both heads read. The pixels are
-        normalised as the backbone's family does it (build_backbone)."""
+        normalised as the backbone's family does it (build_backbone), after an image too small for a conv5 cell
+        is extended to min_input_side by repeating its last row and column."""
+        images = extend_to(images, min_input_side(self.cfg.backbone))
         if own_preprocessing(self.cfg.backbone):
             return self.backbone(tf.cast(images, tf.float32), training=training)
         return self.backbone(normalize_pixels(images), training=training)
