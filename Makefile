@@ -37,8 +37,7 @@ $(CHROMIUM):
 
 # Two pytest workers, a test file each at a time (a file's module fixtures are built once): one test process
 # leaves a core idle most of the time (subprocess starts, TensorFlow's tracing and imports are single-threaded).
-# Files go out in collection order (conftest.py puts the longest first), not xdist's most-tests-first.
-TEST_WORKERS := -n 2 --dist loadfile --no-loadscope-reorder
+TEST_WORKERS := -n 2 --dist loadfile
 
 test: install
 	$(PY) -m pytest tests $(TEST_WORKERS)
