@@ -10,22 +10,10 @@ import pytest
 import tensorflow as tf
 
 WHITEN_IMAGES = 24  # training images the whitened export's PCA is fitted on (the tiny competition has more)
-# The longest files (minutes each on 2 cores) run first: `make test`'s two workers then share the short ones at
-# the end instead of one worker finishing a long file alone.
-LONGEST_FIRST = ("test_demo.py", "test_train_distributed.py", "test_train_loop.py", "test_export_delg.py")
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """LONGEST_FIRST's files first, in that order; the rest as collected."""
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
