@@ -1,10 +1,16 @@
 """Shared fixtures: one tiny competition, one tiny training run and two tiny exported models per session (the
-plain export, and one with the float16 functions and a PCA whitening).
+plain export, and one with the float16 functions and a PCA whitening). Under pytest-xdist (`make test`) the workers
+share them: the first to need one builds it, the others wait for it and read it.
 
 TensorFlow is split into two logical CPU devices here, before anything initializes its devices,
 so the strategy tests can run MirroredStrategy on a CPU-only machine.
 """
 from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import tensorflow as tf
@@ -16,12 +22,30 @@ tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """name's folder, built by build(folder) once per test run: under pytest-xdist in the run's shared temporary
+    folder, by whichever worker comes first (the others wait on a lock), otherwise in this session's own."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name) / name
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent / "shared"  # the run's folder, above each worker's own
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_competition(tmp_path_factory):
-    """The `tiny` synthetic competition (GLDv2/Kaggle layout), built once per session."""
+    """The `tiny` synthetic competition (GLDv2/Kaggle layout)."""
     from local_eval.synthetic import build_synthetic
 
-    return build_synthetic(tmp_path_factory.mktemp("competition") / "tiny", size="tiny", seed=0)
+    return built_once(tmp_path_factory, "competition", lambda out: build_synthetic(out, size="tiny", seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -30,10 +54,9 @@ def tiny_run(tmp_path_factory, tiny_competition):
     from train.config import get_config
     from train.loop import train
 
-    run_dir = tmp_path_factory.mktemp("run") / "tiny"
     cfg = get_config("tiny", steps=40, image_size=64, batch_size=16, checkpoint_every=20, validate_every=20)
-    train(cfg, data_dir=tiny_competition / "landmark-recognition", run_dir=run_dir)
-    return run_dir
+    return built_once(tmp_path_factory, "run", lambda run_dir: train(
+        cfg, data_dir=tiny_competition / "landmark-recognition", run_dir=run_dir))
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +64,7 @@ def tiny_model(tmp_path_factory, tiny_run):
     """The tiny run exported as a DELG SavedModel folder."""
     from export.delg import export_delg
 
-    out = tmp_path_factory.mktemp("model") / "delg"
-    export_delg(tiny_run, out)
-    return out
+    return built_once(tmp_path_factory, "model", lambda out: export_delg(tiny_run, out))
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +72,8 @@ def tiny_float16_model(tmp_path_factory, tiny_run):
     """The tiny run exported through the command line with --float16 and a whitening fitted on WHITEN_IMAGES."""
     from export.__main__ import main as export_main
 
-    out = tmp_path_factory.mktemp("model_float16") / "delg"
-    assert export_main(["delg", "--run", str(tiny_run), "--out", str(out), "--float16", "--whiten-images",
-                        str(WHITEN_IMAGES)]) == 0
-    return out
+    def export(out: Path) -> None:
+        argv = ["delg", "--run", str(tiny_run), "--out", str(out), "--float16", "--whiten-images", str(WHITEN_IMAGES)]
+        assert export_main(argv) == 0
+
+    return built_once(tmp_path_factory, "model_float16", export)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,8 +67,64 @@ def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path, light_demo, capsys,
     _, logged = run_demo(out, capsys, caplog, steps=10)
     assert "already holds this competition" in logged
     assert "already trained" in logged and "replaying" not in logged
-    _, logged = run_demo(out, capsys, caplog, steps=12)  # more training: the export and the replays are redone
-    assert "resumed" in logged and logged.count("replaying") > 2  # both tasks and the tradeoff
+
+
+class FileClock:
+    """Stamps each file it is given 10 s after the previous one: mtimes that order writes without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def stamp(self, path: Path, text: str | None = None) -> None:
+        if text is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        self.now += 10
+        os.utime(path, (self.now, self.now))
+
+
+def test_a_later_checkpoint_redoes_the_export_and_every_step_after_it(tmp_path, monkeypatch):
+    """The demo's reuse rule step by step (the real steps run above): each output is redone when what it was made
+    from is newer, and only then. The steps' work is recorded instead of done."""
+    import tensorflow as tf
+
+    import demo.__main__ as demo
+    import export.delg
+    import local_eval.show
+    import local_eval.tradeoff
+    from train.run_files import CHECKPOINT_DIR
+
+    clock, done = FileClock(), []
+    report = json.dumps({"status": "ok"})
+    monkeypatch.setattr(export.delg, "export_delg", lambda run, model, **_: (
+        done.append("export"), clock.stamp(model / "saved_model.pb", "")))
+    monkeypatch.setattr(demo, "replay", lambda competition, task, model, folder, *_: (
+        done.append(task), clock.stamp(folder / "report.json", report), json.loads(report))[-1])
+    monkeypatch.setattr(local_eval.show, "main_show", lambda argv: (
+        done.append("show"), clock.stamp(Path(argv[argv.index("--out") + 1]) / "index.html", "")))
+    monkeypatch.setattr(local_eval.tradeoff, "tradeoff", lambda *_, **__: done.append("tradeoff"))
+    monkeypatch.setattr(local_eval.tradeoff, "write_outputs", lambda table, task, profile, note, folder: (
+        clock.stamp(folder / "tradeoff.txt", "table"), "table")[-1])
+    checkpoints = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), str(tmp_path / "run" /
+                                             CHECKPOINT_DIR), max_to_keep=None)
+
+    def steps_after_training() -> list[str]:
+        done.clear()
+        model = demo.export_step(tmp_path, tmp_path / "run")
+        for task in ("recognition", "retrieval"):
+            demo.replay_step(tmp_path, tmp_path / "competition", model, task)
+        demo.show_step(tmp_path, tmp_path / "competition", model)
+        demo.tradeoff_step(tmp_path, tmp_path / "competition", model)
+        return list(done)
+
+    everything = ["export", "recognition", "retrieval", "show", "tradeoff"]
+    clock.stamp(Path(checkpoints.save() + ".index"))
+    assert steps_after_training() == everything
+    assert steps_after_training() == []
+    clock.stamp(Path(checkpoints.save() + ".index"))  # more training
+    assert steps_after_training() == everything
+    clock.stamp(tmp_path / "replay-recognition" / "report.json")  # a newer recognition replay: its report is redone
+    assert steps_after_training() == ["show"]
 
 
 def follow_the_summary(summary: str, out: Path) -> None:
