@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> 
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker whose build failed left
             build(folder)
             done.touch()
     return folder
