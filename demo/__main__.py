@@ -1,9 +1,9 @@
 """`make demo` (`python -m demo`): the whole competition loop on a generated competition, with no data of the user's.
 
-build the `demo` synthetic competition (half of `small`) -> train the tiny DELG on CPU -> export -> replay both tasks ->
-the HTML report of the recognition replay (`local_eval show`) -> the recognition tradeoff (each rung of the
-database plan at a few rerank depths, projected to the real competition) -> one summary, with the files to open and
-the commands that come next. Every step whose output exists is reused.
+build the `demo` synthetic competition (about a quarter of `small`) -> train the tiny DELG on CPU -> export -> replay
+both tasks -> the HTML report of the recognition replay (`local_eval show`) -> the recognition tradeoff (the first
+rungs of the database plan at a few rerank depths, projected to the real competition) -> one summary, with the files
+to open and the commands that come next. Every step whose output exists is reused.
 """
 from __future__ import annotations
 
@@ -28,12 +28,15 @@ DEMO = {
     "size": "demo",
     "seed": 0,
     "config": "tiny",  # train/config.py's tiny config, trained for train_steps
-    "train_steps": 1200,
+    "train_steps": 600,
+    "whiten_images": 500,  # training images the export's PCA whitening is fitted on (`export delg`: 5000)
     "limit_h": 0.25,  # each replay's wall-clock limit
-    # flags for submission/main.py beyond its defaults: retrieval reranks 30 (DELG: 100) to stay within minutes
-    "script_args": {"recognition": [], "retrieval": ["--rerank", "30"]},
+    # flags for submission/main.py beyond its defaults, to stay within minutes: each task reranks fewer candidates
+    # (the script's defaults: recognition 20, retrieval 100)
+    "script_args": {"recognition": ["--rerank", "10"], "retrieval": ["--rerank", "20"]},
     "profile": "recognition-2020",
-    "tradeoff_depths": [0, 3, 10],  # recognition rerank depths scored on every rung of the plan's ladder
+    "tradeoff_depths": [0, 3, 10],  # recognition rerank depths scored on each rung
+    "tradeoff_rungs": 2,  # the first rungs of the plan's ladder: as given, then one global scale
     "show_queries": 12,  # queries pictured in the HTML report
     "probe_images": 30,  # the probe the summary suggests (see README, "Fitting the server")
 }
@@ -77,7 +80,7 @@ def export_step(out: Path, run_dir: Path) -> Path:
 
     model = out / "model"
     if not up_to_date(model / "saved_model.pb", Path(latest_checkpoint(run_dir) + ".index")):
-        export_delg(run_dir, model, overwrite=True, whiten=WhitenSettings())  # `export delg`'s defaults
+        export_delg(run_dir, model, overwrite=True, whiten=WhitenSettings(images=DEMO["whiten_images"]))
     return model
 
 
@@ -111,7 +114,8 @@ def tradeoff_step(out: Path, competition: Path, model: Path) -> str:
     shutil.rmtree(folder / "work", ignore_errors=True)  # features of an older model
     profile = PROFILES[DEMO["profile"]]
     table = tradeoff(competition, "recognition", model, folder, profile, None, 1.0, DEMO["tradeoff_depths"],
-                     DEMO["limit_h"], DEMO["script_args"]["recognition"], reuse=out / "replay-recognition" / "work")
+                     DEMO["limit_h"], DEMO["script_args"]["recognition"], reuse=out / "replay-recognition" / "work",
+                     max_rungs=DEMO["tradeoff_rungs"])
     return write_outputs(table, "recognition", profile, "this machine's rates, speedup x1", folder)
 
 

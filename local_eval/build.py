@@ -19,7 +19,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sources = parser.add_subparsers(dest="source", required=True, metavar="{synthetic,gldv2,revisited-synthetic}")
     synthetic = sources.add_parser("synthetic", help="render a synthetic competition from a seed")
     synthetic.add_argument("--size", default="tiny", choices=list(SIZES),
-                           help="tiny: tests (~30 landmarks); small: the demo (~150); medium: benchmarks (10x small)")
+                           help="tiny: tests (~30 landmarks); demo: `make demo`'s (~40); half (~75); small (~150); "
+                                "medium: benchmarks (10x small)")
     synthetic.add_argument("--seed", type=int, default=0,
                            help="master seed (0 or more): the same seed gives the same bytes")
     synthetic.add_argument("--nonlandmark-share", type=float, default=0.7,

@@ -59,7 +59,8 @@ class CompetitionSize:
 
 SIZES = {
     "tiny": CompetitionSize(30, 240, 80, 100, 40, 40, 96, 160),
-    "demo": CompetitionSize(75, 1500, 300, 750, 150, 150, 192, 320),  # half of small: what `make demo` fits
+    "demo": CompetitionSize(40, 800, 160, 400, 80, 80, 192, 320),  # about a quarter of small: what `make demo` fits
+    "half": CompetitionSize(75, 1500, 300, 750, 150, 150, 192, 320),  # half of small (`make demo`'s until 2026-12)
     "small": CompetitionSize(150, 3000, 600, 1500, 300, 300, 192, 320),
     "medium": CompetitionSize(1500, 30000, 6000, 15000, 3000, 3000, 192, 320),
 }

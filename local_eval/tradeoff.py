@@ -1,14 +1,15 @@
 """`python -m local_eval tradeoff`: what each step of the database plan's ladder costs in score and saves in time.
 
     python -m local_eval tradeoff --competition DIR --task recognition|retrieval --model MODEL --out OUT \
-        [--profile P] [--log WORK/timing.json | --speedup X] [-- extra submission/main.py flags]
+        [--profile P] [--rungs N] [--log WORK/timing.json | --speedup X] [-- extra submission/main.py flags]
 
 Replays the script once per rung of its ladder (the settings as given, float16 when the model has it, one global
-scale, longer side 768, 512), each reranking to the deepest of --depths; the rungs share one WORK folder, so local
-features are extracted once. Each run is scored at every depth from its verified pairs (no new RANSAC) and
-projected to the profile's full size from the rates it measured: scaled by --speedup, or anchored to the rates a
-probe measured on the real server (--log; the ladder's relative costs still come from these runs). Writes
-OUT/tradeoff.csv and OUT/tradeoff.png (score against projected hours, the limit marked) and prints the table.
+scale, longer side 768, 512; the first --rungs N of them), each reranking to the deepest of --depths; the rungs
+share one WORK folder, so local features are extracted once. Each run is scored at every depth from its verified
+pairs (no new RANSAC) and projected to the profile's full size from the rates it measured: scaled by --speedup, or
+anchored to the rates a probe measured on the real server (--log; the ladder's relative costs still come from these
+runs). Writes OUT/tradeoff.csv and OUT/tradeoff.png (score against projected hours, the limit marked) and prints the
+table.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import UserError, atomic_write_text
+from common.cli import UserError, atomic_write_text, check_at_least
 from local_eval import draw
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
 from local_eval.replay import competition_paths, replay
@@ -104,12 +105,12 @@ def reuse_caches(source: Path, work: Path) -> None:
 
 def tradeoff(competition: Path, task: str, model: Path, out: Path, profile: Profile, server: dict | None,
              speedup: float, depths: list[int], limit_h: float, script_args: list[str],
-             reuse: Path | None = None) -> pd.DataFrame:
+             reuse: Path | None = None, max_rungs: int | None = None) -> pd.DataFrame:
     sub = load_submission()
     data, solution = competition_paths(competition, task)
     base = sub.parse_settings(["--task", task, "--data", str(data), "--model", str(model), *script_args])
     loaded = sub.DelgSavedModel(model, base.extraction)
-    rungs = sub.ladder(base.extraction, ("float16", False) in loaded.batched)
+    rungs = sub.ladder(base.extraction, ("float16", False) in loaded.batched)[:max_rungs]
     work, rows, reference = out / "work", [], None
     if reuse is not None:  # the run that extracted the reused features measured their rates
         reuse_caches(reuse, work)
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--speedup", type=float, default=1.0,
                         help="how many times faster the server runs the network stages than this machine")
     parser.add_argument("--depths", type=int, nargs="+", default=None, help="rerank depths to score")
+    parser.add_argument("--rungs", type=int, default=None, help="replay only the first N rungs of the ladder "
+                        "(default: all)")
     parser.add_argument("--limit-h", type=float, default=2.0, help="wall-clock limit of each local run (hours)")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="WORK folder of an earlier run of this model and competition: its cached features "
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)
     if args.speedup <= 0 or args.limit_h <= 0:
         raise UserError("--speedup and --limit-h must be > 0")
+    if args.rungs is not None:
+        check_at_least("--rungs", args.rungs, 1)
     depths = args.depths or DEPTHS[args.task]
     if min(depths) < 0:
         raise UserError("--depths must be >= 0")
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                         "anchor the projection; give the timing.json of a cold run or of a probe (--probe N)")
     args.out.mkdir(parents=True, exist_ok=True)
     table = tradeoff(args.competition, args.task, args.model, args.out, profile, server, args.speedup, depths,
-                     args.limit_h, script_args, args.reuse)
+                     args.limit_h, script_args, args.reuse, args.rungs)
     source = f"rates of {args.log}" if server else f"this machine's rates / {args.speedup:g} on GPU stages"
     print(write_outputs(table, args.task, profile, source, args.out))
     return 0

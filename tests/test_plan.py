@@ -61,10 +61,11 @@ def test_probe_times_every_stage_and_local_eval_time_projects_it(tiny_competitio
 
 
 def test_tradeoff_scores_each_rung_at_each_depth(tiny_competition, tiny_model, tmp_path, capsys):
-    """Given a longer side of 512, the ladder has two rungs (the model has no float16): as given, 1 global scale."""
+    """Given a longer side of 768 the ladder has three rungs (the model has no float16): as given, 1 global scale,
+    max side 512; --rungs 2 replays the first two."""
     assert tradeoff_main(["--competition", str(tiny_competition), "--task", "retrieval", "--model", str(tiny_model),
-                          "--out", str(tmp_path), "--depths", "0", "3", "--speedup", "50", "--", *LIGHT,
-                          "--global-max-side", "512"]) == 0
+                          "--out", str(tmp_path), "--depths", "0", "3", "--speedup", "50", "--rungs", "2", "--",
+                          *LIGHT, "--global-max-side", "768"]) == 0
     table = pd.read_csv(tmp_path / "tradeoff.csv")
     rungs = table["rung"].unique().tolist()
     assert rungs == ["as given", "1 global scale"] and len(table) == 2 * len(rungs)
