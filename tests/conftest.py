@@ -17,10 +17,21 @@ import pytest
 import tensorflow as tf
 
 WHITEN_IMAGES = 24  # training images the whitened export's PCA is fitted on (the tiny competition has more)
+# The longest test files, in this order before all others: under `--dist loadfile` with --no-loadscope-reorder
+# (pyproject's addopts) xdist hands out files in collection order, so the short ones fill in beside these and no
+# long file is left to run alone at the end.
+LONGEST_FIRST = ("test_demo.py", "test_train_multiworker.py", "test_train_loop.py", "test_train_distributed.py",
+                 "test_replay.py", "test_backbones.py", "test_tune.py", "test_export_delg.py", "test_plan.py")
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of LONGEST_FIRST first, in its order; the others after them, as collected."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
@@ -51,14 +62,20 @@ def tiny_competition(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_competition):
+def data_dir(tiny_competition) -> Path:
+    """The tiny competition's recognition training data (train.csv, train/)."""
+    return tiny_competition / "landmark-recognition"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir):
     """A run folder of the tiny config trained briefly on the tiny competition."""
     from train.config import get_config
     from train.loop import train
 
     cfg = get_config("tiny", steps=40, image_size=64, batch_size=16, checkpoint_every=20, validate_every=20)
     return built_once(tmp_path_factory, "run", lambda run_dir: train(
-        cfg, data_dir=tiny_competition / "landmark-recognition", run_dir=run_dir))
+        cfg, data_dir=data_dir, run_dir=run_dir))
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +96,16 @@ def tiny_float16_model(tmp_path_factory, tiny_run):
         assert export_main(argv) == 0
 
     return built_once(tmp_path_factory, "model_float16", export)
+
+
+@pytest.fixture(scope="session")
+def mirrored_reference(tmp_path_factory, data_dir):
+    """A run of test_train_distributed's config() under MirroredStrategy over the two logical CPUs, uninterrupted."""
+    from tests.test_train_distributed import STEPS, config
+    from train.loop import train
+
+    def build(run_dir: Path) -> None:
+        metrics = train(config(), data_dir=data_dir, run_dir=run_dir, strategy="mirrored")
+        assert metrics["step"] == STEPS and metrics["replicas"] == 2 and metrics["strategy"] == "mirrored"
+
+    return built_once(tmp_path_factory, "mirrored", build)

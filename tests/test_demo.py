@@ -9,6 +9,7 @@ import ast
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from common.cli import run_main
 from demo.__main__ import DEMO
 from demo.__main__ import main as demo_main
 from local_eval.layout import nonlandmark_folder
+from tests.conftest import WHITEN_IMAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two scales, 200 features, global buckets of 512 px at most (the tradeoff's ladder: as given, 1 global scale);
@@ -31,12 +33,14 @@ LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-fe
 
 @pytest.fixture
 def light_demo(monkeypatch, caplog) -> None:
-    """The demo's settings made light (script flags, tradeoff depths, probe and report sizes); INFO logs caught."""
+    """The demo's settings made light (script flags, tradeoff depths, probe and report sizes, the whitening's fit on
+    WHITEN_IMAGES); INFO logs caught."""
     script_args = {"recognition": [*LIGHT, "--rerank", "5"], "retrieval": [*LIGHT, "--rerank", "10"]}
     monkeypatch.setitem(DEMO, "script_args", script_args)
     monkeypatch.setitem(DEMO, "tradeoff_depths", [0, 3])
     monkeypatch.setitem(DEMO, "probe_images", 8)
     monkeypatch.setitem(DEMO, "show_queries", 4)
+    monkeypatch.setitem(DEMO, "whiten_images", WHITEN_IMAGES)
     caplog.set_level(logging.INFO)
 
 
@@ -49,8 +53,9 @@ def run_demo(out: Path, capsys, caplog, steps: int) -> tuple[str, str]:
     return printed.out, caplog.text
 
 
-def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path, light_demo, capsys, caplog):
+def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path, tiny_competition, light_demo, capsys, caplog):
     out = tmp_path / "demo"
+    shutil.copytree(tiny_competition, out / "competition")  # the session's build of the same size and seed: kept
     printed, _ = run_demo(out, capsys, caplog, steps=10)
     assert "DEMO SUMMARY" in printed and "verdict (speedup x1)" in printed
     assert "recognition tradeoff" in printed and "best that fits" in printed

@@ -15,16 +15,18 @@ import pytest
 from common.cli import run_main
 from local_eval import replay as replay_command
 from local_eval.replay import format_report, replay
+from local_eval.score import main as score_main
 from local_eval.submission_script import script_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def score_cli(task: str, solution: Path, submission: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "local_eval", "score", "--task", task, "--solution",
-                             str(solution), "--submission", str(submission), "--json"],
-                            cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout)
+def score_cli(task: str, solution: Path, submission: Path, capsys) -> dict:
+    """What `python -m local_eval score --json` prints (its main, run here: test_score_cli runs the command)."""
+    capsys.readouterr()
+    argv = ["--task", task, "--solution", str(solution), "--submission", str(submission), "--json"]
+    assert run_main(score_main, argv) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("task, flags", [
@@ -32,15 +34,15 @@ def score_cli(task: str, solution: Path, submission: Path) -> dict:
     ("retrieval", ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200",
                    "--rerank", "10"]),
 ])
-def test_replay_report_equals_score_command(tmp_path, tiny_competition, tiny_model, task, flags):
+def test_replay_report_equals_score_command(tmp_path, tiny_competition, tiny_model, task, flags, capsys):
     report = replay(tiny_competition, task, tiny_model, tmp_path / "report", 0.2, flags)
     assert report["status"] == "ok", report.get("log_tail")
     on_disk = json.loads((tmp_path / "report" / "report.json").read_text())
     assert on_disk["final"] == report["final"]
     solution = tiny_competition / "solutions" / f"{task}_solution.csv"
-    assert report["final"] == score_cli(task, solution, tmp_path / "report" / "submission.csv")
+    assert report["final"] == score_cli(task, solution, tmp_path / "report" / "submission.csv", capsys)
     global_only = tmp_path / "report" / "work" / "submission_global_only.csv"
-    assert report["global_only"] == score_cli(task, solution, global_only)
+    assert report["global_only"] == score_cli(task, solution, global_only, capsys)
     assert {"global_db", "global_query", "knn"} <= set(report["timing"]["stages"])
     assert report["python"] == shutil.which(script_python())  # $KIT_SCRIPT_PYTHON or this interpreter
     assert f"run by {report['python']}: python " in format_report(task, report)

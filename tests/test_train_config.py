@@ -13,11 +13,6 @@ from train.config import CONFIGS, FIELD_RULES, TrainConfig, check_config, get_co
 from train.run_files import load_config, save_config
 
 
-@pytest.fixture(scope="module")
-def data_dir(tiny_competition):
-    return tiny_competition / "landmark-recognition"
-
-
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     code = run_main(main, args)
     return code, capsys.readouterr().err

@@ -28,11 +28,6 @@ from train.strategy import make_strategy
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tiny_competition):
-    return tiny_competition / "landmark-recognition"
-
-
 def small_config(**overrides):
     fields = {"image_size": 48, "batch_size": 8, "steps": 6, "warmup_steps": 2, "log_every": 2,
               "checkpoint_every": 3, "validate_every": 100, **overrides}
