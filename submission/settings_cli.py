@@ -2,7 +2,8 @@
 
 Shipped beside main.py (which imports it from its own folder); it knows nothing of landmarks. A settings section
 is a frozen dataclass whose fields are made with `setting()`; main.py defines the sections, this file turns them
-into an argparse parser, reads them from JSON, checks their ranges and layers defaults < preset < file < flags.
+into an argparse parser, reads them from JSON, checks their ranges and layers defaults < task defaults < preset <
+file < flags.
 """
 from __future__ import annotations
 
@@ -37,9 +38,12 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool]:
     return names[kind], False
 
 
-def build_parser(description: str, sections: list[type]) -> argparse.ArgumentParser:
-    """One flag per settings field. Unset flags stay out of the result, so the layers below them show through."""
+def build_parser(description: str, sections: list[type],
+                 task_defaults: dict[str, dict] | None = None) -> argparse.ArgumentParser:
+    """One flag per settings field, its help naming its default and any task's own. Unset flags stay out of the
+    result, so the layers below them show through."""
     parser = argparse.ArgumentParser(description=description)
+    task_defaults = task_defaults or {}
     for cls in sections:
         group = parser.add_argument_group(cls.__name__.lower(), cls.__doc__)
         for f in fields(cls):
@@ -50,7 +54,8 @@ def build_parser(description: str, sections: list[type]) -> argparse.ArgumentPar
                 options["required"] = True
             elif f.default is not None:
                 shown = " ".join(map(str, f.default)) if is_tuple else f.default
-                options["help"] += f" (default: {shown})"
+                options["help"] += f" (default: {shown}" + "".join(
+                    f"; {task}: {values[f.name]}" for task, values in task_defaults.items() if f.name in values) + ")"
             if kind is bool:
                 options["action"] = argparse.BooleanOptionalAction
             else:
@@ -124,11 +129,14 @@ def check_settings(section) -> None:
 
 
 def layer_settings(given: dict, presets: dict[str, dict], sections: dict[str, type],
-                   file_sections: dict[str, type]) -> tuple[dict, dict]:
+                   file_sections: dict[str, type], task_defaults: dict[str, dict]) -> tuple[dict, dict]:
     """({section name: checked section}, {setting: where its value came from}) from parsed flags: the defaults,
-    then the preset, then the --settings file (read with file_sections), then the flags."""
+    then the task's own defaults, then the preset, then the --settings file (read with file_sections), then the
+    flags."""
     values, sources = {}, {}
-    layers = [("preset " + given["preset"], presets[given["preset"]]) if given.get("preset") else None,
+    task = given.get("task")
+    layers = [("task default " + task, task_defaults[task]) if task_defaults.get(task) else None,
+              ("preset " + given["preset"], presets[given["preset"]]) if given.get("preset") else None,
               ("file " + str(given["settings"]), read_settings_file(given["settings"], file_sections))
               if given.get("settings") else None,
               ("command line", given)]

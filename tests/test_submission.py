@@ -248,6 +248,21 @@ def test_settings_layer_defaults_preset_file_then_flags(tmp_path):
     assert settings.sources["ransac_threshold"] == f"file {file}"
 
 
+def test_a_task_default_sits_under_the_preset_and_the_flags():
+    """Retrieval's own global stage (TASK_DEFAULTS) applies to retrieval only; a preset or a flag overrides it."""
+    retrieval = ["--task", "retrieval", *REQUIRED[2:]]
+    assert sub.TASK_DEFAULTS["retrieval"] and not sub.TASK_DEFAULTS["recognition"]
+    settings = sub.parse_settings(retrieval)
+    for name, value in sub.TASK_DEFAULTS["retrieval"].items():
+        assert getattr(settings.global_stage, name) == value != getattr(sub.Global(), name)
+        assert settings.sources[name] == "task default retrieval"
+    assert sub.parse_settings(REQUIRED).global_stage == sub.Global()  # recognition: the section's defaults
+    assert sub.parse_settings([*retrieval, "--qe-n", "0"]).global_stage.qe_n == 0
+    published = sub.parse_settings([*retrieval, "--preset", "delg-paper"])
+    assert published.global_stage.qe_n == published.global_stage.dba_n == 0
+    assert published.sources["dba_n"] == "preset delg-paper"
+
+
 @pytest.mark.parametrize("content, message", [
     ({"scoring": {"top_kk": 3}}, "unknown setting 'scoring.top_kk'"),
     ({"scoring": {"top_k": "3"}}, "'scoring.top_k' must be int, got '3'"),
