@@ -812,18 +812,19 @@ def vote(scores: np.ndarray, neighbours: np.ndarray, labels: np.ndarray, top_k: 
 
 
 def global_predictions(candidates: Candidates, labels: np.ndarray, stage: Global) -> tuple[np.ndarray, np.ndarray]:
-    """(landmark, confidence) of a query nobody verified. With suppression and a non-landmark set (recognition
-    2020 1st): candidate score clamp(cos, 0, 1) - B(j), summed per landmark over the top global_top_k, then
-    confidence -= weight x C(q). Unreadable queries and empty databases get NaN."""
+    """(landmark, confidence) of a query nobody verified, from its global_top_k nearest by cosine (whatever the
+    rerank depth searched, so a query scores the same in every run). With suppression and a non-landmark set
+    (recognition 2020 1st): candidate score clamp(cos, 0, 1) - B(j), summed per landmark, then confidence -=
+    weight x C(q). Unreadable queries and empty databases get NaN."""
     c, nq = candidates, len(candidates.cosines)
     if c.neighbours.shape[1] == 0:
         return np.zeros(nq, np.int64), np.full(nq, np.nan)
-    scores = c.cosines.astype(np.float64)
+    scores, neighbours = c.cosines[:, :stage.global_top_k].astype(np.float64), c.neighbours[:, :stage.global_top_k]
     suppress = stage.suppression and c.query_nonlandmark.shape[1] > 0
     if suppress:
-        bias = c.db_nonlandmark[:, :stage.db_nonlandmark_k].mean(axis=1)[c.neighbours]
+        bias = c.db_nonlandmark[:, :stage.db_nonlandmark_k].mean(axis=1)[neighbours]
         scores = np.clip(scores, 0, 1) - bias
-    landmarks, totals = vote(scores, c.neighbours, labels, stage.global_top_k)
+    landmarks, totals = vote(scores, neighbours, labels, stage.global_top_k)
     if suppress:
         totals = totals - stage.query_nonlandmark_weight * c.query_nonlandmark[:, :stage.query_nonlandmark_k].mean(1)
     return landmarks, np.where(c.query_ok, totals, np.nan)

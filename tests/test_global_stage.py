@@ -58,6 +58,19 @@ def test_suppression_subtracts_the_database_and_query_nonlandmark_cosines():
     assert plain[0].tolist() == [3] and plain[1][0] == pytest.approx(1.5)  # 0.8 + 0.7 beats 1.2
 
 
+def test_the_global_scoring_reads_the_top_k_by_cosine_whatever_depth_was_searched():
+    """Suppression may not pull a candidate past the top global_top_k into the vote: a query's global-only
+    prediction is the same in a --rerank 0 run (top_k searched) and a --rerank 20 one."""
+    db_nl = [[0.6], [0.0], [0.0]]  # row 0 looks like a non-landmark; row 2, ranked third, does not
+    stage = sub.Global(global_top_k=1, db_nonlandmark_k=1, query_nonlandmark_weight=0.0)
+    labels = np.array([3, 4, 5])
+    deep = candidates([[0.9, 0.5, 0.45]], [[0, 1, 2]], query_nl=[[0.1]], db_nl=db_nl)
+    shallow = candidates([[0.9]], [[0]], query_nl=[[0.1]], db_nl=db_nl)
+    for found in (deep, shallow):
+        landmarks, confidences = sub.global_predictions(found, labels, stage)
+        assert landmarks.tolist() == [3] and confidences[0] == pytest.approx(0.9 - 0.6)
+
+
 def test_unverified_queries_keep_the_global_scoring_calibrated_onto_the_verified_scale():
     rng = np.random.default_rng(0)
     nq = 60
