@@ -319,7 +319,7 @@ class Settings:
     verification: Verification
     scoring: Scoring
     budget: Budget
-    sources: dict = field(default_factory=dict)  # setting name -> preset | settings file | command line
+    sources: dict = field(default_factory=dict)  # setting name -> task default | preset | settings file | command line
 
     def rerank_depth(self) -> int:
         return DEFAULT_RERANK[self.run.task] if self.scoring.rerank is None else self.scoring.rerank
@@ -330,7 +330,8 @@ def settings_parser() -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    """The layered settings of a run: defaults < --preset < --settings file < command-line flags."""
+    """The layered settings of a run: defaults < the task's (TASK_DEFAULTS) < --preset < --settings file <
+    command-line flags."""
     given = vars(settings_parser().parse_args(argv))
     sections, sources = layer_settings(given, PRESETS, {"run": Run, **SECTIONS}, SECTIONS, TASK_DEFAULTS)
     run_names = {f.name for f in fields(Run)}

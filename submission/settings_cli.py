@@ -38,12 +38,10 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool]:
     return names[kind], False
 
 
-def build_parser(description: str, sections: list[type],
-                 task_defaults: dict[str, dict] | None = None) -> argparse.ArgumentParser:
+def build_parser(description: str, sections: list[type], task_defaults: dict[str, dict]) -> argparse.ArgumentParser:
     """One flag per settings field, its help naming its default and any task's own. Unset flags stay out of the
     result, so the layers below them show through."""
     parser = argparse.ArgumentParser(description=description)
-    task_defaults = task_defaults or {}
     for cls in sections:
         group = parser.add_argument_group(cls.__name__.lower(), cls.__doc__)
         for f in fields(cls):
