@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from common.cli import KIT_MARKER, UserError, atomic_write, atomic_write_text, check_input_folder
 from local_eval.revisited_metric import evaluate, scored_queries
-from local_eval.show import load_model, script_settings
+from local_eval.show import global_ranking, load_model, script_settings
 from local_eval.submission_script import load_submission
 
 log = logging.getLogger("revisited")
@@ -208,25 +208,6 @@ def global_descriptors(model, settings, images: Images, work: Path) -> dict[str,
         sub.extract_global(model, ids, images.sources[split], cache, settings.extraction, settings.run)
         found[split] = sub.load_global(cache, ids, settings.run.chunk_size, model.global_dim)
     return found
-
-
-def global_ranking(queries: np.ndarray, database: np.ndarray, ok: np.ndarray, stage,
-                   block_mb: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rankings [nq, n] of every database row, best first; scores [nq, n_ok] of the readable rows): the
-    script's global stage over the readable rows (whitening fitted on them, DBA, exact kNN, alpha-QE, SuperGlobal,
-    as its settings ask), then the unreadable ones (logged by the extractor) last."""
-    sub = load_submission()
-    readable = np.flatnonzero(ok)
-    db, queries = database[readable].copy(), queries.copy()
-    if stage.whiten == "database" and len(db) > 1:
-        whitening = sub.fit_whitening(db, stage.whiten_shrinkage)
-        db, queries = sub.apply_whitening(db, whitening), sub.apply_whitening(queries, whitening)
-    if stage.dba_n:
-        db, _ = sub.database_augmentation(db, stage.dba_n, stage.dba_alpha, block_mb, stop=lambda: False)
-    cosines, found = sub.knn(queries, db, len(readable), block_mb)
-    cosines, found = sub.reranked(queries, db, cosines, found, stage, block_mb)
-    unreadable = np.broadcast_to(np.flatnonzero(~ok), (len(queries), len(ok) - len(readable)))
-    return np.concatenate([readable[found], unreadable], axis=1), cosines
 
 
 _VERIFICATION: list = []

@@ -217,23 +217,40 @@ def read_competition(task: str, data: Path, solution_path: Path) -> Competition:
     return Competition(task, sub.read_test_ids(data), db_ids, labels_of, truth, usage)
 
 
+def global_ranking(queries: np.ndarray, database: np.ndarray, ok: np.ndarray, stage,
+                   block_mb: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rankings [nq, n] of every database row, best first; scores [nq, n_ok] of the readable rows): the
+    script's global stage over the readable rows (whitening fitted on them, DBA, exact kNN, alpha-QE, SuperGlobal,
+    as its settings ask), then the unreadable ones (logged by the extractor) last."""
+    sub = load_submission()
+    readable = np.flatnonzero(ok)
+    db, queries = database[readable].copy(), queries.copy()
+    if stage.whiten == "database" and len(db) > 1:
+        whitening = sub.fit_whitening(db, stage.whiten_shrinkage)
+        db, queries = sub.apply_whitening(db, whitening), sub.apply_whitening(queries, whitening)
+    if stage.dba_n:
+        db, _ = sub.database_augmentation(db, stage.dba_n, stage.dba_alpha, block_mb, stop=lambda: False)
+    cosines, found = sub.knn(queries, db, len(readable), block_mb)
+    cosines, found = sub.reranked(queries, db, cosines, found, stage, block_mb)
+    unreadable = np.broadcast_to(np.flatnonzero(~ok), (len(queries), len(ok) - len(readable)))
+    return np.concatenate([readable[found], unreadable], axis=1), cosines
+
+
 def top_neighbours(extractor: Extractor, comp: Competition, queries: list[str],
                    predictions: dict) -> dict[str, list[tuple[str, float | None]]]:
-    """Per query its top-5 (id, cosine): by cosine for recognition, the submitted order for retrieval."""
+    """Per query its top-5 (id, cosine), the cosines as the submission's global stage searched them (its database
+    whitening included): in that search's order for recognition, the submitted order for retrieval."""
     db_split, query_split = load_submission().IMAGE_SPLITS[comp.task]
     query_desc, query_ok = extractor.global_descriptors(query_split, queries)
     db_desc, db_ok = extractor.global_descriptors(db_split, comp.db_ids)
-    if comp.task == "recognition":
-        valid = np.flatnonzero(db_ok)
-        cosines, found = load_submission().knn(query_desc, db_desc[valid], TOP_NEIGHBOURS)
-        ranked = [[comp.db_ids[valid[j]] for j in row] for row in found]
-    else:
-        ranked = [predictions.get(q, [])[:TOP_NEIGHBOURS] for q in queries]
-    position = {image_id: i for i, image_id in enumerate(comp.db_ids)}
+    settings = extractor.settings
+    rankings, scores = global_ranking(query_desc, db_desc, db_ok, settings.global_stage, settings.run.knn_block_mb)
     result = {}
-    for q, ok, descriptor, candidates in zip(queries, query_ok, query_desc, ranked, strict=True):
-        cosine = lambda c, d=descriptor: float(d @ db_desc[position[c]]) if c in position else None
-        result[q] = [(c, cosine(c)) for c in candidates] if ok else []
+    for q, ok, ranking, score in zip(queries, query_ok, rankings, scores, strict=True):
+        cosine_of = {comp.db_ids[j]: float(s) for j, s in zip(ranking, score, strict=False)}
+        ranked = ([comp.db_ids[j] for j in ranking[:TOP_NEIGHBOURS]] if comp.task == "recognition"
+                  else predictions.get(q, [])[:TOP_NEIGHBOURS])
+        result[q] = [(c, cosine_of.get(c)) for c in ranked] if ok else []
     return result
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from common.cli import run_main
 from local_eval.build import main as build_main
-from local_eval.revisited import clear_stale, global_ranking
+from local_eval.revisited import clear_stale
 from local_eval.revisited import main as revisited_main
 from local_eval.revisited_metric import (
     KAPPAS,
@@ -25,6 +25,7 @@ from local_eval.revisited_metric import (
     protocol_sets,
 )
 from local_eval.revisited_synthetic import build_revisited_synthetic
+from local_eval.show import global_ranking
 from local_eval.submission_script import load_submission
 from tests.delg_test_models import write_tf2_model
 
