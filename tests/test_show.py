@@ -7,6 +7,7 @@ import re
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,15 @@ from PIL import Image
 
 from common.cli import run_main
 from local_eval import draw
-from local_eval.show import choose_queries, main_show, main_show_pair, recognition_order, retrieval_order
+from local_eval.show import (
+    Competition,
+    choose_queries,
+    main_show,
+    main_show_pair,
+    recognition_order,
+    retrieval_order,
+    top_neighbours,
+)
 from local_eval.submission_script import load_submission
 from tests.delg_test_models import write_tf2_model
 
@@ -219,3 +228,26 @@ def test_without_the_work_folder_features_are_recomputed_to_the_same_inliers(run
     for view in report["queries"]:
         assert view["match"]["submission_inliers"] is None  # no verified_pairs.csv was given
         assert view["match"]["inliers"] == submitted[(view["id"], view["match"]["candidate"])]
+
+
+def test_recognition_neighbours_are_those_the_submission_searched():
+    """A query's top neighbours in the order of the script's global stage (its database whitening), whose top
+    candidates it verified; not by the cached descriptors' raw cosine."""
+    rng = np.random.default_rng(0)
+    descriptors = {split: rng.normal(size=(n, 16)).astype(np.float32) + 3 for split, n in (("test", 6), ("train", 40))}
+    for rows in descriptors.values():
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    ids = {split: [f"{split}{i}" for i in range(len(rows))] for split, rows in descriptors.items()}
+    stage = sub.Global()
+    settings = SimpleNamespace(global_stage=stage, run=SimpleNamespace(knn_block_mb=64))
+    extractor = SimpleNamespace(settings=settings, global_descriptors=lambda split, wanted: (
+        descriptors[split], np.ones(len(wanted), bool)))
+    comp = Competition("recognition", ids["test"], ids["train"], {}, {}, {})
+    found = top_neighbours(extractor, comp, ids["test"], {})
+    whitening = sub.fit_whitening(descriptors["train"], stage.whiten_shrinkage)
+    db, queries = (sub.apply_whitening(rows.copy(), whitening) for rows in (descriptors["train"], descriptors["test"]))
+    cosines, rows = sub.knn(queries, db, 5, 64)
+    assert [[c for c, _ in found[q]] for q in ids["test"]] == [[ids["train"][j] for j in row] for row in rows]
+    np.testing.assert_allclose([[s for _, s in found[q]] for q in ids["test"]], cosines, rtol=1e-5)
+    raw = sub.knn(descriptors["test"], descriptors["train"], 5, 64)[1]
+    assert (raw != rows).any()  # the whitening changed some order
