@@ -37,6 +37,7 @@ from train.run_files import checkpoint_manager, make_checkpoint, save_config, sa
 
 LANDMARK_IDS = [7, 11, 13, 42]
 GLOBAL_SCALES = [DELG_IMAGE_SCALES[i] for i in DELG_GLOBAL_SCALE_INDICES]
+TINY_DIM = get_config("tiny").embedding_dim  # the global descriptor's size of the tiny runs here and in conftest
 
 
 def make_run_dir(run_dir: Path, **overrides) -> DelgModel:
@@ -142,7 +143,7 @@ def test_loads_and_runs_in_a_process_that_imports_only_tensorflow(run_and_model)
     n = len(out["scores"])
     assert 0 < n <= 40
     assert np.shape(out["boxes"]) == (n, 4) and np.shape(out["features"]) == (n, 128)
-    assert np.shape(out["global_descriptors"]) == (2, 64)
+    assert np.shape(out["global_descriptors"]) == (2, TINY_DIM)
     scores = np.array(out["scores"])[:, 0]
     assert (scores >= 0.5).all() and (np.diff(scores) <= 0).all()
     np.testing.assert_allclose(np.linalg.norm(out["features"], axis=1), 1.0, atol=1e-5)
@@ -154,13 +155,13 @@ def test_too_small_scale_gives_no_local_features_but_a_global_descriptor(run_and
                   global_indices=(0, 1))
     assert len(out["scores"]) > 0
     assert (out["scales"] == 1.0).all()
-    assert out["global_descriptors"].shape == (2, 64)
+    assert out["global_descriptors"].shape == (2, TINY_DIM)
 
 
 def test_zero_max_features_extracts_global_only(run_and_model):
     out = extract(run_and_model[2].signatures["serving_default"], random_image(64, 64), max_features=0)
     assert out["features"].shape == (0, 128) and out["boxes"].shape == (0, 4)
-    assert out["global_descriptors"].shape == (1, 64)
+    assert out["global_descriptors"].shape == (1, TINY_DIM)
 
 
 def averaging_model() -> DelgModel:
@@ -300,13 +301,13 @@ def test_batched_signatures_follow_the_contract(run_and_model, float16_export):
             assert {key: (spec.shape.as_list(), spec.dtype) for key, spec in inputs.items()} == expected_inputs
             outputs = loaded.signatures[name].structured_outputs
             assert {key: (spec.shape.as_list(), spec.dtype) for key, spec in outputs.items()} == {
-                GLOBAL_BATCH_OUTPUT: ([None, 64], tf.float32)}
+                GLOBAL_BATCH_OUTPUT: ([None, TINY_DIM], tf.float32)}
         info = export_info(out)
         assert sorted(info["functions"]) == sorted(loaded.signatures)
         assert [info["functions"][name]["xla"] for name in names] == [n.endswith(XLA_SUFFIX) for n in names]
         assert info["xla_errors"] == {}, "XLA runs on this CPU"
         assert [info["functions"][name]["float16"] for name in names] == [n in half for n in names]
-        assert (info["global_dim"], info["local_dim"]) == (64, 128)
+        assert (info["global_dim"], info["local_dim"]) == (TINY_DIM, 128)
         assert info["local_stride"] == delg.DelgExtractor(model).field.stride
         compiled, float16_functions = saved_functions(out)
         assert len(compiled) == sum(name.endswith(XLA_SUFFIX) for name in names)
@@ -319,7 +320,7 @@ def test_batched_descriptors_equal_the_per_image_path(float16_export, tiny_compe
     images = landmark_images(tiny_competition, 4, *size)
     batched = batched_descriptors(loaded.signatures[GLOBAL_BATCH], images, GLOBAL_SCALES)
     per_image = per_image_descriptors(loaded.signatures["serving_default"], images, GLOBAL_SCALES)
-    assert batched.shape == (4, 64)
+    assert batched.shape == (4, TINY_DIM)
     assert cosines(batched, per_image).min() >= 0.999
     np.testing.assert_allclose(batched, per_image, atol=1e-4)
     assert cosines(batched[:1], batched[1:]).max() < 0.999, "the images' descriptors differ from each other"
@@ -336,13 +337,12 @@ def test_float16_descriptors_agree_with_float32(float16_export, tiny_competition
     assert np.abs(float16 - float32).max() > 1e-6, "float16 compute rounds differently from float32"
 
 
-def test_float16_shares_the_float32_weights(run_and_model, float16_export):
-    if run_and_model[1].cfg.backbone != "tiny":
-        pytest.skip("the float16 export is of the tiny ResNet")
+def test_float16_shares_the_float32_weights(tiny_model, float16_export):
     def weights_bytes(out: Path) -> int:
         return sum(path.stat().st_size for path in (out / "variables").glob("variables.data-*"))
 
-    float32_only = weights_bytes(run_and_model[0] / "delg")  # the same architecture, without float16
+    # The same run exported without float16 or whitening, plus the whitening's float32 mean and projection.
+    float32_only = weights_bytes(tiny_model) + 4 * (TINY_DIM + TINY_DIM * TINY_DIM)
     assert float32_only <= weights_bytes(float16_export[0]) < 1.01 * float32_only
 
 

@@ -23,7 +23,7 @@ from common.kit import load_submission
 from export.__main__ import main as export_main
 from export.bundle import KAGGLE_PYTHONS, SUBMISSION_SCRIPT, WHEEL_PLATFORM
 from export.delg import EXPORT_INFO_FILE, GLOBAL_BATCH_FLOAT16, export_delg
-from tests.test_export_delg import LANDMARK_IDS, make_run_dir, random_image
+from tests.test_export_delg import LANDMARK_IDS, TINY_DIM, make_run_dir, random_image
 from train.config import RETRIEVAL_SCALES
 from train.model import DelgModel
 
@@ -64,7 +64,7 @@ def test_retrieval_zip_holds_the_saved_model_at_its_root(run, tmp_path, capsys):
     serve = tf.saved_model.load(str(tmp_path / "unzipped")).signatures["serving_default"]
     image = random_image(72, 96)
     got = serve(input_image=tf.constant(image))["global_descriptor"].numpy()
-    assert got.shape == (64,)
+    assert got.shape == (TINY_DIM,)
     np.testing.assert_allclose(got, keras_descriptor(model, image), atol=1e-4)
 
 
@@ -93,11 +93,11 @@ def test_ensemble_retrieval_model_combines_its_runs_as_the_notebook_does(run, se
     image = random_image(72, 96, seed=3)
     first, second = keras_descriptor(run[1], image), keras_descriptor(second_run[1], image)
     both = retrieval_descriptor([run[0], second_run[0]], tmp_path / "ab.zip", image, "--model-weights", "1", "0.7")
-    assert (first.shape, second.shape, both.shape) == ((64,), (32,), (96,))
+    assert (first.shape, second.shape, both.shape) == ((TINY_DIM,), (32,), (TINY_DIM + 32,))
     ok = np.ones(1, bool)
     expected, _ = load_submission().combine([(first[None], ok), (second[None], ok)], (1.0, 0.7))
     np.testing.assert_allclose(both, expected[0], atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(both[64:]) / np.linalg.norm(both[:64]), 0.7, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(both[TINY_DIM:]) / np.linalg.norm(both[:TINY_DIM]), 0.7, rtol=1e-5)
 
 
 def test_a_killed_retrieval_export_leaves_a_partial_that_the_next_one_removes(run, tmp_path):
@@ -119,7 +119,7 @@ def test_a_killed_retrieval_export_leaves_a_partial_that_the_next_one_removes(ru
 def test_retrieval_dim_other_than_trained_is_refused(run, tmp_path, capsys):
     run_dir, _ = run
     assert export_main(["retrieval", "--run", str(run_dir), "--out", str(tmp_path / "m.zip"), "--dim", "512"]) == 2
-    assert "embedding_dim 64" in capsys.readouterr().err
+    assert f"embedding_dim {TINY_DIM}" in capsys.readouterr().err
     assert not (tmp_path / "m.zip").exists()
 
 
@@ -283,7 +283,7 @@ def test_bundle_of_two_runs_ships_both_models_and_passes_both_to_main(run, secon
     assert export_main(argv) == 0
     dims = [json.loads((out / model / "assets" / EXPORT_INFO_FILE).read_text())["global_dim"]
             for model in ("delg", "delg-2")]
-    assert dims == [64, 32]  # each run in its folder, in --run order
+    assert dims == [TINY_DIM, 32]  # each run in its folder, in --run order
     received = run_kernel(out)
     assert received[4:11] == ["--model", f"{out}/delg", "--model", f"{out}/delg-2", "--model-weights", "1.0", "0.7"]
     parsed = load_submission().parse_settings(received).run  # the notebook's own flags read it as an ensemble

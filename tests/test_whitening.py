@@ -22,7 +22,7 @@ from export.delg import (
 )
 from export.whitening import PcaWhitening, fit_pca_whitening, l2_normalize, mean_pair_cosine, whiten
 from tests.conftest import WHITEN_IMAGES
-from tests.test_export_delg import batched_descriptors, extract, landmark_images, make_run_dir
+from tests.test_export_delg import TINY_DIM, batched_descriptors, extract, landmark_images, make_run_dir
 from train.config import RETRIEVAL_SCALES
 from train.run_files import DATA_FILE
 
@@ -155,8 +155,8 @@ def test_export_info_records_the_fit(delg_pair, tiny_run):
     whitening = info["whitening"]
     assert whitening["applied"] and whitening["images"] == whitening["images_sampled"] == int(FIT_IMAGES)
     assert whitening["descriptors"] == 3 * int(FIT_IMAGES) and whitening["scales"] == list(DELG_GLOBAL_SCALES)
-    assert (whitening["input_dim"], whitening["dim"], info["global_dim"]) == (64, 64, 64)
-    assert whitening["shrinkage"] == 0.1 and 0 <= whitening["null_axes"] < 64
+    assert (whitening["input_dim"], whitening["dim"], info["global_dim"]) == (TINY_DIM, TINY_DIM, TINY_DIM)
+    assert whitening["shrinkage"] == 0.1 and 0 <= whitening["null_axes"] < TINY_DIM
     assert whitening["data"] == json.loads((tiny_run / DATA_FILE).read_text())["data"]
     assert whitening["mean_pair_cosine_after"] < whitening["mean_pair_cosine_before"]
 
@@ -182,7 +182,7 @@ def test_retrieval_model_is_whitened_and_dim_reduces_it(tiny_run, delg_pair, tmp
         archive.extractall(tmp_path / "unzipped")
     loaded = tf.saved_model.load(str(tmp_path / "unzipped"))
     mean, projection = fitted(loaded)
-    assert projection.shape == (64, 32)
+    assert projection.shape == (TINY_DIM, 32)
     image = np.random.default_rng(5).integers(0, 256, (72, 96, 3), dtype=np.uint8)
     got = loaded.signatures["serving_default"](input_image=tf.constant(image))["global_descriptor"].numpy()
     rows = extract(delg_pair["plain"][1].signatures["serving_default"], image, scales=RETRIEVAL_SCALES,
@@ -195,7 +195,8 @@ def test_retrieval_model_is_whitened_and_dim_reduces_it(tiny_run, delg_pair, tmp
 @pytest.mark.parametrize("main, extra, named", [
     (main_delg, ["--whiten-shrinkage", "0"], "--whiten-shrinkage must be a finite number above 0"),
     (main_delg, ["--whiten-images", "0"], "--whiten-images must be at least 1"),
-    (main_delg, ["--whiten-dim", "65"], "--whiten-dim 65: more than the run's embedding_dim 64"),
+    (main_delg, ["--whiten-dim", str(TINY_DIM + 1)],
+     f"--whiten-dim {TINY_DIM + 1}: more than the run's embedding_dim {TINY_DIM}"),
     (main_delg, ["--no-whiten", "--whiten-dim", "8"], "--whiten-dim has no effect with --no-whiten"),
     (main_delg, ["--whiten-data", "{tmp}/none"], "--whiten-data {tmp}/none: no such folder"),
     (main_delg, ["--whiten-data", "{tmp}"], "--whiten-data {tmp}: no train.csv in it"),
