@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     ranking, cosines = global_ranking(query_desc, database, database_ok, settings.global_stage,
                                       settings.run.knn_block_mb)
     seconds["knn"] = time.monotonic() - began
-    depth = min(settings.rerank_depth(), cosines.shape[1])
+    depth = min(settings.scoring.rerank, cosines.shape[1])
     reranked = rerank(model, settings, images, ranking, cosines, depth, work, seconds)
     report = {
         "global": evaluate(ranking, dataset.gnd), "reranked": evaluate(reranked, dataset.gnd),

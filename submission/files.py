@@ -158,7 +158,6 @@ def settings_record(settings: Settings, sections: Iterable[str], plan: dict | No
     value came from, the versions, the plan's choice."""
     as_json = lambda section: json.loads(json.dumps(dataclasses.asdict(section), default=str))
     record = {name: as_json(getattr(settings, name)) for name in ("run", *sections)}
-    record["scoring"]["rerank"] = settings.rerank_depth()
     record["sources"] = settings.sources
     record["versions"] = runtime_versions()
     if plan is not None:

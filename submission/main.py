@@ -108,7 +108,7 @@ log = logging.getLogger("submission")
 __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all else may change without notice
     "KIT_API", "DELG_IMAGE_SCALES", "DELG_GLOBAL_SCALE_INDICES", "DELG_MAX_IMAGE_SIDE", "DELG_MAX_FEATURE_NUM",
     "DELG_ATTENTION_ABS_THRESHOLD", "NOTEBOOK_LIMIT_H", "TIMING_STAGES", "IMAGE_SPLITS", "RETRIEVAL_SIZE", "SECTIONS",
-    "PRESETS", "DEFAULT_RERANK", "TASK_DEFAULTS", "Settings", "Extraction", "Global", "Verification", "Scoring",
+    "PRESETS", "TASK_DEFAULTS", "Settings", "Extraction", "Global", "Verification", "Scoring",
     "Budget", "InputError", "parse_settings", "read_settings_file", "read_settings_record", "DelgSavedModel",
     "read_test_ids", "read_train_labels", "list_image_ids", "image_path", "decode_image", "extract_global",
     "load_global", "cached_global", "knn", "LocalFeatures", "local_path", "extract_local", "load_local",
@@ -213,8 +213,8 @@ class Verification:
 class Scoring:
     """How global cosines and inliers become a submission."""
 
-    rerank: int | None = setting(None, "candidates verified per query (default: 20 recognition, 100 retrieval); "
-                                 "the time budget may lower it; 0 = global only", minimum=0)
+    rerank: int = setting(20, "candidates verified per query; the time budget may lower it; 0 = global only",
+                          minimum=0)
     top_k: int = setting(1, "recognition: neighbours whose scores are summed per landmark", minimum=1)
     max_inlier_score: int = setting(80, "recognition: C in the candidate score min(inliers, C)/C + cosine",
                                     minimum=1)
@@ -281,17 +281,15 @@ class Run:
 
 SECTIONS = {"extraction": Extraction, "global_stage": Global, "verification": Verification, "scoring": Scoring,
             "budget": Budget}
-# The verification and scoring defaults above and DEFAULT_RERANK were chosen by `local_eval tune` on three
-# synthetic competitions (seeds 21-23, averaged with `tune-merge`, chosen on Public); README "Defaults" has the
-# tables and the command that reproduces them.
-DEFAULT_RERANK = {"recognition": 20, "retrieval": 100}
-# Each task's own defaults, over the sections' and under a preset. Retrieval's global stage (lighter database
-# whitening, alpha-QE n 1, DBA n 3 at alpha 5) raised global-only and reranked mAP@100 on five synthetic
-# competitions, two of them (seeds 44, 45) held out from the choice; on recognition it lowered the verified GAP.
-# README "The global stage" has the figures.
+# Each task's own defaults, over the sections' and under a preset. The verification and scoring defaults above
+# and each task's rerank depth were chosen by `local_eval tune` on three synthetic competitions (seeds 21-23,
+# averaged with `tune-merge`, chosen on Public); README "Defaults" has the tables and the command that reproduces
+# them. Retrieval's global stage (lighter database whitening, alpha-QE n 1, DBA n 3 at alpha 5) raised global-only
+# and reranked mAP@100 on five synthetic competitions, two of them (seeds 44, 45) held out from the choice; on
+# recognition it lowered the verified GAP. README "The global stage" has the figures.
 TASK_DEFAULTS: dict[str, dict] = {
     "recognition": {},
-    "retrieval": {"whiten_shrinkage": 0.02, "qe_n": 1, "dba_n": 3, "dba_alpha": 5.0},
+    "retrieval": {"rerank": 100, "whiten_shrinkage": 0.02, "qe_n": 1, "dba_n": 3, "dba_alpha": 5.0},
 }
 # Published recipes. host-2020: Kaggle's 2020 recognition baseline (3 scales, one-way matches within 0.9,
 # 20 px, 1000 iterations at confidence 1, score min(inliers, 20)/20 + cosine over the top 3 of 3 reranked; it
@@ -320,9 +318,6 @@ class Settings:
     scoring: Scoring
     budget: Budget
     sources: dict = field(default_factory=dict)  # setting name -> task default | preset | settings file | command line
-
-    def rerank_depth(self) -> int:
-        return DEFAULT_RERANK[self.run.task] if self.scoring.rerank is None else self.scoring.rerank
 
 
 def settings_parser() -> argparse.ArgumentParser:
@@ -531,7 +526,7 @@ def combine(parts: list[tuple[np.ndarray, np.ndarray]], weights: tuple[float, ..
 # and an image's nearest non-landmark images.
 def candidate_count(settings: Settings) -> int:
     """Neighbours searched per query: what scoring, reranking and submitting read."""
-    depth, stage = settings.rerank_depth(), settings.global_stage
+    depth, stage = settings.scoring.rerank, settings.global_stage
     if settings.run.task == "retrieval":
         return max(RETRIEVAL_SIZE, depth, stage.superglobal_m)
     return max(settings.scoring.top_k, stage.global_top_k, depth, stage.superglobal_m)
@@ -949,7 +944,7 @@ def locked_run(settings: Settings) -> None:
 def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing, found: Descriptors) -> None:
     """The global stage, the global-only submission, then reranking (most confident queries first) and the final
     submission."""
-    run_, depth = settings.run, settings.rerank_depth()
+    run_, depth = settings.run, settings.scoring.rerank
     if depth and not model.has_local:
         log.info("%s is a global-only model (no local features): no reranking, global-only", run_.verifying_model())
         depth = 0

@@ -55,14 +55,14 @@ def probe(models: Models, inputs: Inputs, settings: Settings, timing: Timing, ca
     with verification_pool(count_inliers, settings.verification, 0) as pool:
         verify_batch(models.local, probing, timing, pool, queries, inputs.db_split, [candidate_ids] * len(queries))
     shutil.rmtree(scratch, ignore_errors=True)
-    timing.rerank_depth = settings.rerank_depth()  # what `local_eval time --log` projects by default
-    project_rerank(timing, len(inputs.test_ids), settings.rerank_depth(),
+    timing.rerank_depth = settings.scoring.rerank  # what `local_eval time --log` projects by default
+    project_rerank(timing, len(inputs.test_ids), settings.scoring.rerank,
                    settings.budget.rerank_reserve * settings.budget.time_budget_h * 3600)
     rerank_h = timing.plan["rerank"]["seconds_per_query"] * len(inputs.test_ids) / 3600
     log.info("probe of %d images: global pass at '%s' (%s), projected %.2f h; reranking every query at depth "
              "%d would take %.2f h more; details in %s", count, timing.plan["chosen"],
              "fits" if timing.plan["fits"] else "does not fit", sum(timing.plan["projection_h"].values()),
-             settings.rerank_depth(), rerank_h, timing.path)
+             settings.scoring.rerank, rerank_h, timing.path)
 
 
 def time_global_rerank(dim: int, stage: Global, candidates: int, reranked: Reranked) -> float:

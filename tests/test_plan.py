@@ -55,7 +55,7 @@ def test_probe_times_every_stage_and_local_eval_time_projects_it(tiny_competitio
     assert timing["plan"]["rerank"]["seconds_per_query"] > 0
     report = projection_report(timing, resolve_profile("recognition-2021", {}))
     assert report["total_hours"] > 0 and not report["unmeasured"]
-    assert timing["rerank_depth"] == sub.DEFAULT_RERANK["recognition"]  # projected at the depth the run would use
+    assert timing["rerank_depth"] == sub.Scoring().rerank  # projected at the depth the run would use
     assert report["hours"]["verification"] > 0
     assert not (work / "probe").exists()
 

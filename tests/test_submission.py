@@ -254,9 +254,12 @@ def test_a_task_default_sits_under_the_preset_and_the_flags():
     assert sub.TASK_DEFAULTS["retrieval"] and not sub.TASK_DEFAULTS["recognition"]
     settings = sub.parse_settings(retrieval)
     for name, value in sub.TASK_DEFAULTS["retrieval"].items():
-        assert getattr(settings.global_stage, name) == value != getattr(sub.Global(), name)
+        section = next(key for key, cls in sub.SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)})
+        assert getattr(getattr(settings, section), name) == value != getattr(sub.SECTIONS[section](), name)
         assert settings.sources[name] == "task default retrieval"
-    assert sub.parse_settings(REQUIRED).global_stage == sub.Global()  # recognition: the section's defaults
+    recognition = sub.parse_settings(REQUIRED)  # the sections' defaults
+    assert recognition.global_stage == sub.Global() and recognition.scoring == sub.Scoring()
+    assert "(default: 20; retrieval: 100)" in " ".join(sub.settings_parser().format_help().split())
     assert sub.parse_settings([*retrieval, "--qe-n", "0"]).global_stage.qe_n == 0
     published = sub.parse_settings([*retrieval, "--preset", "delg-paper"])
     assert published.global_stage.qe_n == published.global_stage.dba_n == 0
