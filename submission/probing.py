@@ -41,28 +41,27 @@ def probe(models: Models, inputs: Inputs, settings: Settings, timing: Timing, ca
     scratch = run_.work / "probe"
     probing = dataclasses.replace(settings, run=dataclasses.replace(run_, work=scratch),
                                   budget=dataclasses.replace(settings.budget, probe_images=count, plan="auto"))
-    knn_rate = knn_seconds_per_item(models.global_models[0].global_dim * len(models.global_models),
-                                    run_.knn_block_mb)
+    dim = sum(model.global_dim for model in models.global_models)  # the (concatenated) descriptor searched
+    knn_rate = knn_seconds_per_item(dim, run_.knn_block_mb)
     plan_run(models, inputs, probing, timing, knn_rate, gpu_present())
     seconds = timing.plan["seconds_per_image"] * count
     timing.add("global_db", count, seconds)
     timing.add("global_query", count, seconds)
     timing.add("knn", 256 * 16_384, knn_rate * 256 * 16_384)
-    dim = sum(model.global_dim for model in models.global_models)
     timing.add("global_rerank", 1, time_global_rerank(dim, settings.global_stage, candidates, reranked))
     half = max(1, count // 2)
     queries, candidate_ids = inputs.test_ids[:half], inputs.db_ids[:half]
     with verification_pool(count_inliers, settings.verification, 0) as pool:
         verify_batch(models.local, probing, timing, pool, queries, inputs.db_split, [candidate_ids] * len(queries))
     shutil.rmtree(scratch, ignore_errors=True)
-    timing.rerank_depth = settings.scoring.rerank  # what `local_eval time --log` projects by default
-    project_rerank(timing, len(inputs.test_ids), settings.scoring.rerank,
+    depth = timing.rerank_depth = settings.scoring.rerank  # what `local_eval time --log` projects by default
+    project_rerank(timing, len(inputs.test_ids), depth,
                    settings.budget.rerank_reserve * settings.budget.time_budget_h * 3600)
     rerank_h = timing.plan["rerank"]["seconds_per_query"] * len(inputs.test_ids) / 3600
     log.info("probe of %d images: global pass at '%s' (%s), projected %.2f h; reranking every query at depth "
              "%d would take %.2f h more; details in %s", count, timing.plan["chosen"],
              "fits" if timing.plan["fits"] else "does not fit", sum(timing.plan["projection_h"].values()),
-             settings.scoring.rerank, rerank_h, timing.path)
+             depth, rerank_h, timing.path)
 
 
 def time_global_rerank(dim: int, stage: Global, candidates: int, reranked: Reranked) -> float:
