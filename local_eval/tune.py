@@ -276,15 +276,22 @@ def score_one(run: Run, scorer: Scorer, inliers: np.ndarray, scoring: dict, stag
     if scorer.task == "recognition":
         settings = dataclasses.replace(run.settings.scoring, **{k: v for k, v in scoring.items() if k != "rerank"})
         global_stage = dataclasses.replace(run.settings.global_stage, **(stage or {}))
-        k = max(settings.top_k, global_stage.global_top_k, scoring["rerank"])
+        k = min(max(settings.top_k, global_stage.global_top_k, scoring["rerank"]), c.cosines.shape[1])
         found = c._replace(cosines=c.cosines[:, :k], neighbours=c.neighbours[:, :k])
-        landmarks, confidences = sub.recognition_predictions(found, inliers[:, :k], run.labels, global_stage,
-                                                             settings)
+        landmarks, confidences = sub.recognition_predictions(found, unverified_beyond(inliers, k), run.labels,
+                                                             global_stage, settings)
         return scorer.recognition(landmarks, confidences)
     order = sub.retrieval_order(c.cosines, inliers)
     ranked = np.take_along_axis(c.neighbours, order, 1)
     return scorer.retrieval([[run.db_ids[j] for j in row] if ok else [] for row, ok in
                              zip(ranked, c.query_ok, strict=True)])
+
+
+def unverified_beyond(inliers: np.ndarray, width: int) -> np.ndarray:
+    """inliers [Q, D] as [Q, width]: cut, or padded with -1 (not verified) past the depth the sweep verified."""
+    if inliers.shape[1] >= width:
+        return inliers[:, :width]
+    return np.pad(inliers, ((0, 0), (0, width - inliers.shape[1])), constant_values=-1)
 
 
 def global_table(run: Run, scorer: Scorer, grid: dict) -> pd.DataFrame:
@@ -302,6 +309,7 @@ def regimes(run: Run, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage:
     (the order the script reranks in), the rest global-only: what a time limit that stops verification leaves."""
     sub = load_submission()
     depth = min(scoring["rerank"], inliers.shape[1])
+    inliers = unverified_beyond(inliers, run.neighbours.shape[1])
     at_depth = np.where(np.arange(inliers.shape[1]) < depth, inliers, -1)
     unverified = np.full(at_depth.shape, -1)
     if scorer.task == "recognition":

@@ -22,6 +22,7 @@ from common.cli import run_main
 from demo.__main__ import DEMO
 from demo.__main__ import main as demo_main
 from local_eval.layout import nonlandmark_folder
+from tests import HANG_GUARD_S
 from tests.conftest import WHITEN_IMAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,14 +145,15 @@ def follow_the_summary(summary: str, out: Path) -> None:
     commands = [line.split() for line in summary.split("\nnext:")[1].splitlines()[1:3]]
     for command in commands:
         assert command[0] == "python"
-        result = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        result = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True,
+                                timeout=HANG_GUARD_S)
         assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "probe" / "timing.json").is_file() and "verdict (speedup x20)" in result.stdout
 
 
 def test_bad_demo_flag_is_one_error_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "demo", "--out", str(tmp_path / "demo"), "--train-steps", "0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert bad.returncode == 2 and bad.stderr == "error: --train-steps must be at least 1, got 0\n"
     assert not (tmp_path / "demo").exists()
 

@@ -29,6 +29,7 @@ from export.delg import (
     save_delg,
 )
 from export.receptive_field import receptive_field
+from tests import HANG_GUARD_S
 from tests.delg_test_models import write_tf1_model, write_tf2_model
 from train.backbone import build_backbone
 from train.config import DELG_GLOBAL_SCALE_INDICES, DELG_IMAGE_SCALES, get_config
@@ -136,7 +137,7 @@ def test_loads_and_runs_in_a_process_that_imports_only_tensorflow(run_and_model)
         out["project_modules"] = [m for m in ("train", "export", "common") if m in sys.modules]
         print(json.dumps(out))
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["project_modules"] == []

@@ -23,6 +23,7 @@ from common.kit import load_submission
 from export.__main__ import main as export_main
 from export.bundle import KAGGLE_PYTHONS, SUBMISSION_SCRIPT, WHEEL_PLATFORM
 from export.delg import EXPORT_INFO_FILE, GLOBAL_BATCH_FLOAT16, export_delg
+from tests import HANG_GUARD_S
 from tests.test_export_delg import LANDMARK_IDS, TINY_DIM, make_run_dir, random_image
 from train.config import RETRIEVAL_SCALES
 from train.model import DelgModel
@@ -176,7 +177,8 @@ def kernel_here(bundle: Path) -> Path:
 
 def run_kernel(bundle: Path, *args: str, python: tuple[str, ...] = (sys.executable,)) -> list[str]:
     """Run the bundle's kernel.py; the arguments main.py received."""
-    result = subprocess.run([*python, str(kernel_here(bundle)), *args], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*python, str(kernel_here(bundle)), *args], capture_output=True, text=True,
+                            timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -417,7 +419,7 @@ def test_kernel_without_a_wheel_for_its_python_ends_with_one_error_line(kernel_b
         (dataset / "wheels" / name).write_bytes((kernel_bundle / "wheels" / name).read_bytes())
     (dataset / "kernel.py").write_text((kernel_bundle / "kernel.py").read_text())
     result = subprocess.run([sys.executable, "-S", str(kernel_here(dataset))], capture_output=True, text=True,
-                            timeout=60)  # -S: without site-packages, pydegensac is not importable
+                            timeout=HANG_GUARD_S)  # -S: without site-packages, pydegensac is not importable
     assert result.returncode == 2 and result.stdout == ""  # main.py never started
     assert result.stderr.strip() == (f"error: no pydegensac wheel for this Python {platform.python_version()} "
                                      f"({THIS_TAG}) in {dataset}/wheels; wheels found: {', '.join(others)}")

@@ -17,6 +17,7 @@ from local_eval import replay as replay_command
 from local_eval.replay import format_report, replay
 from local_eval.score import main as score_main
 from local_eval.submission_script import script_python
+from tests import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,6 @@ def test_overrunning_script_is_stopped_and_reported(tmp_path, tiny_competition, 
     report = replay(tiny_competition, "recognition", tiny_model, tmp_path / "report", limit_h=1.0 / 3600)
     assert report["status"] == "timeout"
     assert report["final"] is None and not stale.exists()  # killed before TensorFlow even loaded
-    assert report["seconds"] < 30
     assert "log_tail" in report
     assert json.loads((tmp_path / "report" / "report.json").read_text())["status"] == "timeout"
 
@@ -120,7 +120,7 @@ def test_a_killed_replay_takes_its_script_down(tmp_path, tiny_competition, tiny_
         caught = wait_until(lambda: len(script_processes(*markers)) >= processes or parent.poll() is not None, 600)
         assert caught and parent.poll() is None, "the script ended before it could be caught"
         os.kill(parent.pid, how)
-        assert parent.wait(timeout=60) != 0
+        assert parent.wait(timeout=HANG_GUARD_S) != 0
     finally:
         parent.kill()
     assert wait_until(lambda: not script_processes(*markers), 30), script_processes(*markers)

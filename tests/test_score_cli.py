@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from local_eval import metrics
+from tests import HANG_GUARD_S
 from tests.test_metrics import (
     RECOGNITION_PREDICTIONS,
     RECOGNITION_SOLUTION,
@@ -26,7 +27,7 @@ PUBLIC_IDS = {"0123456789abcdef", "0223456789abcdef", "0423456789abcdef"}
 def score(task: str, solution: Path, submission: Path, *flags: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "local_eval", "score", "--task", task,
                "--solution", str(solution), "--submission", str(submission), *flags]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def write(path: Path, lines: list[str]) -> Path:

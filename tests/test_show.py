@@ -26,6 +26,7 @@ from local_eval.show import (
     top_neighbours,
 )
 from local_eval.submission_script import load_submission
+from tests import HANG_GUARD_S
 from tests.delg_test_models import write_tf2_model
 
 sub = load_submission()
@@ -193,7 +194,7 @@ def test_page_renders_in_headless_chromium(report_dir, tmp_path):
                     "--disable-component-update", "--disable-sync", "--no-first-run",
                     f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}",
                     "--window-size=1200,1600", (report_dir / "index.html").resolve().as_uri()],
-                   check=True, timeout=60, capture_output=True)
+                   check=True, timeout=HANG_GUARD_S, capture_output=True)
     pixels = np.asarray(Image.open(screenshot).convert("L"), float)
     assert pixels.std() > 10 and len(np.unique(pixels)) > 50  # text, thumbnails and pictures, not a blank page
 

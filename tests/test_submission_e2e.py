@@ -24,6 +24,7 @@ from PIL import Image
 from common.gldv2 import image_path
 from export.delg import EXPORT_INFO_FILE
 from local_eval.submission_script import SCRIPT, SCRIPT_PYTHON_ENV, load_submission, sibling
+from tests import HANG_GUARD_S
 from tests.delg_test_models import write_tf1_model, write_tf2_model
 
 sub = load_submission()
@@ -120,7 +121,8 @@ def competition(tmp_path_factory):
 def run_main(argv: list[str]) -> tuple[int, str]:
     """The script's exit status and its error output: run in this process, or with $KIT_SCRIPT_PYTHON."""
     if SCRIPT_PYTHON:
-        result = subprocess.run([SCRIPT_PYTHON, str(SCRIPT), *argv], capture_output=True, text=True, timeout=900)
+        result = subprocess.run([SCRIPT_PYTHON, str(SCRIPT), *argv], capture_output=True, text=True,
+                                timeout=HANG_GUARD_S)
         return result.returncode, result.stderr
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors):

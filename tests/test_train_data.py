@@ -16,6 +16,7 @@ from PIL import Image
 
 from common.cli import UserError
 from common.gldv2 import image_path
+from tests import HANG_GUARD_S
 from train.config import get_config
 from train.data import EpochSource, folder_data, read_examples, training_stream, validation_stream
 from train.run_files import load_label_map
@@ -166,7 +167,7 @@ def test_train_on_one_landmark_exits_2_with_one_line(tmp_path):
     one_landmark_folder(tmp_path / "data")
     result = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "data"), "--out",
                              str(tmp_path / "run"), "--steps", "2"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=HANG_GUARD_S)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [result.stderr.splitlines()[-1]] and "at least 2 landmarks are needed" in errors[0]

@@ -17,6 +17,7 @@ import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 from common.cli import UserError, run_main
+from tests import HANG_GUARD_S
 from train import loop, run_files
 from train.__main__ import main
 from train.config import get_config
@@ -195,11 +196,12 @@ def test_sigterm_checkpoints_and_the_run_continues(data_dir, tmp_path):
                "--validate-every", "100000"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    deadline = time.monotonic() + 90
-    while not list((run_dir / CHECKPOINT_DIR).glob("ckpt-*.index")) and time.monotonic() < deadline:
+    deadline = time.monotonic() + HANG_GUARD_S  # the first checkpoint, however slow a loaded machine is to reach it
+    while (not list((run_dir / CHECKPOINT_DIR).glob("ckpt-*.index")) and process.poll() is None
+           and time.monotonic() < deadline):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=60)[0].decode()
+    output = process.communicate(timeout=HANG_GUARD_S)[0].decode()
     assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["stopped_by"] == "SIGTERM" and 5 <= metrics["step"] < 2000

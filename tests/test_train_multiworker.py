@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+from tests import HANG_GUARD_S
 from tests.test_train_distributed import FLAGS, STEPS, assert_same_weights
 from train.run_files import CHECKPOINT_DIR, METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-# How long a worker may take to start and reach a checkpoint, or to end: generous, for a busy 2-core machine (two
-# TensorFlow processes start and trace there at once; 90 s was once too short at a load average of 7.5).
-WORKER_WAIT_S = 300
+# How long a worker may take to start and reach a checkpoint, or to end: a hang guard only (two TensorFlow processes
+# start and trace at once on a busy 2-core machine; 90 s was once too short at a load average of 7.5).
+WORKER_WAIT_S = HANG_GUARD_S
 
 
 def free_ports(count: int) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -189,3 +190,37 @@ def test_tune_merge_refuses_an_existing_out_without_overwrite(tmp_path, capsys):
         if name == "second":
             assert "pass --overwrite" in capsys.readouterr().err
         assert pd.read_csv(out / "table.csv")["rerank"].tolist() == ([0, 3] if name != "third" else [0, 10])
+
+
+def shallow_run(tmp_path, columns: int = 6, depth: int = 2):
+    """A Run whose search kept `columns` neighbours per query and whose sweep verified only the first `depth`,
+    with a solution file for its five queries."""
+    from local_eval.tune import Run, Scorer
+
+    rng = np.random.default_rng(0)
+    queries, database = 5, 12
+    cosines = -np.sort(-rng.uniform(0, 1, (queries, columns)), axis=1)
+    neighbours = np.stack([rng.permutation(database)[:columns] for _ in range(queries)])
+    candidates = sub.Candidates(cosines, neighbours, np.ones(queries, bool), np.zeros((queries, 0)),
+                                np.zeros((database, 0)))
+    settings = sub.parse_settings(["--task", "recognition", "--data", ".", "--model", "."])
+    test_ids = [f"q{k}" for k in range(queries)]
+    labels = np.arange(database) % 4
+    solution = tmp_path / "solution.csv"
+    solution.write_text("id,landmarks,Usage\n" + "".join(
+        f"{q},{k % 4},{'Public' if k % 2 else 'Private'}\n" for k, q in enumerate(test_ids)))
+    run = Run(tmp_path, settings, test_ids, [f"d{j}" for j in range(database)], labels, candidates, {})
+    inliers = rng.integers(0, 30, (queries, depth))
+    return run, Scorer("recognition", solution, test_ids), inliers
+
+
+@pytest.mark.parametrize("stage", [{"global_top_k": 5}, {"global_top_k": 1}])
+def test_a_sweep_shallower_than_top_k_scores_the_deeper_candidates_as_unverified(tmp_path, stage):
+    from local_eval.tune import regimes, score_one
+
+    run, scorer, inliers = shallow_run(tmp_path)  # verified to depth 2, top_k and global top-k up to 5
+    scoring = {"rerank": 2, "top_k": 5}
+    padded = np.pad(inliers, ((0, 0), (0, 4)), constant_values=-1)
+    assert score_one(run, scorer, inliers, scoring, stage) == score_one(run, scorer, padded, scoring, stage)
+    table = regimes(run, scorer, inliers, scoring, stage)
+    assert table["verified_share"].tolist() == [0.0, 0.1, 0.3, 1.0] and table["all"].between(0, 1).all()
