@@ -1,11 +1,15 @@
 """Landmark recognition / retrieval submission: DELG global kNN, a global stage, then local reranking inside a
 time budget.
 
-One script, with the .py files beside it (it imports them from its own folder; the bundle ships them all), to
-paste into a Kaggle notebook or run:
+One script, with the .py files beside it: it runs as a script, not pasted into a notebook cell (it imports its
+siblings from its own folder, found through __file__, which a cell does not have). On Kaggle, `python -m export
+bundle` ships it as submission/main.py with its siblings, and the bundle's kernel.py (the notebook's code file, a
+Kaggle "script" kernel) installs pydegensac's wheel and runs it as a process on the server's paths:
 
-    python main.py --task recognition --data ../input/landmark-recognition-2021 \
-        --model ../input/delg-model [--model ../input/second-model] --out submission.csv [--settings tuned.json]
+    python /kaggle/input/DATASET/submission/main.py --task recognition --data /kaggle/input/landmark-recognition-2021 \
+        --model /kaggle/input/DATASET/delg --out /kaggle/working/submission.csv --time-budget-h 9 [--settings ...]
+
+Anywhere else, run it the same way: python submission/main.py --task ... --data DIR --model DIR --out FILE.
 
 It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. nearest neighbours, 5. the global
 stage (whitening, non-landmark suppression, query expansion, database augmentation, SuperGlobal reranking),
