@@ -78,7 +78,9 @@ def list_image_ids(folder: Path) -> list[str]:
 
 
 def check_output_paths(run: Run) -> None:
-    """--out must be a file path and --work a folder path that can be created; one error line otherwise."""
+    """--out must be a file path and --work a folder path that can be created, neither of them an input (nor
+    inside one); one error line otherwise, before anything is written."""
+    check_not_an_input(run)
     for name, path, is_folder in (("--out", run.out, False), ("--work", run.work, True)):
         if path.exists() and path.is_dir() != is_folder:
             raise InputError(f"{name} {path} is {'a file' if is_folder else 'a folder'}")
@@ -89,6 +91,33 @@ def check_output_paths(run: Run) -> None:
             raise InputError(f"{name} {path}: cannot create {folder} ({err.strerror or err})") from None
         if not os.access(folder, os.W_OK):
             raise InputError(f"{name} {path}: {folder} is not writable")
+
+
+def check_not_an_input(run: Run) -> None:
+    """--out and --work may neither be an input (--data, --model, --local-model, --nonlandmark-dir, the --settings
+    file) nor lie inside one: the run would overwrite what it reads. Symbolic and hard links count as the file."""
+    inputs = [("--data", run.data), *(("--model", model) for model in run.model), ("--local-model", run.local_model),
+              ("--nonlandmark-dir", run.nonlandmark_dir), ("--settings", run.settings)]
+    for name, output in (("--out", run.out), ("--work", run.work)):
+        for flag, given in inputs:
+            if given is None:
+                continue
+            if same_file(output, given):
+                raise InputError(f"{name} {output} is {flag} {given}: a run must not overwrite its input; write "
+                                 "elsewhere")
+            if Path(given).resolve() in Path(output).resolve().parents:
+                raise InputError(f"{name} {output} is inside {flag} {given}: a run must not write among its "
+                                 "inputs; write elsewhere")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """a and b name one file or folder (the same path once links are resolved, or hard links of one file)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 @contextlib.contextmanager
