@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 from settings_cli import InputError
-from store import atomic_save, space_checked
+from store import JPEG_SUFFIXES, atomic_save, space_checked
 
 if TYPE_CHECKING:  # main.py's types, for the annotations only
     from main import Run, Settings
@@ -67,14 +67,44 @@ def check_ids(ids: pd.Series, path: Path) -> None:
 
 
 def list_image_ids(folder: Path) -> list[str]:
-    """Ids of the .jpg files under folder (GLDv2 layout); a file whose name is no image id is skipped."""
+    """Ids of the JPEG files under folder in the GLDv2 layout: <id>.jpg (or .jpeg, .JPG, .JPEG, as image_file finds
+    them) in the folder a/b/c its first three characters name. Regular files only: a FIFO or device would block
+    its reader. Other files are skipped with a warning; an id found twice is an error naming both files."""
     if not folder.is_dir():
         raise InputError(f"{folder} not found")
-    stems = sorted(p.stem for p in folder.rglob("*.jpg"))
-    valid = [s for s in stems if ID_PATTERN.fullmatch(s)]
-    if len(valid) < len(stems):
-        log.warning("%s: skipping %d files whose names are no image ids", folder, len(stems) - len(valid))
-    return valid
+    found: dict[str, Path] = {}
+    skipped = {"whose names are no image ids": [], "that are no regular files": [],
+               "outside their id's folder a/b/c": []}
+    for path, regular in jpeg_entries(folder):
+        stem = path.stem
+        if not regular or not ID_PATTERN.fullmatch(stem):
+            skipped["that are no regular files" if ID_PATTERN.fullmatch(stem) else "whose names are no image ids"
+                    ].append(path)
+        elif stem in found:
+            raise InputError(f"{folder}: image id {stem} is found twice, as {found[stem]} and {path}; keep one")
+        else:
+            found[stem] = path
+    for stem, path in list(found.items()):
+        if path.parent.relative_to(folder).parts != tuple(stem[:3]):
+            skipped["outside their id's folder a/b/c"].append(found.pop(stem))
+    for why, paths in skipped.items():
+        if paths:
+            log.warning("%s: skipping %d .jpg files %s (first: %s)", folder, len(paths), why, paths[0])
+    return sorted(found)
+
+
+def jpeg_entries(folder: Path) -> Iterator[tuple[Path, bool]]:
+    """(path, is a regular file) of every name under folder ending in a JPEG suffix, in sorted order; links to
+    folders are not followed (as rglob)."""
+    suffixes = {suffix.lower() for suffix in JPEG_SUFFIXES}
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+        stack += reversed([Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False)])
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False) and os.path.splitext(entry.name)[1].lower() in suffixes:
+                yield Path(entry.path), entry.is_file()
 
 
 def check_output_paths(run: Run) -> None:

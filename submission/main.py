@@ -28,8 +28,9 @@ plan of the database pass, the versions it ran with), WORK/submission_global_onl
 WORK/neighbours.npz (every query's candidates, their scores and non-landmark cosines), WORK/verified_pairs.csv
 (id, rank, candidate, cosine, inliers of every verified pair), and its caches: WORK/global/m<i>/<split>/chunk_*.npz
 (per model, resumable) and WORK/local/<split>/<id>.npz, each deleted when its key in WORK/cache_key.json (the
-models' files and the settings the features depend on) no longer matches. A run holds WORK/.lock while it
-lasts: a second run on the same --work stops with an error.
+models' files and the settings the features depend on) no longer matches; a chunk or a feature file is also
+redone when its image's size or modification time changed since. A run holds WORK/.lock while it lasts: a
+second run on the same --work stops with an error. docs/robustness.md lists what it guarantees under faults.
 
 The kit (local_eval: replay, tune, show; tests and benches) imports only the names in KIT_API.
 """
@@ -294,6 +295,8 @@ class Run:
                            minimum=0, maximum=1024)
     decode_threads: int = setting(4, "threads decoding images ahead of the model", minimum=1,
                                  maximum=256)
+    decode_timeout_s: float = setting(120.0, "seconds the run waits for one image to be read and decoded; a "
+                                      "slower one is logged and treated as unreadable", above=0, maximum=86_400)
     prefetch: int = setting(64, "images decoded ahead of the model", minimum=1, maximum=100_000)
     chunk_size: int = setting(10_000, "images per cached global-descriptor chunk", minimum=1,
                              maximum=10**7)
@@ -454,7 +457,10 @@ def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
         return [], []
     if not run.nonlandmark_dir.is_dir():
         raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} is not a folder")
-    paths = sorted(p for p in run.nonlandmark_dir.rglob("*") if p.is_file())
+    paths = sorted(p for p in run.nonlandmark_dir.rglob("*") if p.is_file())  # regular files only, no FIFO
+    if not paths:
+        raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} holds no files: give a folder of non-landmark "
+                         "images, or leave the flag out")
     return [str(p.relative_to(run.nonlandmark_dir)) for p in paths], paths
 
 

@@ -373,7 +373,8 @@ def test_changed_settings_or_model_clear_the_caches(competition, models, tmp_pat
 
 @in_this_process
 def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
-    """A cached chunk whose descriptors cannot be read without pickle still counts as cached: only ids are read."""
+    """A cached chunk whose descriptors cannot be read without pickle still counts as cached: only its ids and the
+    stamps of its images (size, modification time) are read."""
     data = competition[0] / "landmark-recognition"
     ids, _ = sub.read_train_labels(data)
     paths = [image_path(data, "train", i) for i in ids]
@@ -382,7 +383,7 @@ def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
     cache = tmp_path / "global"
     sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run)
     np.savez(store.chunk_path(cache, 0), ids=np.array(ids[:3]), descriptors=np.array([None]), ok=np.ones(3, bool),
-             complete=True)
+             complete=True, stamps=store.image_stamps(paths[:3]))
     assert sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run) == (0, False)
 
 

@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -29,6 +30,7 @@ from common.gldv2 import image_path
 from common.kit import SUBMISSION_SCRIPT
 from export.retrieval import export_retrieval
 from local_eval.submission_script import load_submission, sibling
+from tests import HANG_GUARD_S
 from tests.delg_test_models import write_tf2_model
 from tests.test_export_delg import make_run_dir
 from tests.test_submission_e2e import FAST, build_competition, scene
@@ -435,3 +437,124 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, capsys,
             "--out", out.format(**where), "--work", str(tmp_path / "work"), *(a.format(**where) for a in extra)]
     fails_with_one_line(capsys, args, named.format(**where))
     assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+def retrieval_copy(competition, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(competition / "landmark-retrieval", data)
+    return data
+
+
+def first_index_image(data):
+    return sorted((data / "index").rglob("*.jpg"))[0]
+
+
+def test_the_same_index_id_in_two_folders_is_an_error_naming_both(competition, tmp_path, capsys):
+    data = retrieval_copy(competition, tmp_path)
+    original = first_index_image(data)
+    twin = data / "index" / "x" / "y" / "z" / original.name
+    twin.parent.mkdir(parents=True)
+    shutil.copyfile(original, twin)
+    out = previous_submission(tmp_path)
+    fails_with_one_line(capsys, argv("retrieval", data, tmp_path / "no-model", tmp_path),
+                        f"image id {original.stem} is found twice, as {original} and {twin}")
+    assert out.read_text() == PREVIOUS
+
+
+def test_listing_takes_jpeg_suffixes_in_any_case_and_skips_what_it_cannot_read_saying_so(tmp_path, caplog):
+    for name in ("a/b/c/abc1.jpg", "a/b/c/abc2.JPG", "a/b/c/abc3.jpeg", "a/b/c/abc4.JPEG", "x/y/z/abc5.jpg",
+                 "a/b/c/zz.jpg", "a/b/c/abc7.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"\xff\xd8")
+    os.mkfifo(tmp_path / "a/b/c/abc6.jpg")
+    (tmp_path / "a/b/c/abc8.jpg").mkdir()
+    assert sub.list_image_ids(tmp_path) == ["abc1", "abc2", "abc3", "abc4"]
+    for why, first in [("whose names are no image ids", "a/b/c/zz.jpg"),
+                       ("that are no regular files", "a/b/c/abc6.jpg"),
+                       ("outside their id's folder a/b/c", "x/y/z/abc5.jpg")]:
+        assert f"skipping 1 .jpg files {why} (first: {tmp_path / first})" in caplog.text
+    assert store.image_file(sub.image_path(tmp_path.parent, tmp_path.name, "abc4"))[0] == tmp_path / "a/b/c/abc4.JPEG"
+
+
+def test_an_upper_case_jpg_index_image_is_searched(competition, model, tmp_path):
+    data = retrieval_copy(competition, tmp_path)
+    image = first_index_image(data)
+    image.rename(image.with_suffix(".JPG"))
+    assert sub.main(argv("retrieval", data, model, tmp_path)) == 0
+    rows = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)["images"]
+    readable = rows[rows != ""]
+    assert len(readable) > 0 and all(image.stem in row.split() for row in readable)  # 8 index images: all listed
+
+
+def test_an_empty_nonlandmark_dir_is_an_error(competition, tmp_path, capsys):
+    (tmp_path / "nl").mkdir()
+    args = argv("recognition", competition / "landmark-recognition", tmp_path / "no-model", tmp_path,
+                "--nonlandmark-dir", str(tmp_path / "nl"))
+    fails_with_one_line(capsys, args, f"--nonlandmark-dir {tmp_path / 'nl'} holds no files")
+
+
+def test_fifos_named_jpg_do_not_hang_the_run(competition, model, tmp_path):
+    data = retrieval_copy(competition, tmp_path)
+    (data / "index/f/f/f").mkdir(parents=True, exist_ok=True)
+    os.mkfifo(data / "index/f/f/f/fff000fifo.jpg")
+    test_ids = pd.read_csv(data / "sample_submission.csv", dtype=str)["id"].tolist()
+    fifo_query = image_path(data, "test", test_ids[0])
+    fifo_query.unlink()
+    os.mkfifo(fifo_query)
+    (tmp_path / "nl").mkdir()
+    os.mkfifo(tmp_path / "nl" / "fifo.jpg")
+    shutil.copyfile(first_index_image(data), tmp_path / "nl" / "plain.jpg")
+    result = subprocess.run([sys.executable, str(SUBMISSION_SCRIPT), *argv("retrieval", data, model, tmp_path),
+                             "--nonlandmark-dir", str(tmp_path / "nl")], capture_output=True, text=True,
+                            timeout=HANG_GUARD_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping 1 .jpg files that are no regular files" in result.stderr
+    assert f"skipping unreadable image {fifo_query}: {fifo_query} is not a regular file" in result.stderr
+    rows = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)
+    assert rows["id"].tolist() == test_ids and rows["images"].iloc[0] == "" and (rows["images"].iloc[1:4] != "").all()
+
+
+def test_a_decode_that_never_ends_is_skipped_after_the_timeout(competition, model, tmp_path, monkeypatch, caplog):
+    data = competition / "landmark-recognition"
+    stuck_id = pd.read_csv(data / "sample_submission.csv", dtype=str)["id"].iloc[0]
+    stuck, release = image_path(data, "test", stuck_id), threading.Event()
+    decode = store.decode_for_global
+
+    def hangs_on_one(path, max_side):
+        if path == stuck:
+            release.wait()  # a read that never returns (a hung file system)
+        return decode(path, max_side)
+
+    monkeypatch.setattr(store, "decode_for_global", hangs_on_one)
+    try:
+        assert sub.main(argv("recognition", data, model, tmp_path, "--decode-timeout-s", "2")) == 0
+    finally:
+        release.set()
+    assert f"skipping {stuck}: reading it took more than 2 s (--decode-timeout-s)" in caplog.text
+    rows = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)
+    assert rows["landmarks"].iloc[0] == "" and (rows["landmarks"].iloc[1:4] != "").all()
+
+
+def test_swapped_image_bytes_give_fresh_predictions_on_the_same_work(competition, model, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(competition / "landmark-recognition", data)
+    first, second = (image_path(data, "test", i) for i in pd.read_csv(data / "sample_submission.csv",
+                                                                      dtype=str)["id"].iloc[:2])
+    args = argv("recognition", data, model, tmp_path, "--workers", "0")
+    assert sub.main(args) == 0
+    before = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)
+    first_bytes, second_bytes = first.read_bytes(), second.read_bytes()
+    first.write_bytes(second_bytes)
+    second.write_bytes(first_bytes)
+    caplog.clear()
+    assert sub.main(args) == 0  # the same --work: its caches were made from the old files
+    rerun = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)
+    assert "test: dropped 1 cached chunks: 2 of their images changed (size or time) since" in caplog.text
+    assert "local: dropped 2 cached features: their images changed (size or time) since" in caplog.text
+    fresh = tmp_path / "fresh"
+    assert sub.main(argv("recognition", data, model, fresh, "--workers", "0")) == 0
+    expected = pd.read_csv(fresh / "s.csv", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(rerun, expected)
+    assert not rerun.equals(before)  # the stale caches would have given the earlier rows again
+    landmark = lambda frame, row: frame["landmarks"].iloc[row].split()[0]
+    assert [landmark(rerun, 0), landmark(rerun, 1)] == [landmark(before, 1), landmark(before, 0)]
