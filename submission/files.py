@@ -125,7 +125,8 @@ def check_output_paths(run: Run) -> None:
 
 def check_not_an_input(run: Run) -> None:
     """--out and --work may neither be an input (--data, --model, --local-model, --nonlandmark-dir, the --settings
-    file) nor lie inside one: the run would overwrite what it reads. Symbolic and hard links count as the file."""
+    file) nor lie inside one: the run would overwrite what it reads. Symbolic and hard links count as the file.
+    --out may not lie inside --work either: a cache cleared, or an intermediate file, would take it."""
     inputs = [("--data", run.data), *(("--model", model) for model in run.model), ("--local-model", run.local_model),
               ("--nonlandmark-dir", run.nonlandmark_dir), ("--settings", run.settings)]
     for name, output in (("--out", run.out), ("--work", run.work)):
@@ -138,6 +139,9 @@ def check_not_an_input(run: Run) -> None:
             if Path(given).resolve() in Path(output).resolve().parents:
                 raise InputError(f"{name} {output} is inside {flag} {given}: a run must not write among its "
                                  "inputs; write elsewhere")
+    if Path(run.work).resolve() in Path(run.out).resolve().parents:
+        raise InputError(f"--out {run.out} is inside --work {run.work}, whose files and caches the script rewrites "
+                         "and deletes; write --out elsewhere")
 
 
 def same_file(a: Path, b: Path) -> bool:

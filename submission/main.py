@@ -297,9 +297,9 @@ class Run:
                                  maximum=256)
     decode_timeout_s: float = setting(120.0, "seconds the run waits for one image to be read and decoded; a "
                                       "slower one is logged and treated as unreadable", above=0, maximum=86_400)
-    prefetch: int = setting(64, "images decoded ahead of the model", minimum=1, maximum=100_000)
+    prefetch: int = setting(64, "images decoded ahead of the model", minimum=1, maximum=1024)
     chunk_size: int = setting(10_000, "images per cached global-descriptor chunk", minimum=1,
-                             maximum=10**7)
+                             maximum=1_000_000)
     local_cache_gb: float = setting(10.0, "disk kept for cached local features; the oldest go first", above=0,
                                    maximum=10**6)
     knn_block_mb: int = setting(512, "memory for one block of the query x database similarity matrix", minimum=1,

@@ -421,6 +421,8 @@ def test_a_run_record_and_a_tune_file_keep_their_other_top_level_keys(tmp_path):
     ("{tmp}/nl/s.csv", ["--nonlandmark-dir", "{tmp}/nl"], "is inside --nonlandmark-dir {tmp}/nl"),
     ("{tmp}/s.csv", ["--work", "{data}/work"], "--work {data}/work is inside --data {data}"),
     ("{tmp}/s.csv", ["--work", "{tmp}/model"], "--work {tmp}/model is --model {tmp}/model"),
+    ("{tmp}/work/global/s.csv", [], "--out {tmp}/work/global/s.csv is inside --work {tmp}/work, whose files and "
+                                    "caches the script rewrites and deletes"),
 ])
 def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, capsys, out, extra, named):
     data = tmp_path / "data"
