@@ -72,39 +72,44 @@ def list_image_ids(folder: Path) -> list[str]:
     its reader. Other files are skipped with a warning; an id found twice is an error naming both files."""
     if not folder.is_dir():
         raise InputError(f"{folder} not found")
-    found: dict[str, Path] = {}
-    skipped = {"whose names are no image ids": [], "that are no regular files": [],
-               "outside their id's folder a/b/c": []}
-    for path, regular in jpeg_entries(folder):
-        stem = path.stem
-        if not regular or not ID_PATTERN.fullmatch(stem):
-            skipped["that are no regular files" if ID_PATTERN.fullmatch(stem) else "whose names are no image ids"
-                    ].append(path)
+    found: dict[str, tuple[tuple[str, ...], str]] = {}
+    skipped: dict[str, list[tuple[tuple[str, ...], str]]] = {
+        "whose names are no image ids": [], "that are no regular files": [], "outside their id's folder a/b/c": []}
+    for parts, name, regular in jpeg_entries(folder):
+        stem = os.path.splitext(name)[0]
+        if not ID_PATTERN.fullmatch(stem):
+            skipped["whose names are no image ids"].append((parts, name))
+        elif not regular:
+            skipped["that are no regular files"].append((parts, name))
         elif stem in found:
-            raise InputError(f"{folder}: image id {stem} is found twice, as {found[stem]} and {path}; keep one")
+            raise InputError(f"{folder}: image id {stem} is found twice, as {folder.joinpath(*found[stem])} and "
+                             f"{folder.joinpath(*parts, name)}; keep one")
         else:
-            found[stem] = path
-    for stem, path in list(found.items()):
-        if path.parent.relative_to(folder).parts != tuple(stem[:3]):
-            skipped["outside their id's folder a/b/c"].append(found.pop(stem))
-    for why, paths in skipped.items():
-        if paths:
-            log.warning("%s: skipping %d .jpg files %s (first: %s)", folder, len(paths), why, paths[0])
+            found[stem] = (*parts, name)
+    for stem, place in list(found.items()):
+        if place[:-1] != tuple(stem[:3]):
+            skipped["outside their id's folder a/b/c"].append((place[:-1], found.pop(stem)[-1]))
+    for why, places in skipped.items():
+        if places:
+            log.warning("%s: skipping %d .jpg files %s (first: %s)", folder, len(places), why,
+                        folder.joinpath(*places[0][0], places[0][1]))
     return sorted(found)
 
 
-def jpeg_entries(folder: Path) -> Iterator[tuple[Path, bool]]:
-    """(path, is a regular file) of every name under folder ending in a JPEG suffix, in sorted order; links to
-    folders are not followed (as rglob)."""
+def jpeg_entries(folder: Path) -> Iterator[tuple[tuple[str, ...], str, bool]]:
+    """(its folders below folder, name, is a regular file) of every name under folder ending in a JPEG suffix,
+    folders in sorted order; links to folders are not followed (as rglob)."""
     suffixes = {suffix.lower() for suffix in JPEG_SUFFIXES}
-    stack = [folder]
+    stack: list[tuple[str, ...]] = [()]
     while stack:
-        with os.scandir(stack.pop()) as scan:
-            entries = sorted(scan, key=lambda entry: entry.name)
-        stack += reversed([Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False)])
-        for entry in entries:
-            if not entry.is_dir(follow_symlinks=False) and os.path.splitext(entry.name)[1].lower() in suffixes:
-                yield Path(entry.path), entry.is_file()
+        parts, below = stack.pop(), []
+        with os.scandir(os.path.join(folder, *parts)) as scan:
+            for entry in scan:
+                if entry.is_dir(follow_symlinks=False):
+                    below.append(entry.name)
+                elif os.path.splitext(entry.name)[1].lower() in suffixes:
+                    yield parts, entry.name, entry.is_file()
+        stack += [(*parts, name) for name in sorted(below, reverse=True)]
 
 
 def check_output_paths(run: Run) -> None:

@@ -49,7 +49,7 @@ JPEG_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")  # what the listing takes as 
 def image_file(path: Path) -> tuple[Path, os.stat_result]:
     """The file an image path stands for and its stat: path itself or, when only that exists, the same name with
     another JPEG suffix. Only a regular file: a FIFO or a device named *.jpg would block whoever opens it."""
-    for candidate in (path, *(path.with_suffix(s) for s in JPEG_SUFFIXES if s != path.suffix)):
+    for candidate in suffixed(path):
         try:
             status = os.stat(candidate)
         except FileNotFoundError:
@@ -58,6 +58,12 @@ def image_file(path: Path) -> tuple[Path, os.stat_result]:
             raise OSError(f"{candidate} is not a regular file")
         return candidate, status
     raise FileNotFoundError(f"no such file: {path}")
+
+
+def suffixed(path: Path) -> Iterator[Path]:
+    """path, then the same name with each other JPEG suffix (made only when asked for)."""
+    yield path
+    yield from (path.with_suffix(suffix) for suffix in JPEG_SUFFIXES if suffix != path.suffix)
 
 
 # Global descriptors are computed on a few fixed sizes so that images can be batched (section 3).
