@@ -12,7 +12,9 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import field, fields
 from pathlib import Path
 
@@ -89,6 +91,8 @@ def read_settings_file(path: Path, sections: dict[str, type]) -> dict:
     section, and a key given twice are errors naming it."""
     where = f"--settings {path}"
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            raise InputError(f"{where}: not a regular file")
         content = json.loads(Path(path).read_text(), object_pairs_hook=lambda pairs: unique_keys(pairs, where))
     except OSError as err:
         raise InputError(f"{where}: cannot read it ({err.strerror})") from None

@@ -403,6 +403,13 @@ def test_settings_file_mistakes_are_one_line_naming_the_key(capsys, tmp_path, co
     fails_with_one_line(capsys, [*FLAGS_ONLY, "--settings", str(path)], f"--settings {path}: {named}")
 
 
+def test_a_settings_fifo_or_folder_is_one_line_not_a_hang(capsys, tmp_path):
+    os.mkfifo(tmp_path / "fifo.json")
+    fails_with_one_line(capsys, [*FLAGS_ONLY, "--settings", str(tmp_path / "fifo.json")], "not a regular file")
+    fails_with_one_line(capsys, [*FLAGS_ONLY, "--settings", str(tmp_path)], f"--settings {tmp_path}: not a regular")
+    fails_with_one_line(capsys, [*FLAGS_ONLY, "--settings", str(tmp_path / "none.json")], "cannot read it (No such")
+
+
 def test_a_run_record_and_a_tune_file_keep_their_other_top_level_keys(tmp_path):
     path = tmp_path / "settings.json"
     path.write_text(json.dumps({"run": {"task": "retrieval"}, "sources": {}, "versions": {}, "plan": {}, "about": {},
