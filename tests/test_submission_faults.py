@@ -184,6 +184,13 @@ def allocate_too_much(*_, **__):
     return np.zeros((2**40, 512), np.float32)  # numpy's ArrayMemoryError, as --global-batch 1e9 gave
 
 
+def test_verification_workers_leave_ctrl_c_to_the_main_process():
+    verifier = sibling("verifier")
+    with verifier.verification_pool(sub.count_inliers, sub.Verification(), 2) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN  # no traceback per worker
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # this process still stops on Ctrl-C
+
+
 @pytest.mark.parametrize("module, name, fail, status, named", [
     (store, "extract_global", interrupt, 130, "interrupted: --out is left as it was"),  # during the global pass
     (sub, "knn", allocate_too_much, 2, "out of memory (Unable to allocate"),
