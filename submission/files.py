@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 from settings_cli import InputError
-from store import atomic_save, space_checked
+from store import JPEG_SUFFIXES, atomic_save, space_checked
 
 if TYPE_CHECKING:  # main.py's types, for the annotations only
     from main import Run, Settings
@@ -67,18 +67,55 @@ def check_ids(ids: pd.Series, path: Path) -> None:
 
 
 def list_image_ids(folder: Path) -> list[str]:
-    """Ids of the .jpg files under folder (GLDv2 layout); a file whose name is no image id is skipped."""
+    """Ids of the JPEG files under folder in the GLDv2 layout: <id>.jpg (or .jpeg, .JPG, .JPEG, as image_file finds
+    them) in the folder a/b/c its first three characters name. Regular files only: a FIFO or device would block
+    its reader. Other files are skipped with a warning; an id found twice is an error naming both files."""
     if not folder.is_dir():
         raise InputError(f"{folder} not found")
-    stems = sorted(p.stem for p in folder.rglob("*.jpg"))
-    valid = [s for s in stems if ID_PATTERN.fullmatch(s)]
-    if len(valid) < len(stems):
-        log.warning("%s: skipping %d files whose names are no image ids", folder, len(stems) - len(valid))
-    return valid
+    found: dict[str, tuple[tuple[str, ...], str]] = {}
+    skipped: dict[str, list[tuple[tuple[str, ...], str]]] = {
+        "whose names are no image ids": [], "that are no regular files": [], "outside their id's folder a/b/c": []}
+    for parts, name, regular in jpeg_entries(folder):
+        stem = os.path.splitext(name)[0]
+        if not ID_PATTERN.fullmatch(stem):
+            skipped["whose names are no image ids"].append((parts, name))
+        elif not regular:
+            skipped["that are no regular files"].append((parts, name))
+        elif stem in found:
+            raise InputError(f"{folder}: image id {stem} is found twice, as {folder.joinpath(*found[stem])} and "
+                             f"{folder.joinpath(*parts, name)}; keep one")
+        else:
+            found[stem] = (*parts, name)
+    for stem, place in list(found.items()):
+        if place[:-1] != tuple(stem[:3]):
+            skipped["outside their id's folder a/b/c"].append((place[:-1], found.pop(stem)[-1]))
+    for why, places in skipped.items():
+        if places:
+            log.warning("%s: skipping %d .jpg files %s (first: %s)", folder, len(places), why,
+                        folder.joinpath(*places[0][0], places[0][1]))
+    return sorted(found)
+
+
+def jpeg_entries(folder: Path) -> Iterator[tuple[tuple[str, ...], str, bool]]:
+    """(its folders below folder, name, is a regular file) of every name under folder ending in a JPEG suffix,
+    folders in sorted order; links to folders are not followed (as rglob)."""
+    suffixes = {suffix.lower() for suffix in JPEG_SUFFIXES}
+    stack: list[tuple[str, ...]] = [()]
+    while stack:
+        parts, below = stack.pop(), []
+        with os.scandir(os.path.join(folder, *parts)) as scan:
+            for entry in scan:
+                if entry.is_dir(follow_symlinks=False):
+                    below.append(entry.name)
+                elif os.path.splitext(entry.name)[1].lower() in suffixes:
+                    yield parts, entry.name, entry.is_file()
+        stack += [(*parts, name) for name in sorted(below, reverse=True)]
 
 
 def check_output_paths(run: Run) -> None:
-    """--out must be a file path and --work a folder path that can be created; one error line otherwise."""
+    """--out must be a file path and --work a folder path that can be created, neither of them an input (nor
+    inside one); one error line otherwise, before anything is written."""
+    check_not_an_input(run)
     for name, path, is_folder in (("--out", run.out, False), ("--work", run.work, True)):
         if path.exists() and path.is_dir() != is_folder:
             raise InputError(f"{name} {path} is {'a file' if is_folder else 'a folder'}")
@@ -89,6 +126,37 @@ def check_output_paths(run: Run) -> None:
             raise InputError(f"{name} {path}: cannot create {folder} ({err.strerror or err})") from None
         if not os.access(folder, os.W_OK):
             raise InputError(f"{name} {path}: {folder} is not writable")
+
+
+def check_not_an_input(run: Run) -> None:
+    """--out and --work may neither be an input (--data, --model, --local-model, --nonlandmark-dir, the --settings
+    file) nor lie inside one: the run would overwrite what it reads. Symbolic and hard links count as the file.
+    --out may not lie inside --work either: a cache cleared, or an intermediate file, would take it."""
+    inputs = [("--data", run.data), *(("--model", model) for model in run.model), ("--local-model", run.local_model),
+              ("--nonlandmark-dir", run.nonlandmark_dir), ("--settings", run.settings)]
+    for name, output in (("--out", run.out), ("--work", run.work)):
+        for flag, given in inputs:
+            if given is None:
+                continue
+            if same_file(output, given):
+                raise InputError(f"{name} {output} is {flag} {given}: a run must not overwrite its input; write "
+                                 "elsewhere")
+            if Path(given).resolve() in Path(output).resolve().parents:
+                raise InputError(f"{name} {output} is inside {flag} {given}: a run must not write among its "
+                                 "inputs; write elsewhere")
+    if Path(run.work).resolve() in Path(run.out).resolve().parents:
+        raise InputError(f"--out {run.out} is inside --work {run.work}, whose files and caches the script rewrites "
+                         "and deletes; write --out elsewhere")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """a and b name one file or folder (the same path once links are resolved, or hard links of one file)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 @contextlib.contextmanager

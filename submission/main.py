@@ -24,14 +24,17 @@ fields are also the flags. They are layered: the script's defaults, then --prese
 then the flags given on the command line. WORK/settings.json records what a run used and where each value
 came from; give it back as --settings to run the same way again.
 
-Files it leaves: --out (all-empty once the inputs and the models are checked, then global-only, then the
-reranked result every --write-every-s seconds and at the end), WORK/settings.json, WORK/timing.json (items and
-seconds per stage, the plan of the database pass, the versions it ran with), WORK/submission_global_only.csv,
+Files it leaves: --out, written once, atomically, by a finished run (a run the deadline cut short finishes too):
+a failure, Ctrl-C or a crash leaves an earlier --out as it was. WORK/submission_latest.csv holds the newest
+intermediate result (all-empty once the inputs and the models are checked, then global-only, then the reranked
+result every --write-every-s seconds). WORK/settings.json, WORK/timing.json (items and seconds per stage, the
+plan of the database pass, the versions it ran with), WORK/submission_global_only.csv,
 WORK/neighbours.npz (every query's candidates, their scores and non-landmark cosines), WORK/verified_pairs.csv
 (id, rank, candidate, cosine, inliers of every verified pair), and its caches: WORK/global/m<i>/<split>/chunk_*.npz
 (per model, resumable) and WORK/local/<split>/<id>.npz, each deleted when its key in WORK/cache_key.json (the
-models' files and the settings the features depend on) no longer matches. A run holds WORK/.lock while it
-lasts: a second run on the same --work stops with an error.
+models' files and the settings the features depend on) no longer matches; a chunk or a feature file is also
+redone when its image's size or modification time changed since. A run holds WORK/.lock while it lasts: a
+second run on the same --work stops with an error. docs/robustness.md lists what it guarantees under faults.
 
 The kit (local_eval: replay, tune, show; tests and benches) imports only the names in KIT_API.
 """
@@ -141,18 +144,25 @@ RETRIEVAL_SIZE = 100  # index ids submitted per query
 class Extraction:
     """How images become features; with the model's files, what the feature caches depend on."""
 
-    scales: tuple[float, ...] = setting(DELG_IMAGE_SCALES, "image scales of the local features", above=0)
+    scales: tuple[float, ...] = setting(DELG_IMAGE_SCALES, "image scales of the local features", above=0,
+                                           maximum=8)
     global_scale_indices: tuple[int, ...] = setting(
-        DELG_GLOBAL_SCALE_INDICES, "indices into --scales whose global descriptors are summed", minimum=0)
+        DELG_GLOBAL_SCALE_INDICES, "indices into --scales whose global descriptors are summed", minimum=0,
+        maximum=63)
     max_image_side: int = setting(DELG_MAX_IMAGE_SIDE, "longer image side for local features (downscaled to it)",
-                                  minimum=32)
-    global_max_side: int = setting(DELG_MAX_IMAGE_SIDE, "longer side of the largest global size bucket", minimum=64)
-    min_image_side: int = setting(32, "a shorter side below this is padded up to it (local features)", minimum=1)
-    max_features: int = setting(DELG_MAX_FEATURE_NUM, "local features kept per image, by attention", minimum=1)
-    attention_threshold: float = setting(DELG_ATTENTION_ABS_THRESHOLD, "minimum attention score of a local feature")
+                                  minimum=32, maximum=8192)
+    global_max_side: int = setting(DELG_MAX_IMAGE_SIDE, "longer side of the largest global size bucket", minimum=64,
+                                  maximum=8192)
+    min_image_side: int = setting(32, "a shorter side below this is padded up to it (local features)", minimum=1,
+                                  maximum=8192)
+    max_features: int = setting(DELG_MAX_FEATURE_NUM, "local features kept per image, by attention", minimum=1,
+                                maximum=100_000)
+    attention_threshold: float = setting(DELG_ATTENTION_ABS_THRESHOLD, "minimum attention score of a local feature",
+                                         minimum=-1e6, maximum=1e6)
     global_precision: str = setting("float32", "global pass precision; float16 needs a model exported with "
                                     "--float16", choices=("float32", "float16"))
-    global_batch: int = setting(16, "images per batched global call (models exported with global_batch)", minimum=1)
+    global_batch: int = setting(16, "images per batched global call (models exported with global_batch)", minimum=1,
+                                maximum=1024)
     global_xla: str = setting("auto", "XLA-compiled batched functions (exports hold both): auto lets --plan auto time "
                               "both and keep the faster, off with --plan fixed", choices=("auto", "on", "off"))
     cache_float16: bool = setting(False, "store cached global descriptors as float16 (half the disk and memory)")
@@ -173,27 +183,32 @@ class Global:
                           "covariance), on top of the export's; off: use them as the model gives them",
                           choices=("off", "database"))
     whiten_shrinkage: float = setting(0.1, "--whiten database: added to each eigenvalue, as a share of their mean",
-                                      minimum=0)
+                                      minimum=0, maximum=100)
     dba_n: int = setting(0, "database-side augmentation: each database descriptor becomes the sim^alpha-weighted "
-                         "sum of its n nearest (itself included); 0 = off", minimum=0)
-    dba_alpha: float = setting(3.0, "DBA: the alpha of its weights", minimum=0)
+                         "sum of its n nearest (itself included); 0 = off", minimum=0, maximum=1000)
+    dba_alpha: float = setting(3.0, "DBA: the alpha of its weights", minimum=0, maximum=100)
     qe_n: int = setting(0, "alpha query expansion: q + the sim^alpha-weighted sum of its top n, searched again; "
-                        "0 = off", minimum=0)
-    qe_alpha: float = setting(3.0, "alpha-QE: the alpha of its weights", minimum=0)
+                        "0 = off", minimum=0, maximum=1000)
+    qe_alpha: float = setting(3.0, "alpha-QE: the alpha of its weights", minimum=0, maximum=100)
     superglobal_m: int = setting(0, "SuperGlobal reranking of each query's top M candidates with global "
-                                 "descriptors only (ICCV 2023: M 400); 0 = off", minimum=0)
-    superglobal_k: int = setting(9, "SuperGlobal: neighbours within the M that refine each candidate", minimum=1)
-    superglobal_beta: float = setting(0.15, "SuperGlobal: weight of a neighbour, times its cosine", minimum=0)
+                                 "descriptors only (ICCV 2023: M 400); 0 = off", minimum=0,
+                                 maximum=10_000)
+    superglobal_k: int = setting(9, "SuperGlobal: neighbours within the M that refine each candidate", minimum=1,
+                                 maximum=1000)
+    superglobal_beta: float = setting(0.15, "SuperGlobal: weight of a neighbour, times its cosine", minimum=0,
+                                      maximum=100)
     global_top_k: int = setting(3, "recognition, unverified queries: neighbours whose scores are summed per "
-                                "landmark", minimum=1)
+                                "landmark", minimum=1, maximum=1000)
     suppression: bool = setting(True, "non-landmark suppression with --nonlandmark-dir (recognition 2020 1st): "
                                 "a candidate scores clamp(cos, 0, 1) - B(j), B(j) its mean cosine to its "
                                 "--db-nonlandmark-k nearest non-landmark images")
     db_nonlandmark_k: int = setting(5, "suppression: non-landmark neighbours of a database image in B(j)",
-                                    minimum=1)
-    query_nonlandmark_k: int = setting(10, "suppression: non-landmark neighbours of a query in C(q)", minimum=1)
+                                    minimum=1, maximum=1000)
+    query_nonlandmark_k: int = setting(10, "suppression: non-landmark neighbours of a query in C(q)", minimum=1,
+                                       maximum=1000)
     query_nonlandmark_weight: float = setting(0.5, "suppression: confidence -= weight x C(q), the query's mean "
-                                              "cosine to its nearest non-landmark images", minimum=0)
+                                              "cosine to its nearest non-landmark images", minimum=0,
+                                              maximum=100)
 
 
 @dataclass(frozen=True)
@@ -203,14 +218,16 @@ class Verification:
     match_max_distance: float = setting(1.1, "largest L2 distance between normalized descriptors of a match",
                                         above=0, maximum=2)
     mutual: bool = setting(True, "keep mutual nearest neighbours only (--no-mutual: one-way, the host baseline's)")
-    min_matches: int = setting(4, "pairs with fewer putative matches score zero inliers", minimum=4)
+    min_matches: int = setting(4, "pairs with fewer putative matches score zero inliers", minimum=4,
+                              maximum=100_000)
     ransac_threshold: float = setting(0.02, "RANSAC reprojection threshold as a share of the longer image side "
                                       "(0.02 = 20 px at 1024, 0.0039 = 4 px)", above=0, maximum=1)
     ransac_threshold_px: float | None = setting(None, "RANSAC threshold in pixels (overrides --ransac-threshold)",
-                                                above=0)
-    ransac_iterations: int = setting(1000, "pydegensac maximum iterations", minimum=1)
+                                                above=0, maximum=10_000)
+    ransac_iterations: int = setting(1000, "pydegensac maximum iterations", minimum=1,
+                                    maximum=10_000_000)
     ransac_confidence: float = setting(1.0, "pydegensac confidence (1.0 runs every iteration)", above=0, maximum=1)
-    ransac_seed: int = setting(0, "pydegensac seed (-1: random)", minimum=-1)
+    ransac_seed: int = setting(0, "pydegensac seed (-1: random)", minimum=-1, maximum=2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -218,12 +235,13 @@ class Scoring:
     """How global cosines and inliers become a submission."""
 
     rerank: int = setting(20, "candidates verified per query; the time budget may lower it; 0 = global only",
-                          minimum=0)
-    top_k: int = setting(1, "recognition: neighbours whose scores are summed per landmark", minimum=1)
+                          minimum=0, maximum=10_000)
+    top_k: int = setting(1, "recognition: neighbours whose scores are summed per landmark", minimum=1,
+                         maximum=1000)
     max_inlier_score: int = setting(80, "recognition: C in the candidate score min(inliers, C)/C + cosine",
-                                    minimum=1)
+                                    minimum=1, maximum=100_000)
     nonlandmark_penalty: float = setting(0.0, "confidence x (1 - penalty x non-landmark share of the top-k)",
-                                         minimum=0)
+                                         minimum=0, maximum=100)
     calibrate: bool = setting(True, "give unverified candidates the local score verified ones earn at the same "
                               "cosine, so queries cut from reranking rank fairly")
 
@@ -232,18 +250,23 @@ class Scoring:
 class Budget:
     """Time: the limit, its margin, the plan of the database pass and the pace of reranking."""
 
-    time_budget_h: float = setting(NOTEBOOK_LIMIT_H, "wall-clock hours the whole run may take", above=0)
+    time_budget_h: float = setting(NOTEBOOK_LIMIT_H, "wall-clock hours the whole run may take", above=0,
+                                   maximum=1000)
     safety_margin: float = setting(0.15, "share of the budget kept free", minimum=0, below=1)
     plan: str = setting("auto", "auto: time a probe and lower the global settings until the run fits; "
                         "fixed: keep them", choices=("auto", "fixed"))
     rerank_reserve: float = setting(0.2, "share of the budget the plan keeps for local reranking", minimum=0,
                                     below=1)
-    probe_images: int = setting(32, "database images timed per setting when planning", minimum=1)
-    warmup_queries: int = setting(20, "queries reranked first to measure the local rates", minimum=1)
-    rerank_batch: int = setting(500, "queries reranked between two re-plannings of the depth", minimum=1)
+    probe_images: int = setting(32, "database images timed per setting when planning", minimum=1,
+                                maximum=100_000)
+    warmup_queries: int = setting(20, "queries reranked first to measure the local rates", minimum=1,
+                                 maximum=1_000_000)
+    rerank_batch: int = setting(500, "queries reranked between two re-plannings of the depth", minimum=1,
+                               maximum=1_000_000)
     max_rerank_queries: int | None = setting(None, "rerank at most this many queries (most confident first)",
-                                             minimum=0)
-    write_every_s: float = setting(300.0, "seconds between two rewrites of --out while reranking", minimum=0)
+                                             minimum=0, maximum=10**9)
+    write_every_s: float = setting(300.0, "seconds between two rewrites of WORK/submission_latest.csv while "
+                                   "reranking", minimum=0, maximum=10**6)
 
 
 @dataclass(frozen=True)
@@ -257,7 +280,7 @@ class Run:
                                       "model; give it again for an ensemble (--model A --model B)", required=True,
                                       repeat=True)
     model_weights: tuple[float, ...] | None = setting(None, "ensemble: one weight per --model (default all 1)",
-                                                      above=0)
+                                                      above=0, maximum=1000)
     local_model: Path | None = setting(None, "ensemble: the model whose local features verify (default: the "
                                        "first --model)")
     out: Path = setting(Path("submission.csv"), "submission file to write")
@@ -269,15 +292,22 @@ class Run:
     nonlandmark_dir: Path | None = setting(None, "folder of images known to show no landmark: non-landmark "
                                            "suppression and the penalty compare queries and database to them")
     probe: int | None = setting(None, "time this many images of every stage, write WORK/timing.json with the "
-                                "projection to this data's full size, and stop", minimum=1)
+                                "projection to this data's full size, and stop", minimum=1,
+                                maximum=10**6)
     shard: str = setting("0/1", "i/n: extract only the i-th of n slices of the database descriptors, then stop")
     workers: int = setting(os.cpu_count() or 1, "processes verifying pairs; 0 or 1 verifies in this process",
-                           minimum=0)
-    decode_threads: int = setting(4, "threads decoding images ahead of the model", minimum=1)
-    prefetch: int = setting(64, "images decoded ahead of the model", minimum=1)
-    chunk_size: int = setting(10_000, "images per cached global-descriptor chunk", minimum=1)
-    local_cache_gb: float = setting(10.0, "disk kept for cached local features; the oldest go first", above=0)
-    knn_block_mb: int = setting(512, "memory for one block of the query x database similarity matrix", minimum=1)
+                           minimum=0, maximum=1024)
+    decode_threads: int = setting(4, "threads decoding images ahead of the model", minimum=1,
+                                 maximum=256)
+    decode_timeout_s: float = setting(120.0, "seconds the run waits for one image to be read and decoded; a "
+                                      "slower one is logged and treated as unreadable", above=0, maximum=86_400)
+    prefetch: int = setting(64, "images decoded ahead of the model", minimum=1, maximum=1024)
+    chunk_size: int = setting(10_000, "images per cached global-descriptor chunk", minimum=1,
+                             maximum=1_000_000)
+    local_cache_gb: float = setting(10.0, "disk kept for cached local features; the oldest go first", above=0,
+                                   maximum=10**6)
+    knn_block_mb: int = setting(512, "memory for one block of the query x database similarity matrix", minimum=1,
+                              maximum=10**6)
 
     def verifying_model(self) -> Path:
         return self.local_model or self.model[0]
@@ -431,7 +461,10 @@ def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
         return [], []
     if not run.nonlandmark_dir.is_dir():
         raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} is not a folder")
-    paths = sorted(p for p in run.nonlandmark_dir.rglob("*") if p.is_file())
+    paths = sorted(p for p in run.nonlandmark_dir.rglob("*") if p.is_file())  # regular files only, no FIFO
+    if not paths:
+        raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} holds no files: give a folder of non-landmark "
+                         "images, or leave the flag out")
     return [str(p.relative_to(run.nonlandmark_dir)) for p in paths], paths
 
 
@@ -931,8 +964,8 @@ def locked_run(settings: Settings) -> None:
     models = load_models(run_, settings.extraction)
     if run_.probe is not None:
         return probe(models, inputs, settings, timing, candidate_count(settings), reranked, count_inliers)
-    if parse_shard(run_.shard) == (0, 1):  # a valid file at once, whatever happens later
-        write_submission(run_.out, run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
+    if parse_shard(run_.shard) == (0, 1):  # a valid file at once in WORK, whatever happens later
+        write_submission(latest_submission(run_), run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
     dim = sum(model.global_dim for model in models.global_models)
     knn_rate = knn_seconds_per_item(dim, run_.knn_block_mb)
     settings = dataclasses.replace(settings, extraction=plan_run(models, inputs, settings, timing, knn_rate,
@@ -943,6 +976,11 @@ def locked_run(settings: Settings) -> None:
     found = global_pass(models, inputs, settings, timing, knn_rate)
     if found is not None:
         finish(models.local, inputs, settings, timing, found)
+
+
+def latest_submission(run_: Run) -> Path:
+    """WORK's copy of the newest intermediate result: --out itself changes only when the run finishes."""
+    return run_.work / "submission_latest.csv"
 
 
 def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing, found: Descriptors) -> None:
@@ -965,10 +1003,10 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
             return recognition_rows(*predictions(inliers))
         return retrieval_rows(candidates.cosines, candidates.neighbours, inliers, inputs.db_ids, candidates.query_ok)
 
-    unverified = np.full(candidates.neighbours.shape, -1)
-    write_submission(run_.out, run_.task, inputs.test_ids, rows_for(unverified))
-    atomic_save(run_.work / "submission_global_only.csv", lambda tmp: shutil.copyfile(run_.out, tmp))
-    log.info("global-only submission written to %s", run_.out)
+    unverified, latest = np.full(candidates.neighbours.shape, -1), latest_submission(run_)
+    write_submission(latest, run_.task, inputs.test_ids, rows_for(unverified))
+    atomic_save(run_.work / "submission_global_only.csv", lambda tmp: shutil.copyfile(latest, tmp))
+    log.info("global-only submission written to %s", latest)
     pairs_path, last_write = run_.work / "verified_pairs.csv", time.monotonic()
     start_verified_pairs(pairs_path)
 
@@ -977,7 +1015,7 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
         append_verified_pairs(pairs_path, [inputs.test_ids[q] for q in batch], inputs.db_ids,
                               candidates.neighbours[batch], candidates.cosines[batch], inliers[batch])
         if time.monotonic() - last_write >= settings.budget.write_every_s:
-            write_submission(run_.out, run_.task, inputs.test_ids, rows_for(inliers))
+            write_submission(latest, run_.task, inputs.test_ids, rows_for(inliers))
             last_write = time.monotonic()
 
     priority = predictions(unverified)[1] if run_.task == "recognition" else candidates.cosines[:, :1].sum(axis=1)
@@ -1002,6 +1040,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no space left on the device ({err.filename or err.strerror}): free some space there",
               file=sys.stderr)
         return 2
+    except MemoryError as err:  # numpy's ArrayMemoryError too: --out is written only by a finished run
+        print(f"error: out of memory ({str(err) or 'MemoryError'}): lower --global-batch, --prefetch or "
+              "--knn-block-mb; --out is left as it was", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted: --out is left as it was (WORK/submission_latest.csv holds the newest result)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

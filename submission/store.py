@@ -12,13 +12,17 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
+import stat
 import tempfile
+import threading
 import time
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -35,8 +39,31 @@ log = logging.getLogger("submission")
 
 
 def image_path(data: Path, split: str, image_id: str) -> Path:
-    """Image 'abcdef…' of a split lives at split/a/b/c/abcdef….jpg."""
+    """Image 'abcdef…' of a split lives at split/a/b/c/abcdef….jpg (image_file also finds .jpeg, .JPG, .JPEG)."""
     return data / split / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")  # what the listing takes as an image, and image_file finds
+
+
+def image_file(path: Path) -> tuple[Path, os.stat_result]:
+    """The file an image path stands for and its stat: path itself or, when only that exists, the same name with
+    another JPEG suffix. Only a regular file: a FIFO or a device named *.jpg would block whoever opens it."""
+    for candidate in suffixed(path):
+        try:
+            status = os.stat(candidate)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(f"{candidate} is not a regular file")
+        return candidate, status
+    raise FileNotFoundError(f"no such file: {path}")
+
+
+def suffixed(path: Path) -> Iterator[Path]:
+    """path, then the same name with each other JPEG suffix (made only when asked for)."""
+    yield path
+    yield from (path.with_suffix(suffix) for suffix in JPEG_SUFFIXES if suffix != path.suffix)
 
 
 # Global descriptors are computed on a few fixed sizes so that images can be batched (section 3).
@@ -46,10 +73,21 @@ BUCKET_ASPECTS = (9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9)  # width / height
 BUCKET_SIDES = (1.0, 0.75, 0.5, 0.375, 0.25)  # longer side, as a share of --global-max-side
 
 
+def image_stamps(paths: list[Path]) -> np.ndarray:
+    """[n, 2] int64: each image file's size and modification time in ns ([-1, -1] when there is none to read), kept
+    beside its cached features: a file changed since (new bytes under the same id) no longer matches them."""
+    stamps = np.full((len(paths), 2), -1, np.int64)
+    for row, path in enumerate(paths):
+        with contextlib.suppress(OSError):
+            status = image_file(path)[1]
+            stamps[row] = status.st_size, status.st_mtime_ns
+    return stamps
+
+
 def open_rgb(path: Path, layout: Callable[[int, int], tuple[tuple[int, int], tuple[float, ...]]]) -> Image.Image:
     """The file as RGB: layout(width, height) gives the output size and the box of the original to resize into it.
     A JPEG that shrinks is decoded at a reduced scale (PIL's draft mode), which saves most of its decoding time."""
-    with Image.open(path) as image:
+    with Image.open(image_file(path)[0]) as image:
         width, height = image.size
         size, box = layout(width, height)
         shrink = min(size[0] / (box[2] - box[0]), size[1] / (box[3] - box[1]))
@@ -119,16 +157,55 @@ def decode_for_global(path: Path, max_side: int) -> np.ndarray | None:
         return None
 
 
-def prefetched(load: Callable, items: Iterable, threads: int, depth: int) -> Iterator:
-    """load(item) for each item, in order, computed by `threads` threads up to `depth` items ahead."""
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        pending: deque = deque()
+def prefetched(load: Callable, items: Iterable, threads: int, depth: int, timeout_s: float | None = None,
+               name: Callable[[object], str] = str) -> Iterator:
+    """load(item) for each item, in order, computed by `threads` daemon threads up to `depth` items ahead. The
+    caller never waits more than timeout_s for one item: a load that takes longer is logged (name(item)) and
+    yields None, as an unreadable image; its thread is left to it and a new one takes its place."""
+    tasks: queue.SimpleQueue = queue.SimpleQueue()
+    started = [start_loader(load, tasks) for _ in range(max(1, threads))]
+    pending: deque = deque()
+
+    def next_result():
+        future, item = pending.popleft()
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            log.warning("skipping %s: reading it took more than %g s (--decode-timeout-s)", name(item), timeout_s)
+            started.append(start_loader(load, tasks))
+            return None
+
+    try:
         for item in items:
-            pending.append(pool.submit(load, item))
+            pending.append((Future(), item))
+            tasks.put(pending[-1])
             if len(pending) >= depth:
-                yield pending.popleft().result()
+                yield next_result()
         while pending:
-            yield pending.popleft().result()
+            yield next_result()
+    finally:
+        for future, _ in pending:
+            future.cancel()
+        for _ in started:
+            tasks.put(None)  # each live thread ends at one of these
+
+
+def start_loader(load: Callable, tasks: queue.SimpleQueue) -> threading.Thread:
+    """A daemon thread running load on each (future, item) of tasks until it takes None: a load that never ends
+    (a hung file system) cannot stop the process from exiting."""
+    def work() -> None:
+        while (task := tasks.get()) is not None:
+            future, item = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(load(item))
+            except BaseException as err:  # noqa: BLE001 - handed to the caller, raised where it waits
+                future.set_exception(err)
+
+    thread = threading.Thread(target=work, name="loader", daemon=True)
+    thread.start()
+    return thread
 
 
 def current_umask() -> int:
@@ -255,17 +332,18 @@ def extract_global(model: DelgSavedModel, ids: list[str], paths: list[Path], cac
     batch are dropped and the current chunk is saved as it is."""
     size = run.chunk_size
     chunks = [c for c in range(math.ceil(len(ids) / size)) if c % shard[1] == shard[0]]
-    todo = [c for c in chunks if read_chunk(cache, c, ids[c * size:(c + 1) * size], ()) is None]
+    cached = fresh_chunks(cache, chunks, ids, paths, size)
+    todo = [c for c in chunks if c not in cached]
     if len(todo) < len(chunks):
         log.info("%s: %d of %d chunks already cached", cache.name, len(chunks) - len(todo), len(chunks))
     rows = [i for c in todo for i in range(c * size, min(len(ids), (c + 1) * size))]
     load = lambda i: decode_for_global(paths[i], extraction.global_max_side)
-    images = prefetched(load, rows, run.decode_threads, run.prefetch)
+    images = prefetched(load, rows, run.decode_threads, run.prefetch, run.decode_timeout_s, lambda i: str(paths[i]))
     dtype = np.float16 if extraction.cache_float16 else np.float32
     finished, began = 0, time.monotonic()
     with tqdm(total=len(rows), desc=f"global {cache.name}", unit="img") as bar:
         for c in todo:
-            chunk_ids = ids[c * size:(c + 1) * size]
+            chunk_ids, stamps = ids[c * size:(c + 1) * size], image_stamps(paths[c * size:(c + 1) * size])
             descriptors, ok = np.zeros((len(chunk_ids), model.global_dim), np.float32), np.zeros(len(chunk_ids), bool)
             batcher, stopped = Batcher(model, extraction, descriptors, ok), False
             for j in range(len(chunk_ids)):
@@ -280,13 +358,34 @@ def extract_global(model: DelgSavedModel, ids: list[str], paths: list[Path], cac
                 finished += count
                 bar.update(count)
             saved = descriptors.astype(dtype)
-            atomic_save(chunk_path(cache, c), lambda tmp, d=saved, o=ok, i=chunk_ids, s=stopped:
-                        np.savez(tmp, ids=np.array(i), descriptors=d, ok=o, complete=not s))
+            atomic_save(chunk_path(cache, c), lambda tmp, d=saved, o=ok, i=chunk_ids, s=stopped, t=stamps:
+                        np.savez(tmp, ids=np.array(i), descriptors=d, ok=o, complete=not s, stamps=t))
             if stopped:
                 images.close()
                 log.warning("%s: stopped after %d of %d images", cache.name, finished, len(rows))
                 return finished, True
     return finished, False
+
+
+def fresh_chunks(cache: Path, chunks: list[int], ids: list[str], paths: list[Path], size: int) -> set[int]:
+    """The chunks cached whole for these ids and these very files (image_stamps). A chunk whose images changed
+    since is deleted, and the count said; a chunk of an older cache without stamps is redone."""
+    fresh, dropped, changed = set(), 0, 0
+    for c in chunks:
+        rows = slice(c * size, (c + 1) * size)
+        part = read_chunk(cache, c, ids[rows], ("stamps",))
+        if part is None:
+            continue
+        differs = int(np.any(part[0] != image_stamps(paths[rows]), axis=1).sum())
+        if differs:
+            chunk_path(cache, c).unlink(missing_ok=True)
+            dropped, changed = dropped + 1, changed + differs
+        else:
+            fresh.add(c)
+    if dropped:
+        log.warning("%s: dropped %d cached chunks: %d of their images changed (size or time) since they were cached",
+                    cache.name, dropped, changed)
+    return fresh
 
 
 def load_global(cache: Path, ids: list[str], chunk_size: int, dim: int = 0,
@@ -297,14 +396,14 @@ def load_global(cache: Path, ids: list[str], chunk_size: int, dim: int = 0,
     descriptors, ok = None, np.zeros(len(ids), bool)
     for c in range(math.ceil(len(ids) / chunk_size)):
         rows = slice(c * chunk_size, (c + 1) * chunk_size)
-        part = read_chunk(cache, c, ids[rows], ("descriptors", "ok"), complete=False)
+        part = read_chunk(cache, c, ids[rows], ("descriptors", "ok", "stamps"), complete=False)
         if part is None:
             if not allow_missing:
                 raise InputError(f"{cache}: descriptor chunk {c} is missing (run every --shard first)")
             continue
         if descriptors is None:
             descriptors = np.zeros((len(ids), part[0].shape[1]), np.float32)
-        descriptors[rows], ok[rows] = part  # float16 chunks are converted in place
+        descriptors[rows], ok[rows] = part[:2]  # float16 chunks are converted in place
     return (np.zeros((len(ids), dim), np.float32) if descriptors is None else descriptors), ok
 
 
@@ -347,13 +446,33 @@ def load_local(path: Path) -> LocalFeatures:
                              int(features["side"]))
 
 
-def readable_local(path: Path) -> bool:
-    """A cached feature file that opens (a file cut short by a crash does not) and holds every array."""
+def cached_stamp(path: Path) -> np.ndarray | None:
+    """The image stamp (image_stamps) a cached feature file was made from; None when the file is missing, does not
+    open (cut short by a crash) or lacks an array."""
     try:
         with np.load(path) as features:
-            return {"keypoints", "descriptors", "side"} <= set(features.files)
+            if {"keypoints", "descriptors", "side", "stamp"} <= set(features.files):
+                return features["stamp"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return False
+        pass
+    return None
+
+
+def local_todo(data: Path, images: list[tuple[str, str]], cache: Path) -> list[tuple[str, str, np.ndarray]]:
+    """(split, id, image stamp) of every image whose local features are not cached from this very file. Cached
+    files that do not match (the image changed, or the file is unreadable) are deleted; changed ones are counted."""
+    todo, changed = [], 0
+    for split, image_id in dict.fromkeys(images):
+        path = local_path(cache, split, image_id)
+        stamp = image_stamps([image_path(data, split, image_id)])[0]
+        cached = cached_stamp(path)
+        if cached is None or np.any(cached != stamp):
+            changed += cached is not None
+            path.unlink(missing_ok=True)
+            todo.append((split, image_id, stamp))
+    if changed:
+        log.warning("local: dropped %d cached features: their images changed (size or time) since", changed)
+    return todo
 
 
 def trim_local_cache(cache: Path, max_gb: float) -> int:
@@ -372,13 +491,15 @@ def trim_local_cache(cache: Path, max_gb: float) -> int:
 
 def extract_local(model: DelgSavedModel, data: Path, images: list[tuple[str, str]], cache: Path,
                   extraction: Extraction, run: Run, stop: Callable[[], bool] = lambda: False) -> int:
-    """Cache local features of every (split, id) not cached yet or cached unreadably (unreadable image: zero
-    features), until stop() says so; the count extracted."""
-    todo = [(split, i) for split, i in dict.fromkeys(images) if not readable_local(local_path(cache, split, i))]
-    load = lambda item: decode_image(image_path(data, *item), extraction.max_image_side, extraction.min_image_side)
-    decoded = prefetched(load, todo, run.decode_threads, run.prefetch)
+    """Cache local features of every (split, id) not cached yet from its present file (local_todo; unreadable
+    image: zero features), until stop() says so; the count extracted."""
+    todo = local_todo(data, images, cache)
+    load = lambda item: decode_image(image_path(data, *item[:2]), extraction.max_image_side, extraction.min_image_side)
+    decoded = prefetched(load, todo, run.decode_threads, run.prefetch, run.decode_timeout_s,
+                         lambda item: str(image_path(data, *item[:2])))
     done = 0
-    for (split, image_id), image in zip(todo, tqdm(decoded, total=len(todo), desc="local", unit="img"), strict=False):
+    bar = tqdm(decoded, total=len(todo), desc="local", unit="img")
+    for (split, image_id, stamp), image in zip(todo, bar, strict=False):
         if stop():
             decoded.close()
             break
@@ -388,8 +509,8 @@ def extract_local(model: DelgSavedModel, data: Path, images: list[tuple[str, str
                 features = model.local_features(image)
             except Exception as err:  # noqa: BLE001 - one bad image must not end the run
                 log.warning("local extraction failed for %s: %s", image_id, str(err).splitlines()[0][:200])
-        atomic_save(local_path(cache, split, image_id), lambda tmp, f=features:
-                    np.savez(tmp, keypoints=f.keypoints, descriptors=f.descriptors.astype(np.float16), side=f.side))
+        atomic_save(local_path(cache, split, image_id), lambda tmp, f=features, t=stamp: np.savez(
+            tmp, keypoints=f.keypoints, descriptors=f.descriptors.astype(np.float16), side=f.side, stamp=t))
         done += 1
     return done
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,9 +30,11 @@ _WORKER_SETTINGS: list = []  # this process's (count_inliers, verification)
 
 
 def _init_worker(count_inliers: CountInliers, verification: Verification) -> None:
-    """One BLAS thread per worker: small matrix products run several times slower on busy shared cores."""
+    """One BLAS thread per worker: small matrix products run several times slower on busy shared cores. Ctrl-C
+    reaches the whole process group: the workers leave it to the main process, which ends them with one line."""
     _WORKER_SETTINGS[:] = [count_inliers, verification]
     threadpool_limits(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def verify_query(task: tuple[Path, list[Path]]) -> list[int]:

@@ -213,7 +213,7 @@ REQUIRED = ["--task", "recognition", "--data", "d", "--model", "m"]
     ("--warmup-queries", "0", "--warmup-queries must be >= 1, got 0"),
     ("--chunk-size", "-3", "--chunk-size must be >= 1, got -3"),
     ("--time-budget-h", "-1", "--time-budget-h must be > 0, got -1.0"),
-    ("--time-budget-h", "nan", "--time-budget-h must be > 0, got nan"),
+    ("--time-budget-h", "nan", "--time-budget-h must be a finite number, got nan"),
     ("--safety-margin", "1", "--safety-margin must be < 1, got 1.0"),
     ("--ransac-threshold", "0", "--ransac-threshold must be > 0, got 0.0"),
     ("--scales", "0.5 -1", "--scales must be > 0, got -1.0"),
@@ -225,10 +225,9 @@ def test_every_setting_is_range_checked_with_one_line(capsys, flag, value, messa
     assert capsys.readouterr().err.strip() == f"error: {message}"
 
 
-def test_a_flag_of_the_wrong_type_is_an_argparse_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        sub.main([*REQUIRED, "--rerank-batch", "two"])
-    assert exit_info.value.code == 2 and "--rerank-batch" in capsys.readouterr().err
+def test_a_flag_of_the_wrong_type_is_one_line_too(capsys):
+    assert sub.main([*REQUIRED, "--rerank-batch", "two"]) == 2
+    assert capsys.readouterr().err.strip() == "error: argument --rerank-batch: invalid int value: 'two'"
 
 
 def write_json(path, content) -> str:

@@ -373,7 +373,8 @@ def test_changed_settings_or_model_clear_the_caches(competition, models, tmp_pat
 
 @in_this_process
 def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
-    """A cached chunk whose descriptors cannot be read without pickle still counts as cached: only ids are read."""
+    """A cached chunk whose descriptors cannot be read without pickle still counts as cached: only its ids and the
+    stamps of its images (size, modification time) are read."""
     data = competition[0] / "landmark-recognition"
     ids, _ = sub.read_train_labels(data)
     paths = [image_path(data, "train", i) for i in ids]
@@ -382,14 +383,15 @@ def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
     cache = tmp_path / "global"
     sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run)
     np.savez(store.chunk_path(cache, 0), ids=np.array(ids[:3]), descriptors=np.array([None]), ok=np.ones(3, bool),
-             complete=True)
+             complete=True, stamps=store.image_stamps(paths[:3]))
     assert sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run) == (0, False)
 
 
 @in_this_process
-def test_a_crash_during_extraction_leaves_a_complete_empty_submission(competition, delg_model_dir, tmp_path,
-                                                                       monkeypatch):
+def test_a_crash_during_extraction_leaves_out_alone_and_a_complete_empty_submission_in_work(
+        competition, delg_model_dir, tmp_path, monkeypatch):
     data = competition[0] / "landmark-retrieval"
+    (tmp_path / "submission.csv").write_text("id,images\nabc123,def456\n")  # an earlier run's good result
 
     def crash(*_, **__):
         raise RuntimeError("killed during extraction")
@@ -397,7 +399,8 @@ def test_a_crash_during_extraction_leaves_a_complete_empty_submission(competitio
     monkeypatch.setattr(store, "extract_global", crash)  # the passes after the plan
     with pytest.raises(RuntimeError, match="killed"):
         run_script("retrieval", data, delg_model_dir, tmp_path)
-    frame = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
+    assert (tmp_path / "submission.csv").read_text() == "id,images\nabc123,def456\n"
+    frame = pd.read_csv(tmp_path / "work" / "submission_latest.csv", dtype=str, keep_default_na=False)
     assert_complete(frame, data, "images")
     assert (frame["images"] == "").all()
 
@@ -416,7 +419,7 @@ def test_submission_rewrites_wait_for_write_every_s(competition, delg_model_dir,
         assert len(pairs) == timing["stages"]["verification"]["items"] > 0
         assert not pairs.duplicated(["id", "rank"]).any()
         assert writes[-1] == frame["landmarks"].tolist()  # the final rows are always written
-        # all-empty, global-only and final; with 0 s also one after every batch (FAST makes several)
+        # all-empty and global-only (WORK), final (--out); with 0 s also one after every batch (FAST makes several)
         if every_s == "300":
             assert len(writes) == 3
         else:
