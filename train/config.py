@@ -43,7 +43,7 @@ class TrainConfig:
 
     # model
     backbone: str = "resnet50"  # one of BACKBONES
-    backbone_weights: str = "none"  # none | imagenet | PATH.h5
+    backbone_weights: str = "none"  # none | imagenet (Keras's download, cached in ~/.keras/models) | PATH.h5
     tiny_widths: tuple[int, ...] = (16, 32, 64, 128)  # channels of the tiny ResNet's 4 stages (x4 out)
     embedding_dim: int = 512  # the paper uses 2048; Kaggle-era solutions 512
     gem_p: float = 3.0
@@ -88,16 +88,17 @@ CONFIGS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(backbone="tiny", embedding_dim=128, attention_hidden=64, image_size=96, local_stride=16,
                         crop_min_area=0.3, batch_size=32, steps=300, learning_rate=0.1, warmup_steps=30,
                         checkpoint_every=100, validate_every=100, log_every=10),
-    "r50": TrainConfig(backbone="resnet50"),
-    "r101": TrainConfig(backbone="resnet101"),
+    # DELG and every 2020-2021 winner started from ImageNet weights: so does every named Keras backbone.
+    "r50": TrainConfig(backbone="resnet50", backbone_weights="imagenet"),
+    "r101": TrainConfig(backbone="resnet101", backbone_weights="imagenet"),
     # The backbones of the 2020-2021 winners' ensembles (README, "Training"), at DELG's other defaults.
-    "r152": TrainConfig(backbone="resnet152"),
-    "effb5": TrainConfig(backbone="efficientnet-b5"),
-    "effb7": TrainConfig(backbone="efficientnet-b7"),
-    "effv2s": TrainConfig(backbone="efficientnetv2-s"),
-    "effv2m": TrainConfig(backbone="efficientnetv2-m"),
-    "convnext-t": TrainConfig(backbone="convnext-tiny"),
-    "convnext-b": TrainConfig(backbone="convnext-base"),
+    "r152": TrainConfig(backbone="resnet152", backbone_weights="imagenet"),
+    "effb5": TrainConfig(backbone="efficientnet-b5", backbone_weights="imagenet"),
+    "effb7": TrainConfig(backbone="efficientnet-b7", backbone_weights="imagenet"),
+    "effv2s": TrainConfig(backbone="efficientnetv2-s", backbone_weights="imagenet"),
+    "effv2m": TrainConfig(backbone="efficientnetv2-m", backbone_weights="imagenet"),
+    "convnext-t": TrainConfig(backbone="convnext-tiny", backbone_weights="imagenet"),
+    "convnext-b": TrainConfig(backbone="convnext-base", backbone_weights="imagenet"),
 }
 
 
