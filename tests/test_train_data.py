@@ -96,6 +96,28 @@ def test_malformed_train_csv_names_the_line(tmp_path):
 GOOD_ROW = "a" * 16 + ",3\n"
 
 
+@pytest.mark.parametrize("landmark_id", ["1e30", "inf", "-inf", "nan", "3.5", "3.0", "9223372036854775808", "0x1f"])
+def test_a_landmark_id_that_is_no_int64_names_file_line_and_id(tmp_path, landmark_id, capsys):
+    from common.cli import run_main
+    from train.__main__ import main
+
+    (tmp_path / "train.csv").write_text("id,landmark_id\n" + GOOD_ROW + "b" * 16 + f",{landmark_id}\n")
+    expected = (f"{tmp_path / 'train.csv'}, line 3: id {'b' * 16}: landmark_id {landmark_id!r} is not an integer "
+                "(digits only, at most 2^63-1)")
+    with pytest.raises(UserError, match=f"^{re.escape(expected)}$"):
+        read_examples(tmp_path, 0.0, 0)
+    assert run_main(main, ["--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+
+
+def test_the_largest_int64_landmark_id_keeps_its_value(tmp_path):
+    (tmp_path / "train.csv").write_text("id,landmark_id\n" + GOOD_ROW + "b" * 16 + ",9223372036854775807\n")
+    for image_id in ("a" * 16, "b" * 16):
+        image_path(tmp_path, "train", image_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(image_path(tmp_path, "train", image_id))
+    assert read_examples(tmp_path, 0.0, 0).landmark_ids == [3, 2**63 - 1]
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     (b"id,landmark_id\n" + GOOD_ROW.encode() + b"b" * 16 + b",4,9\n", "line 3: 3 fields where the header has 2"),
     (b"id,landmark_id\n\n" + GOOD_ROW.encode() + b"c" * 16 + b",4,\n", "line 4: 3 fields where the header has 2"),

@@ -8,6 +8,7 @@ Each element carries its position, so images dropped as unreadable show up as ga
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ TRAIN_CSV = "train.csv"
 CLEAN_CSV = "train_clean.csv"
 EPOCHS_FOREVER = 2**62
 MIN_LANDMARKS = 2  # with one class, ArcFace and the attention loss are 0 and nothing learns
+INTEGER = re.compile(r"-?\d+")  # a landmark_id as train.csv writes it
 
 
 @dataclass(frozen=True)
@@ -46,16 +48,20 @@ def read_train_csv(path: Path) -> pd.DataFrame:
     missing = {"id", "landmark_id"} - set(table.columns)
     if missing:
         raise UserError(f"{path}: missing columns {sorted(missing)}; expected id,landmark_id or id,url,landmark_id")
-    landmark_ids = pd.to_numeric(table["landmark_id"], errors="coerce")
-    rows = zip(table["id"], table["landmark_id"], landmark_ids, strict=True)
-    for line, (image_id, text, landmark_id) in enumerate(rows, start=2):
+    for line, (image_id, text) in enumerate(zip(table["id"], table["landmark_id"], strict=True), start=2):
         if not ID_PATTERN.match(image_id):
             raise UserError(f"{path}, line {line}: id {image_id!r} is not 16 hex digits")
-        if pd.isna(landmark_id) or landmark_id != int(landmark_id):
-            raise UserError(f"{path}, line {line}: id {image_id}: landmark_id {text!r} is not an integer")
+        if not is_int64(text):
+            raise UserError(f"{path}, line {line}: id {image_id}: landmark_id {text!r} is not an integer "
+                            "(digits only, at most 2^63-1)")
     if table["id"].duplicated().any():
         raise UserError(f"{path}: id {table['id'][table['id'].duplicated()].iloc[0]} appears more than once")
-    return pd.DataFrame({"id": table["id"], "landmark_id": landmark_ids.astype(np.int64)})
+    return pd.DataFrame({"id": table["id"], "landmark_id": table["landmark_id"].astype(np.int64)})
+
+
+def is_int64(text: str) -> bool:
+    """Whether text is written as an integer (no exponent, no point, no inf) that a 64-bit label map holds."""
+    return INTEGER.fullmatch(text) is not None and -(2**63) <= int(text) < 2**63
 
 
 def keep_clean(table: pd.DataFrame, clean_csv: Path) -> pd.DataFrame:
