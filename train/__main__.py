@@ -59,6 +59,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                  if getattr(args, f.name) is not None}
     overrides = {name: tuple(x for part in v for x in part) if isinstance(v, list) else v
                  for name, v in overrides.items()}
+    if overrides.get("init_from"):  # the run it continues gives the weights, not the named config's ImageNet
+        overrides.setdefault("backbone_weights", "none")
     return get_config(args.config, **overrides)
 
 

@@ -59,6 +59,8 @@ class TrainConfig:
     # loss = arcface CE + attention_loss_weight * attention CE + reconstruction_loss_weight * MSE
     attention_loss_weight: float = 1.0
     reconstruction_loss_weight: float = 10.0
+    # a run folder whose newest checkpoint gives the starting weights (train/init_from.py); "" starts afresh
+    init_from: str = ""
     # data
     image_size: int = 512
     crop_min_area: float = 0.1
@@ -122,6 +124,8 @@ def _weights_ok(value: str) -> bool:
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "backbone": (lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
     "backbone_weights": (_weights_ok, "none, imagenet or an existing .h5 file"),
+    "init_from": (lambda v: v == "" or (Path(v) / "config.json").is_file(),
+                  "a training run folder (with its config.json), or empty"),
     "tiny_widths": (lambda v: len(v) == 4 and all(w >= 1 for w in v), "4 channel counts, each at least 1"),
     "embedding_dim": (_number(lambda v: v >= 1), "at least 1"),
     "gem_p": (_number(lambda v: v > 0), "greater than 0"),
@@ -174,6 +178,9 @@ def check_config(cfg: TrainConfig) -> None:
         if not test(value):
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
             raise UserError(f"{flag_name(field.name)} {shown}: must be {rule}")
+    if cfg.init_from and cfg.backbone_weights != "none":
+        raise UserError(f"{flag_name('init_from')} {cfg.init_from} and {flag_name('backbone_weights')} "
+                        f"{cfg.backbone_weights} both give the starting weights; choose one")
 
 
 def _is_a(value: Any, kind: str) -> bool:

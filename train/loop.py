@@ -35,6 +35,7 @@ from train import run_files
 from train.arcface import dynamic_margins
 from train.config import TrainConfig, check_config, flag_name
 from train.data import TrainingData, folder_data, training_stream, validation_stream
+from train.init_from import init_from_run
 from train.losses import delg_losses
 from train.model import DelgModel
 from train.precision import keras_policy, precision_policy
@@ -346,6 +347,8 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
     restores and every other worker starts from the chief's state.
     """
     check_config(cfg)
+    if cfg.init_from:  # config.json records where the run started, wherever it is run from
+        cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).resolve()))
     run_dir = Path(run_dir)
     run_files.check_run_folder(run_dir)
     chosen = strategy if isinstance(strategy, str) else strategy_name(strategy)
@@ -386,7 +389,8 @@ def lost_peers_reported(strategy: tf.distribute.Strategy) -> Iterator[None]:
 
 def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids: list[int]) -> None:
     """The chief restores run_dir's newest checkpoint (with resume, when there is one, after checking that the
-    run's config and label map allow it); in a multi-worker group every worker then takes the chief's state."""
+    run's config and label map allow it), or else starts from --init-from's run when given; in a multi-worker
+    group every worker then takes the chief's state."""
     prefix = tf.train.latest_checkpoint(str(run_dir / run_files.CHECKPOINT_DIR))
     if is_chief(trainer.strategy) and resume and prefix is not None:
         run_files.check_resumable(run_dir, trainer.cfg, landmark_ids)
@@ -397,6 +401,8 @@ def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids:
         run_files.restore_checkpoint(checkpoint, prefix, "cannot resume from this checkpoint",
                                      "; train with --no-resume or into another run folder")
         log.info("resumed %s at step %d", prefix, int(trainer.step))
+    elif is_chief(trainer.strategy) and trainer.cfg.init_from:
+        init_from_run(trainer.model, Path(trainer.cfg.init_from), landmark_ids)
     if worker_count(trainer.strategy) > 1:
         join_the_chief(trainer, trainer.cfg, landmark_ids)
 
@@ -406,7 +412,7 @@ def run_description(cfg: TrainConfig, chosen: str, strategy: tf.distribute.Strat
     return {"backbone": cfg.backbone, "strategy": chosen, "strategy_used": strategy_name(strategy),
             "workers": worker_count(strategy), "replicas": strategy.num_replicas_in_sync,
             "precision": cfg.precision, "keras_policy": keras_policy(cfg.precision),
-            "local_stride": cfg.local_stride, "global_only": cfg.global_only,
+            "local_stride": cfg.local_stride, "global_only": cfg.global_only, "init_from": cfg.init_from,
             "classes": len(data.landmark_ids), "train_images": data.train_count,
             "validation_images": data.validation_count}
 
