@@ -62,6 +62,8 @@ class TrainConfig:
     # a run folder whose newest checkpoint gives the starting weights (train/init_from.py); "" starts afresh
     init_from: str = ""
     # data
+    # images outside the data folder's train_clean.csv weigh this much in the loss (clean ones 1); 0 leaves them out
+    not_clean_weight: float = 0.0
     image_size: int = 512
     crop_min_area: float = 0.1
     crop_aspect_range: tuple[float, float] = (3 / 4, 4 / 3)
@@ -140,6 +142,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "local_stride": (lambda v: v in LOCAL_STRIDES, f"one of {', '.join(map(str, LOCAL_STRIDES))}"),
     "attention_loss_weight": (_number(lambda v: v >= 0), "0 or more"),
     "reconstruction_loss_weight": (_number(lambda v: v >= 0), "0 or more"),
+    "not_clean_weight": (_number(lambda v: v >= 0), "0 or more"),
     "image_size": (_number(lambda v: v >= LAST_MAP_STRIDE),
                    f"at least {LAST_MAP_STRIDE} (one cell of the stride-{LAST_MAP_STRIDE} conv5 map)"),
     "crop_min_area": (_number(lambda v: 0 < v <= 1), "in (0, 1]"),

@@ -148,7 +148,8 @@ class Trainer:
         with tf.GradientTape() as tape:
             outputs = self.model(batch["image"], training=True)
             losses = delg_losses(outputs, batch["label"], self.cfg, self.margins)
-            loss = tf.nn.compute_average_loss(losses["total"], global_batch_size=self.cfg.batch_size)
+            weighted = losses["total"] * batch["weight"]  # --not-clean-weight; the logged losses are unweighted
+            loss = tf.nn.compute_average_loss(weighted, global_batch_size=self.cfg.batch_size)
             scaled_loss = self.optimizer.scale_loss(loss)
         return outputs, losses, tape.gradient(scaled_loss, self.model.trainable_variables)
 
@@ -323,6 +324,9 @@ def first_line(err: tf.errors.OpError) -> str:
 
 
 def resolve_data(cfg: TrainConfig, data_dir: Path | None, tfrecords: Path | None) -> TrainingData:
+    if tfrecords and cfg.not_clean_weight:
+        raise UserError(f"{flag_name('not_clean_weight')} {cfg.not_clean_weight:g}: TFRecord shards hold no clean "
+                        "list (they were written from the clean images alone); train from --data")
     return tfrecord_data(tfrecords, cfg) if tfrecords else folder_data(data_dir, cfg)
 
 

@@ -22,7 +22,7 @@ DATA_FILE = "data.json"  # where the run's training data lives: {"data": DIR} or
 # Every other field shapes the model, the optimizer or the data stream the checkpoint belongs to.
 RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "validate_every", "log_every"})
 # Fields that config.json files written before them lack, and the value those runs had.
-FIELDS_ADDED_LATER = {"local_stride": 16, "init_from": ""}
+FIELDS_ADDED_LATER = {"local_stride": 16, "init_from": "", "not_clean_weight": 0.0}
 
 
 def check_run_folder(run_dir: Path) -> None:
