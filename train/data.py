@@ -64,6 +64,11 @@ def is_int64(text: str) -> bool:
     return INTEGER.fullmatch(text) is not None and -(2**63) <= int(text) < 2**63
 
 
+def keep_clean(table: pd.DataFrame, clean_csv: Path) -> pd.DataFrame:
+    """Only the images listed in train_clean.csv (export's whitening fit reads the clean set)."""
+    return weigh_by_clean_list(table, clean_csv, not_clean_weight=0.0)
+
+
 def weigh_by_clean_list(table: pd.DataFrame, clean_csv: Path, not_clean_weight: float) -> pd.DataFrame:
     """The images listed in train_clean.csv (landmark_id,images with space-separated ids) weigh 1 in the loss, the
     others not_clean_weight; at 0 they are left out (the clean set alone)."""
