@@ -82,6 +82,10 @@ class TrainConfig:
     # bookkeeping
     checkpoint_every: int = 1000
     validate_every: int = 1000
+    # a local competition (`local_eval build`): every validate_every steps its global-only GAP / mAP@100 is scored,
+    # and the best-scoring weights are kept in RUN/best (train/validate.py)
+    validate_on: str = ""
+    validate_task: str = "recognition"  # recognition (GAP) | retrieval (mAP@100)
     log_every: int = 50
 
 
@@ -159,6 +163,8 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_number(lambda v: 0 <= v < 2**31), "in [0, 2^31)"),
     "checkpoint_every": (_number(lambda v: v >= 1), "at least 1"),
     "validate_every": (_number(lambda v: v >= 1), "at least 1"),
+    "validate_on": (lambda v: v == "" or Path(v).is_dir(), "a competition folder written by local_eval build"),
+    "validate_task": (lambda v: v in ("recognition", "retrieval"), "recognition or retrieval"),
     "log_every": (_number(lambda v: v >= 1), "at least 1"),
 }
 

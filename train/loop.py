@@ -41,6 +41,7 @@ from train.model import DelgModel
 from train.precision import keras_policy, precision_policy
 from train.strategy import is_chief, make_strategy, strategy_name, worker_count, worker_id
 from train.tfrecords import tfrecord_data
+from train.validate import BestCheckpoint, CompetitionValidator
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +362,7 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
     data = resolve_data(cfg, data_dir, tfrecords)
     trainer = Trainer(cfg, len(data.landmark_ids), strategy, data.class_counts)
     chief, finished = is_chief(strategy), run_dir / run_files.METRICS_FILE
+    best = competition_validation(cfg, trainer, run_dir) if chief else None
     with lost_peers_reported(strategy):
         restore_or_join(trainer, run_dir, resume, data.landmark_ids)
         if int(trainer.step) >= cfg.steps and finished.is_file():
@@ -371,7 +373,7 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
             run_files.save_label_map(run_dir, data.landmark_ids)
             run_files.save_data_source(run_dir, data_dir, tfrecords)
         result = run_steps(trainer, data, CheckpointWriter(trainer, run_dir), run_dir / "logs" if chief else None,
-                           stop_after)
+                           stop_after, best)
     metrics = {**result, **run_description(cfg, chosen, strategy, data)}
     if chief:
         atomic_write_text(finished, json.dumps(metrics, indent=2) + "\n")
@@ -439,8 +441,16 @@ def all_skipped_error(trainer: Trainer, step: int) -> UserError:
                      f"the last checkpoint was kept")
 
 
+def competition_validation(cfg: TrainConfig, trainer: Trainer, run_dir: Path) -> BestCheckpoint | None:
+    """--validate-on's scorer and best-checkpoint keeper (None without the flag)."""
+    if not cfg.validate_on:
+        return None
+    validator = CompetitionValidator(Path(cfg.validate_on), cfg.validate_task, cfg.image_size, cfg.batch_size)
+    return BestCheckpoint(validator, run_dir, trainer.model)
+
+
 def run_steps(trainer: Trainer, data: TrainingData, saver: CheckpointWriter, logs: Path | None,
-              stop_after: int | None) -> dict:
+              stop_after: int | None, best: BestCheckpoint | None = None) -> dict:
     """Steps from the checkpointed one to cfg.steps, logging, validating and checkpointing on the way.
 
     A stop signal on any worker stops every worker after the same step, with a checkpoint. SKIP_WINDOW steps
@@ -471,6 +481,8 @@ def run_steps(trainer: Trainer, data: TrainingData, saver: CheckpointWriter, log
                 interval_start, interval_applied = time.perf_counter(), trainer.applied_steps
             if step % cfg.validate_every == 0 or step == cfg.steps:
                 validation_accuracy = validate(trainer, data, step, validation_writer)
+                if best is not None:
+                    write_scalars(validation_writer, step, {f"competition_{best.metric}": best.record(step)})
             if step % cfg.checkpoint_every == 0:
                 saver.save(step)
     if saver.last_step != step:
@@ -484,7 +496,8 @@ def run_steps(trainer: Trainer, data: TrainingData, saver: CheckpointWriter, log
             "skipped_steps_this_call": (step - first_step) - (applied - first_applied),
             "loss_scale": trainer.loss_scale, "seconds": round(time.perf_counter() - started, 2),
             "skipped_images": int(trainer.data_position) - first_position - int(images_delivered),
-            "validation_accuracy": validation_accuracy, **last_interval}
+            "validation_accuracy": validation_accuracy, **last_interval,
+            **({"competition_validation": best.summary()} if best is not None else {})}
 
 
 def log_interval(trainer: Trainer, step: int, seconds: float, applied: int, writer, bar: tqdm) -> tuple[dict, float]:
