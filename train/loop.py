@@ -149,7 +149,8 @@ class Trainer:
         with tf.GradientTape() as tape:
             outputs = self.model(batch["image"], training=True)
             losses = delg_losses(outputs, batch["label"], self.cfg, self.margins)
-            weighted = losses["total"] * batch["weight"]  # --not-clean-weight; the logged losses are unweighted
+            weights = batch.get("weight")  # --not-clean-weight (a batch without weights weighs 1); logged: unweighted
+            weighted = losses["total"] if weights is None else losses["total"] * weights
             loss = tf.nn.compute_average_loss(weighted, global_batch_size=self.cfg.batch_size)
             scaled_loss = self.optimizer.scale_loss(loss)
         return outputs, losses, tape.gradient(scaled_loss, self.model.trainable_variables)
