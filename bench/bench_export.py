@@ -79,7 +79,7 @@ def exported_calls(signature):
 
 
 def bench_config(name: str) -> list[tuple[str, float, float, float]]:
-    model = DelgModel(get_config(name), num_classes=10)
+    model = DelgModel(get_config(name, backbone_weights="none"), num_classes=10)
     model(tf.zeros([1, 64, 64, 3]))
     image = np.random.default_rng(0).integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +129,7 @@ def batched_call(signature, images: np.ndarray):
 
 def bench_batched(name: str) -> None:
     """Prints, for one config and each size, images/s of each path and its ratio to the per-image path."""
-    model = DelgModel(get_config(name), num_classes=10)
+    model = DelgModel(get_config(name, backbone_weights="none"), num_classes=10)
     model(tf.zeros([1, 64, 64, 3]))
     with tempfile.TemporaryDirectory() as tmp:
         save_delg(model, Path(tmp) / "delg", float16=True, xla=True)  # each batched function plain and compiled

@@ -108,7 +108,7 @@ def main() -> None:
         print(f"float32 matmul {MATMUL_SIDE}^3: {matmul / 1e9:.1f} GFLOP/s")
         runs = [("tiny", get_config("tiny", image_size=96, batch_size=32), 20),
                 ("tiny", get_config("tiny", image_size=128, batch_size=32), 15),
-                ("r50", get_config("r50", image_size=128, batch_size=8), 4)]
+                ("r50", get_config("r50", image_size=128, batch_size=8, backbone_weights="none"), 4)]
         for name, cfg, steps in runs:
             images_per_second, flops = training_images_per_second(cfg, data_dir, steps)
             print(f"train {name} {cfg.image_size}px batch {cfg.batch_size}: {images_per_second:.1f} images/s, "
@@ -122,7 +122,7 @@ def main() -> None:
         print("train tiny 96px batch 32, network alone, by --precision / --local-stride (a CPU gains nothing from "
               "float16; GPUs do): " + ", ".join(f"{name} {speed:.1f} images/s ({speed / reference:.2f}x)"
                                                 for name, speed in speeds.items()))
-        cfg = get_config("r50", image_size=224)
+        cfg = get_config("r50", image_size=224, backbone_weights="none")
         flops, images_per_second = forward_flops_per_second(cfg, batch=4, repeats=3)
         print(f"forward r50 224px batch 4: {images_per_second:.1f} images/s, {flops / 1e9:.1f} GFLOP/s "
               f"= {flops / matmul:.0%} of matmul (target >= 60%)")

@@ -34,6 +34,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     (["--local-stride", "8"], "--local-stride 8: must be one of 16, 32"),
     (["--precision", "float8"], "--precision float8: must be one of float32, float16, bfloat16"),
     (["--log-every", "0"], "--log-every 0: must be at least 1"),
+    (["--not-clean-weight", "-1"], "--not-clean-weight -1.0: must be 0 or more"),
+    (["--not-clean-weight", "inf"], "--not-clean-weight inf: must be 0 or more"),
     (["--subcenters", "0"], "--subcenters 0: must be at least 1"),
     (["--dynamic-margin", "0.4,0.25"], "--dynamic-margin 0.4 0.25: must be three numbers"),
     (["--dynamic-margin", "0.4,-1,0"], "--dynamic-margin 0.4 -1.0 0.0: must be three numbers"),

@@ -87,6 +87,25 @@ def test_train_clean_csv_restricts_the_images(mini_folder, tmp_path):
     assert sorted(examples.train["id"]) == ["10" + "a" * 14, "11" + "a" * 14, "20" + "a" * 14]
 
 
+def test_not_clean_images_weigh_not_clean_weight_or_are_left_out(mini_folder, tmp_path):
+    shutil.copytree(mini_folder, tmp_path / "data")
+    clean = ["10" + "a" * 14, "11" + "a" * 14, "20" + "a" * 14]
+    pd.DataFrame({"landmark_id": [13, 55], "images": [" ".join(clean[:2]), clean[2]]}).to_csv(
+        tmp_path / "data" / "train_clean.csv", index=False)
+    weighed = read_examples(tmp_path / "data", validation_fraction=0.0, seed=0, not_clean_weight=0.5).train
+    assert len(weighed) == len(LANDMARKS) * PER_LANDMARK + 2  # the missing image aside
+    assert dict(zip(weighed["id"], weighed["weight"], strict=True)) == {
+        image_id: 1.0 if image_id in clean else 0.5 for image_id in weighed["id"]}
+    assert sorted(read_examples(tmp_path / "data", 0.0, 0, not_clean_weight=0.0).train["id"]) == clean
+    assert set(read_examples(mini_folder, 0.0, 0, not_clean_weight=0.5).train["weight"]) == {1.0}  # no clean list
+    stream = folder_data(tmp_path / "data", get_config("tiny", image_size=32, batch_size=4, validation_fraction=0.0,
+                                                       not_clean_weight=0.25))
+    batches = training_stream(stream.epoch_source, stream.train_count, get_config("tiny", image_size=32,
+                                                                                   batch_size=4))
+    labels_by_weight = {float(w) for batch in batches.take(6) for w in batch["weight"]}
+    assert labels_by_weight == {1.0, 0.25}
+
+
 def test_malformed_train_csv_names_the_line(tmp_path):
     (tmp_path / "train.csv").write_text("id,landmark_id\n" + "a" * 16 + ",3\nnot-an-id,4\n")
     with pytest.raises(UserError, match="line 3"):
@@ -94,6 +113,28 @@ def test_malformed_train_csv_names_the_line(tmp_path):
 
 
 GOOD_ROW = "a" * 16 + ",3\n"
+
+
+@pytest.mark.parametrize("landmark_id", ["1e30", "inf", "-inf", "nan", "3.5", "3.0", "9223372036854775808", "0x1f"])
+def test_a_landmark_id_that_is_no_int64_names_file_line_and_id(tmp_path, landmark_id, capsys):
+    from common.cli import run_main
+    from train.__main__ import main
+
+    (tmp_path / "train.csv").write_text("id,landmark_id\n" + GOOD_ROW + "b" * 16 + f",{landmark_id}\n")
+    expected = (f"{tmp_path / 'train.csv'}, line 3: id {'b' * 16}: landmark_id {landmark_id!r} is not an integer "
+                "(digits only, at most 2^63-1)")
+    with pytest.raises(UserError, match=f"^{re.escape(expected)}$"):
+        read_examples(tmp_path, 0.0, 0)
+    assert run_main(main, ["--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+
+
+def test_the_largest_int64_landmark_id_keeps_its_value(tmp_path):
+    (tmp_path / "train.csv").write_text("id,landmark_id\n" + GOOD_ROW + "b" * 16 + ",9223372036854775807\n")
+    for image_id in ("a" * 16, "b" * 16):
+        image_path(tmp_path, "train", image_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(image_path(tmp_path, "train", image_id))
+    assert read_examples(tmp_path, 0.0, 0).landmark_ids == [3, 2**63 - 1]
 
 
 @pytest.mark.parametrize(("content", "expected"), [

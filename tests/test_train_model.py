@@ -162,5 +162,5 @@ def test_local_stride_32_subsamples_conv4_and_leaves_conv5_alone():
 
 
 def test_resnet50_local_stride_32_has_delfs_block3_strides_field():
-    field = receptive_field(build_backbone(get_config("r50", local_stride=32)).outputs[0])
+    field = receptive_field(build_backbone(get_config("r50", local_stride=32, backbone_weights="none")).outputs[0])
     assert (field.size, field.stride, field.padding) == (291, 32, 145)

@@ -1,4 +1,6 @@
 """`python -m train --data DIR --config tiny|r50|effv2s|... --out RUN_DIR [--steps N --batch-size B ...]`: train DELG.
+`python -m train --data DIR --recipe NAME --out DIR [flags]` trains a recipe's stages one after another into
+DIR/1-STAGE, DIR/2-STAGE, ... (each from the one before); the same command resumes it stage by stage.
 
 Every TrainConfig field is a flag (--field-name) that overrides the named config; a flag of several numbers
 takes them comma- or space-separated (--dynamic-margin 0.4,0.25,0.05).
@@ -21,11 +23,13 @@ from common.cli import UserError, run_main
 from train.config import CONFIGS, FIELD_RULES, TrainConfig, get_config
 from train.loop import train
 from train.precision import legacy_mixed_precision
+from train.recipes import RECIPES, recipe_help, run_recipe
 from train.strategy import STRATEGIES
 
 log = logging.getLogger("train")
 
 SCALARS = {"str": str, "int": int, "float": float}
+DEFAULT_CONFIG = "tiny"
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,12 +58,19 @@ def comma_separated(element: type):
     return parse
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The config fields given on the command line."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
     overrides = {name: tuple(x for part in v for x in part) if isinstance(v, list) else v
                  for name, v in overrides.items()}
-    return get_config(args.config, **overrides)
+    if overrides.get("init_from"):  # the run it continues gives the weights, not the named config's ImageNet
+        overrides.setdefault("backbone_weights", "none")
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return get_config(args.config or DEFAULT_CONFIG, **overrides_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="GLDv2/Kaggle folder with train.csv and train/a/b/c/<id>.jpg")
     parser.add_argument("--tfrecords", type=Path, help="train from shards written by `python -m train.tfrecords`")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="named config (default tiny)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), help=f"named config (default {DEFAULT_CONFIG})")
+    parser.add_argument("--recipe", choices=sorted(RECIPES),
+                        help="train a recipe's stages in order (its own config; flags apply to every stage): "
+                        + recipe_help())
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, logs, metrics.json")
     parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
                         help="tf.distribute strategy; auto: TPU if present, mirrored with >1 GPU, else default")
@@ -83,8 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.mixed_precision and args.precision is None:
         args.precision = legacy_mixed_precision()
         log.warning("--mixed-precision means --precision %s on this machine; use --precision", args.precision)
-    metrics = train(config_from_args(args), data_dir=args.data, run_dir=args.out, strategy=args.strategy,
-                    resume=args.resume, tfrecords=args.tfrecords)
+    if args.recipe and args.config:
+        raise UserError(f"--recipe {args.recipe} trains its own config ({RECIPES[args.recipe].config}); drop --config")
+
+    def train_run(cfg: TrainConfig, run_dir: Path) -> dict:
+        return train(cfg, data_dir=args.data, run_dir=run_dir, strategy=args.strategy, resume=args.resume,
+                     tfrecords=args.tfrecords)
+
+    if args.recipe:
+        metrics = run_recipe(args.recipe, args.out, overrides_from_args(args), train_run)
+        args.out = Path(metrics["run_dir"])
+    else:
+        metrics = train_run(config_from_args(args), args.out)
     print(f"step {metrics['step']}/{metrics['steps']}: loss {metrics.get('loss_total', float('nan')):.4f}, "
           f"validation accuracy {metrics['validation_accuracy']}, {metrics.get('images_per_second', 0):.0f} "
           f"images/s, {metrics['skipped_images']} unreadable images skipped -> {args.out}")

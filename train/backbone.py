@@ -7,13 +7,19 @@ own preprocessing layers, which take pixels in [0, 255].
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
 
-from train.config import LAST_MAP_STRIDE, TrainConfig
+from common.cli import UserError
+from train.config import LAST_MAP_STRIDE, TrainConfig, flag_name
 
 A = keras.applications
 # ImageNet statistics of pixels in [0, 1] that Keras's EfficientNet (B0-B7) normalises its input with.
@@ -84,11 +90,53 @@ def _keras_backbone(name: str, weights: str) -> keras.Model:
     constructor = KERAS_BACKBONES[name].constructors[name]
     net = constructor(include_top=False, weights=None, input_shape=(None, None, 3))
     if weights != "none":
-        net.set_weights(constructor(include_top=False, weights=weights, input_shape=(None, None, 3)).get_weights())
+        with weights_refused_in_one_line(name, weights):
+            loaded = constructor(include_top=False, weights=weights, input_shape=(None, None, 3))
+        net.set_weights(loaded.get_weights())
     _preprocessing_in_float32(net)
     if name.startswith("efficientnet-"):
         _set_imagenet_normalization(net)
     return net
+
+
+# How Keras's get_file fails when it cannot download (no internet): "URL fetch failure on ORIGIN: CODE -- REASON".
+FETCH_FAILURE = re.compile(r"URL fetch failure on (\S+): (.*)")
+# What loading a weight file that does not fit the network raises (OSError: not an HDF5 file).
+WEIGHT_FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError)
+
+
+def keras_models_dir() -> Path:
+    """Where Keras caches the weight files it downloads: $KERAS_HOME/models, else ~/.keras/models."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
+
+
+@contextmanager
+def weights_refused_in_one_line(backbone: str, weights: str) -> Iterator[None]:
+    """Loading weights into a backbone: a failed ImageNet download, or a file that does not fit (in whole or in
+    part), is one UserError naming the file (for ImageNet: the file Keras looks for, where to put it, and how to
+    train from scratch)."""
+    flag = f"{flag_name('backbone_weights')} {weights}"
+    refused = f"give weights saved from the {backbone} backbone, or --backbone-weights none to train from scratch"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    except WEIGHT_FILE_ERRORS as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{flag}: cannot load it into the {backbone} backbone ({reason}); {refused}") from None
+    except Exception as err:  # Keras's get_file raises a bare Exception when the download fails
+        fetch = FETCH_FAILURE.match(str(err))
+        if fetch is None:
+            raise
+        origin, reason = fetch.groups()
+        file = keras_models_dir() / origin.rsplit("/", 1)[-1]
+        raise UserError(f"{flag}: cannot download {origin} ({reason.strip()}); without internet, put that file "
+                        f"at {file} (Keras looks for it there), or pass --backbone-weights none to train "
+                        "from scratch") from None
+    skipped = [str(w.message) for w in caught if "saving" in w.filename]  # Keras loaded only part of the file
+    if skipped:
+        raise UserError(f"{flag}: only part of it fits the {backbone} backbone ({skipped[0].splitlines()[0]}); "
+                        f"{refused}")
 
 
 def _preprocessing_in_float32(net: keras.Model) -> None:
@@ -112,6 +160,17 @@ def _set_imagenet_normalization(net: keras.Model) -> None:
     normalization.finalize_state()  # the layer computes with tensors made from its weights
 
 
+def load_tiny_weights(net: keras.Model, weights: str) -> None:
+    """The tiny ResNet has no ImageNet weights: a file saved from a tiny ResNet of the same widths is loaded,
+    anything else refused (never ignored)."""
+    if weights == "imagenet":
+        raise UserError(f"{flag_name('backbone_weights')} imagenet: there are no ImageNet weights for the tiny "
+                        "backbone; give a .h5 file saved from a tiny backbone, or none")
+    if weights != "none":
+        with weights_refused_in_one_line("tiny", weights):
+            net.load_weights(weights)
+
+
 def own_preprocessing(backbone: str) -> bool:
     """Whether the backbone takes pixels in [0, 255] and normalises them itself (else (x - 128) / 128 first)."""
     return backbone in KERAS_BACKBONES and KERAS_BACKBONES[backbone].own_preprocessing
@@ -132,6 +191,7 @@ def build_backbone(cfg: TrainConfig) -> keras.Model:
     """
     if cfg.backbone == "tiny":
         net = tiny_resnet(cfg.tiny_widths)
+        load_tiny_weights(net, cfg.backbone_weights)
         reader = "conv5_block1_1_conv"
     elif cfg.backbone in KERAS_BACKBONES:
         net = _keras_backbone(cfg.backbone, cfg.backbone_weights)

@@ -43,7 +43,7 @@ class TrainConfig:
 
     # model
     backbone: str = "resnet50"  # one of BACKBONES
-    backbone_weights: str = "none"  # none | imagenet | PATH.h5
+    backbone_weights: str = "none"  # none | imagenet (Keras's download, cached in ~/.keras/models) | PATH.h5
     tiny_widths: tuple[int, ...] = (16, 32, 64, 128)  # channels of the tiny ResNet's 4 stages (x4 out)
     embedding_dim: int = 512  # the paper uses 2048; Kaggle-era solutions 512
     gem_p: float = 3.0
@@ -59,7 +59,11 @@ class TrainConfig:
     # loss = arcface CE + attention_loss_weight * attention CE + reconstruction_loss_weight * MSE
     attention_loss_weight: float = 1.0
     reconstruction_loss_weight: float = 10.0
+    # a run folder whose newest checkpoint gives the starting weights (train/init_from.py); "" starts afresh
+    init_from: str = ""
     # data
+    # images outside the data folder's train_clean.csv weigh this much in the loss (clean ones 1); 0 leaves them out
+    not_clean_weight: float = 0.0
     image_size: int = 512
     crop_min_area: float = 0.1
     crop_aspect_range: tuple[float, float] = (3 / 4, 4 / 3)
@@ -78,6 +82,10 @@ class TrainConfig:
     # bookkeeping
     checkpoint_every: int = 1000
     validate_every: int = 1000
+    # a local competition (`local_eval build`): every validate_every steps its global-only GAP / mAP@100 is scored,
+    # and the best-scoring weights are kept in RUN/best (train/validate.py)
+    validate_on: str = ""
+    validate_task: str = "recognition"  # recognition (GAP) | retrieval (mAP@100)
     log_every: int = 50
 
 
@@ -88,16 +96,17 @@ CONFIGS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(backbone="tiny", embedding_dim=128, attention_hidden=64, image_size=96, local_stride=16,
                         crop_min_area=0.3, batch_size=32, steps=300, learning_rate=0.1, warmup_steps=30,
                         checkpoint_every=100, validate_every=100, log_every=10),
-    "r50": TrainConfig(backbone="resnet50"),
-    "r101": TrainConfig(backbone="resnet101"),
+    # DELG and every 2020-2021 winner started from ImageNet weights: so does every named Keras backbone.
+    "r50": TrainConfig(backbone="resnet50", backbone_weights="imagenet"),
+    "r101": TrainConfig(backbone="resnet101", backbone_weights="imagenet"),
     # The backbones of the 2020-2021 winners' ensembles (README, "Training"), at DELG's other defaults.
-    "r152": TrainConfig(backbone="resnet152"),
-    "effb5": TrainConfig(backbone="efficientnet-b5"),
-    "effb7": TrainConfig(backbone="efficientnet-b7"),
-    "effv2s": TrainConfig(backbone="efficientnetv2-s"),
-    "effv2m": TrainConfig(backbone="efficientnetv2-m"),
-    "convnext-t": TrainConfig(backbone="convnext-tiny"),
-    "convnext-b": TrainConfig(backbone="convnext-base"),
+    "r152": TrainConfig(backbone="resnet152", backbone_weights="imagenet"),
+    "effb5": TrainConfig(backbone="efficientnet-b5", backbone_weights="imagenet"),
+    "effb7": TrainConfig(backbone="efficientnet-b7", backbone_weights="imagenet"),
+    "effv2s": TrainConfig(backbone="efficientnetv2-s", backbone_weights="imagenet"),
+    "effv2m": TrainConfig(backbone="efficientnetv2-m", backbone_weights="imagenet"),
+    "convnext-t": TrainConfig(backbone="convnext-tiny", backbone_weights="imagenet"),
+    "convnext-b": TrainConfig(backbone="convnext-base", backbone_weights="imagenet"),
 }
 
 
@@ -121,6 +130,8 @@ def _weights_ok(value: str) -> bool:
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "backbone": (lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
     "backbone_weights": (_weights_ok, "none, imagenet or an existing .h5 file"),
+    "init_from": (lambda v: v == "" or (Path(v) / "config.json").is_file(),
+                  "a training run folder (with its config.json), or empty"),
     "tiny_widths": (lambda v: len(v) == 4 and all(w >= 1 for w in v), "4 channel counts, each at least 1"),
     "embedding_dim": (_number(lambda v: v >= 1), "at least 1"),
     "gem_p": (_number(lambda v: v > 0), "greater than 0"),
@@ -135,6 +146,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "local_stride": (lambda v: v in LOCAL_STRIDES, f"one of {', '.join(map(str, LOCAL_STRIDES))}"),
     "attention_loss_weight": (_number(lambda v: v >= 0), "0 or more"),
     "reconstruction_loss_weight": (_number(lambda v: v >= 0), "0 or more"),
+    "not_clean_weight": (_number(lambda v: v >= 0), "0 or more"),
     "image_size": (_number(lambda v: v >= LAST_MAP_STRIDE),
                    f"at least {LAST_MAP_STRIDE} (one cell of the stride-{LAST_MAP_STRIDE} conv5 map)"),
     "crop_min_area": (_number(lambda v: 0 < v <= 1), "in (0, 1]"),
@@ -151,6 +163,8 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_number(lambda v: 0 <= v < 2**31), "in [0, 2^31)"),
     "checkpoint_every": (_number(lambda v: v >= 1), "at least 1"),
     "validate_every": (_number(lambda v: v >= 1), "at least 1"),
+    "validate_on": (lambda v: v == "" or Path(v).is_dir(), "a competition folder written by local_eval build"),
+    "validate_task": (lambda v: v in ("recognition", "retrieval"), "recognition or retrieval"),
     "log_every": (_number(lambda v: v >= 1), "at least 1"),
 }
 
@@ -173,6 +187,9 @@ def check_config(cfg: TrainConfig) -> None:
         if not test(value):
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
             raise UserError(f"{flag_name(field.name)} {shown}: must be {rule}")
+    if cfg.init_from and cfg.backbone_weights != "none":
+        raise UserError(f"{flag_name('init_from')} {cfg.init_from} and {flag_name('backbone_weights')} "
+                        f"{cfg.backbone_weights} both give the starting weights; choose one")
 
 
 def _is_a(value: Any, kind: str) -> bool:

@@ -8,6 +8,7 @@ Each element carries its position, so images dropped as unreadable show up as ga
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,14 @@ TRAIN_CSV = "train.csv"
 CLEAN_CSV = "train_clean.csv"
 EPOCHS_FOREVER = 2**62
 MIN_LANDMARKS = 2  # with one class, ArcFace and the attention loss are 0 and nothing learns
+INTEGER = re.compile(r"-?\d+")  # a landmark_id as train.csv writes it
 
 
 @dataclass(frozen=True)
 class Examples:
     """Images and their contiguous class indices; landmark_ids[i] is the GLDv2 id of class i."""
 
-    train: pd.DataFrame  # columns: id, path, label
+    train: pd.DataFrame  # columns: id, path, label, weight (the image's weight in the loss)
     validation: pd.DataFrame  # same columns
     landmark_ids: list[int]
 
@@ -46,27 +48,41 @@ def read_train_csv(path: Path) -> pd.DataFrame:
     missing = {"id", "landmark_id"} - set(table.columns)
     if missing:
         raise UserError(f"{path}: missing columns {sorted(missing)}; expected id,landmark_id or id,url,landmark_id")
-    landmark_ids = pd.to_numeric(table["landmark_id"], errors="coerce")
-    rows = zip(table["id"], table["landmark_id"], landmark_ids, strict=True)
-    for line, (image_id, text, landmark_id) in enumerate(rows, start=2):
+    for line, (image_id, text) in enumerate(zip(table["id"], table["landmark_id"], strict=True), start=2):
         if not ID_PATTERN.match(image_id):
             raise UserError(f"{path}, line {line}: id {image_id!r} is not 16 hex digits")
-        if pd.isna(landmark_id) or landmark_id != int(landmark_id):
-            raise UserError(f"{path}, line {line}: id {image_id}: landmark_id {text!r} is not an integer")
+        if not is_int64(text):
+            raise UserError(f"{path}, line {line}: id {image_id}: landmark_id {text!r} is not an integer "
+                            "(digits only, at most 2^63-1)")
     if table["id"].duplicated().any():
         raise UserError(f"{path}: id {table['id'][table['id'].duplicated()].iloc[0]} appears more than once")
-    return pd.DataFrame({"id": table["id"], "landmark_id": landmark_ids.astype(np.int64)})
+    return pd.DataFrame({"id": table["id"], "landmark_id": table["landmark_id"].astype(np.int64)})
+
+
+def is_int64(text: str) -> bool:
+    """Whether text is written as an integer (no exponent, no point, no inf) that a 64-bit label map holds."""
+    return INTEGER.fullmatch(text) is not None and -(2**63) <= int(text) < 2**63
 
 
 def keep_clean(table: pd.DataFrame, clean_csv: Path) -> pd.DataFrame:
-    """Only the images listed in train_clean.csv (landmark_id,images with space-separated ids)."""
+    """Only the images listed in train_clean.csv (export's whitening fit reads the clean set)."""
+    return weigh_by_clean_list(table, clean_csv, not_clean_weight=0.0)
+
+
+def weigh_by_clean_list(table: pd.DataFrame, clean_csv: Path, not_clean_weight: float) -> pd.DataFrame:
+    """The images listed in train_clean.csv (landmark_id,images with space-separated ids) weigh 1 in the loss, the
+    others not_clean_weight; at 0 they are left out (the clean set alone)."""
     clean = read_csv_strings(clean_csv)
     if set(clean.columns) != {"landmark_id", "images"}:
         raise UserError(f"{clean_csv}: expected columns landmark_id,images")
     clean_ids = {image_id for images in clean["images"] for image_id in images.split()}
-    kept = table[table["id"].isin(clean_ids)].reset_index(drop=True)
-    log.info("%s: keeping %d of %d train images", clean_csv, len(kept), len(table))
-    return kept
+    is_clean = table["id"].isin(clean_ids)
+    if not_clean_weight == 0:
+        log.info("%s: keeping %d of %d train images", clean_csv, int(is_clean.sum()), len(table))
+        return table[is_clean].reset_index(drop=True)
+    log.info("%s: %d of %d train images are clean; the others weigh %g in the loss", clean_csv,
+             int(is_clean.sum()), len(table), not_clean_weight)
+    return table.assign(weight=np.where(is_clean, 1.0, not_clean_weight).astype(np.float32))
 
 
 def drop_missing(table: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
@@ -99,17 +115,21 @@ def check_landmark_count(count: int, source: str) -> None:
                         f"{MIN_LANDMARKS} landmarks are needed (with one, every loss is 0 and nothing learns)")
 
 
-def read_examples(data_dir: Path, validation_fraction: float, seed: int) -> Examples:
-    """A GLDv2/Kaggle folder -> train/validation tables with contiguous labels (train_clean.csv when present)."""
+def read_examples(data_dir: Path, validation_fraction: float, seed: int, not_clean_weight: float = 0.0) -> Examples:
+    """A GLDv2/Kaggle folder -> train/validation tables with contiguous labels and loss weights: with
+    train_clean.csv, its images weigh 1 and the others not_clean_weight (left out at 0); without it, all weigh 1."""
     data_dir = Path(data_dir)
-    table = read_train_csv(data_dir / TRAIN_CSV)
+    table = read_train_csv(data_dir / TRAIN_CSV).assign(weight=np.float32(1.0))
     if (data_dir / CLEAN_CSV).is_file():
-        table = keep_clean(table, data_dir / CLEAN_CSV)
+        table = weigh_by_clean_list(table, data_dir / CLEAN_CSV, not_clean_weight)
+    elif not_clean_weight:
+        log.warning("--not-clean-weight %g: %s has no %s, so every image is clean and weighs 1",
+                    not_clean_weight, data_dir, CLEAN_CSV)
     table = drop_missing(table, data_dir)
     landmark_ids = sorted(int(x) for x in table["landmark_id"].unique())
     index_of = {landmark_id: index for index, landmark_id in enumerate(landmark_ids)}
     table = table.assign(label=table["landmark_id"].map(index_of).astype(np.int64))
-    train, validation = split_by_image(table[["id", "path", "label"]], validation_fraction, seed)
+    train, validation = split_by_image(table[["id", "path", "label", "weight"]], validation_fraction, seed)
     check_landmark_count(train["label"].nunique(), f"{data_dir / TRAIN_CSV} (validation images set aside)")
     log.info("%s: %d train and %d validation images of %d landmarks",
              data_dir, len(train), len(validation), len(landmark_ids))
@@ -170,7 +190,8 @@ class EpochSource:
     """The training images, epoch by epoch, in two parts so that a resumed stream skips without reading.
 
     items(epoch) is a dataset of cheap references (a path, a serialized record), shuffled for that epoch;
-    load(item) reads or parses one into (encoded image bytes, label). training_stream applies load after
+    load(item) reads or parses one into (encoded image bytes, label) or (bytes, label, loss weight); without a
+    weight the image weighs 1. training_stream applies load after
     skipping to its start, so the items before it are never read.
     """
 
@@ -184,19 +205,27 @@ def read_image_file(path_and_label: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Ten
     return tf.io.read_file(path), label
 
 
-def folder_epoch_source(paths: list[str], labels: list[int], seed: int) -> EpochSource:
-    """Epoch e lists the (path, label) pairs in a permutation seeded by (seed, e)."""
+def read_weighted_image_file(item: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, ...]:
+    """(path, label, weight) -> (the file's bytes, label, weight)."""
+    path, label, weight = item
+    return tf.io.read_file(path), label, weight
+
+
+def folder_epoch_source(paths: list[str], labels: list[int], seed: int,
+                        weights: list[float] | None = None) -> EpochSource:
+    """Epoch e lists the (path, label, loss weight) triples in a permutation seeded by (seed, e)."""
     paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int64)
+    weights_t = tf.constant(np.ones(len(paths)) if weights is None else weights, tf.float32)
 
     def epoch(e):
         order = tf.random.experimental.stateless_shuffle(tf.range(len(paths)), seed=tf.stack([seed, e]))
-        return tf.data.Dataset.from_tensor_slices((tf.gather(paths_t, order), tf.gather(labels_t, order)))
+        return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(t, order) for t in (paths_t, labels_t, weights_t)))
 
-    return EpochSource(items=epoch, load=read_image_file)
+    return EpochSource(items=epoch, load=read_weighted_image_file)
 
 
 def training_stream(source: EpochSource, epoch_size: int, cfg: TrainConfig, start: int = 0) -> tf.data.Dataset:
-    """Endless batches {'image' uint8, 'label', 'position'} from stream position `start` on.
+    """Endless batches {'image' uint8, 'label', 'weight', 'position'} from stream position `start` on.
 
     Unreadable images are dropped (never an error); they show as gaps in 'position'.
     """
@@ -206,9 +235,10 @@ def training_stream(source: EpochSource, epoch_size: int, cfg: TrainConfig, star
     stream = tf.data.Dataset.zip(positions, epochs).skip(start - first_epoch * epoch_size)
 
     def example(position, item):
-        encoded, label = source.load(item)
+        encoded, label, *weight = source.load(item)
         image = augment(encoded, tf.stack([tf.cast(cfg.seed, tf.int64), position]), cfg)
-        return {"image": image, "label": label, "position": position}
+        weight = weight[0] if weight else tf.constant(1.0)
+        return {"image": image, "label": label, "weight": weight, "position": position}
 
     return finish(stream.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
                   cfg.batch_size, drop_remainder=True)
@@ -254,11 +284,12 @@ class TrainingData:
 
 def folder_data(data_dir: Path, cfg: TrainConfig) -> TrainingData:
     """TrainingData read straight from a GLDv2/Kaggle folder."""
-    examples = read_examples(data_dir, cfg.validation_fraction, cfg.seed)
+    examples = read_examples(data_dir, cfg.validation_fraction, cfg.seed, cfg.not_clean_weight)
+    train = examples.train
     return TrainingData(
-        landmark_ids=examples.landmark_ids, train_count=len(examples.train),
+        landmark_ids=examples.landmark_ids, train_count=len(train),
         validation_count=len(examples.validation),
-        epoch_source=folder_epoch_source(list(examples.train["path"]), list(examples.train["label"]), cfg.seed),
+        epoch_source=folder_epoch_source(list(train["path"]), list(train["label"]), cfg.seed, list(train["weight"])),
         validation_files=lambda: folder_validation_files(examples.validation),
         class_counts=class_counts(examples.train["label"], len(examples.landmark_ids)))
 

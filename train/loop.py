@@ -35,11 +35,13 @@ from train import run_files
 from train.arcface import dynamic_margins
 from train.config import TrainConfig, check_config, flag_name
 from train.data import TrainingData, folder_data, training_stream, validation_stream
+from train.init_from import init_from_run
 from train.losses import delg_losses
 from train.model import DelgModel
 from train.precision import keras_policy, precision_policy
 from train.strategy import is_chief, make_strategy, strategy_name, worker_count, worker_id
 from train.tfrecords import tfrecord_data
+from train.validate import BestCheckpoint, CompetitionValidator
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +149,9 @@ class Trainer:
         with tf.GradientTape() as tape:
             outputs = self.model(batch["image"], training=True)
             losses = delg_losses(outputs, batch["label"], self.cfg, self.margins)
-            loss = tf.nn.compute_average_loss(losses["total"], global_batch_size=self.cfg.batch_size)
+            weights = batch.get("weight")  # --not-clean-weight (a batch without weights weighs 1); logged: unweighted
+            weighted = losses["total"] if weights is None else losses["total"] * weights
+            loss = tf.nn.compute_average_loss(weighted, global_batch_size=self.cfg.batch_size)
             scaled_loss = self.optimizer.scale_loss(loss)
         return outputs, losses, tape.gradient(scaled_loss, self.model.trainable_variables)
 
@@ -322,6 +326,9 @@ def first_line(err: tf.errors.OpError) -> str:
 
 
 def resolve_data(cfg: TrainConfig, data_dir: Path | None, tfrecords: Path | None) -> TrainingData:
+    if tfrecords and cfg.not_clean_weight:
+        raise UserError(f"{flag_name('not_clean_weight')} {cfg.not_clean_weight:g}: TFRecord shards hold no clean "
+                        "list (they were written from the clean images alone); train from --data")
     return tfrecord_data(tfrecords, cfg) if tfrecords else folder_data(data_dir, cfg)
 
 
@@ -346,6 +353,8 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
     restores and every other worker starts from the chief's state.
     """
     check_config(cfg)
+    if cfg.init_from:  # config.json records where the run started, wherever it is run from
+        cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).resolve()))
     run_dir = Path(run_dir)
     run_files.check_run_folder(run_dir)
     chosen = strategy if isinstance(strategy, str) else strategy_name(strategy)
@@ -354,6 +363,7 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
     data = resolve_data(cfg, data_dir, tfrecords)
     trainer = Trainer(cfg, len(data.landmark_ids), strategy, data.class_counts)
     chief, finished = is_chief(strategy), run_dir / run_files.METRICS_FILE
+    best = competition_validation(cfg, trainer, run_dir) if chief else None
     with lost_peers_reported(strategy):
         restore_or_join(trainer, run_dir, resume, data.landmark_ids)
         if int(trainer.step) >= cfg.steps and finished.is_file():
@@ -364,7 +374,7 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
             run_files.save_label_map(run_dir, data.landmark_ids)
             run_files.save_data_source(run_dir, data_dir, tfrecords)
         result = run_steps(trainer, data, CheckpointWriter(trainer, run_dir), run_dir / "logs" if chief else None,
-                           stop_after)
+                           stop_after, best)
     metrics = {**result, **run_description(cfg, chosen, strategy, data)}
     if chief:
         atomic_write_text(finished, json.dumps(metrics, indent=2) + "\n")
@@ -386,7 +396,8 @@ def lost_peers_reported(strategy: tf.distribute.Strategy) -> Iterator[None]:
 
 def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids: list[int]) -> None:
     """The chief restores run_dir's newest checkpoint (with resume, when there is one, after checking that the
-    run's config and label map allow it); in a multi-worker group every worker then takes the chief's state."""
+    run's config and label map allow it), or else starts from --init-from's run when given; in a multi-worker
+    group every worker then takes the chief's state."""
     prefix = tf.train.latest_checkpoint(str(run_dir / run_files.CHECKPOINT_DIR))
     if is_chief(trainer.strategy) and resume and prefix is not None:
         run_files.check_resumable(run_dir, trainer.cfg, landmark_ids)
@@ -397,6 +408,8 @@ def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids:
         run_files.restore_checkpoint(checkpoint, prefix, "cannot resume from this checkpoint",
                                      "; train with --no-resume or into another run folder")
         log.info("resumed %s at step %d", prefix, int(trainer.step))
+    elif is_chief(trainer.strategy) and trainer.cfg.init_from:
+        init_from_run(trainer.model, Path(trainer.cfg.init_from), landmark_ids)
     if worker_count(trainer.strategy) > 1:
         join_the_chief(trainer, trainer.cfg, landmark_ids)
 
@@ -406,7 +419,7 @@ def run_description(cfg: TrainConfig, chosen: str, strategy: tf.distribute.Strat
     return {"backbone": cfg.backbone, "strategy": chosen, "strategy_used": strategy_name(strategy),
             "workers": worker_count(strategy), "replicas": strategy.num_replicas_in_sync,
             "precision": cfg.precision, "keras_policy": keras_policy(cfg.precision),
-            "local_stride": cfg.local_stride, "global_only": cfg.global_only,
+            "local_stride": cfg.local_stride, "global_only": cfg.global_only, "init_from": cfg.init_from,
             "classes": len(data.landmark_ids), "train_images": data.train_count,
             "validation_images": data.validation_count}
 
@@ -429,8 +442,16 @@ def all_skipped_error(trainer: Trainer, step: int) -> UserError:
                      f"the last checkpoint was kept")
 
 
+def competition_validation(cfg: TrainConfig, trainer: Trainer, run_dir: Path) -> BestCheckpoint | None:
+    """--validate-on's scorer and best-checkpoint keeper (None without the flag)."""
+    if not cfg.validate_on:
+        return None
+    validator = CompetitionValidator(Path(cfg.validate_on), cfg.validate_task, cfg.image_size, cfg.batch_size)
+    return BestCheckpoint(validator, run_dir, trainer.model)
+
+
 def run_steps(trainer: Trainer, data: TrainingData, saver: CheckpointWriter, logs: Path | None,
-              stop_after: int | None) -> dict:
+              stop_after: int | None, best: BestCheckpoint | None = None) -> dict:
     """Steps from the checkpointed one to cfg.steps, logging, validating and checkpointing on the way.
 
     A stop signal on any worker stops every worker after the same step, with a checkpoint. SKIP_WINDOW steps
@@ -461,6 +482,8 @@ def run_steps(trainer: Trainer, data: TrainingData, saver: CheckpointWriter, log
                 interval_start, interval_applied = time.perf_counter(), trainer.applied_steps
             if step % cfg.validate_every == 0 or step == cfg.steps:
                 validation_accuracy = validate(trainer, data, step, validation_writer)
+                if best is not None:
+                    write_scalars(validation_writer, step, {f"competition_{best.metric}": best.record(step)})
             if step % cfg.checkpoint_every == 0:
                 saver.save(step)
     if saver.last_step != step:
@@ -474,7 +497,8 @@ def run_steps(trainer: Trainer, data: TrainingData, saver: CheckpointWriter, log
             "skipped_steps_this_call": (step - first_step) - (applied - first_applied),
             "loss_scale": trainer.loss_scale, "seconds": round(time.perf_counter() - started, 2),
             "skipped_images": int(trainer.data_position) - first_position - int(images_delivered),
-            "validation_accuracy": validation_accuracy, **last_interval}
+            "validation_accuracy": validation_accuracy, **last_interval,
+            **({"competition_validation": best.summary()} if best is not None else {})}
 
 
 def log_interval(trainer: Trainer, step: int, seconds: float, applied: int, writer, bar: tqdm) -> tuple[dict, float]:

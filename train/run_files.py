@@ -20,9 +20,11 @@ METRICS_FILE = "metrics.json"
 DATA_FILE = "data.json"  # where the run's training data lives: {"data": DIR} or {"tfrecords": DIR}, absolute
 # Config fields a resumed run may change: how long it trains and how often it logs, validates and checkpoints.
 # Every other field shapes the model, the optimizer or the data stream the checkpoint belongs to.
-RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "validate_every", "log_every"})
+RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "validate_every", "log_every", "validate_on",
+                              "validate_task"})
 # Fields that config.json files written before them lack, and the value those runs had.
-FIELDS_ADDED_LATER = {"local_stride": 16}
+FIELDS_ADDED_LATER = {"local_stride": 16, "init_from": "", "not_clean_weight": 0.0, "validate_on": "",
+                      "validate_task": "recognition"}
 
 
 def check_run_folder(run_dir: Path) -> None:
