@@ -7,7 +7,15 @@ import sys
 import zipfile
 from pathlib import Path
 
-from common.cli import UserError, check_at_least, check_input_folder, check_output_parent, check_positive, dispatch
+from common.cli import (
+    KitArgumentParser,
+    UserError,
+    check_at_least,
+    check_input_folder,
+    check_output_parent,
+    check_positive,
+    dispatch,
+)
 from export.bundle import DEFAULT_BUDGET_H, DEFAULT_COMPETITION, KAGGLE_PYTHONS, SUBMISSION_SCRIPT, build_bundle
 from export.delg import export_delg
 from export.retrieval import DEFAULT_MAX_MB, export_retrieval
@@ -27,7 +35,7 @@ RUN_HELP = "training run folder (config.json, checkpoints/)"
 
 def _parser(command: str, ensemble: bool = False) -> argparse.ArgumentParser:
     """The flags every export shares; with `ensemble`, --run repeats and --model-weights weighs the runs."""
-    parser = argparse.ArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command][1])
+    parser = KitArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command][1])
     if ensemble:
         parser.add_argument("--run", type=Path, action="append", required=True,
                             help=RUN_HELP + "; repeat it for an ensemble (--run A --run B)")

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.cli import UserError, atomic_write_text, check_positive
+from common.cli import KitArgumentParser, UserError, atomic_write_text, check_positive
 from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.layout import TASK_FOLDERS, nonlandmark_folder, solution_file, task_folder
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC, score_files
@@ -158,8 +158,8 @@ def format_report(task: str, report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_eval replay", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitArgumentParser(prog="python -m local_eval replay", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(TASK_FOLDERS))
     parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")

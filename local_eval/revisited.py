@@ -39,7 +39,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from common.cli import KIT_MARKER, UserError, atomic_write, atomic_write_text, check_input_folder
+from common.cli import KIT_MARKER, KitArgumentParser, UserError, atomic_write, atomic_write_text, check_input_folder
 from local_eval.revisited_metric import evaluate, scored_queries
 from local_eval.show import global_ranking, load_model, script_settings
 from local_eval.submission_script import load_submission
@@ -309,9 +309,9 @@ def summary(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m local_eval revisited", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Flags after `--` go to submission/main.py's own settings parser.")
+    parser = KitArgumentParser(prog="python -m local_eval revisited", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="Flags after `--` go to submission/main.py's own settings parser.")
     parser.add_argument("--data", required=True, type=Path, help="folder holding <dataset>/jpg and "
                         "<dataset>/gnd_<dataset>.pkl (revisitop's download, or `build revisited-synthetic`)")
     parser.add_argument("--dataset", required=True, choices=list(DATASETS), help="which of the two")

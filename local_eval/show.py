@@ -31,7 +31,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from common.cli import UserError, atomic_output_dir, atomic_write_text
+from common.cli import KitArgumentParser, UserError, atomic_output_dir, atomic_write_text
 from local_eval import draw
 from local_eval.kaggle_csv import read_solution, read_submission
 from local_eval.metrics import REPORTED_SUBSETS, score_files
@@ -423,7 +423,7 @@ def parse_with_script_flags(parser: argparse.ArgumentParser, argv: list[str] | N
 
 
 def parse_show_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m local_eval show", description=__doc__.split("\n\n")[1])
+    p = KitArgumentParser(prog="python -m local_eval show", description=__doc__.split("\n\n")[1])
     p.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     p.add_argument("--task", required=True, choices=["recognition", "retrieval"],
                    help="which competition of the folder")
@@ -453,8 +453,8 @@ def main_show(argv: list[str] | None = None) -> int:
 
 
 def parse_pair_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m local_eval show-pair",
-                                description="Draw the local-feature matches of two images (attention on IMG1).")
+    p = KitArgumentParser(prog="python -m local_eval show-pair",
+                          description="Draw the local-feature matches of two images (attention on IMG1).")
     p.add_argument("image1", type=Path, help="first image (the query: its attention is drawn)")
     p.add_argument("image2", type=Path, help="second image")
     p.add_argument("--model", required=True, type=Path, help="DELG SavedModel folder")

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import UserError, check_at_least, check_positive
+from common.cli import KitArgumentParser, UserError, check_at_least, check_positive
 from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.submission_script import sibling
 
@@ -226,8 +226,8 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_eval time", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitArgumentParser(prog="python -m local_eval time", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log", required=True, type=Path, help="timing.json written by submission/main.py")
     parser.add_argument("--profile", required=True, help=f"competition profile: {', '.join(PROFILES)}")
     parser.add_argument("--speedup", type=float, default=1.0,

@@ -40,6 +40,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from common.cli import (
+    KitArgumentParser,
     UserError,
     atomic_output_dir,
     atomic_write_text,
@@ -549,9 +550,9 @@ def split_script_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     own, script_args = split_script_args(argv)
-    parser = argparse.ArgumentParser(prog="python -m local_eval tune", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Flags after `--` go to submission/main.py for the extraction run.")
+    parser = KitArgumentParser(prog="python -m local_eval tune", description=__doc__.split("\n\n")[1],
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="Flags after `--` go to submission/main.py for the extraction run.")
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
@@ -615,9 +616,9 @@ def read_table(path: Path, task: str) -> pd.DataFrame:
 
 
 def main_merge(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_eval tune-merge",
-                                     description="average tune tables of several competitions and choose on the "
-                                                 "mean Public score")
+    parser = KitArgumentParser(prog="python -m local_eval tune-merge",
+                               description="average tune tables of several competitions and choose on the "
+                                           "mean Public score")
     parser.add_argument("--tables", required=True, nargs="+", type=Path, help="table.csv files written by tune")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--out", required=True, type=Path, help="folder for the merged table.csv and tuned.json")
