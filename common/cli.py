@@ -118,11 +118,17 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, marker: str = KI
     check_output_dir(out, overwrite, marker, kind)
     with partial_dir(out) as tmp:
         yield tmp
-        if not (tmp / marker).exists():
-            (tmp / marker).write_text(_MARKER_TEXT + (f"{_KIND_PREFIX}{kind}\n" if kind else ""))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        mark_output_dir(tmp, marker, kind)
         check_output_dir(out, overwrite, marker, kind)  # something may have appeared there meanwhile
         swap_in(tmp, out)
+
+
+def mark_output_dir(folder: Path, marker: str = KIT_MARKER, kind: str | None = None) -> None:
+    """Write the marker saying the kit wrote `folder` and which kind of output it is (unless the caller wrote one),
+    and give the folder ordinary permissions (mkdtemp makes it private)."""
+    if not (folder / marker).exists():
+        (folder / marker).write_text(_MARKER_TEXT + (f"{_KIND_PREFIX}{kind}\n" if kind else ""))
+    os.chmod(folder, 0o777 & ~_umask())
 
 
 def swap_in(new: Path, out: Path) -> None:
@@ -190,9 +196,10 @@ def marker_kind(folder: Path, marker: str = KIT_MARKER) -> str | None:
     return next((line.removeprefix(_KIND_PREFIX) for line in lines if line.startswith(_KIND_PREFIX)), None)
 
 
-def check_not_an_input(out_flag: str, out: str | Path, inputs: list[tuple[str, str | Path | None]]) -> None:
-    """Refuse an output that is one of the command's inputs, lies inside an input folder, or is a folder holding an
-    input (replacing it would destroy the input): one line naming both. `inputs` are (flag, path) pairs."""
+def check_not_an_input(out_flag: str, out: str | Path, inputs: list[tuple[str, str | Path | None]],
+                       replaces_out: bool = True) -> None:
+    """Refuse an output that is one of the command's inputs or lies inside an input folder, and, for a command that
+    replaces OUT as a whole, a folder holding an input: one line naming both. `inputs` are (flag, path) pairs."""
     out_path = Path(os.path.realpath(out))
     for flag, path in inputs:
         if path is None:
@@ -204,7 +211,7 @@ def check_not_an_input(out_flag: str, out: str | Path, inputs: list[tuple[str, s
         if given in out_path.parents:
             raise UserError(f"{out_flag} {out} is inside {flag} {path}: the kit never writes into its inputs; "
                             "choose an output path outside it")
-        if out_path in given.parents:
+        if replaces_out and out_path in given.parents:
             raise UserError(f"{out_flag} {out} holds {flag} {path}: replacing it would destroy an input; "
                             "choose another output path")
 
@@ -221,6 +228,22 @@ def check_output_parent(out: Path) -> None:
             pass
     except OSError as err:
         raise UserError(f"{out}: cannot write in {out.parent} ({err.strerror})") from None
+
+
+def check_writable_folder(flag: str, folder: Path) -> None:
+    """A folder a command writes into (made when missing): it, or the folder it would be made in, takes new files;
+    checked before any work."""
+    folder = Path(os.path.abspath(folder))
+    if not folder.exists():
+        check_output_parent(folder)
+        return
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder}: exists and is not a folder; choose another output path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {folder}: cannot write in it ({err.strerror})") from None
 
 
 def remove_stale_partials(out: Path) -> None:

@@ -12,6 +12,7 @@ from common.cli import (
     UserError,
     check_at_least,
     check_input_folder,
+    check_not_an_input,
     check_output_parent,
     check_positive,
     dispatch,
@@ -103,6 +104,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
         check_input_folder("--run", run)
     if ensemble:
         _check_ensemble(args.run, args.model_weights)
+    inputs = [("--run", run) for run in (args.run if ensemble else [args.run])]
+    inputs += [(flag, getattr(args, flag[2:].replace("-", "_"), None))
+               for flag in ("--whiten-data", "--script", "--settings", "--nonlandmark-dir")]
+    inputs += [("--wheel", wheel) for wheel in getattr(args, "wheel", [])]
+    check_not_an_input("--out", args.out, inputs)
     check_output_parent(args.out)
     return args
 

@@ -60,6 +60,15 @@ def load_timing(path: Path) -> dict:
     return log
 
 
+def check_log_task(log: dict, path: Path, profile: Profile, profile_name: str) -> None:
+    """A log of one task projected with the other task's profile is a UserError naming both."""
+    task = log.get("task")
+    if task is not None and task != profile.task:
+        choices = ", ".join(name for name, p in PROFILES.items() if p.task == task)
+        raise UserError(f"--log {path} times a {task} run but --profile {profile_name} is a {profile.task} "
+                        f"competition; choose a {task} profile ({choices})")
+
+
 def check_timing(log, path: Path) -> None:
     """The fields `time` reads: stages (global_db and global_query at least) of items and seconds, rerank_depth."""
     if not isinstance(log, dict):
@@ -241,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_flags(args)
     profile = resolve_profile(args.profile, {"limit_h": args.limit_h, "db": args.db, "test": args.test})
-    report = projection_report(load_timing(args.log), profile, args.speedup, args.margin, args.rerank)
+    log = load_timing(args.log)
+    check_log_task(log, args.log, profile, args.profile)
+    report = projection_report(log, profile, args.speedup, args.margin, args.rerank)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import KitArgumentParser, UserError, atomic_write_text, check_at_least, check_positive
+from common.cli import (
+    KitArgumentParser,
+    UserError,
+    atomic_write_text,
+    check_at_least,
+    check_not_an_input,
+    check_positive,
+    check_writable_folder,
+)
 from local_eval import draw
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
 from local_eval.replay import competition_paths, replay
@@ -30,6 +38,7 @@ from local_eval.timing import (
     DEFAULT_MARGIN,
     PROFILES,
     Profile,
+    check_log_task,
     load_timing,
     project,
     resolve_profile,
@@ -211,10 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     if profile.task != args.task:
         raise UserError(f"--profile {args.profile} is a {profile.task} profile")
     server = load_timing(args.log) if args.log else None
+    if server:
+        check_log_task(server, args.log, profile, args.profile or f"{args.task}-2020")
     unmeasured = unmeasured_stages(server, profile, max(depths)) if server else []
     if unmeasured:
         raise UserError(f"--log {args.log}: {', '.join(unmeasured)} not measured (cached or skipped), so it cannot "
                         "anchor the projection; give the timing.json of a cold run or of a probe (--probe N)")
+    check_not_an_input("--out", args.out, [("--competition", args.competition), ("--model", args.model),
+                                           ("--log", args.log), ("--reuse", args.reuse)], replaces_out=False)
+    check_writable_folder("--out", args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     table = tradeoff(args.competition, args.task, args.model, args.out, profile, server, args.speedup, depths,
                      args.limit_h, script_args, args.reuse, args.rungs)

@@ -17,7 +17,7 @@ import logging
 import signal
 from pathlib import Path
 
-from common.cli import KitArgumentParser, UserError, run_main
+from common.cli import KitArgumentParser, UserError, check_not_an_input, run_main
 from train.config import CONFIGS, FIELD_RULES, TrainConfig, get_config
 from train.loop import train
 from train.precision import legacy_mixed_precision
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.data is None) == (args.tfrecords is None):
         raise UserError("give exactly one of --data and --tfrecords")
+    check_not_an_input("--out", args.out, [("--data", args.data), ("--tfrecords", args.tfrecords)], replaces_out=False)
     if args.mixed_precision and args.precision is None:
         args.precision = legacy_mixed_precision()
         log.warning("--mixed-precision means --precision %s on this machine; use --precision", args.precision)

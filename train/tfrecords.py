@@ -15,7 +15,7 @@ import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
-from common.cli import KitArgumentParser, UserError, atomic_output_dir, atomic_write_text, run_main
+from common.cli import KitArgumentParser, UserError, atomic_output_dir, atomic_write_text, check_not_an_input, run_main
 from train.config import TrainConfig
 from train.data import EpochSource, TrainingData, check_landmark_count, class_counts, read_examples
 from train.run_files import load_label_map, save_label_map
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"share of images held out for validation (default {defaults.validation_fraction})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split (default 0)")
     args = parser.parse_args(argv)
+    check_not_an_input("--out", args.out, [("--data", args.data)])
     info = write_tfrecords(args.data, args.out, args.shards, args.validation_fraction, args.seed)
     print(f"wrote {info['train']} train and {info['validation']} validation images to {args.out}")
     return 0
