@@ -82,6 +82,7 @@ VERIFICATION_KEYS = [*MATCHING, *RANSAC, *FILTER]
 REGIMES = (0.0, 0.1, 0.3, 1.0)  # shares of the queries verified
 BEST_CURVES = 5  # verification settings drawn in depth.png
 SCORE_COLUMNS = (*REPORTED_SUBSETS, "seconds_per_query")
+MAX_WORKERS = 256  # processes of the verification sweep
 TUNE_KIND = "tune result"  # the kind of output its kit marker records (tune and tune-merge write the same)
 MEASURES = (*SCORE_COLUMNS, "tables")  # a table's columns that are no setting ("tables": tune-merge's count)
 # Exact ties go to the cheapest setting by the cost model: fewer candidates verified, then fewer RANSAC iterations.
@@ -570,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)
     check_positive("--limit-h", args.limit_h)
     check_at_least("--workers", args.workers, 1)
+    if args.workers > MAX_WORKERS:  # a pool of that many forked processes would bring the machine down
+        raise UserError(f"--workers must be at most {MAX_WORKERS}, got {args.workers}")
     check_output_dir(args.out, args.overwrite, kind=TUNE_KIND)  # before the grid is read and the script loaded
     result = tune(args.competition, args.task, args.model, args.out, args.limit_h, args.grid, script_args,
                   args.workers, args.overwrite)

@@ -52,9 +52,10 @@ def test_argparse_errors_are_one_error_line_without_usage(target, argv, named, c
     ("local_eval.tradeoff:main", ["--speedup", "inf"], "--speedup"),
     ("local_eval.tradeoff:main", ["--limit-h", "nan"], "--limit-h"),
     ("local_eval.tune:main", ["--limit-h", "inf"], "--limit-h"),
+    ("local_eval.tune:main", ["--workers", "1000000"], "--workers must be at most"),
     ("train.tfrecords:main", ["--validation-fraction", "nan"], "--validation-fraction"),
 ])
-def test_nan_and_infinite_numbers_are_refused_before_any_work(target, argv, flag, tmp_path, capsys):
+def test_nan_infinite_and_huge_numbers_are_refused_before_any_work(target, argv, flag, tmp_path, capsys):
     required = {"local_eval.tradeoff:main": ["--competition", str(tmp_path / "c"), "--task", "recognition",
                                              "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")],
                 "local_eval.tune:main": ["--competition", str(tmp_path / "c"), "--task", "recognition",
@@ -354,6 +355,19 @@ def test_export_of_a_run_with_a_corrupt_config_is_one_error_line(tmp_path, capsy
     assert not (tmp_path / "model").exists()
 
 
+def test_export_of_a_run_with_a_garbage_checkpoint_is_one_error_line(tmp_path, capsys):
+    from tests.test_export_delg import make_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    make_run_dir(run)
+    for index in (run / "checkpoints").glob("ckpt-*.index"):
+        index.write_bytes(b"garbage, not a checkpoint index" * 10)
+    code, err = run_command("export.__main__:main_delg", ["--run", str(run), "--out", str(tmp_path / "model")], capsys)
+    assert_one_error_line(code, err, str(run / "checkpoints" / "ckpt-1"))
+    assert not (tmp_path / "model").exists()
+
+
 def garbage_checkpoint(run: Path, config: str | None = None) -> None:
     """A run folder whose newest checkpoint (ckpt-5) is garbage, and optionally a config.json."""
     checkpoints = run / "checkpoints"
@@ -489,3 +503,4 @@ def test_overwrite_replaces_only_an_output_of_the_same_kind(tmp_path, capsys):
     with atomic_output_dir(tmp_path / "tuned", overwrite=True, kind="tune result") as tmp:  # the same kind
         (tmp / "table.csv").write_text("a new table")
     assert (tmp_path / "tuned" / "table.csv").read_text() == "a new table"
+
