@@ -380,9 +380,12 @@ def garbage_checkpoint(run: Path, config: str | None = None) -> None:
 
 
 @pytest.mark.parametrize("config, named", [(None, "ckpt-5: not a readable checkpoint"),
-                                           ("{not json", "config.json: not a readable JSON file")])
+                                           ("{not json", "config.json: not a readable JSON file"),
+                                           ("garbage state", "checkpoint: missing or unreadable, yet 1 checkpoints")])
 def test_resuming_from_corrupt_run_files_is_one_error_line(data_dir, tmp_path, capsys, config, named):
-    garbage_checkpoint(tmp_path / "run", config)
+    garbage_checkpoint(tmp_path / "run", None if config == "garbage state" else config)
+    if config == "garbage state":  # TensorFlow would ignore it and start from step 0
+        (tmp_path / "run" / "checkpoints" / "checkpoint").write_text("garbage {{{")
     before = tree(tmp_path / "run")
     code, err = run_command("train.__main__:main", ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--steps",
                                                     "2"], capsys)

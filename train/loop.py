@@ -412,6 +412,10 @@ def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids:
     """The chief restores run_dir's newest checkpoint (with resume, when there is one, after checking that the
     run's config and label map allow it); in a multi-worker group every worker then takes the chief's state."""
     prefix = tf.train.latest_checkpoint(str(run_dir / run_files.CHECKPOINT_DIR))
+    saved = sorted((run_dir / run_files.CHECKPOINT_DIR).glob("ckpt-*.index"))
+    if is_chief(trainer.strategy) and resume and prefix is None and saved:  # TensorFlow ignores it with a warning
+        raise UserError(f"{run_dir / run_files.CHECKPOINT_DIR / 'checkpoint'}: missing or unreadable, yet "
+                        f"{len(saved)} checkpoints lie beside it; train with --no-resume or into another run folder")
     if is_chief(trainer.strategy) and resume and prefix is not None:
         run_files.check_resumable(run_dir, trainer.cfg, landmark_ids)
         checkpoint = trainer.checkpoint
