@@ -1,6 +1,7 @@
 """Command-line plumbing: user errors exit 2 with one clear line, never a traceback."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import math
@@ -44,16 +45,27 @@ def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str]) -
         print(usage)
         return 0
     if argv[0] not in commands:
-        print(f"error: unknown command {argv[0]!r}\n\n{usage}", file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}; choose one of {', '.join(commands)} "
+              f"(python -m {prog} --help)", file=sys.stderr)
         return EXIT_USER_ERROR
     module, function = commands[argv[0]][0].split(":")
     return run_main(getattr(importlib.import_module(module), function), argv[1:])
 
 
 def check_at_least(flag: str, value: float, minimum: float) -> None:
-    """A numeric flag below its minimum (or NaN) is a UserError naming the flag."""
+    """A numeric flag below its minimum, NaN or infinite is a UserError naming the flag."""
     if not value >= minimum:
         raise UserError(f"{flag} must be at least {minimum}, got {value}")
+    if not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, got {value}")
+
+
+class KitArgumentParser(argparse.ArgumentParser):
+    """The kit's parser: its own errors (a bad value, a missing or unknown flag) are a UserError, so they end as the
+    single `error: ...` line with exit status 2 like every other bad input, with no usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def check_positive(flag: str, value: float) -> None:
@@ -90,29 +102,43 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 KIT_MARKER = ".written-by-kit"  # in every output folder the kit writes: only such a folder may be replaced
 _MARKER_TEXT = "This folder was written by the landmark competition kit; --overwrite may replace it.\n"
+_KIND_PREFIX = "kind: "  # the marker's line naming what the folder is: --overwrite replaces only the same kind
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False, marker: str = KIT_MARKER) -> Iterator[Path]:
+def atomic_output_dir(out: str | Path, overwrite: bool = False, marker: str = KIT_MARKER,
+                      kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` by renames, on failure it is removed.
 
-    The folder gets the file `marker` (unless the caller wrote it) saying the kit wrote it; with overwrite, only
-    an existing `out` holding it (or empty) is replaced, renamed aside and deleted once the new one is in place.
+    The folder gets the file `marker` (unless the caller wrote it) saying the kit wrote it, and which `kind` of
+    output it is; with overwrite, only an existing `out` holding it (or empty) is replaced, and only by the same
+    kind, renamed aside and deleted once the new one is in place.
     Temporary names hold the process id, so a later run removes what a killed run left."""
     out = Path(os.path.abspath(out))
-    check_output_dir(out, overwrite, marker)
+    check_output_dir(out, overwrite, marker, kind)
     with partial_dir(out) as tmp:
         yield tmp
-        if not (tmp / marker).exists():
-            (tmp / marker).write_text(_MARKER_TEXT)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
-        check_output_dir(out, overwrite, marker)  # something may have appeared there meanwhile
-        old = out.with_name(f".{out.name}.{os.getpid()}.old") if out.exists() else None
-        if old is not None:
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            _remove(old)
+        mark_output_dir(tmp, marker, kind)
+        check_output_dir(out, overwrite, marker, kind)  # something may have appeared there meanwhile
+        swap_in(tmp, out)
+
+
+def mark_output_dir(folder: Path, marker: str = KIT_MARKER, kind: str | None = None) -> None:
+    """Write the marker saying the kit wrote `folder` and which kind of output it is (unless the caller wrote one),
+    and give the folder ordinary permissions (mkdtemp makes it private)."""
+    if not (folder / marker).exists():
+        (folder / marker).write_text(_MARKER_TEXT + (f"{_KIND_PREFIX}{kind}\n" if kind else ""))
+    os.chmod(folder, 0o777 & ~_umask())
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Put the folder `new` at `out` by renames: the old `out` is set aside, then deleted once `new` is in place."""
+    old = out.with_name(f".{out.name}.{os.getpid()}.old") if out.exists() else None
+    if old is not None:
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        _remove(old)
 
 
 @contextmanager
@@ -132,9 +158,9 @@ def partial_dir(out: str | Path) -> Iterator[Path]:
             _remove(tmp)
 
 
-def check_output_dir(out: Path, overwrite: bool, marker: str = KIT_MARKER) -> None:
-    """Refuse an output folder that cannot be written or may not be replaced, with one line naming it
-    (after clearing what killed runs left beside it)."""
+def check_output_dir(out: Path, overwrite: bool, marker: str = KIT_MARKER, kind: str | None = None) -> None:
+    """Refuse an output folder that cannot be written or may not be replaced (not the kit's, or another kind of
+    output than `kind`), with one line naming it (after clearing what killed runs left beside it)."""
     out = Path(os.path.abspath(out))
     check_output_parent(out)
     remove_stale_partials(out)
@@ -145,6 +171,10 @@ def check_output_dir(out: Path, overwrite: bool, marker: str = KIT_MARKER) -> No
     if not _written_by_kit(out, marker):
         raise UserError(f"{out} already exists and was not written by this kit (it holds no {marker}); "
                         "--overwrite replaces only the kit's own outputs: choose another output path")
+    existing = marker_kind(out, marker)
+    if kind and existing and existing != kind:
+        raise UserError(f"{out} holds a {existing} written by this kit, not a {kind}; --overwrite replaces only an "
+                        "output of the same kind: choose another output path")
     if not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another output path")
 
@@ -155,6 +185,35 @@ def _written_by_kit(folder: Path, marker: str) -> bool:
         return (folder / marker).is_file() or not any(folder.iterdir())
     except OSError:
         return False
+
+
+def marker_kind(folder: Path, marker: str = KIT_MARKER) -> str | None:
+    """The kind of output the kit's marker in `folder` records (None: no marker, or one written before kinds)."""
+    try:
+        lines = (folder / marker).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.removeprefix(_KIND_PREFIX) for line in lines if line.startswith(_KIND_PREFIX)), None)
+
+
+def check_not_an_input(out_flag: str, out: str | Path, inputs: list[tuple[str, str | Path | None]],
+                       replaces_out: bool = True) -> None:
+    """Refuse an output that is one of the command's inputs or lies inside an input folder, and, for a command that
+    replaces OUT as a whole, a folder holding an input: one line naming both. `inputs` are (flag, path) pairs."""
+    out_path = Path(os.path.realpath(out))
+    for flag, path in inputs:
+        if path is None:
+            continue
+        given = Path(os.path.realpath(path))
+        if out_path == given:
+            raise UserError(f"{out_flag} {out} is also {flag}: writing it would destroy an input; "
+                            "choose another output path")
+        if given in out_path.parents:
+            raise UserError(f"{out_flag} {out} is inside {flag} {path}: the kit never writes into its inputs; "
+                            "choose an output path outside it")
+        if replaces_out and out_path in given.parents:
+            raise UserError(f"{out_flag} {out} holds {flag} {path}: replacing it would destroy an input; "
+                            "choose another output path")
 
 
 def check_output_parent(out: Path) -> None:
@@ -169,6 +228,22 @@ def check_output_parent(out: Path) -> None:
             pass
     except OSError as err:
         raise UserError(f"{out}: cannot write in {out.parent} ({err.strerror})") from None
+
+
+def check_writable_folder(flag: str, folder: Path) -> None:
+    """A folder a command writes into (made when missing): it, or the folder it would be made in, takes new files;
+    checked before any work."""
+    folder = Path(os.path.abspath(folder))
+    if not folder.exists():
+        check_output_parent(folder)
+        return
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder}: exists and is not a folder; choose another output path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {folder}: cannot write in it ({err.strerror})") from None
 
 
 def remove_stale_partials(out: Path) -> None:

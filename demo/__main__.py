@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.cli import UserError, check_at_least, run_main
+from common.cli import KitArgumentParser, UserError, check_at_least, run_main
 from local_eval.layout import nonlandmark_folder, task_folder
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
 from local_eval.replay import replay
@@ -163,8 +163,8 @@ def follow_ups(files: dict[str, Path]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitArgumentParser(prog="python -m demo", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO["out"], help="folder for everything the demo makes")
     parser.add_argument("--size", default=DEMO["size"], choices=list(SIZES), help="synthetic competition size")
     parser.add_argument("--train-steps", type=int, default=DEMO["train_steps"], help="training steps (1 or more)")

@@ -7,7 +7,16 @@ import sys
 import zipfile
 from pathlib import Path
 
-from common.cli import UserError, check_at_least, check_input_folder, check_output_parent, check_positive, dispatch
+from common.cli import (
+    KitArgumentParser,
+    UserError,
+    check_at_least,
+    check_input_folder,
+    check_not_an_input,
+    check_output_parent,
+    check_positive,
+    dispatch,
+)
 from export.bundle import DEFAULT_BUDGET_H, DEFAULT_COMPETITION, KAGGLE_PYTHONS, SUBMISSION_SCRIPT, build_bundle
 from export.delg import export_delg
 from export.retrieval import DEFAULT_MAX_MB, export_retrieval
@@ -27,7 +36,7 @@ RUN_HELP = "training run folder (config.json, checkpoints/)"
 
 def _parser(command: str, ensemble: bool = False) -> argparse.ArgumentParser:
     """The flags every export shares; with `ensemble`, --run repeats and --model-weights weighs the runs."""
-    parser = argparse.ArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command][1])
+    parser = KitArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command][1])
     if ensemble:
         parser.add_argument("--run", type=Path, action="append", required=True,
                             help=RUN_HELP + "; repeat it for an ensemble (--run A --run B)")
@@ -95,6 +104,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
         check_input_folder("--run", run)
     if ensemble:
         _check_ensemble(args.run, args.model_weights)
+    inputs = [("--run", run) for run in (args.run if ensemble else [args.run])]
+    inputs += [(flag, getattr(args, flag[2:].replace("-", "_"), None))
+               for flag in ("--whiten-data", "--script", "--settings", "--nonlandmark-dir")]
+    inputs += [("--wheel", wheel) for wheel in getattr(args, "wheel", [])]
+    check_not_an_input("--out", args.out, inputs)
     check_output_parent(args.out)
     return args
 

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +45,7 @@ WHEEL_DIR = "wheels"
 SETTINGS_FILE = "settings.json"
 NONLANDMARK_DIR = "nonlandmark"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+BUNDLE_KIND = "Kaggle bundle"  # the kind of output its kit marker records
 DEFAULT_COMPETITION = "landmark-recognition-2021"
 DEFAULT_BUDGET_H = NOTEBOOK_LIMIT_H  # main.py keeps its own safety margin inside it
 KAGGLE_PYTHONS = ("3.12", "3.13")  # Kaggle's image today, and the next (its Colab base has moved to 3.13)
@@ -87,12 +89,37 @@ if status != 0:
 
 
 def check_wheel(path: Path) -> Path:
-    """A --wheel argument: an existing pydegensac .whl file."""
+    """A --wheel argument: an existing pydegensac .whl file that is a wheel inside too (a zip whose .dist-info
+    METADATA names pydegensac and whose WHEEL file has a Tag), not a file that would fail only on Kaggle."""
     if not path.is_file() or path.suffix != ".whl":
         raise UserError(f"--wheel {path}: not a .whl file")
     if not path.name.startswith("pydegensac-"):
         raise UserError(f"--wheel {path}: not a pydegensac wheel (its name must start with pydegensac-)")
+    problem = wheel_problem(path)
+    if problem:
+        raise UserError(f"--wheel {path}: not a real wheel ({problem}); pass the file pip downloaded")
     return path
+
+
+def wheel_problem(path: Path) -> str | None:
+    """What keeps `path` from being a pydegensac wheel (None when nothing does)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            metadata = [name for name in names if re.fullmatch(r"[^/]+\.dist-info/METADATA", name)]
+            tags = [name for name in names if re.fullmatch(r"[^/]+\.dist-info/WHEEL", name)]
+            if not metadata or not tags:
+                return "no .dist-info/METADATA and .dist-info/WHEEL in it"
+            fields = archive.read(metadata[0]).decode("utf-8", "replace").splitlines()
+            wheel = archive.read(tags[0]).decode("utf-8", "replace").splitlines()
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"not a zip file: {err}"
+    names = [line.split(":", 1)[1].strip() for line in fields if line.lower().startswith("name:")]
+    if not names or re.sub(r"[-_.]+", "-", names[0]).lower() != "pydegensac":
+        return f"its METADATA names {names[0] if names else 'no package'!r}, not pydegensac"
+    if not any(line.startswith("Tag:") for line in wheel):
+        return "its WHEEL file has no Tag"
+    return None
 
 
 def check_python_version(version: str) -> str:
@@ -257,7 +284,7 @@ def build_bundle(run_dirs: Sequence[Path], out_dir: Path, user: str, dataset: st
     images = nonlandmark_images(nonlandmark_dir) if nonlandmark_dir is not None else []
     with tempfile.TemporaryDirectory(prefix="pydegensac-") as downloads:
         shipped = gather_wheels(list(wheels or []), pythons, Path(downloads))
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out_dir, overwrite=overwrite, kind=BUNDLE_KIND) as tmp:
             models = model_dirs(len(run_dirs))
             for run_dir, model in zip(run_dirs, models, strict=True):
                 export_delg(run_dir, tmp / model, float16=float16, whiten=whiten)

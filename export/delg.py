@@ -77,6 +77,7 @@ GLOBAL_BATCH_SIGNATURE = [
 GLOBAL_BATCH_OUTPUT = "global_descriptors"  # float32 [B, D], each row L2-normalized
 EXPORT_INFO_FILE = "export_info.json"  # in assets/: functions (float16, XLA), global_dim, local_dim, local_stride
 DELG_GLOBAL_SCALES = tuple(DELG_IMAGE_SCALES[i] for i in DELG_GLOBAL_SCALE_INDICES)  # the whitening's fit
+DELG_KIND = "DELG SavedModel"  # the kind of output its kit marker records: --overwrite replaces only this kind
 BUILD_SIZE = 64  # side of the dummy image that creates the model's variables before restoring
 # An export serves inference only: nothing differentiates its functions, so saving leaves out the custom gradients
 # of their ops (Keras's swish has one in every EfficientNet block), whose tracing took a third of an
@@ -374,10 +375,10 @@ def export_delg(run_dir: Path, out_dir: Path, overwrite: bool = False, float16: 
                 xla: bool = True, whiten: WhitenSettings | None = None) -> Path:
     """Export the run's newest checkpoint as a DELG SavedModel folder (label map in its assets/); with `whiten`,
     PCA whitening fitted on the training images at DELG's global scales is baked into every global output."""
-    check_output_dir(Path(out_dir), overwrite)  # before the fit's minutes, not after
+    check_output_dir(Path(out_dir), overwrite, kind=DELG_KIND)  # before the fit's minutes, not after
     model = load_trained_model(run_dir)
     whitening = fit_model_whitening(model, run_dir, whiten, DELG_GLOBAL_SCALES)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, kind=DELG_KIND) as tmp:
         save_delg(model, tmp, label_map=Path(run_dir) / LABEL_MAP_FILE, float16=float16, xla=xla,
                   whitening=whitening)
     log.info("wrote %s", out_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.cli import KitArgumentParser
 from local_eval import revisited_synthetic
 from local_eval.gldv2_subset import build_gldv2_subset
 from local_eval.layout import nonlandmark_folder, solution_file, task_folder
@@ -15,7 +16,7 @@ from local_eval.synthetic import SIZES, build_synthetic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m local_eval build", description=__doc__)
+    parser = KitArgumentParser(prog="python -m local_eval build", description=__doc__)
     sources = parser.add_subparsers(dest="source", required=True, metavar="{synthetic,gldv2,revisited-synthetic}")
     synthetic = sources.add_parser("synthetic", help="render a synthetic competition from a seed")
     synthetic.add_argument("--size", default="tiny", choices=list(SIZES),

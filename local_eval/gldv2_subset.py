@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import UserError, atomic_output_dir, check_at_least, check_input_folder
+from common.cli import UserError, atomic_output_dir, check_at_least, check_input_folder, check_not_an_input
 from common.gldv2 import ID, IDS, INDEX_IMAGES, LANDMARK, LANDMARKS, USAGE, check_fields, image_path, read_csv_strings
 from local_eval.layout import BUILD_INFO, check_existing, nonlandmark_folder, task_folder, write_build_info, write_csvs
 
@@ -42,6 +42,13 @@ def read_gldv2_csv(gldv2: Path, name: str) -> pd.DataFrame:
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found {','.join(frame.columns)}")
     check_fields(path, frame, FILES[name])
+    key = next(iter(FILES[name]))  # id, or landmark_id in train_clean.csv: one row each
+    repeated = frame[key].duplicated(keep="first")
+    if repeated.any():
+        row = int(repeated.to_numpy().argmax())
+        first = int((frame[key] == frame[key].iloc[row]).to_numpy().argmax())
+        raise UserError(f"{path}, line {row + 2}: {key} {frame[key].iloc[row]} repeats line {first + 2}; the GLDv2 "
+                        f"file lists each {key} once: remove the repeated row")
     return frame
 
 
@@ -138,6 +145,7 @@ def build_gldv2_subset(gldv2: Path, out: Path, n_test: int, n_index: int, seed: 
     if nonlandmark_dir is not None:
         check_input_folder("--nonlandmark-dir", nonlandmark_dir)
         info["nonlandmark_dir"] = str(Path(nonlandmark_dir).resolve())
+    check_not_an_input("--out", out, [("--gldv2", gldv2), ("--nonlandmark-dir", nonlandmark_dir)])
     if check_existing(out, info, overwrite):
         log.info("%s already holds this competition; nothing to do", out)
         return out

@@ -3,11 +3,12 @@ the distractor images, the build record. Both builders write it (write_csvs), re
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 
-from common.cli import UserError, check_output_dir
+from common.cli import UserError, check_output_dir, remove_stale_partials
 
 TASK_FOLDERS = {"recognition": "landmark-recognition", "retrieval": "landmark-retrieval"}
 SOLUTIONS = "solutions"  # never visible to the submission script
@@ -55,10 +56,12 @@ def read_build_info(out: Path) -> dict | None:
 
 
 def check_existing(out: Path, info: dict, overwrite: bool) -> bool:
-    """True when `out` already holds this very build (kept as it is); another build there needs --overwrite.
+    """True when `out` already holds this very build (kept as it is, the partials of killed builds beside it
+    removed); another build there needs --overwrite.
     A folder that is no build of this kit is refused by common.cli.check_output_dir, with or without it."""
     existing = read_build_info(out)
     if existing == info:
+        remove_stale_partials(Path(os.path.abspath(out)))  # what an earlier, killed build left beside it
         return True
     if existing is not None and not overwrite:
         raise UserError(f"{out} already holds a different competition ({json.dumps(existing)}); "

@@ -19,13 +19,28 @@ import sys
 import time
 from pathlib import Path
 
-from common.cli import UserError, atomic_write_text, check_positive
+from common.cli import (
+    EXIT_USER_ERROR,
+    KIT_MARKER,
+    KitArgumentParser,
+    UserError,
+    atomic_write_text,
+    check_not_an_input,
+    check_positive,
+    mark_output_dir,
+    marker_kind,
+    partial_dir,
+    swap_in,
+)
 from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.layout import TASK_FOLDERS, nonlandmark_folder, solution_file, task_folder
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC, score_files
 from local_eval.submission_script import SCRIPT, SCRIPT_PYTHON_ENV, script_python
 
 LOG_TAIL_LINES = 30
+PYTHON_CHECK_S = 120  # a line of Python in the --python interpreter: generous on a loaded machine
+REPORT_KIND = "replay report"  # the kind of output its kit marker records
+REPORT_FILES = {"report.json", "submission.csv", "script.log", "work", KIT_MARKER}  # what a report folder holds
 log = logging.getLogger("replay")
 
 
@@ -64,7 +79,8 @@ WATCHDOG = "import os, signal, sys; sys.stdin.read(); os.killpg(os.getpgrp(), si
 
 def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[str, float]:
     """Run command with stdout+stderr to log_path, in a process group of its own; kill the group at the limit, when
-    this process is interrupted or fails, and (through the watchdog leading the group) when it is killed."""
+    this process is interrupted or fails, and (through the watchdog leading the group) when it is killed. The status:
+    ok, crash, timeout, or refused (it exited 2: its one-line error for a bad input)."""
     start = time.monotonic()
     with subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, process_group=0) as watchdog, open(log_path, "w") as log_file:
@@ -79,7 +95,8 @@ def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[
             process.wait()
     if code is None:
         return "timeout", time.monotonic() - start
-    return ("ok" if code == 0 else "crash"), time.monotonic() - start
+    status = {0: "ok", EXIT_USER_ERROR: "refused"}.get(code, "crash")
+    return status, time.monotonic() - start
 
 
 def score_if_present(task: str, solution: Path, submission: Path) -> dict | None:
@@ -101,37 +118,117 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def check_python_runs(python: str, source: str) -> None:
+    """The interpreter starts and runs a line of Python (/bin/false, a broken venv: one error line, before any
+    work)."""
+    try:
+        result = subprocess.run([python, "-c", "import sys; sys.exit(0)"], capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=PYTHON_CHECK_S)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise UserError(f"{source} {python}: the interpreter could not run the script ({err})") from None
+    if result.returncode != 0:
+        said = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"{source} {python}: the interpreter could not run the script (a line of Python exited "
+                        f"{result.returncode}: {said})")
+
+
+def check_model(model: Path) -> None:
+    """--model is a SavedModel folder: a run on anything else would only crash."""
+    if not (Path(model) / "saved_model.pb").is_file():
+        raise UserError(f"--model {model}: not a SavedModel folder (no saved_model.pb in it)")
+
+
+def check_report_folder(out: Path) -> None:
+    """OUT is missing, empty or an earlier replay's report: the new report replaces it whole."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; choose another report folder")
+    kind = marker_kind(out)
+    earlier = kind == REPORT_KIND or (kind is None and {p.name for p in out.iterdir()} <= REPORT_FILES)
+    if not earlier:
+        raise UserError(f"--out {out} holds other files than a replay report ({kind or 'not written by this kit'}); "
+                        "the new report replaces OUT whole: choose another report folder")
+
+
+def fresh(path: Path, before: dict[Path, tuple[int, int] | None]) -> bool:
+    """The file exists and is not the one `before` saw (the script replaces its files by renames)."""
+    return path.is_file() and file_identity(path) != before.get(path)
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
            extra_args: list[str] | None = None, work: Path | None = None, python: str | None = None) -> dict:
     """Run the script once, score what it left (final and global-only), write out/report.json. Its WORK folder
     is out/work unless another is given (runs sharing one reuse each other's cached features). The script runs
-    with `python` (default: $KIT_SCRIPT_PYTHON or this interpreter)."""
+    with `python` (default: $KIT_SCRIPT_PYTHON or this interpreter).
+
+    OUT changes only when the new report is complete (a timeout's or a crash's too): the run goes into a partial
+    folder beside OUT, swapped in at the end; Ctrl-C, a bad input or an error leave the old OUT as it was."""
     if task not in TASK_FOLDERS:
         raise UserError(f"unknown task {task!r}; choose recognition or retrieval")
     check_positive("--limit-h", limit_h)  # 0, a negative or NaN would only report a timeout
-    python = check_python(python) if python else check_python(script_python(), f"${SCRIPT_PYTHON_ENV}")
+    source = "--python" if python else f"${SCRIPT_PYTHON_ENV}"
+    python = check_python(python or script_python(), source)
     data, solution = competition_paths(Path(competition), task)
     out = Path(out).resolve()
-    work = out / "work" if work is None else Path(work).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    distractors = nonlandmark_folder(Path(competition))
-    command = script_command(task, data.resolve(), Path(model).resolve(), out, work, limit_h, extra_args or [],
+    check_not_an_input("--out", out, [("--competition", competition), ("--model", model)])
+    check_model(model)
+    check_report_folder(out)
+    check_python_runs(python, source)
+    with partial_dir(out) as new:
+        own_work = work is None
+        work = new / "work" if own_work else Path(work).resolve()
+        if own_work and (out / "work").is_dir():
+            os.replace(out / "work", work)  # the cached features go on; put back unless the new report is complete
+        try:
+            report = run_and_report(task, data, solution, Path(model), new, work, limit_h, extra_args or [],
+                                    nonlandmark_folder(Path(competition)), python)
+            mark_output_dir(new, kind=REPORT_KIND)
+            swap_in(new, out)
+        except BaseException:
+            if own_work and work.is_dir() and out.is_dir():
+                os.replace(work, out / "work")
+            raise
+    return report
+
+
+def run_and_report(task: str, data: Path, solution: Path, model: Path, new: Path, work: Path, limit_h: float,
+                   extra: list[str], distractors: Path, python: str) -> dict:
+    """Run the script with its outputs in `new` (the report folder being made) and WORK, and write new/report.json;
+    files an earlier run left in WORK are not scored as this one's."""
+    command = script_command(task, data.resolve(), model.resolve(), new, work, limit_h, extra,
                              distractors.resolve() if distractors.is_dir() else None, python)
-    for stale in (out / "submission.csv", work / "submission_global_only.csv", work / "timing.json"):
-        stale.unlink(missing_ok=True)  # a run that dies early must not be scored on an earlier run's files
+    stale = [work / "submission_global_only.csv", work / "timing.json"]
+    before = {path: file_identity(path) for path in stale}
     log.info("replaying %s with a %.3g h limit: %s", task, limit_h, " ".join(command))
-    status, seconds = run_with_limit(command, out / "script.log", limit_h * 3600)
+    status, seconds = run_with_limit(command, new / "script.log", limit_h * 3600)
+    if status == "refused":  # its own error line (argparse's has the program's name before "error: ")
+        lines = [line.strip() for line in tail(new / "script.log").splitlines() if line.strip()]
+        said = [line.split("error: ", 1)[1] for line in lines if "error: " in line] or lines[-1:] or ["no message"]
+        raise UserError(f"the script refused its input: {said[-1]}")
+    for path in stale:
+        if not fresh(path, before) and work.is_relative_to(new):
+            path.unlink(missing_ok=True)  # the new report holds no earlier run's files
+    global_only = work / "submission_global_only.csv"
     report = {
         "status": status,
         "seconds": round(seconds, 3),
         "python": python,
-        "final": score_if_present(task, solution, out / "submission.csv"),
-        "global_only": score_if_present(task, solution, work / "submission_global_only.csv"),
-        "timing": read_timing(work),
+        "final": score_if_present(task, solution, new / "submission.csv"),
+        "global_only": score_if_present(task, solution, global_only) if fresh(global_only, before) else None,
+        "timing": read_timing(work) if fresh(work / "timing.json", before) else {},
     }
     if status != "ok":
-        report["log_tail"] = tail(out / "script.log")
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+        report["log_tail"] = tail(new / "script.log")
+    atomic_write_text(new / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -158,8 +255,8 @@ def format_report(task: str, report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_eval replay", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitArgumentParser(prog="python -m local_eval replay", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(TASK_FOLDERS))
     parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")

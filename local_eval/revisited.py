@@ -39,13 +39,24 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from common.cli import KIT_MARKER, UserError, atomic_write, atomic_write_text, check_input_folder
+from common.cli import (
+    KIT_MARKER,
+    KitArgumentParser,
+    UserError,
+    atomic_write,
+    atomic_write_text,
+    check_input_folder,
+    check_not_an_input,
+    check_writable_folder,
+    marker_kind,
+)
 from local_eval.revisited_metric import evaluate, scored_queries
 from local_eval.show import global_ranking, load_model, script_settings
 from local_eval.submission_script import load_submission
 
 log = logging.getLogger("revisited")
 
+REVISITED_KIND = "revisited report"  # the kind of output its kit marker records
 DATASETS = {"roxford5k": "Revisited Oxford", "rparis6k": "Revisited Paris"}
 # DELG (Cao et al., ECCV 2020), ResNet-50 trained on GLDv2-clean, mAP in % on the Medium / Hard protocols without
 # distractors; "reranked" adds its local-feature geometric verification. Only the figures the kit's design notes
@@ -110,6 +121,11 @@ def read_dataset(data: Path, dataset: str) -> Dataset:
         raise UserError(f"{path}: {len(gnd)} gnd entries for {len(query_names)} qimlist names")
     for name, entry in zip(query_names, gnd, strict=True):
         check_query(path, name, entry, len(db_names))
+        easy, hard = (set(np.asarray(entry[kind]).reshape(-1).tolist()) for kind in ("easy", "hard"))
+        both = sorted(easy & hard)
+        if both:
+            raise UserError(f"{path}: query {name!r}: database image {db_names[both[0]]!r} (index {both[0]}) is both "
+                            "easy and hard; an image has one label per query")
     return Dataset(folder, path, [str(n) for n in db_names], [str(n) for n in query_names], gnd)
 
 
@@ -157,12 +173,19 @@ def list_distractors(folder: Path | None) -> list[str]:
 # The run
 
 
-def prepare_out(out: Path) -> Path:
-    """OUT, created or reused (only a folder this command wrote, or an empty one); its work folder."""
+def prepare_out(out: Path, inputs: list[tuple[str, Path | None]]) -> Path:
+    """OUT, created or reused (only a folder this command wrote, or an empty one, and none of the `inputs`); its
+    work folder."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / KIT_MARKER).is_file())):
         raise UserError(f"--out {out} exists and was not written by this kit; choose another output path")
+    if marker_kind(out) not in (None, REVISITED_KIND):
+        raise UserError(f"--out {out} holds a {marker_kind(out)} written by this kit, not a {REVISITED_KIND}; "
+                        "choose another output path")
+    check_not_an_input("--out", out, inputs, replaces_out=False)
+    check_writable_folder("--out", out)
     (out / "work").mkdir(parents=True, exist_ok=True)
-    (out / KIT_MARKER).write_text("Written by `python -m local_eval revisited`; a rerun reuses work/.\n")
+    (out / KIT_MARKER).write_text("Written by `python -m local_eval revisited`; a rerun reuses work/.\n"
+                                  f"kind: {REVISITED_KIND}\n")
     return out / "work"
 
 
@@ -309,9 +332,9 @@ def summary(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m local_eval revisited", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Flags after `--` go to submission/main.py's own settings parser.")
+    parser = KitArgumentParser(prog="python -m local_eval revisited", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="Flags after `--` go to submission/main.py's own settings parser.")
     parser.add_argument("--data", required=True, type=Path, help="folder holding <dataset>/jpg and "
                         "<dataset>/gnd_<dataset>.pkl (revisitop's download, or `build revisited-synthetic`)")
     parser.add_argument("--dataset", required=True, choices=list(DATASETS), help="which of the two")
@@ -331,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = read_dataset(args.data, args.dataset)
     if not args.model.is_dir():
         raise UserError(f"--model {args.model}: no such folder")
-    work = prepare_out(args.out)
+    work = prepare_out(args.out, [("--data", args.data), ("--model", args.model), ("--distractors", args.distractors)])
     settings = script_settings("retrieval", work / "images", args.model,
                                ["--work", str(work), *args.script_args])
     clear_stale(work, cache_key(settings, dataset, args.distractors))

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 
+from common.cli import KitArgumentParser
 from local_eval.kaggle_csv import TASKS
 from local_eval.metrics import REPORTED_SUBSETS, score_files
 
@@ -14,7 +15,7 @@ COLUMNS = REPORTED_SUBSETS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m local_eval score", description=__doc__)
+    parser = KitArgumentParser(prog="python -m local_eval score", description=__doc__)
     parser.add_argument("--task", required=True, choices=TASKS,
                         help="recognition (GAP of id,landmarks) or retrieval (mAP@100 of id,images)")
     parser.add_argument("--solution", required=True,

@@ -31,7 +31,14 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from common.cli import UserError, atomic_output_dir, atomic_write_text
+from common.cli import (
+    KitArgumentParser,
+    UserError,
+    atomic_output_dir,
+    atomic_write_text,
+    check_not_an_input,
+    check_output_parent,
+)
 from local_eval import draw
 from local_eval.kaggle_csv import read_solution, read_submission
 from local_eval.metrics import REPORTED_SUBSETS, score_files
@@ -41,6 +48,8 @@ from local_eval.submission_script import load_submission
 log = logging.getLogger("show")
 
 TOP_NEIGHBOURS = 5
+CACHE_KEY_FILE = "cache_key.json"  # in WORK: what the script's feature caches were extracted with
+REPORT_KIND = "show report"  # the kind of output its kit marker records
 REASONS = ("most confident wrong", "lowest-ranked correct", "random sample")
 
 
@@ -318,12 +327,39 @@ def curve_file(predictions: dict, truth: dict, gap: float | None, out: Path) -> 
     return "gap_curve.png"
 
 
+def work_folder(args: argparse.Namespace) -> Path:
+    return args.work or args.submission.parent / "work"
+
+
+def check_work_model(work: Path, model: Path) -> None:
+    """WORK's cached features must be --model's: WORK/cache_key.json names the models (and their files' sizes and
+    times) the run extracted them with; another model's WORK is a UserError naming both."""
+    path = work / CACHE_KEY_FILE
+    if not path.is_file():
+        return
+    try:
+        keys = json.loads(path.read_text())
+        recorded = [*keys["global"]["models"], keys["local"]]
+        used = {entry["model"]: entry["files"] for entry in recorded}
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a cache key the submission wrote ({type(err).__name__}: {err})") from None
+    model = Path(model).resolve()
+    if str(model) not in used:
+        raise UserError(f"--model {model}: {path} says WORK's features come from {', '.join(sorted(used))}; pass "
+                        "that --model, or the --work of a run of this model")
+    for name, (size, mtime_ns) in used[str(model)].items():
+        stat = (model / name).stat() if (model / name).is_file() else None
+        if stat is None or (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
+            raise UserError(f"--model {model}: its {name} changed since {path} was written, so WORK's features "
+                            "are an older model's; rerun the submission on this model first")
+
+
 def build_report(args: argparse.Namespace, out: Path, scratch: Path) -> dict:
     data, solution_path = competition_paths(args.competition, args.task)
     scores = score_files(args.task, solution_path, args.submission)
     comp = read_competition(args.task, data, solution_path)
     predictions = read_submission(args.submission, args.task, read_solution(solution_path, args.task))
-    work = args.work or args.submission.parent / "work"
+    work = work_folder(args)
     if not work.is_dir():
         log.warning("no submission work folder %s: features are recomputed, inliers cannot be compared", work)
     pairs = read_verified_pairs(work)
@@ -423,7 +459,7 @@ def parse_with_script_flags(parser: argparse.ArgumentParser, argv: list[str] | N
 
 
 def parse_show_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m local_eval show", description=__doc__.split("\n\n")[1])
+    p = KitArgumentParser(prog="python -m local_eval show", description=__doc__.split("\n\n")[1])
     p.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     p.add_argument("--task", required=True, choices=["recognition", "retrieval"],
                    help="which competition of the folder")
@@ -444,7 +480,11 @@ def main_show(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.submission}: submission file not found")
     if args.queries < 1:
         raise UserError(f"--queries must be at least 1, got {args.queries}")
-    with atomic_output_dir(args.out, args.overwrite) as out, tempfile.TemporaryDirectory() as scratch:
+    check_not_an_input("--out", args.out, [("--competition", args.competition), ("--submission", args.submission),
+                                           ("--model", args.model), ("--work", work_folder(args))])
+    check_work_model(work_folder(args), args.model)
+    with (atomic_output_dir(args.out, args.overwrite, kind=REPORT_KIND) as out,
+          tempfile.TemporaryDirectory() as scratch):
         report = build_report(args, out, Path(scratch))
         atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
         atomic_write_text(out / "index.html", render_html(report))
@@ -453,8 +493,8 @@ def main_show(argv: list[str] | None = None) -> int:
 
 
 def parse_pair_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m local_eval show-pair",
-                                description="Draw the local-feature matches of two images (attention on IMG1).")
+    p = KitArgumentParser(prog="python -m local_eval show-pair",
+                          description="Draw the local-feature matches of two images (attention on IMG1).")
     p.add_argument("image1", type=Path, help="first image (the query: its attention is drawn)")
     p.add_argument("image2", type=Path, help="second image")
     p.add_argument("--model", required=True, type=Path, help="DELG SavedModel folder")
@@ -464,6 +504,10 @@ def parse_pair_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main_show_pair(argv: list[str] | None = None) -> int:
     args = parse_pair_args(argv)
+    check_not_an_input("--out", args.out, [("IMG1", args.image1), ("IMG2", args.image2), ("--model", args.model)])
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out}: a folder; give the path of the PNG file to write")
+    check_output_parent(args.out)  # before the model's seconds, not after
     settings = script_settings("retrieval", Path("."), args.model, args.script_args)
     sub, ext = load_submission(), settings.extraction
     images = [sub.decode_image(path, ext.max_image_side, ext.min_image_side) for path in (args.image1, args.image2)]

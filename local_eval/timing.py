@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import UserError, check_at_least, check_positive
+from common.cli import KitArgumentParser, UserError, check_at_least, check_positive
 from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.submission_script import sibling
 
@@ -58,6 +58,15 @@ def load_timing(path: Path) -> dict:
         raise UserError(f"{path}: not JSON ({err})") from None
     check_timing(log, path)
     return log
+
+
+def check_log_task(log: dict, path: Path, profile: Profile, profile_name: str) -> None:
+    """A log of one task projected with the other task's profile is a UserError naming both."""
+    task = log.get("task")
+    if task is not None and task != profile.task:
+        choices = ", ".join(name for name, p in PROFILES.items() if p.task == task)
+        raise UserError(f"--log {path} times a {task} run but --profile {profile_name} is a {profile.task} "
+                        f"competition; choose a {task} profile ({choices})")
 
 
 def check_timing(log, path: Path) -> None:
@@ -226,8 +235,8 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_eval time", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitArgumentParser(prog="python -m local_eval time", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log", required=True, type=Path, help="timing.json written by submission/main.py")
     parser.add_argument("--profile", required=True, help=f"competition profile: {', '.join(PROFILES)}")
     parser.add_argument("--speedup", type=float, default=1.0,
@@ -241,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_flags(args)
     profile = resolve_profile(args.profile, {"limit_h": args.limit_h, "db": args.db, "test": args.test})
-    report = projection_report(load_timing(args.log), profile, args.speedup, args.margin, args.rerank)
+    log = load_timing(args.log)
+    check_log_task(log, args.log, profile, args.profile)
+    report = projection_report(log, profile, args.speedup, args.margin, args.rerank)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -13,7 +13,6 @@ table.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -22,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import UserError, atomic_write_text, check_at_least
+from common.cli import (
+    KitArgumentParser,
+    UserError,
+    atomic_write_text,
+    check_at_least,
+    check_not_an_input,
+    check_positive,
+    check_writable_folder,
+)
 from local_eval import draw
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
 from local_eval.replay import competition_paths, replay
@@ -31,6 +38,7 @@ from local_eval.timing import (
     DEFAULT_MARGIN,
     PROFILES,
     Profile,
+    check_log_task,
     load_timing,
     project,
     resolve_profile,
@@ -181,8 +189,8 @@ def format_table(table: pd.DataFrame, task: str, profile: Profile, source: str) 
 
 def main(argv: list[str] | None = None) -> int:
     own, script_args = split_script_args(argv)
-    parser = argparse.ArgumentParser(prog="python -m local_eval tradeoff", description=__doc__.split("\n\n")[0],
-                                     epilog="Flags after `--` go to submission/main.py in every run.")
+    parser = KitArgumentParser(prog="python -m local_eval tradeoff", description=__doc__.split("\n\n")[0],
+                               epilog="Flags after `--` go to submission/main.py in every run.")
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(DEPTHS))
     parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
@@ -201,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="WORK folder of an earlier run of this model and competition: its cached features "
                              "are linked in, not extracted again")
     args = parser.parse_args(own)
-    if args.speedup <= 0 or args.limit_h <= 0:
-        raise UserError("--speedup and --limit-h must be > 0")
+    check_positive("--speedup", args.speedup)  # NaN or inf would run a whole rung, then fail drawing
+    check_positive("--limit-h", args.limit_h)
     if args.rungs is not None:
         check_at_least("--rungs", args.rungs, 1)
     depths = args.depths or DEPTHS[args.task]
@@ -212,10 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     if profile.task != args.task:
         raise UserError(f"--profile {args.profile} is a {profile.task} profile")
     server = load_timing(args.log) if args.log else None
+    if server:
+        check_log_task(server, args.log, profile, args.profile or f"{args.task}-2020")
     unmeasured = unmeasured_stages(server, profile, max(depths)) if server else []
     if unmeasured:
         raise UserError(f"--log {args.log}: {', '.join(unmeasured)} not measured (cached or skipped), so it cannot "
                         "anchor the projection; give the timing.json of a cold run or of a probe (--probe N)")
+    check_not_an_input("--out", args.out, [("--competition", args.competition), ("--model", args.model),
+                                           ("--log", args.log), ("--reuse", args.reuse)], replaces_out=False)
+    check_writable_folder("--out", args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     table = tradeoff(args.competition, args.task, args.model, args.out, profile, server, args.speedup, depths,
                      args.limit_h, script_args, args.reuse, args.rungs)

@@ -40,10 +40,12 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from common.cli import (
+    KitArgumentParser,
     UserError,
     atomic_output_dir,
     atomic_write_text,
     check_at_least,
+    check_not_an_input,
     check_output_dir,
     check_positive,
 )
@@ -80,6 +82,8 @@ VERIFICATION_KEYS = [*MATCHING, *RANSAC, *FILTER]
 REGIMES = (0.0, 0.1, 0.3, 1.0)  # shares of the queries verified
 BEST_CURVES = 5  # verification settings drawn in depth.png
 SCORE_COLUMNS = (*REPORTED_SUBSETS, "seconds_per_query")
+MAX_WORKERS = 256  # processes of the verification sweep
+TUNE_KIND = "tune result"  # the kind of output its kit marker records (tune and tune-merge write the same)
 MEASURES = (*SCORE_COLUMNS, "tables")  # a table's columns that are no setting ("tables": tune-merge's count)
 # Exact ties go to the cheapest setting by the cost model: fewer candidates verified, then fewer RANSAC iterations.
 TIE_ORDER = ("rerank", "ransac_iterations")
@@ -426,7 +430,8 @@ def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, g
     with its scores. An existing OUT is replaced only with overwrite."""
     grid = read_grid(grid_path, task)
     _, solution = competition_paths(competition, task)
-    with atomic_output_dir(out, overwrite) as tmp:
+    check_not_an_input("--out", out, [("--competition", competition), ("--model", model), ("--grid", grid_path)])
+    with atomic_output_dir(out, overwrite, kind=TUNE_KIND) as tmp:
         result = sweep(competition, task, model, tmp, limit_h, grid, solution, script_args, workers)
         write_choice(tmp, result["table"], result["chosen"], task, result["extraction"],
                      {"competition": str(competition), "task": task, "model": str(model),
@@ -549,9 +554,9 @@ def split_script_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     own, script_args = split_script_args(argv)
-    parser = argparse.ArgumentParser(prog="python -m local_eval tune", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Flags after `--` go to submission/main.py for the extraction run.")
+    parser = KitArgumentParser(prog="python -m local_eval tune", description=__doc__.split("\n\n")[1],
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="Flags after `--` go to submission/main.py for the extraction run.")
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
@@ -566,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)
     check_positive("--limit-h", args.limit_h)
     check_at_least("--workers", args.workers, 1)
-    check_output_dir(args.out, args.overwrite)  # before the grid is read and the script loaded
+    if args.workers > MAX_WORKERS:  # a pool of that many forked processes would bring the machine down
+        raise UserError(f"--workers must be at most {MAX_WORKERS}, got {args.workers}")
+    check_output_dir(args.out, args.overwrite, kind=TUNE_KIND)  # before the grid is read and the script loaded
     result = tune(args.competition, args.task, args.model, args.out, args.limit_h, args.grid, script_args,
                   args.workers, args.overwrite)
     print(format_summary(result, args.task, args.out))
@@ -611,22 +618,29 @@ def read_table(path: Path, task: str) -> pd.DataFrame:
         if values.isna().any():
             line = int(values.isna().to_numpy().argmax()) + 2
             raise UserError(f"{path}, line {line}: {column} {str(table[column].iloc[line - 2])!r} is not a number")
+        low, high = (0, 1) if column in REPORTED_SUBSETS else (0, np.inf)  # GAP and mAP@100 are shares
+        outside = ~values.between(low, high) | ~np.isfinite(values)
+        if outside.any():
+            line = int(outside.to_numpy().argmax()) + 2
+            raise UserError(f"{path}, line {line}: {column} {str(table[column].iloc[line - 2])!r} is outside "
+                            f"[{low}, {high}]: no {column} score; was the table edited?")
     return table
 
 
 def main_merge(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_eval tune-merge",
-                                     description="average tune tables of several competitions and choose on the "
-                                                 "mean Public score")
+    parser = KitArgumentParser(prog="python -m local_eval tune-merge",
+                               description="average tune tables of several competitions and choose on the "
+                                           "mean Public score")
     parser.add_argument("--tables", required=True, nargs="+", type=Path, help="table.csv files written by tune")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--out", required=True, type=Path, help="folder for the merged table.csv and tuned.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT written by the kit")
     args = parser.parse_args(argv)
-    check_output_dir(args.out, args.overwrite)
+    check_not_an_input("--out", args.out, [("--tables", table) for table in args.tables])
+    check_output_dir(args.out, args.overwrite, kind=TUNE_KIND)
     table = merge_tables(args.tables, args.task)
     chosen = choose(table)
-    with atomic_output_dir(args.out, args.overwrite) as tmp:
+    with atomic_output_dir(args.out, args.overwrite, kind=TUNE_KIND) as tmp:
         write_choice(tmp, table, chosen, args.task, {}, {"tables": [str(p) for p in args.tables], "task": args.task})
     print(format_summary({"chosen": chosen, "table": table, "global_only": table[table["rerank"] == 0]["public"].max()},
                          args.task, args.out))

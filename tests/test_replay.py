@@ -111,8 +111,9 @@ def wait_until(condition, seconds: float) -> bool:
 ])
 def test_a_killed_replay_takes_its_script_down(tmp_path, tiny_competition, tiny_model, command, how, processes):
     out = tmp_path / "out"
-    # tune writes OUT whole: its replay runs in a partial folder beside OUT, named .out.<pid>.*.partial
-    markers = (str(tmp_path), "/run/submission.csv") if command == "tune" else (str(out / "submission.csv"),)
+    # replay and tune write OUT whole: the script runs in a partial folder beside OUT, named .out.<pid>.*.partial
+    # (tune's replay in one beside OUT/run, inside tune's)
+    markers = (str(tmp_path / ".out."), ".partial/submission.csv")
     argv = [sys.executable, "-m", "local_eval", command, "--competition", str(tiny_competition), "--task",
             "recognition", "--model", str(tiny_model), "--out", str(out), "--", "--workers", "2", *QUICK]
     parent = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -23,6 +23,7 @@ from export.delg import (
 from export.whitening import PcaWhitening, fit_pca_whitening, l2_normalize, mean_pair_cosine, whiten
 from tests.conftest import WHITEN_IMAGES
 from tests.test_export_delg import TINY_DIM, batched_descriptors, extract, landmark_images, make_run_dir
+from tests.test_export_kaggle import write_wheel
 from train.config import RETRIEVAL_SCALES
 from train.run_files import DATA_FILE
 
@@ -230,8 +231,8 @@ def test_missing_training_folder_is_one_error_line(tiny_run, tmp_path, capsys):
 
 
 def test_bundle_ships_the_whitened_model(tiny_run, tmp_path):
-    out, wheel = tmp_path / "bundle", tmp_path / "pydegensac-0.3.0-cp312-cp312-manylinux2014_x86_64.whl"
-    wheel.write_bytes(b"")  # given, so pip fetches none from the internet (test_export_kaggle tests the fetch)
+    out = tmp_path / "bundle"
+    wheel = write_wheel(tmp_path, "cp312")  # given, so pip fetches none from the internet (test_export_kaggle tests it)
     assert run_main(main_bundle, ["--run", str(tiny_run), "--out", str(out), "--kaggle-user", "me", "--wheel",
                                   str(wheel), "--whiten-images", "12", "--whiten-shrinkage", "0.5"]) == 0
     whitening = export_info(out / "delg")["whitening"]

@@ -19,7 +19,7 @@ import logging
 import signal
 from pathlib import Path
 
-from common.cli import UserError, run_main
+from common.cli import KitArgumentParser, UserError, check_not_an_input, run_main
 from train.config import CONFIGS, FIELD_RULES, TrainConfig, get_config
 from train.loop import train
 from train.precision import legacy_mixed_precision
@@ -75,8 +75,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     summary, _, multiworker = __doc__.split("\n\n")
-    parser = argparse.ArgumentParser(prog="python -m train", description=summary, epilog=multiworker,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitArgumentParser(prog="python -m train", description=summary, epilog=multiworker,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="GLDv2/Kaggle folder with train.csv and train/a/b/c/<id>.jpg")
     parser.add_argument("--tfrecords", type=Path, help="train from shards written by `python -m train.tfrecords`")
     parser.add_argument("--config", choices=sorted(CONFIGS), help=f"named config (default {DEFAULT_CONFIG})")
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.data is None) == (args.tfrecords is None):
         raise UserError("give exactly one of --data and --tfrecords")
+    check_not_an_input("--out", args.out, [("--data", args.data), ("--tfrecords", args.tfrecords)], replaces_out=False)
     if args.mixed_precision and args.precision is None:
         args.precision = legacy_mixed_precision()
         log.warning("--mixed-precision means --precision %s on this machine; use --precision", args.precision)

@@ -310,12 +310,36 @@ class CheckpointWriter:
         self.last_step = int(trainer.step) if latest and latest.endswith(f"-{int(trainer.step)}") else None
 
     def save(self, step: int) -> None:
-        if self.manager is not None:
-            self.manager.save(checkpoint_number=step)
-        else:
-            self.checkpoint.write(str(self.temporary / run_files.CHECKPOINT_DIR / f"ckpt-{step}"))
-            shutil.rmtree(self.temporary, ignore_errors=True)
+        """Checkpoint `step`; a write that fails (a full disk) is one UserError, with what it left removed and the
+        newest complete checkpoint kept."""
+        try:
+            if self.manager is not None:
+                self.manager.save(checkpoint_number=step)
+            else:
+                self.checkpoint.write(str(self.temporary / run_files.CHECKPOINT_DIR / f"ckpt-{step}"))
+                shutil.rmtree(self.temporary, ignore_errors=True)
+        except (tf.errors.OpError, OSError) as err:
+            raise self.failed_save(step, err) from None
         self.last_step = step
+
+    def failed_save(self, step: int, err: Exception) -> UserError:
+        """Remove what a failed save of `step` left (TensorFlow's ckpt-STEP_temp folder, a partial ckpt-STEP) and
+        say which checkpoint a rerun resumes from."""
+        if self.manager is None:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            kept = "the chief's checkpoints"
+        else:
+            folder = Path(self.manager.directory)
+            latest = tf.train.latest_checkpoint(str(folder))
+            for leftover in folder.glob(f"ckpt-{step}_temp*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            if latest is None or Path(latest).name != f"ckpt-{step}":
+                for partial in folder.glob(f"ckpt-{step}.*"):
+                    partial.unlink(missing_ok=True)
+            kept = f"the newest complete checkpoint, {latest}," if latest else "no earlier checkpoint"
+        reason = first_line(err) if isinstance(err, tf.errors.OpError) else str(err)
+        return UserError(f"cannot write the checkpoint of step {step} ({reason}); {kept} is kept: free some space "
+                         "and rerun the same command to resume")
 
 
 def first_line(err: tf.errors.OpError) -> str:
@@ -399,6 +423,10 @@ def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids:
     run's config and label map allow it), or else starts from --init-from's run when given; in a multi-worker
     group every worker then takes the chief's state."""
     prefix = tf.train.latest_checkpoint(str(run_dir / run_files.CHECKPOINT_DIR))
+    saved = sorted((run_dir / run_files.CHECKPOINT_DIR).glob("ckpt-*.index"))
+    if is_chief(trainer.strategy) and resume and prefix is None and saved:  # TensorFlow ignores it with a warning
+        raise UserError(f"{run_dir / run_files.CHECKPOINT_DIR / 'checkpoint'}: missing or unreadable, yet "
+                        f"{len(saved)} checkpoints lie beside it; train with --no-resume or into another run folder")
     if is_chief(trainer.strategy) and resume and prefix is not None:
         run_files.check_resumable(run_dir, trainer.cfg, landmark_ids)
         checkpoint = trainer.checkpoint

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import tensorflow as tf
 
-from common.cli import UserError, atomic_write_text
+from common.cli import UserError, atomic_write_text, check_writable_folder
 from common.gldv2 import read_csv_strings
-from train.config import TrainConfig
+from train.config import TrainConfig, check_config
 from train.precision import legacy_mixed_precision
 
 CONFIG_FILE = "config.json"
@@ -28,11 +28,21 @@ FIELDS_ADDED_LATER = {"local_stride": 16, "init_from": "", "not_clean_weight": 0
 
 
 def check_run_folder(run_dir: Path) -> None:
-    """A UserError when run_dir, or a folder above it, exists as something other than a folder."""
+    """A UserError when run_dir, or a folder above it, exists as something other than a folder, or when run_dir
+    (or, before it exists, the folder it would be made in) takes no new files."""
     for path in (Path(run_dir), *Path(run_dir).parents):
         if path.exists() and not path.is_dir():
             what = "the run folder" if path == Path(run_dir) else f"a folder of {run_dir}"
             raise UserError(f"{path} is a file, but it would be {what}; choose another --out")
+    check_writable_folder("--out", Path(run_dir))
+
+
+def read_json(path: Path) -> object:
+    """A run file's JSON; a file that is not JSON is a UserError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path}: not a readable JSON file ({err}); is it a run folder the kit wrote?") from None
 
 
 def save_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -43,13 +53,22 @@ def load_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{path}: missing; is {run_dir} a training run folder?")
-    fields = {**FIELDS_ADDED_LATER, **upgrade_legacy_fields(json.loads(path.read_text()))}
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: expected a JSON object of config fields, got {type(saved).__name__}")
+    fields = {**FIELDS_ADDED_LATER, **upgrade_legacy_fields(saved)}
     known = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(fields) - set(known))
     if unknown:
         raise UserError(f"{path}: unknown fields {unknown}")
     tuples = {name: tuple(value) for name, value in fields.items() if isinstance(value, list)}
-    return TrainConfig(**{**fields, **tuples})
+    cfg = TrainConfig(**{**fields, **tuples})
+    started_from = {"backbone_weights": "none"} if isinstance(cfg.backbone_weights, str) else {}
+    try:  # the weights a run started from are in its checkpoints now: that file need not exist any more
+        check_config(dataclasses.replace(cfg, **started_from))
+    except UserError as err:  # it names the flag: say the value came from this file
+        raise UserError(f"{path}: {err}") from None
+    return cfg
 
 
 def upgrade_legacy_fields(fields: dict) -> dict:
@@ -69,7 +88,7 @@ def save_data_source(run_dir: Path, data_dir: Path | None, tfrecords: Path | Non
 def load_data_source(run_dir: Path) -> dict[str, str] | None:
     """What save_data_source wrote, or None for a run trained before the kit recorded it."""
     path = Path(run_dir) / DATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def save_label_map(run_dir: Path, landmark_ids: list[int]) -> None:
@@ -138,8 +157,14 @@ def checkpoint_manager(checkpoint: tf.train.Checkpoint, run_dir: Path, keep: int
 
 def has_plain_optimizer(prefix: str) -> bool:
     """Whether a training checkpoint holds its optimizer bare, as the kit saved it before every run's SGD went
-    inside a LossScaleOptimizer (whose state sits under optimizer/inner_optimizer/)."""
-    names = [name for name, _ in tf.train.list_variables(prefix)]
+    inside a LossScaleOptimizer (whose state sits under optimizer/inner_optimizer/). An unreadable checkpoint (a
+    garbage ckpt-N.index) is a UserError naming it."""
+    try:
+        names = [name for name, _ in tf.train.list_variables(prefix)]
+    except CHECKPOINT_ERRORS as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{prefix}: not a readable checkpoint ({reason}); train with --no-resume or into another "
+                        "run folder") from None
     return (any(name.startswith("optimizer/") for name in names)
             and not any(name.startswith("optimizer/inner_optimizer/") for name in names))
 

@@ -6,7 +6,6 @@ and info.json with the counts. The train/validation split is fixed here, at writ
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -16,7 +15,7 @@ import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
-from common.cli import UserError, atomic_output_dir, atomic_write_text, run_main
+from common.cli import KitArgumentParser, UserError, atomic_output_dir, atomic_write_text, check_not_an_input, run_main
 from train.config import TrainConfig
 from train.data import EpochSource, TrainingData, check_landmark_count, class_counts, read_examples
 from train.run_files import load_label_map, save_label_map
@@ -65,6 +64,8 @@ def write_tfrecords(data_dir: Path, out: Path, shards: int, validation_fraction:
     """The whole folder as TFRecord shards in `out` (written atomically); returns info.json's content."""
     if shards < 1:
         raise UserError(f"--shards must be at least 1, got {shards}")
+    if not 0 <= validation_fraction < 1:  # NaN too
+        raise UserError(f"--validation-fraction must be in [0, 1), got {validation_fraction}")
     examples = read_examples(data_dir, validation_fraction, seed)
     validation_shards = max(1, math.ceil(shards * len(examples.validation) / max(1, len(examples.train))))
     info = {"train": len(examples.train), "validation": len(examples.validation), "train_shards": shards,
@@ -126,7 +127,7 @@ def tfrecord_data(folder: Path, cfg: TrainConfig, shuffle_buffer: int = 10_000) 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m train.tfrecords", description=__doc__.split("\n\n")[0])
+    parser = KitArgumentParser(prog="python -m train.tfrecords", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="GLDv2/Kaggle folder with train.csv and train/")
     parser.add_argument("--out", type=Path, required=True, help="folder to create for the shards")
     parser.add_argument("--shards", type=int, default=16, help="number of train shards (default 16)")
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"share of images held out for validation (default {defaults.validation_fraction})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split (default 0)")
     args = parser.parse_args(argv)
+    check_not_an_input("--out", args.out, [("--data", args.data)])
     info = write_tfrecords(args.data, args.out, args.shards, args.validation_fraction, args.seed)
     print(f"wrote {info['train']} train and {info['validation']} validation images to {args.out}")
     return 0
