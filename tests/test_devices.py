@@ -4,16 +4,21 @@ predictions."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from local_eval.submission_script import load_submission, sibling
+from local_eval.submission_script import SCRIPT, load_submission, sibling
+from tests import HANG_GUARD_S
 
 sub = load_submission()
 search = sibling("search")
 savedmodel = sibling("savedmodel")
+devices = sibling("devices")
 LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0",
          "--rerank", "3", "--warmup-queries", "4", "--rerank-batch", "8"]
 
@@ -121,3 +126,38 @@ def test_the_gpu_branches_run_on_a_cpu_with_kit_gpu_paths(tiny_competition, tiny
                      "--out", str(tmp_path / "probe.csv"), "--probe", "8", "--global-batch", "4", *LIGHT]) == 0
     xla = json.loads((work / "timing.json").read_text())["plan"]["rungs"][-1]["xla"]
     assert xla["seconds_per_image"] > 0 and isinstance(xla["used"], bool)
+
+
+def test_two_devices_give_one_devices_predictions_and_share_the_work(tiny_competition, tiny_model, tmp_path):
+    data = tiny_competition / "landmark-recognition"  # conftest splits the CPU into two logical devices
+    one, timing_one = run_script(data, tiny_model, tmp_path / "one", "--plan", "fixed", "--devices", "1")
+    two, timing_two = run_script(data, tiny_model, tmp_path / "two", "--plan", "fixed", "--devices", "2")
+    pd.testing.assert_frame_equal(one, two)
+    assert len(timing_one["devices"]) == 1 and timing_two["plan"]["devices"] == len(timing_two["devices"]) == 2
+    stages = timing_two["stages"]
+    done = {name: sum(items[name] for items in timing_two["devices"].values()) for name in devices.PASSES}
+    assert done == {"global": stages["global_db"]["items"] + stages["global_query"]["items"],
+                    "local": stages["local_features"]["items"]} and done["local"] > 0
+    assert all(min(items.values()) > 0 for items in timing_two["devices"].values()), "each device did some of both"
+
+
+def test_kit_logical_devices_splits_the_cpu_in_a_fresh_process(tiny_competition, tiny_model, tmp_path):
+    work = tmp_path / "work"
+    data = tiny_competition / "landmark-retrieval"
+    command = [sys.executable, str(SCRIPT), "--task", "retrieval", "--data", str(data),
+               "--model", str(tiny_model), "--out", str(tmp_path / "submission.csv"), "--work", str(work), *LIGHT,
+               "--plan", "fixed", "--rerank", "0"]
+    env = {**os.environ, devices.LOGICAL_DEVICES_ENV: "3"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    used = json.loads((work / "timing.json").read_text())["devices"]
+    assert sorted(used) == [f"/device:CPU:{i}" for i in range(3)]
+    assert sum(items["global"] for items in used.values()) > 0
+
+
+@pytest.mark.parametrize("flag, says", [("5", "--devices 5: only 2 visible"), ("two", "--devices 'two': expected")])
+def test_a_bad_devices_flag_is_one_error_line(tiny_competition, tiny_model, tmp_path, capsys, flag, says):
+    argv = ["--task", "recognition", "--data", str(tiny_competition / "landmark-recognition"), "--model",
+            str(tiny_model), "--out", str(tmp_path / "s.csv"), "--work", str(tmp_path / "work"), "--devices", flag]
+    assert sub.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {says}")
