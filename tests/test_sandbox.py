@@ -127,3 +127,11 @@ def test_without_root_the_sandbox_is_read_only_copies_and_says_the_network_was_n
     copied = tmp_path / "out" / "sandbox" / "kaggle" / "input" / "landmark-delg" / "kernel.py"
     assert copied.is_file() and not copied.stat().st_mode & 0o222
     assert 0 <= report["final"]["all"]["gap"] <= 1
+
+
+@root_only
+def test_a_run_over_its_ram_limit_is_killed_and_says_so(tiny_competition, bundle, tmp_path):
+    report = replay_bundle(tiny_competition, "recognition", bundle, tmp_path / "out", 1.0, ram_gb=0.1,
+                           extra_args=LIGHT)  # TensorFlow alone needs more
+    assert report["status"] == "killed" and report["sandbox"]["killed"] == "ram above its limit"
+    assert report["sandbox"]["ram"]["peak_gb"] > 0.1 and report["final"] is None
