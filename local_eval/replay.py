@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     limits.add_argument("--ram-gb", type=float, default=None, help="memory of the run's processes (default: no limit)")
     parser.add_argument("script_args", nargs="*", help="extra flags for submission/main.py, after `--`")
     args = parser.parse_args(argv)
+    if args.bundle is not None and args.python is not None:
+        parser.error("--python does not apply to --bundle: the sandbox runs kernel.py with this interpreter's packages")
     if args.bundle is not None:
         report = replay_bundle(args.competition, args.task, args.bundle, args.out, args.limit_h, args.disk_gb,
                                args.cpus, args.ram_gb, args.script_args)
