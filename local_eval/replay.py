@@ -2,6 +2,9 @@
 
 `python -m local_eval replay --competition DIR --task recognition|retrieval --model MODEL_DIR --out REPORT_DIR`
 
+--bundle DIR (instead of --model) runs a Kaggle bundle's kernel.py in a sandbox of the server's limits
+(local_eval/sandbox.py): read-only inputs, --disk-gb, --cpus, --ram-gb, no network.
+
 --python PATH runs the script with another interpreter (e.g. a venv of Kaggle's image's versions) while the kit
 keeps this one: how to check a new Kaggle image before spending a submission. Without it, $KIT_SCRIPT_PYTHON
 or this interpreter runs the script.
@@ -255,19 +258,36 @@ def format_report(task: str, report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from local_eval.sandbox import DEFAULT_DISK_GB, format_sandbox, replay_bundle  # it imports this module
+
     parser = KitArgumentParser(prog="python -m local_eval replay", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(TASK_FOLDERS))
-    parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--model", type=Path, help="exported DELG SavedModel folder")
+    given.add_argument("--bundle", type=Path, help="a bundle of `python -m export bundle`: its kernel.py run as Kaggle "
+                       "runs it (local_eval/sandbox.py, docs/kaggle-sandbox.md)")
     parser.add_argument("--out", required=True, type=Path, help="report folder (report.json, submissions, log)")
     parser.add_argument("--limit-h", type=float, default=NOTEBOOK_LIMIT_H,
                         help="wall-clock limit of the run, in hours (default %(default)s)")
     parser.add_argument("--python", default=None, metavar="PATH",
                         help="interpreter that runs the script, e.g. a venv of Kaggle's image's versions "
                              f"(default: ${SCRIPT_PYTHON_ENV}, else this one)")
+    limits = parser.add_argument_group("the sandbox of --bundle")
+    limits.add_argument("--disk-gb", type=float, default=DEFAULT_DISK_GB, help="size of /kaggle/working (default "
+                        "%(default)s)")
+    limits.add_argument("--cpus", type=int, default=None, help="CPUs the run may use (default: all of this process's)")
+    limits.add_argument("--ram-gb", type=float, default=None, help="memory of the run's processes (default: no limit)")
     parser.add_argument("script_args", nargs="*", help="extra flags for submission/main.py, after `--`")
     args = parser.parse_args(argv)
+    if args.bundle is not None and args.python is not None:
+        parser.error("--python does not apply to --bundle: the sandbox runs kernel.py with this interpreter's packages")
+    if args.bundle is not None:
+        report = replay_bundle(args.competition, args.task, args.bundle, args.out, args.limit_h, args.disk_gb,
+                               args.cpus, args.ram_gb, args.script_args)
+        print(format_report(args.task, report) + "\n" + format_sandbox(report["sandbox"]))
+        return 0 if report["status"] == "ok" else 1
     report = replay(args.competition, args.task, args.model, args.out, args.limit_h, args.script_args,
                     python=args.python)
     print(format_report(args.task, report))

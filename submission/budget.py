@@ -117,6 +117,7 @@ class Timing:
         self.rerank_depth = 0
         self.plan: dict = {}
         self.work: dict = {}  # what stage_units needs beyond the sizes: nonlandmarks, suppression, dba
+        self.devices: dict = {}  # per device, the images of the global and the local pass it did
 
     def add(self, stage: str, items: int, seconds: float) -> None:
         self.stages[stage]["items"] += int(items)
@@ -141,7 +142,7 @@ class Timing:
     def save(self) -> None:
         record = {"task": self.task, "budget_h": self.budget_h, "rerank_depth": self.rerank_depth,
                   "stages": self.stages, "total_seconds": time.monotonic() - self.start, "plan": self.plan,
-                  "work": self.work, "versions": self.versions}
+                  "work": self.work, "devices": self.devices, "versions": self.versions}
         save_json(self.path, record)
 
 
@@ -309,7 +310,8 @@ def plan_run(models: Models, inputs: Inputs, settings: Settings, timing: Timing,
     if budget.plan == "fixed" or run.shard != "0/1" or not inputs.db_ids:
         if extraction.global_xla == "auto":
             extraction = dataclasses.replace(extraction, global_xla="off")
-        timing.plan = {"mode": "fixed", "global": global_settings(extraction), "knn_seconds_per_item": knn_rate}
+        timing.plan = {"mode": "fixed", "global": global_settings(extraction), "knn_seconds_per_item": knn_rate,
+                       "devices": len(models.devices)}
         return extraction
     sizes = inputs.sizes()
     probe_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids[:budget.probe_images]]
@@ -321,6 +323,6 @@ def plan_run(models: Models, inputs: Inputs, settings: Settings, timing: Timing,
     chosen = timing.plan["rungs"][-1]
     extraction, chosen["xla"] = choose_xla(extraction, models.has(extraction.global_precision, True), gpu, measure,
                                            limit_s, chosen)
-    timing.plan.update(seconds_per_image=chosen["seconds_per_image"], sizes=sizes._asdict(),
-                       time_left_h=timing.time_left() / 3600)
+    timing.plan.update(seconds_per_image=chosen["seconds_per_image"], devices=len(models.devices),
+                       sizes=sizes._asdict(), time_left_h=timing.time_left() / 3600)
     return extraction

@@ -72,6 +72,7 @@ from budget import (  # noqa: E402
     stage_units,
     work_flags,
 )
+from devices import Replicas, chosen_devices, split_cpu  # noqa: E402
 from files import (  # noqa: E402
     append_verified_pairs,
     check_columns,
@@ -297,17 +298,19 @@ class Run:
     shard: str = setting("0/1", "i/n: extract only the i-th of n slices of the database descriptors, then stop")
     workers: int = setting(os.cpu_count() or 1, "processes verifying pairs; 0 or 1 verifies in this process",
                            minimum=0, maximum=1024)
+    devices: str = setting("all", "devices of the global and local passes, one stream of batches each: all (every "
+                           "GPU, else every CPU device; $KIT_LOGICAL_DEVICES=N splits a CPU into N) or a count")
     decode_threads: int = setting(4, "threads decoding images ahead of the model", minimum=1,
-                                 maximum=256)
+                                  maximum=256)
     decode_timeout_s: float = setting(120.0, "seconds the run waits for one image to be read and decoded; a "
                                       "slower one is logged and treated as unreadable", above=0, maximum=86_400)
     prefetch: int = setting(64, "images decoded ahead of the model", minimum=1, maximum=1024)
     chunk_size: int = setting(10_000, "images per cached global-descriptor chunk", minimum=1,
-                             maximum=1_000_000)
+                              maximum=1_000_000)
     local_cache_gb: float = setting(10.0, "disk kept for cached local features; the oldest go first", above=0,
-                                   maximum=10**6)
+                                    maximum=10**6)
     knn_block_mb: int = setting(512, "memory for one block of the query x database similarity matrix", minimum=1,
-                              maximum=10**6)
+                                maximum=10**6)
 
     def verifying_model(self) -> Path:
         return self.local_model or self.model[0]
@@ -472,11 +475,13 @@ def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
 # A DELG model (savedmodel.py) gives each image a global descriptor: each scale's L2-normalized, summed,
 # L2-normalized. store.py batches the images by size and caches the descriptors per model and split.
 class Models(NamedTuple):
-    """The global models (one, or an ensemble) and the one whose local features verify."""
+    """The global models (one, or an ensemble) and the one whose local features verify, each loaded once per
+    device; devices: per device, the images of each pass it did."""
 
-    global_models: list[DelgSavedModel]
+    global_models: list[Replicas]
     weights: tuple[float, ...]
-    local: DelgSavedModel
+    local: Replicas
+    devices: dict[str, dict[str, int]]
 
     def has(self, precision: str, xla: bool) -> bool:
         return all((precision, xla) in model.batched for model in self.global_models)
@@ -484,10 +489,13 @@ class Models(NamedTuple):
 
 def load_models(run: Run, extraction: Extraction) -> Models:
     paths = [path.resolve() for path in run.model]
-    models = [DelgSavedModel(path, extraction) for path in run.model]
+    devices, items = chosen_devices(run.devices), {}
+    replicas = lambda path: Replicas(lambda: DelgSavedModel(path, extraction), devices, items)
+    models = [replicas(path) for path in run.model]
     local_path_ = run.verifying_model().resolve()
-    local = models[paths.index(local_path_)] if local_path_ in paths else DelgSavedModel(local_path_, extraction)
-    return Models(models, run.model_weights or (1.0,) * len(models), local)
+    local = models[paths.index(local_path_)] if local_path_ in paths else replicas(local_path_)
+    log.info("global and local passes on %d device(s): %s", len(devices), ", ".join(devices))
+    return Models(models, run.model_weights or (1.0,) * len(models), local, items)
 
 
 class Descriptors(NamedTuple):
@@ -949,6 +957,7 @@ def rerank_order(priority: np.ndarray, query_ok: np.ndarray) -> list[int]:
 def run(settings: Settings) -> None:
     """Check the output paths, take --work, run."""
     run_ = settings.run
+    split_cpu()  # before anything sets TensorFlow's devices up
     check_output_paths(run_)
     with work_lock(run_.work):
         locked_run(settings)
@@ -962,6 +971,7 @@ def locked_run(settings: Settings) -> None:
     inputs = read_inputs(run_)
     timing.work = work_flags(settings, inputs.sizes())
     models = load_models(run_, settings.extraction)
+    timing.devices = models.devices
     if run_.probe is not None:
         return probe(models, inputs, settings, timing, candidate_count(settings), reranked, count_inliers)
     if parse_shard(run_.shard) == (0, 1):  # a valid file at once in WORK, whatever happens later

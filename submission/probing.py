@@ -14,9 +14,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 from budget import plan_run, project_rerank
-from search import knn, knn_seconds_per_item, l2_normalize
+from search import gpu_present, knn, knn_seconds_per_item, l2_normalize
 from settings_cli import InputError
 from verifier import verification_pool, verify_batch
 
@@ -75,6 +74,3 @@ def time_global_rerank(dim: int, stage: Global, candidates: int, reranked: Reran
     reranked(queries, database, *knn(queries, database, candidates), stage, block_mb=64)
     return (time.monotonic() - began) / len(queries)
 
-
-def gpu_present() -> bool:
-    return bool(tf.config.list_physical_devices("GPU"))

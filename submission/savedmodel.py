@@ -8,6 +8,7 @@ the boxes' centres, L2-normalized descriptors).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -79,6 +80,8 @@ class DelgSavedModel:
     """Calls a DELG SavedModel: TF2 serving_default (and its batched global signatures when exported with them),
     or a TF1 export through .prune() on tensor names."""
 
+    parallel = 1  # calls that may run at once (devices.py's Replicas: one per device)
+
     def __init__(self, model_dir: Path, extraction: Extraction):
         self.model = load_saved_model(model_dir)
         info = model_dir / "assets" / "export_info.json"  # a global-only export has no local features
@@ -114,6 +117,10 @@ class DelgSavedModel:
         names = [BATCH_SIGNATURES[key] for key in self.batched]
         log.info("loaded %s DELG model from %s (global dimension %d, batched global: %s)", self.kind, model_dir,
                  self.global_dim, ", ".join(names) or "no")
+
+    def device_copy(self, stage: str, count: int) -> contextlib.AbstractContextManager[DelgSavedModel]:
+        """The model itself, on the current device (devices.py's Replicas lends one copy per device)."""
+        return contextlib.nullcontext(self)
 
     def _prune(self, model_dir: Path, serving) -> Callable:
         """The TF1 contract: the graph's DELG tensors by name (input_max_feature_num and input_global_scales_ind

@@ -21,7 +21,7 @@ import time
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -280,11 +280,14 @@ def read_chunk(cache: Path, index: int, ids: list[str], fields_: tuple[str, ...]
 
 
 class Batcher:
-    """Collects (row, pixels) by image size and calls the model on full batches of one size."""
+    """Collects (row, pixels) by image size and calls the model on full batches of one size (on several devices:
+    each batch on the next free one, `close` before reading the rows)."""
 
     def __init__(self, model: DelgSavedModel, extraction: Extraction, descriptors: np.ndarray, ok: np.ndarray):
         self.model, self.ext, self.descriptors, self.ok = model, extraction, descriptors, ok
         self.pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        self.pool = ThreadPoolExecutor(model.parallel) if model.parallel > 1 else None  # one thread per device
+        self.running: deque[Future] = deque()
 
     def add(self, row: int, pixels: np.ndarray | None) -> int:
         """Queue one image; the number of images this call finished (computed, or unreadable)."""
@@ -302,24 +305,42 @@ class Batcher:
         return sum(self._run(shape) for shape in list(self.pending))
 
     def _run(self, shape: tuple) -> int:
+        """One batch of the group of this shape: computed here, or handed to the model's devices (at most two
+        batches waiting per device)."""
         group = self.pending.pop(shape)
+        if self.pool is None:
+            self._compute(shape, group)
+        else:
+            while len(self.running) >= 2 * self.model.parallel:
+                self.running.popleft().result()
+            self.running.append(self.pool.submit(self._compute, shape, group))
+        return len(group)
+
+    def close(self) -> None:
+        """Every batch handed to a device done, its rows written."""
+        while self.running:
+            self.running.popleft().result()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _compute(self, shape: tuple, group: list[tuple[int, np.ndarray]]) -> None:
         rows = [row for row, _ in group]
         images = np.stack([pixels for _, pixels in group])
         if (self.ext.global_precision, False) in self.model.batched and len(group) < self.ext.global_batch:
             padding = np.zeros((self.ext.global_batch - len(group), *shape), np.uint8)  # one compiled shape
             images = np.concatenate([images, padding])
-        try:
-            found = self.model.global_batch(images, self.ext.global_scales(), self.ext.global_precision,
-                                            self.ext.global_xla == "on")
-            self.descriptors[rows], self.ok[rows] = found[:len(rows)], True
-        except Exception as err:  # noqa: BLE001 - one bad image must not end the run: retry them one by one
-            log.warning("batched global call failed (%s); retrying its %d images one by one",
-                        str(err).splitlines()[0][:200], len(rows))
-            for row, pixels in group:
-                with contextlib.suppress(Exception):
-                    self.descriptors[row] = self.model.global_descriptor(pixels, self.ext.global_scales())
-                    self.ok[row] = True
-        return len(rows)
+        with self.model.device_copy("global", len(rows)) as model:
+            try:
+                found = model.global_batch(images, self.ext.global_scales(), self.ext.global_precision,
+                                           self.ext.global_xla == "on")
+                self.descriptors[rows], self.ok[rows] = found[:len(rows)], True
+            except Exception as err:  # noqa: BLE001 - one bad image must not end the run: retry them one by one
+                log.warning("batched global call failed (%s); retrying its %d images one by one",
+                            str(err).splitlines()[0][:200], len(rows))
+                for row, pixels in group:
+                    with contextlib.suppress(Exception):
+                        self.descriptors[row] = model.global_descriptor(pixels, self.ext.global_scales())
+                        self.ok[row] = True
 
 
 StopRule = Callable[[int, float], bool]  # (images done, seconds spent) -> stop now
@@ -357,6 +378,7 @@ def extract_global(model: DelgSavedModel, ids: list[str], paths: list[Path], cac
                 count = batcher.flush()
                 finished += count
                 bar.update(count)
+            batcher.close()
             saved = descriptors.astype(dtype)
             atomic_save(chunk_path(cache, c), lambda tmp, d=saved, o=ok, i=chunk_ids, s=stopped, t=stamps:
                         np.savez(tmp, ids=np.array(i), descriptors=d, ok=o, complete=not s, stamps=t))
@@ -497,21 +519,32 @@ def extract_local(model: DelgSavedModel, data: Path, images: list[tuple[str, str
     load = lambda item: decode_image(image_path(data, *item[:2]), extraction.max_image_side, extraction.min_image_side)
     decoded = prefetched(load, todo, run.decode_threads, run.prefetch, run.decode_timeout_s,
                          lambda item: str(image_path(data, *item[:2])))
-    done = 0
-    bar = tqdm(decoded, total=len(todo), desc="local", unit="img")
-    for (split, image_id, stamp), image in zip(todo, bar, strict=False):
+
+    def features_of(item: tuple[tuple[str, str, object], np.ndarray | None]) -> LocalFeatures | None:
+        """The image's features (none when unreadable or failing), or None once stop() says so."""
+        (_, image_id, _), image = item
         if stop():
-            decoded.close()
-            break
+            return None
         features = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 0), np.float32), 0)
         if image is not None:
             try:
-                features = model.local_features(image)
+                with model.device_copy("local", 1) as copy:
+                    features = copy.local_features(image)
             except Exception as err:  # noqa: BLE001 - one bad image must not end the run
                 log.warning("local extraction failed for %s: %s", image_id, str(err).splitlines()[0][:200])
+        return features
+
+    found = prefetched(features_of, zip(todo, decoded, strict=True), model.parallel, model.parallel)  # one per device
+    done = 0
+    for (split, image_id, stamp), features in zip(todo, tqdm(found, total=len(todo), desc="local", unit="img"),
+                                                  strict=False):
+        if features is None:
+            break
         atomic_save(local_path(cache, split, image_id), lambda tmp, f=features, t=stamp: np.savez(
             tmp, keypoints=f.keypoints, descriptors=f.descriptors.astype(np.float16), side=f.side, stamp=t))
         done += 1
+    found.close()
+    decoded.close()
     return done
 
 
