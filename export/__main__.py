@@ -34,15 +34,15 @@ COMMANDS = {  # name -> ("module:function", help); this module is __main__ under
 RUN_HELP = "training run folder (config.json, checkpoints/)"
 
 
-def _parser(command: str, ensemble: bool = False) -> argparse.ArgumentParser:
+def _parser(command: str, ensemble: bool = False, run_required: bool = True) -> argparse.ArgumentParser:
     """The flags every export shares; with `ensemble`, --run repeats and --model-weights weighs the runs."""
     parser = KitArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command][1])
     if ensemble:
-        parser.add_argument("--run", type=Path, action="append", required=True,
+        parser.add_argument("--run", type=Path, action="append", required=run_required,
                             help=RUN_HELP + "; repeat it for an ensemble (--run A --run B)")
         parser.add_argument("--model-weights", type=float, nargs="+", default=None, metavar="W",
-                            help="ensemble: one weight per --run, as submission/main.py's --model-weights "
-                                 "(default all 1)")
+                            help="ensemble: one weight per --run (bundle: or per --model), as submission/main.py's "
+                                 "--model-weights (default all 1)")
     else:
         parser.add_argument("--run", type=Path, required=True, help=RUN_HELP)
     parser.add_argument("--overwrite", action="store_true",
@@ -99,12 +99,15 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     """Parse, then check what every export shares: each --run is a folder (and an ensemble's weights fit its runs),
     --out can be written where it points."""
     args = parser.parse_args(argv)
-    ensemble = isinstance(args.run, list)  # retrieval and bundle: --run repeats
-    for run in args.run if ensemble else [args.run]:
-        check_input_folder("--run", run)
-    if ensemble:
-        _check_ensemble(args.run, args.model_weights)
-    inputs = [("--run", run) for run in (args.run if ensemble else [args.run])]
+    if isinstance(args.run, list) or hasattr(args, "model"):  # retrieval and bundle: members repeat
+        flag, members = _members(args)
+        for member in members:
+            check_input_folder(flag, member)
+        _check_ensemble(flag, members, args.model_weights)
+        inputs = [(flag, member) for member in members]
+    else:
+        check_input_folder("--run", args.run)
+        inputs = [("--run", args.run)]
     inputs += [(flag, getattr(args, flag[2:].replace("-", "_"), None))
                for flag in ("--whiten-data", "--script", "--settings", "--nonlandmark-dir")]
     inputs += [("--wheel", wheel) for wheel in getattr(args, "wheel", [])]
@@ -113,17 +116,31 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
-def _check_ensemble(runs: list[Path], weights: list[float] | None) -> None:
-    """Each --run once; --model-weights, when given, one finite weight above 0 per --run."""
+def _members(args: argparse.Namespace) -> tuple[str, list[Path]]:
+    """The flag and folders of an ensemble's members: the --run folders, or (bundle) the --model exports."""
+    models = getattr(args, "model", None)
+    if models and args.run:
+        raise UserError("--model and --run together: ship the exports you replayed (--model) or export the runs "
+                        "again (--run), not both")
+    if models:
+        return "--model", models
+    if not args.run:
+        raise UserError("give --model EXPORT_DIR (the export you replayed and tuned) or --run RUN_DIR (export it "
+                        "again)")
+    return "--run", args.run
+
+
+def _check_ensemble(flag: str, members: list[Path], weights: list[float] | None) -> None:
+    """Each member (--run or --model) once; --model-weights, when given, one finite weight above 0 per member."""
     seen = set()
-    for run in runs:
-        if run.resolve() in seen:
-            raise UserError(f"--run {run} is given twice; give each run of the ensemble once")
-        seen.add(run.resolve())
+    for member in members:
+        if member.resolve() in seen:
+            raise UserError(f"{flag} {member} is given twice; give each member of the ensemble once")
+        seen.add(member.resolve())
     if weights is None:
         return
-    if len(weights) != len(runs):
-        raise UserError(f"--model-weights gives {len(weights)} weights for {len(runs)} --run")
+    if len(weights) != len(members):
+        raise UserError(f"--model-weights gives {len(weights)} weights for {len(members)} {flag}")
     for weight in weights:
         check_positive("--model-weights", weight)
 
@@ -189,8 +206,23 @@ def main_retrieval(argv: list[str] | None) -> None:
     print(f"{args.out}: {size_mb:.1f} MB (limit {args.max_mb:g} MB)")
 
 
+def _check_exported_flags(args: argparse.Namespace) -> None:
+    """With --model the export is shipped as it is: a flag that would change it is an error."""
+    changing = [flag for flag in WHITEN_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if not args.whiten:
+        changing.append("--no-whiten")
+    if args.float16:
+        changing.append("--float16")
+    if changing:
+        raise UserError(f"{changing[0]} has no effect with --model: its export is shipped as it is (export it "
+                        "with that flag and replay it first, or use --run)")
+
+
 def main_bundle(argv: list[str] | None) -> None:
-    parser = _parser("bundle", ensemble=True)
+    parser = _parser("bundle", ensemble=True, run_required=False)
+    parser.add_argument("--model", type=Path, action="append", default=None, metavar="EXPORT_DIR",
+                        help="a DELG SavedModel folder (`export delg`'s), shipped byte for byte: the export you "
+                             "replayed and tuned; repeat it for an ensemble; instead of --run, which exports again")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     parser.add_argument("--kaggle-user", required=True, help="your Kaggle user name (owner of dataset and notebook)")
     parser.add_argument("--dataset", default="delg-landmark-model", help="dataset slug (default %(default)s)")
@@ -212,18 +244,20 @@ def main_bundle(argv: list[str] | None) -> None:
                              "settings.json and passed to main.py")
     parser.add_argument("--nonlandmark-dir", type=Path, default=None,
                         help="folder of images showing no landmark, shipped as nonlandmark/, passed to main.py")
-    parser.add_argument("--float16", action="store_true", help="export the model with --float16")
+    parser.add_argument("--float16", action="store_true", help="export the model with --float16 (--run only)")
     _add_whiten_flags(parser)
     args = _parse(parser, argv)
     for flag in ("--kaggle-user", "--dataset", "--kernel", "--competition"):
         _check_slug(flag, getattr(args, flag[2:].replace("-", "_")))
     check_positive("--time-budget-h", args.time_budget_h)
-    whiten = _whiten_settings(args)
-    print(build_bundle(args.run, args.out, user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel,
-                       competition=args.competition, wheels=args.wheel, pythons=args.python, script=args.script,
-                       overwrite=args.overwrite, budget_h=args.time_budget_h, settings=args.settings,
-                       nonlandmark_dir=args.nonlandmark_dir, float16=args.float16, whiten=whiten,
-                       weights=args.model_weights))
+    if args.model:
+        _check_exported_flags(args)
+    whiten = None if args.model else _whiten_settings(args)
+    print(build_bundle(args.model or args.run, args.out, user=args.kaggle_user, dataset=args.dataset,
+                       kernel=args.kernel, competition=args.competition, wheels=args.wheel, pythons=args.python,
+                       script=args.script, overwrite=args.overwrite, budget_h=args.time_budget_h,
+                       settings=args.settings, nonlandmark_dir=args.nonlandmark_dir, float16=args.float16,
+                       whiten=whiten, weights=args.model_weights, exported=bool(args.model)))
 
 
 def main(argv: list[str]) -> int:

@@ -3,9 +3,10 @@
 Layout:
     dataset-metadata.json    the dataset (model + scripts + wheels)
     kernel-metadata.json     the notebook: internet off, GPU on, this dataset and the competition attached
-    delg/                    the DELG SavedModel (label map in delg/assets/)
-    delg-2/, delg-3/, ...    an ensemble's other runs (several --run): kernel.py passes every model as main.py
-                             --model, in --run order (the first, delg/, gives the local features), and
+    delg/                    the DELG SavedModel (label map in delg/assets/): with --model, that export folder
+                             byte for byte (the one replayed and tuned); with --run, exported again from the run
+    delg-2/, delg-3/, ...    an ensemble's other members (several --model or --run): kernel.py passes every model as
+                             main.py --model, in the order given (the first, delg/, gives the local features), and
                              --model-weights when given
     submission/*.py          the submission script as main.py, with the .py files beside it (modules it imports)
     kernel.py                the notebook's code file: installs the wheel for its Python offline, runs main.py on
@@ -250,6 +251,23 @@ def check_settings_file(path: Path, competition: str, budget_h: float) -> None:
         raise UserError(str(err)) from None
 
 
+def warn_without_nonlandmarks(competition: str, budget_h: float, settings: Path | None) -> None:
+    """A warning when a bundle without non-landmark images runs recognition with settings (the settings file over
+    main.py's defaults) that use them: non-landmark suppression or the non-landmark penalty."""
+    if launcher_task(competition) != "recognition":
+        return
+    argv = ["--task", "recognition", "--data", ".", "--model", ".", "--time-budget-h", str(budget_h)]
+    parsed = load_submission().parse_settings(argv + (["--settings", str(settings)] if settings else []))
+    uses = []
+    if parsed.global_stage.suppression:
+        uses.append(f"global_stage.suppression ({parsed.sources.get('suppression', 'the default')})")
+    if parsed.scoring.nonlandmark_penalty > 0:
+        uses.append(f"scoring.nonlandmark_penalty {parsed.scoring.nonlandmark_penalty:g}")
+    if uses:
+        log.warning("the bundle has no non-landmark images (--nonlandmark-dir) but its settings use them: %s; "
+                    "without them main.py skips that step, unlike a replay or tune that had them", ", ".join(uses))
+
+
 def nonlandmark_images(folder: Path) -> list[Path]:
     """The images (IMAGE_SUFFIXES) under --nonlandmark-dir, at any depth; a UserError when there are none."""
     if not folder.is_dir():
@@ -268,26 +286,52 @@ def copy_images(images: list[Path], source: Path, target: Path) -> None:
         shutil.copy2(image, destination)
 
 
+def check_exported_model(model_dir: Path) -> None:
+    """A --model argument: a SavedModel folder (an `export delg` output, or any DELG SavedModel main.py loads)."""
+    if not (model_dir / "saved_model.pb").is_file():
+        raise UserError(f"--model {model_dir}: not a SavedModel folder (no saved_model.pb); give the folder "
+                        "`export delg` wrote, or --run to export from a training run")
+
+
+def add_models(sources: Sequence[Path], exported: bool, target: Path, float16: bool,
+               whiten: WhitenSettings | None) -> list[str]:
+    """The bundle's model folders under target: each exported folder copied byte for byte, or each run exported
+    again (said in the log: its whitening is fitted again, so it is not an export that was replayed)."""
+    models = model_dirs(len(sources))
+    for source, model in zip(sources, models, strict=True):
+        if exported:
+            log.info("shipping %s as %s/, byte for byte", source, model)
+            shutil.copytree(source, target / model, symlinks=False)
+        else:
+            log.info("re-exporting run %s as %s/ (a new export: not one that was replayed; --model ships an "
+                     "export as it is)", source, model)
+            export_delg(source, target / model, float16=float16, whiten=whiten)
+    return models
+
+
 def build_bundle(run_dirs: Sequence[Path], out_dir: Path, user: str, dataset: str, kernel: str,
                  competition: str = DEFAULT_COMPETITION, wheels: list[Path] | None = None,
                  pythons: list[str] | None = None, script: Path = SUBMISSION_SCRIPT, overwrite: bool = False,
                  budget_h: float = DEFAULT_BUDGET_H, settings: Path | None = None,
                  nonlandmark_dir: Path | None = None, float16: bool = False,
-                 whiten: WhitenSettings | None = None, weights: Sequence[float] | None = None) -> Path:
+                 whiten: WhitenSettings | None = None, weights: Sequence[float] | None = None,
+                 exported: bool = False) -> Path:
     """Write the bundle folder: each run's DELG export (PCA-whitened with `whiten`; several runs are an ensemble,
-    `weights` one per run), scripts, wheels, settings and non-landmark images. Wheels: the given ones plus one
-    fetched per Python in `pythons` (None: KAGGLE_PYTHONS, unless wheels are given)."""
+    `weights` one per run), or with `exported` the given export folders as they are; scripts, wheels, settings and
+    non-landmark images. Wheels: the given ones plus one fetched per Python in `pythons` (None: KAGGLE_PYTHONS,
+    unless wheels are given)."""
     if not script.is_file():
         raise UserError(f"{script}: submission script not found")
+    if exported:
+        for model_dir in run_dirs:
+            check_exported_model(Path(model_dir))
     if settings is not None:
         check_settings_file(settings, competition, budget_h)
     images = nonlandmark_images(nonlandmark_dir) if nonlandmark_dir is not None else []
     with tempfile.TemporaryDirectory(prefix="pydegensac-") as downloads:
         shipped = gather_wheels(list(wheels or []), pythons, Path(downloads))
         with atomic_output_dir(out_dir, overwrite=overwrite, kind=BUNDLE_KIND) as tmp:
-            models = model_dirs(len(run_dirs))
-            for run_dir, model in zip(run_dirs, models, strict=True):
-                export_delg(run_dir, tmp / model, float16=float16, whiten=whiten)
+            models = add_models(run_dirs, exported, tmp, float16, whiten)
             scripts = copy_scripts(script, tmp / SCRIPT_DIR)
             (tmp / WHEEL_DIR).mkdir()
             for wheel in shipped:
@@ -309,5 +353,7 @@ def build_bundle(run_dirs: Sequence[Path], out_dir: Path, user: str, dataset: st
     warn_without_kaggle_python(shipped)
     if images:
         log.info("shipped %d non-landmark images", len(images))
+    else:
+        warn_without_nonlandmarks(competition, budget_h, settings)
     log.info("wrote %s", out_dir)
     return Path(out_dir)

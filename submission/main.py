@@ -160,6 +160,9 @@ class Extraction:
                                 maximum=100_000)
     attention_threshold: float = setting(DELG_ATTENTION_ABS_THRESHOLD, "minimum attention score of a local feature",
                                          minimum=-1e6, maximum=1e6)
+    border_margin: float = setting(0.0, "drop local features whose keypoint (receptive-field centre) lies within "
+                                   "this share of the image's longer side from its border, where padding gives "
+                                   "features that match anything; 0 = keep all", minimum=0, below=0.5)
     global_precision: str = setting("float32", "global pass precision; float16 needs a model exported with "
                                     "--float16", choices=("float32", "float16"))
     global_batch: int = setting(16, "images per batched global call (models exported with global_batch)", minimum=1,

@@ -90,6 +90,7 @@ class DelgSavedModel:
         self.global_indices = tf.constant(extraction.global_scale_indices, tf.int32)
         self.max_features = extraction.max_features
         self.threshold = tf.constant(extraction.attention_threshold, tf.float32)
+        self.border_margin = extraction.border_margin
         signatures = getattr(self.model, "signatures", {})
         serving = signatures.get("serving_default")
         if serving is not None and set(DELG_INPUTS) <= set(serving.structured_input_signature[1]):
@@ -173,9 +174,22 @@ class DelgSavedModel:
         return outputs["global_descriptors"].numpy().astype(np.float32)
 
     def local_features(self, image: np.ndarray) -> LocalFeatures:
-        """Keypoints [N,2] (box centres, y x), L2-normalized descriptors [N,128] and the image's longer side."""
+        """Keypoints [N,2] (box centres, y x), L2-normalized descriptors [N,128] and the image's longer side; the
+        features within the border margin dropped."""
         outputs = self(image, self.max_features)
         boxes = outputs["boxes"].reshape(-1, 4)
         keypoints = (boxes[:, :2] + boxes[:, 2:]) / 2
-        return LocalFeatures(keypoints.astype(np.float32), l2_normalize(outputs["features"].astype(np.float32)),
+        keep = away_from_border(keypoints, image.shape[:2], self.border_margin)
+        descriptors = outputs["features"][keep]
+        return LocalFeatures(keypoints[keep].astype(np.float32), l2_normalize(descriptors.astype(np.float32)),
                              max(image.shape[:2]))
+
+
+def away_from_border(keypoints: np.ndarray, shape: tuple[int, int], margin: float) -> np.ndarray:
+    """Mask of the keypoints [N,2] (y, x pixel coordinates) at least margin x the longer side inside each edge of
+    an image of shape (height, width); with margin 0, all of them (even centres in the padding)."""
+    if margin <= 0:
+        return np.ones(len(keypoints), bool)
+    band = margin * max(shape)
+    low, high = band - 0.5, np.asarray(shape, np.float64) - 0.5 - band  # pixel i spans [i - 0.5, i + 0.5]
+    return np.all((keypoints >= low) & (keypoints <= high), axis=1)

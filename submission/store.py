@@ -562,7 +562,7 @@ def cache_keys(run: Run, extraction: Extraction) -> dict:
                                                if (model / name).is_file()}}
     ext = dataclasses.asdict(extraction)
     local = {name: ext[name] for name in ("scales", "max_image_side", "min_image_side", "max_features",
-                                          "attention_threshold")}
+                                          "attention_threshold", "border_margin")}
     global_ = {**global_settings(extraction), "cache_float16": extraction.cache_float16,
                "buckets": [BUCKET_ASPECTS, BUCKET_SIDES]}
     return json.loads(json.dumps({"global": {"models": [files(m) for m in run.model], "settings": global_},

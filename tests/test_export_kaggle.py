@@ -422,3 +422,89 @@ def test_kernel_without_a_wheel_for_its_python_ends_with_one_error_line(kernel_b
     assert result.returncode == 2 and result.stdout == ""  # main.py never started
     assert result.stderr.strip() == (f"error: no pydegensac wheel for this Python {platform.python_version()} "
                                      f"({THIS_TAG}) in {dataset}/wheels; wheels found: {', '.join(others)}")
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under folder by its relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def exported_models(run, second_run, delg_exports, root: Path) -> list[Path]:
+    """Two DELG exports as `export delg` writes them (each run's, unwhitened) in folders of their own."""
+    return [delg_exports(run_dir, root / name, whiten=None) for run_dir, name in ((run[0], "a"), (second_run[0], "b"))]
+
+
+def test_bundle_of_exports_ships_them_byte_for_byte(run, second_run, delg_exports, tmp_path, monkeypatch, caplog):
+    models = exported_models(run, second_run, delg_exports, tmp_path / "exports")
+    monkeypatch.setattr("export.bundle.export_delg", lambda *args, **kwargs: pytest.fail("exported again"))
+    out = tmp_path / "bundle"
+    argv = ["bundle", "--model", str(models[0]), "--model", str(models[1]), "--model-weights", "1", "0.5", "--out",
+            str(out), "--kaggle-user", "alice", "--script", str(echo_script(tmp_path / "scripts")),
+            "--wheel", str(write_wheel(tmp_path, THIS_TAG))]
+    with caplog.at_level("INFO"):
+        assert export_main(argv) == 0
+    for model, shipped in zip(models, ("delg", "delg-2"), strict=True):
+        assert folder_bytes(out / shipped) == folder_bytes(model)  # every file, the same bytes
+        assert f"shipping {model} as {shipped}/, byte for byte" in caplog.text
+    received = run_kernel(out)
+    assert received[4:11] == ["--model", f"{out}/delg", "--model", f"{out}/delg-2", "--model-weights", "1.0", "0.5"]
+
+
+def test_bundle_of_a_run_says_that_it_exports_again(run, tmp_path, export_once, caplog):
+    out = tmp_path / "bundle"
+    argv = bundle_argv(run[0], out, "--script", str(echo_script(tmp_path / "scripts")),
+                       "--wheel", str(write_wheel(tmp_path, THIS_TAG)))
+    with caplog.at_level("INFO"):
+        assert export_main(argv) == 0
+    assert f"re-exporting run {run[0]} as delg/ (a new export: not one that was replayed" in caplog.text
+    assert (out / "delg" / "saved_model.pb").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--run", "{run}", "--model", "{model}"], "--model and --run together"),
+    ([], "give --model EXPORT_DIR"),
+    (["--model", "{run}"], "--model {run}: not a SavedModel folder (no saved_model.pb)"),
+    (["--model", "{model}", "--model", "{model}"], "--model {model} is given twice"),
+    (["--model", "{model}", "--model-weights", "1", "2"], "--model-weights gives 2 weights for 1 --model"),
+    (["--model", "{model}", "--float16"], "--float16 has no effect with --model"),
+    (["--model", "{model}", "--whiten-images", "10"], "--whiten-images has no effect with --model"),
+    (["--model", "{model}", "--no-whiten"], "--no-whiten has no effect with --model"),
+])
+def test_bad_bundle_sources_are_one_line_errors(run, delg_exports, tmp_path, capsys, flags, message):
+    model = delg_exports(run[0], tmp_path / "export", whiten=None)
+    names = {"run": run[0], "model": model}
+    argv = ["bundle", *[flag.format(**names) for flag in flags], "--out", str(tmp_path / "b"),
+            "--kaggle-user", "alice", "--wheel", str(write_wheel(tmp_path, THIS_TAG))]
+    assert export_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: " + message.format(**names)) and "\n" not in err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("competition, settings, nonlandmarks, warned", [
+    ("landmark-recognition-2021", None, False, "global_stage.suppression (the default)"),
+    ("landmark-recognition-2021", {"global_stage": {"suppression": False}}, False, None),
+    ("landmark-recognition-2021", {"global_stage": {"suppression": False}, "scoring": {"nonlandmark_penalty": 0.5}},
+     False, "scoring.nonlandmark_penalty 0.5"),
+    ("landmark-recognition-2021", None, True, None),
+    ("landmark-retrieval-2021", None, False, None),  # retrieval uses no non-landmark images
+])
+def test_bundle_warns_when_its_settings_need_nonlandmarks_it_lacks(run, delg_exports, tmp_path, caplog, competition,
+                                                                    settings, nonlandmarks, warned):
+    model = delg_exports(run[0], tmp_path / "export", whiten=None)
+    argv = ["bundle", "--model", str(model), "--out", str(tmp_path / "b"), "--kaggle-user", "alice",
+            "--competition", competition, "--script", str(echo_script(tmp_path / "scripts")),
+            "--wheel", str(write_wheel(tmp_path, THIS_TAG))]
+    if settings is not None:
+        (tmp_path / "tuned.json").write_text(json.dumps(settings))
+        argv += ["--settings", str(tmp_path / "tuned.json")]
+    if nonlandmarks:
+        (tmp_path / "nl").mkdir()
+        Image.fromarray(random_image(40, 30)).save(tmp_path / "nl" / "n1.jpg")
+        argv += ["--nonlandmark-dir", str(tmp_path / "nl")]
+    assert export_main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "non-landmark" in r.getMessage()]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0] and "--nonlandmark-dir" in warnings[0]

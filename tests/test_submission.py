@@ -5,6 +5,7 @@ import dataclasses
 import io
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +61,27 @@ def test_tf1_model_goes_through_prune_and_matches_tf2(models):
     assert len(kp1) == 200
     np.testing.assert_allclose(kp1, kp2, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(desc1, axis=1), 1.0, atol=1e-5)
+
+
+def test_border_margin_drops_the_local_features_near_the_image_border(models):
+    image = textured_image(2)[:, :64]  # 96 rows, 64 columns: the margin is a share of the longer side
+    band = 0.1 * 96
+    for model_dir in models:  # our TF2 export and a TF1 model as Google releases them
+        every = delg(model_dir).local_features(image)
+        inner = delg(model_dir, border_margin=0.1).local_features(image)
+        y, x = every.keypoints.T  # pixel i spans [i - 0.5, i + 0.5]
+        to_border = np.minimum.reduce([y + 0.5, 96 - 0.5 - y, x + 0.5, 64 - 0.5 - x])
+        kept = to_border >= band
+        assert 0 < kept.sum() < len(kept)  # the image has features on both sides of the band
+        np.testing.assert_array_equal(inner.keypoints, every.keypoints[kept])
+        np.testing.assert_array_equal(inner.descriptors, every.descriptors[kept])
+        assert inner.side == every.side == 96
+
+
+def test_border_margin_is_part_of_the_local_cache_key():
+    run = sub.Run(task="recognition", data=Path("d"), model=(Path("m"),))
+    keys = [store.cache_keys(run, dataclasses.replace(EXTRACTION, border_margin=m)) for m in (0.0, 0.05)]
+    assert keys[0]["local"] != keys[1]["local"] and keys[0]["global"] == keys[1]["global"]
 
 
 def test_global_descriptor_normalizes_each_scale_then_the_sum(models):
@@ -219,6 +241,7 @@ REQUIRED = ["--task", "recognition", "--data", "d", "--model", "m"]
     ("--scales", "0.5 -1", "--scales must be > 0, got -1.0"),
     ("--global-scale-indices", "9", "--global-scale-indices 9 is out of range for 7 --scales"),
     ("--shard", "2/2", "--shard 2/2: need 0 <= i < n"),
+    ("--border-margin", "0.5", "--border-margin must be < 0.5, got 0.5"),
 ])
 def test_every_setting_is_range_checked_with_one_line(capsys, flag, value, message):
     assert sub.main([*REQUIRED, flag, *value.split()]) == 2
