@@ -38,7 +38,7 @@ DEMO = {
     "tradeoff_depths": [0, 3, 10],  # recognition rerank depths scored on each rung
     "tradeoff_rungs": 2,  # the first rungs of the plan's ladder: as given, then one global scale
     "show_queries": 12,  # queries pictured in the HTML report
-    "probe_images": 30,  # the probe the summary suggests (see README, "Fitting the server")
+    "probe_images": 30,  # the probe the summary suggests (see docs/fitting-the-server.md)
 }
 log = logging.getLogger("demo")
 

@@ -176,8 +176,8 @@ class Extraction:
 
 
 # The global stage's defaults (database whitening, top 3, suppression at weight 0.5) were chosen on a small
-# synthetic competition (seed 41, tiny 300-step model exported with `export delg`'s defaults); README "The global
-# stage" has the table and how it was measured. alpha-QE, DBA and SuperGlobal lowered every score there: off
+# synthetic competition (seed 41, tiny 300-step model exported with `export delg`'s defaults); docs/global-stage.md
+# has the table and how it was measured. alpha-QE, DBA and SuperGlobal lowered every score there: off
 # (retrieval turns QE and DBA on in TASK_DEFAULTS).
 @dataclass(frozen=True)
 class Global:
@@ -323,10 +323,10 @@ SECTIONS = {"extraction": Extraction, "global_stage": Global, "verification": Ve
             "budget": Budget}
 # Each task's own defaults, over the sections' and under a preset. The verification and scoring defaults above
 # and each task's rerank depth were chosen by `local_eval tune` on three synthetic competitions (seeds 21-23,
-# averaged with `tune-merge`, chosen on Public); README "Defaults" has the tables and the command that reproduces
+# averaged with `tune-merge`, chosen on Public); docs/defaults-and-tuning.md has the tables and the command that reproduces
 # them. Retrieval's global stage (lighter database whitening, alpha-QE n 1, DBA n 3 at alpha 5) raised global-only
 # and reranked mAP@100 on five synthetic competitions, two of them (seeds 44, 45) held out from the choice; on
-# recognition it lowered the verified GAP. README "The global stage" has the figures.
+# recognition it lowered the verified GAP. docs/global-stage.md has the figures.
 TASK_DEFAULTS: dict[str, dict] = {
     "recognition": {},
     "retrieval": {"rerank": 100, "whiten_shrinkage": 0.02, "qe_n": 1, "dba_n": 3, "dba_alpha": 5.0},
@@ -589,7 +589,7 @@ def nonlandmark_cosines(descriptors: np.ndarray, nonlandmarks: np.ndarray, k: in
 
 # %% 5. The global stage
 # Between the kNN and verification: each step optional, each measured on the kit's own competitions before it
-# became a default (README "The global stage"). Descriptors are unit rows; cosines are inner products.
+# became a default (docs/global-stage.md). Descriptors are unit rows; cosines are inner products.
 class Whitening(NamedTuple):
     mean: np.ndarray  # [D]
     projection: np.ndarray  # [D, D]: onto the principal axes, each scaled to unit variance

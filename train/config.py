@@ -90,8 +90,8 @@ class TrainConfig:
 
 
 # tiny keeps the stride-16 local head: on the demo competition (96 px training) it reranks far better than
-# stride 32 (README, "Training"); r50 / r101 keep DELF's stride 32. Its 128-d descriptor and crops of at least 30%
-# of the image raised the global-only scores of both tasks on five seeds (README, "The global stage").
+# stride 32 (docs/training-options.md); r50 / r101 keep DELF's stride 32. Its 128-d descriptor and crops of at least 30%
+# of the image raised the global-only scores of both tasks on five seeds (docs/global-stage.md).
 CONFIGS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(backbone="tiny", embedding_dim=128, attention_hidden=64, image_size=96, local_stride=16,
                         crop_min_area=0.3, batch_size=32, steps=300, learning_rate=0.1, warmup_steps=30,
@@ -99,7 +99,7 @@ CONFIGS: dict[str, TrainConfig] = {
     # DELG and every 2020-2021 winner started from ImageNet weights: so does every named Keras backbone.
     "r50": TrainConfig(backbone="resnet50", backbone_weights="imagenet"),
     "r101": TrainConfig(backbone="resnet101", backbone_weights="imagenet"),
-    # The backbones of the 2020-2021 winners' ensembles (README, "Training"), at DELG's other defaults.
+    # The backbones of the 2020-2021 winners' ensembles (docs/training-options.md), at DELG's other defaults.
     "r152": TrainConfig(backbone="resnet152", backbone_weights="imagenet"),
     "effb5": TrainConfig(backbone="efficientnet-b5", backbone_weights="imagenet"),
     "effb7": TrainConfig(backbone="efficientnet-b7", backbone_weights="imagenet"),
