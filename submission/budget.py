@@ -247,7 +247,8 @@ def database_stop_rule(timing: Timing, sizes: Sizes, knn_rate: float) -> Callabl
 def plan_depth(timing: Timing, queries_left: int, max_depth: int, new_image_share: float) -> int:
     """Deepest rerank (<= max_depth) whose projected cost for the remaining queries fits the time left; at
     least 1 while one more query fits. Breadth first: measured on local competitions, at a fixed cost more
-    queries at depth 1-3 beat fewer at depth 10-20 (docs/defaults-and-tuning.md), and the queries come most confident first."""
+    queries at depth 1-3 beat fewer at depth 10-20 (docs/defaults-and-tuning.md), and the queries come most
+    confident first."""
     per_image, per_pair = timing.rate("local_features"), timing.rate("verification")
     if per_image is None or per_pair is None:
         return max_depth  # the warm-up batch measures the rates

@@ -1,4 +1,4 @@
-"""Tiny SavedModels with the DELG contract (the contract export/delg.py writes and checks), for tests of the submission script.
+"""Tiny SavedModels with the DELG contract (as export/delg.py writes it), for tests of the submission script.
 
 The network is one random 8x8 stride-4 convolution: its responses are the local descriptors, their norms
 the attention scores, and the mean of their ReLU the global descriptor of each scale. Crude, but the
