@@ -321,12 +321,12 @@ class Run:
 
 SECTIONS = {"extraction": Extraction, "global_stage": Global, "verification": Verification, "scoring": Scoring,
             "budget": Budget}
-# Each task's own defaults, over the sections' and under a preset. The verification and scoring defaults above
-# and each task's rerank depth were chosen by `local_eval tune` on three synthetic competitions (seeds 21-23,
-# averaged with `tune-merge`, chosen on Public); docs/defaults-and-tuning.md has the tables and the command that
-# reproduces them. Retrieval's global stage (lighter database whitening, alpha-QE n 1, DBA n 3 at alpha 5) raised
-# global-only and reranked mAP@100 on five synthetic competitions, two of them (seeds 44, 45) held out from the choice; on
-# recognition it lowered the verified GAP. docs/global-stage.md has the figures.
+# Each task's own defaults, over the sections' and under a preset. The verification and scoring defaults above and
+# each task's rerank depth were chosen by `local_eval tune` on three synthetic competitions (seeds 21-23, averaged
+# with `tune-merge`, chosen on Public); docs/defaults-and-tuning.md has the tables and the command that reproduces
+# them. Retrieval's global stage (lighter database whitening, alpha-QE n 1, DBA n 3 at alpha 5) raised global-only and
+# reranked mAP@100 on five synthetic competitions, two of them (seeds 44, 45) held out from the choice; on recognition
+# it lowered the verified GAP. docs/global-stage.md has the figures.
 TASK_DEFAULTS: dict[str, dict] = {
     "recognition": {},
     "retrieval": {"rerank": 100, "whiten_shrinkage": 0.02, "qe_n": 1, "dba_n": 3, "dba_alpha": 5.0},
