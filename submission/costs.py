@@ -27,7 +27,6 @@ TIMED_PRODUCT = (256, 16_384)  # queries x database rows of the timed kNN (searc
 KNN_DB_CHUNK = 8192  # database rows per numpy multiply (measured best with KNN_Q_BLOCK on 2 cores)
 KNN_Q_BLOCK = 512  # queries per numpy multiply
 DBA_BLOCK = KNN_Q_BLOCK * 8  # database rows DBA augments per search
-WHITEN_BLOCK = 65_536  # rows whitened at a time (float64 while fitting)
 SUPERGLOBAL_BATCH = 8  # queries SuperGlobal refines at a time
 
 # Measured figures (DESIGN.md "Numbers to know"), the sources of the defaults and of --matmul-speedup's help:
@@ -238,13 +237,6 @@ def dba_bytes(db: int, work: Work, n: int = 10) -> int:
     """DBA: the database, its augmented copy, one search's block and a block's neighbours' vectors."""
     return (2 * descriptor_rows_bytes(db, work) + knn_block_bytes(work, db)
             + DBA_BLOCK * n * work.dim * FLOAT32)
-
-
-def whitening_bytes(rows: int, work: Work) -> int:
-    """Whitening: the rows (whitened in place); a block's float64 copy while fitting, or its three float32
-    temporaries while applying (centred, projected, normalized); the covariance and its axes."""
-    block = min(rows, WHITEN_BLOCK) * work.dim
-    return descriptor_rows_bytes(rows, work) + max(8 * block, 3 * FLOAT32 * block) + 4 * work.dim ** 2 * 8
 
 
 def superglobal_bytes(queries: int, db: int, work: Work, m: int, k: int) -> int:

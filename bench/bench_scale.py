@@ -1,0 +1,197 @@
+"""`python -m bench scale [--json] [--sizes N ...] [--images N ...]`: does the cost model's projection from a small run
+hold at a larger one? The notebook's own stage functions run at growing sizes (synthetic 512-d unit descriptors: a
+database of --sizes rows and a tenth as many queries; the global pass of an untrained tiny DELG export on --images
+small JPEGs); each stage's time and peak memory are measured beside what submission/costs.py projects from the
+smallest size (time: its seconds per unit x the units at each size; memory: the smallest size's measure plus the
+bytes the model adds). DBA, quadratic in the database, runs on a quarter of each database size. The stages are the
+cost model's: knn (query x database products), dba (database x database products), superglobal (global_rerank's
+queries), global_pass (global_db's images). Whitening is not one: its time is charged to the kNN stage, and its
+eigendecomposition is a fixed cost of the descriptor size, not of the database.
+
+Memory is the peak of the allocations Python tracks (numpy's arrays, PIL's images; tracemalloc), inputs included:
+TensorFlow's own buffers are not seen. Target: at the largest size, projected / measured within 1.5x for both.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from local_eval.submission_script import load_submission, sibling
+
+costs = sibling("costs")
+DIM, K = 512, 100
+DEFAULT_SIZES = (25_000, 50_000, 100_000, 200_000)
+DEFAULT_IMAGES = (100, 200, 400)
+DBA_SHARE, DBA_N = 0.25, 3  # DBA on a quarter of the database (quadratic), n as retrieval's default
+SUPERGLOBAL_M, SUPERGLOBAL_K = 100, 9
+TARGET = 1.5
+MODEL_DIR = Path("work/bench-scale/model")  # the untrained tiny export, made once (git-ignored)
+
+
+@dataclasses.dataclass
+class Stage:
+    """A stage of the notebook at one size: its inputs (made inside the memory measure), its call, its units of
+    work and the bytes the cost model says it holds."""
+
+    name: str
+    prepare: Callable[[int], tuple]
+    call: Callable[..., object]
+    units: Callable[[int], float]
+    model_bytes: Callable[[int], float]
+
+
+def unit_rows(rows: int, rng: np.random.Generator) -> np.ndarray:
+    x = rng.standard_normal((rows, DIM), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # in place: the inputs' memory is the rows, once
+    return x
+
+
+def descriptor_stages(sub) -> list[Stage]:
+    work = costs.Work(dims=(DIM,), candidates=K)
+    rng = lambda: np.random.default_rng(0)
+    sizes = lambda n: costs.Sizes(n, n // 10, 0)
+
+    def knn_inputs(n: int) -> tuple:
+        generator = rng()
+        return unit_rows(n // 10, generator), unit_rows(n, generator)
+
+    def superglobal_inputs(n: int) -> tuple:
+        queries, database = knn_inputs(n)
+        return (queries, database, *sub.knn(queries, database, SUPERGLOBAL_M))
+
+    dba_rows = lambda n: int(n * DBA_SHARE)
+    return [
+        Stage("knn", knn_inputs, lambda q, db: sub.knn(q, db, K), lambda n: costs.knn_products(sizes(n), work),
+              lambda n: costs.knn_bytes(n // 10, n, work)),
+        Stage("dba", lambda n: (unit_rows(dba_rows(n), rng()),),
+              lambda db: sub.database_augmentation(db, DBA_N, 5.0, work.knn_block_mb, lambda: False),
+              lambda n: costs.knn_products(costs.Sizes(dba_rows(n), 0, 0), dataclasses.replace(work, dba=True)),
+              lambda n: costs.dba_bytes(dba_rows(n), work, DBA_N)),
+        Stage("superglobal", superglobal_inputs,
+              lambda q, db, c, r: sub.superglobal_rerank(q, db, c, r, SUPERGLOBAL_M, SUPERGLOBAL_K, 0.15),
+              lambda n: costs.stage_units(sizes(n), 0, dataclasses.replace(work, superglobal=True))["global_rerank"],
+              lambda n: costs.superglobal_bytes(n // 10, n, dataclasses.replace(work, candidates=SUPERGLOBAL_M),
+                                                SUPERGLOBAL_M, SUPERGLOBAL_K)),
+    ]
+
+
+def tiny_model() -> Path:
+    """The untrained tiny DELG export the global pass runs (made once under work/)."""
+    if not (MODEL_DIR / "saved_model.pb").is_file():
+        from export.delg import save_delg
+        from train.config import get_config
+        from train.model import DelgModel
+
+        MODEL_DIR.mkdir(parents=True, exist_ok=True)
+        save_delg(DelgModel(get_config("tiny"), num_classes=10), MODEL_DIR, xla=False)
+    return MODEL_DIR
+
+
+def write_images(folder: Path, count: int) -> list[Path]:
+    """count small JPEGs (128-256 px a side, random shapes on noise)."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(count):
+        height, width = (int(v) for v in rng.integers(128, 257, 2))
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        path = folder / f"{i:06d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def extraction_stage(sub, folder: Path, largest: int) -> Stage:
+    """The global pass (decoding in threads, the batched network, the chunk cache) on the first n images."""
+    model_dir = tiny_model()
+    settings = sub.parse_settings(["--task", "retrieval", "--data", str(folder), "--model", str(model_dir),
+                                   "--global-max-side", "256", "--global-xla", "off", "--work", str(folder)])
+    model = sub.DelgSavedModel(model_dir, settings.extraction)
+    paths = write_images(folder, largest)
+    work = costs.Work(dims=(model.global_dim,))
+    sub.extract_global(model, ["warm"], paths[:1], folder / "warm", settings.extraction, settings.run)  # compiles
+
+    def run(n: int, cache: Path) -> None:
+        sub.extract_global(model, [p.stem for p in paths[:n]], paths[:n], cache, settings.extraction, settings.run)
+
+    counter = iter(range(10**6))
+    return Stage("global_pass", lambda n: (n, folder / f"cache{next(counter)}"), run, lambda n: n,
+                 lambda n: costs.memory_bytes(costs.Sizes(n, 0, 0), work, 0)["global_pass"])
+
+
+def measure(stage: Stage, size: int) -> tuple[float, float]:
+    """(seconds of the call, peak MB Python tracked while making the inputs and calling)."""
+    tracemalloc.start()
+    inputs = stage.prepare(size)
+    began = time.perf_counter()
+    stage.call(*inputs)
+    seconds = time.perf_counter() - began
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del inputs
+    return seconds, peak / 2**20
+
+
+def scale(stage: Stage, sizes: list[int]) -> dict:
+    """Measured and projected time and memory at each size; the projection anchored at the smallest size."""
+    measured = [measure(stage, size) for size in sizes]
+    per_unit = measured[0][0] / stage.units(sizes[0])
+    anchor_mb = measured[0][1] - stage.model_bytes(sizes[0]) / 2**20
+    return {"sizes": sizes, "measured_s": [round(s, 3) for s, _ in measured],
+            "projected_s": [round(per_unit * stage.units(size), 3) for size in sizes],
+            "measured_mb": [round(mb, 1) for _, mb in measured],
+            "projected_mb": [round(anchor_mb + stage.model_bytes(size) / 2**20, 1) for size in sizes]}
+
+
+def ratios(result: dict) -> tuple[float, float]:
+    """projected / measured at the largest size: time, memory."""
+    return (result["projected_s"][-1] / max(result["measured_s"][-1], 1e-9),
+            result["projected_mb"][-1] / max(result["measured_mb"][-1], 1e-9))
+
+
+def table(results: dict) -> str:
+    lines = [f"{'stage':<12}{'size':>9}{'measured s':>12}{'projected s':>13}{'measured MB':>13}{'projected MB':>14}"]
+    for name, result in results.items():
+        for i, size in enumerate(result["sizes"]):
+            lines.append(f"{name:<12}{size:>9,}{result['measured_s'][i]:>12.2f}{result['projected_s'][i]:>13.2f}"
+                         f"{result['measured_mb'][i]:>13.1f}{result['projected_mb'][i]:>14.1f}")
+        time_ratio, memory_ratio = ratios(result)
+        within = all(1 / TARGET <= r <= TARGET for r in (time_ratio, memory_ratio))
+        lines.append(f"{'':<12}largest size: projected/measured time {time_ratio:.2f}, memory {memory_ratio:.2f} "
+                     f"({'within' if within else 'OUTSIDE'} {TARGET}x)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+                        help="database rows (queries: a tenth; DBA: a quarter), smallest first")
+    parser.add_argument("--images", type=int, nargs="+", default=list(DEFAULT_IMAGES),
+                        help="images of the global pass, smallest first (0: skip it)")
+    parser.add_argument("--json", action="store_true", help='print {"stages": {name: {...}}} only')
+    args = parser.parse_args(argv or [])  # `python -m bench` calls main() with none
+    sub = load_submission()
+    results = {}
+    for stage in descriptor_stages(sub):
+        results[stage.name] = scale(stage, sorted(args.sizes))
+        if not args.json:
+            print(table({stage.name: results[stage.name]}), flush=True)
+    if max(args.images) > 0:
+        with tempfile.TemporaryDirectory(prefix="bench-scale-") as folder:
+            stage = extraction_stage(sub, Path(folder), max(args.images))
+            results[stage.name] = scale(stage, sorted(args.images))
+        if not args.json:
+            print(table({stage.name: results[stage.name]}), flush=True)
+    print(json.dumps({"stages": results}, indent=1) if args.json else "")
+
+
+if __name__ == "__main__":
+    main()
