@@ -213,10 +213,10 @@ def knn_blocks(db_rows: int, k: int, block_mb: int, gpu: bool) -> tuple[int, int
     return max(1, min(KNN_Q_BLOCK, block_mb * 2**20 // FLOAT32 // db_chunk)), db_chunk
 
 
-def knn_block_bytes(work: Work, db_rows: int) -> int:
+def knn_block_bytes(work: Work, db_rows: int, queries: int) -> int:
     """One block of scores (float32) and its mask (numpy's, one byte a score)."""
     q_block, db_block = knn_blocks(db_rows, work.candidates, work.knn_block_mb, work.gpu)
-    return q_block * db_block * (FLOAT32 + (0 if work.gpu else 1))
+    return min(q_block, queries) * db_block * (FLOAT32 + (0 if work.gpu else 1))
 
 
 def descriptor_rows_bytes(rows: int, work: Work) -> int:
@@ -230,13 +230,14 @@ def candidates_bytes(queries: int, work: Work) -> int:
 
 def knn_bytes(queries: int, db: int, work: Work) -> int:
     """The search: both sets of descriptors, one block, the candidates."""
-    return descriptor_rows_bytes(queries + db, work) + knn_block_bytes(work, db) + candidates_bytes(queries, work)
+    return (descriptor_rows_bytes(queries + db, work) + knn_block_bytes(work, db, queries)
+            + candidates_bytes(queries, work))
 
 
 def dba_bytes(db: int, work: Work, n: int = 10) -> int:
     """DBA: the database, its augmented copy, one search's block and a block's neighbours' vectors."""
-    return (2 * descriptor_rows_bytes(db, work) + knn_block_bytes(work, db)
-            + DBA_BLOCK * n * work.dim * FLOAT32)
+    return (2 * descriptor_rows_bytes(db, work) + knn_block_bytes(work, db, min(db, DBA_BLOCK))
+            + min(db, DBA_BLOCK) * n * work.dim * FLOAT32)
 
 
 def superglobal_bytes(queries: int, db: int, work: Work, m: int, k: int) -> int:
@@ -260,7 +261,8 @@ def memory_bytes(sizes: Sizes, work: Work, depth: int) -> dict[str, int]:
     global_pass = combining + descriptor_rows_bytes(sizes.db, work)
     candidates = candidates_bytes(sizes.queries, work)
     global_stage = (held + (descriptor_rows_bytes(sizes.db, work) if work.dba else 0)
-                    + knn_block_bytes(work, sizes.db) + candidates + sizes.db * 10 * FLOAT32 * work.suppression)
+                    + knn_block_bytes(work, sizes.db, max(sizes.queries, DBA_BLOCK if work.dba else 0)) + candidates
+                    + sizes.db * 10 * FLOAT32 * work.suppression)
     rerank = candidates + VERIFYING_IMAGES * work.max_features * (128 * FLOAT32 + 8)
     return {"global_pass": int(global_pass), "global_stage": int(global_stage), "rerank": int(rerank) if depth else 0}
 
