@@ -229,3 +229,16 @@ def test_matmul_speedup_scales_the_matrix_products_only_and_decoding_can_bound_a
     report = projection_report(decoding, dataclasses.replace(PROFILE, cpus=1), speedup=100.0)
     assert report["bound_by"]["global_db"] == "decode"
     assert report["hours"]["global_db"] == pytest.approx(36_000 * 1.0 / 3600)
+
+
+def test_bench_scale_projects_each_stage_from_its_smallest_size(capsys):
+    from bench.bench_scale import main as bench_scale
+
+    bench_scale(["--sizes", "600", "1200", "--images", "0", "--json"])
+    stages = json.loads(capsys.readouterr().out)["stages"]
+    assert set(stages) == {"knn", "dba", "superglobal"}
+    for result in stages.values():
+        assert result["sizes"] == [600, 1200] and result["projected_s"][0] == result["measured_s"][0]
+        assert result["projected_mb"][0] == result["measured_mb"][0] and result["measured_mb"][1] > 0
+    knn = stages["knn"]  # queries a tenth of the database: the products grow 4x when the database doubles
+    assert knn["projected_s"][1] == pytest.approx(4 * knn["projected_s"][0], rel=0.01, abs=0.003)  # rounded to ms
