@@ -10,8 +10,8 @@ eigendecomposition is a fixed cost of the descriptor size, not of the database.
 
 Time is wall-clock seconds, and the process's CPU seconds beside them (a shared machine's load changes the first
 far more than the second). Memory is the peak of the allocations Python tracks (numpy's arrays, PIL's images;
-tracemalloc), inputs included: TensorFlow's own buffers are not seen. Target: at the largest size, projected /
-measured within 1.5x for time and memory.
+tracemalloc) during the call, its inputs included: TensorFlow's own buffers are not seen. Target: at the largest
+size, projected / measured within 1.5x for time and memory.
 """
 from __future__ import annotations
 
@@ -119,10 +119,11 @@ def extraction_stage(sub, folder: Path, largest: int) -> Stage:
     model = sub.DelgSavedModel(model_dir, settings.extraction)
     paths = write_images(folder, largest)
     work = costs.Work(dims=(model.global_dim,))
-    sub.extract_global(model, ["warm"], paths[:1], folder / "warm", settings.extraction, settings.run)  # compiles
+    ids = [p.stem for p in paths]  # one untimed pass compiles every batch shape the images need
+    sub.extract_global(model, ids, paths, folder / "warm", settings.extraction, settings.run)
 
     def run(n: int, cache: Path) -> None:
-        sub.extract_global(model, [p.stem for p in paths[:n]], paths[:n], cache, settings.extraction, settings.run)
+        sub.extract_global(model, ids[:n], paths[:n], cache, settings.extraction, settings.run)
 
     counter = iter(range(10**6))
     return Stage("global_pass", lambda n: (n, folder / f"cache{next(counter)}"), run, lambda n: n,
@@ -130,10 +131,11 @@ def extraction_stage(sub, folder: Path, largest: int) -> Stage:
 
 
 def measure(stage: Stage, size: int) -> tuple[float, float, float]:
-    """(wall seconds of the call, the process's CPU seconds in it, peak MB Python tracked while making the inputs
-    and calling). CPU seconds are what a shared machine's load disturbs least."""
+    """(wall seconds of the call, the process's CPU seconds in it, peak MB Python tracked during the call, its
+    inputs included). CPU seconds are what a shared machine's load disturbs least."""
     tracemalloc.start()
     inputs = stage.prepare(size)
+    tracemalloc.reset_peak()  # from the inputs held: not their making's temporaries
     began, began_cpu = time.perf_counter(), time.process_time()
     stage.call(*inputs)
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - began_cpu

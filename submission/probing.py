@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tensorflow as tf
 from budget import plan_run, project_rerank
-from costs import TIMED_PRODUCT
+from costs import TIMED_PRODUCT, Sizes, projected_memory
 from search import knn, knn_seconds_per_item, l2_normalize
 from settings_cli import InputError
 from verifier import verification_pool, verify_batch
@@ -61,10 +61,18 @@ def probe(models: Models, inputs: Inputs, settings: Settings, timing: Timing, ca
     project_rerank(timing, len(inputs.test_ids), depth,
                    settings.budget.rerank_reserve * settings.budget.time_budget_h * 3600)
     rerank_h = timing.plan["rerank"]["seconds_per_query"] * len(inputs.test_ids) / 3600
+    memory = baseline_and_peak(timing, inputs.sizes(), depth)
     log.info("probe of %d images: global pass at '%s' (%s), projected %.2f h; reranking every query at depth "
-             "%d would take %.2f h more; details in %s", count, timing.plan["chosen"],
-             "fits" if timing.plan["fits"] else "does not fit", sum(timing.plan["projection_h"].values()),
-             depth, rerank_h, timing.path)
+             "%d would take %.2f h more; peak memory %.2f GB (%.2f GB of it before any descriptor); details in %s",
+             count, timing.plan["chosen"], "fits" if timing.plan["fits"] else "does not fit",
+             sum(timing.plan["projection_h"].values()), depth, rerank_h, *memory, timing.path)
+
+
+def baseline_and_peak(timing: Timing, sizes: Sizes, depth: int) -> tuple[float, float]:
+    """(peak GB of the run at these sizes, the process's GB before any descriptor), by the cost model."""
+    record = {"work": timing.work, "memory": timing.memory}
+    projected = projected_memory(record, sizes, depth)
+    return projected["peak"], projected["baseline"]
 
 
 def time_global_rerank(dim: int, stage: Global, candidates: int, reranked: Reranked) -> float:
