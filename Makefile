@@ -13,7 +13,7 @@ KAGGLE_STAMP  := $(KAGGLE_VENV)/.installed
 KAGGLE_PYTHON := 3.12
 KAGGLE_BASES  := python$(KAGGLE_PYTHON) $(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/$(KAGGLE_PYTHON).*/bin/python$(KAGGLE_PYTHON))
 
-.PHONY: install test test-backbones bench lint demo clean-demo kaggle-check
+.PHONY: install test test-backbones bench bench-scale lint demo clean-demo kaggle-check
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -67,6 +67,10 @@ kaggle-check: $(STAMP) $(KAGGLE_STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# The cost model's projection from a small run against measurement at growing sizes (docs/fitting-the-server.md).
+bench-scale: $(STAMP)
+	$(PY) -m bench scale
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

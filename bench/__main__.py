@@ -1,4 +1,6 @@
-"""`python -m bench [NAME ...]`: run the benchmarks (every bench/bench_*.py, or the ones named)."""
+"""`python -m bench [NAME ...]`: run the benchmarks (every bench/bench_*.py, or the ones named).
+
+`python -m bench NAME --flag ...` passes the flags to that one benchmark (e.g. `python -m bench scale --json`)."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +18,14 @@ def available() -> list[str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(available())}")
-    args = parser.parse_args(argv)
+    args, flags = parser.parse_known_args(argv)
+    if flags and len(args.names) != 1:
+        parser.error(f"flags {' '.join(flags)} go to one named benchmark (python -m bench NAME {' '.join(flags)})")
     for name in args.names or available():
-        print(f"\n=== bench {name} ===", flush=True)
-        importlib.import_module(f"bench.bench_{name}").main()
+        if not flags:
+            print(f"\n=== bench {name} ===", flush=True)
+        module = importlib.import_module(f"bench.bench_{name}")
+        module.main(flags) if flags else module.main()
     return 0
 
 

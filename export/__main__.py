@@ -17,7 +17,7 @@ from common.cli import (
     check_positive,
     dispatch,
 )
-from export.bundle import DEFAULT_BUDGET_H, DEFAULT_COMPETITION, KAGGLE_PYTHONS, SUBMISSION_SCRIPT, build_bundle
+from export.bundle import DEFAULT_COMPETITION, KAGGLE_PYTHONS, SUBMISSION_SCRIPT, build_bundle
 from export.delg import export_delg
 from export.retrieval import DEFAULT_MAX_MB, export_retrieval
 from export.whitening import DEFAULT_IMAGES, DEFAULT_SHRINKAGE, WhitenSettings
@@ -237,8 +237,9 @@ def main_bundle(argv: list[str] | None) -> None:
                              f"without --wheel: {' '.join(KAGGLE_PYTHONS)} (Kaggle's image's Python and the next)")
     parser.add_argument("--script", type=Path, default=SUBMISSION_SCRIPT,
                         help="submission script, shipped as main.py with the .py files beside it (default %(default)s)")
-    parser.add_argument("--time-budget-h", type=float, default=DEFAULT_BUDGET_H,
-                        help="the competition's notebook limit in hours, passed to main.py (default %(default)s)")
+    parser.add_argument("--time-budget-h", type=float, default=None,
+                        help="the notebook limit in hours, passed to main.py (default: the competition's, from "
+                             "submission/competitions.py)")
     parser.add_argument("--settings", type=Path, default=None,
                         help="JSON settings file (local_eval tune's), checked as main.py will read it, shipped as "
                              "settings.json and passed to main.py")
@@ -249,7 +250,8 @@ def main_bundle(argv: list[str] | None) -> None:
     args = _parse(parser, argv)
     for flag in ("--kaggle-user", "--dataset", "--kernel", "--competition"):
         _check_slug(flag, getattr(args, flag[2:].replace("-", "_")))
-    check_positive("--time-budget-h", args.time_budget_h)
+    if args.time_budget_h is not None:
+        check_positive("--time-budget-h", args.time_budget_h)
     if args.model:
         _check_exported_flags(args)
     whiten = None if args.model else _whiten_settings(args)

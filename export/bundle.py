@@ -33,6 +33,7 @@ from pathlib import Path
 
 from common.cli import UserError, atomic_output_dir
 from common.kit import NOTEBOOK_LIMIT_H, SUBMISSION_SCRIPT, load_submission
+from common.kit import sibling as script_sibling
 from export.delg import export_delg
 from export.whitening import WhitenSettings
 
@@ -202,6 +203,12 @@ def kernel_metadata(user: str, dataset: str, kernel: str, competition: str) -> d
     }
 
 
+def competition_limit_h(competition: str) -> float:
+    """The notebook limit of a competition of submission/competitions.py's table (NOTEBOOK_LIMIT_H for others)."""
+    known = script_sibling("competitions").COMPETITIONS.get(competition)
+    return known.limit_h if known else NOTEBOOK_LIMIT_H
+
+
 def launcher_task(competition: str) -> str:
     return "retrieval" if "retrieval" in competition else "recognition"
 
@@ -312,14 +319,15 @@ def add_models(sources: Sequence[Path], exported: bool, target: Path, float16: b
 def build_bundle(run_dirs: Sequence[Path], out_dir: Path, user: str, dataset: str, kernel: str,
                  competition: str = DEFAULT_COMPETITION, wheels: list[Path] | None = None,
                  pythons: list[str] | None = None, script: Path = SUBMISSION_SCRIPT, overwrite: bool = False,
-                 budget_h: float = DEFAULT_BUDGET_H, settings: Path | None = None,
+                 budget_h: float | None = None, settings: Path | None = None,
                  nonlandmark_dir: Path | None = None, float16: bool = False,
                  whiten: WhitenSettings | None = None, weights: Sequence[float] | None = None,
                  exported: bool = False) -> Path:
     """Write the bundle folder: each run's DELG export (PCA-whitened with `whiten`; several runs are an ensemble,
     `weights` one per run), or with `exported` the given export folders as they are; scripts, wheels, settings and
     non-landmark images. Wheels: the given ones plus one fetched per Python in `pythons` (None: KAGGLE_PYTHONS,
-    unless wheels are given)."""
+    unless wheels are given). budget_h: the competition's limit by default."""
+    budget_h = competition_limit_h(competition) if budget_h is None else budget_h
     if not script.is_file():
         raise UserError(f"{script}: submission script not found")
     if exported:

@@ -1,6 +1,7 @@
-"""Project a local run's per-stage rates to a real competition's size, against its notebook time limit.
+"""Project a local run's per-stage rates to a real competition's size and machine: hours, peak memory and WORK's
+disk, each against its limit (submission/costs.py's cost model; "fits" needs all three).
 
-`python -m local_eval time --log WORK/timing.json --profile recognition-2021 [--speedup X]`
+`python -m local_eval time --log WORK/timing.json --profile recognition-2021 [--speedup X] [--matmul-speedup Y]`
 """
 from __future__ import annotations
 
@@ -15,30 +16,35 @@ from common.cli import KitArgumentParser, UserError, check_at_least, check_posit
 from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.submission_script import sibling
 
-budget = sibling("budget")  # the script's cost model: what each stage does per item, written down once
-STAGES = budget.TIMING_STAGES
-GPU_STAGES = ("global_db", "global_query", "knn", "local_features")  # --speedup applies to these
-DEFAULT_MARGIN = 0.1  # keep 10% of the limit free: server machines vary
+costs = sibling("costs")  # the script's cost model: each stage's units, rates and bytes, written down once
+competitions = sibling("competitions")  # the competitions' sizes, limits and machines, written down once
+STAGES = costs.TIMING_STAGES
 
 
 @dataclass(frozen=True)
 class Profile:
-    """A real competition's scale; `db` is the train set (recognition) or the index (retrieval)."""
+    """A real competition's scale and machine; `db` is the train set (recognition) or the index (retrieval)."""
 
     task: str
     db: int
     test: int
     limit_h: float
+    ram_gb: float = competitions.KAGGLE_GPU.ram_gb
+    disk_gb: float = competitions.KAGGLE_GPU.disk_gb
+    cpus: int = competitions.KAGGLE_GPU.cpus
+    gpus: int = competitions.KAGGLE_GPU.gpus
 
 
-# Sizes of GLDv2 (train-clean 1,580,470; index 761,757; test 117,577). The notebook limit changed between
-# years (9 h in 2020, 12 h in 2021): every field can be overridden on the command line.
-PROFILES: dict[str, Profile] = {
-    "recognition-2020": Profile("recognition", db=1_580_470, test=117_577, limit_h=NOTEBOOK_LIMIT_H),
-    "recognition-2021": Profile("recognition", db=1_580_470, test=117_577, limit_h=12.0),
-    "retrieval-2020": Profile("retrieval", db=761_757, test=117_577, limit_h=NOTEBOOK_LIMIT_H),
-    "retrieval-2021": Profile("retrieval", db=761_757, test=117_577, limit_h=12.0),
-}
+def profile_of(competition) -> Profile:
+    machine = competition.machine
+    return Profile(competition.task, competition.db, competition.test, competition.limit_h, machine.ram_gb,
+                   machine.disk_gb, machine.cpus, machine.gpus)
+
+
+# submission/competitions.py's table (GLDv2's sizes, each year's limit, Kaggle's machine): every field can be
+# overridden on the command line.
+PROFILES: dict[str, Profile] = {competitions.profile_name(c): profile_of(c)
+                                for c in competitions.COMPETITIONS.values()}
 
 
 def load_timing(path: Path) -> dict:
@@ -107,32 +113,21 @@ def json_kind(value) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
-def seconds_per_item(stage: dict | None) -> float | None:
-    """Measured cost of one item of a stage, or None where the stage did no work in this run."""
-    if not stage or stage["items"] <= 0:
-        return None
-    return stage["seconds"] / stage["items"]
+def full_size(log: dict, profile: Profile):
+    """The profile's sizes, with the run's non-landmark set."""
+    return costs.Sizes(profile.db, profile.test, int((log.get("work") or {}).get("nonlandmarks", 0)))
 
 
-def unit_costs(log: dict, speedup: float) -> dict[str, float | None]:
-    """Seconds per unit of each stage; knn's unit (as the script logs it) is one query x one database row."""
-    costs = {name: seconds_per_item(log["stages"].get(name)) for name in STAGES}
-    return {name: (None if cost is None else cost / speedup if name in GPU_STAGES else cost)
-            for name, cost in costs.items()}
+def server_of(profile: Profile, speedup: float, matmul_speedup: float):
+    return costs.Server(speedup, matmul_speedup, profile.cpus)
 
 
-def full_size(log: dict, profile: Profile) -> tuple[object, dict]:
-    """(the profile's sizes, the run's work flags): the non-landmark set and the global stage as the run had them."""
-    work = log.get("work") or {}
-    sizes = budget.Sizes(profile.db, profile.test, int(work.get("nonlandmarks", 0)))
-    return sizes, {flag: bool(work.get(flag)) for flag in ("suppression", "dba", "global_rerank")}
-
-
-def project(log: dict, profile: Profile, rerank: int, speedup: float = 1.0) -> dict[str, float | None]:
+def project(log: dict, profile: Profile, rerank: int, speedup: float = 1.0,
+            matmul_speedup: float = 1.0) -> dict[str, float | None]:
     """Hours per stage at full size with `rerank` candidates verified per query (None: not measured); local
     features are an upper bound: a database image shared by several queries is extracted once."""
-    sizes, flags = full_size(log, profile)
-    seconds = budget.project_seconds(unit_costs(log, speedup), budget.stage_units(sizes, rerank, **flags))
+    seconds, _ = costs.projected_seconds(log, full_size(log, profile), rerank,
+                                         server_of(profile, speedup, matmul_speedup))
     return {name: None if s is None else s / 3600 for name, s in seconds.items()}
 
 
@@ -141,63 +136,87 @@ def unmeasured_stages(log: dict, profile: Profile, rerank: int) -> list[str]:
     return [name for name, hours in project(log, profile, rerank).items() if hours is None]
 
 
-def max_rerank_depth(log: dict, profile: Profile, speedup: float, margin: float) -> int | None:
+def max_rerank_depth(log: dict, profile: Profile, speedup: float, margin: float,
+                     matmul_speedup: float = 1.0) -> int | None:
     """The largest rerank depth whose projected total stays inside the limit less the margin; None when a stage it
     needs was not measured, or when nothing fits, not even depth 0."""
-    cost = unit_costs(log, speedup)
+    cost, _ = costs.server_rates(log, server_of(profile, speedup, matmul_speedup))
     if cost["local_features"] is None or cost["verification"] is None:
         return None
-    fixed = project(log, profile, rerank=0, speedup=speedup).values()
+    fixed = project(log, profile, 0, speedup, matmul_speedup).values()
     if any(h is None for h in fixed) or sum(fixed) > profile.limit_h * (1 - margin):
         return None
     room_s = (profile.limit_h * (1 - margin) - sum(fixed)) * 3600
-    depth = budget.depth_that_fits(room_s, profile.test, cost["local_features"], cost["verification"])
+    depth = costs.depth_that_fits(room_s, profile.test, cost["local_features"], cost["verification"])
     return max(0, math.floor(depth)) if math.isfinite(depth) else None
 
 
-def verdict(total_h: float, profile: Profile, margin: float, unmeasured: list[str]) -> str:
+def verdict(total_h: float, profile: Profile, margin: float, unmeasured: list[str], memory: dict,
+            disk: dict) -> str:
+    """One line: fits when the hours, the peak memory and WORK's disk each stay inside their limit less the margin;
+    else what does not fit."""
     if unmeasured:
         return (f"cannot project: {', '.join(unmeasured)} {'was' if len(unmeasured) == 1 else 'were'} not measured "
                 "in this run (cached or skipped); time a cold run (a fresh --work) or a probe "
                 "(submission/main.py --probe N) and project its timing.json")
-    allowed = profile.limit_h * (1 - margin)
-    if total_h <= allowed:
-        return f"fits: {total_h:.2f} h of {profile.limit_h:g} h (margin {margin:.0%} kept)"
-    return f"DOES NOT FIT: {total_h:.2f} h > {allowed:.2f} h ({profile.limit_h:g} h less {margin:.0%} margin)"
+    keep = 1 - margin
+    over = [text for text, used, limit in (
+        (f"time {total_h:.2f} h > {profile.limit_h * keep:.2f} h ({profile.limit_h:g} h less {margin:.0%} margin)",
+         total_h, profile.limit_h),
+        (f"memory {memory['peak']:.1f} GB > {profile.ram_gb * keep:.1f} GB ({profile.ram_gb:g} GB RAM less "
+         f"{margin:.0%})", memory["peak"], profile.ram_gb),
+        (f"disk {disk['work']:.1f} GB > {profile.disk_gb * keep:.1f} GB ({profile.disk_gb:g} GB less {margin:.0%})",
+         disk["work"], profile.disk_gb)) if used > limit * keep]
+    if over:
+        return "DOES NOT FIT: " + "; ".join(over)
+    return (f"fits: {total_h:.2f} h of {profile.limit_h:g} h, memory {memory['peak']:.1f} of {profile.ram_gb:g} GB, "
+            f"disk {disk['work']:.1f} of {profile.disk_gb:g} GB (margin {margin:.0%} kept)")
 
 
-def depth_advice(log: dict, profile: Profile, speedup: float, margin: float) -> str | None:
+def depth_advice(log: dict, profile: Profile, speedup: float, margin: float,
+                 matmul_speedup: float = 1.0) -> str | None:
     """The line on rerank depth: the largest that fits, or that nothing does (None when it cannot be said)."""
-    global_only = project(log, profile, rerank=0, speedup=speedup)
+    global_only = project(log, profile, 0, speedup, matmul_speedup)
     if any(h is None for h in global_only.values()):
         return None
     allowed = profile.limit_h * (1 - margin)
     if sum(global_only.values()) > allowed:
         return (f"nothing fits, not even global-only (rerank depth 0): {sum(global_only.values()):.2f} h > "
                 f"{allowed:.2f} h")
-    depth = max_rerank_depth(log, profile, speedup, margin)
+    depth = max_rerank_depth(log, profile, speedup, margin, matmul_speedup)
     return None if depth is None else f"largest rerank depth that fits: {depth}"
 
 
-def projection_report(log: dict, profile: Profile, speedup: float = 1.0, margin: float = DEFAULT_MARGIN,
-                      rerank: int | None = None) -> dict:
+def projection_report(log: dict, profile: Profile, speedup: float = 1.0, margin: float = costs.SAFETY_MARGIN,
+                      rerank: int | None = None, matmul_speedup: float = 1.0) -> dict:
     """Everything `time` prints, as a dict (the demo and the replay report embed it). With a stage the projection
     needs unmeasured, `fits` is None and total_hours counts only the measured stages."""
     rerank = int(log.get("rerank_depth", 0)) if rerank is None else rerank
-    hours = project(log, profile, rerank, speedup)
+    sizes = full_size(log, profile)
+    hours = project(log, profile, rerank, speedup, matmul_speedup)
+    _, bounds = costs.projected_seconds(log, sizes, rerank, server_of(profile, speedup, matmul_speedup))
     total = sum(h for h in hours.values() if h is not None)
     unmeasured = [name for name, h in hours.items() if h is None]
+    memory = costs.projected_memory(log, sizes, rerank, gpu=profile.gpus > 0)
+    disk = costs.projected_disk(log, sizes, rerank)
+    keep = 1 - margin
+    fits = (total <= profile.limit_h * keep and memory["peak"] <= profile.ram_gb * keep
+            and disk["work"] <= profile.disk_gb * keep)
     return {
         "profile": dataclasses.asdict(profile),
         "speedup": speedup,
+        "matmul_speedup": matmul_speedup,
         "margin": margin,
         "rerank_depth": rerank,
         "hours": hours,
+        "bound_by": bounds,
         "total_hours": total,
-        "fits": None if unmeasured else total <= profile.limit_h * (1 - margin),
-        "verdict": verdict(total, profile, margin, unmeasured),
-        "max_rerank_depth": max_rerank_depth(log, profile, speedup, margin),
-        "depth_advice": depth_advice(log, profile, speedup, margin),
+        "memory_gb": memory,
+        "disk_gb": disk,
+        "fits": None if unmeasured else fits,
+        "verdict": verdict(total, profile, margin, unmeasured, memory, disk),
+        "max_rerank_depth": max_rerank_depth(log, profile, speedup, margin, matmul_speedup),
+        "depth_advice": depth_advice(log, profile, speedup, margin, matmul_speedup),
         "unmeasured": unmeasured,
     }
 
@@ -205,11 +224,20 @@ def projection_report(log: dict, profile: Profile, speedup: float = 1.0, margin:
 def format_report(report: dict) -> str:
     p = report["profile"]
     lines = [f"projection to {p['task']}: db {p['db']:,} images, test {p['test']:,}, limit {p['limit_h']:g} h,"
-             f" rerank depth {report['rerank_depth']}, speedup x{report['speedup']:g} on GPU stages"]
+             f" {p['ram_gb']:g} GB RAM, {p['disk_gb']:g} GB disk, {p['cpus']} CPUs; rerank depth "
+             f"{report['rerank_depth']}, speedup x{report['speedup']:g} on CNN passes, "
+             f"x{report['matmul_speedup']:g} on matrix products"]
     for name, hours in report["hours"].items():
-        lines.append(f"  {name:<15} {'not measured' if hours is None else f'{hours:8.2f} h'}")
+        bound = f"  ({report['bound_by'][name]} bound)" if name in report["bound_by"] and hours else ""
+        lines.append(f"  {name:<15} {'not measured' if hours is None else f'{hours:8.2f} h'}{bound}")
     partial = " + the stages not measured" if report["unmeasured"] else ""
-    lines.append(f"  {'total':<15} {report['total_hours']:8.2f} h{partial}")
+    lines.append(f"  {'total':<15} {report['total_hours']:8.2f} h{partial}   (limit {p['limit_h']:g} h)")
+    memory, disk = report["memory_gb"], report["disk_gb"]
+    stages = ", ".join(f"{name} {gb:.1f}" for name, gb in memory["stages"].items())
+    lines.append(f"  {'peak memory':<15} {memory['peak']:8.1f} GB  (limit {p['ram_gb']:g} GB; {stages}; "
+                 f"baseline {memory['baseline']:.1f})")
+    parts = ", ".join(f"{name} {gb:.1f}" for name, gb in disk.items() if name != "work")
+    lines.append(f"  {'WORK disk':<15} {disk['work']:8.1f} GB  (limit {p['disk_gb']:g} GB; {parts})")
     lines.append(f"verdict (speedup x{report['speedup']:g}): {report['verdict']}")
     if report["depth_advice"]:
         lines.append(report["depth_advice"])
@@ -225,9 +253,11 @@ def resolve_profile(name: str, overrides: dict) -> Profile:
 def check_flags(args: argparse.Namespace) -> None:
     """Numbers that make no projection are flag errors, not a verdict."""
     check_positive("--speedup", args.speedup)
+    check_positive("--matmul-speedup", args.matmul_speedup)
     if not 0 <= args.margin < 1:
         raise UserError(f"--margin is a share of the limit, from 0 up to (not including) 1; got {args.margin}")
-    for flag, value in (("--limit-h", args.limit_h), ("--db", args.db), ("--test", args.test)):
+    for flag, value in (("--limit-h", args.limit_h), ("--db", args.db), ("--test", args.test),
+                        ("--ram-gb", args.ram_gb), ("--disk-gb", args.disk_gb), ("--cpus", args.cpus)):
         if value is not None:
             check_positive(flag, value)
     if args.rerank is not None:
@@ -240,18 +270,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", required=True, type=Path, help="timing.json written by submission/main.py")
     parser.add_argument("--profile", required=True, help=f"competition profile: {', '.join(PROFILES)}")
     parser.add_argument("--speedup", type=float, default=1.0,
-                        help="how many times faster the server's GPU runs the network stages than this run")
-    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="share of the limit to keep free")
+                        help="how many times faster the server's GPU runs the CNN passes (global and local features) "
+                             "than this run")
+    parser.add_argument("--matmul-speedup", type=float, default=1.0,
+                        help="how many times faster the server runs the matrix products (kNN, DBA, alpha-QE, "
+                             "SuperGlobal) than this run: a GPU ran the recognition kNN in "
+                             f"{costs.GPU_KNN_S['float32']:g} s (float32; {costs.GPU_KNN_S['float16']:g} s float16) "
+                             f"against {costs.NUMPY_16_CORES_KNN_S:g} s for numpy on 16 cores, "
+                             f"x{costs.GPU_MATMUL_SPEEDUP:.0f} (docs/fitting-the-server.md)")
+    parser.add_argument("--margin", type=float, default=costs.SAFETY_MARGIN,
+                        help="share of every limit (time, memory, disk) to keep free (default: the script's)")
     parser.add_argument("--rerank", type=int, help="rerank depth to project (default: the run's own)")
     parser.add_argument("--limit-h", type=float, help="override the profile's notebook limit in hours")
     parser.add_argument("--db", type=int, help="override the profile's train/index size")
     parser.add_argument("--test", type=int, help="override the profile's test size")
+    parser.add_argument("--ram-gb", type=float, help="override the profile's machine memory (GB)")
+    parser.add_argument("--disk-gb", type=float, help="override the profile's working disk (GB)")
+    parser.add_argument("--cpus", type=int, help="override the profile's CPUs (they decode images)")
     parser.add_argument("--json", action="store_true", help="print the projection as one JSON object")
     args = parser.parse_args(argv)
     check_flags(args)
-    profile = resolve_profile(args.profile, {"limit_h": args.limit_h, "db": args.db, "test": args.test})
+    profile = resolve_profile(args.profile, {"limit_h": args.limit_h, "db": args.db, "test": args.test,
+                                             "ram_gb": args.ram_gb, "disk_gb": args.disk_gb, "cpus": args.cpus})
     log = load_timing(args.log)
     check_log_task(log, args.log, profile, args.profile)
-    report = projection_report(log, profile, args.speedup, args.margin, args.rerank)
+    report = projection_report(log, profile, args.speedup, args.margin, args.rerank, args.matmul_speedup)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

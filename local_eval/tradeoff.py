@@ -13,6 +13,8 @@ table.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import shutil
@@ -35,12 +37,12 @@ from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
 from local_eval.replay import competition_paths, replay
 from local_eval.submission_script import load_submission
 from local_eval.timing import (
-    DEFAULT_MARGIN,
     PROFILES,
     Profile,
     check_log_task,
+    costs,
     load_timing,
-    project,
+    projection_report,
     resolve_profile,
     unmeasured_stages,
 )
@@ -83,21 +85,26 @@ def measured_stages(timing: dict, reference: dict) -> dict[str, dict]:
     return stages
 
 
+MEASURED_FIELDS = ("timed_products", "decode", "memory")  # what the cost model reads beside the stages
+
+
 def rung_log(timing: dict, reference: dict, server: dict | None) -> dict:
-    """A timing log for `project`: this rung's measured stages (see measured_stages). With a server log, every
-    stage takes the server's rate, the global stages scaled by this rung's cost relative to the first rung's
-    here."""
+    """A timing log for the cost model: this rung's measured stages (see measured_stages) and the run's work
+    (its flags: suppression, DBA, alpha-QE, SuperGlobal, descriptor sizes). With a server log, every stage takes
+    the server's rate, the global stages scaled by this rung's cost relative to the first rung's here, and the
+    server's timed products and decode rate."""
     stages = measured_stages(timing, reference)
+    work = {"work": timing.get("work") or reference.get("work") or {}, "task": timing.get("task")}
     if server is None:
-        return {"stages": stages}
+        # the reference's timed product and decode rate: every rung, and the run it reuses, project one kNN rate
+        return {"stages": stages, **work, **{k: reference.get(k) or timing.get(k) or {} for k in MEASURED_FIELDS}}
     scaled = {}
     for name, server_stage in stage_rates(server).items():
-        rate = server_stage["seconds"] / server_stage["items"]
-        if name in ("global_db", "global_query") and name in stages and name in stage_rates(reference):
-            here, first = stages[name], reference["stages"][name]
-            rate *= (here["seconds"] / here["items"]) / (first["seconds"] / first["items"])
-        scaled[name] = {"items": 1, "seconds": rate}
-    return {"stages": scaled}
+        factor = 1.0
+        if name in costs.GLOBAL_PASSES and name in stages and name in stage_rates(reference):
+            factor = costs.rate(stages[name]) / costs.rate(reference["stages"][name])
+        scaled[name] = {"items": server_stage["items"], "seconds": server_stage["seconds"] * factor}
+    return {"stages": scaled, **work, **{k: server.get(k) or {} for k in MEASURED_FIELDS}}
 
 
 def reuse_caches(source: Path, work: Path) -> None:
@@ -113,7 +120,7 @@ def reuse_caches(source: Path, work: Path) -> None:
 
 def tradeoff(competition: Path, task: str, model: Path, out: Path, profile: Profile, server: dict | None,
              speedup: float, depths: list[int], limit_h: float, script_args: list[str],
-             reuse: Path | None = None, max_rungs: int | None = None) -> pd.DataFrame:
+             reuse: Path | None = None, max_rungs: int | None = None, matmul_speedup: float = 1.0) -> pd.DataFrame:
     sub = load_submission()
     data, solution = competition_paths(competition, task)
     base = sub.parse_settings(["--task", task, "--data", str(data), "--model", str(model), *script_args])
@@ -131,25 +138,30 @@ def tradeoff(competition: Path, task: str, model: Path, out: Path, profile: Prof
             raise UserError(f"the run of rung '{name}' ended '{report['status']}'; see {out / f'rung{index}'}")
         run = read_run(work)
         reference = reference or report["timing"]
-        rows += rung_rows(run, Scorer(task, solution, run.test_ids), name, extraction, report["timing"], reference,
-                          server, profile, speedup, depths)
+        projected_log = rung_log(report["timing"], reference, server)
+        log_path = out / f"rung{index}" / "projected_timing.json"
+        atomic_write_text(log_path, json.dumps(projected_log, indent=1))
+        server_factors = (1.0, 1.0) if server else (speedup, matmul_speedup)
+        rows += rung_rows(run, Scorer(task, solution, run.test_ids), name, extraction, projected_log, log_path,
+                          profile, server_factors, depths)
     return pd.DataFrame(rows)
 
 
-def rung_rows(run: Run, scorer: Scorer, name: str, extraction, timing: dict, reference: dict, server: dict | None,
-              profile: Profile, speedup: float, depths: list[int]) -> list[dict]:
+def rung_rows(run: Run, scorer: Scorer, name: str, extraction, projected_log: dict, log_path: Path,
+              profile: Profile, factors: tuple[float, float], depths: list[int]) -> list[dict]:
+    """One row per depth: the scores, and the projection of `local_eval time --log log_path` at that depth (the
+    same cost model on the same log: hours, and whether time, memory and disk all fit)."""
     inliers = verified_inliers(run)
-    projected_log = rung_log(timing, reference, server)
     rows = []
     for depth in depths:
         at_depth = np.where(np.arange(inliers.shape[1]) < depth, inliers, -1)
         scores = score_one(run, scorer, at_depth, {"rerank": depth})
-        hours = project(projected_log, profile, depth, 1.0 if server else speedup)
-        total = sum(h for h in hours.values() if h is not None)
+        report = projection_report(projected_log, profile, factors[0], rerank=depth, matmul_speedup=factors[1])
         rows.append({"rung": name, "global_scales": " ".join(map(str, extraction.global_scales())),
                      "global_max_side": extraction.global_max_side, "precision": extraction.global_precision,
                      "rerank": depth, **{subset: scores[subset] for subset in REPORTED_SUBSETS},
-                     "projected_h": round(total, 3), "fits": total <= profile.limit_h * (1 - DEFAULT_MARGIN)})
+                     "hours": round(report["total_hours"], 4), "memory_gb": round(report["memory_gb"]["peak"], 2),
+                     "fits": bool(report["fits"]), "log": str(log_path)})
     return rows
 
 
@@ -162,11 +174,11 @@ def best_that_fits(table: pd.DataFrame) -> pd.Series | None:
 def picture(table: pd.DataFrame, task: str, profile: Profile, out: Path) -> None:
     metric = METRIC_NAME[TASK_METRIC[task]]
     series = {f"{rung} (depths {', '.join(map(str, part['rerank']))})":
-              list(zip(part["projected_h"], part["all"], strict=True))
+              list(zip(part["hours"], part["all"], strict=True))
               for rung, part in table.groupby("rung", sort=False)}
     best = best_that_fits(table)
     marked = None if best is None else (
-        best["projected_h"], best["all"], f"best that fits (on Public): {best['rung']}, rerank {best['rerank']}")
+        best["hours"], best["all"], f"best that fits (on Public): {best['rung']}, rerank {best['rerank']}")
     draw.save_png(draw.line_chart(series, f"{task}: {metric} (all) against projected hours at full size",
                                   "projected server hours", f"{metric} (all)", vertical=(profile.limit_h, "limit"),
                                   marked=marked, note=None if best is not None else "nothing fits the limit"),
@@ -176,11 +188,11 @@ def picture(table: pd.DataFrame, task: str, profile: Profile, out: Path) -> None
 def format_table(table: pd.DataFrame, task: str, profile: Profile, source: str) -> str:
     metric = METRIC_NAME[TASK_METRIC[task]]
     lines = [f"{task} tradeoff, projected to {profile.db:,} database / {profile.test:,} test images, limit "
-             f"{profile.limit_h:g} h less {DEFAULT_MARGIN:.0%} margin ({source}):",
+             f"{profile.limit_h:g} h less {costs.SAFETY_MARGIN:.0%} margin ({source}):",
              f"  {'rung':<16}{'rerank':>7}  {metric + ' public':>14}{'private':>9}{'all':>8}{'hours':>9}  fits"]
     for row in table.itertuples():
         lines.append(f"  {row.rung:<16}{row.rerank:>7}  {row.public:>14.4f}{row.private:>9.4f}{row.all:>8.4f}"
-                     f"{row.projected_h:>9.2f}  {'yes' if row.fits else 'no'}")
+                     f"{row.hours:>9.2f}  {'yes' if row.fits else 'no'}")
     best = best_that_fits(table)
     lines.append("  best that fits (on Public): " + (f"{best['rung']}, rerank {best['rerank']}"
                                                     if best is not None else "none"))
@@ -200,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--log", type=Path, help="timing.json of `submission/main.py --probe` on the real server")
     source.add_argument("--speedup", type=float, default=1.0,
-                        help="how many times faster the server runs the network stages than this machine")
+                        help="how many times faster the server runs the CNN passes than this machine")
+    parser.add_argument("--matmul-speedup", type=float, default=1.0,
+                        help="how many times faster the server runs the matrix products (kNN, DBA, alpha-QE) than "
+                             "this machine (see `local_eval time --help`; ignored with --log)")
     parser.add_argument("--depths", type=int, nargs="+", default=None, help="rerank depths to score")
     parser.add_argument("--rungs", type=int, default=None, help="replay only the first N rungs of the ladder "
                         "(default: all)")
@@ -209,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="WORK folder of an earlier run of this model and competition: its cached features "
                              "are linked in, not extracted again")
     args = parser.parse_args(own)
-    check_positive("--speedup", args.speedup)  # NaN or inf would run a whole rung, then fail drawing
-    check_positive("--limit-h", args.limit_h)
+    for flag in ("--speedup", "--matmul-speedup", "--limit-h"):  # NaN or inf would run a whole rung, then fail
+        check_positive(flag, getattr(args, flag[2:].replace("-", "_")))
     if args.rungs is not None:
         check_at_least("--rungs", args.rungs, 1)
     depths = args.depths or DEPTHS[args.task]
@@ -231,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     check_writable_folder("--out", args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     table = tradeoff(args.competition, args.task, args.model, args.out, profile, server, args.speedup, depths,
-                     args.limit_h, script_args, args.reuse, args.rungs)
-    source = f"rates of {args.log}" if server else f"this machine's rates / {args.speedup:g} on GPU stages"
+                     args.limit_h, script_args, args.reuse, args.rungs, args.matmul_speedup)
+    source = (f"rates of {args.log}" if server else f"this machine's rates / {args.speedup:g} on CNN passes, "
+              f"/ {args.matmul_speedup:g} on matrix products")
     print(write_outputs(table, args.task, profile, source, args.out))
     return 0
 

@@ -63,6 +63,7 @@ from local_eval.replay import competition_paths, replay
 from local_eval.submission_script import load_submission, sibling
 
 log = logging.getLogger("tune")
+costs = sibling("costs")  # the script's cost model: seconds per item and per query, written down once
 
 # The default grid. Verification settings are swept over cached features, scoring settings over verified pairs.
 # Stage 1 sweeps matching x threshold at the first iterations and confidence; stage 2 sweeps iterations x
@@ -255,8 +256,7 @@ def score_table(run: Run, scorer: Scorer, grid: dict, matching: list[dict], rans
     if not run.candidates.query_nonlandmark.shape[1]:  # no distractor set: the penalty changes nothing
         scoring_grid = [s for s in scoring_grid if s.get("nonlandmark_penalty", 0.0) == scoring_grid[0].get(
             "nonlandmark_penalty", 0.0)]
-    local_rate = (run.timing["stages"]["local_features"]["seconds"] /
-                  max(1, run.timing["stages"]["local_features"]["items"]))
+    local_rate = costs.rate(run.timing["stages"]["local_features"]) or 0.0
     rows = []
     combos = list(itertools.product(range(len(matching)), range(len(ransac)), grid_combinations(grid["filter"])))
     for m, r, filter_setting in tqdm(combos, desc="score sweep", unit="verification"):
@@ -340,9 +340,10 @@ def query_seconds(run: Run, depth: int, verify_seconds: float, local_rate: float
     readable = np.flatnonzero(run.query_ok)
     if depth == 0 or not len(readable):
         return 0.0
-    images = len(readable) + len(np.unique(run.neighbours[readable, :depth]))
-    pairs = np.count_nonzero(verified[readable, :depth])
-    return (images * local_rate + verify_seconds * pairs / max(1, np.count_nonzero(verified))) / len(readable)
+    new_image_share = len(np.unique(run.neighbours[readable, :depth])) / (len(readable) * depth)
+    per_pair = costs.rate({"items": np.count_nonzero(verified), "seconds": verify_seconds}) or 0.0
+    pair_share = np.count_nonzero(verified[readable, :depth]) / (len(readable) * depth)
+    return costs.rerank_seconds_per_query(local_rate, per_pair * pair_share, depth, new_image_share)
 
 
 def choose(table: pd.DataFrame) -> pd.Series:

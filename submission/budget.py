@@ -1,14 +1,8 @@
-"""Time budget of submission/main.py: the one cost model of a run, its timing log, the plan of the database pass
-and the depth of reranking.
+"""Time budget of submission/main.py: its timing log, the plan of the database pass and the depth of reranking.
 
 Shipped beside main.py (which imports it from its own folder). It measures nothing itself: main.py hands it
-rates (seconds per unit of work) and callables that time a setting, and it decides. The kit's projections
-(`local_eval time`, `tradeoff`, `tune`) use the same functions through main.py's KIT_API, so a stage's cost is
-written down once, here.
-
-Units of work: global_db / global_query: images; knn: query x database products (the suppression's database x
-non-landmark products and DBA's database x database products included); global_rerank: queries;
-local_features: images; verification: (query, candidate) pairs.
+rates (seconds per unit of work) and callables that time a setting, and it decides, with costs.py's cost model
+(the units of each stage, the rates, the bytes), which the kit's projections use too.
 """
 from __future__ import annotations
 
@@ -21,61 +15,38 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
-from store import extract_global, global_settings, image_path, save_json
+from costs import (
+    GB,
+    SAFETY_MARGIN,
+    TIMED_PRODUCT,
+    TIMING_STAGES,
+    Sizes,
+    Work,
+    current_rss_bytes,
+    depth_that_fits,
+    disk_bytes,
+    folder_bytes,
+    knn_products,
+    machine_ram_bytes,
+    memory_bytes,
+    peak_rss_bytes,
+    project_seconds,
+    rate,
+    rerank_seconds_per_query,
+    stage_units,
+)
+from store import decode_for_global, extract_global, global_settings, image_path, save_json
 
 if TYPE_CHECKING:  # main.py's types, for the annotations only
     from main import Budget, Extraction, Inputs, Models, Run, Settings
 
 log = logging.getLogger("submission")
 
-TIMING_STAGES = ("global_db", "global_query", "knn", "global_rerank", "local_features", "verification")
 PROBE_SHARE = 0.01  # of the budget, at most, for timing one setting of the ladder (per pass)
 PLAN_SHARE = 0.1  # of the time left, at most, for timing the ladder; then the cheapest rung, untimed
 LOAD_SPREAD = 0.25  # two timings of one setting further apart than this share: the machine is busy, say so
-
-
-class Sizes(NamedTuple):
-    """Image counts of a run, for projections."""
-
-    db: int
-    queries: int
-    nonlandmarks: int
-
-
-def stage_units(sizes: Sizes, depth: int, new_image_share: float = 1.0, suppression: bool = False,
-                dba: bool = False, global_rerank: bool = False) -> dict[str, float]:
-    """The work of each stage of a whole run at these sizes, verifying `depth` candidates per query of which
-    `new_image_share` need their local features extracted (an upper bound at 1: candidates repeat)."""
-    products = sizes.queries * (sizes.db + sizes.nonlandmarks)
-    products += sizes.db * sizes.nonlandmarks if suppression else 0
-    products += sizes.db * sizes.db if dba else 0
-    return {"global_db": sizes.db + sizes.nonlandmarks, "global_query": sizes.queries, "knn": products,
-            "global_rerank": sizes.queries if global_rerank else 0,
-            "local_features": sizes.queries * (1 + depth * new_image_share) if depth else 0,
-            "verification": sizes.queries * depth}
-
-
-def project_seconds(rates: dict[str, float | None], units: dict[str, float]) -> dict[str, float | None]:
-    """Seconds per stage: units x rate; None where work is due but the rate was never measured."""
-    return {name: (0.0 if not units.get(name) else None if rates.get(name) is None else rates[name] * units[name])
-            for name in TIMING_STAGES}
-
-
-def rerank_seconds_per_query(per_image: float, per_pair: float, depth: int, new_image_share: float = 1.0) -> float:
-    """Local features of the query and its new candidates, and the verification of `depth` pairs."""
-    return per_image * (1 + depth * new_image_share) + per_pair * depth if depth else 0.0
-
-
-def depth_that_fits(seconds: float, queries: int, per_image: float, per_pair: float,
-                    new_image_share: float = 1.0) -> float:
-    """The rerank depth at which `queries` queries take `seconds` (fractional; below 1 when not even depth 1 fits
-    them all, below 0 when not even their own local features do)."""
-    per_candidate = per_image * new_image_share + per_pair
-    if per_candidate <= 0:
-        return math.inf
-    return (seconds / max(1, queries) - per_image) / per_candidate
 
 
 def deepest_rerank(seconds_left: float, queries: int, per_image: float, per_pair: float, max_depth: int,
@@ -116,8 +87,11 @@ class Timing:
         self.stages = {name: {"items": 0, "seconds": 0.0} for name in TIMING_STAGES}
         self.rerank_depth = 0
         self.plan: dict = {}
-        self.work: dict = {}  # what stage_units needs beyond the sizes: nonlandmarks, suppression, dba
+        self.work: dict = {}  # what the cost model needs beyond the sizes (costs.Work's record, nonlandmarks)
         self.devices: dict = {}  # per device, the images of the global and the local pass it did
+        self.timed_products: dict = {}  # the kNN timed at a fixed shape: {"knn": {"items", "seconds"}}
+        self.decode: dict = {}  # one core decoding images for the global pass: {"items", "seconds", "threads"}
+        self.memory: dict = {}  # baseline_bytes (models loaded), peak_rss_bytes, work_bytes
 
     def add(self, stage: str, items: int, seconds: float) -> None:
         self.stages[stage]["items"] += int(items)
@@ -126,8 +100,20 @@ class Timing:
 
     def rate(self, stage: str) -> float | None:
         """Seconds per item measured so far, or None before any item."""
-        stage_log = self.stages[stage]
-        return stage_log["seconds"] / stage_log["items"] if stage_log["items"] else None
+        return rate(self.stages[stage])
+
+    def add_timed_knn(self, seconds_per_product: float) -> None:
+        """The kNN rate timed on a product of TIMED_PRODUCT's shape (what projections use below that size)."""
+        items = TIMED_PRODUCT[0] * TIMED_PRODUCT[1]
+        self.timed_products["knn"] = {"items": items, "seconds": seconds_per_product * items}
+        self.save()
+
+    def measure_memory(self, baseline: bool = False) -> None:
+        """Record this process's peak RSS and WORK's size (and, with baseline, the RSS before any descriptor)."""
+        if baseline:
+            self.memory["baseline_bytes"] = current_rss_bytes()
+        self.memory.update(peak_rss_bytes=peak_rss_bytes(), work_bytes=folder_bytes(self.path.parent))
+        self.save()
 
     def rates(self) -> dict[str, float | None]:
         return {name: self.rate(name) for name in TIMING_STAGES}
@@ -142,7 +128,8 @@ class Timing:
     def save(self) -> None:
         record = {"task": self.task, "budget_h": self.budget_h, "rerank_depth": self.rerank_depth,
                   "stages": self.stages, "total_seconds": time.monotonic() - self.start, "plan": self.plan,
-                  "work": self.work, "devices": self.devices, "versions": self.versions}
+                  "work": self.work, "devices": self.devices, "timed_products": self.timed_products,
+                  "decode": self.decode, "memory": self.memory, "versions": self.versions}
         save_json(self.path, record)
 
 
@@ -235,12 +222,16 @@ def choose_xla(extraction, has_xla: bool, gpu: bool, measure: Measure, limit_s: 
     return (compiled if faster else plain), {"seconds_per_image": rate, "used": faster}
 
 
-def database_stop_rule(timing: Timing, sizes: Sizes, knn_rate: float) -> Callable[[int, float], bool]:
-    """Stop the database pass when the queries' descriptors and the kNN, at the rate measured so far, would no
-    longer fit before the deadline."""
+def database_stop_rule(timing: Timing, later: Sizes, searched: Sizes,
+                       knn_rate: float) -> Callable[[int, float], bool]:
+    """Stop the database pass when what is still to extract (`later`: the queries of every model, the database of
+    the models after this one) and the global stage's products over `searched` (the suppression, DBA and alpha-QE
+    included, as the run has them), at the rates measured so far, would no longer fit before the deadline."""
+    products = knn_products(searched, Work.from_record(timing.work))
+
     def stop(done: int, seconds: float) -> bool:
         per_image = seconds / done if done else 0.0
-        return timing.time_left() < sizes.queries * per_image + sizes.queries * sizes.db * knn_rate
+        return timing.time_left() < (later.queries + later.db) * per_image + products * knn_rate
     return stop
 
 
@@ -291,23 +282,107 @@ def time_global(models: Models, paths: list[Path], extraction: Extraction, run: 
     return total, abs(halves[0] - halves[1]) / max(min(halves), 1e-12)
 
 
-def work_flags(settings: Settings, sizes: Sizes) -> dict:
-    """What a run's work depends on beyond its sizes (recorded in timing.json as "work", for projections)."""
-    stage = settings.global_stage
-    suppression = stage.suppression and sizes.nonlandmarks > 0 and settings.run.task == "recognition"
-    return {"nonlandmarks": sizes.nonlandmarks, "suppression": bool(suppression), "dba": stage.dba_n > 0,
-            "global_rerank": bool(stage.qe_n or stage.superglobal_m)}
+def time_decode(paths: list[Path], max_side: int, threads: int) -> dict:
+    """One core decoding these images as the global pass does: {"items", "seconds", "threads"} (the threads that
+    decode beside the network on this machine), for the cost model's decode rate. CPU seconds of this thread, so
+    that other processes on a busy machine do not count; the faster of two rounds (the first warms the decoder)."""
+    rounds = []
+    for _ in range(2):
+        began = time.thread_time()
+        for path in paths:
+            decode_for_global(path, max_side)
+        rounds.append(time.thread_time() - began)
+    return {"items": len(paths), "seconds": min(rounds), "threads": min(threads, os.cpu_count() or 1)}
 
 
-def run_units(settings: Settings, sizes: Sizes) -> Callable[[int], dict]:
-    """depth -> the work of each stage of this run (stage_units with this run's global stage)."""
-    flags = {k: v for k, v in work_flags(settings, sizes).items() if k != "nonlandmarks"}
-    return lambda depth: stage_units(sizes, depth, **flags)
+def run_work(settings: Settings, sizes: Sizes, dims: tuple[int, ...], candidates: int, gpu: bool) -> Work:
+    """What this run's cost depends on beyond its sizes (the cost model's Work)."""
+    stage, run = settings.global_stage, settings.run
+    suppression = stage.suppression and sizes.nonlandmarks > 0 and run.task == "recognition"
+    return Work(suppression=bool(suppression), dba=stage.dba_n > 0, qe=stage.qe_n > 0,
+                superglobal=stage.superglobal_m > 0, dims=tuple(dims), candidates=candidates,
+                max_features=settings.extraction.max_features, knn_block_mb=run.knn_block_mb,
+                local_cache_gb=run.local_cache_gb, gpu=gpu)
+
+
+def memory_room(run: Run) -> tuple[float, str]:
+    """(bytes this run's data may use: the machine's memory less the margin, less what the process holds now;
+    where the machine's figure comes from)."""
+    if run.ram_gb is not None:
+        ram, source = run.ram_gb * GB, f"--ram-gb {run.ram_gb:g}"
+    else:
+        ram, source = machine_ram_bytes(), "this machine (cgroup limit or /proc/meminfo)"
+    if ram is None:
+        return math.inf, "unknown (no /proc/meminfo)"
+    return ram * (1 - SAFETY_MARGIN) - current_rss_bytes(), source
+
+
+def plan_memory(settings: Settings, models: Models, sizes: Sizes, timing: Timing,
+                work_of: Callable[[Settings, Models], Work]) -> tuple[Settings, Models]:
+    """Act on memory and disk as the plan does on time: when the projected peak of this run's data does not fit the
+    machine's memory (less the margin and what the process holds), cut what costs least score first: DBA (its copy
+    of the database), then the ensemble's last members; when WORK's projected disk does not fit the free space,
+    trim the local-feature cache. Each cut is logged and recorded in timing.json ("memory": "plan")."""
+    room, source = memory_room(settings.run)
+    depth, cuts = settings.scoring.rerank, []
+    peak = lambda s, m: max(memory_bytes(sizes, work_of(s, m), depth).values())
+    while peak(settings, models) > room:
+        if settings.global_stage.dba_n:
+            saved = peak(settings, models)
+            settings = dataclasses.replace(settings, global_stage=dataclasses.replace(settings.global_stage, dba_n=0))
+            cuts.append(f"DBA off (its copy of the database: {(saved - peak(settings, models)) / GB:.2f} GB)")
+        elif len(models.global_models) > 1:
+            models = models._replace(global_models=models.global_models[:-1], weights=models.weights[:-1])
+            cuts.append(f"ensemble member {len(models.global_models) + 1} dropped (its descriptors)")
+        else:
+            break
+    settings, trimmed = trimmed_local_cache(settings, sizes, work_of(settings, models))
+    cuts += trimmed
+    work = work_of(settings, models)
+    projected = peak(settings, models)
+    timing.work = work_flags(work, sizes)
+    timing.memory["plan"] = {"room_gb": room / GB, "machine": source, "projected_gb": projected / GB,
+                             "fits": projected <= room, "cuts": cuts}
+    for cut in cuts:
+        log.warning("memory plan: %s: the run's data would need more than the %.2f GB free of %s", cut, room / GB,
+                    source)
+    if projected > room:
+        log.warning("memory plan: %.2f GB projected for the run's data, %.2f GB free (%s): DOES NOT FIT even after "
+                    "the cuts", projected / GB, room / GB, source)
+    timing.save()
+    return settings, models
+
+
+def trimmed_local_cache(settings: Settings, sizes: Sizes, work: Work) -> tuple[Settings, list[str]]:
+    """--local-cache-gb lowered to what WORK's free disk leaves beside the rest of WORK (never below 0.1 GB)."""
+    run = settings.run
+    run.work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(run.work).free * (1 - SAFETY_MARGIN)
+    parts = disk_bytes(sizes, work, settings.scoring.rerank, run.task)
+    room_for_local = (free - sum(v for k, v in parts.items() if k != "local_cache")) / GB
+    if parts["local_cache"] / GB <= room_for_local:
+        return settings, []
+    cap = max(0.1, room_for_local)
+    trimmed = dataclasses.replace(settings, run=dataclasses.replace(run, local_cache_gb=cap))
+    return trimmed, [f"local-feature cache capped at {cap:.2f} GB (free disk of {run.work})"]
+
+
+def work_flags(work: Work, sizes: Sizes) -> dict:
+    """timing.json's "work": the Work's record and the run's own sizes, for projections."""
+    return {**sizes._asdict(), **work.record()}
+
+
+def run_units(timing: Timing, sizes: Sizes) -> Callable[[int], dict]:
+    """depth -> the work of each stage of this run (stage_units with the run's Work, as timing.json records it)."""
+    work = Work.from_record(timing.work)
+    return lambda depth: stage_units(sizes, depth, work)
 
 
 def plan_run(models: Models, inputs: Inputs, settings: Settings, timing: Timing, knn_rate: float, gpu: bool):
     """The extraction settings of the global pass: planned (--plan auto) or as given; recorded in timing.plan."""
     run, extraction, budget = settings.run, settings.extraction, settings.budget
+    decode_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids[:budget.probe_images]]
+    timing.decode = time_decode(decode_paths, extraction.global_max_side, run.decode_threads)
     if budget.plan == "fixed" or run.shard != "0/1" or not inputs.db_ids:
         if extraction.global_xla == "auto":
             extraction = dataclasses.replace(extraction, global_xla="off")
@@ -320,7 +395,7 @@ def plan_run(models: Models, inputs: Inputs, settings: Settings, timing: Timing,
     reserve_s = budget.rerank_reserve * budget.time_budget_h * 3600
     limit_s = PROBE_SHARE * budget.time_budget_h * 3600
     extraction, timing.plan = plan_extraction(ladder(extraction, models.has("float16", False)), measure,
-                                              run_units(settings, sizes), knn_rate, reserve_s, timing, limit_s)
+                                              run_units(timing, sizes), knn_rate, reserve_s, timing, limit_s)
     chosen = timing.plan["rungs"][-1]
     extraction, chosen["xla"] = choose_xla(extraction, models.has(extraction.global_precision, True), gpu, measure,
                                            limit_s, chosen)

@@ -59,18 +59,27 @@ from sklearn.isotonic import IsotonicRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the files shipped beside this one
 from budget import (  # noqa: E402
-    TIMING_STAGES,
-    Sizes,
     Timing,
     database_stop_rule,
     deepest_rerank,
     ladder,
     plan_depth,
+    plan_memory,
     plan_run,
+    run_work,
+)
+from costs import (  # noqa: E402
+    DBA_BLOCK,
+    KNN_DB_CHUNK,
+    KNN_Q_BLOCK,
+    SAFETY_MARGIN,
+    TIMING_STAGES,
+    Sizes,
+    Work,
+    knn_products,
     project_seconds,
     rerank_seconds_per_query,
     stage_units,
-    work_flags,
 )
 from devices import Replicas, chosen_devices, split_cpu  # noqa: E402
 from files import (  # noqa: E402
@@ -89,7 +98,7 @@ from files import (  # noqa: E402
 )
 from probing import gpu_present, probe  # noqa: E402
 from savedmodel import BATCH_SIGNATURES, DelgSavedModel  # noqa: E402
-from search import KNN_DB_CHUNK, KNN_Q_BLOCK, knn, knn_seconds_per_item, l2_normalize  # noqa: E402
+from search import knn, knn_seconds_per_item, l2_normalize  # noqa: E402
 from settings_cli import InputError, build_parser, layer_settings, parse_shard, read_settings_file, setting  # noqa: E402
 from store import (  # noqa: E402
     NO_SPACE,
@@ -256,7 +265,7 @@ class Budget:
 
     time_budget_h: float = setting(NOTEBOOK_LIMIT_H, "wall-clock hours the whole run may take", above=0,
                                    maximum=1000)
-    safety_margin: float = setting(0.15, "share of the budget kept free", minimum=0, below=1)
+    safety_margin: float = setting(SAFETY_MARGIN, "share of the budget kept free", minimum=0, below=1)
     plan: str = setting("auto", "auto: time a probe and lower the global settings until the run fits; "
                         "fixed: keep them", choices=("auto", "fixed"))
     rerank_reserve: float = setting(0.2, "share of the budget the plan keeps for local reranking", minimum=0,
@@ -314,6 +323,8 @@ class Run:
                                     maximum=10**6)
     knn_block_mb: int = setting(512, "memory for one block of the query x database similarity matrix", minimum=1,
                                 maximum=10**6)
+    ram_gb: float | None = setting(None, "memory of this machine in GB (default: the cgroup limit or /proc/meminfo); "
+                                   "give less to plan for a smaller machine", above=0, maximum=10**6)
 
     def verifying_model(self) -> Path:
         return self.local_model or self.model[0]
@@ -528,7 +539,7 @@ def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timi
         cache = run.work / "global" / f"m{m}"
         # the queries of every model, and the database of the models after this one, must still fit
         later = Sizes(sizes.db * (len(models.global_models) - 1 - m), sizes.queries * len(models.global_models), 0)
-        stop = database_stop_rule(timing, Sizes(later.db, later.queries, 0), knn_rate) if shard == (0, 1) else None
+        stop = database_stop_rule(timing, later, sizes, knn_rate) if shard == (0, 1) else None
         cut = timed_global(model, inputs.db_ids, db_paths, cache / inputs.db_split, extraction, run, timing,
                            "global_db", shard, stop)
         if shard != (0, 1):
@@ -636,7 +647,7 @@ def database_augmentation(database: np.ndarray, n: int, alpha: float, block_mb: 
                           stop: Callable[[], bool]) -> tuple[np.ndarray, int]:
     """DBA (retrieval 2019 1st): each database row becomes the cos^alpha-weighted sum of its n nearest rows,
     itself included. A database x database kNN, block by block; (new rows, rows done) when stop() cuts it."""
-    augmented, block = database.copy(), KNN_Q_BLOCK * 8
+    augmented, block = database.copy(), DBA_BLOCK
     for start in range(0, len(database), block):
         if stop():
             log.warning("DBA cut by the deadline after %d of %d database rows", start, len(database))
@@ -682,34 +693,50 @@ def global_stage(found: Descriptors, n_db: int, settings: Settings, timing: Timi
     if stage.whiten == "database" and len(db) > 1:
         whitening = fit_whitening(db, stage.whiten_shrinkage)
         db, queries, nonlandmarks = (apply_whitening(x, whitening) for x in (db, queries, nonlandmarks))
-    products = 0
     query_nl = nonlandmark_cosines(queries, nonlandmarks, max(stage.query_nonlandmark_k, settings.scoring.top_k),
                                    run.knn_block_mb)
     db_nl = np.zeros((n_db, 0), np.float32)
-    if stage.suppression and run.task == "recognition" and len(nonlandmarks):
+    suppression = bool(stage.suppression and run.task == "recognition" and len(nonlandmarks))
+    if suppression:
         found_nl = nonlandmark_cosines(db, nonlandmarks, stage.db_nonlandmark_k, run.knn_block_mb)
         db_nl = np.zeros((n_db, found_nl.shape[1]), np.float32)
         db_nl[found.db_rows] = found_nl
-        products += len(db) * len(nonlandmarks)
+    augmented = 0  # database rows DBA replaced (all but when the deadline cut it)
     if stage.dba_n:
-        db, _ = database_augmentation(db, stage.dba_n, stage.dba_alpha, run.knn_block_mb, timing.past_deadline)
-        products += len(db) * len(db)
-    cosines, rows = knn(queries, db, candidate_count(settings), run.knn_block_mb)
-    products += len(queries) * (len(db) + len(nonlandmarks))
+        db, augmented = database_augmentation(db, stage.dba_n, stage.dba_alpha, run.knn_block_mb,
+                                              timing.past_deadline)
+    cosines, rows = expanded_search(queries, db, candidate_count(settings), stage, run.knn_block_mb)
+    work = dataclasses.replace(Work.from_record(timing.work), suppression=suppression, dba=False,
+                               qe=bool(stage.qe_n))
+    products = knn_products(Sizes(len(db), len(queries), len(nonlandmarks)), work) + augmented * len(db)
     timing.add("knn", products, time.monotonic() - began)
     began = time.monotonic()
-    cosines, rows = reranked(queries, db, cosines, rows, stage, run.knn_block_mb)
-    if stage.qe_n or stage.superglobal_m:
+    if stage.superglobal_m:
+        cosines, rows = superglobal_rerank(queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k,
+                                           stage.superglobal_beta)
         timing.add("global_rerank", len(queries), time.monotonic() - began)
     return Candidates(cosines, found.db_rows[rows], found.query_ok, query_nl, db_nl)
+
+
+def expanded_search(queries: np.ndarray, db: np.ndarray, k: int, stage: Global,
+                    block_mb: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k search, and alpha-QE's second search when the settings ask (both kNN products)."""
+    cosines, rows = knn(queries, db, k, block_mb)
+    return second_search(queries, db, cosines, rows, stage, block_mb) if stage.qe_n else (cosines, rows)
+
+
+def second_search(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
+                  block_mb: int) -> tuple[np.ndarray, np.ndarray]:
+    """alpha-QE: the queries expanded by their top n, searched again."""
+    expanded = query_expansion(queries, db, cosines, rows, stage.qe_n, stage.qe_alpha)
+    return knn(expanded, db, rows.shape[1], block_mb)
 
 
 def reranked(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
              block_mb: int) -> tuple[np.ndarray, np.ndarray]:
     """alpha-QE (a second search) and SuperGlobal, as the settings ask."""
     if stage.qe_n:
-        expanded = query_expansion(queries, db, cosines, rows, stage.qe_n, stage.qe_alpha)
-        cosines, rows = knn(expanded, db, rows.shape[1], block_mb)
+        cosines, rows = second_search(queries, db, cosines, rows, stage, block_mb)
     if stage.superglobal_m:
         cosines, rows = superglobal_rerank(queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k,
                                            stage.superglobal_beta)
@@ -972,15 +999,19 @@ def locked_run(settings: Settings) -> None:
     run_ = settings.run
     timing = Timing(run_.work / "timing.json", run_.task, settings.budget, runtime_versions())
     inputs = read_inputs(run_)
-    timing.work = work_flags(settings, inputs.sizes())
     models = load_models(run_, settings.extraction)
     timing.devices = models.devices
+    timing.measure_memory(baseline=True)
+    work_of = lambda s, m: run_work(s, inputs.sizes(), tuple(x.global_dim for x in m.global_models),
+                                    candidate_count(s), gpu_present())
+    settings, models = plan_memory(settings, models, inputs.sizes(), timing, work_of)
+    dims = tuple(model.global_dim for model in models.global_models)
     if run_.probe is not None:
         return probe(models, inputs, settings, timing, candidate_count(settings), reranked, count_inliers)
     if parse_shard(run_.shard) == (0, 1):  # a valid file at once in WORK, whatever happens later
         write_submission(latest_submission(run_), run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
-    dim = sum(model.global_dim for model in models.global_models)
-    knn_rate = knn_seconds_per_item(dim, run_.knn_block_mb)
+    knn_rate = knn_seconds_per_item(sum(dims), run_.knn_block_mb)
+    timing.add_timed_knn(knn_rate)
     settings = dataclasses.replace(settings, extraction=plan_run(models, inputs, settings, timing, knn_rate,
                                                                               gpu_present()))
     timing.save()
@@ -1036,6 +1067,7 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
                      rerank_order(priority, candidates.query_ok), min(depth, candidates.neighbours.shape[1]),
                      on_progress)
     write_submission(run_.out, run_.task, inputs.test_ids, rows_for(inliers))
+    timing.measure_memory()
     log.info("submission written to %s; timings in %s", run_.out, timing.path)
 
 

@@ -10,10 +10,9 @@ import time
 
 import numpy as np
 import tensorflow as tf
+from costs import TIMED_PRODUCT, knn_blocks
 from tqdm import tqdm
 
-KNN_DB_CHUNK = 8192  # database rows per numpy multiply (measured best with KNN_Q_BLOCK on 2 cores)
-KNN_Q_BLOCK = 512  # queries per numpy multiply
 TIMED_K = 100  # neighbours of the timing run (the retrieval submission's depth)
 GPU_PATHS_ENV = "KIT_GPU_PATHS"  # "1": take the GPU code paths on a CPU too (TensorFlow kNN, the XLA timing), for CI
 
@@ -34,13 +33,11 @@ def knn(queries: np.ndarray, database: np.ndarray, k: int, block_mb: int = 512) 
     k = min(k, len(database))
     if k == 0 or len(queries) == 0:
         return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
-    if gpu_present():
-        db_block = min(len(database), max(k, block_mb * 2**20 // 4 // 1024))
-        return knn_tensorflow(queries, database, k, q_block=max(1, block_mb * 2**20 // 4 // db_block),
-                              db_block=db_block)
-    db_chunk = max(k, KNN_DB_CHUNK)
-    q_block = max(1, min(KNN_Q_BLOCK, block_mb * 2**20 // 4 // db_chunk))
-    return knn_numpy(queries, database, k, q_block=q_block, db_chunk=db_chunk)
+    gpu = gpu_present()
+    q_block, db_block = knn_blocks(len(database), k, block_mb, gpu)
+    if gpu:
+        return knn_tensorflow(queries, database, k, q_block=q_block, db_block=db_block)
+    return knn_numpy(queries, database, k, q_block=q_block, db_chunk=db_block)
 
 
 def knn_tensorflow(queries: np.ndarray, database: np.ndarray, k: int, q_block: int, db_block: int):
@@ -107,8 +104,8 @@ def merge_candidates(best_s: np.ndarray, best_i: np.ndarray, chunk: np.ndarray, 
 def knn_seconds_per_item(dim: int, block_mb: int) -> float:
     """Measured seconds per query x database row of knn on random data the size of one block (for planning)."""
     rng = np.random.default_rng(0)
-    queries = l2_normalize(rng.normal(size=(256, dim)).astype(np.float32))
-    database = l2_normalize(rng.normal(size=(16_384, dim)).astype(np.float32))
+    queries = l2_normalize(rng.normal(size=(TIMED_PRODUCT[0], dim)).astype(np.float32))
+    database = l2_normalize(rng.normal(size=(TIMED_PRODUCT[1], dim)).astype(np.float32))
     began = time.monotonic()
     knn(queries, database, TIMED_K, block_mb)
     return (time.monotonic() - began) / (len(queries) * len(database))

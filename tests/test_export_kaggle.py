@@ -23,6 +23,7 @@ from common.kit import load_submission
 from export.__main__ import main as export_main
 from export.bundle import KAGGLE_PYTHONS, SUBMISSION_SCRIPT, WHEEL_PLATFORM
 from export.delg import EXPORT_INFO_FILE, GLOBAL_BATCH_FLOAT16, export_delg
+from local_eval.timing import PROFILES
 from tests import HANG_GUARD_S
 from tests.test_export_delg import LANDMARK_IDS, TINY_DIM, make_run_dir, random_image
 from train.config import RETRIEVAL_SCALES
@@ -275,7 +276,8 @@ def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path,
     assert GLOBAL_BATCH_FLOAT16 not in json.loads((out / "delg" / "assets" / EXPORT_INFO_FILE).read_text())["functions"]
     received = run_kernel(out)
     assert received[:2] == ["--task", "recognition"] and "--settings" not in received
-    assert "--nonlandmark-dir" not in received and received[-2:] == ["--time-budget-h", "9.0"]
+    limit_h = PROFILES["recognition-2021"].limit_h  # the default competition's limit, as the profile has it
+    assert "--nonlandmark-dir" not in received and received[-2:] == ["--time-budget-h", str(limit_h)]
 
 
 def test_bundle_of_two_runs_ships_both_models_and_passes_both_to_main(run, second_run, tmp_path, export_once):

@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from local_eval.replay import replay
 from local_eval.submission_script import load_submission
-from local_eval.timing import DEFAULT_MARGIN, load_timing, projection_report, resolve_profile
+from local_eval.timing import costs, load_timing, projection_report, resolve_profile
+from local_eval.timing import main as time_main
 from local_eval.tradeoff import main as tradeoff_main
 from local_eval.tradeoff import measured_stages
 
@@ -41,6 +43,36 @@ def test_plan_fixed_keeps_the_given_settings(tiny_competition, tiny_model, tmp_p
                     [*LIGHT, "--plan", "fixed", "--rerank", "0"])
     assert report["status"] == "ok" and report["timing"]["plan"]["mode"] == "fixed"
     assert report["timing"]["plan"]["global"]["global_max_side"] == sub.DELG_MAX_IMAGE_SIDE
+    projected_at_own_size(report["timing"])
+
+
+def test_a_run_told_it_has_less_ram_than_its_peak_plans_down_finishes_and_logs_the_cut(tiny_competition, tiny_model,
+                                                                                       tmp_path):
+    """Half a GB is less than the process itself holds here (TensorFlow and the model), so no plan can fit it: the
+    plan cuts what it can (retrieval's DBA), says so, and the run still finishes with its submission."""
+    report = replay(tiny_competition, "retrieval", tiny_model, tmp_path, 1.0,
+                    [*LIGHT, "--plan", "fixed", "--rerank", "0", "--ram-gb", "0.5"])
+    assert report["status"] == "ok" and 0 <= report["final"]["all"]["map@100"] <= 1
+    memory_plan = report["timing"]["memory"]["plan"]
+    assert memory_plan["machine"] == "--ram-gb 0.5" and not memory_plan["fits"]
+    assert memory_plan["cuts"][0].startswith("DBA off") and not report["timing"]["work"]["dba"]
+    logged = (tmp_path / "script.log").read_text()
+    assert "memory plan: DBA off" in logged and "DOES NOT FIT even after the cuts" in logged
+    assert report["timing"]["memory"]["peak_rss_bytes"] > 0 and report["timing"]["memory"]["work_bytes"] > 0
+
+
+def projected_at_own_size(timing: dict) -> None:
+    """The cost model at the run's own size gives back what the run measured: each global pass's seconds, the
+    peak memory within 1.5x of the peak RSS, WORK's disk within 1.5x of its size."""
+    machine = {"gpus": 0, "cpus": timing["decode"]["threads"]}  # this machine, which measured
+    own = resolve_profile("retrieval-2020", {"db": timing["work"]["db"], "test": timing["work"]["queries"], **machine})
+    report = projection_report(timing, own, rerank=0)
+    for name in costs.GLOBAL_PASSES:
+        assert report["hours"][name] * 3600 == pytest.approx(timing["stages"][name]["seconds"], rel=0.01)
+    measured_gb = timing["memory"]["peak_rss_bytes"] / 2**30
+    assert measured_gb / 1.5 <= report["memory_gb"]["peak"] <= measured_gb * 1.5, (report["memory_gb"], measured_gb)
+    work_gb = timing["memory"]["work_bytes"] / 2**30
+    assert work_gb / 1.5 <= report["disk_gb"]["work"] <= work_gb * 1.5, (report["disk_gb"], work_gb)
 
 
 def test_probe_times_every_stage_and_local_eval_time_projects_it(tiny_competition, tiny_model, tmp_path):
@@ -70,14 +102,21 @@ def test_tradeoff_scores_each_rung_at_each_depth(tiny_competition, tiny_model, t
     rungs = table["rung"].unique().tolist()
     assert rungs == ["as given", "1 global scale"] and len(table) == 2 * len(rungs)
     limit_h = resolve_profile("retrieval-2020", {}).limit_h
-    assert (table["projected_h"] > 0).all()  # whether a row fits depends on this machine's load: it must agree
-    assert (table["fits"] == (table["projected_h"] <= limit_h * (1 - DEFAULT_MARGIN))).all()
+    assert (table["hours"] > 0).all()  # whether a row fits depends on this machine's load: it must agree
+    assert (table["fits"] == (table["hours"] <= limit_h * (1 - costs.SAFETY_MARGIN))).all()
     settings = table.drop_duplicates("rung").set_index("rung")
     assert settings.loc["1 global scale", "global_scales"] == "1.0"
     assert settings.loc["as given", "global_scales"] == "0.5 1.0"
-    deeper = table[table["rerank"] == 3]["projected_h"].to_numpy()
-    assert (deeper > table[table["rerank"] == 0]["projected_h"].to_numpy()).all()
+    deeper = table[table["rerank"] == 3]["hours"].to_numpy()
+    assert (deeper > table[table["rerank"] == 0]["hours"].to_numpy()).all()
     assert (tmp_path / "tradeoff.png").is_file() and "best that fits" in capsys.readouterr().out
+    for row in table.itertuples():  # `local_eval time` on the rung's log, at the same depth, gives its hours
+        logged = load_timing(row.log)
+        assert logged["work"]["qe"] and logged["work"]["dba"]  # retrieval's defaults: the run's flags are kept
+        assert time_main(["--log", row.log, "--profile", "retrieval-2020", "--rerank", str(row.rerank),
+                          "--speedup", "50", "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["total_hours"] == pytest.approx(row.hours, rel=0.01)
 
 
 def test_a_rung_that_found_features_cached_is_projected_from_the_run_that_extracted_them():

@@ -442,7 +442,7 @@ def test_an_ensemble_caches_each_model_and_concatenates_their_descriptors(compet
     settings = sub.read_settings_record(work)
     assert [p.name for p in settings.run.model] == ["tf2", "tf1"]
     assert json.loads((work / "settings.json").read_text())["run"]["model_weights"] == [1.0, 0.5]
-    assert timing["stages"]["global_rerank"]["items"] == len(frame)  # alpha-QE and SuperGlobal, timed
+    assert timing["stages"]["global_rerank"]["items"] == len(frame)  # SuperGlobal, timed (alpha-QE: kNN products)
     assert single.shape[1] * 2 == sum(sub.DelgSavedModel(m, settings.extraction).global_dim
                                       for m in settings.run.model)
 
