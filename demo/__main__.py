@@ -106,15 +106,15 @@ def show_step(out: Path, competition: Path, model: Path) -> Path:
 
 def tradeoff_step(out: Path, competition: Path, model: Path) -> str:
     """The recognition tradeoff table at this machine's speed (rungs share the recognition replay's features)."""
-    from local_eval.tradeoff import tradeoff, write_outputs
+    from local_eval.tradeoff import Rungs, Server, tradeoff, write_outputs
 
     folder = out / "tradeoff"
     if up_to_date(folder / "tradeoff.txt", model / "saved_model.pb"):
         return (folder / "tradeoff.txt").read_text().rstrip("\n")
     shutil.rmtree(folder / "work", ignore_errors=True)  # features of an older model
     profile = PROFILES[DEMO["profile"]]
-    table = tradeoff(competition, "recognition", model, folder, profile, None, 1.0, DEMO["tradeoff_depths"],
-                     DEMO["limit_h"], DEMO["script_args"]["recognition"], reuse=out / "replay-recognition" / "work",
+    rungs = Rungs(competition, "recognition", model, DEMO["limit_h"], DEMO["script_args"]["recognition"])
+    table = tradeoff(rungs, folder, Server(profile), DEMO["tradeoff_depths"], reuse=out / "replay-recognition" / "work",
                      max_rungs=DEMO["tradeoff_rungs"])
     return write_outputs(table, "recognition", profile, "this machine's rates, speedup x1", folder)
 

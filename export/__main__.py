@@ -17,7 +17,7 @@ from common.cli import (
     check_positive,
     dispatch,
 )
-from export.bundle import DEFAULT_COMPETITION, KAGGLE_PYTHONS, SUBMISSION_SCRIPT, build_bundle
+from export.bundle import DEFAULT_COMPETITION, KAGGLE_PYTHONS, SUBMISSION_SCRIPT, BundleSpec, build_bundle
 from export.delg import export_delg
 from export.retrieval import DEFAULT_MAX_MB, export_retrieval
 from export.whitening import DEFAULT_IMAGES, DEFAULT_SHRINKAGE, WhitenSettings
@@ -255,11 +255,11 @@ def main_bundle(argv: list[str] | None) -> None:
     if args.model:
         _check_exported_flags(args)
     whiten = None if args.model else _whiten_settings(args)
-    print(build_bundle(args.model or args.run, args.out, user=args.kaggle_user, dataset=args.dataset,
-                       kernel=args.kernel, competition=args.competition, wheels=args.wheel, pythons=args.python,
-                       script=args.script, overwrite=args.overwrite, budget_h=args.time_budget_h,
-                       settings=args.settings, nonlandmark_dir=args.nonlandmark_dir, float16=args.float16,
-                       whiten=whiten, weights=args.model_weights, exported=bool(args.model)))
+    spec = BundleSpec(user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel, competition=args.competition,
+                      wheels=args.wheel or (), pythons=args.python, script=args.script, budget_h=args.time_budget_h,
+                      settings=args.settings, nonlandmark_dir=args.nonlandmark_dir, float16=args.float16,
+                      whiten=whiten, weights=args.model_weights, exported=bool(args.model))
+    print(build_bundle(args.model or args.run, args.out, spec, overwrite=args.overwrite))
 
 
 def main(argv: list[str]) -> int:

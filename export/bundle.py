@@ -29,6 +29,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError, atomic_output_dir
@@ -316,48 +317,63 @@ def add_models(sources: Sequence[Path], exported: bool, target: Path, float16: b
     return models
 
 
-def build_bundle(run_dirs: Sequence[Path], out_dir: Path, user: str, dataset: str, kernel: str,
-                 competition: str = DEFAULT_COMPETITION, wheels: list[Path] | None = None,
-                 pythons: list[str] | None = None, script: Path = SUBMISSION_SCRIPT, overwrite: bool = False,
-                 budget_h: float | None = None, settings: Path | None = None,
-                 nonlandmark_dir: Path | None = None, float16: bool = False,
-                 whiten: WhitenSettings | None = None, weights: Sequence[float] | None = None,
-                 exported: bool = False) -> Path:
-    """Write the bundle folder: each run's DELG export (PCA-whitened with `whiten`; several runs are an ensemble,
-    `weights` one per run), or with `exported` the given export folders as they are; scripts, wheels, settings and
-    non-landmark images. Wheels: the given ones plus one fetched per Python in `pythons` (None: KAGGLE_PYTHONS,
-    unless wheels are given). budget_h: the competition's limit by default."""
-    budget_h = competition_limit_h(competition) if budget_h is None else budget_h
-    if not script.is_file():
-        raise UserError(f"{script}: submission script not found")
-    if exported:
-        for model_dir in run_dirs:
-            check_exported_model(Path(model_dir))
+@dataclass(frozen=True)
+class BundleSpec:
+    """What a bundle holds beside its models, and where Kaggle finds it."""
+
+    user: str  # Kaggle user owning the dataset and the kernel
+    dataset: str  # the dataset's slug (the bundle's folder under /kaggle/input)
+    kernel: str  # the notebook's slug
+    competition: str = DEFAULT_COMPETITION
+    wheels: Sequence[Path] = ()  # pydegensac wheels to ship, beside one fetched per Python in `pythons`
+    pythons: Sequence[str] | None = None  # None: KAGGLE_PYTHONS, unless wheels are given
+    script: Path = SUBMISSION_SCRIPT
+    budget_h: float | None = None  # None: the competition's limit
+    settings: Path | None = None  # a --settings file for main.py
+    nonlandmark_dir: Path | None = None
+    float16: bool = False  # re-exports only
+    whiten: WhitenSettings | None = None  # re-exports only
+    weights: Sequence[float] | None = None  # one per model of an ensemble
+    exported: bool = False  # the models are export folders, shipped byte for byte (else runs, exported again)
+
+
+def build_bundle(sources: Sequence[Path], out_dir: Path, spec: BundleSpec, overwrite: bool = False) -> Path:
+    """Write the bundle folder: each of `sources` exported again (a run; PCA-whitened with spec.whiten) or, with
+    spec.exported, copied as it is (an export); several are an ensemble (spec.weights, one each); then the
+    scripts, wheels, settings and non-landmark images."""
+    competition, settings, nonlandmark_dir = spec.competition, spec.settings, spec.nonlandmark_dir
+    budget_h = competition_limit_h(competition) if spec.budget_h is None else spec.budget_h
+    if not spec.script.is_file():
+        raise UserError(f"{spec.script}: submission script not found")
+    if spec.exported:
+        for source in sources:
+            check_exported_model(Path(source))
     if settings is not None:
         check_settings_file(settings, competition, budget_h)
     images = nonlandmark_images(nonlandmark_dir) if nonlandmark_dir is not None else []
     with tempfile.TemporaryDirectory(prefix="pydegensac-") as downloads:
-        shipped = gather_wheels(list(wheels or []), pythons, Path(downloads))
+        shipped = gather_wheels(list(spec.wheels), spec.pythons, Path(downloads))
         with atomic_output_dir(out_dir, overwrite=overwrite, kind=BUNDLE_KIND) as tmp:
-            models = add_models(run_dirs, exported, tmp, float16, whiten)
-            scripts = copy_scripts(script, tmp / SCRIPT_DIR)
+            names = add_models(sources, spec.exported, tmp, spec.float16, spec.whiten)
+            scripts = copy_scripts(spec.script, tmp / SCRIPT_DIR)
             (tmp / WHEEL_DIR).mkdir()
             for wheel in shipped:
                 shutil.copy2(wheel, tmp / WHEEL_DIR / wheel.name)
             if settings is not None:
                 shutil.copy2(settings, tmp / SETTINGS_FILE)
             copy_images(images, nonlandmark_dir, tmp / NONLANDMARK_DIR)
-            (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(user, dataset), indent=2))
-            code = launcher(dataset, competition, budget_h, settings=settings is not None, nonlandmark=bool(images),
-                            models=models, weights=weights)
+            (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(spec.user, spec.dataset), indent=2))
+            code = launcher(spec.dataset, competition, budget_h, settings=settings is not None,
+                            nonlandmark=bool(images), models=names, weights=spec.weights)
             (tmp / KERNEL_FILE).write_text(code)
-            metadata = kernel_metadata(user, dataset, kernel, competition)
+            metadata = kernel_metadata(spec.user, spec.dataset, spec.kernel, competition)
             (tmp / "kernel-metadata.json").write_text(json.dumps(metadata, indent=2))
     log.info("shipped %s; wheels: %s", ", ".join(f"{SCRIPT_DIR}/{name}" for name in scripts),
              ", ".join(wheel.name for wheel in shipped))
-    if len(run_dirs) > 1:
-        pairs = ", ".join(f"{model}/ from {run_dir}" for model, run_dir in zip(models, run_dirs, strict=True))
-        log.info("ensemble: %s; weights %s", pairs, " ".join(f"{w:g}" for w in weights) if weights else "all 1")
+    if len(sources) > 1:
+        pairs = ", ".join(f"{name}/ from {source}" for name, source in zip(names, sources, strict=True))
+        weights = " ".join(f"{w:g}" for w in spec.weights) if spec.weights else "all 1"
+        log.info("ensemble: %s; weights %s", pairs, weights)
     warn_without_kaggle_python(shipped)
     if images:
         log.info("shipped %d non-landmark images", len(images))

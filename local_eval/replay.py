@@ -258,7 +258,7 @@ def format_report(task: str, report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from local_eval.sandbox import DEFAULT_DISK_GB, format_sandbox, replay_bundle  # it imports this module
+    from local_eval.sandbox import DEFAULT_DISK_GB, Limits, format_sandbox, replay_bundle  # it imports this module
 
     parser = KitArgumentParser(prog="python -m local_eval replay", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bundle is not None and args.python is not None:
         parser.error("--python does not apply to --bundle: the sandbox runs kernel.py with this interpreter's packages")
     if args.bundle is not None:
-        report = replay_bundle(args.competition, args.task, args.bundle, args.out, args.limit_h, args.disk_gb,
-                               args.cpus, args.ram_gb, args.script_args)
+        report = replay_bundle(args.competition, args.task, args.bundle, args.out, args.limit_h,
+                               Limits(args.disk_gb, args.cpus, args.ram_gb), args.script_args)
         print(format_report(args.task, report) + "\n" + format_sandbox(report["sandbox"]))
         return 0 if report["status"] == "ok" else 1
     report = replay(args.competition, args.task, args.model, args.out, args.limit_h, args.script_args,

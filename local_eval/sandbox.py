@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from common.cli import UserError, atomic_write_text, check_positive
 from local_eval.replay import competition_paths, read_timing, run_with_limit, score_if_present, tail
@@ -77,7 +78,19 @@ def read_only_copy(source: Path, target: Path) -> None:
         path.chmod(stat.S_IMODE(path.stat().st_mode) & ~0o222)
 
 
-def check_limits(disk_gb: float, cpus: int | None, ram_gb: float | None) -> None:
+class Limits(NamedTuple):
+    """The sandbox's machine: /kaggle/working's size, the CPUs, the memory (None: this machine's)."""
+
+    disk_gb: float = DEFAULT_DISK_GB
+    cpus: int | None = None
+    ram_gb: float | None = None
+
+
+NO_LIMITS = Limits()  # /kaggle/working at its default size, this machine's CPUs and memory
+
+
+def check_limits(limits: Limits) -> None:
+    disk_gb, cpus, ram_gb = limits
     check_positive("--disk-gb", disk_gb)
     if ram_gb is not None:
         check_positive("--ram-gb", ram_gb)
@@ -86,8 +99,7 @@ def check_limits(disk_gb: float, cpus: int | None, ram_gb: float | None) -> None
         raise UserError(f"--cpus {cpus}: expected 1 to {available} (the CPUs this process may use)")
 
 
-def replay_bundle(competition: Path, task: str, bundle: Path, out: Path, limit_h: float,
-                  disk_gb: float = DEFAULT_DISK_GB, cpus: int | None = None, ram_gb: float | None = None,
+def replay_bundle(competition: Path, task: str, bundle: Path, out: Path, limit_h: float, limits: Limits = NO_LIMITS,
                   extra_args: list[str] | None = None) -> dict:
     """Run the bundle's kernel.py in the sandbox, score /kaggle/working/submission.csv, write out/report.json."""
     bundle = Path(bundle).resolve()
@@ -95,7 +107,8 @@ def replay_bundle(competition: Path, task: str, bundle: Path, out: Path, limit_h
     if bundle_task != task:
         raise UserError(f"--bundle {bundle} runs {bundle_task} ({competition_name}), not --task {task}")
     check_positive("--limit-h", limit_h)
-    check_limits(disk_gb, cpus, ram_gb)
+    check_limits(limits)
+    disk_gb, cpus, ram_gb = limits
     data, solution = competition_paths(Path(competition), task)
     out = Path(out).resolve()
     sandbox = out / "sandbox"

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import KitArgumentParser, UserError, check_at_least, check_positive
-from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.submission_script import sibling
 
 costs = sibling("costs")  # the script's cost model: each stage's units, rates and bytes, written down once

@@ -13,11 +13,11 @@ table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,45 +118,72 @@ def reuse_caches(source: Path, work: Path) -> None:
     shutil.copy2(source / "cache_key.json", work / "cache_key.json")
 
 
-def tradeoff(competition: Path, task: str, model: Path, out: Path, profile: Profile, server: dict | None,
-             speedup: float, depths: list[int], limit_h: float, script_args: list[str],
-             reuse: Path | None = None, max_rungs: int | None = None, matmul_speedup: float = 1.0) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Rungs:
+    """What each rung replays: the competition, task and model, the replay's limit and the script's flags."""
+
+    competition: Path
+    task: str
+    model: Path
+    limit_h: float
+    script_args: list[str]
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where the rungs are projected to: the profile, and the rates of a server's timing log or this machine's
+    divided by the CNN and matrix-product speedups."""
+
+    profile: Profile
+    log: dict | None = None
+    speedup: float = 1.0
+    matmul_speedup: float = 1.0
+
+    def factors(self) -> tuple[float, float]:
+        return (1.0, 1.0) if self.log else (self.speedup, self.matmul_speedup)
+
+
+def tradeoff(rungs: Rungs, out: Path, server: Server, depths: list[int], reuse: Path | None = None,
+             max_rungs: int | None = None) -> pd.DataFrame:
     sub = load_submission()
-    data, solution = competition_paths(competition, task)
-    base = sub.parse_settings(["--task", task, "--data", str(data), "--model", str(model), *script_args])
-    loaded = sub.DelgSavedModel(model, base.extraction)
-    rungs = sub.ladder(base.extraction, ("float16", False) in loaded.batched)[:max_rungs]
+    data, solution = competition_paths(rungs.competition, rungs.task)
+    base = sub.parse_settings(["--task", rungs.task, "--data", str(data), "--model", str(rungs.model),
+                               *rungs.script_args])
+    loaded = sub.DelgSavedModel(rungs.model, base.extraction)
+    ladder = sub.ladder(base.extraction, ("float16", False) in loaded.batched)[:max_rungs]
     work, rows, reference = out / "work", [], None
     if reuse is not None:  # the run that extracted the reused features measured their rates
         reuse_caches(reuse, work)
         reference = load_timing(reuse / "timing.json") if (reuse / "timing.json").is_file() else None
-    for index, (name, extraction) in enumerate(rungs):
-        log.info("rung %d of %d: %s", index + 1, len(rungs), name)
-        report = replay(competition, task, model, out / f"rung{index}", limit_h,
-                        [*script_args, *rung_flags(extraction), "--rerank", str(max(depths))], work=work)
+    for index, (name, extraction) in enumerate(ladder):
+        log.info("rung %d of %d: %s", index + 1, len(ladder), name)
+        report = replay(rungs.competition, rungs.task, rungs.model, out / f"rung{index}", rungs.limit_h,
+                        [*rungs.script_args, *rung_flags(extraction), "--rerank", str(max(depths))], work=work)
         if report["status"] != "ok":
             raise UserError(f"the run of rung '{name}' ended '{report['status']}'; see {out / f'rung{index}'}")
         run = read_run(work)
         reference = reference or report["timing"]
-        projected_log = rung_log(report["timing"], reference, server)
+        projected_log = rung_log(report["timing"], reference, server.log)
         log_path = out / f"rung{index}" / "projected_timing.json"
         atomic_write_text(log_path, json.dumps(projected_log, indent=1))
-        server_factors = (1.0, 1.0) if server else (speedup, matmul_speedup)
-        rows += rung_rows(run, Scorer(task, solution, run.test_ids), name, extraction, projected_log, log_path,
-                          profile, server_factors, depths)
+        rows += rung_rows(run, Scorer(rungs.task, solution, run.test_ids), (name, extraction), projected_log,
+                          log_path, server, depths)
     return pd.DataFrame(rows)
 
 
-def rung_rows(run: Run, scorer: Scorer, name: str, extraction, projected_log: dict, log_path: Path,
-              profile: Profile, factors: tuple[float, float], depths: list[int]) -> list[dict]:
+def rung_rows(run: Run, scorer: Scorer, rung: tuple[str, object], projected_log: dict, log_path: Path,
+              server: Server, depths: list[int]) -> list[dict]:
     """One row per depth: the scores, and the projection of `local_eval time --log log_path` at that depth (the
     same cost model on the same log: hours, and whether time, memory and disk all fit)."""
+    name, extraction = rung
+    speedup, matmul_speedup = server.factors()
     inliers = verified_inliers(run)
     rows = []
     for depth in depths:
         at_depth = np.where(np.arange(inliers.shape[1]) < depth, inliers, -1)
         scores = score_one(run, scorer, at_depth, {"rerank": depth})
-        report = projection_report(projected_log, profile, factors[0], rerank=depth, matmul_speedup=factors[1])
+        report = projection_report(projected_log, server.profile, speedup, rerank=depth,
+                                   matmul_speedup=matmul_speedup)
         rows.append({"rung": name, "global_scales": " ".join(map(str, extraction.global_scales())),
                      "global_max_side": extraction.global_max_side, "precision": extraction.global_precision,
                      "rerank": depth, **{subset: scores[subset] for subset in REPORTED_SUBSETS},
@@ -245,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                                            ("--log", args.log), ("--reuse", args.reuse)], replaces_out=False)
     check_writable_folder("--out", args.out)
     args.out.mkdir(parents=True, exist_ok=True)
-    table = tradeoff(args.competition, args.task, args.model, args.out, profile, server, args.speedup, depths,
-                     args.limit_h, script_args, args.reuse, args.rungs, args.matmul_speedup)
+    rungs = Rungs(args.competition, args.task, args.model, args.limit_h, script_args)
+    table = tradeoff(rungs, args.out, Server(profile, server, args.speedup, args.matmul_speedup), depths, args.reuse,
+                     args.rungs)
     source = (f"rates of {args.log}" if server else f"this machine's rates / {args.speedup:g} on CNN passes, "
               f"/ {args.matmul_speedup:g} on matrix products")
     print(write_outputs(table, args.task, profile, source, args.out))

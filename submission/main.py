@@ -102,6 +102,7 @@ from search import knn, knn_seconds_per_item, l2_normalize  # noqa: E402
 from settings_cli import InputError, build_parser, layer_settings, parse_shard, read_settings_file, setting  # noqa: E402
 from store import (  # noqa: E402
     NO_SPACE,
+    ImageSet,
     LocalFeatures,
     atomic_save,
     cache_keys,
@@ -540,20 +541,20 @@ def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timi
         # the queries of every model, and the database of the models after this one, must still fit
         later = Sizes(sizes.db * (len(models.global_models) - 1 - m), sizes.queries * len(models.global_models), 0)
         stop = database_stop_rule(timing, later, sizes, knn_rate) if shard == (0, 1) else None
-        cut = timed_global(model, inputs.db_ids, db_paths, cache / inputs.db_split, extraction, run, timing,
-                           "global_db", shard, stop)
+        cut = timed_global(model, ImageSet(inputs.db_ids, db_paths, cache / inputs.db_split), extraction, run,
+                           timing, "global_db", shard, stop)
         if shard != (0, 1):
             log.info("shard %d/%d extracted into %s", *shard, cache / inputs.db_split)
             continue
         cut_any |= cut
         splits["db"].append(load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size, model.global_dim,
                                         allow_missing=cut))
-        query_cut = timed_global(model, inputs.test_ids, query_paths, cache / query_split, extraction, run, timing,
-                                 "global_query", stop=timing.past_deadline)  # the rest: unreadable, predicted empty
+        queries = ImageSet(inputs.test_ids, query_paths, cache / query_split)  # past the deadline: unreadable, empty
+        query_cut = timed_global(model, queries, extraction, run, timing, "global_query", stop=timing.past_deadline)
         splits["query"].append(load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim,
                                            allow_missing=query_cut))
-        nl_cut = timed_global(model, inputs.nonlandmark_ids, inputs.nonlandmark_paths, cache / "nonlandmark",
-                              extraction, run, timing, "global_db", stop=timing.past_deadline)
+        nonlandmarks = ImageSet(inputs.nonlandmark_ids, inputs.nonlandmark_paths, cache / "nonlandmark")
+        nl_cut = timed_global(model, nonlandmarks, extraction, run, timing, "global_db", stop=timing.past_deadline)
         splits["nonlandmark"].append(load_global(cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size,
                                                  model.global_dim, allow_missing=nl_cut))
     if shard != (0, 1):

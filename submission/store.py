@@ -583,8 +583,17 @@ def clear_stale_caches(work: Path, keys: dict) -> None:
     save_json(path, keys)
 
 
-def timed_global(model, ids, paths, cache, extraction, run, timing, stage, shard=(0, 1), stop=None) -> bool:
+class ImageSet(NamedTuple):
+    """The images of one global pass and the folder caching their descriptors."""
+
+    ids: list[str]
+    paths: list[Path]
+    cache: Path
+
+
+def timed_global(model, images: ImageSet, extraction, run, timing, stage, shard=(0, 1), stop=None) -> bool:
+    """extract_global, its images and seconds added to the timing's stage; whether stop() cut it short."""
     began = time.monotonic()
-    count, stopped = extract_global(model, ids, paths, cache, extraction, run, shard, stop)
+    count, stopped = extract_global(model, images.ids, images.paths, images.cache, extraction, run, shard, stop)
     timing.add(stage, count, time.monotonic() - began)
     return stopped

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 
 from common.cli import run_main
-from export.bundle import build_bundle
+from export.bundle import BundleSpec, build_bundle
 from local_eval.replay import main as replay_main
 from local_eval.replay import replay
-from local_eval.sandbox import HIDDEN_PACKAGE, bundle_names, replay_bundle
+from local_eval.sandbox import HIDDEN_PACKAGE, Limits, bundle_names, replay_bundle
 
 THIS_TAG = "cp{}{}".format(*sys.version_info[:2])
 LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0",
@@ -42,8 +42,9 @@ def installed_wheel(folder: Path, tag: str = THIS_TAG) -> Path:
 def bundle(tiny_run, tmp_path_factory) -> Path:
     """The tiny run's bundle for the recognition competition, with the installed pydegensac as its wheel."""
     root = tmp_path_factory.mktemp("bundle")
-    return build_bundle([tiny_run], root / "bundle", "me", "landmark-delg", "landmark-submission",
-                        competition="landmark-recognition-2021", wheels=[installed_wheel(root / "wheels")])
+    spec = BundleSpec("me", "landmark-delg", "landmark-submission", competition="landmark-recognition-2021",
+                      wheels=[installed_wheel(root / "wheels")])
+    return build_bundle([tiny_run], root / "bundle", spec)
 
 
 def altered_bundle(bundle: Path, target: Path, change) -> Path:
@@ -55,8 +56,8 @@ def altered_bundle(bundle: Path, target: Path, change) -> Path:
 
 @root_only
 def test_the_bundle_in_the_sandbox_gives_the_plain_replays_predictions(tiny_competition, bundle, tmp_path):
-    report = replay_bundle(tiny_competition, "recognition", bundle, tmp_path / "sandboxed", 1.0, disk_gb=1,
-                           cpus=1, ram_gb=16, extra_args=LIGHT)
+    report = replay_bundle(tiny_competition, "recognition", bundle, tmp_path / "sandboxed", 1.0,
+                           Limits(disk_gb=1, cpus=1, ram_gb=16), extra_args=LIGHT)
     assert report["status"] == "ok", report.get("log_tail")
     facts = report["sandbox"]
     assert facts["mode"] == "namespaces" and facts["network"]["cut"] and facts["input_read_only"]
@@ -119,7 +120,7 @@ def test_bundle_names_and_a_task_the_bundle_does_not_run(bundle, tiny_competitio
 def test_without_root_the_sandbox_is_read_only_copies_and_says_the_network_was_not_cut(tiny_competition, bundle,
                                                                                         tmp_path, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # what a user who is not root gets
-    report = replay_bundle(tiny_competition, "recognition", bundle, tmp_path / "out", 1.0, disk_gb=1,
+    report = replay_bundle(tiny_competition, "recognition", bundle, tmp_path / "out", 1.0, Limits(disk_gb=1),
                            extra_args=LIGHT)
     assert report["status"] == "ok", report.get("log_tail")
     facts = report["sandbox"]
@@ -131,7 +132,7 @@ def test_without_root_the_sandbox_is_read_only_copies_and_says_the_network_was_n
 
 @root_only
 def test_a_run_over_its_ram_limit_is_killed_and_says_so(tiny_competition, bundle, tmp_path):
-    report = replay_bundle(tiny_competition, "recognition", bundle, tmp_path / "out", 1.0, ram_gb=0.1,
+    report = replay_bundle(tiny_competition, "recognition", bundle, tmp_path / "out", 1.0, Limits(ram_gb=0.1),
                            extra_args=LIGHT)  # TensorFlow alone needs more
     assert report["status"] == "killed" and report["sandbox"]["killed"] == "ram above its limit"
     assert report["sandbox"]["ram"]["peak_gb"] > 0.1 and report["final"] is None

@@ -191,12 +191,13 @@ def test_verification_workers_leave_ctrl_c_to_the_main_process():
     assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # this process still stops on Ctrl-C
 
 
-@pytest.mark.parametrize("module, name, fail, status, named", [
+@pytest.mark.parametrize("failure", [
     (store, "extract_global", interrupt, 130, "interrupted: --out is left as it was"),  # during the global pass
     (sub, "knn", allocate_too_much, 2, "out of memory (Unable to allocate"),
 ])
 def test_an_interrupted_or_failed_run_leaves_out_byte_for_byte(competition, model, tmp_path, capsys, monkeypatch,
-                                                                module, name, fail, status, named):
+                                                                failure):
+    module, name, fail, status, named = failure  # where it fails, how, and the exit status and error it gives
     monkeypatch.setattr(module, name, fail)
     out = tmp_path / "s.csv"
     out.write_bytes(PREVIOUS.encode() + b"\xff\x00 not even CSV\r\n")
