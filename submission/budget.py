@@ -39,8 +39,10 @@ from costs import (
 )
 from store import decode_for_global, extract_global, global_settings, image_path, save_json
 
-if TYPE_CHECKING:  # main.py's types, for the annotations only
-    from main import Budget, Extraction, Inputs, Models, Run, Settings
+if TYPE_CHECKING:  # the types of settings.py and the files beside it, for the annotations only
+    from devices import Models
+    from files import Inputs
+    from settings import Budget, Extraction, Run, Settings
 
 log = logging.getLogger("submission")
 

@@ -11,7 +11,7 @@ import logging
 import os
 import queue
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import tensorflow as tf
 from settings_cli import InputError
@@ -86,3 +86,16 @@ class Replicas:
             self.items[device][stage] += count
         finally:
             self.free.put((device, model))
+
+
+class Models(NamedTuple):
+    """The global models (one, or an ensemble) and the one whose local features verify, each loaded once per
+    device; devices: per device, the images of each pass it did."""
+
+    global_models: list[Replicas]
+    weights: tuple[float, ...]
+    local: Replicas
+    devices: dict[str, dict[str, int]]
+
+    def has(self, precision: str, xla: bool) -> bool:
+        return all((precision, xla) in model.batched for model in self.global_models)

@@ -19,17 +19,19 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from costs import Sizes
 from settings_cli import InputError
 from store import JPEG_SUFFIXES, atomic_save, space_checked
 
-if TYPE_CHECKING:  # main.py's types, for the annotations only
-    from main import Run, Settings
+if TYPE_CHECKING:  # settings.py's types, for the annotations only
+    from settings import Run, Settings
 
 log = logging.getLogger("submission")
 
@@ -245,3 +247,18 @@ def recorded_settings(work: Path, parse: Callable[[list[str]], Settings]) -> Set
     argv = ["--task", run["task"], "--data", run["data"], *[a for m in models for a in ("--model", m)],
             "--work", str(work), "--settings", str(path)]
     return parse(argv)
+
+
+@dataclass
+class Inputs:
+    """What a run reads: ids, labels (recognition), the database in round-robin order, the non-landmark set."""
+
+    test_ids: list[str]
+    db_split: str
+    db_ids: list[str]
+    labels: np.ndarray
+    nonlandmark_ids: list[str] = field(default_factory=list)
+    nonlandmark_paths: list[Path] = field(default_factory=list)
+
+    def sizes(self) -> Sizes:
+        return Sizes(len(self.db_ids), len(self.test_ids), len(self.nonlandmark_ids))

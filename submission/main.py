@@ -14,10 +14,13 @@ Anywhere else, run it the same way: python submission/main.py --task ... --data 
 It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. nearest neighbours, 5. the global
 stage (whitening, non-landmark suppression, query expansion, database augmentation, SuperGlobal reranking),
 6. local features and verification, 7. scoring, 8. main. Only numpy, pandas, tensorflow, pydegensac,
-scikit-learn, tqdm, Pillow and the standard library are used. The machinery lives beside it: budget.py (cost
-model, plan), probing.py (--probe), savedmodel.py (the DELG SavedModel contract, loading errors), store.py
+scikit-learn, tqdm, Pillow and the standard library are used. The machinery lives beside it: costs.py (the cost
+model: each stage's units, rates and bytes), competitions.py (each competition's sizes, limit and machine),
+budget.py (the plan), devices.py (a model per device), probing.py (--probe), savedmodel.py (the DELG SavedModel contract, loading errors), store.py
 (decoding, caches), search.py (exact kNN), verifier.py (verification in worker processes), files.py (input
-checks, --out, --work and its lock, the run's records) and settings_cli.py (settings as flags and files).
+checks, --out, --work and its lock, the run's records), settings.py (the sections, the task defaults and
+presets: the bottom of submission/, importing no other file of it but costs.py and settings_cli.py) and
+settings_cli.py (settings as flags and files).
 
 Settings come in small sections (extraction, global, verification, scoring, budget), each a dataclass whose
 fields are also the flags. They are layered: the script's defaults, then --preset, then the --settings file,
@@ -40,15 +43,12 @@ The kit (local_eval: replay, tune, show; tests and benches) imports only the nam
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,7 +72,6 @@ from costs import (  # noqa: E402
     DBA_BLOCK,
     KNN_DB_CHUNK,
     KNN_Q_BLOCK,
-    SAFETY_MARGIN,
     TIMING_STAGES,
     Sizes,
     Work,
@@ -81,8 +80,9 @@ from costs import (  # noqa: E402
     rerank_seconds_per_query,
     stage_units,
 )
-from devices import Replicas, chosen_devices, split_cpu  # noqa: E402
+from devices import Models, Replicas, chosen_devices, split_cpu  # noqa: E402
 from files import (  # noqa: E402
+    Inputs,
     append_verified_pairs,
     check_columns,
     check_ids,
@@ -97,13 +97,12 @@ from files import (  # noqa: E402
     write_submission,
 )
 from probing import gpu_present, probe  # noqa: E402
-from savedmodel import BATCH_SIGNATURES, DelgSavedModel  # noqa: E402
+from savedmodel import BATCH_SIGNATURES, DelgSavedModel, LocalFeatures  # noqa: E402
 from search import knn, knn_seconds_per_item, l2_normalize  # noqa: E402
-from settings_cli import InputError, build_parser, layer_settings, parse_shard, read_settings_file, setting  # noqa: E402
+from settings_cli import InputError, parse_shard, read_settings_file  # noqa: E402
 from store import (  # noqa: E402
     NO_SPACE,
     ImageSet,
-    LocalFeatures,
     atomic_save,
     cache_keys,
     cached_global,
@@ -127,7 +126,8 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all
     "KIT_API", "DELG_IMAGE_SCALES", "DELG_GLOBAL_SCALE_INDICES", "DELG_MAX_IMAGE_SIDE", "DELG_MAX_FEATURE_NUM",
     "DELG_ATTENTION_ABS_THRESHOLD", "NOTEBOOK_LIMIT_H", "TIMING_STAGES", "IMAGE_SPLITS", "RETRIEVAL_SIZE", "SECTIONS",
     "PRESETS", "TASK_DEFAULTS", "Settings", "Extraction", "Global", "Verification", "Scoring",
-    "Budget", "InputError", "parse_settings", "read_settings_file", "read_settings_record", "DelgSavedModel",
+    "Budget", "InputError", "parse_settings", "settings_parser", "read_settings_file", "read_settings_record",
+    "DelgSavedModel",
     "read_test_ids", "read_train_labels", "list_image_ids", "image_path", "decode_image", "extract_global",
     "load_global", "cached_global", "knn", "LocalFeatures", "local_path", "extract_local", "load_local",
     "putative_matches", "matches_in", "ransac_inliers", "ransac_matches", "inlier_mask", "count_inliers",
@@ -140,261 +140,29 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all
 KIT_API = __all__
 
 # %% 1. Settings
-# DELG extraction defaults (a copy of train/config.py: this file imports nothing from the kit; a test ties them).
-DELG_IMAGE_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
-DELG_GLOBAL_SCALE_INDICES = (3, 4, 5)
-DELG_MAX_IMAGE_SIDE = 1024
-DELG_MAX_FEATURE_NUM = 1000
-DELG_ATTENTION_ABS_THRESHOLD = 0.0
-NOTEBOOK_LIMIT_H = 9.0  # Kaggle's notebook limit of most years (a copy of common/kit.py)
-IMAGE_SPLITS = {"recognition": ("train", "test"), "retrieval": ("index", "test")}
-RETRIEVAL_SIZE = 100  # index ids submitted per query
-
-
-@dataclass(frozen=True)
-class Extraction:
-    """How images become features; with the model's files, what the feature caches depend on."""
-
-    scales: tuple[float, ...] = setting(DELG_IMAGE_SCALES, "image scales of the local features", above=0,
-                                           maximum=8)
-    global_scale_indices: tuple[int, ...] = setting(
-        DELG_GLOBAL_SCALE_INDICES, "indices into --scales whose global descriptors are summed", minimum=0,
-        maximum=63)
-    max_image_side: int = setting(DELG_MAX_IMAGE_SIDE, "longer image side for local features (downscaled to it)",
-                                  minimum=32, maximum=8192)
-    global_max_side: int = setting(DELG_MAX_IMAGE_SIDE, "longer side of the largest global size bucket", minimum=64,
-                                  maximum=8192)
-    min_image_side: int = setting(32, "a shorter side below this is padded up to it (local features)", minimum=1,
-                                  maximum=8192)
-    max_features: int = setting(DELG_MAX_FEATURE_NUM, "local features kept per image, by attention", minimum=1,
-                                maximum=100_000)
-    attention_threshold: float = setting(DELG_ATTENTION_ABS_THRESHOLD, "minimum attention score of a local feature",
-                                         minimum=-1e6, maximum=1e6)
-    border_margin: float = setting(0.0, "drop local features whose keypoint (receptive-field centre) lies within "
-                                   "this share of the image's longer side from its border, where padding gives "
-                                   "features that match anything; 0 = keep all", minimum=0, below=0.5)
-    global_precision: str = setting("float32", "global pass precision; float16 needs a model exported with "
-                                    "--float16", choices=("float32", "float16"))
-    global_batch: int = setting(16, "images per batched global call (models exported with global_batch)", minimum=1,
-                                maximum=1024)
-    global_xla: str = setting("auto", "XLA-compiled batched functions (exports hold both): auto lets --plan auto time "
-                              "both and keep the faster, off with --plan fixed", choices=("auto", "on", "off"))
-    cache_float16: bool = setting(False, "store cached global descriptors as float16 (half the disk and memory)")
-
-    def global_scales(self) -> tuple[float, ...]:
-        return tuple(self.scales[i] for i in self.global_scale_indices)
-
-
-# The global stage's defaults (database whitening, top 3, suppression at weight 0.5) were chosen on a small
-# synthetic competition (seed 41, tiny 300-step model exported with `export delg`'s defaults); docs/global-stage.md
-# has the table and how it was measured. alpha-QE, DBA and SuperGlobal lowered every score there: off
-# (retrieval turns QE and DBA on in TASK_DEFAULTS).
-@dataclass(frozen=True)
-class Global:
-    """The global stage: how descriptors become candidates, and how a query nobody verified is scored."""
-
-    whiten: str = setting("database", "database: fit PCA whitening on the database descriptors here (one "
-                          "covariance), on top of the export's; off: use them as the model gives them",
-                          choices=("off", "database"))
-    whiten_shrinkage: float = setting(0.1, "--whiten database: added to each eigenvalue, as a share of their mean",
-                                      minimum=0, maximum=100)
-    dba_n: int = setting(0, "database-side augmentation: each database descriptor becomes the sim^alpha-weighted "
-                         "sum of its n nearest (itself included); 0 = off", minimum=0, maximum=1000)
-    dba_alpha: float = setting(3.0, "DBA: the alpha of its weights", minimum=0, maximum=100)
-    qe_n: int = setting(0, "alpha query expansion: q + the sim^alpha-weighted sum of its top n, searched again; "
-                        "0 = off", minimum=0, maximum=1000)
-    qe_alpha: float = setting(3.0, "alpha-QE: the alpha of its weights", minimum=0, maximum=100)
-    superglobal_m: int = setting(0, "SuperGlobal reranking of each query's top M candidates with global "
-                                 "descriptors only (ICCV 2023: M 400); 0 = off", minimum=0,
-                                 maximum=10_000)
-    superglobal_k: int = setting(9, "SuperGlobal: neighbours within the M that refine each candidate", minimum=1,
-                                 maximum=1000)
-    superglobal_beta: float = setting(0.15, "SuperGlobal: weight of a neighbour, times its cosine", minimum=0,
-                                      maximum=100)
-    global_top_k: int = setting(3, "recognition, unverified queries: neighbours whose scores are summed per "
-                                "landmark", minimum=1, maximum=1000)
-    suppression: bool = setting(True, "non-landmark suppression with --nonlandmark-dir (recognition 2020 1st): "
-                                "a candidate scores clamp(cos, 0, 1) - B(j), B(j) its mean cosine to its "
-                                "--db-nonlandmark-k nearest non-landmark images")
-    db_nonlandmark_k: int = setting(5, "suppression: non-landmark neighbours of a database image in B(j)",
-                                    minimum=1, maximum=1000)
-    query_nonlandmark_k: int = setting(10, "suppression: non-landmark neighbours of a query in C(q)", minimum=1,
-                                       maximum=1000)
-    query_nonlandmark_weight: float = setting(0.5, "suppression: confidence -= weight x C(q), the query's mean "
-                                              "cosine to its nearest non-landmark images", minimum=0,
-                                              maximum=100)
-
-
-@dataclass(frozen=True)
-class Verification:
-    """How a query and a candidate are matched: putative matches, then a pydegensac homography."""
-
-    match_max_distance: float = setting(1.1, "largest L2 distance between normalized descriptors of a match",
-                                        above=0, maximum=2)
-    mutual: bool = setting(True, "keep mutual nearest neighbours only (--no-mutual: one-way, the host baseline's)")
-    min_matches: int = setting(4, "pairs with fewer putative matches score zero inliers", minimum=4,
-                              maximum=100_000)
-    ransac_threshold: float = setting(0.02, "RANSAC reprojection threshold as a share of the longer image side "
-                                      "(0.02 = 20 px at 1024, 0.0039 = 4 px)", above=0, maximum=1)
-    ransac_threshold_px: float | None = setting(None, "RANSAC threshold in pixels (overrides --ransac-threshold)",
-                                                above=0, maximum=10_000)
-    ransac_iterations: int = setting(1000, "pydegensac maximum iterations", minimum=1,
-                                    maximum=10_000_000)
-    ransac_confidence: float = setting(1.0, "pydegensac confidence (1.0 runs every iteration)", above=0, maximum=1)
-    ransac_seed: int = setting(0, "pydegensac seed (-1: random)", minimum=-1, maximum=2**31 - 1)
-
-
-@dataclass(frozen=True)
-class Scoring:
-    """How global cosines and inliers become a submission."""
-
-    rerank: int = setting(20, "candidates verified per query; the time budget may lower it; 0 = global only",
-                          minimum=0, maximum=10_000)
-    top_k: int = setting(1, "recognition: neighbours whose scores are summed per landmark", minimum=1,
-                         maximum=1000)
-    max_inlier_score: int = setting(80, "recognition: C in the candidate score min(inliers, C)/C + cosine",
-                                    minimum=1, maximum=100_000)
-    nonlandmark_penalty: float = setting(0.0, "confidence x (1 - penalty x non-landmark share of the top-k)",
-                                         minimum=0, maximum=100)
-    calibrate: bool = setting(True, "give unverified candidates the local score verified ones earn at the same "
-                              "cosine, so queries cut from reranking rank fairly")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Time: the limit, its margin, the plan of the database pass and the pace of reranking."""
-
-    time_budget_h: float = setting(NOTEBOOK_LIMIT_H, "wall-clock hours the whole run may take", above=0,
-                                   maximum=1000)
-    safety_margin: float = setting(SAFETY_MARGIN, "share of the budget kept free", minimum=0, below=1)
-    plan: str = setting("auto", "auto: time a probe and lower the global settings until the run fits; "
-                        "fixed: keep them", choices=("auto", "fixed"))
-    rerank_reserve: float = setting(0.2, "share of the budget the plan keeps for local reranking", minimum=0,
-                                    below=1)
-    probe_images: int = setting(32, "database images timed per setting when planning", minimum=1,
-                                maximum=100_000)
-    warmup_queries: int = setting(20, "queries reranked first to measure the local rates", minimum=1,
-                                 maximum=1_000_000)
-    rerank_batch: int = setting(500, "queries reranked between two re-plannings of the depth", minimum=1,
-                               maximum=1_000_000)
-    max_rerank_queries: int | None = setting(None, "rerank at most this many queries (most confident first)",
-                                             minimum=0, maximum=10**9)
-    write_every_s: float = setting(300.0, "seconds between two rewrites of WORK/submission_latest.csv while "
-                                   "reranking", minimum=0, maximum=10**6)
-
-
-@dataclass(frozen=True)
-class Run:
-    """What to run on, where to write, and this machine's resources (not part of a settings file)."""
-
-    task: str = setting(None, "which competition", choices=tuple(IMAGE_SPLITS), required=True)
-    data: Path = setting(None, "competition folder: train.csv, train/, test/ (recognition) or index/, test/ "
-                         "(retrieval), and sample_submission.csv", required=True)
-    model: tuple[Path, ...] = setting(None, "DELG SavedModel folder: our TF2 export or Google's released TF1 "
-                                      "model; give it again for an ensemble (--model A --model B)", required=True,
-                                      repeat=True)
-    model_weights: tuple[float, ...] | None = setting(None, "ensemble: one weight per --model (default all 1)",
-                                                      above=0, maximum=1000)
-    local_model: Path | None = setting(None, "ensemble: the model whose local features verify (default: the "
-                                       "first --model)")
-    out: Path = setting(Path("submission.csv"), "submission file to write")
-    work: Path = setting(Path("work/submission"), "cache and log folder")
-    settings: Path | None = setting(None, "JSON settings file (local_eval tune's tuned.json, or a run's "
-                                    "WORK/settings.json); command-line flags win over it")
-    preset: str | None = setting(None, "a published recipe under the settings file and flags: host-2020 "
-                                 "(Kaggle 2020 baseline) or delg-paper", choices=("host-2020", "delg-paper"))
-    nonlandmark_dir: Path | None = setting(None, "folder of images known to show no landmark: non-landmark "
-                                           "suppression and the penalty compare queries and database to them")
-    probe: int | None = setting(None, "time this many images of every stage, write WORK/timing.json with the "
-                                "projection to this data's full size, and stop", minimum=1,
-                                maximum=10**6)
-    shard: str = setting("0/1", "i/n: extract only the i-th of n slices of the database descriptors, then stop")
-    workers: int = setting(os.cpu_count() or 1, "processes verifying pairs; 0 or 1 verifies in this process",
-                           minimum=0, maximum=1024)
-    devices: str = setting("all", "devices of the global and local passes, one stream of batches each: all (every "
-                           "GPU, else every CPU device; $KIT_LOGICAL_DEVICES=N splits a CPU into N) or a count")
-    decode_threads: int = setting(4, "threads decoding images ahead of the model", minimum=1,
-                                  maximum=256)
-    decode_timeout_s: float = setting(120.0, "seconds the run waits for one image to be read and decoded; a "
-                                      "slower one is logged and treated as unreadable", above=0, maximum=86_400)
-    prefetch: int = setting(64, "images decoded ahead of the model", minimum=1, maximum=1024)
-    chunk_size: int = setting(10_000, "images per cached global-descriptor chunk", minimum=1,
-                              maximum=1_000_000)
-    local_cache_gb: float = setting(10.0, "disk kept for cached local features; the oldest go first", above=0,
-                                    maximum=10**6)
-    knn_block_mb: int = setting(512, "memory for one block of the query x database similarity matrix", minimum=1,
-                                maximum=10**6)
-    ram_gb: float | None = setting(None, "memory of this machine in GB (default: the cgroup limit or /proc/meminfo); "
-                                   "give less to plan for a smaller machine", above=0, maximum=10**6)
-
-    def verifying_model(self) -> Path:
-        return self.local_model or self.model[0]
-
-
-SECTIONS = {"extraction": Extraction, "global_stage": Global, "verification": Verification, "scoring": Scoring,
-            "budget": Budget}
-# Each task's own defaults, over the sections' and under a preset. The verification and scoring defaults above and
-# each task's rerank depth were chosen by `local_eval tune` on three synthetic competitions (seeds 21-23, averaged
-# with `tune-merge`, chosen on Public); docs/defaults-and-tuning.md has the tables and the command that reproduces
-# them. Retrieval's global stage (lighter database whitening, alpha-QE n 1, DBA n 3 at alpha 5) raised global-only and
-# reranked mAP@100 on five synthetic competitions, two of them (seeds 44, 45) held out from the choice; on recognition
-# it lowered the verified GAP. docs/global-stage.md has the figures.
-TASK_DEFAULTS: dict[str, dict] = {
-    "recognition": {},
-    "retrieval": {"rerank": 100, "whiten_shrinkage": 0.02, "qe_n": 1, "dba_n": 3, "dba_alpha": 5.0},
-}
-# Published recipes. host-2020: Kaggle's 2020 recognition baseline (3 scales, one-way matches within 0.9,
-# 20 px, 1000 iterations at confidence 1, score min(inliers, 20)/20 + cosine over the top 3 of 3 reranked; it
-# also used an attention threshold of 175, which fits Google's released model only: pass it yourself).
-# delg-paper: the DELG paper's retrieval reranking (DELF's perform_retrieval: top 100, one-way matches within
-# 1.0, 20 px residual). Neither suppressed non-landmarks, whitened on the database, nor expanded queries or database.
-PRESETS: dict[str, dict] = {
-    "host-2020": {"scales": (0.7071, 1.0, 1.4142), "global_scale_indices": (0, 1, 2), "rerank": 3, "top_k": 3,
-                  "global_top_k": 3, "max_inlier_score": 20, "match_max_distance": 0.9, "mutual": False,
-                  "min_matches": 5, "ransac_threshold_px": 20.0, "ransac_iterations": 1000, "ransac_confidence": 1.0,
-                  "nonlandmark_penalty": 0.0, "calibrate": False, "suppression": False, "whiten": "off", "qe_n": 0,
-                  "dba_n": 0},
-    "delg-paper": {"scales": DELG_IMAGE_SCALES, "global_scale_indices": DELG_GLOBAL_SCALE_INDICES, "rerank": 100,
-                   "match_max_distance": 1.0, "mutual": False, "min_matches": 4, "ransac_threshold_px": 20.0,
-                   "ransac_iterations": 1000, "ransac_confidence": 1.0, "calibrate": False, "suppression": False,
-                   "whiten": "off", "qe_n": 0, "dba_n": 0},
-}
-
-
-@dataclass(frozen=True)
-class Settings:
-    run: Run
-    extraction: Extraction
-    global_stage: Global
-    verification: Verification
-    scoring: Scoring
-    budget: Budget
-    sources: dict = field(default_factory=dict)  # setting name -> task default | preset | settings file | command line
-
-
-def settings_parser() -> argparse.ArgumentParser:
-    return build_parser(__doc__.split("\n\n")[0], [Run, *SECTIONS.values()], TASK_DEFAULTS)
-
-
-def parse_settings(argv: list[str] | None = None) -> Settings:
-    """The layered settings of a run: defaults < the task's (TASK_DEFAULTS) < --preset < --settings file <
-    command-line flags."""
-    given = vars(settings_parser().parse_args(argv))
-    sections, sources = layer_settings(given, PRESETS, {"run": Run, **SECTIONS}, SECTIONS, TASK_DEFAULTS)
-    run_names = {f.name for f in fields(Run)}
-    settings = Settings(**sections, sources={k: v for k, v in sources.items() if k not in run_names})
-    check_consistency(settings)
-    return settings
-
-
-def check_consistency(settings: Settings) -> None:
-    ext, run = settings.extraction, settings.run
-    bad = [i for i in ext.global_scale_indices if i >= len(ext.scales)]
-    if bad:
-        raise InputError(f"--global-scale-indices {bad[0]} is out of range for {len(ext.scales)} --scales")
-    if run.model_weights is not None and len(run.model_weights) != len(run.model):
-        raise InputError(f"--model-weights gives {len(run.model_weights)} weights for {len(run.model)} --model")
-    parse_shard(run.shard)
+# The sections, each task's defaults and the presets live in settings.py (the bottom of submission/).
+from settings import (  # noqa: E402
+    DELG_ATTENTION_ABS_THRESHOLD,
+    DELG_GLOBAL_SCALE_INDICES,
+    DELG_IMAGE_SCALES,
+    DELG_MAX_FEATURE_NUM,
+    DELG_MAX_IMAGE_SIDE,
+    IMAGE_SPLITS,
+    NOTEBOOK_LIMIT_H,
+    PRESETS,
+    RETRIEVAL_SIZE,
+    SECTIONS,
+    TASK_DEFAULTS,
+    Budget,
+    Extraction,
+    Global,
+    Run,
+    Scoring,
+    Settings,
+    Verification,
+    parse_settings,
+    settings_parser,
+)
 
 
 def read_settings_record(work: Path) -> Settings | None:
@@ -431,21 +199,6 @@ def round_robin(labels: np.ndarray) -> np.ndarray:
     deadline still covers every landmark."""
     occurrence = pd.Series(labels).groupby(labels).cumcount().to_numpy()
     return np.lexsort((np.arange(len(labels)), occurrence))
-
-
-@dataclass
-class Inputs:
-    """What a run reads: ids, labels (recognition), the database in round-robin order, the non-landmark set."""
-
-    test_ids: list[str]
-    db_split: str
-    db_ids: list[str]
-    labels: np.ndarray
-    nonlandmark_ids: list[str] = field(default_factory=list)
-    nonlandmark_paths: list[Path] = field(default_factory=list)
-
-    def sizes(self) -> Sizes:
-        return Sizes(len(self.db_ids), len(self.test_ids), len(self.nonlandmark_ids))
 
 
 def read_inputs(run: Run) -> Inputs:
@@ -489,19 +242,6 @@ def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
 # %% 3. Global descriptors
 # A DELG model (savedmodel.py) gives each image a global descriptor: each scale's L2-normalized, summed,
 # L2-normalized. store.py batches the images by size and caches the descriptors per model and split.
-class Models(NamedTuple):
-    """The global models (one, or an ensemble) and the one whose local features verify, each loaded once per
-    device; devices: per device, the images of each pass it did."""
-
-    global_models: list[Replicas]
-    weights: tuple[float, ...]
-    local: Replicas
-    devices: dict[str, dict[str, int]]
-
-    def has(self, precision: str, xla: bool) -> bool:
-        return all((precision, xla) in model.batched for model in self.global_models)
-
-
 def load_models(run: Run, extraction: Extraction) -> Models:
     paths = [path.resolve() for path in run.model]
     devices, items = chosen_devices(run.devices), {}

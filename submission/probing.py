@@ -20,9 +20,11 @@ from search import gpu_present, knn, knn_seconds_per_item, l2_normalize
 from settings_cli import InputError
 from verifier import verification_pool, verify_batch
 
-if TYPE_CHECKING:  # the types of main.py and the files beside it, for the annotations only
+if TYPE_CHECKING:  # the types of the files beside it, for the annotations only
     from budget import Timing
-    from main import Global, Inputs, Models, Settings
+    from devices import Models
+    from files import Inputs
+    from settings import Global, Settings
     from verifier import CountInliers
 
     Reranked = Callable[..., tuple[np.ndarray, np.ndarray]]  # main.py's reranked

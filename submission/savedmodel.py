@@ -13,18 +13,24 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 from search import l2_normalize
 from settings_cli import InputError
-from store import LocalFeatures
 
-if TYPE_CHECKING:  # main.py's types, for the annotations only
-    from main import Extraction
+if TYPE_CHECKING:  # settings.py's type, for the annotations only
+    from settings import Extraction
 
 log = logging.getLogger("submission")
+
+
+class LocalFeatures(NamedTuple):
+    keypoints: np.ndarray  # [N,2] y, x in the pixels of the image fed to the model
+    descriptors: np.ndarray  # [N,128] L2-normalized
+    side: int  # longer side of that image: relative RANSAC thresholds scale with it
+
 
 DELG_INPUTS = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
                "input_global_scales_ind")

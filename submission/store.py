@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image
+from savedmodel import DelgSavedModel, LocalFeatures
 from settings_cli import InputError
 from tqdm import tqdm
 
-if TYPE_CHECKING:  # the types of main.py and the files beside it, for the annotations only
-    from main import Extraction, Run
-    from savedmodel import DelgSavedModel
+if TYPE_CHECKING:  # settings.py's types, for the annotations only
+    from settings import Extraction, Run
 
 log = logging.getLogger("submission")
 
@@ -450,12 +450,6 @@ def compact_valid(descriptors: np.ndarray, ok: np.ndarray, block: int = 8192) ->
         part = rows[start:start + block]
         descriptors[start:start + len(part)] = descriptors[part]
     return descriptors[:len(rows)], rows
-
-
-class LocalFeatures(NamedTuple):
-    keypoints: np.ndarray  # [N,2] y, x in the pixels of the image fed to the model
-    descriptors: np.ndarray  # [N,128] L2-normalized
-    side: int  # longer side of that image: relative RANSAC thresholds scale with it
 
 
 def local_path(cache: Path, split: str, image_id: str) -> Path:

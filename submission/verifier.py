@@ -18,11 +18,10 @@ from store import extract_local, load_local, local_path, trim_local_cache
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 from tqdm import tqdm
 
-if TYPE_CHECKING:  # the types of main.py and the files beside it, for the annotations only
+if TYPE_CHECKING:  # the types of the files beside it, for the annotations only
     from budget import Timing
-    from main import Settings, Verification
-    from savedmodel import DelgSavedModel
-    from store import LocalFeatures
+    from savedmodel import DelgSavedModel, LocalFeatures
+    from settings import Settings, Verification
 
     CountInliers = Callable[[LocalFeatures, LocalFeatures, Verification], int]
 
