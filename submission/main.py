@@ -11,16 +11,16 @@ Kaggle "script" kernel) installs pydegensac's wheel and runs it as a process on 
 
 Anywhere else, run it the same way: python submission/main.py --task ... --data DIR --model DIR --out FILE.
 
-It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. nearest neighbours, 5. the global
-stage (whitening, non-landmark suppression, query expansion, database augmentation, SuperGlobal reranking),
-6. local features and verification, 7. scoring, 8. main. Only numpy, pandas, tensorflow, pydegensac,
-scikit-learn, tqdm, Pillow and the standard library are used. The machinery lives beside it: costs.py (the cost
-model: each stage's units, rates and bytes), competitions.py (each competition's sizes, limit and machine),
-budget.py (the plan), devices.py (a model per device), probing.py (--probe), savedmodel.py (the DELG SavedModel contract, loading errors), store.py
-(decoding, caches), search.py (exact kNN), verifier.py (verification in worker processes), files.py (input
-checks, --out, --work and its lock, the run's records), settings.py (the sections, the task defaults and
-presets: the bottom of submission/, importing no other file of it but costs.py and settings_cli.py) and
-settings_cli.py (settings as flags and files).
+It reads top to bottom: 1. settings, 2. inputs, 3. global descriptors, 4. nearest neighbours, 5. the global stage
+(whitening, non-landmark suppression, query expansion, database augmentation, SuperGlobal reranking), 6. local
+features and verification, 7. scoring, 8. main. Only numpy, pandas, tensorflow, pydegensac, scikit-learn, tqdm,
+Pillow and the standard library are used. The machinery lives beside it: costs.py (the cost model: each stage's
+units, rates and bytes), competitions.py (each competition's sizes, limit and machine), budget.py (the plan),
+devices.py (a model per device), probing.py (--probe), savedmodel.py (the DELG SavedModel contract, loading
+errors), store.py (decoding, caches), search.py (exact kNN), verifier.py (verification in worker processes),
+files.py (input checks, --out, --work and its lock, the run's records), settings.py (the sections, the task
+defaults and presets: the bottom of submission/, importing no other file of it but costs.py and settings_cli.py)
+and settings_cli.py (settings as flags and files).
 
 Settings come in small sections (extraction, global, verification, scoring, budget), each a dataclass whose
 fields are also the flags. They are layered: the script's defaults, then --preset, then the --settings file,
