@@ -701,7 +701,10 @@ def main(argv: list[str] | None = None) -> int:
     own, script_args = split_script_args(argv)
     parser = argparse.ArgumentParser(prog="python -m local_eval tune", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Flags after `--` go to submission/main.py for the extraction run.")
+                                     epilog="Flags after `--` go to submission/main.py for the extraction run. "
+                                            f"The choice: {FOLDS}-fold cross-validation over the labelled queries "
+                                            "(Public + Private); the script's defaults unless the held-out gain "
+                                            "minus its standard error is above 0.")
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
@@ -709,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-h", type=float, default=2.0,
                         help="wall-clock limit of the extraction run, in hours (default %(default)s)")
     parser.add_argument("--grid", type=Path, default=None,
-                        help="JSON object: setting -> list of values, replacing the default grid's list")
+                        help="JSON object: setting -> list of values, replacing the default grid's list (the "
+                             "script's default is added to a list without it)")
     parser.add_argument("--workers", type=int, default=multiprocessing.cpu_count(),
                         help="processes of the verification sweep (default: the cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT written by the kit")
