@@ -18,7 +18,7 @@ from pathlib import Path
 from common.cli import KitArgumentParser, UserError, check_at_least, run_main
 from local_eval.layout import nonlandmark_folder, task_folder
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
-from local_eval.replay import replay
+from local_eval.replay import replay, with_interval
 from local_eval.synthetic import SIZES, build_synthetic
 from local_eval.timing import PROFILES, format_report, projection_report
 
@@ -122,13 +122,13 @@ def tradeoff_step(out: Path, competition: Path, model: Path) -> str:
 def usage_table(task: str, report: dict) -> list[str]:
     key = TASK_METRIC[task]
     metric = METRIC_NAME[key]
-    lines = [f"  {metric:<8} {'public':>8} {'private':>8} {'all':>8}"]
+    lines = [f"  {metric:<8} {'public':>24} {'private':>24} {'all':>24}   (95% bootstrap interval over the queries)"]
     for name in ("global_only", "final"):
         scores = report.get(name) or {}
         if "all" not in scores:
             lines.append(f"  {name:<12} (no scores: {scores.get('error', 'no submission')})")
             continue
-        row = " ".join(f"{scores[subset][key]:8.4f}" for subset in REPORTED_SUBSETS)
+        row = " ".join(f"{with_interval(task, scores[subset]):>24}" for subset in REPORTED_SUBSETS)
         lines.append(f"  {'reranked' if name == 'final' else 'global':<8} {row}")
     return lines
 

@@ -197,11 +197,13 @@ def fit_text(draw: ImageDraw.ImageDraw, text: str, width: float, text_font) -> s
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str,
                vertical: tuple[float, str] | None = None, marked: tuple[float, float, str] | None = None,
-               note: str | None = None, size: tuple[int, int] = (820, 420)) -> Image.Image:
-    """Lines with markers, one per named series of (x, y) points, each series in its own colour, marker and dash;
-    the legend under the plot (the canvas grows with it). Optionally a dashed vertical line at vertical[0]
-    labelled vertical[1] (a time limit, say), a ring around the point marked[:2] labelled marked[2] (the chosen
-    setting), and a note line under the title (what every series shares)."""
+               note: str | None = None, size: tuple[int, int] = (820, 420),
+               styles: list[tuple[tuple[int, int, int], str, tuple[int, ...]]] | None = None) -> Image.Image:
+    """Lines with markers, one per named series of (x, y) points, each series in its own colour, marker and dash
+    (or styles[i], the i-th series' (colour, marker, dash)); the legend under the plot (the canvas grows with it).
+    Optionally a dashed vertical line at vertical[0] labelled vertical[1] (a time limit, say), a ring around the
+    point marked[:2] labelled marked[2] (the chosen setting), and a note line under the title (what every series
+    shares)."""
     width = size[0]
     legend_h = LEGEND_ROW * (len(series) + (marked is not None)) + 8
     height = size[1] + legend_h
@@ -244,7 +246,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
         draw.text((x + 4, margin_top + 4), vertical[1], fill=(200, 0, 0), font=small)
     legend_top = margin_top + plot_h + 40
     for index, (name, line) in enumerate(series.items()):
-        colour, marker, dash = series_style(index)
+        colour, marker, dash = styles[index] if styles else series_style(index)
         ordered = sorted(line)
         if len(ordered) > 1:
             draw_polyline(draw, [(to_x(x), to_y(y)) for x, y in ordered], colour, dash)

@@ -3,7 +3,8 @@
 Recognition: `predictions` maps test id -> (landmark_id, score); `solution` maps test id -> ground-truth
 landmark ids (empty for a non-landmark image). Retrieval: `predictions` maps test id -> index ids in rank
 order; `solution` maps test id -> relevant index ids. A metric with nothing to divide by (no landmark
-image, no query) is NaN; `score_*` report it as None so the JSON stays valid.
+image, no query) is NaN; `score_*` report it as None so the JSON stays valid. `bootstrap_interval` gives a score's
+spread over the queries: the 2.5-97.5% quantiles of the metric over resamples of the queries with replacement.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ SUBSETS = ("public", "private")
 REPORTED_SUBSETS = (*SUBSETS, "all")  # what every report shows: the two leaderboards and their union
 TASK_METRIC = {"recognition": "gap", "retrieval": "map@100"}  # the leaderboard metric of each task
 METRIC_NAME = {"gap": "GAP", "map@100": "mAP@100"}
+BOOTSTRAP_RESAMPLES = 1000  # resamples of the queries behind a score's interval
+BOOTSTRAP_SEED = 0  # fixed: the same submission always gets the same interval
+INTERVAL_PERCENTILES = (2.5, 97.5)
 
 RecognitionPredictions = Mapping[str, tuple[int, float]]
 RetrievalPredictions = Mapping[str, list[str]]
@@ -46,7 +50,11 @@ def global_average_precision(predictions: RecognitionPredictions, solution: Mapp
     correct = np.fromiter((landmark in solution[test_id] for test_id, (landmark, _) in predictions.items()),
                           bool, len(ids))
     # One prediction per id, so the official third key (class asc) never decides.
-    correct = correct[np.lexsort((ids, -scores))]
+    return _ranked_gap(correct[np.lexsort((ids, -scores))], num_positives)
+
+
+def _ranked_gap(correct: np.ndarray, num_positives: int) -> float:
+    """GAP of predictions already in rank order: the precision at each correct one, summed, over the positives."""
     ranks = np.flatnonzero(correct) + 1
     return float(np.sum(np.arange(1, len(ranks) + 1) / ranks) / num_positives)
 
@@ -110,12 +118,58 @@ def score_retrieval(solution: Mapping[str, Mapping[str, list[str]]],
     return {name: scores(truth) for name, truth in subsets_with_all(solution).items()}
 
 
-def score_files(task: str, solution_path: str | Path, submission_path: str | Path) -> dict:
-    """Read and validate both files, then score: {"task", "public", "private", "all"}."""
+def score_files(task: str, solution_path: str | Path, submission_path: str | Path, interval: bool = False) -> dict:
+    """Read and validate both files, then score: {"task", "public", "private", "all"}; with interval, each subset
+    also holds "<metric>_interval", the bootstrap interval of the task's metric over its queries."""
     solution = read_solution(solution_path, task)
     predictions = read_submission(submission_path, task, solution)
     score = score_recognition if task == "recognition" else score_retrieval
-    return {"task": task, **score(solution.subsets, predictions)}
+    scores = {"task": task, **score(solution.subsets, predictions)}
+    if interval:
+        for name, truth in subsets_with_all(solution.subsets).items():
+            subset_predictions = {test_id: predictions[test_id] for test_id in truth if test_id in predictions}
+            scores[name][f"{TASK_METRIC[task]}_interval"] = bootstrap_interval(task, subset_predictions, truth)
+    return scores
+
+
+def bootstrap_interval(task: str, predictions: RecognitionPredictions | RetrievalPredictions,
+                       solution: Mapping[str, list], resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> list[float] | None:
+    """[low, high]: the 2.5 and 97.5% quantiles of the task's metric over `resamples` draws of the solution's queries
+    with replacement (a fixed seed), each query keeping its prediction; how far the score would move on another
+    sample of queries of the same kind. None when no draw has the metric defined."""
+    if not solution:
+        return None
+    draws = np.random.default_rng(seed).integers(0, len(solution), (resamples, len(solution)))
+    counts = np.stack([np.bincount(draw, minlength=len(solution)) for draw in draws])  # [resamples, queries]
+    resampled = _resampled_gap if task == "recognition" else _resampled_map
+    values = resampled(predictions, solution, counts)
+    values = values[~np.isnan(values)]
+    return [float(q) for q in np.percentile(values, INTERVAL_PERCENTILES)] if len(values) else None
+
+
+def _resampled_gap(predictions: RecognitionPredictions, solution: Mapping[str, list[int]],
+                   counts: np.ndarray) -> np.ndarray:
+    """GAP of each resample, given each query's count in it: the predictions in rank order once, each repeated as
+    often as its query was drawn (a repeat ties with itself, so the order is the official one)."""
+    _check_known(predictions, solution)
+    queries = list(solution)
+    positives = counts @ np.array([bool(solution[q]) for q in queries], float)
+    predicted = [k for k, q in enumerate(queries) if q in predictions]
+    ids = np.array([queries[k] for k in predicted])
+    scores = np.array([predictions[queries[k]][1] for k in predicted], float)
+    correct = np.array([predictions[queries[k]][0] in solution[queries[k]] for k in predicted], bool)
+    order = np.lexsort((ids, -scores))
+    ranked_correct, ranked_counts = correct[order], counts[:, np.array(predicted, int)[order]]
+    return np.array([_ranked_gap(np.repeat(ranked_correct, row), total) if total else math.nan
+                     for row, total in zip(ranked_counts, positives, strict=True)])
+
+
+def _resampled_map(predictions: RetrievalPredictions, solution: Mapping[str, list[str]],
+                   counts: np.ndarray) -> np.ndarray:
+    """mAP@100 of each resample: the mean of the drawn queries' average precisions."""
+    average_precisions = _average_precisions(_hit_matrix(predictions, solution, MAX_PREDICTIONS), solution)
+    return counts @ average_precisions / counts.sum(axis=1)
 
 
 def subsets_with_all(solution: Mapping[str, Mapping[str, list]]) -> dict[str, Mapping[str, list]]:
@@ -154,10 +208,15 @@ def _first_relevant_occurrences(prediction: list[str], relevant: set[str], max_p
 def _mean_average_precision(hits: np.ndarray, solution: Mapping[str, list[str]]) -> float:
     if not len(hits):
         return math.nan
+    return float(np.mean(_average_precisions(hits, solution)))
+
+
+def _average_precisions(hits: np.ndarray, solution: Mapping[str, list[str]]) -> np.ndarray:
+    """Each query's average precision at hits.shape[1]."""
     ranks = np.arange(1, hits.shape[1] + 1)
     precision_at_hits = np.where(hits, np.cumsum(hits, axis=1) / ranks, 0.0)
     num_expected = np.minimum([len(relevant) for relevant in solution.values()], hits.shape[1])
-    return float(np.mean(precision_at_hits.sum(axis=1) / num_expected))
+    return precision_at_hits.sum(axis=1) / num_expected
 
 
 def _mean_precisions(hits: np.ndarray) -> np.ndarray:

@@ -37,7 +37,14 @@ from common.cli import (
 )
 from common.kit import NOTEBOOK_LIMIT_H
 from local_eval.layout import TASK_FOLDERS, nonlandmark_folder, solution_file, task_folder
-from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC, score_files
+from local_eval.metrics import (
+    BOOTSTRAP_RESAMPLES,
+    INTERVAL_PERCENTILES,
+    METRIC_NAME,
+    REPORTED_SUBSETS,
+    TASK_METRIC,
+    score_files,
+)
 from local_eval.submission_script import SCRIPT, SCRIPT_PYTHON_ENV, script_python
 
 LOG_TAIL_LINES = 30
@@ -103,10 +110,11 @@ def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[
 
 
 def score_if_present(task: str, solution: Path, submission: Path) -> dict | None:
+    """The submission's scores, each subset's metric with its bootstrap interval over the queries."""
     if not submission.is_file():
         return None
     try:
-        return score_files(task, solution, submission)
+        return score_files(task, solution, submission, interval=True)
     except UserError as err:
         log.error("cannot score %s: %s", submission, err)
         return {"error": str(err)}
@@ -236,11 +244,19 @@ def run_and_report(task: str, data: Path, solution: Path, model: Path, new: Path
 
 
 def headline(task: str, scores: dict | None) -> str:
-    """'public 0.123 | private 0.456 | all 0.345' of the task's main metric."""
+    """'public 0.123 [0.081-0.170] | private ... | all ...' of the task's main metric, each with its bootstrap
+    interval over the queries (95%)."""
     if not scores or "error" in scores:
         return "no submission" if not scores else f"error: {scores['error']}"
+    return " | ".join(f"{subset} {with_interval(task, scores[subset])}" for subset in REPORTED_SUBSETS)
+
+
+def with_interval(task: str, scores: dict) -> str:
+    """'0.123 [0.081-0.170]': one subset's metric and its bootstrap interval ('n/a' where undefined)."""
     key = TASK_METRIC[task]
-    return " | ".join(f"{subset} {scores[subset][key]:.4f}" for subset in REPORTED_SUBSETS)
+    value, interval = scores[key], scores.get(f"{key}_interval")
+    text = "n/a" if value is None else f"{value:.4f}"
+    return text + (f" [{interval[0]:.4f}-{interval[1]:.4f}]" if interval else "")
 
 
 def format_report(task: str, report: dict) -> str:
@@ -249,7 +265,9 @@ def format_report(task: str, report: dict) -> str:
     lines = [f"{task}: status {report['status']} in {report['seconds']:.1f} s",
              f"  run by {report['python']}: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "no versions"),
              f"  {metric} global only: {headline(task, report['global_only'])}",
-             f"  {metric} final:       {headline(task, report['final'])}"]
+             f"  {metric} final:       {headline(task, report['final'])}",
+             f"  [low-high]: {INTERVAL_PERCENTILES[0]:g}-{INTERVAL_PERCENTILES[1]:g}% of {BOOTSTRAP_RESAMPLES} "
+             "bootstrap resamples of the queries: differences inside it may be chance"]
     for name, stage in report["timing"].get("stages", {}).items():
         lines.append(f"  {name:<15} {stage['items']:>7} items {stage['seconds']:8.1f} s")
     if "log_tail" in report:

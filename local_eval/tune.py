@@ -6,27 +6,37 @@
 It runs the submission script once as the server would (replay), reranking every query to the deepest depth of
 the grid so that the script caches the local features of every pair; then it sweeps the verification settings
 over those cached features (no new extraction) and the scoring settings over the verified pairs (no new
-RANSAC), scores every combination with the official-equivalent metric, chooses on Public (exact ties: the
-cheapest by a fixed order of the settings) and reports Private beside it, as the leaderboard split works.
-Recognition's global stage (how a query nobody verified is scored: top-k, non-landmark suppression) is chosen
-first, on the unverified run; the verification and scoring settings then on the verified ones; last, the chosen
-settings are scored with 0, 10, 30 and 100% of the queries verified (most confident first), the regimes a time
-limit leaves. Verification is swept in two stages: every matching setting x RANSAC threshold x minimum matches at
-the first iterations and confidence of the grid, then every iterations x confidence at the best of those. It
-writes OUT whole (an existing OUT only with --overwrite):
-  OUT/table.csv   one row per setting: the settings, Public / Private / all scores, seconds per query;
-  OUT/tuned.json  the chosen settings, for `submission/main.py --settings` (and replay / export bundle);
-  OUT/depth.png   score against rerank depth for the best few verification settings, the choice ringed;
+RANSAC), and scores every combination with the official-equivalent metric on Public, Private, all, and on 5
+folds of all the labelled queries (Public + Private). It chooses by cross-validation and keeps the script's
+defaults unless a setting beats them by more than the spread: for each fold, the setting best on the other four
+(mean of their scores; exact ties: the cheapest by a fixed order of the settings) is scored on it; the chosen one
+replaces the defaults only when these held-out scores beat the defaults' on the same folds by more than one
+standard error (mean gain - SE > 0), and is then the setting best over all five folds. The expected score is the
+mean held-out score with its standard error. The grid always holds the defaults (a --grid list without the
+default value gets it added). Recognition's global stage (how a query nobody verified is scored: top-k,
+non-landmark suppression) is chosen first, by the same rule on the unverified run; the verification and scoring
+settings then on the verified ones; last, the chosen settings are scored with 0, 10, 30 and 100% of the queries
+verified (most confident first), the regimes a time limit leaves. Verification is swept in two stages: every
+matching setting x RANSAC threshold x minimum matches at the script's default iterations and confidence, then
+every other iterations x confidence at the best of those. It writes OUT whole (an existing OUT only with
+--overwrite):
+  OUT/table.csv   one row per setting: the settings, Public / Private / all and per-fold scores, seconds per query;
+  OUT/tuned.json  the chosen settings, for `submission/main.py --settings` (and replay / export bundle), with
+                  what they were chosen on, the expected score with its spread and the defaults' score;
+  OUT/depth.png   Public (solid) and Private (dashed) against rerank depth for the best few verification
+                  settings, the choice ringed;
   OUT/global.csv  recognition: the global-stage settings scored with no query verified;
   OUT/regimes.csv the chosen settings' scores by share of queries verified.
 
 `python -m local_eval tune-merge --tables A/table.csv B/table.csv ... --out OUT` averages the tables of several
-competitions (seeds) setting by setting and chooses on the mean Public score: how the script's defaults were set.
+competitions (seeds) setting by setting and chooses by the same rule, over every fold of every table (a table
+written before folds existed counts as one fold, its "all" score).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -85,6 +95,9 @@ BEST_CURVES = 5  # verification settings drawn in depth.png
 SCORE_COLUMNS = (*REPORTED_SUBSETS, "seconds_per_query")
 MAX_WORKERS = 256  # processes of the verification sweep
 TUNE_KIND = "tune result"  # the kind of output its kit marker records (tune and tune-merge write the same)
+FOLDS = 5  # cross-validation folds over the labelled queries (Public + Private)
+FOLD_SEED = 0  # the queries' fixed assignment to folds
+FOLD_PREFIX = "fold_"  # a table's per-fold score columns: fold_1 ... (tune-merge: fold_<table>.<fold>)
 MEASURES = (*SCORE_COLUMNS, "tables")  # a table's columns that are no setting ("tables": tune-merge's count)
 # Exact ties go to the cheapest setting by the cost model: fewer candidates verified, then fewer RANSAC iterations.
 TIE_ORDER = ("rerank", "ransac_iterations")
@@ -96,11 +109,16 @@ def grid_combinations(grid: dict[str, list]) -> list[dict]:
 
 def read_grid(path: Path | None, task: str) -> dict[str, dict[str, list]]:
     """The default grid, with any list replaced by --grid's (a JSON object of setting -> list of values), every
-    value checked as submission/main.py checks the setting."""
+    value checked as submission/main.py checks the setting; the script's default added to any list without it."""
     grid = {"matching": dict(MATCHING), "ransac": dict(RANSAC), "filter": dict(FILTER),
             "scoring": dict(SCORING[task]), "global": dict(GLOBAL[task])}
-    if path is None:
-        return grid
+    if path is not None:
+        read_grid_file(path, task, grid)
+    return with_defaults(grid, task)
+
+
+def read_grid_file(path: Path, task: str, grid: dict[str, dict[str, list]]) -> None:
+    """Replace grid's lists by those of --grid's JSON object."""
     try:
         given = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -114,6 +132,25 @@ def read_grid(path: Path | None, task: str) -> dict[str, dict[str, list]]:
             raise UserError(f"--grid {path}: '{name}' is not a tunable setting of {task}; "
                             f"choose from {', '.join(k for part in grid.values() for k in part)}")
         part[name] = grid_values(path, name, values)
+
+
+@functools.cache
+def script_defaults(task: str) -> dict:
+    """The script's own value of every tunable setting for the task: its sections' defaults under TASK_DEFAULTS."""
+    sub = load_submission()
+    values = {f.name: f.default for section in (sub.Global, sub.Verification, sub.Scoring)
+              for f in dataclasses.fields(section)}
+    return {**values, **{k: v for k, v in sub.TASK_DEFAULTS[task].items() if k in values}}
+
+
+def with_defaults(grid: dict[str, dict[str, list]], task: str) -> dict[str, dict[str, list]]:
+    """The grid with the script's default added to each list that lacks it: every choice is weighed against them."""
+    defaults = script_defaults(task)
+    for part in grid.values():
+        for name, values in part.items():
+            if defaults[name] not in values:
+                log.info("the grid's %s %s gets the script's default %s", name, values, defaults[name])
+                part[name] = [*values, defaults[name]]
     return grid
 
 
@@ -201,6 +238,7 @@ class Scorer:
     def __init__(self, task: str, solution_path: Path, test_ids: list[str]):
         self.task, self.test_ids = task, test_ids
         self.subsets = subsets_with_all(read_solution(solution_path, task).subsets)
+        self.subsets.update(query_folds(self.subsets["all"], FOLDS))
 
     def recognition(self, landmarks: np.ndarray, confidences: np.ndarray) -> dict[str, float]:
         # Confidences as the submission writes them (6 decimals): rounding makes ties that GAP breaks by id.
@@ -213,6 +251,15 @@ class Scorer:
         predictions = dict(zip(self.test_ids, ranked, strict=True))
         return {name: mean_average_precision({q: predictions[q] for q in truth if predictions.get(q)}, truth)
                 for name, truth in self.subsets.items()}
+
+
+def query_folds(truth: dict[str, list], folds: int, seed: int = FOLD_SEED) -> dict[str, dict[str, list]]:
+    """The labelled queries dealt into `folds` folds in a fixed random order, those with ground truth first, so that
+    each fold holds its share of landmark and non-landmark queries."""
+    ids = sorted(truth)
+    shuffled = np.random.default_rng(seed).permutation(len(ids))
+    dealt = sorted(shuffled, key=lambda i: not truth[ids[i]])  # stable: the shuffle stays within each group
+    return {f"{FOLD_PREFIX}{k + 1}": {ids[i]: truth[ids[i]] for i in dealt[k::folds]} for k in range(folds)}
 
 
 @dataclasses.dataclass
@@ -254,8 +301,8 @@ def score_table(run: Run, scorer: Scorer, grid: dict, matching: list[dict], rans
     """One row per verification (matching x RANSAC x filter) x scoring setting."""
     scoring_grid = grid_combinations(grid["scoring"])
     if not run.candidates.query_nonlandmark.shape[1]:  # no distractor set: the penalty changes nothing
-        scoring_grid = [s for s in scoring_grid if s.get("nonlandmark_penalty", 0.0) == scoring_grid[0].get(
-            "nonlandmark_penalty", 0.0)]
+        default = script_defaults(scorer.task)["nonlandmark_penalty"]
+        scoring_grid = [s for s in scoring_grid if s.get("nonlandmark_penalty", default) == default]
     local_rate = costs.rate(run.timing["stages"]["local_features"]) or 0.0
     rows = []
     combos = list(itertools.product(range(len(matching)), range(len(ransac)), grid_combinations(grid["filter"])))
@@ -267,7 +314,7 @@ def score_table(run: Run, scorer: Scorer, grid: dict, matching: list[dict], rans
             depth = min(scoring["rerank"], counts.shape[1])
             at_depth = np.where(np.arange(counts.shape[1]) < depth, counts, -1)
             scores = score_one(run, scorer, at_depth, scoring, stage)
-            rows.append({**verification, **scoring, **{s: scores[s] for s in REPORTED_SUBSETS},
+            rows.append({**verification, **scoring, **scores,
                          "seconds_per_query": query_seconds(run, depth, seconds[m, r], local_rate, verified)})
     return pd.DataFrame(rows)
 
@@ -304,7 +351,7 @@ def global_table(run: Run, scorer: Scorer, grid: dict) -> pd.DataFrame:
     rows = []
     for stage in grid_combinations(grid["global"]):
         scores = score_one(run, scorer, unverified, {"rerank": 0}, stage)
-        rows.append({**stage, **{s: scores[s] for s in REPORTED_SUBSETS}})
+        rows.append({**stage, **scores})
     return pd.DataFrame(rows)
 
 
@@ -346,16 +393,95 @@ def query_seconds(run: Run, depth: int, verify_seconds: float, local_rate: float
     return costs.rerank_seconds_per_query(local_rate, per_pair * pair_share, depth, new_image_share)
 
 
-def choose(table: pd.DataFrame) -> pd.Series:
-    """The best Public score; among equals the cheapest by a fixed order of the settings, never by measured time
-    (which load moves), so that the same table always gives the same choice: TIE_ORDER first, then the other
-    settings' values, smallest first, in the table's column order."""
+def fold_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c.startswith(FOLD_PREFIX)]
+
+
+def setting_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c not in MEASURES and not c.startswith(FOLD_PREFIX)]
+
+
+def fold_scores(table: pd.DataFrame) -> np.ndarray:
+    """[settings, folds] of the folds that hold a score (a fold with no landmark query has no GAP): at least two."""
     if table.empty:
         raise UserError("no setting was scored: nothing to choose from")
-    best = table[table["public"] >= table["public"].max() - 1e-12]
-    settings = [c for c in best.columns if c not in MEASURES]
+    scores = table[fold_columns(table)].to_numpy(float)
+    scores = scores[:, ~np.isnan(scores).any(axis=0)]
+    if scores.shape[1] < 2:
+        raise UserError(f"fewer than 2 folds hold a score ({', '.join(fold_columns(table)) or 'no fold columns'}): "
+                        "too few labelled queries to cross-validate")
+    return scores
+
+
+def best_position(table: pd.DataFrame, scores: np.ndarray) -> int:
+    """The row with the best score; among equals the cheapest by a fixed order of the settings, never by measured
+    time (which load moves), so that the same table always gives the same choice: TIE_ORDER first, then the other
+    settings' values, smallest first, in the table's column order."""
+    best = np.flatnonzero(scores >= np.max(scores) - 1e-12)
+    settings = setting_columns(table)
     order = [*(c for c in TIE_ORDER if c in settings), *(c for c in settings if c not in TIE_ORDER)]
-    return best.sort_values(order, kind="stable").iloc[0]
+    return int(best[table.iloc[best].reset_index(drop=True).sort_values(order, kind="stable").index[0]])
+
+
+def choose(table: pd.DataFrame) -> pd.Series:
+    """The setting best over all the folds (the mean of their scores), no matter the defaults."""
+    return table.iloc[best_position(table, fold_scores(table).mean(axis=1))]
+
+
+def default_position(table: pd.DataFrame, defaults: dict) -> int:
+    """The row of the script's defaults (over the table's setting columns)."""
+    keys = [c for c in setting_columns(table) if c in defaults]
+    match = np.logical_and.reduce([(table[k] == defaults[k]).to_numpy() for k in keys])
+    if not match.any():
+        raise UserError("no row holds the script's defaults (" + ", ".join(f"{k} {defaults[k]}" for k in keys) +
+                        "): the tables were tuned on a grid without them; tune again (tune adds them to any grid)")
+    return int(np.flatnonzero(match)[0])
+
+
+def mean_error(values: np.ndarray) -> dict[str, float]:
+    """The mean of per-fold values and its standard error."""
+    return {"mean": float(np.mean(values)), "standard_error": float(np.std(values, ddof=1) / np.sqrt(len(values)))}
+
+
+@dataclasses.dataclass
+class Choice:
+    """A choice by cross-validation: the chosen row, the defaults' row, and the held-out evidence per fold."""
+
+    row: pd.Series
+    defaults: pd.Series
+    held_out: np.ndarray  # the score of the setting best on the other folds, on this one
+    default_scores: np.ndarray  # the defaults' score on this fold
+
+    @property
+    def gain(self) -> dict[str, float]:
+        return mean_error(self.held_out - self.default_scores)
+
+    @property
+    def beats_defaults(self) -> bool:
+        return self.gain["mean"] - self.gain["standard_error"] > 0
+
+    def summary(self) -> dict:
+        """What tuned.json records: the rule's evidence, the expected score with its spread, the defaults'."""
+        expected = self.held_out if self.beats_defaults else self.default_scores
+        return {"folds": len(self.held_out), "kept_defaults": not self.beats_defaults,
+                "expected": mean_error(expected), "held_out_gain": self.gain,
+                "held_out": [round(float(v), 6) for v in self.held_out],
+                "defaults": {**mean_error(self.default_scores),
+                             **{subset: native(self.defaults[subset]) for subset in REPORTED_SUBSETS}}}
+
+
+def choose_honestly(table: pd.DataFrame, defaults: dict) -> Choice:
+    """Cross-validated over the table's folds: the setting best over all the folds if the setting best on the other
+    folds beats the defaults on each held-out fold by more than the spread (mean gain - standard error > 0);
+    otherwise the defaults."""
+    scores = fold_scores(table)
+    default = default_position(table, defaults)
+    held_out = np.array([scores[best_position(table, np.delete(scores, f, axis=1).mean(axis=1)), f]
+                         for f in range(scores.shape[1])])
+    choice = Choice(table.iloc[default], table.iloc[default], held_out, scores[default])
+    if choice.beats_defaults:
+        choice.row = table.iloc[best_position(table, scores.mean(axis=1))]
+    return choice
 
 
 def tuned_settings(row: pd.Series, task: str, extraction: dict, about: dict) -> dict:
@@ -374,26 +500,34 @@ def native(value):
 
 
 def depth_picture(table: pd.DataFrame, task: str, out: Path, chosen: pd.Series) -> None:
-    """Score against rerank depth (best over the other scoring settings) for the best few verification settings,
-    each named by the settings in which they differ (the rest in a note), the chosen setting ringed."""
-    best = table.groupby(VERIFICATION_KEYS)["public"].max().sort_values(ascending=False).head(BEST_CURVES)
+    """Public (solid) and Private (dashed) against rerank depth for the best few verification settings (by the mean
+    over the folds), each in its own colour and marker, named by the settings in which they differ (the rest in a
+    note); at each depth the scoring setting best over the folds; the chosen setting ringed."""
+    table = table.assign(cv=fold_scores(table).mean(axis=1))
+    best = table.groupby(VERIFICATION_KEYS)["cv"].max().sort_values(ascending=False).head(BEST_CURVES)
     keys = pd.DataFrame(list(best.index), columns=VERIFICATION_KEYS)
     differing = [k for k in VERIFICATION_KEYS if keys[k].nunique() > 1]
     shared = ", ".join(f"{k}={native(keys[k].iloc[0])}" for k in VERIFICATION_KEYS if k not in differing)
-    series = {}
-    for key in best.index:
+    series, styles = {}, []
+    for index, key in enumerate(best.index):
         rows = table[(table[VERIFICATION_KEYS] == pd.Series(key, index=VERIFICATION_KEYS)).all(axis=1)]
-        curve = rows.groupby("rerank")["public"].max()
+        per_depth = rows.loc[rows.groupby("rerank")["cv"].idxmax()]
         setting = dict(zip(VERIFICATION_KEYS, key, strict=True))
         label = ", ".join(f"{k}={native(setting[k])}" for k in differing) or "the one verification setting"
-        series[label] = list(zip(curve.index.tolist(), curve.tolist(), strict=True))
+        colour, marker, _ = draw.series_style(index)
+        for subset, dash in (("public", ()), ("private", draw.SERIES_DASHES[1])):
+            series[f"{subset.capitalize()}: {label}"] = list(zip(per_depth["rerank"].tolist(),
+                                                                 per_depth[subset].tolist(), strict=True))
+            styles.append((colour, marker, dash))
     metric = METRIC_NAME[TASK_METRIC[task]]
     marked = (native(chosen["rerank"]), native(chosen["public"]),
               f"chosen: rerank {native(chosen['rerank'])}, " +
-              ", ".join(f"{k}={native(chosen[k])}" for k in differing) + f" (Public {chosen['public']:.4f})")
-    draw.save_png(draw.line_chart(series, f"{task}: Public {metric} by rerank depth (best scoring per depth)",
-                                  "rerank depth", f"Public {metric}", marked=marked,
-                                  note=f"every curve: {shared}" if shared else None), out / "depth.png")
+              ", ".join(f"{k}={native(chosen[k])}" for k in differing) +
+              f" (Public {chosen['public']:.4f}, Private {chosen['private']:.4f})")
+    draw.save_png(draw.line_chart(series, f"{task}: {metric} by rerank depth, Public solid, Private dashed (per "
+                                  "depth the scoring best over the folds)", "rerank depth", metric, marked=marked,
+                                  note=f"every curve: {shared}" if shared else None, styles=styles),
+                  out / "depth.png")
 
 
 def sweep_stage(run: Run, scorer: Scorer, grid: dict, tasks: list, verified: np.ndarray, matching: list[dict],
@@ -407,20 +541,22 @@ def sweep_stage(run: Run, scorer: Scorer, grid: dict, tasks: list, verified: np.
     return score_table(run, scorer, grid, matching, ransac, all_matches, all_inliers, seconds, verified, stage)
 
 
-def stages(grid: dict) -> tuple[list[dict], list[dict]]:
-    """Stage 1's (matching, RANSAC) lists: every matching x threshold, at the first iterations and confidence."""
-    first = {name: values[:1] for name, values in grid["ransac"].items() if name != "ransac_threshold"}
+def stages(grid: dict, task: str) -> tuple[list[dict], list[dict]]:
+    """Stage 1's (matching, RANSAC) lists: every matching x threshold, at the script's default iterations and
+    confidence (so that the defaults' row is always scored)."""
+    defaults = script_defaults(task)
+    first = {name: [defaults[name]] for name in grid["ransac"] if name != "ransac_threshold"}
     return (grid_combinations(grid["matching"]),
             grid_combinations({"ransac_threshold": grid["ransac"]["ransac_threshold"], **first}))
 
 
-def second_stage(grid: dict, best: pd.Series) -> tuple[list[dict], list[dict]]:
+def second_stage(grid: dict, best: pd.Series, task: str) -> tuple[list[dict], list[dict]]:
     """Stage 2's lists: the best matching and threshold, every other iterations x confidence."""
     matching = [{name: native(best[name]) for name in grid["matching"]}]
     ransac = grid_combinations({"ransac_threshold": [native(best["ransac_threshold"])],
                                 **{name: values for name, values in grid["ransac"].items()
                                    if name != "ransac_threshold"}})
-    first = {name: values[0] for name, values in grid["ransac"].items() if name != "ransac_threshold"}
+    first = {name: script_defaults(task)[name] for name in grid["ransac"] if name != "ransac_threshold"}
     return matching, [r for r in ransac if any(r[name] != value for name, value in first.items())]
 
 
@@ -434,9 +570,10 @@ def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, g
     check_not_an_input("--out", out, [("--competition", competition), ("--model", model), ("--grid", grid_path)])
     with atomic_output_dir(out, overwrite, kind=TUNE_KIND) as tmp:
         result = sweep(competition, task, model, tmp, limit_h, grid, solution, script_args, workers)
-        write_choice(tmp, result["table"], result["chosen"], task, result["extraction"],
+        write_choice(tmp, result["table"], result["choice"], task, result["extraction"],
                      {"competition": str(competition), "task": task, "model": str(model),
-                      "regimes": result["regimes"].to_dict(orient="records")}, result["global_stage"])
+                      "regimes": result["regimes"].to_dict(orient="records")},
+                     result["global_stage"], result["global_choice"])
     return result
 
 
@@ -459,28 +596,25 @@ def sweep(competition: Path, task: str, model: Path, out: Path, limit_h: float, 
     if not tasks:
         raise UserError(f"{competition}: no test image of the extraction run was readable; nothing to tune on")
     scorer = Scorer(task, solution, run.test_ids)
-    stage = {}
+    stage, global_choice = {}, None
     if grid["global"]:
         global_rows = global_table(run, scorer, grid)
-        stage = {k: native(v) for k, v in choose_global(global_rows).items() if k in grid["global"]}
+        global_choice = choose_honestly(global_rows, script_defaults(task))
+        stage = {k: native(v) for k, v in global_choice.row.items() if k in grid["global"]}
         atomic_write_text(out / "global.csv", global_rows.to_csv(index=False))
-    table = sweep_stage(run, scorer, grid, tasks, verified, *stages(grid), workers, stage)
-    matching, ransac = second_stage(grid, choose(table))
+    table = sweep_stage(run, scorer, grid, tasks, verified, *stages(grid, task), workers, stage)
+    matching, ransac = second_stage(grid, choose(table), task)
     if ransac:
         table = pd.concat([table, sweep_stage(run, scorer, grid, tasks, verified, matching, ransac, workers, stage)],
                           ignore_index=True)
-    chosen = choose(table)
+    choice = choose_honestly(table, script_defaults(task))
+    chosen = choice.row
     regime_table = regimes(run, scorer, chosen_inliers(run, tasks, verified, chosen, workers),
                            {k: native(chosen[k]) for k in grid["scoring"]}, stage)
     atomic_write_text(out / "regimes.csv", regime_table.to_csv(index=False))
     extraction = json.loads((run.work / "settings.json").read_text())["extraction"]
-    return {"chosen": chosen, "global_only": table[table["rerank"] == 0]["public"].max(), "table": table,
-            "extraction": extraction, "global_stage": stage, "regimes": regime_table}
-
-
-def choose_global(table: pd.DataFrame) -> pd.Series:
-    """The global-stage setting with the best Public score; among equals the first in the grid's fixed order."""
-    return table.loc[table["public"].idxmax()]
+    return {"choice": choice, "chosen": chosen, "table": table, "extraction": extraction, "global_stage": stage,
+            "global_choice": global_choice, "regimes": regime_table}
 
 
 def chosen_inliers(run: Run, tasks: list, verified: np.ndarray, chosen: pd.Series, workers: int) -> np.ndarray:
@@ -494,13 +628,23 @@ def chosen_inliers(run: Run, tasks: list, verified: np.ndarray, chosen: pd.Serie
     return counts
 
 
-def write_choice(out: Path, table: pd.DataFrame, chosen: pd.Series, task: str, extraction: dict,
-                 about: dict, global_stage: dict | None = None) -> None:
-    """table.csv, tuned.json (the chosen settings, the global stage's, and what they were chosen on) and depth.png
-    into out."""
-    about = {**about, "chosen_on": "mean public" if "tables" in table.columns else "public",
-             **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS},
+def chosen_on(table: pd.DataFrame) -> str:
+    folds = len(fold_scores(table).T)
+    if "tables" in table.columns:
+        return f"cross-validation over the {folds} folds of {int(table['tables'].iloc[0])} tables (tune-merge)"
+    return f"{folds}-fold cross-validation over the labelled queries (Public + Private)"
+
+
+def write_choice(out: Path, table: pd.DataFrame, choice: Choice, task: str, extraction: dict, about: dict,
+                 global_stage: dict | None = None, global_choice: Choice | None = None) -> None:
+    """table.csv, tuned.json (the chosen settings, the global stage's, what they were chosen on, the expected score
+    with its spread and the defaults' score) and depth.png into out."""
+    chosen = choice.row
+    about = {**about, "chosen_on": chosen_on(table), "metric": METRIC_NAME[TASK_METRIC[task]],
+             **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS}, **choice.summary(),
              "seconds_per_query": native(chosen["seconds_per_query"]), "settings_rows": len(table)}
+    if global_choice is not None:
+        about["global_stage_choice"] = global_choice.summary()
     tuned = tuned_settings(chosen, task, extraction, about)
     if global_stage:
         tuned["global_stage"] = global_stage
@@ -530,15 +674,21 @@ def pair_tasks(run: Run, max_depth: int) -> tuple[list[tuple[Path, list[Path]]],
 
 
 def format_summary(result: dict, task: str, out: Path) -> str:
-    chosen, metric = result["chosen"], METRIC_NAME[TASK_METRIC[task]]
-    settings = ", ".join(f"{k} {native(chosen[k])}" for k in chosen.index
-                         if k not in MEASURES)
+    choice, metric, table = result["choice"], METRIC_NAME[TASK_METRIC[task]], result["table"]
+    chosen, summary = choice.row, choice.summary()
+    settings = ", ".join(f"{k} {native(chosen[k])}" for k in setting_columns(table))
+    expected, gain, defaults = summary["expected"], summary["held_out_gain"], summary["defaults"]
+    verdict = ("the script's defaults kept: nothing beats them by more than the spread" if summary["kept_defaults"]
+               else "beats the script's defaults by more than the spread")
     return "\n".join([
-        f"{task}: {len(result['table'])} settings scored; chosen on Public:",
+        f"{task}: {len(table)} settings scored; chosen by {chosen_on(table)}; {verdict}:",
         f"  {settings}",
         f"  {metric} public {chosen['public']:.4f} | private {chosen['private']:.4f} | all {chosen['all']:.4f}"
-        f" ({chosen['seconds_per_query']:.3f} s per query here); best global-only public "
-        f"{result['global_only']:.4f}",
+        f" ({chosen['seconds_per_query']:.3f} s per query here)",
+        f"  expected {metric} (held-out folds) {expected['mean']:.4f} +- {expected['standard_error']:.4f};"
+        f" the defaults {defaults['mean']:.4f} +- {defaults['standard_error']:.4f} (public {defaults['public']:.4f}"
+        f" | private {defaults['private']:.4f}); held-out gain of tuning {gain['mean']:+.4f} +- "
+        f"{gain['standard_error']:.4f}",
         *([f"  global stage (unverified queries): {result['global_stage']}"] if result.get("global_stage") else []),
         *(["  by share of queries verified: " + ", ".join(
             f"{r['verified_share']:.0%} {r['public']:.4f}/{r['private']:.4f}" for _, r in result["regimes"].iterrows())
@@ -557,7 +707,10 @@ def main(argv: list[str] | None = None) -> int:
     own, script_args = split_script_args(argv)
     parser = KitArgumentParser(prog="python -m local_eval tune", description=__doc__.split("\n\n")[1],
                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                               epilog="Flags after `--` go to submission/main.py for the extraction run.")
+                               epilog="Flags after `--` go to submission/main.py for the extraction run. "
+                                      f"The choice: {FOLDS}-fold cross-validation over the labelled queries "
+                                      "(Public + Private); the script's defaults unless the held-out gain "
+                                      "minus its standard error is above 0.")
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
@@ -565,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-h", type=float, default=2.0,
                         help="wall-clock limit of the extraction run, in hours (default %(default)s)")
     parser.add_argument("--grid", type=Path, default=None,
-                        help="JSON object: setting -> list of values, replacing the default grid's list")
+                        help="JSON object: setting -> list of values, replacing the default grid's list (the "
+                             "script's default is added to a list without it)")
     parser.add_argument("--workers", type=int, default=multiprocessing.cpu_count(),
                         help="processes of the verification sweep (default: the cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT written by the kit")
@@ -582,13 +736,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merge_tables(paths: list[Path], task: str) -> pd.DataFrame:
-    """Mean scores and seconds per setting over several tables (competitions of other seeds); only the settings
+    """Mean scores and seconds per setting over several tables (competitions of other seeds), with every table's
+    folds side by side (fold_<table>.<fold>; a table without folds gives its "all" score as one); only the settings
     every table holds (a table may have swept a narrower grid), and at least one."""
     tables = [read_table(path, task) for path in paths]
-    keys = [c for c in tables[0].columns if c not in MEASURES]
-    tables = [table[[*keys, *SCORE_COLUMNS]] for table in tables]
+    keys = setting_columns(tables[0])
+    units = []
+    for number, table in enumerate(tables, 1):
+        folds = fold_columns(table) or ["all"]
+        renamed = {c: f"{FOLD_PREFIX}{number}.{c.removeprefix(FOLD_PREFIX)}" for c in folds}
+        units += renamed.values()
+        tables[number - 1] = pd.concat([table[[*keys, *SCORE_COLUMNS]], table[folds].rename(columns=renamed)], axis=1)
     merged = pd.concat(tables).groupby(keys, dropna=False, sort=False).agg(
-        **{c: (c, "mean") for c in SCORE_COLUMNS}, tables=("public", "size"))
+        **{c: (c, "mean") for c in [*SCORE_COLUMNS, *units]}, tables=("public", "size"))
     common = merged[merged["tables"] == len(tables)].reset_index()
     if common.empty:
         raise UserError(f"{paths[0]} and the other tables share no setting: they were tuned on different grids; "
@@ -607,7 +767,8 @@ def read_table(path: Path, task: str) -> pd.DataFrame:
         raise UserError(f"{path}: cannot read it as a tune table ({str(err).splitlines()[0]})") from None
     settings = [*VERIFICATION_KEYS, *SCORING[task]]
     expected = {*settings, *SCORE_COLUMNS}
-    missing, extra = expected - set(table.columns), set(table.columns) - expected - {"tables"}
+    missing = expected - set(table.columns)
+    extra = set(table.columns) - expected - {"tables", *fold_columns(table)}
     if missing or extra:
         other = next((t for t in SCORING if t != task and set(SCORING[t]) <= set(table.columns)), None)
         raise UserError(f"{path}: not a {task} tune table" + (f" (a {other} one)" if other else "") +
@@ -625,13 +786,16 @@ def read_table(path: Path, task: str) -> pd.DataFrame:
             line = int(outside.to_numpy().argmax()) + 2
             raise UserError(f"{path}, line {line}: {column} {str(table[column].iloc[line - 2])!r} is outside "
                             f"[{low}, {high}]: no {column} score; was the table edited?")
+    folds = fold_columns(table)  # a fold with no landmark query has no score: empty, read as NaN
+    table[folds] = table[folds].apply(lambda column: pd.to_numeric(column.replace("", "nan"), errors="coerce"))
     return table
 
 
 def main_merge(argv: list[str] | None = None) -> int:
     parser = KitArgumentParser(prog="python -m local_eval tune-merge",
-                               description="average tune tables of several competitions and choose on the "
-                                           "mean Public score")
+                               description="average tune tables of several competitions and choose by "
+                                           "cross-validation over every table's folds, keeping the script's "
+                                           "defaults unless a setting beats them by more than the spread")
     parser.add_argument("--tables", required=True, nargs="+", type=Path, help="table.csv files written by tune")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--out", required=True, type=Path, help="folder for the merged table.csv and tuned.json")
@@ -640,9 +804,8 @@ def main_merge(argv: list[str] | None = None) -> int:
     check_not_an_input("--out", args.out, [("--tables", table) for table in args.tables])
     check_output_dir(args.out, args.overwrite, kind=TUNE_KIND)
     table = merge_tables(args.tables, args.task)
-    chosen = choose(table)
+    choice = choose_honestly(table, script_defaults(args.task))
     with atomic_output_dir(args.out, args.overwrite, kind=TUNE_KIND) as tmp:
-        write_choice(tmp, table, chosen, args.task, {}, {"tables": [str(p) for p in args.tables], "task": args.task})
-    print(format_summary({"chosen": chosen, "table": table, "global_only": table[table["rerank"] == 0]["public"].max()},
-                         args.task, args.out))
+        write_choice(tmp, table, choice, args.task, {}, {"tables": [str(p) for p in args.tables], "task": args.task})
+    print(format_summary({"choice": choice, "table": table}, args.task, args.out))
     return 0

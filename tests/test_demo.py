@@ -59,6 +59,7 @@ def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path, tiny_competition, l
     shutil.copytree(tiny_competition, out / "competition")  # the session's build of the same size and seed: kept
     printed, _ = run_demo(out, capsys, caplog, steps=10)
     assert "DEMO SUMMARY" in printed and "verdict (speedup x1)" in printed
+    assert "(95% bootstrap interval over the queries)" in printed
     assert "recognition tradeoff" in printed and "best that fits" in printed
     tradeoff = (out / "tradeoff" / "tradeoff.csv").read_text().splitlines()
     assert tradeoff[1].startswith("as given,") and len(tradeoff) > 3

@@ -192,3 +192,46 @@ def test_empty_subset_scores_none():
     assert scores["all"]["map@100"] == pytest.approx(0.458333, abs=1e-6)
     scores = metrics.score_recognition({"public": {"a": []}, "private": {}}, {"a": (1, 0.5)})
     assert scores["public"]["gap"] is None and scores["public"]["top1"] is None
+
+
+def noisy_recognition(queries: int, seed: int = 0) -> tuple[dict, dict]:
+    """(predictions, solution) of `queries` test images: 70% landmarks, right 60% of the time, random scores."""
+    rng = np.random.default_rng(seed)
+    solution = {f"t{k:05d}": [int(rng.integers(10))] if rng.random() < 0.7 else [] for k in range(queries)}
+    predictions = {q: (truth[0] if truth and rng.random() < 0.6 else 99, float(rng.random()))
+                   for q, truth in solution.items()}
+    return predictions, solution
+
+
+def noisy_retrieval(queries: int, seed: int = 0) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    solution = {f"q{k:05d}": [f"i{j}" for j in rng.choice(50, 3, replace=False)] for k in range(queries)}
+    predictions = {q: [f"i{j}" for j in rng.permutation(50)[:20]] for q in solution}
+    return predictions, solution
+
+
+@pytest.mark.parametrize(("task", "data", "metric"),
+                         [("recognition", noisy_recognition, metrics.global_average_precision),
+                          ("retrieval", noisy_retrieval, metrics.mean_average_precision)])
+def test_the_bootstrap_interval_holds_the_score_and_narrows_with_more_queries(task, data, metric):
+    widths = []
+    for queries in (60, 600):
+        predictions, solution = data(queries)
+        low, high = metrics.bootstrap_interval(task, predictions, solution)
+        assert low < metric(predictions, solution) < high
+        assert metrics.bootstrap_interval(task, predictions, solution) == [low, high]  # a fixed seed
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # ten times the queries: about a third of the width
+
+
+def test_a_bootstrap_of_one_draw_of_each_query_is_the_score_itself():
+    for data, resampled, metric in ((noisy_recognition, metrics._resampled_gap, metrics.global_average_precision),
+                                    (noisy_retrieval, metrics._resampled_map, metrics.mean_average_precision)):
+        predictions, solution = data(40, seed=3)
+        del predictions[next(iter(predictions))]  # a query with no prediction still counts
+        once = np.ones((1, len(solution)), int)
+        assert resampled(predictions, solution, once)[0] == pytest.approx(metric(predictions, solution))
+
+
+def test_the_interval_is_none_without_a_landmark_image():
+    assert metrics.bootstrap_interval("recognition", {"a": (1, 0.5)}, {"a": []}) is None

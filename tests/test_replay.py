@@ -14,6 +14,7 @@ import pytest
 
 from common.cli import run_main
 from local_eval import replay as replay_command
+from local_eval.metrics import TASK_METRIC
 from local_eval.replay import format_report, replay
 from local_eval.score import main as score_main
 from local_eval.submission_script import script_python
@@ -40,6 +41,12 @@ def test_replay_report_equals_score_command(tmp_path, tiny_competition, tiny_mod
     assert report["status"] == "ok", report.get("log_tail")
     on_disk = json.loads((tmp_path / "report" / "report.json").read_text())
     assert on_disk["final"] == report["final"]
+    metric = TASK_METRIC[task]
+    for scores in (report["final"], report["global_only"]):
+        for subset in ("public", "private", "all"):  # the interval beside each score; the rest as `score` gives it
+            low, high = scores[subset].pop(f"{metric}_interval")
+            assert 0 <= low <= high <= 1
+            assert f"{subset} {scores[subset][metric]:.4f} [{low:.4f}-{high:.4f}]" in format_report(task, on_disk)
     solution = tiny_competition / "solutions" / f"{task}_solution.csv"
     assert report["final"] == score_cli(task, solution, tmp_path / "report" / "submission.csv", capsys)
     global_only = tmp_path / "report" / "work" / "submission_global_only.csv"
