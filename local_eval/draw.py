@@ -195,18 +195,21 @@ def fit_text(draw: ImageDraw.ImageDraw, text: str, width: float, text_font) -> s
     return text + "…"
 
 
+LINE_CHART_SIZE = (820, 420)  # width, and height above the legend
+
+
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str,
                vertical: tuple[float, str] | None = None, marked: tuple[float, float, str] | None = None,
-               note: str | None = None, size: tuple[int, int] = (820, 420),
+               note: str | None = None,
                styles: list[tuple[tuple[int, int, int], str, tuple[int, ...]]] | None = None) -> Image.Image:
     """Lines with markers, one per named series of (x, y) points, each series in its own colour, marker and dash
     (or styles[i], the i-th series' (colour, marker, dash)); the legend under the plot (the canvas grows with it).
     Optionally a dashed vertical line at vertical[0] labelled vertical[1] (a time limit, say), a ring around the
     point marked[:2] labelled marked[2] (the chosen setting), and a note line under the title (what every series
     shares)."""
-    width = size[0]
+    width, plot_height = LINE_CHART_SIZE
     legend_h = LEGEND_ROW * (len(series) + (marked is not None)) + 8
-    height = size[1] + legend_h
+    height = plot_height + legend_h
     title_font, small = font(15), font(12)
     margin_left, margin_right = 60, 20
     margin_top = 58 + (16 if note else 0)  # title, note, then the y label above the plot

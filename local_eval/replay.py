@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import (
@@ -71,14 +72,29 @@ def check_python(python: str, source: str = "--python") -> str:
     return found
 
 
-def script_command(task: str, data: Path, model: Path, out: Path, work: Path, limit_h: float, extra: list[str],
-                   nonlandmarks: Path | None = None, python: str = sys.executable) -> list[str]:
-    """The script's command line; the competition's distractor folder goes in as --nonlandmark-dir unless the
-    extra flags name one."""
-    distractors = ["--nonlandmark-dir", str(nonlandmarks)] if nonlandmarks and "--nonlandmark-dir" not in extra else []
-    return [python, str(SCRIPT), "--task", task, "--data", str(data), "--model", str(model),
-            "--out", str(out / "submission.csv"), "--work", str(work),
-            "--time-budget-h", f"{limit_h:g}", *distractors, *extra]
+@dataclass(frozen=True)
+class ScriptRun:
+    """One run of the script: its task, input folder, model, WORK, limit, extra flags, the competition's
+    distractor folder (None: none) and the interpreter."""
+
+    task: str
+    data: Path
+    model: Path
+    work: Path
+    limit_h: float
+    extra: list[str]
+    nonlandmarks: Path | None = None
+    python: str = sys.executable
+
+
+def script_command(run: ScriptRun, out: Path) -> list[str]:
+    """The script's command line, its --out in `out`; the competition's distractor folder goes in as
+    --nonlandmark-dir unless the extra flags name one."""
+    given = run.nonlandmarks and "--nonlandmark-dir" not in run.extra
+    distractors = ["--nonlandmark-dir", str(run.nonlandmarks)] if given else []
+    return [run.python, str(SCRIPT), "--task", run.task, "--data", str(run.data), "--model", str(run.model),
+            "--out", str(out / "submission.csv"), "--work", str(run.work),
+            "--time-budget-h", f"{run.limit_h:g}", *distractors, *run.extra]
 
 
 # Leads the script's process group and kills it once its stdin closes: the replay holds the other end, and the system
@@ -200,8 +216,10 @@ def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
         if own_work and (out / "work").is_dir():
             os.replace(out / "work", work)  # the cached features go on; put back unless the new report is complete
         try:
-            report = run_and_report(task, data, solution, Path(model), new, work, limit_h, extra_args or [],
-                                    nonlandmark_folder(Path(competition)), python)
+            distractors = nonlandmark_folder(Path(competition))
+            script = ScriptRun(task, data.resolve(), Path(model).resolve(), work, limit_h, extra_args or [],
+                               distractors.resolve() if distractors.is_dir() else None, python)
+            report = run_and_report(script, solution, new)
             mark_output_dir(new, kind=REPORT_KIND)
             swap_in(new, out)
         except BaseException:
@@ -211,12 +229,11 @@ def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
     return report
 
 
-def run_and_report(task: str, data: Path, solution: Path, model: Path, new: Path, work: Path, limit_h: float,
-                   extra: list[str], distractors: Path, python: str) -> dict:
+def run_and_report(script: ScriptRun, solution: Path, new: Path) -> dict:
     """Run the script with its outputs in `new` (the report folder being made) and WORK, and write new/report.json;
     files an earlier run left in WORK are not scored as this one's."""
-    command = script_command(task, data.resolve(), model.resolve(), new, work, limit_h, extra,
-                             distractors.resolve() if distractors.is_dir() else None, python)
+    task, work, limit_h, python = script.task, script.work, script.limit_h, script.python
+    command = script_command(script, new)
     stale = [work / "submission_global_only.csv", work / "timing.json"]
     before = {path: file_identity(path) for path in stale}
     log.info("replaying %s with a %.3g h limit: %s", task, limit_h, " ".join(command))

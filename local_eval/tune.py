@@ -295,10 +295,24 @@ def read_run(work: Path) -> Run:
                arrays["labels"], candidates, json.loads((work / "timing.json").read_text()))
 
 
-def score_table(run: Run, scorer: Scorer, grid: dict, matching: list[dict], ransac: list[dict],
-                matches: np.ndarray, inliers: np.ndarray, seconds: np.ndarray, verified: np.ndarray,
-                stage: dict) -> pd.DataFrame:
+@dataclasses.dataclass
+class Sweep:
+    """What every sweep shares: the extraction run, its scorer and grid, the verification tasks (one per readable
+    query) and the pairs they verify, the worker processes and the chosen global stage."""
+
+    run: Run
+    scorer: Scorer
+    grid: dict
+    tasks: list[tuple[Path, list[Path]]]
+    verified: np.ndarray
+    workers: int
+    stage: dict
+
+
+def score_table(sweep: Sweep, matching: list[dict], ransac: list[dict], matches: np.ndarray, inliers: np.ndarray,
+                seconds: np.ndarray) -> pd.DataFrame:
     """One row per verification (matching x RANSAC x filter) x scoring setting."""
+    run, scorer, grid, verified, stage = sweep.run, sweep.scorer, sweep.grid, sweep.verified, sweep.stage
     scoring_grid = grid_combinations(grid["scoring"])
     if not run.candidates.query_nonlandmark.shape[1]:  # no distractor set: the penalty changes nothing
         default = script_defaults(scorer.task)["nonlandmark_penalty"]
@@ -530,15 +544,15 @@ def depth_picture(table: pd.DataFrame, task: str, out: Path, chosen: pd.Series) 
                   out / "depth.png")
 
 
-def sweep_stage(run: Run, scorer: Scorer, grid: dict, tasks: list, verified: np.ndarray, matching: list[dict],
-                ransac: list[dict], workers: int, stage: dict) -> pd.DataFrame:
+def sweep_stage(sweep: Sweep, matching: list[dict], ransac: list[dict]) -> pd.DataFrame:
     """Verify every pair with each matching x RANSAC setting, then score every scoring setting on the result."""
-    matches, inliers, seconds = sweep_verification(tasks, matching, ransac, workers)
+    run = sweep.run
+    matches, inliers, seconds = sweep_verification(sweep.tasks, matching, ransac, sweep.workers)
     readable = np.flatnonzero(run.query_ok)
     all_matches = np.zeros((len(run.test_ids), *matches.shape[1:]), matches.dtype)
     all_inliers = np.zeros((len(run.test_ids), *inliers.shape[1:]), inliers.dtype)
     all_matches[readable], all_inliers[readable] = matches, inliers
-    return score_table(run, scorer, grid, matching, ransac, all_matches, all_inliers, seconds, verified, stage)
+    return score_table(sweep, matching, ransac, all_matches, all_inliers, seconds)
 
 
 def stages(grid: dict, task: str) -> tuple[list[dict], list[dict]]:
@@ -560,34 +574,47 @@ def second_stage(grid: dict, best: pd.Series, task: str) -> tuple[list[dict], li
     return matching, [r for r in ransac if any(r[name] != value for name, value in first.items())]
 
 
-def tune(competition: Path, task: str, model: Path, out: Path, limit_h: float, grid_path: Path | None,
-         script_args: list[str], workers: int, overwrite: bool = False) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What tune runs: the competition, task and model, the extraction run's limit and extra script flags, and the
+    verification sweep's worker processes."""
+
+    competition: Path
+    task: str
+    model: Path
+    limit_h: float
+    script_args: list[str]
+    workers: int
+
+
+def tune(job: Job, out: Path, grid_path: Path | None, overwrite: bool = False) -> dict:
     """Extract once, choose the global stage, sweep verification and scoring, score the regimes; write OUT
     (table.csv, tuned.json, depth.png, global.csv, regimes.csv, run/) whole or not at all; returns the chosen row
     with its scores. An existing OUT is replaced only with overwrite."""
-    grid = read_grid(grid_path, task)
-    _, solution = competition_paths(competition, task)
-    check_not_an_input("--out", out, [("--competition", competition), ("--model", model), ("--grid", grid_path)])
+    grid = read_grid(grid_path, job.task)
+    _, solution = competition_paths(job.competition, job.task)
+    check_not_an_input("--out", out, [("--competition", job.competition), ("--model", job.model),
+                                      ("--grid", grid_path)])
     with atomic_output_dir(out, overwrite, kind=TUNE_KIND) as tmp:
-        result = sweep(competition, task, model, tmp, limit_h, grid, solution, script_args, workers)
-        write_choice(tmp, result["table"], result["choice"], task, result["extraction"],
-                     {"competition": str(competition), "task": task, "model": str(model),
+        result = sweep_all(job, tmp, grid, solution)
+        write_choice(tmp, result["table"], result["choice"], job.task, result["extraction"],
+                     {"competition": str(job.competition), "task": job.task, "model": str(job.model),
                       "regimes": result["regimes"].to_dict(orient="records")},
                      result["global_stage"], result["global_choice"])
     return result
 
 
-def sweep(competition: Path, task: str, model: Path, out: Path, limit_h: float, grid: dict, solution: Path,
-          script_args: list[str], workers: int) -> dict:
+def sweep_all(job: Job, out: Path, grid: dict, solution: Path) -> dict:
     """The extraction run in out/run, then both sweeps: the table, its chosen row, the run's extraction settings."""
+    competition, task, model, workers = job.competition, job.task, job.model, job.workers
     max_depth = max(grid["scoring"]["rerank"])
-    extra = [*script_args, "--rerank", str(max_depth), "--plan", "fixed"]  # replay adds the distractor folder
+    extra = [*job.script_args, "--rerank", str(max_depth), "--plan", "fixed"]  # replay adds the distractor folder
     if task == "recognition":  # the neighbours of the largest top-k are searched once
         extra += ["--top-k", str(max(grid["scoring"]["top_k"])),
                   "--global-top-k", str(max(grid["global"]["global_top_k"])),
                   "--db-nonlandmark-k", str(max(grid["global"]["db_nonlandmark_k"])),
                   "--query-nonlandmark-k", str(max(grid["global"]["query_nonlandmark_k"]))]
-    report = replay(competition, task, model, out / "run", limit_h, extra)
+    report = replay(competition, task, model, out / "run", job.limit_h, extra)
     if report["status"] != "ok":
         last = report.get("log_tail", "").strip().splitlines()[-1:] or ["no log"]
         raise UserError(f"the extraction run ended '{report['status']}': {last[0]}")
@@ -602,11 +629,11 @@ def sweep(competition: Path, task: str, model: Path, out: Path, limit_h: float, 
         global_choice = choose_honestly(global_rows, script_defaults(task))
         stage = {k: native(v) for k, v in global_choice.row.items() if k in grid["global"]}
         atomic_write_text(out / "global.csv", global_rows.to_csv(index=False))
-    table = sweep_stage(run, scorer, grid, tasks, verified, *stages(grid, task), workers, stage)
+    shared = Sweep(run, scorer, grid, tasks, verified, workers, stage)
+    table = sweep_stage(shared, *stages(grid, task))
     matching, ransac = second_stage(grid, choose(table), task)
     if ransac:
-        table = pd.concat([table, sweep_stage(run, scorer, grid, tasks, verified, matching, ransac, workers, stage)],
-                          ignore_index=True)
+        table = pd.concat([table, sweep_stage(shared, matching, ransac)], ignore_index=True)
     choice = choose_honestly(table, script_defaults(task))
     chosen = choice.row
     regime_table = regimes(run, scorer, chosen_inliers(run, tasks, verified, chosen, workers),
@@ -729,8 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > MAX_WORKERS:  # a pool of that many forked processes would bring the machine down
         raise UserError(f"--workers must be at most {MAX_WORKERS}, got {args.workers}")
     check_output_dir(args.out, args.overwrite, kind=TUNE_KIND)  # before the grid is read and the script loaded
-    result = tune(args.competition, args.task, args.model, args.out, args.limit_h, args.grid, script_args,
-                  args.workers, args.overwrite)
+    job = Job(args.competition, args.task, args.model, args.limit_h, script_args, args.workers)
+    result = tune(job, args.out, args.grid, args.overwrite)
     print(format_summary(result, args.task, args.out))
     return 0
 
