@@ -233,14 +233,8 @@ def global_ranking(queries: np.ndarray, database: np.ndarray, ok: np.ndarray, st
     as its settings ask), then the unreadable ones (logged by the extractor) last."""
     sub = load_submission()
     readable = np.flatnonzero(ok)
-    db, queries = database[readable].copy(), queries.copy()
-    if stage.whiten == "database" and len(db) > 1:
-        whitening = sub.fit_whitening(db, stage.whiten_shrinkage)
-        db, queries = sub.apply_whitening(db, whitening), sub.apply_whitening(queries, whitening)
-    if stage.dba_n:
-        db, _ = sub.database_augmentation(db, stage.dba_n, stage.dba_alpha, block_mb, stop=lambda: False)
-    cosines, found = sub.knn(queries, db, len(readable), block_mb)
-    cosines, found = sub.reranked(queries, db, cosines, found, stage, block_mb)
+    db, queries = sub.whitened(stage, database[readable], queries.copy())
+    cosines, found, _ = sub.global_chain(queries, db, len(readable), stage, block_mb)
     unreadable = np.broadcast_to(np.flatnonzero(~ok), (len(queries), len(ok) - len(readable)))
     return np.concatenate([readable[found], unreadable], axis=1), cosines
 

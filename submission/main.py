@@ -125,17 +125,16 @@ log = logging.getLogger("submission")
 __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all else may change without notice
     "KIT_API", "DELG_IMAGE_SCALES", "DELG_GLOBAL_SCALE_INDICES", "DELG_MAX_IMAGE_SIDE", "DELG_MAX_FEATURE_NUM",
     "DELG_ATTENTION_ABS_THRESHOLD", "NOTEBOOK_LIMIT_H", "TIMING_STAGES", "IMAGE_SPLITS", "RETRIEVAL_SIZE", "SECTIONS",
-    "PRESETS", "TASK_DEFAULTS", "Settings", "Extraction", "Global", "Verification", "Scoring",
-    "Budget", "InputError", "parse_settings", "settings_parser", "read_settings_file", "read_settings_record",
-    "DelgSavedModel",
+    "PRESETS", "TASK_DEFAULTS", "Settings", "Extraction", "Global", "Verification", "Scoring", "Budget", "InputError",
+    "parse_settings", "settings_parser", "read_settings_file", "read_settings_record", "DelgSavedModel",
     "read_test_ids", "read_train_labels", "list_image_ids", "image_path", "decode_image", "extract_global",
     "load_global", "cached_global", "knn", "LocalFeatures", "local_path", "extract_local", "load_local",
     "putative_matches", "matches_in", "ransac_inliers", "ransac_matches", "inlier_mask", "count_inliers",
     "pixel_threshold", "Candidates", "recognition_predictions", "global_predictions", "verified_predictions",
     "retrieval_order", "nonlandmark_shares", "expected_local_scores", "rerank_order", "fit_whitening",
-    "apply_whitening", "query_expansion", "database_augmentation", "superglobal_rerank", "reranked", "KNN_Q_BLOCK",
-    "KNN_DB_CHUNK", "ladder", "BATCH_SIGNATURES", "Sizes", "Timing", "stage_units", "project_seconds",
-    "rerank_seconds_per_query", "deepest_rerank", "plan_depth", "main",
+    "apply_whitening", "query_expansion", "database_augmentation", "superglobal_rerank", "global_rerank",
+    "global_chain", "whitened", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "BATCH_SIGNATURES", "Sizes", "Timing",
+    "stage_units", "project_seconds", "rerank_seconds_per_query", "deepest_rerank", "plan_depth", "main",
 )
 KIT_API = __all__
 
@@ -429,11 +428,8 @@ def superglobal_rerank(queries: np.ndarray, database: np.ndarray, cosines: np.nd
 def global_stage(found: Descriptors, n_db: int, settings: Settings, timing: Timing) -> Candidates:
     """Whitening, non-landmark cosines, DBA, kNN, alpha-QE and SuperGlobal, as the settings ask: the candidates."""
     stage, run = settings.global_stage, settings.run
-    db, queries, nonlandmarks = found.db, found.queries, found.nonlandmarks
     began = time.monotonic()
-    if stage.whiten == "database" and len(db) > 1:
-        whitening = fit_whitening(db, stage.whiten_shrinkage)
-        db, queries, nonlandmarks = (apply_whitening(x, whitening) for x in (db, queries, nonlandmarks))
+    db, queries, nonlandmarks = whitened(stage, found.db, found.queries, found.nonlandmarks)
     query_nl = nonlandmark_cosines(queries, nonlandmarks, max(stage.query_nonlandmark_k, settings.scoring.top_k),
                                    run.knn_block_mb)
     db_nl = np.zeros((n_db, 0), np.float32)
@@ -442,28 +438,38 @@ def global_stage(found: Descriptors, n_db: int, settings: Settings, timing: Timi
         found_nl = nonlandmark_cosines(db, nonlandmarks, stage.db_nonlandmark_k, run.knn_block_mb)
         db_nl = np.zeros((n_db, found_nl.shape[1]), np.float32)
         db_nl[found.db_rows] = found_nl
-    augmented = 0  # database rows DBA replaced (all but when the deadline cut it)
-    if stage.dba_n:
-        db, augmented = database_augmentation(db, stage.dba_n, stage.dba_alpha, run.knn_block_mb,
-                                              timing.past_deadline)
-    cosines, rows = expanded_search(queries, db, candidate_count(settings), stage, run.knn_block_mb)
+    marks: dict[str, float] = {}
+    cosines, rows, augmented = global_chain(queries, db, candidate_count(settings), stage, run.knn_block_mb,
+                                            timing.past_deadline, marks)
     work = dataclasses.replace(Work.from_record(timing.work), suppression=suppression, dba=False,
                                qe=bool(stage.qe_n))
     products = knn_products(Sizes(len(db), len(queries), len(nonlandmarks)), work) + augmented * len(db)
-    timing.add("knn", products, time.monotonic() - began)
-    began = time.monotonic()
+    timing.add("knn", products, marks["searched"] - began)
     if stage.superglobal_m:
-        cosines, rows = superglobal_rerank(queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k,
-                                           stage.superglobal_beta)
-        timing.add("global_rerank", len(queries), time.monotonic() - began)
+        timing.add("global_rerank", len(queries), time.monotonic() - marks["searched"])
     return Candidates(cosines, found.db_rows[rows], found.query_ok, query_nl, db_nl)
 
 
-def expanded_search(queries: np.ndarray, db: np.ndarray, k: int, stage: Global,
-                    block_mb: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top-k search, and alpha-QE's second search when the settings ask (both kNN products)."""
+def whitened(stage: Global, db: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """db and the others whitened by a PCA fitted on db, when the settings ask (--whiten database)."""
+    if stage.whiten != "database" or len(db) < 2:
+        return (db, *others)
+    whitening = fit_whitening(db, stage.whiten_shrinkage)
+    return tuple(apply_whitening(x, whitening) for x in (db, *others))
+
+
+def global_chain(queries: np.ndarray, db: np.ndarray, k: int, stage: Global, block_mb: int,
+                 stop: Callable[[], bool] = lambda: False, marks: dict[str, float] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The global stage's chain on (whitened) descriptors, as the settings ask: DBA, the top-k kNN, then
+    global_rerank (alpha-QE, SuperGlobal). (cosines, rows, the database rows DBA replaced: all but when stop() cut
+    it). The script, show and revisited all rank through it."""
+    augmented = 0
+    if stage.dba_n:
+        db, augmented = database_augmentation(db, stage.dba_n, stage.dba_alpha, block_mb, stop)
     cosines, rows = knn(queries, db, k, block_mb)
-    return second_search(queries, db, cosines, rows, stage, block_mb) if stage.qe_n else (cosines, rows)
+    cosines, rows = global_rerank(queries, db, cosines, rows, stage, block_mb, marks)
+    return cosines, rows, augmented
 
 
 def second_search(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
@@ -473,11 +479,14 @@ def second_search(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows
     return knn(expanded, db, rows.shape[1], block_mb)
 
 
-def reranked(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
-             block_mb: int) -> tuple[np.ndarray, np.ndarray]:
-    """alpha-QE (a second search) and SuperGlobal, as the settings ask."""
+def global_rerank(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
+                  block_mb: int, marks: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """alpha-QE (a second search) and SuperGlobal, as the settings ask; marks["searched"]: when the search (with
+    alpha-QE's) ended and SuperGlobal began."""
     if stage.qe_n:
         cosines, rows = second_search(queries, db, cosines, rows, stage, block_mb)
+    if marks is not None:
+        marks["searched"] = time.monotonic()
     if stage.superglobal_m:
         cosines, rows = superglobal_rerank(queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k,
                                            stage.superglobal_beta)
@@ -748,7 +757,7 @@ def locked_run(settings: Settings) -> None:
     settings, models = plan_memory(settings, models, inputs.sizes(), timing, work_of)
     dims = tuple(model.global_dim for model in models.global_models)
     if run_.probe is not None:
-        return probe(models, inputs, settings, timing, candidate_count(settings), reranked, count_inliers)
+        return probe(models, inputs, settings, timing, candidate_count(settings), global_rerank, count_inliers)
     if parse_shard(run_.shard) == (0, 1):  # a valid file at once in WORK, whatever happens later
         write_submission(latest_submission(run_), run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
     knn_rate = knn_seconds_per_item(sum(dims), run_.knn_block_mb)

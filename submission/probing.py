@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the types of the files beside it, for the annotations only
     from settings import Global, Settings
     from verifier import CountInliers
 
-    Reranked = Callable[..., tuple[np.ndarray, np.ndarray]]  # main.py's reranked
+    Reranked = Callable[..., tuple[np.ndarray, np.ndarray]]  # main.py's global_rerank
 
 log = logging.getLogger("submission")
 
