@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
 import pickle
 import shutil
@@ -36,8 +35,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 from common.cli import (
     KIT_MARKER,
@@ -52,7 +49,7 @@ from common.cli import (
 )
 from local_eval.revisited_metric import evaluate, scored_queries
 from local_eval.show import global_ranking, load_model, script_settings
-from local_eval.submission_script import load_submission
+from local_eval.submission_script import load_submission, sibling
 
 log = logging.getLogger("revisited")
 
@@ -233,29 +230,11 @@ def global_descriptors(model, settings, images: Images, work: Path) -> dict[str,
     return found
 
 
-_VERIFICATION: list = []
-
-
-def _init_worker(verification) -> None:
-    _VERIFICATION[:] = [verification]
-    threadpool_limits(1)
-
-
-def _verify_query(task: tuple[Path, list[Path]]) -> list[int]:
-    """Inliers of one query with each candidate, from cached local features (the script's count_inliers)."""
-    sub = load_submission()
-    query = sub.load_local(task[0])
-    return [sub.count_inliers(query, sub.load_local(path), _VERIFICATION[0]) for path in task[1]]
-
-
 def verify(tasks: list[tuple[Path, list[Path]]], verification, workers: int) -> list[list[int]]:
-    progress = lambda results: list(tqdm(results, total=len(tasks), desc="verify", unit="query"))
-    if workers <= 1:
-        _init_worker(verification)
-        return progress(map(_verify_query, tasks))
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (verification,)) as pool:
-        return progress(pool.imap(_verify_query, tasks, chunksize=2))
+    """Inliers of each query with each candidate, from cached local features: the script's rule and pool."""
+    verifier = sibling("verifier")
+    with verifier.verification_pool(load_submission().count_inliers, verification, workers) as pool:
+        return verifier.verify_all(tasks, pool)
 
 
 def rerank(model, settings, images: Images, ranking: np.ndarray, cosines: np.ndarray, depth: int, work: Path,

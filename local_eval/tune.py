@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from common.cli import (
@@ -177,20 +176,12 @@ def grid_values(path: Path, name: str, values) -> list:
 
 
 # Verification sweep (worker processes)
-_SWEEP: dict = {}
-
-
-def _init_sweep(matching: list[dict], ransac: list[dict]) -> None:
-    _SWEEP.update(matching=matching, ransac=ransac)
-    threadpool_limits(1)
-
-
 def sweep_query(task: tuple[Path, list[Path]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For one query and its candidates: putative matches [M, D] per matching setting, inliers [M, R, D] per
     matching x RANSAC setting, and the seconds each (matching, RANSAC) setting took [M, R] (the similarity
     matrix, computed once for all matching settings, is charged to each in full)."""
     sub = load_submission()
-    matching, ransac = _SWEEP["matching"], _SWEEP["ransac"]
+    matching, ransac = sibling("verifier").worker_state()
     query = sub.load_local(task[0])
     depth = len(task[1])
     matches = np.zeros((len(matching), depth), np.int64)
@@ -208,8 +199,8 @@ def sweep_query(task: tuple[Path, list[Path]]) -> tuple[np.ndarray, np.ndarray, 
             a, b = sub.matches_in(similarity, match_setting["match_max_distance"], match_setting["mutual"])
             matching_s = similarity_s + time.perf_counter() - began
             matches[m, d] = len(a)
-            for r, ransac_setting in enumerate(ransac):  # min_matches is swept later over these counts
-                began = time.perf_counter()
+            for r, ransac_setting in enumerate(ransac):  # min_matches is swept later: the gate (enough_matches)
+                began = time.perf_counter()  # on these counts, over inliers of the lowest gate
                 verification = sub.Verification(**match_setting, **ransac_setting, min_matches=4)
                 inliers[m, r, d] = np.count_nonzero(sub.inlier_mask(query, other, a, b, verification))
                 seconds[m, r] += matching_s + time.perf_counter() - began
@@ -219,13 +210,9 @@ def sweep_query(task: tuple[Path, list[Path]]) -> tuple[np.ndarray, np.ndarray, 
 def sweep_verification(tasks: list[tuple[Path, list[Path]]], matching: list[dict], ransac: list[dict],
                        workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(matches [Q, M, D], inliers [Q, M, R, D], seconds [M, R]) over every query's candidates."""
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers, _init_sweep, (matching, ransac)) as pool:
-            results = list(tqdm(pool.imap(sweep_query, tasks, chunksize=4), total=len(tasks), desc="verify sweep",
-                                unit="query"))
-    else:
-        _init_sweep(matching, ransac)
-        results = [sweep_query(task) for task in tqdm(tasks, desc="verify sweep", unit="query")]
+    verifier = sibling("verifier")
+    with verifier.worker_pool((matching, ransac), workers) as pool:  # the script's verification pool
+        results = verifier.pooled_map(sweep_query, tasks, pool, desc="verify sweep")
     matches = np.stack([r[0] for r in results])
     inliers = np.stack([r[1] for r in results])
     return matches, inliers, sum(r[2] for r in results)
@@ -321,7 +308,8 @@ def score_table(sweep: Sweep, matching: list[dict], ransac: list[dict], matches:
     rows = []
     combos = list(itertools.product(range(len(matching)), range(len(ransac)), grid_combinations(grid["filter"])))
     for m, r, filter_setting in tqdm(combos, desc="score sweep", unit="verification"):
-        counts = np.where(matches[:, m] >= filter_setting["min_matches"], inliers[:, m, r], 0)
+        gate = load_submission().enough_matches(matches[:, m], filter_setting["min_matches"])
+        counts = np.where(gate, inliers[:, m, r], 0)
         counts = np.where(verified, counts, -1)
         verification = {**matching[m], **ransac[r], **filter_setting}
         for scoring in scoring_grid:
@@ -651,7 +639,8 @@ def chosen_inliers(run: Run, tasks: list, verified: np.ndarray, chosen: pd.Serie
     matches, inliers, _ = sweep_verification(tasks, matching, ransac, workers)
     counts = np.full(verified.shape, -1, np.int64)
     readable = np.flatnonzero(run.query_ok)
-    counts[readable] = np.where(matches[:, 0] >= native(chosen["min_matches"]), inliers[:, 0, 0], 0)
+    gate = load_submission().enough_matches(matches[:, 0], native(chosen["min_matches"]))
+    counts[readable] = np.where(gate, inliers[:, 0, 0], 0)
     return counts
 
 

@@ -129,12 +129,12 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all
     "parse_settings", "settings_parser", "read_settings_file", "read_settings_record", "DelgSavedModel",
     "read_test_ids", "read_train_labels", "list_image_ids", "image_path", "decode_image", "extract_global",
     "load_global", "cached_global", "knn", "LocalFeatures", "local_path", "extract_local", "load_local",
-    "putative_matches", "matches_in", "ransac_inliers", "ransac_matches", "inlier_mask", "count_inliers",
-    "pixel_threshold", "Candidates", "recognition_predictions", "global_predictions", "verified_predictions",
-    "retrieval_order", "nonlandmark_shares", "expected_local_scores", "rerank_order", "fit_whitening",
-    "apply_whitening", "query_expansion", "database_augmentation", "superglobal_rerank", "global_rerank",
-    "global_chain", "whitened", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "BATCH_SIGNATURES", "Sizes", "Timing",
-    "stage_units", "project_seconds", "rerank_seconds_per_query", "deepest_rerank", "plan_depth", "main",
+    "putative_matches", "matches_in", "ransac_inliers", "ransac_matches", "inlier_mask", "enough_matches",
+    "count_inliers", "pixel_threshold", "Candidates", "recognition_predictions", "global_predictions",
+    "verified_predictions", "retrieval_order", "nonlandmark_shares", "expected_local_scores", "rerank_order",
+    "fit_whitening", "apply_whitening", "query_expansion", "database_augmentation", "superglobal_rerank",
+    "global_rerank", "global_chain", "whitened", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "BATCH_SIGNATURES", "Sizes",
+    "Timing", "stage_units", "project_seconds", "rerank_seconds_per_query", "deepest_rerank", "plan_depth", "main",
 )
 KIT_API = __all__
 
@@ -544,10 +544,15 @@ def inlier_mask(a: LocalFeatures, b: LocalFeatures, ia: np.ndarray, ib: np.ndarr
                 verification: Verification) -> np.ndarray:
     """RANSAC inliers among the putative matches (ia, ib) of two images; none when there are fewer than
     min_matches (and 4, a homography's minimum). The one verification rule: the script and tune use it."""
-    if len(ia) < max(4, verification.min_matches):
+    if not enough_matches(len(ia), verification.min_matches):
         return np.zeros(len(ia), bool)
     threshold = pixel_threshold(verification, a.side, b.side)
     return ransac_inliers(a.keypoints[ia], b.keypoints[ib], threshold, verification)
+
+
+def enough_matches(matches: int | np.ndarray, min_matches: int) -> bool | np.ndarray:
+    """The gate before RANSAC: at least min_matches putative matches, and 4 (a homography's minimum)."""
+    return np.asarray(matches) >= max(4, min_matches)
 
 
 def count_inliers(a: LocalFeatures, b: LocalFeatures, verification: Verification) -> int:

@@ -25,49 +25,66 @@ if TYPE_CHECKING:  # the types of the files beside it, for the annotations only
 
     CountInliers = Callable[[LocalFeatures, LocalFeatures, Verification], int]
 
-_WORKER_SETTINGS: list = []  # this process's (count_inliers, verification)
+_WORKER_STATE: list = []  # what this process's tasks read (worker_state): the verification pool's (rule, settings)
 
 
-def _init_worker(count_inliers: CountInliers, verification: Verification) -> None:
+def _init_worker(state: tuple) -> None:
     """One BLAS thread per worker: small matrix products run several times slower on busy shared cores. Ctrl-C
     reaches the whole process group: the workers leave it to the main process, which ends them with one line."""
-    _WORKER_SETTINGS[:] = [count_inliers, verification]
+    _WORKER_STATE[:] = state
     threadpool_limits(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def verify_query(task: tuple[Path, list[Path]]) -> list[int]:
-    """Inliers between one query and each of its candidates, from their cached local features."""
-    count_inliers, verification = _WORKER_SETTINGS
-    query = load_local(task[0])
-    return [count_inliers(query, load_local(path), verification) for path in task[1]]
+def worker_state() -> tuple:
+    """The state the pool was started with, in a worker (or in this process when there is no pool)."""
+    return tuple(_WORKER_STATE)
 
 
 @contextlib.contextmanager
-def verification_pool(count_inliers: CountInliers, verification: Verification,
-                      workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
-    """Worker processes for verify_query, started once for the whole rerank; None: verify in this process."""
+def worker_pool(state: tuple, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """Worker processes holding `state`, started once for all their tasks; None (workers <= 1): this process.
+    The one pool of the kit: the script's verification, tune's sweeps and revisited's reranking use it."""
     if workers <= 1:
-        _WORKER_SETTINGS[:] = [count_inliers, verification]
+        _WORKER_STATE[:] = state
         yield None
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (count_inliers, verification)) as pool:
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (state,)) as pool:
         yield pool
 
 
-def verify_all(tasks: list[tuple[Path, list[Path]]], pool: multiprocessing.pool.Pool | None,
-               stop: Callable[[], bool] = lambda: False) -> list[list[int]]:
-    """verify_query over the tasks in order, in the pool's processes or (no pool) in this one, until stop() says
-    so: the results of the queries finished by then."""
+def pooled_map(function: Callable, tasks: list, pool: multiprocessing.pool.Pool | None,
+               stop: Callable[[], bool] = lambda: False, desc: str = "verify") -> list:
+    """function over the tasks in order, in the pool's processes or (no pool) in this one, until stop() says so:
+    the results of the tasks finished by then."""
     results = []
     with threadpool_limits(1) if pool is None else contextlib.nullcontext():
-        found = map(verify_query, tasks) if pool is None else pool.imap(verify_query, tasks, chunksize=4)
-        for result in tqdm(found, total=len(tasks), desc="verify", unit="query", leave=False):
+        found = map(function, tasks) if pool is None else pool.imap(function, tasks, chunksize=4)
+        for result in tqdm(found, total=len(tasks), desc=desc, unit="query", leave=False):
             results.append(result)
             if stop():
                 break
     return results
+
+
+def verify_query(task: tuple[Path, list[Path]]) -> list[int]:
+    """Inliers between one query and each of its candidates, from their cached local features."""
+    count_inliers, verification = worker_state()
+    query = load_local(task[0])
+    return [count_inliers(query, load_local(path), verification) for path in task[1]]
+
+
+def verification_pool(count_inliers: CountInliers, verification: Verification,
+                      workers: int) -> contextlib.AbstractContextManager[multiprocessing.pool.Pool | None]:
+    """Worker processes for verify_query with this rule and settings; None: verify in this process."""
+    return worker_pool((count_inliers, verification), workers)
+
+
+def verify_all(tasks: list[tuple[Path, list[Path]]], pool: multiprocessing.pool.Pool | None,
+               stop: Callable[[], bool] = lambda: False) -> list[list[int]]:
+    """verify_query over the tasks in order until stop() says so: the results of the queries finished by then."""
+    return pooled_map(verify_query, tasks, pool, stop)
 
 
 def verify_batch(model: DelgSavedModel, settings: Settings, timing: Timing, pool: multiprocessing.pool.Pool | None,
