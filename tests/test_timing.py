@@ -183,7 +183,7 @@ def test_tradeoff_refuses_a_server_log_that_cannot_anchor_it(tmp_path, capsys):
 
 def test_the_json_carries_memory_and_disk_and_a_doubled_database_raises_the_peak(tmp_path):
     path = tmp_path / "timing.json"
-    path.write_text(json.dumps(RETRIEVAL_LOG))
+    path.write_text(json.dumps({**RETRIEVAL_LOG, "task": "recognition"}))  # a recognition run with DBA and QE on
     # recognition's 1.58M database: its descriptors and DBA's copy outweigh the 2 GB baseline (at retrieval's
     # 762k they do not: a doubled index raises that peak ~1.5x less the baseline's share)
     flags = ["--log", str(path), "--profile", "recognition-2021", "--json"]
