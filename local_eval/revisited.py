@@ -237,7 +237,7 @@ def verify(tasks: list[tuple[Path, list[Path]]], verification, workers: int) -> 
         return verifier.verify_all(tasks, pool)
 
 
-def rerank(model, settings, images: Images, ranking: np.ndarray, cosines: np.ndarray, depth: int, work: Path,
+def verified_ranking(model, settings, images: Images, ranking: np.ndarray, cosines: np.ndarray, depth: int, work: Path,
            seconds: dict[str, float]) -> np.ndarray:
     """The ranking with each query's top `depth` verified and reordered by the script's retrieval_order."""
     if depth == 0:
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                                       settings.run.knn_block_mb)
     seconds["knn"] = time.monotonic() - began
     depth = min(settings.scoring.rerank, cosines.shape[1])
-    reranked = rerank(model, settings, images, ranking, cosines, depth, work, seconds)
+    reranked = verified_ranking(model, settings, images, ranking, cosines, depth, work, seconds)
     report = {
         "global": evaluate(ranking, dataset.gnd), "reranked": evaluate(reranked, dataset.gnd),
         "dataset": args.dataset,

@@ -143,7 +143,7 @@ def recognition_order(predictions: dict, truth: dict) -> tuple[list[str], list[s
     return wrong, correct
 
 
-def retrieval_order(predictions: dict, truth: dict, pairs: dict) -> tuple[list[str], list[str]]:
+def queries_to_show(predictions: dict, truth: dict, pairs: dict) -> tuple[list[str], list[str]]:
     """(queries whose first result is wrong, most inliers then cosine first; queries with a relevant result,
     the one whose first relevant result ranks lowest first)."""
     def confidence(q: str) -> tuple[float, float]:
@@ -358,7 +358,7 @@ def build_report(args: argparse.Namespace, out: Path, scratch: Path) -> dict:
         log.warning("no submission work folder %s: features are recomputed, inliers cannot be compared", work)
     pairs = read_verified_pairs(work)
     order = (recognition_order(predictions, comp.truth) if args.task == "recognition"
-             else retrieval_order(predictions, comp.truth, pairs))
+             else queries_to_show(predictions, comp.truth, pairs))
     chosen = choose_queries(*order, list(comp.truth), args.queries, args.seed)
     settings = script_settings(args.task, data, args.model, args.script_args, work)
     extractor = Extractor(load_model(settings), settings, work, scratch)

@@ -46,7 +46,7 @@ from local_eval.timing import (
     resolve_profile,
     unmeasured_stages,
 )
-from local_eval.tune import Run, Scorer, read_run, score_one, split_script_args
+from local_eval.tune import ExtractionRun, Scorer, read_run, score_one, split_script_args
 
 log = logging.getLogger("tradeoff")
 
@@ -59,7 +59,7 @@ def rung_flags(extraction) -> list[str]:
             "--global-scale-indices", *map(str, extraction.global_scale_indices), "--plan", "fixed"]
 
 
-def verified_inliers(run: Run) -> np.ndarray:
+def verified_inliers(run: ExtractionRun) -> np.ndarray:
     """Inliers [queries, candidates] from WORK/verified_pairs.csv (-1 where a pair was not verified)."""
     pairs = pd.read_csv(run.work / "verified_pairs.csv", dtype={"id": str, "candidate": str})
     row = {test_id: q for q, test_id in enumerate(run.test_ids)}
@@ -171,7 +171,7 @@ def tradeoff(rungs: Rungs, out: Path, server: Server, depths: list[int], reuse: 
     return pd.DataFrame(rows)
 
 
-def rung_rows(run: Run, scorer: Scorer, rung: tuple[str, object], projected_log: dict, log_path: Path,
+def rung_rows(run: ExtractionRun, scorer: Scorer, rung: tuple[str, object], projected_log: dict, log_path: Path,
               server: Server, depths: list[int]) -> list[dict]:
     """One row per depth: the scores, and the projection of `local_eval time --log log_path` at that depth (the
     same cost model on the same log: hours, and whether time, memory and disk all fit)."""

@@ -250,7 +250,7 @@ def query_folds(truth: dict[str, list], folds: int, seed: int = FOLD_SEED) -> di
 
 
 @dataclasses.dataclass
-class Run:
+class ExtractionRun:
     """What the extraction run left: the script's neighbours and settings, and where its caches are."""
 
     work: Path
@@ -270,7 +270,7 @@ class Run:
         return self.candidates.query_ok
 
 
-def read_run(work: Path) -> Run:
+def read_run(work: Path) -> ExtractionRun:
     sub = load_submission()
     path = work / "neighbours.npz"
     if not path.is_file():
@@ -278,7 +278,7 @@ def read_run(work: Path) -> Run:
     with np.load(path) as saved:
         arrays = {name: saved[name] for name in saved.files}
     candidates = sub.Candidates(**{name: arrays[name] for name in sub.Candidates._fields})
-    return Run(work, sub.read_settings_record(work), arrays["test_ids"].tolist(), arrays["db_ids"].tolist(),
+    return ExtractionRun(work, sub.read_settings_record(work), arrays["test_ids"].tolist(), arrays["db_ids"].tolist(),
                arrays["labels"], candidates, json.loads((work / "timing.json").read_text()))
 
 
@@ -287,7 +287,7 @@ class Sweep:
     """What every sweep shares: the extraction run, its scorer and grid, the verification tasks (one per readable
     query) and the pairs they verify, the worker processes and the chosen global stage."""
 
-    run: Run
+    run: ExtractionRun
     scorer: Scorer
     grid: dict
     tasks: list[tuple[Path, list[Path]]]
@@ -321,7 +321,7 @@ def score_table(sweep: Sweep, matching: list[dict], ransac: list[dict], matches:
     return pd.DataFrame(rows)
 
 
-def score_one(run: Run, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage: dict | None = None) -> dict:
+def score_one(run: ExtractionRun, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage: dict | None = None) -> dict:
     """The scores of one setting, computed by the script's own functions on the candidates it would have:
     recognition searches max(top_k, global top-k, depth) neighbours."""
     sub = load_submission()
@@ -347,7 +347,7 @@ def unverified_beyond(inliers: np.ndarray, width: int) -> np.ndarray:
     return np.pad(inliers, ((0, 0), (0, width - inliers.shape[1])), constant_values=-1)
 
 
-def global_table(run: Run, scorer: Scorer, grid: dict) -> pd.DataFrame:
+def global_table(run: ExtractionRun, scorer: Scorer, grid: dict) -> pd.DataFrame:
     """Recognition's global-stage settings scored on the unverified run (every query global-only)."""
     unverified = np.full(run.neighbours.shape, -1)
     rows = []
@@ -357,7 +357,7 @@ def global_table(run: Run, scorer: Scorer, grid: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def regimes(run: Run, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage: dict) -> pd.DataFrame:
+def regimes(run: ExtractionRun, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage: dict) -> pd.DataFrame:
     """The chosen settings' scores with 0, 10, 30, 100% of the readable queries verified, most confident first
     (the order the script reranks in), the rest global-only: what a time limit that stops verification leaves."""
     sub = load_submission()
@@ -383,7 +383,7 @@ def regimes(run: Run, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage:
     return pd.DataFrame(rows)
 
 
-def query_seconds(run: Run, depth: int, verify_seconds: float, local_rate: float, verified: np.ndarray) -> float:
+def query_seconds(run: ExtractionRun, depth: int, verify_seconds: float, local_rate: float, verified: np.ndarray) -> float:
     """Seconds per query of reranking at this depth: local features of the query and its new candidates, and
     verification at the measured rate of this setting (the sweep verified `verified` pairs with it)."""
     readable = np.flatnonzero(run.query_ok)
@@ -632,7 +632,7 @@ def sweep_all(job: Job, out: Path, grid: dict, solution: Path) -> dict:
             "global_choice": global_choice, "regimes": regime_table}
 
 
-def chosen_inliers(run: Run, tasks: list, verified: np.ndarray, chosen: pd.Series, workers: int) -> np.ndarray:
+def chosen_inliers(run: ExtractionRun, tasks: list, verified: np.ndarray, chosen: pd.Series, workers: int) -> np.ndarray:
     """Inliers [Q, D] of every cached pair under the chosen verification setting (-1: not verified)."""
     matching = [{name: native(chosen[name]) for name in MATCHING}]
     ransac = [{name: native(chosen[name]) for name in RANSAC}]
@@ -669,7 +669,7 @@ def write_choice(out: Path, table: pd.DataFrame, choice: Choice, task: str, extr
     depth_picture(table, task, out, chosen)
 
 
-def pair_tasks(run: Run, max_depth: int) -> tuple[list[tuple[Path, list[Path]]], np.ndarray]:
+def pair_tasks(run: ExtractionRun, max_depth: int) -> tuple[list[tuple[Path, list[Path]]], np.ndarray]:
     """(one (query features, candidate features) task per readable query, verified mask [Q, D]: the pairs whose
     features the extraction run cached)."""
     sub = load_submission()

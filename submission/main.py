@@ -133,8 +133,10 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all
     "count_inliers", "pixel_threshold", "Candidates", "recognition_predictions", "global_predictions",
     "verified_predictions", "retrieval_order", "nonlandmark_shares", "expected_local_scores", "rerank_order",
     "fit_whitening", "apply_whitening", "query_expansion", "database_augmentation", "superglobal_rerank",
-    "global_rerank", "global_chain", "whitened", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder", "BATCH_SIGNATURES", "Sizes",
-    "Timing", "stage_units", "project_seconds", "rerank_seconds_per_query", "deepest_rerank", "plan_depth", "main",
+    "global_rerank", "global_chain", "whitened", "global_candidates", "verify_queries", "Descriptors", "read_inputs",
+    "recognition_rows", "retrieval_rows", "write_submission", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder",
+    "BATCH_SIGNATURES", "Sizes", "Timing", "stage_units", "project_seconds", "rerank_seconds_per_query",
+    "deepest_rerank", "plan_depth", "main",
 )
 KIT_API = __all__
 
@@ -425,7 +427,7 @@ def superglobal_rerank(queries: np.ndarray, database: np.ndarray, cosines: np.nd
     return cosines, neighbours
 
 
-def global_stage(found: Descriptors, n_db: int, settings: Settings, timing: Timing) -> Candidates:
+def global_candidates(found: Descriptors, n_db: int, settings: Settings, timing: Timing) -> Candidates:
     """Whitening, non-landmark cosines, DBA, kNN, alpha-QE and SuperGlobal, as the settings ask: the candidates."""
     stage, run = settings.global_stage, settings.run
     began = time.monotonic()
@@ -559,7 +561,7 @@ def count_inliers(a: LocalFeatures, b: LocalFeatures, verification: Verification
     return int(np.count_nonzero(ransac_matches(a, b, verification)[2]))
 
 
-def rerank(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: Inputs, neighbours: np.ndarray,
+def verify_queries(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: Inputs, neighbours: np.ndarray,
            order: list[int], max_depth: int, on_progress: Callable[[np.ndarray, list[int]], None]) -> np.ndarray:
     """Inliers [nq, candidates] (-1: not verified), batch after batch in `order` while the budget allows; every
     image and every query checks the deadline. on_progress(inliers, queries) after each batch."""
@@ -739,58 +741,58 @@ def rerank_order(priority: np.ndarray, query_ok: np.ndarray) -> list[int]:
 
 
 # %% 8. Main
-def run(settings: Settings) -> None:
+def submit(settings: Settings) -> None:
     """Check the output paths, take --work, run."""
-    run_ = settings.run
+    run_settings = settings.run
     split_cpu()  # before anything sets TensorFlow's devices up
-    check_output_paths(run_)
-    with work_lock(run_.work):
-        locked_run(settings)
+    check_output_paths(run_settings)
+    with work_lock(run_settings.work):
+        locked_submit(settings)
 
 
-def locked_run(settings: Settings) -> None:
+def locked_submit(settings: Settings) -> None:
     """The run, once it holds --work. Nothing is written before the inputs and the models have been checked, so
     a bad flag leaves an earlier --out as it was."""
-    run_ = settings.run
-    timing = Timing(run_.work / "timing.json", run_.task, settings.budget, runtime_versions())
-    inputs = read_inputs(run_)
-    models = load_models(run_, settings.extraction)
+    run_settings = settings.run
+    timing = Timing(run_settings.work / "timing.json", run_settings.task, settings.budget, runtime_versions())
+    inputs = read_inputs(run_settings)
+    models = load_models(run_settings, settings.extraction)
     timing.devices = models.devices
     timing.measure_memory(baseline=True)
     work_of = lambda s, m: run_work(s, inputs.sizes(), tuple(x.global_dim for x in m.global_models),
                                     candidate_count(s), gpu_present())
     settings, models = plan_memory(settings, models, inputs.sizes(), timing, work_of)
     dims = tuple(model.global_dim for model in models.global_models)
-    if run_.probe is not None:
+    if run_settings.probe is not None:
         return probe(models, inputs, settings, timing, candidate_count(settings), global_rerank, count_inliers)
-    if parse_shard(run_.shard) == (0, 1):  # a valid file at once in WORK, whatever happens later
-        write_submission(latest_submission(run_), run_.task, inputs.test_ids, [""] * len(inputs.test_ids))
-    knn_rate = knn_seconds_per_item(sum(dims), run_.knn_block_mb)
+    if parse_shard(run_settings.shard) == (0, 1):  # a valid file at once in WORK, whatever happens later
+        write_submission(latest_submission(run_settings), run_settings.task, inputs.test_ids, [""] * len(inputs.test_ids))
+    knn_rate = knn_seconds_per_item(sum(dims), run_settings.knn_block_mb)
     timing.add_timed_knn(knn_rate)
     settings = dataclasses.replace(settings, extraction=plan_run(models, inputs, settings, timing, knn_rate,
                                                                               gpu_present()))
     timing.save()
-    save_json(run_.work / "settings.json", settings_record(settings, SECTIONS, timing.plan))
-    clear_stale_caches(run_.work, cache_keys(run_, settings.extraction))
+    save_json(run_settings.work / "settings.json", settings_record(settings, SECTIONS, timing.plan))
+    clear_stale_caches(run_settings.work, cache_keys(run_settings, settings.extraction))
     found = global_pass(models, inputs, settings, timing, knn_rate)
     if found is not None:
         finish(models.local, inputs, settings, timing, found)
 
 
-def latest_submission(run_: Run) -> Path:
+def latest_submission(run_settings: Run) -> Path:
     """WORK's copy of the newest intermediate result: --out itself changes only when the run finishes."""
-    return run_.work / "submission_latest.csv"
+    return run_settings.work / "submission_latest.csv"
 
 
 def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Timing, found: Descriptors) -> None:
     """The global stage, the global-only submission, then reranking (most confident queries first) and the final
     submission."""
-    run_, depth = settings.run, settings.scoring.rerank
+    run_settings, depth = settings.run, settings.scoring.rerank
     if depth and not model.has_local:
-        log.info("%s is a global-only model (no local features): no reranking, global-only", run_.verifying_model())
+        log.info("%s is a global-only model (no local features): no reranking, global-only", run_settings.verifying_model())
         depth = 0
-    candidates = global_stage(found, len(inputs.db_ids), settings, timing)
-    atomic_save(run_.work / "neighbours.npz", lambda tmp: np.savez(
+    candidates = global_candidates(found, len(inputs.db_ids), settings, timing)
+    atomic_save(run_settings.work / "neighbours.npz", lambda tmp: np.savez(
         tmp, test_ids=np.array(inputs.test_ids, dtype=str), db_ids=np.array(inputs.db_ids, dtype=str),
         labels=inputs.labels, **candidates._asdict()))
 
@@ -798,15 +800,15 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
         return recognition_predictions(candidates, inliers, inputs.labels, settings.global_stage, settings.scoring)
 
     def rows_for(inliers: np.ndarray) -> list[str]:
-        if run_.task == "recognition":
+        if run_settings.task == "recognition":
             return recognition_rows(*predictions(inliers))
         return retrieval_rows(candidates.cosines, candidates.neighbours, inliers, inputs.db_ids, candidates.query_ok)
 
-    unverified, latest = np.full(candidates.neighbours.shape, -1), latest_submission(run_)
-    write_submission(latest, run_.task, inputs.test_ids, rows_for(unverified))
-    atomic_save(run_.work / "submission_global_only.csv", lambda tmp: shutil.copyfile(latest, tmp))
+    unverified, latest = np.full(candidates.neighbours.shape, -1), latest_submission(run_settings)
+    write_submission(latest, run_settings.task, inputs.test_ids, rows_for(unverified))
+    atomic_save(run_settings.work / "submission_global_only.csv", lambda tmp: shutil.copyfile(latest, tmp))
     log.info("global-only submission written to %s", latest)
-    pairs_path, last_write = run_.work / "verified_pairs.csv", time.monotonic()
+    pairs_path, last_write = run_settings.work / "verified_pairs.csv", time.monotonic()
     start_verified_pairs(pairs_path)
 
     def on_progress(inliers: np.ndarray, batch: list[int]) -> None:
@@ -814,23 +816,23 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
         append_verified_pairs(pairs_path, [inputs.test_ids[q] for q in batch], inputs.db_ids,
                               candidates.neighbours[batch], candidates.cosines[batch], inliers[batch])
         if time.monotonic() - last_write >= settings.budget.write_every_s:
-            write_submission(latest, run_.task, inputs.test_ids, rows_for(inliers))
+            write_submission(latest, run_settings.task, inputs.test_ids, rows_for(inliers))
             last_write = time.monotonic()
 
-    priority = predictions(unverified)[1] if run_.task == "recognition" else candidates.cosines[:, :1].sum(axis=1)
-    inliers = rerank(model, settings, timing, inputs, candidates.neighbours,
+    priority = predictions(unverified)[1] if run_settings.task == "recognition" else candidates.cosines[:, :1].sum(axis=1)
+    inliers = verify_queries(model, settings, timing, inputs, candidates.neighbours,
                      rerank_order(priority, candidates.query_ok), min(depth, candidates.neighbours.shape[1]),
                      on_progress)
-    write_submission(run_.out, run_.task, inputs.test_ids, rows_for(inliers))
+    write_submission(run_settings.out, run_settings.task, inputs.test_ids, rows_for(inliers))
     timing.measure_memory()
-    log.info("submission written to %s; timings in %s", run_.out, timing.path)
+    log.info("submission written to %s; timings in %s", run_settings.out, timing.path)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
-        run(parse_settings(argv))
+        submit(parse_settings(argv))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

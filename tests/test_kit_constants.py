@@ -39,7 +39,7 @@ def test_batched_signature_names_are_the_exports():
 def test_the_kit_uses_only_the_notebooks_listed_names():
     assert all(hasattr(sub, name) for name in sub.KIT_API)
     used = set()
-    for folder in ("local_eval", "bench", "demo", "export"):
+    for folder in ("local_eval", "bench", "demo", "export", "train"):
         for path in (ROOT / folder).rglob("*.py"):
             text = path.read_text()
             if "load_submission" not in text:

@@ -230,7 +230,7 @@ def test_reranking_puts_the_verified_view_first(competition, delg_model_dir, tmp
     neighbours = np.array([[db_ids.index(impostor), db_ids.index(true_match)]])  # impostor first
     timing = sub.Timing(tmp_path / "timing.json", "retrieval", settings.budget)
     inputs = sub.Inputs([query_id], "index", db_ids, np.zeros(0, np.int64))
-    inliers = sub.rerank(model, settings, timing, inputs, neighbours, [0], max_depth=2, on_progress=lambda *_: None)
+    inliers = sub.verify_queries(model, settings, timing, inputs, neighbours, [0], max_depth=2, on_progress=lambda *_: None)
     assert inliers[0, 1] > inliers[0, 0]
     rows = sub.retrieval_rows(np.array([[0.9, 0.8]]), neighbours, inliers, db_ids, np.array([True]))
     assert rows[0].split() == [true_match, impostor]

@@ -228,9 +228,9 @@ def test_tune_merge_refuses_an_existing_out_without_overwrite(tmp_path, capsys):
 
 
 def shallow_run(tmp_path, columns: int = 6, depth: int = 2):
-    """A Run whose search kept `columns` neighbours per query and whose sweep verified only the first `depth`,
+    """A ExtractionRun whose search kept `columns` neighbours per query and whose sweep verified only the first `depth`,
     with a solution file for its five queries."""
-    from local_eval.tune import Run, Scorer
+    from local_eval.tune import ExtractionRun, Scorer
 
     rng = np.random.default_rng(0)
     queries, database = 5, 12
@@ -244,7 +244,7 @@ def shallow_run(tmp_path, columns: int = 6, depth: int = 2):
     solution = tmp_path / "solution.csv"
     solution.write_text("id,landmarks,Usage\n" + "".join(
         f"{q},{k % 4},{'Public' if k % 2 else 'Private'}\n" for k, q in enumerate(test_ids)))
-    run = Run(tmp_path, settings, test_ids, [f"d{j}" for j in range(database)], labels, candidates, {})
+    run = ExtractionRun(tmp_path, settings, test_ids, [f"d{j}" for j in range(database)], labels, candidates, {})
     inliers = rng.integers(0, 30, (queries, depth))
     return run, Scorer("recognition", solution, test_ids), inliers
 

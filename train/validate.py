@@ -94,7 +94,7 @@ class CompetitionValidator:
         found = sub.Descriptors(self.descriptors(model, db[db_rows]), db_rows, self.descriptors(model, queries),
                                 query_ok, self.descriptors(model, nonlandmarks[nonlandmark_ok]))
         timing = sub.Timing(self.work / "timing.json", self.task, self.settings.budget)
-        candidates = sub.global_stage(found, len(inputs.db_ids), self.settings, timing)
+        candidates = sub.global_candidates(found, len(inputs.db_ids), self.settings, timing)
         if self.task == "recognition":
             rows = sub.recognition_rows(*sub.global_predictions(candidates, inputs.labels,
                                                                 self.settings.global_stage))
