@@ -74,6 +74,7 @@ bench-scale: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo: $(STAMP)
 	$(PY) -m demo --out $(WORK)/demo

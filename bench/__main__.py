@@ -1,6 +1,7 @@
 """`python -m bench [NAME ...]`: run the benchmarks (every bench/bench_*.py, or the ones named).
 
 `python -m bench NAME --flag ...` passes the flags to that one benchmark (e.g. `python -m bench scale --json`)."""
+
 from __future__ import annotations
 
 import argparse

@@ -9,6 +9,7 @@ max_feature_num 0, one call per image, as for Google's TF1 models) vs global_bat
 batch 8 and 32 (fewer where that takes too long here), each with and without XLA. Untrained weights; speed
 only (tests check that the descriptors agree).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,12 @@ MAX_SLOWDOWN = 1.10  # the exported model may be at most 10% slower than the dir
 # Part 2: image sizes (height, width); per (config, width): batch sizes, images on the per-image path, timed
 # rounds. What fits in minutes on 2 cores (r50 at 1024x768: tens of seconds per batch; batch 8 takes ~8 GB).
 BATCH_SIZES = ((384, 512), (768, 1024))
-PLAN = {("tiny", 512): ((8, 32), 8, 3), ("tiny", 1024): ((8,), 8, 3),
-        ("r50", 512): ((8,), 2, 2), ("r50", 1024): ((4,), 2, 1)}
+PLAN = {
+    ("tiny", 512): ((8, 32), 8, 3),
+    ("tiny", 1024): ((8,), 8, 3),
+    ("r50", 512): ((8,), 2, 2),
+    ("r50", 1024): ((4,), 2, 1),
+}
 GLOBAL_SCALES = [DELG_IMAGE_SCALES[i] for i in DELG_GLOBAL_SCALE_INDICES]
 
 
@@ -68,9 +73,13 @@ def direct_calls(model: DelgModel, compiled: bool):
 def exported_calls(signature):
     def call(max_features):
         def run(image):
-            out = signature(input_image=tf.constant(image), input_scales=tf.constant([1.0]),
-                            input_max_feature_num=tf.constant(max_features), input_abs_thres=tf.constant(0.0),
-                            input_global_scales_ind=tf.constant([0]))
+            out = signature(
+                input_image=tf.constant(image),
+                input_scales=tf.constant([1.0]),
+                input_max_feature_num=tf.constant(max_features),
+                input_abs_thres=tf.constant(0.0),
+                input_global_scales_ind=tf.constant([0]),
+            )
             return {name: value.numpy() for name, value in out.items()}
 
         return run
@@ -86,8 +95,13 @@ def bench_config(name: str) -> list[tuple[str, float, float, float]]:
         save_delg(model, Path(tmp) / "delg")
         signature = tf.saved_model.load(str(Path(tmp) / "delg")).signatures["serving_default"]
         rows = []
-        calls = zip(("global-only", "global+local"), direct_calls(model, compiled=False),
-                    direct_calls(model, compiled=True), exported_calls(signature), strict=True)
+        calls = zip(
+            ("global-only", "global+local"),
+            direct_calls(model, compiled=False),
+            direct_calls(model, compiled=True),
+            exported_calls(signature),
+            strict=True,
+        )
         for task, *peers in calls:
             rows.append((task, *(images_per_second(call, image, IMAGES[name]) for call in peers)))
     return rows
@@ -113,9 +127,13 @@ def per_image_call(signature, images: np.ndarray):
 
     def run():
         for image in images:
-            rows = signature(input_image=tf.constant(image), input_scales=tf.constant(GLOBAL_SCALES),
-                             input_max_feature_num=tf.constant(0), input_abs_thres=tf.constant(0.0),
-                             input_global_scales_ind=tf.range(len(GLOBAL_SCALES)))["global_descriptors"].numpy()
+            rows = signature(
+                input_image=tf.constant(image),
+                input_scales=tf.constant(GLOBAL_SCALES),
+                input_max_feature_num=tf.constant(0),
+                input_abs_thres=tf.constant(0.0),
+                input_global_scales_ind=tf.range(len(GLOBAL_SCALES)),
+            )["global_descriptors"].numpy()
             total = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).sum(axis=0)
             total / np.linalg.norm(total)
 
@@ -137,8 +155,9 @@ def bench_batched(name: str) -> None:
         for height, width in BATCH_SIZES:
             batches, count, rounds = PLAN[name, width]
             images = np.random.default_rng(0).integers(0, 256, (max(batches), height, width, 3), np.uint8)
-            peers = {"per-image serving_default": (per_image_call(signatures["serving_default"], images[:count]),
-                                                   count)}
+            peers = {
+                "per-image serving_default": (per_image_call(signatures["serving_default"], images[:count]), count)
+            }
             for function in (GLOBAL_BATCH, GLOBAL_BATCH_FLOAT16):
                 for batch in batches:
                     for suffix in (XLA_SUFFIX, ""):
@@ -161,8 +180,10 @@ def main() -> None:
         for task, eager, compiled, exported in bench_config(name):
             fastest = max(eager, compiled)
             verdict = "ok" if fastest / exported <= MAX_SLOWDOWN else "SLOWER than allowed"
-            print(f"{name:<6} {task:<13} {eager:>11.2f} {compiled:>11.2f} {exported:>8.2f} "
-                  f"{exported / fastest:>6.2f}  {verdict}")
+            print(
+                f"{name:<6} {task:<13} {eager:>11.2f} {compiled:>11.2f} {exported:>8.2f} "
+                f"{exported / fastest:>6.2f}  {verdict}"
+            )
     print(f"\nload average before: {load_average()} (2 cores: above 2 the figures are noisy)")
     print(f"global descriptors, scales {' '.join(map(str, GLOBAL_SCALES))}: images/s and ratio to one image per call")
     print(f"{'config':<6} {'size':<9} {'path':<31} {'img/s':>8} {'ratio':>6}")

@@ -1,6 +1,7 @@
 """Exact top-100 cosine search, 10,000 queries over a 200,000 x 512 index: the submission's blocked
 kNN beside faiss IndexFlatIP (when installed), scikit-learn brute force and the bare matrix multiply of
 the same size (the limit: no top-k at all). Peers run in this process on the same data; results must agree."""
+
 from __future__ import annotations
 
 import time
@@ -28,10 +29,10 @@ def bare_multiply(queries: np.ndarray, index: np.ndarray, q_block: int, db_block
     """Every query x index product, by blocks into one reused buffer, and nothing else."""
     out = np.empty((q_block, db_block), np.float32)
     for start in range(0, len(queries), q_block):
-        block = queries[start:start + q_block]
+        block = queries[start : start + q_block]
         for db_start in range(0, len(index), db_block):
-            part = index[db_start:db_start + db_block]
-            np.matmul(block, part.T, out=out[:len(block), :len(part)])
+            part = index[db_start : db_start + db_block]
+            np.matmul(block, part.T, out=out[: len(block), : len(part)])
 
 
 def faiss_search(queries: np.ndarray, index: np.ndarray):
@@ -45,8 +46,11 @@ def faiss_search(queries: np.ndarray, index: np.ndarray):
 
 
 def sklearn_search(queries: np.ndarray, index: np.ndarray) -> np.ndarray:
-    return NearestNeighbors(n_neighbors=K, algorithm="brute", metric="cosine").fit(index).kneighbors(
-        queries, return_distance=False)
+    return (
+        NearestNeighbors(n_neighbors=K, algorithm="brute", metric="cosine")
+        .fit(index)
+        .kneighbors(queries, return_distance=False)
+    )
 
 
 def agreement(ours: np.ndarray, other: np.ndarray) -> float:
@@ -66,17 +70,23 @@ def main() -> None:
     blocks = f"{sub.KNN_Q_BLOCK} x {sub.KNN_DB_CHUNK}"
     print(f"bare multiply        {chunked_s:7.1f} s  ({blocks} blocks, as ours)", flush=True)
     (_, ours), ours_s = timed(lambda: sub.knn(queries, index, K))
-    print(f"ours (submission)    {ours_s:7.1f} s  {ours_s / bare_s:.2f}x the faster bare multiply (target <= 1.3x)",
-          flush=True)
+    print(
+        f"ours (submission)    {ours_s:7.1f} s  {ours_s / bare_s:.2f}x the faster bare multiply (target <= 1.3x)",
+        flush=True,
+    )
     found, faiss_s = timed(lambda: faiss_search(queries, index))
     if found is None:
         print("faiss not installed: skipped")
     else:
-        print(f"faiss IndexFlatIP    {faiss_s:7.1f} s  ours is {faiss_s / ours_s:.2f}x faster; "
-              f"same top-{K}: {agreement(ours, found):.1%}")
+        print(
+            f"faiss IndexFlatIP    {faiss_s:7.1f} s  ours is {faiss_s / ours_s:.2f}x faster; "
+            f"same top-{K}: {agreement(ours, found):.1%}"
+        )
     found, sklearn_s = timed(lambda: sklearn_search(queries, index))
-    print(f"scikit-learn brute   {sklearn_s:7.1f} s  ours is {sklearn_s / ours_s:.2f}x faster; "
-          f"same top-{K}: {agreement(ours, found):.1%}")
+    print(
+        f"scikit-learn brute   {sklearn_s:7.1f} s  ours is {sklearn_s / ours_s:.2f}x faster; "
+        f"same top-{K}: {agreement(ours, found):.1%}"
+    )
 
 
 if __name__ == "__main__":

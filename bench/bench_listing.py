@@ -4,6 +4,7 @@ that key its caches, one stat per image.
 
 20,000 empty files, spread over the a/b/c folders as GLDv2's hexadecimal ids spread them, in a temporary folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,9 +36,11 @@ def main() -> None:
             path.touch()
         logging.getLogger("submission").setLevel(logging.ERROR)
         index = data / "index"
-        for name, step in [("rglob('*.jpg'), sorted stems", lambda: sorted(p.stem for p in index.rglob("*.jpg"))),
-                           ("list_image_ids", lambda: sub.list_image_ids(index)),
-                           ("image_stamps", lambda: store.image_stamps(paths))]:
+        for name, step in [
+            ("rglob('*.jpg'), sorted stems", lambda: sorted(p.stem for p in index.rglob("*.jpg"))),
+            ("list_image_ids", lambda: sub.list_image_ids(index)),
+            ("image_stamps", lambda: store.image_stamps(paths)),
+        ]:
             took = seconds(step)
             print(f"{name:<30} {FILES} files  {took:.3f} s  ({took / FILES * 1e6:.0f} us per file)")
 

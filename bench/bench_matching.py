@@ -1,6 +1,7 @@
 """Verified pairs per second on one core: the submission's vectorized matching + pydegensac against the
 host baseline's way (cKDTree query within distance 0.9, then pydegensac) on the same descriptor pairs,
 with the same RANSAC settings, so the inlier counts must be equal."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,9 +50,14 @@ def baseline_inliers(kp_a, desc_a, kp_b, desc_b, settings) -> int:
     found = np.flatnonzero(nearest < len(desc_b))
     if len(found) < settings.min_matches:
         return 0
-    _, mask = pydegensac.findHomography(kp_a[found].astype(np.float64), kp_b[nearest[found]].astype(np.float64),
-                                        px_th=settings.ransac_threshold_px, conf=settings.ransac_confidence,
-                                        max_iters=settings.ransac_iterations, seed=settings.ransac_seed)
+    _, mask = pydegensac.findHomography(
+        kp_a[found].astype(np.float64),
+        kp_b[nearest[found]].astype(np.float64),
+        px_th=settings.ransac_threshold_px,
+        conf=settings.ransac_confidence,
+        max_iters=settings.ransac_iterations,
+        seed=settings.ransac_seed,
+    )
     return int(np.count_nonzero(mask))
 
 
@@ -70,19 +76,29 @@ def main() -> None:
     settings = sub.Verification()  # the script's defaults, at the threshold they mean for a 1024 px image
     settings = dataclasses.replace(settings, ransac_threshold_px=sub.pixel_threshold(settings, 1024, 1024))
     one_way = dataclasses.replace(settings, mutual=False)
-    print(f"{PAIRS} pairs of {FEATURES} x {DIM} features, half matching; RANSAC {settings.ransac_threshold_px} px, "
-          f"{settings.ransac_iterations} iterations, confidence {settings.ransac_confidence}", flush=True)
-    features = lambda kp_a, desc_a, kp_b, desc_b: (sub.LocalFeatures(kp_a, desc_a, 1024),
-                                                   sub.LocalFeatures(kp_b, desc_b, 1024))
+    print(
+        f"{PAIRS} pairs of {FEATURES} x {DIM} features, half matching; RANSAC {settings.ransac_threshold_px} px, "
+        f"{settings.ransac_iterations} iterations, confidence {settings.ransac_confidence}",
+        flush=True,
+    )
+    features = lambda kp_a, desc_a, kp_b, desc_b: (
+        sub.LocalFeatures(kp_a, desc_a, 1024),
+        sub.LocalFeatures(kp_b, desc_b, 1024),
+    )
     host, host_rate = rate(lambda *p: baseline_inliers(*p, one_way), pairs)
     print(f"host baseline (cKDTree + pydegensac) {host_rate:7.1f} pairs/s", flush=True)
     ours, ours_rate = rate(lambda *p: sub.count_inliers(*features(*p), one_way), pairs)
     equal = sum(a == b for a, b in zip(ours, host, strict=True))
-    print(f"ours, one-way matches               {ours_rate:7.1f} pairs/s  {ours_rate / host_rate:.1f}x "
-          f"(target >= 5x); equal inlier counts on {equal}/{PAIRS} pairs", flush=True)
+    print(
+        f"ours, one-way matches               {ours_rate:7.1f} pairs/s  {ours_rate / host_rate:.1f}x "
+        f"(target >= 5x); equal inlier counts on {equal}/{PAIRS} pairs",
+        flush=True,
+    )
     mutual, mutual_rate = rate(lambda *p: sub.count_inliers(*features(*p), settings), pairs)
-    print(f"ours, mutual matches (the default)  {mutual_rate:7.1f} pairs/s  {mutual_rate / host_rate:.1f}x; "
-          f"mean inliers matching {np.mean(mutual[::2]):.0f}, non-matching {np.mean(mutual[1::2]):.1f}")
+    print(
+        f"ours, mutual matches (the default)  {mutual_rate:7.1f} pairs/s  {mutual_rate / host_rate:.1f}x; "
+        f"mean inliers matching {np.mean(mutual[::2]):.0f}, non-matching {np.mean(mutual[1::2]):.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ far more than the second). Memory is the peak of the allocations Python tracks (
 tracemalloc) during the call, its inputs included: TensorFlow's own buffers are not seen. Target: at the largest
 size, projected / measured within 1.5x for time and memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,17 +73,29 @@ def descriptor_stages(sub) -> list[Stage]:
 
     dba_rows = lambda n: int(n * DBA_SHARE)
     return [
-        Stage("knn", knn_inputs, lambda q, db: sub.knn(q, db, K), lambda n: costs.knn_products(sizes(n), work),
-              lambda n: costs.knn_bytes(n // 10, n, work)),
-        Stage("dba", lambda n: (unit_rows(dba_rows(n), rng()),),
-              lambda db: sub.database_augmentation(db, DBA_N, 5.0, work.knn_block_mb, lambda: False),
-              lambda n: costs.knn_products(costs.Sizes(dba_rows(n), 0, 0), dataclasses.replace(work, dba=True)),
-              lambda n: costs.dba_bytes(dba_rows(n), work, DBA_N)),
-        Stage("superglobal", superglobal_inputs,
-              lambda q, db, c, r: sub.superglobal_rerank(q, db, c, r, SUPERGLOBAL_M, SUPERGLOBAL_K, 0.15),
-              lambda n: costs.stage_units(sizes(n), 0, dataclasses.replace(work, superglobal=True))["global_rerank"],
-              lambda n: costs.superglobal_bytes(n // 10, n, dataclasses.replace(work, candidates=SUPERGLOBAL_M),
-                                                SUPERGLOBAL_M, SUPERGLOBAL_K)),
+        Stage(
+            "knn",
+            knn_inputs,
+            lambda q, db: sub.knn(q, db, K),
+            lambda n: costs.knn_products(sizes(n), work),
+            lambda n: costs.knn_bytes(n // 10, n, work),
+        ),
+        Stage(
+            "dba",
+            lambda n: (unit_rows(dba_rows(n), rng()),),
+            lambda db: sub.database_augmentation(db, DBA_N, 5.0, work.knn_block_mb, lambda: False),
+            lambda n: costs.knn_products(costs.Sizes(dba_rows(n), 0, 0), dataclasses.replace(work, dba=True)),
+            lambda n: costs.dba_bytes(dba_rows(n), work, DBA_N),
+        ),
+        Stage(
+            "superglobal",
+            superglobal_inputs,
+            lambda q, db, c, r: sub.superglobal_rerank(q, db, c, r, SUPERGLOBAL_M, SUPERGLOBAL_K, 0.15),
+            lambda n: costs.stage_units(sizes(n), 0, dataclasses.replace(work, superglobal=True))["global_rerank"],
+            lambda n: costs.superglobal_bytes(
+                n // 10, n, dataclasses.replace(work, candidates=SUPERGLOBAL_M), SUPERGLOBAL_M, SUPERGLOBAL_K
+            ),
+        ),
     ]
 
 
@@ -114,8 +127,22 @@ def write_images(folder: Path, count: int) -> list[Path]:
 def extraction_stage(sub, folder: Path, largest: int) -> Stage:
     """The global pass (decoding in threads, the batched network, the chunk cache) on the first n images."""
     model_dir = tiny_model()
-    settings = sub.parse_settings(["--task", "retrieval", "--data", str(folder), "--model", str(model_dir),
-                                   "--global-max-side", "256", "--global-xla", "off", "--work", str(folder)])
+    settings = sub.parse_settings(
+        [
+            "--task",
+            "retrieval",
+            "--data",
+            str(folder),
+            "--model",
+            str(model_dir),
+            "--global-max-side",
+            "256",
+            "--global-xla",
+            "off",
+            "--work",
+            str(folder),
+        ]
+    )
     model = sub.DelgSavedModel(model_dir, settings.extraction)
     paths = write_images(folder, largest)
     work = costs.Work(dims=(model.global_dim,))
@@ -126,8 +153,13 @@ def extraction_stage(sub, folder: Path, largest: int) -> Stage:
         sub.extract_global(model, ids[:n], paths[:n], cache, settings.extraction, settings.run)
 
     counter = iter(range(10**6))
-    return Stage("global_pass", lambda n: (n, folder / f"cache{next(counter)}"), run, lambda n: n,
-                 lambda n: costs.memory_bytes(costs.Sizes(n, 0, 0), work, 0)["global_pass"])
+    return Stage(
+        "global_pass",
+        lambda n: (n, folder / f"cache{next(counter)}"),
+        run,
+        lambda n: n,
+        lambda n: costs.memory_bytes(costs.Sizes(n, 0, 0), work, 0)["global_pass"],
+    )
 
 
 def measure(stage: Stage, size: int) -> tuple[float, float, float]:
@@ -148,13 +180,19 @@ def measure(stage: Stage, size: int) -> tuple[float, float, float]:
 def scale(stage: Stage, sizes: list[int]) -> dict:
     """Measured and projected time and memory at each size; the projection anchored at the smallest size."""
     measured = [measure(stage, size) for size in sizes]
-    projected = lambda column: [round(measured[0][column] / stage.units(sizes[0]) * stage.units(size), 3)
-                                for size in sizes]
+    projected = lambda column: [
+        round(measured[0][column] / stage.units(sizes[0]) * stage.units(size), 3) for size in sizes
+    ]
     anchor_mb = measured[0][2] - stage.model_bytes(sizes[0]) / 2**20
-    return {"sizes": sizes, "measured_s": [round(m[0], 3) for m in measured], "projected_s": projected(0),
-            "measured_cpu_s": [round(m[1], 3) for m in measured], "projected_cpu_s": projected(1),
-            "measured_mb": [round(m[2], 1) for m in measured],
-            "projected_mb": [round(anchor_mb + stage.model_bytes(size) / 2**20, 1) for size in sizes]}
+    return {
+        "sizes": sizes,
+        "measured_s": [round(m[0], 3) for m in measured],
+        "projected_s": projected(0),
+        "measured_cpu_s": [round(m[1], 3) for m in measured],
+        "projected_cpu_s": projected(1),
+        "measured_mb": [round(m[2], 1) for m in measured],
+        "projected_mb": [round(anchor_mb + stage.model_bytes(size) / 2**20, 1) for size in sizes],
+    }
 
 
 def ratio(result: dict, measured: str, projected: str) -> float:
@@ -163,32 +201,52 @@ def ratio(result: dict, measured: str, projected: str) -> float:
 
 
 def table(results: dict) -> str:
-    lines = ["| stage | size | measured s | projected s | measured CPU s | projected CPU s | measured MB | "
-             "projected MB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| stage | size | measured s | projected s | measured CPU s | projected CPU s | measured MB | projected MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, r in results.items():
         for i, size in enumerate(r["sizes"]):
-            lines.append(f"| {name} | {size:,} | {r['measured_s'][i]:.2f} | {r['projected_s'][i]:.2f} | "
-                         f"{r['measured_cpu_s'][i]:.2f} | {r['projected_cpu_s'][i]:.2f} | {r['measured_mb'][i]:.1f} | "
-                         f"{r['projected_mb'][i]:.1f} |")
+            lines.append(
+                f"| {name} | {size:,} | {r['measured_s'][i]:.2f} | {r['projected_s'][i]:.2f} | "
+                f"{r['measured_cpu_s'][i]:.2f} | {r['projected_cpu_s'][i]:.2f} | {r['measured_mb'][i]:.1f} | "
+                f"{r['projected_mb'][i]:.1f} |"
+            )
     lines.append("")
     for name, r in results.items():
         time_ratio, cpu_ratio = ratio(r, "measured_s", "projected_s"), ratio(r, "measured_cpu_s", "projected_cpu_s")
         memory_ratio = ratio(r, "measured_mb", "projected_mb")
         within = lambda value: "within" if 1 / TARGET <= value <= TARGET else "OUTSIDE"
-        lines.append(f"- {name}, largest size, projected/measured: time {time_ratio:.2f} ({within(time_ratio)} "
-                     f"{TARGET}x), CPU time {cpu_ratio:.2f} ({within(cpu_ratio)}), memory {memory_ratio:.2f} "
-                     f"({within(memory_ratio)})")
+        lines.append(
+            f"- {name}, largest size, projected/measured: time {time_ratio:.2f} ({within(time_ratio)} "
+            f"{TARGET}x), CPU time {cpu_ratio:.2f} ({within(cpu_ratio)}), memory {memory_ratio:.2f} "
+            f"({within(memory_ratio)})"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
-                        help="database rows (queries: a tenth; DBA: a quarter), smallest first")
-    parser.add_argument("--images", type=int, nargs="+", default=list(DEFAULT_IMAGES),
-                        help="images of the global pass, smallest first (0: skip it)")
-    parser.add_argument("--json", action="store_true", help='print {"stages": {name: {"sizes", "measured_s", '
-                        '"projected_s", "measured_cpu_s", "projected_cpu_s", "measured_mb", "projected_mb"}}}')
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SIZES),
+        help="database rows (queries: a tenth; DBA: a quarter), smallest first",
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_IMAGES),
+        help="images of the global pass, smallest first (0: skip it)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"stages": {name: {"sizes", "measured_s", '
+        '"projected_s", "measured_cpu_s", "projected_cpu_s", "measured_mb", "projected_mb"}}}',
+    )
     args = parser.parse_args(argv or [])  # `python -m bench` calls main() with none
     sub = load_submission()
     results = {}

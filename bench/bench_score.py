@@ -5,6 +5,7 @@ Parsing and the kit's metrics (together what `score` does) are timed apart; the 
 reference loops of tests/test_metrics.py (one prediction at a time, as the official code does), run on the
 same parsed files. Target: parsing + metrics under 3 s for each task.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -41,8 +42,9 @@ def write_recognition(folder: Path, rng: np.random.Generator) -> tuple[Path, Pat
     scores = rng.random(RECOGNITION_ROWS).round(4)  # rounded, so that ties occur
     solution = [f"{i},{t if t >= 0 else ''},{u}" for i, t, u in zip(ids, truths, usages(rng, len(ids)), strict=True)]
     submission = [f"{i},{g} {s}" for i, g, s in zip(ids, guesses, scores, strict=True)]
-    return write(folder / "recognition_solution.csv", "id,landmarks,Usage", solution), \
-        write(folder / "recognition_submission.csv", "id,landmarks", submission)
+    return write(folder / "recognition_solution.csv", "id,landmarks,Usage", solution), write(
+        folder / "recognition_submission.csv", "id,landmarks", submission
+    )
 
 
 def write_retrieval(folder: Path, rng: np.random.Generator) -> tuple[Path, Path]:
@@ -55,8 +57,9 @@ def write_retrieval(folder: Path, rng: np.random.Generator) -> tuple[Path, Path]
         rng.shuffle(ranked)
         solution.append(f"{query},{' '.join(relevant)},{usage}")
         submission.append(f"{query},{' '.join(ranked)}")
-    return write(folder / "retrieval_solution.csv", "id,images,Usage", solution), \
-        write(folder / "retrieval_submission.csv", "id,images", submission)
+    return write(folder / "retrieval_solution.csv", "id,images,Usage", solution), write(
+        folder / "retrieval_submission.csv", "id,images", submission
+    )
 
 
 def write(path: Path, header: str, rows: list[str]) -> Path:
@@ -85,6 +88,7 @@ def timed(run: Callable[[], T]) -> tuple[T, float]:
 
 def bench(name: str, task: str, files: tuple[Path, Path], plain_loop: Callable[[Solution, dict], None]) -> None:
     """Time parsing, the kit's metrics and the plain loops on the same parsed files; print one line."""
+
     def parse() -> tuple[Solution, dict]:
         solution = read_solution(files[0], task)
         return solution, read_submission(files[1], task, solution)
@@ -94,18 +98,24 @@ def bench(name: str, task: str, files: tuple[Path, Path], plain_loop: Callable[[
     _, kit_seconds = timed(lambda: score(solution.subsets, predictions))
     _, plain_seconds = timed(lambda: plain_loop(solution, predictions))
     total = parse_seconds + kit_seconds
-    print(f"{name:<26} parse {parse_seconds:5.2f} s + metrics {kit_seconds:5.2f} s = {total:5.2f} s "
-          f"({'under' if total < 3 else 'OVER'} the 3 s target); plain-loop metrics {plain_seconds:5.2f} s "
-          f"= {plain_seconds / kit_seconds:.1f}x the kit's", flush=True)
+    print(
+        f"{name:<26} parse {parse_seconds:5.2f} s + metrics {kit_seconds:5.2f} s = {total:5.2f} s "
+        f"({'under' if total < 3 else 'OVER'} the 3 s target); plain-loop metrics {plain_seconds:5.2f} s "
+        f"= {plain_seconds / kit_seconds:.1f}x the kit's",
+        flush=True,
+    )
 
 
 def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        bench(f"recognition {RECOGNITION_ROWS:,} rows", "recognition", write_recognition(Path(tmp), rng),
-              plain_recognition)
-        bench(f"retrieval {RETRIEVAL_QUERIES:,} x 100", "retrieval", write_retrieval(Path(tmp), rng),
-              plain_retrieval)
+        bench(
+            f"recognition {RECOGNITION_ROWS:,} rows",
+            "recognition",
+            write_recognition(Path(tmp), rng),
+            plain_recognition,
+        )
+        bench(f"retrieval {RETRIEVAL_QUERIES:,} x 100", "retrieval", write_retrieval(Path(tmp), rng), plain_retrieval)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ config's speed in each --precision and --local-stride, as ratios to float32 at s
 FLOPs of a forward pass come from TensorFlow's profiler (float_operation on the traced graph, a
 multiply-add counted as 2); a training step is counted as 3x the forward pass (backward ~ 2x forward).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,8 +86,11 @@ def network_images_per_second(peers: dict[str, TrainConfig], num_classes: int, s
             cfg = peers[name]
             trainer = Trainer(cfg, num_classes, tf.distribute.get_strategy())
             images = tf.random.uniform([cfg.batch_size, cfg.image_size, cfg.image_size, 3], 0, 255, seed=1)
-            batch = {"image": images, "label": tf.random.uniform([cfg.batch_size], 0, num_classes, tf.int64, seed=2),
-                     "position": tf.range(cfg.batch_size, dtype=tf.int64)}
+            batch = {
+                "image": images,
+                "label": tf.random.uniform([cfg.batch_size], 0, num_classes, tf.int64, seed=2),
+                "position": tf.range(cfg.batch_size, dtype=tf.int64),
+            }
             iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
             for _ in range(3):  # tracing and warm-up
                 trainer.train_step(iterator).numpy()
@@ -106,23 +110,34 @@ def main() -> None:
         data_dir = build_synthetic(Path(tmp) / "tiny", size="tiny", seed=0) / "landmark-recognition"
         matmul = matmul_flops_per_second()
         print(f"float32 matmul {MATMUL_SIDE}^3: {matmul / 1e9:.1f} GFLOP/s")
-        runs = [("tiny", get_config("tiny", image_size=96, batch_size=32), 20),
-                ("tiny", get_config("tiny", image_size=128, batch_size=32), 15),
-                ("r50", get_config("r50", image_size=128, batch_size=8, backbone_weights="none"), 4)]
+        runs = [
+            ("tiny", get_config("tiny", image_size=96, batch_size=32), 20),
+            ("tiny", get_config("tiny", image_size=128, batch_size=32), 15),
+            ("r50", get_config("r50", image_size=128, batch_size=8, backbone_weights="none"), 4),
+        ]
         for name, cfg, steps in runs:
             images_per_second, flops = training_images_per_second(cfg, data_dir, steps)
-            print(f"train {name} {cfg.image_size}px batch {cfg.batch_size}: {images_per_second:.1f} images/s, "
-                  f"{flops / 1e9:.1f} GFLOP/s = {flops / matmul:.0%} of matmul")
+            print(
+                f"train {name} {cfg.image_size}px batch {cfg.batch_size}: {images_per_second:.1f} images/s, "
+                f"{flops / 1e9:.1f} GFLOP/s = {flops / matmul:.0%} of matmul"
+            )
         base = get_config("tiny", image_size=96, batch_size=32, local_stride=16)
-        peers = {"float32, stride 16": base, "float16": dataclasses.replace(base, precision="float16"),
-                 "bfloat16": dataclasses.replace(base, precision="bfloat16"),
-                 "float32, stride 32": dataclasses.replace(base, local_stride=32)}
+        peers = {
+            "float32, stride 16": base,
+            "float16": dataclasses.replace(base, precision="float16"),
+            "bfloat16": dataclasses.replace(base, precision="bfloat16"),
+            "float32, stride 32": dataclasses.replace(base, local_stride=32),
+        }
         speeds = network_images_per_second(peers, num_classes=150)
         reference = speeds["float32, stride 16"]
-        print("train tiny 96px batch 32, network alone, by --precision / --local-stride (a CPU gains nothing from "
-              "float16; GPUs do): " + ", ".join(f"{name} {speed:.1f} images/s ({speed / reference:.2f}x)"
-                                                for name, speed in speeds.items()))
+        print(
+            "train tiny 96px batch 32, network alone, by --precision / --local-stride (a CPU gains nothing from "
+            "float16; GPUs do): "
+            + ", ".join(f"{name} {speed:.1f} images/s ({speed / reference:.2f}x)" for name, speed in speeds.items())
+        )
         cfg = get_config("r50", image_size=224, backbone_weights="none")
         flops, images_per_second = forward_flops_per_second(cfg, batch=4, repeats=3)
-        print(f"forward r50 224px batch 4: {images_per_second:.1f} images/s, {flops / 1e9:.1f} GFLOP/s "
-              f"= {flops / matmul:.0%} of matmul (target >= 60%)")
+        print(
+            f"forward r50 224px batch 4: {images_per_second:.1f} images/s, {flops / 1e9:.1f} GFLOP/s "
+            f"= {flops / matmul:.0%} of matmul (target >= 60%)"
+        )

@@ -1,4 +1,5 @@
 """Command-line plumbing: user errors exit 2 with one clear line, never a traceback."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,22 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
 def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str]) -> int:
     """`python -m PROG COMMAND ...`: commands maps each name to ("module:function", one-line help). The
     module is imported only when its command runs, and the function runs under run_main."""
-    usage = "\n".join([f"usage: python -m {prog} COMMAND [--help] ...", "", "commands:",
-                        *(f"  {name:<10} {text}" for name, (_, text) in commands.items())])
+    usage = "\n".join(
+        [
+            f"usage: python -m {prog} COMMAND [--help] ...",
+            "",
+            "commands:",
+            *(f"  {name:<10} {text}" for name, (_, text) in commands.items()),
+        ]
+    )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
     if argv[0] not in commands:
-        print(f"error: unknown command {argv[0]!r}; choose one of {', '.join(commands)} "
-              f"(python -m {prog} --help)", file=sys.stderr)
+        print(
+            f"error: unknown command {argv[0]!r}; choose one of {', '.join(commands)} (python -m {prog} --help)",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     module, function = commands[argv[0]][0].split(":")
     return run_main(getattr(importlib.import_module(module), function), argv[1:])
@@ -106,8 +115,9 @@ _KIND_PREFIX = "kind: "  # the marker's line naming what the folder is: --overwr
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False, marker: str = KIT_MARKER,
-                      kind: str | None = None) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | Path, overwrite: bool = False, marker: str = KIT_MARKER, kind: str | None = None
+) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` by renames, on failure it is removed.
 
     The folder gets the file `marker` (unless the caller wrote it) saying the kit wrote it, and which `kind` of
@@ -169,12 +179,16 @@ def check_output_dir(out: Path, overwrite: bool, marker: str = KIT_MARKER, kind:
     if not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another output path")
     if not _written_by_kit(out, marker):
-        raise UserError(f"{out} already exists and was not written by this kit (it holds no {marker}); "
-                        "--overwrite replaces only the kit's own outputs: choose another output path")
+        raise UserError(
+            f"{out} already exists and was not written by this kit (it holds no {marker}); "
+            "--overwrite replaces only the kit's own outputs: choose another output path"
+        )
     existing = marker_kind(out, marker)
     if kind and existing and existing != kind:
-        raise UserError(f"{out} holds a {existing} written by this kit, not a {kind}; --overwrite replaces only an "
-                        "output of the same kind: choose another output path")
+        raise UserError(
+            f"{out} holds a {existing} written by this kit, not a {kind}; --overwrite replaces only an "
+            "output of the same kind: choose another output path"
+        )
     if not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another output path")
 
@@ -196,8 +210,9 @@ def marker_kind(folder: Path, marker: str = KIT_MARKER) -> str | None:
     return next((line.removeprefix(_KIND_PREFIX) for line in lines if line.startswith(_KIND_PREFIX)), None)
 
 
-def check_not_an_input(out_flag: str, out: str | Path, inputs: list[tuple[str, str | Path | None]],
-                       replaces_out: bool = True) -> None:
+def check_not_an_input(
+    out_flag: str, out: str | Path, inputs: list[tuple[str, str | Path | None]], replaces_out: bool = True
+) -> None:
     """Refuse an output that is one of the command's inputs or lies inside an input folder, and, for a command that
     replaces OUT as a whole, a folder holding an input: one line naming both. `inputs` are (flag, path) pairs."""
     out_path = Path(os.path.realpath(out))
@@ -206,14 +221,18 @@ def check_not_an_input(out_flag: str, out: str | Path, inputs: list[tuple[str, s
             continue
         given = Path(os.path.realpath(path))
         if out_path == given:
-            raise UserError(f"{out_flag} {out} is also {flag}: writing it would destroy an input; "
-                            "choose another output path")
+            raise UserError(
+                f"{out_flag} {out} is also {flag}: writing it would destroy an input; choose another output path"
+            )
         if given in out_path.parents:
-            raise UserError(f"{out_flag} {out} is inside {flag} {path}: the kit never writes into its inputs; "
-                            "choose an output path outside it")
+            raise UserError(
+                f"{out_flag} {out} is inside {flag} {path}: the kit never writes into its inputs; "
+                "choose an output path outside it"
+            )
         if replaces_out and out_path in given.parents:
-            raise UserError(f"{out_flag} {out} holds {flag} {path}: replacing it would destroy an input; "
-                            "choose another output path")
+            raise UserError(
+                f"{out_flag} {out} holds {flag} {path}: replacing it would destroy an input; choose another output path"
+            )
 
 
 def check_output_parent(out: Path) -> None:

@@ -1,4 +1,5 @@
 """The GLDv2 / Kaggle file layout: ids, where their images live, and what each CSV field holds."""
+
 from __future__ import annotations
 
 import io
@@ -37,9 +38,10 @@ def read_csv_strings(path: Path) -> pd.DataFrame:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise UserError(f"{path}, line {line}: byte 0x{data[err.start]:02x} is not UTF-8 text; "
-                        "is this a CSV file?") from None
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}, line {line}: byte 0x{data[err.start]:02x} is not UTF-8 text; is this a CSV file?"
+        ) from None
     if "\0" in text:
         line = text.count("\n", 0, text.index("\0")) + 1
         raise UserError(f"{path}, line {line}: a NUL byte; is this a CSV file?")

@@ -3,6 +3,7 @@
 submission/main.py keeps its own copies (it must run alone in a Kaggle notebook); tests/test_kit_constants.py
 ties each copy to its home here or in local_eval.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -5,6 +5,7 @@ both tasks -> the HTML report of the recognition replay (`local_eval show`) -> t
 rungs of the database plan at a few rerank depths, projected to the real competition) -> one summary, with the files
 to open and the commands that come next. Every step whose output exists is reused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,9 +99,23 @@ def show_step(out: Path, competition: Path, model: Path) -> Path:
 
     report_dir, replay_dir = out / "show-recognition", out / "replay-recognition"
     if not up_to_date(report_dir / "index.html", replay_dir / "report.json"):
-        main_show(["--competition", str(competition), "--task", "recognition", "--submission",
-                   str(replay_dir / "submission.csv"), "--model", str(model), "--out", str(report_dir),
-                   "--queries", str(DEMO["show_queries"]), "--overwrite"])
+        main_show(
+            [
+                "--competition",
+                str(competition),
+                "--task",
+                "recognition",
+                "--submission",
+                str(replay_dir / "submission.csv"),
+                "--model",
+                str(model),
+                "--out",
+                str(report_dir),
+                "--queries",
+                str(DEMO["show_queries"]),
+                "--overwrite",
+            ]
+        )
     return report_dir / "index.html"
 
 
@@ -114,8 +129,14 @@ def tradeoff_step(out: Path, competition: Path, model: Path) -> str:
     shutil.rmtree(folder / "work", ignore_errors=True)  # features of an older model
     profile = PROFILES[DEMO["profile"]]
     rungs = Rungs(competition, "recognition", model, DEMO["limit_h"], DEMO["script_args"]["recognition"])
-    table = tradeoff(rungs, folder, Server(profile), DEMO["tradeoff_depths"], reuse=out / "replay-recognition" / "work",
-                     max_rungs=DEMO["tradeoff_rungs"])
+    table = tradeoff(
+        rungs,
+        folder,
+        Server(profile),
+        DEMO["tradeoff_depths"],
+        reuse=out / "replay-recognition" / "work",
+        max_rungs=DEMO["tradeoff_rungs"],
+    )
     return write_outputs(table, "recognition", profile, "this machine's rates, speedup x1", folder)
 
 
@@ -133,16 +154,25 @@ def usage_table(task: str, report: dict) -> list[str]:
     return lines
 
 
-def summary(reports: dict[str, dict], projection: dict, tradeoff_text: str, step_seconds: dict,
-            files: dict[str, Path]) -> str:
+def summary(
+    reports: dict[str, dict], projection: dict, tradeoff_text: str, step_seconds: dict, files: dict[str, Path]
+) -> str:
     lines = ["", "=" * 72, "DEMO SUMMARY (synthetic competition, tiny DELG trained on this CPU)"]
     for task, report in reports.items():
         flags = " ".join(DEMO["script_args"][task]) or "defaults"
         lines += [f"{task} ({flags}): {report['status']} in {report['seconds']:.0f} s", *usage_table(task, report)]
         stages = report["timing"].get("stages", {})
         lines.append("  seconds per stage: " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in stages.items()))
-    lines += ["", format_report(projection), "", tradeoff_text, "", *follow_ups(files),
-              "demo steps (s): " + ", ".join(f"{k} {v}" for k, v in step_seconds.items()), "=" * 72]
+    lines += [
+        "",
+        format_report(projection),
+        "",
+        tradeoff_text,
+        "",
+        *follow_ups(files),
+        "demo steps (s): " + ", ".join(f"{k} {v}" for k, v in step_seconds.items()),
+        "=" * 72,
+    ]
     return "\n".join(lines)
 
 
@@ -159,12 +189,14 @@ def follow_ups(files: dict[str, Path]) -> list[str]:
         f"--nonlandmark-dir {nonlandmark_folder(files['competition'])} --probe {DEMO['probe_images']} "
         f"--work {probe}",
         f"  python -m local_eval time --log {probe / 'timing.json'} --profile recognition-2021 --speedup 20",
-        ""]
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = KitArgumentParser(prog="python -m demo", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitArgumentParser(
+        prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=DEMO["out"], help="folder for everything the demo makes")
     parser.add_argument("--size", default=DEMO["size"], choices=list(SIZES), help="synthetic competition size")
     parser.add_argument("--train-steps", type=int, default=DEMO["train_steps"], help="training steps (1 or more)")
@@ -175,15 +207,22 @@ def main(argv: list[str] | None = None) -> int:
     competition = timed("build", seconds, build_step, args.out, args.size)
     run_dir = timed("train", seconds, train_step, args.out, competition, args.train_steps)
     model = timed("export", seconds, export_step, args.out, run_dir)
-    reports = {task: timed(f"replay_{task}", seconds, replay_step, args.out, competition, model, task)
-               for task in ("recognition", "retrieval")}
+    reports = {
+        task: timed(f"replay_{task}", seconds, replay_step, args.out, competition, model, task)
+        for task in ("recognition", "retrieval")
+    }
     if not reports["recognition"]["timing"]:
         raise UserError("the recognition replay left no timing log; see its script.log")
     projection = projection_report(reports["recognition"]["timing"], PROFILES[DEMO["profile"]])
     show = timed("show", seconds, show_step, args.out, competition, model)
     tradeoff_text = timed("tradeoff", seconds, tradeoff_step, args.out, competition, model)
-    files = {"out": args.out, "competition": competition, "model": model, "show": show,
-             "tradeoff": args.out / "tradeoff" / "tradeoff.png"}
+    files = {
+        "out": args.out,
+        "competition": competition,
+        "model": model,
+        "show": show,
+        "tradeoff": args.out / "tradeoff" / "tradeoff.png",
+    }
     text = summary(reports, projection, tradeoff_text, seconds, files)
     (args.out / "summary.txt").write_text(text + "\n")
     print(text)

@@ -1,4 +1,5 @@
 """`python -m export delg|retrieval|bundle ...`: SavedModels and the Kaggle bundle from a training run."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,14 @@ from export.retrieval import DEFAULT_MAX_MB, export_retrieval
 from export.whitening import DEFAULT_IMAGES, DEFAULT_SHRINKAGE, WhitenSettings
 
 COMMANDS = {  # name -> ("module:function", help); this module is __main__ under `python -m export`
-    "delg": (f"{__name__}:main_delg",
-             "the DELG SavedModel (local + global features, the DELF/Kaggle-baseline contract)"),
-    "retrieval": (f"{__name__}:main_retrieval",
-                  "the Kaggle retrieval SavedModel, zipped for upload (one global descriptor per image)"),
+    "delg": (
+        f"{__name__}:main_delg",
+        "the DELG SavedModel (local + global features, the DELF/Kaggle-baseline contract)",
+    ),
+    "retrieval": (
+        f"{__name__}:main_retrieval",
+        "the Kaggle retrieval SavedModel, zipped for upload (one global descriptor per image)",
+    ),
     "bundle": (f"{__name__}:main_bundle", "a folder for `kaggle datasets create` + `kaggle kernels push`"),
 }
 
@@ -38,15 +43,29 @@ def _parser(command: str, ensemble: bool = False, run_required: bool = True) -> 
     """The flags every export shares; with `ensemble`, --run repeats and --model-weights weighs the runs."""
     parser = KitArgumentParser(prog=f"python -m export {command}", description=COMMANDS[command][1])
     if ensemble:
-        parser.add_argument("--run", type=Path, action="append", required=run_required,
-                            help=RUN_HELP + "; repeat it for an ensemble (--run A --run B)")
-        parser.add_argument("--model-weights", type=float, nargs="+", default=None, metavar="W",
-                            help="ensemble: one weight per --run (bundle: or per --model), as submission/main.py's "
-                                 "--model-weights (default all 1)")
+        parser.add_argument(
+            "--run",
+            type=Path,
+            action="append",
+            required=run_required,
+            help=RUN_HELP + "; repeat it for an ensemble (--run A --run B)",
+        )
+        parser.add_argument(
+            "--model-weights",
+            type=float,
+            nargs="+",
+            default=None,
+            metavar="W",
+            help="ensemble: one weight per --run (bundle: or per --model), as submission/main.py's "
+            "--model-weights (default all 1)",
+        )
     else:
         parser.add_argument("--run", type=Path, required=True, help=RUN_HELP)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out if this kit wrote it (a folder or file of other origin is never replaced)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if this kit wrote it (a folder or file of other origin is never replaced)",
+    )
     return parser
 
 
@@ -55,22 +74,47 @@ WHITEN_FLAGS = ("--whiten-images", "--whiten-shrinkage", "--whiten-dim", "--whit
 
 def _add_whiten_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "PCA whitening of the global descriptors (fitted on the run's training images, inside the SavedModel)")
-    group.add_argument("--no-whiten", dest="whiten", action="store_false",
-                       help="export the trained descriptors as they are, without PCA whitening")
-    group.add_argument("--whiten-images", type=int, default=None, metavar="N",
-                       help=f"training images the fit extracts: a seeded sample, the same for every export "
-                            f"(default {DEFAULT_IMAGES}; all of them when there are fewer)")
-    group.add_argument("--whiten-shrinkage", type=float, default=None, metavar="S",
-                       help=f"added to each eigenvalue before its axis is scaled by 1/sqrt, as a fraction of the "
-                            f"mean eigenvalue; above 0, so axes the sample barely varies along stay finite "
-                            f"(default {DEFAULT_SHRINKAGE:g})")
-    group.add_argument("--whiten-dim", type=int, default=None, metavar="D",
-                       help="keep only the D principal axes of largest variance (default: all, the run's "
-                            "embedding_dim); the descriptor then has D dimensions")
-    group.add_argument("--whiten-data", type=Path, default=None, metavar="DIR",
-                       help="training data folder (train.csv, train/) to fit on (default: the folder the run "
-                            "trained on, as RUN/data.json records it)")
+        "PCA whitening of the global descriptors (fitted on the run's training images, inside the SavedModel)"
+    )
+    group.add_argument(
+        "--no-whiten",
+        dest="whiten",
+        action="store_false",
+        help="export the trained descriptors as they are, without PCA whitening",
+    )
+    group.add_argument(
+        "--whiten-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"training images the fit extracts: a seeded sample, the same for every export "
+        f"(default {DEFAULT_IMAGES}; all of them when there are fewer)",
+    )
+    group.add_argument(
+        "--whiten-shrinkage",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"added to each eigenvalue before its axis is scaled by 1/sqrt, as a fraction of the "
+        f"mean eigenvalue; above 0, so axes the sample barely varies along stay finite "
+        f"(default {DEFAULT_SHRINKAGE:g})",
+    )
+    group.add_argument(
+        "--whiten-dim",
+        type=int,
+        default=None,
+        metavar="D",
+        help="keep only the D principal axes of largest variance (default: all, the run's "
+        "embedding_dim); the descriptor then has D dimensions",
+    )
+    group.add_argument(
+        "--whiten-data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="training data folder (train.csv, train/) to fit on (default: the folder the run "
+        "trained on, as RUN/data.json records it)",
+    )
 
 
 def _whiten_settings(args: argparse.Namespace) -> WhitenSettings | None:
@@ -92,7 +136,9 @@ def _whiten_settings(args: argparse.Namespace) -> WhitenSettings | None:
     return WhitenSettings(
         images=defaults.images if args.whiten_images is None else args.whiten_images,
         shrinkage=defaults.shrinkage if args.whiten_shrinkage is None else args.whiten_shrinkage,
-        dim=args.whiten_dim, data=args.whiten_data)
+        dim=args.whiten_dim,
+        data=args.whiten_data,
+    )
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -108,8 +154,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     else:
         check_input_folder("--run", args.run)
         inputs = [("--run", args.run)]
-    inputs += [(flag, getattr(args, flag[2:].replace("-", "_"), None))
-               for flag in ("--whiten-data", "--script", "--settings", "--nonlandmark-dir")]
+    inputs += [
+        (flag, getattr(args, flag[2:].replace("-", "_"), None))
+        for flag in ("--whiten-data", "--script", "--settings", "--nonlandmark-dir")
+    ]
     inputs += [("--wheel", wheel) for wheel in getattr(args, "wheel", [])]
     check_not_an_input("--out", args.out, inputs)
     check_output_parent(args.out)
@@ -120,13 +168,16 @@ def _members(args: argparse.Namespace) -> tuple[str, list[Path]]:
     """The flag and folders of an ensemble's members: the --run folders, or (bundle) the --model exports."""
     models = getattr(args, "model", None)
     if models and args.run:
-        raise UserError("--model and --run together: ship the exports you replayed (--model) or export the runs "
-                        "again (--run), not both")
+        raise UserError(
+            "--model and --run together: ship the exports you replayed (--model) or export the runs "
+            "again (--run), not both"
+        )
     if models:
         return "--model", models
     if not args.run:
-        raise UserError("give --model EXPORT_DIR (the export you replayed and tuned) or --run RUN_DIR (export it "
-                        "again)")
+        raise UserError(
+            "give --model EXPORT_DIR (the export you replayed and tuned) or --run RUN_DIR (export it again)"
+        )
     return "--run", args.run
 
 
@@ -154,8 +205,10 @@ def _check_zip_out(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise UserError(f"--out {out} already exists; pass --overwrite to replace it or choose another path")
     if not _is_saved_model_zip(out):
-        raise UserError(f"--out {out} exists and is no SavedModel zip written by this kit; "
-                        "--overwrite replaces only the kit's own outputs: choose another path")
+        raise UserError(
+            f"--out {out} exists and is no SavedModel zip written by this kit; "
+            "--overwrite replaces only the kit's own outputs: choose another path"
+        )
 
 
 def _is_saved_model_zip(path: Path) -> bool:
@@ -174,26 +227,35 @@ def _check_slug(flag: str, value: str) -> None:
 def main_delg(argv: list[str] | None) -> None:
     parser = _parser("delg")
     parser.add_argument("--out", type=Path, required=True, help="SavedModel folder to create")
-    parser.add_argument("--float16", action="store_true",
-                        help="also hold global_batch_float16 (float16 compute, float32 outputs)")
-    parser.add_argument("--no-xla", dest="xla", action="store_false",
-                        help="do not XLA-compile the batched global functions")
+    parser.add_argument(
+        "--float16", action="store_true", help="also hold global_batch_float16 (float16 compute, float32 outputs)"
+    )
+    parser.add_argument(
+        "--no-xla", dest="xla", action="store_false", help="do not XLA-compile the batched global functions"
+    )
     _add_whiten_flags(parser)
     args = _parse(parser, argv)
     whiten = _whiten_settings(args)
-    print(export_delg(args.run, args.out, overwrite=args.overwrite, float16=args.float16, xla=args.xla,
-                      whiten=whiten))
+    print(export_delg(args.run, args.out, overwrite=args.overwrite, float16=args.float16, xla=args.xla, whiten=whiten))
 
 
 def main_retrieval(argv: list[str] | None) -> None:
     parser = _parser("retrieval", ensemble=True)
     parser.add_argument("--out", type=Path, required=True, help="zip file to create (e.g. model.zip)")
-    parser.add_argument("--dim", type=int, default=None,
-                        help="descriptor size D (default: the run's embedding_dim); a smaller D is the PCA "
-                             "whitening's reduction (--whiten-dim D), so it needs the whitening; one --run only "
-                             "(an ensemble's D is the sum of its runs')")
-    parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_MB,
-                        help=f"refuse a zip larger than this many MB (default {DEFAULT_MAX_MB:g})")
+    parser.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="descriptor size D (default: the run's embedding_dim); a smaller D is the PCA "
+        "whitening's reduction (--whiten-dim D), so it needs the whitening; one --run only "
+        "(an ensemble's D is the sum of its runs')",
+    )
+    parser.add_argument(
+        "--max-mb",
+        type=float,
+        default=DEFAULT_MAX_MB,
+        help=f"refuse a zip larger than this many MB (default {DEFAULT_MAX_MB:g})",
+    )
     _add_whiten_flags(parser)
     args = _parse(parser, argv)
     if args.dim is not None:
@@ -201,8 +263,15 @@ def main_retrieval(argv: list[str] | None) -> None:
     check_positive("--max-mb", args.max_mb)
     whiten = _whiten_settings(args)
     _check_zip_out(args.out, args.overwrite)
-    size_mb = export_retrieval(args.run, args.out, dim=args.dim, max_mb=args.max_mb, overwrite=args.overwrite,
-                               whiten=whiten, weights=args.model_weights)
+    size_mb = export_retrieval(
+        args.run,
+        args.out,
+        dim=args.dim,
+        max_mb=args.max_mb,
+        overwrite=args.overwrite,
+        whiten=whiten,
+        weights=args.model_weights,
+    )
     print(f"{args.out}: {size_mb:.1f} MB (limit {args.max_mb:g} MB)")
 
 
@@ -214,37 +283,74 @@ def _check_exported_flags(args: argparse.Namespace) -> None:
     if args.float16:
         changing.append("--float16")
     if changing:
-        raise UserError(f"{changing[0]} has no effect with --model: its export is shipped as it is (export it "
-                        "with that flag and replay it first, or use --run)")
+        raise UserError(
+            f"{changing[0]} has no effect with --model: its export is shipped as it is (export it "
+            "with that flag and replay it first, or use --run)"
+        )
 
 
 def main_bundle(argv: list[str] | None) -> None:
     parser = _parser("bundle", ensemble=True, run_required=False)
-    parser.add_argument("--model", type=Path, action="append", default=None, metavar="EXPORT_DIR",
-                        help="a DELG SavedModel folder (`export delg`'s), shipped byte for byte: the export you "
-                             "replayed and tuned; repeat it for an ensemble; instead of --run, which exports again")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="EXPORT_DIR",
+        help="a DELG SavedModel folder (`export delg`'s), shipped byte for byte: the export you "
+        "replayed and tuned; repeat it for an ensemble; instead of --run, which exports again",
+    )
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     parser.add_argument("--kaggle-user", required=True, help="your Kaggle user name (owner of dataset and notebook)")
     parser.add_argument("--dataset", default="delg-landmark-model", help="dataset slug (default %(default)s)")
     parser.add_argument("--kernel", default="delg-landmark-submission", help="notebook slug (default %(default)s)")
-    parser.add_argument("--competition", default=DEFAULT_COMPETITION,
-                        help="competition slug the notebook is attached to (default %(default)s)")
-    parser.add_argument("--wheel", type=Path, action="append", default=[],
-                        help="a pydegensac wheel to ship; repeat the flag for several (kernel.py installs the one "
-                             "tagged for its Python)")
-    parser.add_argument("--python", nargs="+", metavar="X.Y", default=None,
-                        help="fetch pydegensac's wheel for each of these Pythons with pip (needs internet); default "
-                             f"without --wheel: {' '.join(KAGGLE_PYTHONS)} (Kaggle's image's Python and the next)")
-    parser.add_argument("--script", type=Path, default=SUBMISSION_SCRIPT,
-                        help="submission script, shipped as main.py with the .py files beside it (default %(default)s)")
-    parser.add_argument("--time-budget-h", type=float, default=None,
-                        help="the notebook limit in hours, passed to main.py (default: the competition's, from "
-                             "submission/competitions.py)")
-    parser.add_argument("--settings", type=Path, default=None,
-                        help="JSON settings file (local_eval tune's), checked as main.py will read it, shipped as "
-                             "settings.json and passed to main.py")
-    parser.add_argument("--nonlandmark-dir", type=Path, default=None,
-                        help="folder of images showing no landmark, shipped as nonlandmark/, passed to main.py")
+    parser.add_argument(
+        "--competition",
+        default=DEFAULT_COMPETITION,
+        help="competition slug the notebook is attached to (default %(default)s)",
+    )
+    parser.add_argument(
+        "--wheel",
+        type=Path,
+        action="append",
+        default=[],
+        help="a pydegensac wheel to ship; repeat the flag for several (kernel.py installs the one "
+        "tagged for its Python)",
+    )
+    parser.add_argument(
+        "--python",
+        nargs="+",
+        metavar="X.Y",
+        default=None,
+        help="fetch pydegensac's wheel for each of these Pythons with pip (needs internet); default "
+        f"without --wheel: {' '.join(KAGGLE_PYTHONS)} (Kaggle's image's Python and the next)",
+    )
+    parser.add_argument(
+        "--script",
+        type=Path,
+        default=SUBMISSION_SCRIPT,
+        help="submission script, shipped as main.py with the .py files beside it (default %(default)s)",
+    )
+    parser.add_argument(
+        "--time-budget-h",
+        type=float,
+        default=None,
+        help="the notebook limit in hours, passed to main.py (default: the competition's, from "
+        "submission/competitions.py)",
+    )
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        help="JSON settings file (local_eval tune's), checked as main.py will read it, shipped as "
+        "settings.json and passed to main.py",
+    )
+    parser.add_argument(
+        "--nonlandmark-dir",
+        type=Path,
+        default=None,
+        help="folder of images showing no landmark, shipped as nonlandmark/, passed to main.py",
+    )
     parser.add_argument("--float16", action="store_true", help="export the model with --float16 (--run only)")
     _add_whiten_flags(parser)
     args = _parse(parser, argv)
@@ -255,10 +361,22 @@ def main_bundle(argv: list[str] | None) -> None:
     if args.model:
         _check_exported_flags(args)
     whiten = None if args.model else _whiten_settings(args)
-    spec = BundleSpec(user=args.kaggle_user, dataset=args.dataset, kernel=args.kernel, competition=args.competition,
-                      wheels=args.wheel or (), pythons=args.python, script=args.script, budget_h=args.time_budget_h,
-                      settings=args.settings, nonlandmark_dir=args.nonlandmark_dir, float16=args.float16,
-                      whiten=whiten, weights=args.model_weights, exported=bool(args.model))
+    spec = BundleSpec(
+        user=args.kaggle_user,
+        dataset=args.dataset,
+        kernel=args.kernel,
+        competition=args.competition,
+        wheels=args.wheel or (),
+        pythons=args.python,
+        script=args.script,
+        budget_h=args.time_budget_h,
+        settings=args.settings,
+        nonlandmark_dir=args.nonlandmark_dir,
+        float16=args.float16,
+        whiten=whiten,
+        weights=args.model_weights,
+        exported=bool(args.model),
+    )
     print(build_bundle(args.model or args.run, args.out, spec, overwrite=args.overwrite))
 
 

@@ -17,6 +17,7 @@ Layout:
                              passed as main.py --settings
     nonlandmark/             with --nonlandmark-dir: images known to show no landmark, main.py --nonlandmark-dir
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -137,15 +138,31 @@ def download_pydegensac_wheel(version: str, folder: Path) -> Path:
     UserError saying to pass --wheel when pip cannot (no internet, or no wheel for that Python)."""
     requirement = f"pydegensac=={importlib.metadata.version('pydegensac')}"
     target = folder / version
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--python-version", version, "--platform", WHEEL_PLATFORM, "--dest", str(target), requirement]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        version,
+        "--platform",
+        WHEEL_PLATFORM,
+        "--dest",
+        str(target),
+        requirement,
+    ]
     log.info("fetching %s for Python %s", requirement, version)
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wheels = sorted(target.glob("pydegensac-*.whl"))
     if result.returncode != 0 or not wheels:
         reason = ([line.strip() for line in result.stderr.splitlines() if line.strip()] or ["no wheel"])[-1]
-        raise UserError(f"--python {version}: pip could not download {requirement} for {WHEEL_PLATFORM} "
-                        f"({reason}); without internet, pass the wheels you have as --wheel PATH (repeatable)")
+        raise UserError(
+            f"--python {version}: pip could not download {requirement} for {WHEEL_PLATFORM} "
+            f"({reason}); without internet, pass the wheels you have as --wheel PATH (repeatable)"
+        )
     return wheels[-1]
 
 
@@ -170,8 +187,12 @@ def warn_without_kaggle_python(wheels: list[Path]) -> None:
     """A warning when no wheel fits the Python of Kaggle's image (KAGGLE_PYTHONS[0])."""
     tag = "cp" + KAGGLE_PYTHONS[0].replace(".", "")
     if not any(tag in python_tags(wheel.name) for wheel in wheels):
-        log.warning("no pydegensac wheel for Kaggle's Python %s (%s) among: %s; the notebook stops at once there",
-                    KAGGLE_PYTHONS[0], tag, ", ".join(wheel.name for wheel in wheels) or "none")
+        log.warning(
+            "no pydegensac wheel for Kaggle's Python %s (%s) among: %s; the notebook stops at once there",
+            KAGGLE_PYTHONS[0],
+            tag,
+            ", ".join(wheel.name for wheel in wheels) or "none",
+        )
 
 
 def copy_scripts(script: Path, target: Path) -> list[str]:
@@ -219,19 +240,31 @@ def model_dirs(count: int) -> list[str]:
     return [MODEL_DIR] + [f"{MODEL_DIR}-{i}" for i in range(2, count + 1)]
 
 
-def launcher(dataset: str, competition: str, budget_h: float = DEFAULT_BUDGET_H, settings: bool = False,
-             nonlandmark: bool = False, models: Sequence[str] = (MODEL_DIR,),
-             weights: Sequence[float] | None = None) -> str:
+def launcher(
+    dataset: str,
+    competition: str,
+    budget_h: float = DEFAULT_BUDGET_H,
+    settings: bool = False,
+    nonlandmark: bool = False,
+    models: Sequence[str] = (MODEL_DIR,),
+    weights: Sequence[float] | None = None,
+) -> str:
     """The notebook's code: the submission script with the dataset's and the competition's Kaggle paths, one
     --model per folder in `models` (and their --model-weights when given)."""
     task = launcher_task(competition)
     in_dataset = 'DATASET + "/{}"'.format
-    arguments = [("--task", json.dumps(task)), ("--data", json.dumps(f"/kaggle/input/{competition}")),
-                 *[("--model", in_dataset(model)) for model in models]]
+    arguments = [
+        ("--task", json.dumps(task)),
+        ("--data", json.dumps(f"/kaggle/input/{competition}")),
+        *[("--model", in_dataset(model)) for model in models],
+    ]
     if weights is not None:
         arguments.append(("--model-weights", ", ".join(json.dumps(str(float(weight))) for weight in weights)))
-    arguments += [("--out", '"/kaggle/working/submission.csv"'), ("--work", '"/tmp/landmark-work"'),
-                  ("--time-budget-h", json.dumps(str(budget_h)))]
+    arguments += [
+        ("--out", '"/kaggle/working/submission.csv"'),
+        ("--work", '"/tmp/landmark-work"'),
+        ("--time-budget-h", json.dumps(str(budget_h))),
+    ]
     if settings:
         arguments.append(("--settings", in_dataset(SETTINGS_FILE)))
     if nonlandmark:
@@ -253,8 +286,20 @@ def check_settings_file(path: Path, competition: str, budget_h: float) -> None:
         raise UserError(f"--settings {path}: expected a JSON object, found {type(settings).__name__}")
     notebook = load_submission()
     try:
-        notebook.parse_settings(["--task", launcher_task(competition), "--data", ".", "--model", ".",
-                                 "--time-budget-h", str(budget_h), "--settings", str(path)])
+        notebook.parse_settings(
+            [
+                "--task",
+                launcher_task(competition),
+                "--data",
+                ".",
+                "--model",
+                ".",
+                "--time-budget-h",
+                str(budget_h),
+                "--settings",
+                str(path),
+            ]
+        )
     except notebook.InputError as err:
         raise UserError(str(err)) from None
 
@@ -272,8 +317,11 @@ def warn_without_nonlandmarks(competition: str, budget_h: float, settings: Path 
     if parsed.scoring.nonlandmark_penalty > 0:
         uses.append(f"scoring.nonlandmark_penalty {parsed.scoring.nonlandmark_penalty:g}")
     if uses:
-        log.warning("the bundle has no non-landmark images (--nonlandmark-dir) but its settings use them: %s; "
-                    "without them main.py skips that step, unlike a replay or tune that had them", ", ".join(uses))
+        log.warning(
+            "the bundle has no non-landmark images (--nonlandmark-dir) but its settings use them: %s; "
+            "without them main.py skips that step, unlike a replay or tune that had them",
+            ", ".join(uses),
+        )
 
 
 def nonlandmark_images(folder: Path) -> list[Path]:
@@ -297,12 +345,15 @@ def copy_images(images: list[Path], source: Path, target: Path) -> None:
 def check_exported_model(model_dir: Path) -> None:
     """A --model argument: a SavedModel folder (an `export delg` output, or any DELG SavedModel main.py loads)."""
     if not (model_dir / "saved_model.pb").is_file():
-        raise UserError(f"--model {model_dir}: not a SavedModel folder (no saved_model.pb); give the folder "
-                        "`export delg` wrote, or --run to export from a training run")
+        raise UserError(
+            f"--model {model_dir}: not a SavedModel folder (no saved_model.pb); give the folder "
+            "`export delg` wrote, or --run to export from a training run"
+        )
 
 
-def add_models(sources: Sequence[Path], exported: bool, target: Path, float16: bool,
-               whiten: WhitenSettings | None) -> list[str]:
+def add_models(
+    sources: Sequence[Path], exported: bool, target: Path, float16: bool, whiten: WhitenSettings | None
+) -> list[str]:
     """The bundle's model folders under target: each exported folder copied byte for byte, or each run exported
     again (said in the log: its whitening is fitted again, so it is not an export that was replayed)."""
     models = model_dirs(len(sources))
@@ -311,8 +362,12 @@ def add_models(sources: Sequence[Path], exported: bool, target: Path, float16: b
             log.info("shipping %s as %s/, byte for byte", source, model)
             shutil.copytree(source, target / model, symlinks=False)
         else:
-            log.info("re-exporting run %s as %s/ (a new export: not one that was replayed; --model ships an "
-                     "export as it is)", source, model)
+            log.info(
+                "re-exporting run %s as %s/ (a new export: not one that was replayed; --model ships an "
+                "export as it is)",
+                source,
+                model,
+            )
             export_delg(source, target / model, float16=float16, whiten=whiten)
     return models
 
@@ -363,13 +418,23 @@ def build_bundle(sources: Sequence[Path], out_dir: Path, spec: BundleSpec, overw
                 shutil.copy2(settings, tmp / SETTINGS_FILE)
             copy_images(images, nonlandmark_dir, tmp / NONLANDMARK_DIR)
             (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(spec.user, spec.dataset), indent=2))
-            code = launcher(spec.dataset, competition, budget_h, settings=settings is not None,
-                            nonlandmark=bool(images), models=names, weights=spec.weights)
+            code = launcher(
+                spec.dataset,
+                competition,
+                budget_h,
+                settings=settings is not None,
+                nonlandmark=bool(images),
+                models=names,
+                weights=spec.weights,
+            )
             (tmp / KERNEL_FILE).write_text(code)
             metadata = kernel_metadata(spec.user, spec.dataset, spec.kernel, competition)
             (tmp / "kernel-metadata.json").write_text(json.dumps(metadata, indent=2))
-    log.info("shipped %s; wheels: %s", ", ".join(f"{SCRIPT_DIR}/{name}" for name in scripts),
-             ", ".join(wheel.name for wheel in shipped))
+    log.info(
+        "shipped %s; wheels: %s",
+        ", ".join(f"{SCRIPT_DIR}/{name}" for name in scripts),
+        ", ".join(wheel.name for wheel in shipped),
+    )
     if len(sources) > 1:
         pairs = ", ".join(f"{name}/ from {source}" for name, source in zip(names, sources, strict=True))
         weights = " ".join(f"{w:g}" for w in spec.weights) if spec.weights else "all 1"

@@ -28,6 +28,7 @@ export_info.json's "whitening" records the fit.
 A global-only run (train --global-only) has no local head: its export holds the same global functions, and its
 serving_default returns the global descriptors with zero local features; export_info.json says "global_only".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,8 +95,9 @@ def serving_part_names(model: DelgModel) -> tuple[str, ...]:
     return tuple(name for name in SERVING_PARTS if not (model.cfg.global_only and name in LOCAL_PARTS))
 
 
-def serving_module(model: DelgModel, serve, signature: list[tf.TensorSpec],
-                   whitening: PcaWhitening | None = None) -> tf.Module:
+def serving_module(
+    model: DelgModel, serve, signature: list[tf.TensorSpec], whitening: PcaWhitening | None = None
+) -> tf.Module:
     """A tf.Module holding `serve` as a tf.function and, as its saved variables, the model's SERVING_PARTS (and
     the PCA whitening, as `pca_whitening`, when there is one)."""
     module = tf.Module()
@@ -141,9 +143,11 @@ def cell_boxes(field: ReceptiveField, rows: tf.Tensor, cols: tf.Tensor) -> tf.Te
 
 def global_head(model: DelgModel, whitening: PcaWhitening | None):
     """conv5 [B,h,w,C] -> [B,D] descriptors in float32: the model's head, then the PCA whitening when there is one."""
+
     def head(conv5: tf.Tensor) -> tf.Tensor:
         descriptors = model.global_descriptor(tf.cast(conv5, tf.float32))
         return descriptors if whitening is None else whitening(descriptors)
+
     return head
 
 
@@ -184,8 +188,11 @@ class DelgExtractor:
             return global_descriptor, self._no_local_features()
         # An image smaller than one conv4 cell at this scale has no local structure to describe.
         big_enough = tf.reduce_all(tf.shape(resized)[1:3] >= int(self.field.stride))
-        local = tf.cond(tf.logical_and(want_local, big_enough),
-                        lambda: self._local_features(conv4, scale, abs_thres), self._no_local_features)
+        local = tf.cond(
+            tf.logical_and(want_local, big_enough),
+            lambda: self._local_features(conv4, scale, abs_thres),
+            self._no_local_features,
+        )
         return global_descriptor, local
 
     def serve(self, input_image, input_scales, input_max_feature_num, input_abs_thres, input_global_scales_ind):
@@ -194,8 +201,7 @@ class DelgExtractor:
         num_scales = tf.shape(input_scales)[0]
         globals_ = tf.TensorArray(tf.float32, size=num_scales, element_shape=[self.global_dim])
         boxes = tf.TensorArray(tf.float32, size=num_scales, element_shape=[None, 4], infer_shape=False)
-        features = tf.TensorArray(tf.float32, size=num_scales, element_shape=[None, self.local_dim],
-                                  infer_shape=False)
+        features = tf.TensorArray(tf.float32, size=num_scales, element_shape=[None, self.local_dim], infer_shape=False)
         scores = tf.TensorArray(tf.float32, size=num_scales, element_shape=[None], infer_shape=False)
         scales = tf.TensorArray(tf.float32, size=num_scales, element_shape=[None], infer_shape=False)
         for i in tf.range(num_scales):
@@ -245,8 +251,9 @@ class BatchedGlobal:
     since XLA needs shapes known at compile time.
     """
 
-    def __init__(self, model: DelgModel, float16: bool = False, xla: bool = False,
-                 whitening: PcaWhitening | None = None):
+    def __init__(
+        self, model: DelgModel, float16: bool = False, xla: bool = False, whitening: PcaWhitening | None = None
+    ):
         self.model, self.float16 = model, float16
         self.dim, self.global_head = output_dim(model, whitening), global_head(model, whitening)
         self._per_scale = tf.function(self._descriptors, jit_compile=xla)
@@ -274,12 +281,19 @@ def batched_functions(float16: bool, xla: bool) -> dict[str, tuple[bool, bool]]:
     """The batched signatures an export holds: name -> (computes in float16, XLA-compiled)."""
     plain = {GLOBAL_BATCH: False, **({GLOBAL_BATCH_FLOAT16: True} if float16 else {})}
     compiled = {name + XLA_SUFFIX: half for name, half in plain.items()} if xla else {}
-    return {**{name: (half, False) for name, half in plain.items()},
-            **{name: (half, True) for name, half in compiled.items()}}
+    return {
+        **{name: (half, False) for name, half in plain.items()},
+        **{name: (half, True) for name, half in compiled.items()},
+    }
 
 
-def write_saved_model(model: DelgModel, out_dir: Path, label_map: Path | None,
-                      batched: dict[str, tuple[bool, bool]], whitening: FittedWhitening | None = None) -> None:
+def write_saved_model(
+    model: DelgModel,
+    out_dir: Path,
+    label_map: Path | None,
+    batched: dict[str, tuple[bool, bool]],
+    whitening: FittedWhitening | None = None,
+) -> None:
     """serving_default plus the batched functions, saved into out_dir."""
     pca = None if whitening is None else PcaWhitening(whitening.fit)
     module = serving_module(model, DelgExtractor(model, pca).serve, SIGNATURE, pca)
@@ -304,8 +318,14 @@ def failing_functions(saved_model_dir: Path, names: list[str]) -> dict[str, str]
     return failures
 
 
-def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, float16: bool = False,
-              xla: bool = True, whitening: FittedWhitening | None = None) -> dict:
+def save_delg(
+    model: DelgModel,
+    out_dir: Path,
+    label_map: Path | None = None,
+    float16: bool = False,
+    xla: bool = True,
+    whitening: FittedWhitening | None = None,
+) -> dict:
     """Write the DELG SavedModel of `model` into the existing folder out_dir; returns what export_info.json says.
 
     With xla, each batched function also comes XLA-compiled unless, once loaded back, the compiled one fails
@@ -327,24 +347,37 @@ def save_delg(model: DelgModel, out_dir: Path, label_map: Path | None = None, fl
     info["global_only"] = model.cfg.global_only
     (Path(out_dir) / "assets").mkdir(exist_ok=True)
     (Path(out_dir) / "assets" / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    log.info("functions: %s", ", ".join(f"{name} ({'float16' if f['float16'] else 'float32'}"
-                                         f"{', XLA' if f['xla'] else ''})" for name, f in info["functions"].items()))
+    log.info(
+        "functions: %s",
+        ", ".join(
+            f"{name} ({'float16' if f['float16'] else 'float32'}{', XLA' if f['xla'] else ''})"
+            for name, f in info["functions"].items()
+        ),
+    )
     return info
 
 
-def export_info(model: DelgModel, batched: dict[str, tuple[bool, bool]], xla_errors: dict[str, str],
-                whitening: FittedWhitening | None = None) -> dict:
+def export_info(
+    model: DelgModel,
+    batched: dict[str, tuple[bool, bool]],
+    xla_errors: dict[str, str],
+    whitening: FittedWhitening | None = None,
+) -> dict:
     """What assets/export_info.json records: each function (float16? XLA?), the compiled ones left out and why,
     the model's dimensions, whether and how the global descriptors are PCA-whitened, and the versions that
     exported it."""
     functions = {"serving_default": {"float16": False, "xla": False}}
     functions.update({name: {"float16": float16, "xla": xla} for name, (float16, xla) in batched.items()})
     global_dim = model.cfg.embedding_dim if whitening is None else whitening.fit.dim
-    return {"functions": functions, "xla_errors": xla_errors, "global_dim": global_dim,
-            "local_dim": model.cfg.local_dim, "local_stride": DelgExtractor(model).field.stride,
-            "whitening": NOT_WHITENED if whitening is None else whitening.info,
-            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                         "python": platform.python_version()}}
+    return {
+        "functions": functions,
+        "xla_errors": xla_errors,
+        "global_dim": global_dim,
+        "local_dim": model.cfg.local_dim,
+        "local_stride": DelgExtractor(model).field.stride,
+        "whitening": NOT_WHITENED if whitening is None else whitening.info,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()},
+    }
 
 
 def per_scale_rows(model: DelgModel, scales: tuple[float, ...]):
@@ -359,27 +392,35 @@ def per_scale_rows(model: DelgModel, scales: tuple[float, ...]):
     return rows_of
 
 
-def fit_model_whitening(model: DelgModel, run_dir: Path, settings: WhitenSettings | None,
-                        scales: tuple[float, ...]) -> FittedWhitening | None:
+def fit_model_whitening(
+    model: DelgModel, run_dir: Path, settings: WhitenSettings | None, scales: tuple[float, ...]
+) -> FittedWhitening | None:
     """The PCA whitening of the model's per-scale descriptors at `scales` over the run's training sample (None
     when settings is None: not whitened)."""
     if settings is None:
         return None
     if settings.dim is not None and settings.dim > model.cfg.embedding_dim:
-        raise UserError(f"--whiten-dim {settings.dim}: more than the run's embedding_dim "
-                        f"{model.cfg.embedding_dim}; whitening can keep at most that many axes")
+        raise UserError(
+            f"--whiten-dim {settings.dim}: more than the run's embedding_dim "
+            f"{model.cfg.embedding_dim}; whitening can keep at most that many axes"
+        )
     return fit_whitening(run_dir, settings, per_scale_rows(model, scales), scales)
 
 
-def export_delg(run_dir: Path, out_dir: Path, overwrite: bool = False, float16: bool = False,
-                xla: bool = True, whiten: WhitenSettings | None = None) -> Path:
+def export_delg(
+    run_dir: Path,
+    out_dir: Path,
+    overwrite: bool = False,
+    float16: bool = False,
+    xla: bool = True,
+    whiten: WhitenSettings | None = None,
+) -> Path:
     """Export the run's newest checkpoint as a DELG SavedModel folder (label map in its assets/); with `whiten`,
     PCA whitening fitted on the training images at DELG's global scales is baked into every global output."""
     check_output_dir(Path(out_dir), overwrite, kind=DELG_KIND)  # before the fit's minutes, not after
     model = load_trained_model(run_dir)
     whitening = fit_model_whitening(model, run_dir, whiten, DELG_GLOBAL_SCALES)
     with atomic_output_dir(out_dir, overwrite=overwrite, kind=DELG_KIND) as tmp:
-        save_delg(model, tmp, label_map=Path(run_dir) / LABEL_MAP_FILE, float16=float16, xla=xla,
-                  whitening=whitening)
+        save_delg(model, tmp, label_map=Path(run_dir) / LABEL_MAP_FILE, float16=float16, xla=xla, whitening=whitening)
     log.info("wrote %s", out_dir)
     return Path(out_dir)

@@ -7,6 +7,7 @@ are derived from the layers instead: a cell (y, x) of the map sees the input squ
 Squeeze-and-excitation (EfficientNet's blocks) scales each channel by a gate computed from the whole map;
 that gate is left out of the field, which is the part of the image the convolutions see.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,12 +15,27 @@ from dataclasses import dataclass
 import keras
 
 # Layers that act on each pixel alone: they leave the receptive field as it is.
-PER_PIXEL_LAYERS = (keras.layers.BatchNormalization, keras.layers.Activation, keras.layers.ReLU,
-                    keras.layers.Dropout, keras.layers.Rescaling, keras.layers.Normalization)
-WINDOW_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.MaxPooling2D,
-                 keras.layers.AveragePooling2D)
-MERGE_LAYERS = (keras.layers.Add, keras.layers.Multiply, keras.layers.Average, keras.layers.Maximum,
-                keras.layers.Concatenate)
+PER_PIXEL_LAYERS = (
+    keras.layers.BatchNormalization,
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.Dropout,
+    keras.layers.Rescaling,
+    keras.layers.Normalization,
+)
+WINDOW_LAYERS = (
+    keras.layers.Conv2D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling2D,
+)
+MERGE_LAYERS = (
+    keras.layers.Add,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Concatenate,
+)
 # Layers whose output is one value per channel for the whole map (None stands for such a map's field).
 GLOBAL_POOLING_LAYERS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
 # By class name: element-wise operations of keras.ops (`a + b` between Keras tensors), and per-pixel layers
@@ -59,9 +75,11 @@ def _through_window(field: ReceptiveField, layer) -> ReceptiveField:
     stride = _square(layer.strides, "stride", layer)
     kernel = (kernel - 1) * dilation + 1
     pad_before = max(kernel - stride, 0) // 2 if layer.padding == "same" else 0
-    return ReceptiveField(size=field.size + (kernel - 1) * field.stride,
-                          stride=field.stride * stride,
-                          start=field.start + ((kernel - 1) / 2 - pad_before) * field.stride)
+    return ReceptiveField(
+        size=field.size + (kernel - 1) * field.stride,
+        stride=field.stride * stride,
+        start=field.start + ((kernel - 1) / 2 - pad_before) * field.stride,
+    )
 
 
 def _through_zero_padding(field: ReceptiveField, layer) -> ReceptiveField:
@@ -109,8 +127,11 @@ def _field_of_tensor(tensor) -> ReceptiveField | None:
 def _is_per_pixel(layer) -> bool:
     if isinstance(layer, keras.layers.LayerNormalization):
         return tuple(layer.axis) in ((-1,), (len(layer.input.shape) - 1,))
-    return (isinstance(layer, PER_PIXEL_LAYERS) or type(layer).__name__ in PER_PIXEL_BY_NAME
-            or (isinstance(layer, keras.layers.Dense) and len(layer.input.shape) == 4))
+    return (
+        isinstance(layer, PER_PIXEL_LAYERS)
+        or type(layer).__name__ in PER_PIXEL_BY_NAME
+        or (isinstance(layer, keras.layers.Dense) and len(layer.input.shape) == 4)
+    )
 
 
 def _through_sequential(field: ReceptiveField | None, model: keras.Sequential) -> ReceptiveField | None:
@@ -122,8 +143,9 @@ def _through_sequential(field: ReceptiveField | None, model: keras.Sequential) -
 def _through_layer(layer, fields: list[ReceptiveField | None]) -> ReceptiveField | None:
     if isinstance(layer, keras.layers.InputLayer):
         return INPUT_FIELD
-    if isinstance(layer, MERGE_LAYERS) or (not isinstance(layer, keras.layers.Layer)
-                                           and type(layer).__name__ in ELEMENTWISE_OPERATIONS):
+    if isinstance(layer, MERGE_LAYERS) or (
+        not isinstance(layer, keras.layers.Layer) and type(layer).__name__ in ELEMENTWISE_OPERATIONS
+    ):
         return _merge(fields, layer)
     if len(fields) != 1:
         raise ValueError(f"layer {layer.name} ({type(layer).__name__}) with {len(fields)} inputs is not supported")

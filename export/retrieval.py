@@ -11,6 +11,7 @@ An ensemble (several runs) is one SavedModel with the same contract: each run's 
 L2-normalized, multiplied by its weight, and the weighted descriptors are concatenated and L2-normalized, as
 submission/main.py combines `--model A --model B --model-weights ...`; D is the sum of the runs' dimensions.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,9 @@ SIGNATURE = [tf.TensorSpec([None, None, 3], tf.uint8, name="input_image")]
 OUTPUT = "global_descriptor"
 
 
-def retrieval_serve(model: DelgModel, scales: tuple[float, ...] = RETRIEVAL_SCALES,
-                    whitening: PcaWhitening | None = None):
+def retrieval_serve(
+    model: DelgModel, scales: tuple[float, ...] = RETRIEVAL_SCALES, whitening: PcaWhitening | None = None
+):
     """input_image -> {'global_descriptor': sum of the per-scale descriptors at `scales`, L2-normalized}.
 
     The DELG export's global_batch on a batch of one, without XLA (the server's TensorFlow and device are unknown).
@@ -64,9 +66,12 @@ def retrieval_serve(model: DelgModel, scales: tuple[float, ...] = RETRIEVAL_SCAL
 def ensemble_serve(members: Sequence[tf.Module], weights: Sequence[float]):
     """input_image -> {'global_descriptor': each member's descriptor L2-normalized, times its weight, concatenated,
     L2-normalized}: submission/main.py's combination of an ensemble's descriptors."""
+
     def serve(input_image):
-        parts = [weight * tf.nn.l2_normalize(member.serve(input_image)[OUTPUT], axis=0)
-                 for member, weight in zip(members, weights, strict=True)]
+        parts = [
+            weight * tf.nn.l2_normalize(member.serve(input_image)[OUTPUT], axis=0)
+            for member, weight in zip(members, weights, strict=True)
+        ]
         return {OUTPUT: tf.nn.l2_normalize(tf.concat(parts, axis=0), axis=0)}
 
     return serve
@@ -94,8 +99,12 @@ def retrieval_module(members: Sequence[tf.Module], weights: Sequence[float]) -> 
     module = tf.Module()
     module.members = list(members)
     module.serve = tf.function(ensemble_serve(members, weights), input_signature=SIGNATURE)
-    log.info("ensemble of %d runs, weights %s: %d-dimensional descriptor", len(members),
-             " ".join(f"{weight:g}" for weight in weights), descriptor_dim(module))
+    log.info(
+        "ensemble of %d runs, weights %s: %d-dimensional descriptor",
+        len(members),
+        " ".join(f"{weight:g}" for weight in weights),
+        descriptor_dim(module),
+    )
     return module
 
 
@@ -107,9 +116,11 @@ def whiten_to_dim(model: DelgModel, dim: int | None, whiten: WhitenSettings | No
         return whiten
     if whiten is None or dim > trained:
         reduce = " or keep the PCA whitening (no --no-whiten), which can reduce it" if dim < trained else ""
-        raise UserError(f"--dim {dim}: this run was trained with embedding_dim {trained}; truncating or "
-                        f"padding a descriptor would change its meaning, so train with "
-                        f"--embedding-dim {dim} instead{reduce} (or pass --dim {trained})")
+        raise UserError(
+            f"--dim {dim}: this run was trained with embedding_dim {trained}; truncating or "
+            f"padding a descriptor would change its meaning, so train with "
+            f"--embedding-dim {dim} instead{reduce} (or pass --dim {trained})"
+        )
     if whiten.dim is not None and whiten.dim != dim:
         raise UserError(f"--dim {dim} and --whiten-dim {whiten.dim} disagree; give one of them")
     return dataclasses.replace(whiten, dim=dim)
@@ -123,9 +134,15 @@ def zip_saved_model(saved_model_dir: Path, zip_path: Path) -> None:
                 archive.write(path, path.relative_to(saved_model_dir).as_posix())
 
 
-def export_retrieval(run_dirs: Sequence[Path], out_zip: Path, dim: int | None = None,
-                     max_mb: float = DEFAULT_MAX_MB, overwrite: bool = False, whiten: WhitenSettings | None = None,
-                     weights: Sequence[float] | None = None) -> float:
+def export_retrieval(
+    run_dirs: Sequence[Path],
+    out_zip: Path,
+    dim: int | None = None,
+    max_mb: float = DEFAULT_MAX_MB,
+    overwrite: bool = False,
+    whiten: WhitenSettings | None = None,
+    weights: Sequence[float] | None = None,
+) -> float:
     """Write the retrieval SavedModel zip of one run, or of several runs' ensemble (`weights`: one per run, default
     all 1); returns its size in MB. Refuses a zip larger than max_mb. With `whiten`, PCA whitening fitted on each
     run's training images at RETRIEVAL_SCALES is inside the model."""
@@ -133,15 +150,18 @@ def export_retrieval(run_dirs: Sequence[Path], out_zip: Path, dim: int | None = 
     if out_zip.exists() and not overwrite:
         raise UserError(f"{out_zip} already exists; remove it or choose another output path")
     if dim is not None and len(run_dirs) > 1:
-        raise UserError(f"--dim {dim} sets one run's descriptor size; an ensemble's is the sum of its runs': "
-                        f"reduce each run's with --whiten-dim instead")
+        raise UserError(
+            f"--dim {dim} sets one run's descriptor size; an ensemble's is the sum of its runs': "
+            f"reduce each run's with --whiten-dim instead"
+        )
     weights = tuple(weights or (1.0,) * len(run_dirs))
     members = [retrieval_member(run_dir, dim, whiten) for run_dir in run_dirs]
     out_zip.parent.mkdir(parents=True, exist_ok=True)
     with partial_dir(out_zip) as tmp:  # a killed export's folder is removed by the next one
         module = retrieval_module(members, weights)
-        tf.saved_model.save(module, str(tmp / "model"), signatures={"serving_default": module.serve},
-                            options=SAVE_OPTIONS)
+        tf.saved_model.save(
+            module, str(tmp / "model"), signatures={"serving_default": module.serve}, options=SAVE_OPTIONS
+        )
         partial = tmp / "model.zip"
         zip_saved_model(tmp / "model", partial)
         size_mb = partial.stat().st_size / 2**20

@@ -9,6 +9,7 @@ Shrinkage is a fraction of the mean eigenvalue and must be > 0: with fewer descr
 training set) the trailing eigenvalues are ~0, and the shrinkage is what keeps their scale finite; those axes
 then carry only what the training sample never varied, damped to the shrinkage's level.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,8 +70,7 @@ class FittedWhitening:
     info: dict
 
 
-def fit_pca_whitening(descriptors: np.ndarray, shrinkage: float = DEFAULT_SHRINKAGE,
-                      dim: int | None = None) -> PcaFit:
+def fit_pca_whitening(descriptors: np.ndarray, shrinkage: float = DEFAULT_SHRINKAGE, dim: int | None = None) -> PcaFit:
     """The whitening of descriptors [N, D]; dim (default D) keeps the axes of the largest eigenvalues."""
     x = np.asarray(descriptors, np.float64)
     count, width = x.shape
@@ -118,6 +118,7 @@ class PcaWhitening(tf.Module):
 
 # --- The training sample ---
 
+
 def training_folder(run_dir: Path, override: Path | None) -> Path:
     """--whiten-data when given, else the training data folder the run recorded; one-line errors otherwise."""
     if override is not None:
@@ -127,8 +128,10 @@ def training_folder(run_dir: Path, override: Path | None) -> Path:
     if source is None:
         raise UserError(f"{run_dir}: the run does not record its training data ({DATA_FILE}); {hint}")
     if "data" not in source:
-        raise UserError(f"{run_dir / DATA_FILE}: the run trained from TFRecords ({source.get('tfrecords')}), which "
-                        f"the whitening fit does not read; {hint}")
+        raise UserError(
+            f"{run_dir / DATA_FILE}: the run trained from TFRecords ({source.get('tfrecords')}), which "
+            f"the whitening fit does not read; {hint}"
+        )
     folder = Path(source["data"])
     if not (folder / TRAIN_CSV).is_file():
         raise UserError(f"{run_dir / DATA_FILE}: the run's training data {folder / TRAIN_CSV} is missing; {hint}")
@@ -177,6 +180,7 @@ def per_scale_descriptors(rows_of: Callable[[np.ndarray], np.ndarray], paths: li
 
 # --- The fit and its record ---
 
+
 def image_descriptors(rows: np.ndarray) -> np.ndarray:
     """Per-scale rows [n, G, D] -> the contract's image descriptor: rows L2-normalized, summed, L2-normalized."""
     return l2_normalize(l2_normalize(rows).sum(axis=1))
@@ -197,23 +201,42 @@ def fit_on_rows(rows: np.ndarray, settings: WhitenSettings) -> FittedWhitening:
     """The whitening of per-scale rows [n, G, D] and its record (dims, null axes, the sanity cosines)."""
     images, scales, width = rows.shape
     fit = fit_pca_whitening(rows.reshape(-1, width), settings.shrinkage, settings.dim)
-    null_axes = int((fit.eigenvalues[:fit.dim] < NULL_AXIS * fit.eigenvalues[0]).sum())
+    null_axes = int((fit.eigenvalues[: fit.dim] < NULL_AXIS * fit.eigenvalues[0]).sum())
     if null_axes:
-        log.warning("whitening: %d of the %d kept axes do not vary over the %d training descriptors; the "
-                    "shrinkage alone scales them (fit on more images, or keep fewer axes with --whiten-dim)",
-                    null_axes, fit.dim, images * scales)
+        log.warning(
+            "whitening: %d of the %d kept axes do not vary over the %d training descriptors; the "
+            "shrinkage alone scales them (fit on more images, or keep fewer axes with --whiten-dim)",
+            null_axes,
+            fit.dim,
+            images * scales,
+        )
     before = mean_pair_cosine(image_descriptors(rows))
     after = mean_pair_cosine(image_descriptors(whiten(rows, fit)))
-    info = {"applied": True, "images": images, "descriptors": images * scales, "shrinkage": settings.shrinkage,
-            "input_dim": width, "dim": fit.dim, "null_axes": null_axes,
-            "mean_pair_cosine_before": round(before, 4), "mean_pair_cosine_after": round(after, 4)}
-    log.info("whitening: %d images, %d -> %d dims, mean cosine between random pairs %.3f -> %.3f",
-             images, width, fit.dim, before, after)
+    info = {
+        "applied": True,
+        "images": images,
+        "descriptors": images * scales,
+        "shrinkage": settings.shrinkage,
+        "input_dim": width,
+        "dim": fit.dim,
+        "null_axes": null_axes,
+        "mean_pair_cosine_before": round(before, 4),
+        "mean_pair_cosine_after": round(after, 4),
+    }
+    log.info(
+        "whitening: %d images, %d -> %d dims, mean cosine between random pairs %.3f -> %.3f",
+        images,
+        width,
+        fit.dim,
+        before,
+        after,
+    )
     return FittedWhitening(fit, info)
 
 
-def fit_whitening(run_dir: Path, settings: WhitenSettings, rows_of: Callable[[np.ndarray], np.ndarray],
-                  scales: tuple[float, ...]) -> FittedWhitening:
+def fit_whitening(
+    run_dir: Path, settings: WhitenSettings, rows_of: Callable[[np.ndarray], np.ndarray], scales: tuple[float, ...]
+) -> FittedWhitening:
     """Fit on the per-scale descriptors (rows_of, at `scales`) of a sample of the run's training images."""
     data_dir = training_folder(run_dir, settings.data)
     paths = sample_training_images(data_dir, settings.images)

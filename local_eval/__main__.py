@@ -1,5 +1,6 @@
 """`python -m local_eval COMMAND ...`: score, build, replay, time, show, show-pair, tune, tune-merge,
 tradeoff, revisited (the demo is `python -m demo`)."""
+
 from __future__ import annotations
 
 import sys
@@ -16,8 +17,10 @@ COMMANDS = {
     "tune": ("local_eval.tune:main", "choose the verification and scoring settings by measuring them"),
     "tune-merge": ("local_eval.tune:main_merge", "average tune tables of several seeds and choose on the mean"),
     "tradeoff": ("local_eval.tradeoff:main", "score against projected server hours for each rung of the plan"),
-    "revisited": ("local_eval.revisited:main", "Revisited Oxford / Paris mAP and mP@k, the papers' protocol, "
-                  "through the notebook's pipeline"),
+    "revisited": (
+        "local_eval.revisited:main",
+        "Revisited Oxford / Paris mAP and mP@k, the papers' protocol, through the notebook's pipeline",
+    ),
 }
 
 if __name__ == "__main__":

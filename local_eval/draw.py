@@ -2,6 +2,7 @@
 
 Keypoints are [y, x] in the pixels of the image the model saw, as the DELG contract gives them.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,9 +64,16 @@ def _scaled(picture: Image.Image) -> tuple[Image.Image, float]:
     return picture.resize((max(1, round(picture.width * factor)), PANEL_HEIGHT), Image.BILINEAR), factor
 
 
-def match_picture(left: Image.Image, right: Image.Image, kp_left: np.ndarray, kp_right: np.ndarray,
-                  matches_left: np.ndarray, matches_right: np.ndarray, inliers: np.ndarray,
-                  caption: str) -> Image.Image:
+def match_picture(
+    left: Image.Image,
+    right: Image.Image,
+    kp_left: np.ndarray,
+    kp_right: np.ndarray,
+    matches_left: np.ndarray,
+    matches_right: np.ndarray,
+    inliers: np.ndarray,
+    caption: str,
+) -> Image.Image:
     """Two images side by side: RANSAC inliers as bright lines, rejected putative matches faint."""
     left, factor_left = _scaled(left)
     right, factor_right = _scaled(right)
@@ -80,8 +88,7 @@ def match_picture(left: Image.Image, right: Image.Image, kp_left: np.ndarray, kp
     ends_right = kp_right[matches_right][:, ::-1] * factor_right + (offset, CAPTION_HEIGHT)
     for is_inlier in (False, True):  # inliers last, on top
         colour, width = (INLIER_COLOUR, 2) if is_inlier else (REJECTED_COLOUR, 1)
-        for (x0, y0), (x1, y1) in zip(ends_left[inliers == is_inlier], ends_right[inliers == is_inlier],
-                                      strict=True):
+        for (x0, y0), (x1, y1) in zip(ends_left[inliers == is_inlier], ends_right[inliers == is_inlier], strict=True):
             draw.line([(x0, y0), (x1, y1)], fill=colour, width=width)
             if is_inlier:
                 for x, y in ((x0, y0), (x1, y1)):
@@ -120,13 +127,25 @@ def precision_curve(correct: np.ndarray, title: str, size: tuple[int, int] = (64
     for r, p, ok in zip(ranks, precision, correct, strict=True):
         x, y = to_x(r), to_y(p)
         draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=(30, 170, 50) if ok else (220, 50, 50))
-    draw.text((margin_left + plot_w - 170, margin_top + 6), f"{int(correct.sum())} correct of {len(correct)}",
-              fill=(0, 0, 0), font=small)
+    draw.text(
+        (margin_left + plot_w - 170, margin_top + 6),
+        f"{int(correct.sum())} correct of {len(correct)}",
+        fill=(0, 0, 0),
+        font=small,
+    )
     return canvas
 
 
-SERIES_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
-                  (140, 86, 75), (127, 127, 127)]
+SERIES_COLOURS = [
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (148, 103, 189),
+    (255, 127, 14),
+    (23, 190, 207),
+    (140, 86, 75),
+    (127, 127, 127),
+]
 SERIES_MARKERS = ("circle", "square", "triangle", "diamond", "cross")
 SERIES_DASHES = ((), (10, 5), (3, 4), (12, 4, 3, 4), (6, 3))  # on/off lengths in pixels; () is a solid line
 LEGEND_ROW = 18
@@ -135,8 +154,11 @@ MARK_COLOUR = (0, 0, 0)
 
 def series_style(index: int) -> tuple[tuple[int, int, int], str, tuple[int, ...]]:
     """(colour, marker, dash pattern) of the index-th series: neighbours differ in all three."""
-    return (SERIES_COLOURS[index % len(SERIES_COLOURS)], SERIES_MARKERS[index % len(SERIES_MARKERS)],
-            SERIES_DASHES[index % len(SERIES_DASHES)])
+    return (
+        SERIES_COLOURS[index % len(SERIES_COLOURS)],
+        SERIES_MARKERS[index % len(SERIES_MARKERS)],
+        SERIES_DASHES[index % len(SERIES_DASHES)],
+    )
 
 
 def draw_marker(draw: ImageDraw.ImageDraw, kind: str, x: float, y: float, colour, radius: float = 4) -> None:
@@ -154,8 +176,9 @@ def draw_marker(draw: ImageDraw.ImageDraw, kind: str, x: float, y: float, colour
         draw.line([(x - r, y + r), (x + r, y - r)], fill=colour, width=3)
 
 
-def draw_polyline(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], colour, dash: tuple[int, ...],
-                  width: int = 2) -> None:
+def draw_polyline(
+    draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], colour, dash: tuple[int, ...], width: int = 2
+) -> None:
     """A line through points, solid or in the on/off dash pattern (which runs on from one segment to the next)."""
     if not dash:
         draw.line(points, fill=colour, width=width)
@@ -198,10 +221,16 @@ def fit_text(draw: ImageDraw.ImageDraw, text: str, width: float, text_font) -> s
 LINE_CHART_SIZE = (820, 420)  # width, and height above the legend
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str,
-               vertical: tuple[float, str] | None = None, marked: tuple[float, float, str] | None = None,
-               note: str | None = None,
-               styles: list[tuple[tuple[int, int, int], str, tuple[int, ...]]] | None = None) -> Image.Image:
+def line_chart(
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    x_label: str,
+    y_label: str,
+    vertical: tuple[float, str] | None = None,
+    marked: tuple[float, float, str] | None = None,
+    note: str | None = None,
+    styles: list[tuple[tuple[int, int, int], str, tuple[int, ...]]] | None = None,
+) -> Image.Image:
     """Lines with markers, one per named series of (x, y) points, each series in its own colour, marker and dash
     (or styles[i], the i-th series' (colour, marker, dash)); the legend under the plot (the canvas grows with it).
     Optionally a dashed vertical line at vertical[0] labelled vertical[1] (a time limit, say), a ring around the
@@ -216,11 +245,13 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
     margin_bottom = 44 + legend_h
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    draw.text((margin_left, 8), fit_text(draw, title, width - margin_left - 8, title_font), fill=(0, 0, 0),
-              font=title_font)
+    draw.text(
+        (margin_left, 8), fit_text(draw, title, width - margin_left - 8, title_font), fill=(0, 0, 0), font=title_font
+    )
     if note:
-        draw.text((margin_left, 30), fit_text(draw, note, width - margin_left - 8, small), fill=(70, 70, 70),
-                  font=small)
+        draw.text(
+            (margin_left, 30), fit_text(draw, note, width - margin_left - 8, small), fill=(70, 70, 70), font=small
+        )
     points = [point for line in series.values() for point in line]
     xs = [x for x, _ in points] + ([vertical[0]] if vertical else [])
     ys = [y for _, y in points]
@@ -239,8 +270,12 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
         draw.line([(margin_left - 4, to_y(y_value)), (margin_left + plot_w, to_y(y_value))], fill=(225, 225, 225))
         draw.text((4, to_y(y_value) - 7), f"{y_value:.3f}", fill=(0, 0, 0), font=small)
         draw.text((to_x(x_value) - 12, margin_top + plot_h + 4), f"{x_value:.3g}", fill=(0, 0, 0), font=small)
-    draw.text((margin_left + plot_w // 2 - draw.textlength(x_label, font=small) / 2, margin_top + plot_h + 20),
-              x_label, fill=(0, 0, 0), font=small)
+    draw.text(
+        (margin_left + plot_w // 2 - draw.textlength(x_label, font=small) / 2, margin_top + plot_h + 20),
+        x_label,
+        fill=(0, 0, 0),
+        font=small,
+    )
     draw.text((4, margin_top - 26), y_label, fill=(0, 0, 0), font=small)
     if vertical:
         x = to_x(vertical[0])
@@ -264,8 +299,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
         draw.ellipse([x - 9, y - 9, x + 9, y + 9], outline=MARK_COLOUR, width=2)
         row_y = legend_top + LEGEND_ROW * len(series)
         draw.ellipse([margin_left + 12, row_y + 2, margin_left + 24, row_y + 14], outline=MARK_COLOUR, width=2)
-        draw.text((margin_left + 44, row_y + 1), fit_text(draw, marked[2], plot_w - 44, small), fill=(0, 0, 0),
-                  font=small)
+        draw.text(
+            (margin_left + 44, row_y + 1), fit_text(draw, marked[2], plot_w - 44, small), fill=(0, 0, 0), font=small
+        )
     return canvas
 
 

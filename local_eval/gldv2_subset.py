@@ -6,6 +6,7 @@ Retrieval: queries whose relevant index images all fit, every one of those image
 Images missing from a partial download are skipped when choosing.
 A folder of images known to show no landmark (--nonlandmark-dir) becomes the competition's distractor set.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,10 @@ def read_gldv2_csv(gldv2: Path, name: str) -> pd.DataFrame:
     if repeated.any():
         row = int(repeated.to_numpy().argmax())
         first = int((frame[key] == frame[key].iloc[row]).to_numpy().argmax())
-        raise UserError(f"{path}, line {row + 2}: {key} {frame[key].iloc[row]} repeats line {first + 2}; the GLDv2 "
-                        f"file lists each {key} once: remove the repeated row")
+        raise UserError(
+            f"{path}, line {row + 2}: {key} {frame[key].iloc[row]} repeats line {first + 2}; the GLDv2 "
+            f"file lists each {key} once: remove the repeated row"
+        )
     return frame
 
 
@@ -67,22 +70,26 @@ def _shuffled(rng: np.random.Generator, frame: pd.DataFrame) -> pd.DataFrame:
     return frame.iloc[rng.permutation(len(frame))]
 
 
-def choose_recognition(gldv2: Path, solution: pd.DataFrame, clean: dict[str, list[str]], n_test: int,
-                       rng: np.random.Generator) -> pd.DataFrame:
+def choose_recognition(
+    gldv2: Path, solution: pd.DataFrame, clean: dict[str, list[str]], n_test: int, rng: np.random.Generator
+) -> pd.DataFrame:
     """Test rows: landmark images whose landmarks are all in the clean train set, and non-landmark images."""
     is_landmark = solution.landmarks.str.strip() != ""
     share = float(is_landmark.mean()) if len(solution) else 0.0
     known = solution.landmarks.str.split().map(lambda ids: bool(ids) and all(i in clean for i in ids))
     n_landmark = max(1, round(n_test * share)) if share else 0
-    picked = [present(gldv2, "test", _shuffled(rng, solution[known]).id, n_landmark),
-              present(gldv2, "test", _shuffled(rng, solution[~is_landmark]).id, n_test - n_landmark)]
+    picked = [
+        present(gldv2, "test", _shuffled(rng, solution[known]).id, n_landmark),
+        present(gldv2, "test", _shuffled(rng, solution[~is_landmark]).id, n_test - n_landmark),
+    ]
     if not picked[0]:
         raise UserError(f"{gldv2}: no test image of a train_clean landmark has its image in {gldv2 / 'test'}")
     return solution.set_index("id").loc[picked[0] + picked[1]].reset_index()
 
 
-def choose_retrieval(gldv2: Path, solution: pd.DataFrame, n_queries: int, n_index: int,
-                     rng: np.random.Generator) -> tuple[pd.DataFrame, list[str]]:
+def choose_retrieval(
+    gldv2: Path, solution: pd.DataFrame, n_queries: int, n_index: int, rng: np.random.Generator
+) -> tuple[pd.DataFrame, list[str]]:
     """Queries whose relevant images all exist and fit in half the index, a few Ignored rows, and the index."""
     ignored = solution.Usage == "Ignored"
     n_ignored = round(n_queries * float(ignored.mean())) if len(solution) else 0
@@ -96,8 +103,10 @@ def choose_retrieval(gldv2: Path, solution: pd.DataFrame, n_queries: int, n_inde
             index |= relevant
     chosen += present(gldv2, "test", _shuffled(rng, solution[ignored]).id, n_ignored)
     if not index:
-        raise UserError(f"{gldv2}: no retrieval query has all its relevant images in {gldv2 / 'index'} "
-                        f"within {n_index // 2} images; raise --index")
+        raise UserError(
+            f"{gldv2}: no retrieval query has all its relevant images in {gldv2 / 'index'} "
+            f"within {n_index // 2} images; raise --index"
+        )
     all_index = sorted(p.stem for p in (gldv2 / "index").glob("*/*/*/*.jpg"))
     distractors = [all_index[i] for i in rng.permutation(len(all_index)) if all_index[i] not in index]
     index_ids = sorted(index) + distractors[: n_index - len(index)]
@@ -114,8 +123,9 @@ def link_images(gldv2: Path, root: Path, split: str, ids: Iterable[str], out_spl
 
 def nonlandmark_images(folder: Path, taken: set[str]) -> list[Path]:
     """The image files under folder (relative paths), less those whose id is an image of the subset."""
-    images = sorted(p.relative_to(folder) for p in folder.rglob("*")
-                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(
+        p.relative_to(folder) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     kept = [p for p in images if p.stem not in taken]
     if len(kept) < len(images):
         log.warning("--nonlandmark-dir: left out %d images that are in the subset itself", len(images) - len(kept))
@@ -132,8 +142,15 @@ def link_nonlandmark(folder: Path, images: list[Path], root: Path) -> None:
         os.symlink((folder / relative).resolve(), target)
 
 
-def build_gldv2_subset(gldv2: Path, out: Path, n_test: int, n_index: int, seed: int = 0,
-                       overwrite: bool = False, nonlandmark_dir: Path | None = None) -> Path:
+def build_gldv2_subset(
+    gldv2: Path,
+    out: Path,
+    n_test: int,
+    n_index: int,
+    seed: int = 0,
+    overwrite: bool = False,
+    nonlandmark_dir: Path | None = None,
+) -> Path:
     """Write a consistent GLDv2 subset in the Kaggle layout into `out` (atomically) and return `out`;
     an identical build there is kept."""
     gldv2, out = Path(gldv2).resolve(), Path(out)
@@ -172,6 +189,13 @@ def build_gldv2_subset(gldv2: Path, out: Path, n_test: int, n_index: int, seed: 
             link_nonlandmark(Path(nonlandmark_dir), distractors, tmp)
         write_csvs(tmp, train, test.sort_values("id"), queries.sort_values("id"))
         write_build_info(tmp, info)
-    log.info("built %s: %d train, %d test, %d index, %d queries, %d distractors", out, len(train), len(test),
-             len(index_ids), len(queries), len(distractors))
+    log.info(
+        "built %s: %d train, %d test, %d index, %d queries, %d distractors",
+        out,
+        len(train),
+        len(test),
+        len(index_ids),
+        len(queries),
+        len(distractors),
+    )
     return out

@@ -5,6 +5,7 @@ retrieval solution `id,images,Usage` (ignored rows hold `None`). Recognition sub
 `"<landmark_id> <score>"` or empty; retrieval submission `id,images` with space-separated index ids.
 Blank lines and trailing spaces are tolerated; `Ignored` rows are skipped, as the official reader does.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,8 +51,9 @@ def read_solution(path: str | Path, task: str) -> Solution:
             parse = _parse_landmark_ids if task == "recognition" else _parse_relevant_images
             solution.subsets[USAGES[usage]][test_id] = parse(path, line, test_id, values)
         else:
-            raise UserError(f"{path}:{line}: id {test_id}: unknown Usage {usage!r}; "
-                            f"expected Public, Private or {IGNORED}")
+            raise UserError(
+                f"{path}:{line}: id {test_id}: unknown Usage {usage!r}; expected Public, Private or {IGNORED}"
+            )
     return solution
 
 
@@ -81,13 +83,17 @@ def _rows(path: str | Path, columns: list[str]) -> Iterator[tuple[int, str, list
             header = [name.strip() for name in next(rows, [])]
             missing = [name for name in columns if name not in header]
             if missing:
-                raise UserError(f"{path}:{max(reader.line_num, 1)}: missing column(s) {', '.join(missing)}; "
-                                f"expected header {','.join(columns)}, found {','.join(header) or 'nothing'}")
+                raise UserError(
+                    f"{path}:{max(reader.line_num, 1)}: missing column(s) {', '.join(missing)}; "
+                    f"expected header {','.join(columns)}, found {','.join(header) or 'nothing'}"
+                )
             indices = [header.index(name) for name in columns]
             for row in rows:
                 if len(row) != len(header):
-                    raise UserError(f"{path}:{reader.line_num}: expected {len(header)} fields "
-                                    f"({','.join(header)}), found {len(row)}")
+                    raise UserError(
+                        f"{path}:{reader.line_num}: expected {len(header)} fields "
+                        f"({','.join(header)}), found {len(row)}"
+                    )
                 test_id, *values = [row[i].rstrip() for i in indices]
                 yield reader.line_num, test_id.strip(), values
     except OSError as err:
@@ -126,8 +132,9 @@ def _parse_relevant_images(path: str | Path, line: int, test_id: str, values: st
 def _parse_recognition_prediction(path: str | Path, line: int, test_id: str, values: str) -> tuple[int, float]:
     tokens = values.split(" ")
     if len(tokens) != 2:
-        raise UserError(f"{path}:{line}: id {test_id}: expected '<landmark_id> <score>', "
-                        f"found {len(tokens)} token(s) in {values!r}")
+        raise UserError(
+            f"{path}:{line}: id {test_id}: expected '<landmark_id> <score>', found {len(tokens)} token(s) in {values!r}"
+        )
     landmark_id = _parse_landmark_id(path, line, test_id, tokens[0])
     try:
         score = float(tokens[1])

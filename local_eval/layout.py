@@ -1,5 +1,6 @@
 """The layout of a local competition, written down once: the Kaggle input folders, the hidden solutions,
 the distractor images, the build record. Both builders write it (write_csvs), replay and the demo read it."""
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,9 @@ def check_existing(out: Path, info: dict, overwrite: bool) -> bool:
         remove_stale_partials(Path(os.path.abspath(out)))  # what an earlier, killed build left beside it
         return True
     if existing is not None and not overwrite:
-        raise UserError(f"{out} already holds a different competition ({json.dumps(existing)}); "
-                        "pass --overwrite to replace it or choose another output path")
+        raise UserError(
+            f"{out} already holds a different competition ({json.dumps(existing)}); "
+            "pass --overwrite to replace it or choose another output path"
+        )
     check_output_dir(out, overwrite, marker=BUILD_INFO)
     return False

@@ -6,6 +6,7 @@ order; `solution` maps test id -> relevant index ids. A metric with nothing to d
 image, no query) is NaN; `score_*` report it as None so the JSON stays valid. `bootstrap_interval` gives a score's
 spread over the queries: the 2.5-97.5% quantiles of the metric over resamples of the queries with replacement.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ RecognitionPredictions = Mapping[str, tuple[int, float]]
 RetrievalPredictions = Mapping[str, list[str]]
 
 
-def global_average_precision(predictions: RecognitionPredictions, solution: Mapping[str, list[int]],
-                             ignore_non_gt_test_images: bool = False) -> float:
+def global_average_precision(
+    predictions: RecognitionPredictions, solution: Mapping[str, list[int]], ignore_non_gt_test_images: bool = False
+) -> float:
     """GAP: predictions ranked by score desc, then id asc; precision summed at each correct one.
 
     Predictions on non-landmark images count as wrong unless `ignore_non_gt_test_images`; the sum is
@@ -47,8 +49,9 @@ def global_average_precision(predictions: RecognitionPredictions, solution: Mapp
         return 0.0
     ids = np.array(list(predictions))
     scores = np.fromiter((score for _, score in predictions.values()), float, len(ids))
-    correct = np.fromiter((landmark in solution[test_id] for test_id, (landmark, _) in predictions.items()),
-                          bool, len(ids))
+    correct = np.fromiter(
+        (landmark in solution[test_id] for test_id, (landmark, _) in predictions.items()), bool, len(ids)
+    )
     # One prediction per id, so the official third key (class asc) never decides.
     return _ranked_gap(correct[np.lexsort((ids, -scores))], num_positives)
 
@@ -64,57 +67,69 @@ def top1_accuracy(predictions: RecognitionPredictions, solution: Mapping[str, li
     truths = [(test_id, truth) for test_id, truth in solution.items() if truth]
     if not truths:
         return math.nan
-    correct = sum(1 for test_id, truth in truths
-                  if test_id in predictions and predictions[test_id][0] in truth)
+    correct = sum(1 for test_id, truth in truths if test_id in predictions and predictions[test_id][0] in truth)
     return correct / len(truths)
 
 
-def mean_average_precision(predictions: RetrievalPredictions, solution: Mapping[str, list[str]],
-                           max_predictions: int = MAX_PREDICTIONS) -> float:
+def mean_average_precision(
+    predictions: RetrievalPredictions, solution: Mapping[str, list[str]], max_predictions: int = MAX_PREDICTIONS
+) -> float:
     """mAP@max_predictions over every query of `solution` (a missing query scores 0)."""
     return _mean_average_precision(_hit_matrix(predictions, solution, max_predictions), solution)
 
 
-def mean_precisions(predictions: RetrievalPredictions, solution: Mapping[str, list[str]],
-                    max_predictions: int = MAX_PREDICTIONS) -> np.ndarray:
+def mean_precisions(
+    predictions: RetrievalPredictions, solution: Mapping[str, list[str]], max_predictions: int = MAX_PREDICTIONS
+) -> np.ndarray:
     """Mean precision@k for k = 1..max_predictions over every query of `solution`."""
     return _mean_precisions(_hit_matrix(predictions, solution, max_predictions))
 
 
-def mean_median_position(predictions: RetrievalPredictions, solution: Mapping[str, list[str]],
-                         max_predictions: int = MAX_PREDICTIONS) -> tuple[float, float]:
+def mean_median_position(
+    predictions: RetrievalPredictions, solution: Mapping[str, list[str]], max_predictions: int = MAX_PREDICTIONS
+) -> tuple[float, float]:
     """Mean and median rank of the first relevant image (max_predictions + 1 when none)."""
     return _mean_median_position(_hit_matrix(predictions, solution, max_predictions))
 
 
-def score_recognition(solution: Mapping[str, Mapping[str, list[int]]],
-                      predictions: RecognitionPredictions) -> dict[str, dict]:
+def score_recognition(
+    solution: Mapping[str, Mapping[str, list[int]]], predictions: RecognitionPredictions
+) -> dict[str, dict]:
     """GAP, landmarks-only GAP, top-1 and row count for 'public', 'private' and 'all'."""
+
     def scores(truth: Mapping[str, list[int]]) -> dict:
         subset_predictions = {test_id: predictions[test_id] for test_id in truth if test_id in predictions}
-        return _json_safe({
-            "gap": global_average_precision(subset_predictions, truth),
-            "gap_landmarks_only": global_average_precision(subset_predictions, truth, True),
-            "top1": top1_accuracy(subset_predictions, truth),
-            "n": len(truth),
-        })
+        return _json_safe(
+            {
+                "gap": global_average_precision(subset_predictions, truth),
+                "gap_landmarks_only": global_average_precision(subset_predictions, truth, True),
+                "top1": top1_accuracy(subset_predictions, truth),
+                "n": len(truth),
+            }
+        )
+
     return {name: scores(truth) for name, truth in subsets_with_all(solution).items()}
 
 
-def score_retrieval(solution: Mapping[str, Mapping[str, list[str]]],
-                    predictions: RetrievalPredictions) -> dict[str, dict]:
+def score_retrieval(
+    solution: Mapping[str, Mapping[str, list[str]]], predictions: RetrievalPredictions
+) -> dict[str, dict]:
     """mAP@100, precision@{1,5,10,50,100}, first-hit position and row count per subset and 'all'."""
+
     def scores(truth: Mapping[str, list[str]]) -> dict:
         hits = _hit_matrix({q: predictions[q] for q in truth if q in predictions}, truth, MAX_PREDICTIONS)
         precisions = _mean_precisions(hits)
         mean_position, median_position = _mean_median_position(hits)
-        return _json_safe({
-            "map@100": _mean_average_precision(hits, truth),
-            **{f"precision@{k}": precisions[k - 1] for k in PRECISION_RANKS},
-            "mean_position": mean_position,
-            "median_position": median_position,
-            "n": len(truth),
-        })
+        return _json_safe(
+            {
+                "map@100": _mean_average_precision(hits, truth),
+                **{f"precision@{k}": precisions[k - 1] for k in PRECISION_RANKS},
+                "mean_position": mean_position,
+                "median_position": median_position,
+                "n": len(truth),
+            }
+        )
+
     return {name: scores(truth) for name, truth in subsets_with_all(solution).items()}
 
 
@@ -132,9 +147,13 @@ def score_files(task: str, solution_path: str | Path, submission_path: str | Pat
     return scores
 
 
-def bootstrap_interval(task: str, predictions: RecognitionPredictions | RetrievalPredictions,
-                       solution: Mapping[str, list], resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = BOOTSTRAP_SEED) -> list[float] | None:
+def bootstrap_interval(
+    task: str,
+    predictions: RecognitionPredictions | RetrievalPredictions,
+    solution: Mapping[str, list],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[float] | None:
     """[low, high]: the 2.5 and 97.5% quantiles of the task's metric over `resamples` draws of the solution's queries
     with replacement (a fixed seed), each query keeping its prediction; how far the score would move on another
     sample of queries of the same kind. None when no draw has the metric defined."""
@@ -148,8 +167,9 @@ def bootstrap_interval(task: str, predictions: RecognitionPredictions | Retrieva
     return [float(q) for q in np.percentile(values, INTERVAL_PERCENTILES)] if len(values) else None
 
 
-def _resampled_gap(predictions: RecognitionPredictions, solution: Mapping[str, list[int]],
-                   counts: np.ndarray) -> np.ndarray:
+def _resampled_gap(
+    predictions: RecognitionPredictions, solution: Mapping[str, list[int]], counts: np.ndarray
+) -> np.ndarray:
     """GAP of each resample, given each query's count in it: the predictions in rank order once, each repeated as
     often as its query was drawn (a repeat ties with itself, so the order is the official one)."""
     _check_known(predictions, solution)
@@ -161,12 +181,17 @@ def _resampled_gap(predictions: RecognitionPredictions, solution: Mapping[str, l
     correct = np.array([predictions[queries[k]][0] in solution[queries[k]] for k in predicted], bool)
     order = np.lexsort((ids, -scores))
     ranked_correct, ranked_counts = correct[order], counts[:, np.array(predicted, int)[order]]
-    return np.array([_ranked_gap(np.repeat(ranked_correct, row), total) if total else math.nan
-                     for row, total in zip(ranked_counts, positives, strict=True)])
+    return np.array(
+        [
+            _ranked_gap(np.repeat(ranked_correct, row), total) if total else math.nan
+            for row, total in zip(ranked_counts, positives, strict=True)
+        ]
+    )
 
 
-def _resampled_map(predictions: RetrievalPredictions, solution: Mapping[str, list[str]],
-                   counts: np.ndarray) -> np.ndarray:
+def _resampled_map(
+    predictions: RetrievalPredictions, solution: Mapping[str, list[str]], counts: np.ndarray
+) -> np.ndarray:
     """mAP@100 of each resample: the mean of the drawn queries' average precisions."""
     average_precisions = _average_precisions(_hit_matrix(predictions, solution, MAX_PREDICTIONS), solution)
     return counts @ average_precisions / counts.sum(axis=1)
@@ -185,8 +210,9 @@ def _check_known(predictions: Mapping[str, object], solution: Mapping[str, list]
         raise ValueError(f"test image {unknown} is not part of the solution")
 
 
-def _hit_matrix(predictions: RetrievalPredictions, solution: Mapping[str, list[str]],
-                max_predictions: int) -> np.ndarray:
+def _hit_matrix(
+    predictions: RetrievalPredictions, solution: Mapping[str, list[str]], max_predictions: int
+) -> np.ndarray:
     """hits[q, i]: the query's i-th prediction is relevant and its first occurrence (a repeat scores 0)."""
     _check_known(predictions, solution)
     hits = np.zeros((len(solution), max_predictions), bool)
@@ -234,5 +260,7 @@ def _mean_median_position(hits: np.ndarray) -> tuple[float, float]:
 
 def _json_safe(scores: dict) -> dict:
     """Plain Python numbers, NaN as None."""
-    return {key: value if isinstance(value, int) else None if math.isnan(value) else float(value)
-            for key, value in scores.items()}
+    return {
+        key: value if isinstance(value, int) else None if math.isnan(value) else float(value)
+        for key, value in scores.items()
+    }

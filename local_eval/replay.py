@@ -9,6 +9,7 @@
 keeps this one: how to check a new Kaggle image before spending a submission. Without it, $KIT_SCRIPT_PYTHON
 or this interpreter runs the script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,9 +93,24 @@ def script_command(run: ScriptRun, out: Path) -> list[str]:
     --nonlandmark-dir unless the extra flags name one."""
     given = run.nonlandmarks and "--nonlandmark-dir" not in run.extra
     distractors = ["--nonlandmark-dir", str(run.nonlandmarks)] if given else []
-    return [run.python, str(SCRIPT), "--task", run.task, "--data", str(run.data), "--model", str(run.model),
-            "--out", str(out / "submission.csv"), "--work", str(run.work),
-            "--time-budget-h", f"{run.limit_h:g}", *distractors, *run.extra]
+    return [
+        run.python,
+        str(SCRIPT),
+        "--task",
+        run.task,
+        "--data",
+        str(run.data),
+        "--model",
+        str(run.model),
+        "--out",
+        str(out / "submission.csv"),
+        "--work",
+        str(run.work),
+        "--time-budget-h",
+        f"{run.limit_h:g}",
+        *distractors,
+        *run.extra,
+    ]
 
 
 # Leads the script's process group and kills it once its stdin closes: the replay holds the other end, and the system
@@ -108,10 +124,19 @@ def run_with_limit(command: list[str], log_path: Path, limit_s: float) -> tuple[
     this process is interrupted or fails, and (through the watchdog leading the group) when it is killed. The status:
     ok, crash, timeout, or refused (it exited 2: its one-line error for a bad input)."""
     start = time.monotonic()
-    with subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, process_group=0) as watchdog, open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   process_group=watchdog.pid)  # in our folder: relative paths in the flags work
+    with (
+        subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            process_group=0,
+        ) as watchdog,
+        open(log_path, "w") as log_file,
+    ):
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=watchdog.pid
+        )  # in our folder: relative paths in the flags work
         try:
             code = process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
@@ -149,14 +174,21 @@ def check_python_runs(python: str, source: str) -> None:
     """The interpreter starts and runs a line of Python (/bin/false, a broken venv: one error line, before any
     work)."""
     try:
-        result = subprocess.run([python, "-c", "import sys; sys.exit(0)"], capture_output=True, text=True,
-                                stdin=subprocess.DEVNULL, timeout=PYTHON_CHECK_S)
+        result = subprocess.run(
+            [python, "-c", "import sys; sys.exit(0)"],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=PYTHON_CHECK_S,
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         raise UserError(f"{source} {python}: the interpreter could not run the script ({err})") from None
     if result.returncode != 0:
         said = (result.stderr.strip().splitlines() or ["no message"])[-1]
-        raise UserError(f"{source} {python}: the interpreter could not run the script (a line of Python exited "
-                        f"{result.returncode}: {said})")
+        raise UserError(
+            f"{source} {python}: the interpreter could not run the script (a line of Python exited "
+            f"{result.returncode}: {said})"
+        )
 
 
 def check_model(model: Path) -> None:
@@ -174,8 +206,10 @@ def check_report_folder(out: Path) -> None:
     kind = marker_kind(out)
     earlier = kind == REPORT_KIND or (kind is None and {p.name for p in out.iterdir()} <= REPORT_FILES)
     if not earlier:
-        raise UserError(f"--out {out} holds other files than a replay report ({kind or 'not written by this kit'}); "
-                        "the new report replaces OUT whole: choose another report folder")
+        raise UserError(
+            f"--out {out} holds other files than a replay report ({kind or 'not written by this kit'}); "
+            "the new report replaces OUT whole: choose another report folder"
+        )
 
 
 def fresh(path: Path, before: dict[Path, tuple[int, int] | None]) -> bool:
@@ -191,8 +225,16 @@ def file_identity(path: Path) -> tuple[int, int] | None:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
-           extra_args: list[str] | None = None, work: Path | None = None, python: str | None = None) -> dict:
+def replay(
+    competition: Path,
+    task: str,
+    model: Path,
+    out: Path,
+    limit_h: float,
+    extra_args: list[str] | None = None,
+    work: Path | None = None,
+    python: str | None = None,
+) -> dict:
     """Run the script once, score what it left (final and global-only), write out/report.json. Its WORK folder
     is out/work unless another is given (runs sharing one reuse each other's cached features). The script runs
     with `python` (default: $KIT_SCRIPT_PYTHON or this interpreter).
@@ -217,8 +259,16 @@ def replay(competition: Path, task: str, model: Path, out: Path, limit_h: float,
             os.replace(out / "work", work)  # the cached features go on; put back unless the new report is complete
         try:
             distractors = nonlandmark_folder(Path(competition))
-            script = ScriptRun(task, data.resolve(), Path(model).resolve(), work, limit_h, extra_args or [],
-                               distractors.resolve() if distractors.is_dir() else None, python)
+            script = ScriptRun(
+                task,
+                data.resolve(),
+                Path(model).resolve(),
+                work,
+                limit_h,
+                extra_args or [],
+                distractors.resolve() if distractors.is_dir() else None,
+                python,
+            )
             report = run_and_report(script, solution, new)
             mark_output_dir(new, kind=REPORT_KIND)
             swap_in(new, out)
@@ -279,12 +329,14 @@ def with_interval(task: str, scores: dict) -> str:
 def format_report(task: str, report: dict) -> str:
     metric = METRIC_NAME[TASK_METRIC[task]]
     versions = report["timing"].get("versions", {})
-    lines = [f"{task}: status {report['status']} in {report['seconds']:.1f} s",
-             f"  run by {report['python']}: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "no versions"),
-             f"  {metric} global only: {headline(task, report['global_only'])}",
-             f"  {metric} final:       {headline(task, report['final'])}",
-             f"  [low-high]: {INTERVAL_PERCENTILES[0]:g}-{INTERVAL_PERCENTILES[1]:g}% of {BOOTSTRAP_RESAMPLES} "
-             "bootstrap resamples of the queries: differences inside it may be chance"]
+    lines = [
+        f"{task}: status {report['status']} in {report['seconds']:.1f} s",
+        f"  run by {report['python']}: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "no versions"),
+        f"  {metric} global only: {headline(task, report['global_only'])}",
+        f"  {metric} final:       {headline(task, report['final'])}",
+        f"  [low-high]: {INTERVAL_PERCENTILES[0]:g}-{INTERVAL_PERCENTILES[1]:g}% of {BOOTSTRAP_RESAMPLES} "
+        "bootstrap resamples of the queries: differences inside it may be chance",
+    ]
     for name, stage in report["timing"].get("stages", {}).items():
         lines.append(f"  {name:<15} {stage['items']:>7} items {stage['seconds']:8.1f} s")
     if "log_tail" in report:
@@ -295,23 +347,37 @@ def format_report(task: str, report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from local_eval.sandbox import DEFAULT_DISK_GB, Limits, format_sandbox, replay_bundle  # it imports this module
 
-    parser = KitArgumentParser(prog="python -m local_eval replay", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitArgumentParser(
+        prog="python -m local_eval replay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(TASK_FOLDERS))
     given = parser.add_mutually_exclusive_group(required=True)
     given.add_argument("--model", type=Path, help="exported DELG SavedModel folder")
-    given.add_argument("--bundle", type=Path, help="a bundle of `python -m export bundle`: its kernel.py run as Kaggle "
-                       "runs it (local_eval/sandbox.py, docs/kaggle-sandbox.md)")
+    given.add_argument(
+        "--bundle",
+        type=Path,
+        help="a bundle of `python -m export bundle`: its kernel.py run as Kaggle "
+        "runs it (local_eval/sandbox.py, docs/kaggle-sandbox.md)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="report folder (report.json, submissions, log)")
-    parser.add_argument("--limit-h", type=float, default=NOTEBOOK_LIMIT_H,
-                        help="wall-clock limit of the run, in hours (default %(default)s)")
-    parser.add_argument("--python", default=None, metavar="PATH",
-                        help="interpreter that runs the script, e.g. a venv of Kaggle's image's versions "
-                             f"(default: ${SCRIPT_PYTHON_ENV}, else this one)")
+    parser.add_argument(
+        "--limit-h",
+        type=float,
+        default=NOTEBOOK_LIMIT_H,
+        help="wall-clock limit of the run, in hours (default %(default)s)",
+    )
+    parser.add_argument(
+        "--python",
+        default=None,
+        metavar="PATH",
+        help="interpreter that runs the script, e.g. a venv of Kaggle's image's versions "
+        f"(default: ${SCRIPT_PYTHON_ENV}, else this one)",
+    )
     limits = parser.add_argument_group("the sandbox of --bundle")
-    limits.add_argument("--disk-gb", type=float, default=DEFAULT_DISK_GB, help="size of /kaggle/working (default "
-                        "%(default)s)")
+    limits.add_argument(
+        "--disk-gb", type=float, default=DEFAULT_DISK_GB, help="size of /kaggle/working (default %(default)s)"
+    )
     limits.add_argument("--cpus", type=int, default=None, help="CPUs the run may use (default: all of this process's)")
     limits.add_argument("--ram-gb", type=float, default=None, help="memory of the run's processes (default: no limit)")
     parser.add_argument("script_args", nargs="*", help="extra flags for submission/main.py, after `--`")
@@ -319,11 +385,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.bundle is not None and args.python is not None:
         parser.error("--python does not apply to --bundle: the sandbox runs kernel.py with this interpreter's packages")
     if args.bundle is not None:
-        report = replay_bundle(args.competition, args.task, args.bundle, args.out, args.limit_h,
-                               Limits(args.disk_gb, args.cpus, args.ram_gb), args.script_args)
+        report = replay_bundle(
+            args.competition,
+            args.task,
+            args.bundle,
+            args.out,
+            args.limit_h,
+            Limits(args.disk_gb, args.cpus, args.ram_gb),
+            args.script_args,
+        )
         print(format_report(args.task, report) + "\n" + format_sandbox(report["sandbox"]))
         return 0 if report["status"] == "ok" else 1
-    report = replay(args.competition, args.task, args.model, args.out, args.limit_h, args.script_args,
-                    python=args.python)
+    report = replay(
+        args.competition, args.task, args.model, args.out, args.limit_h, args.script_args, python=args.python
+    )
     print(format_report(args.task, report))
     return 0 if report["status"] == "ok" else 1

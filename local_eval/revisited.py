@@ -18,6 +18,7 @@ rankings with revisitop's Easy / Medium / Hard mAP and mP@1,5,10 (local_eval.rev
                         DELG's published R50 figures.
 OUT/work holds the crops and the script's caches (reused by the next run with the same model and settings).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -121,8 +122,10 @@ def read_dataset(data: Path, dataset: str) -> Dataset:
         easy, hard = (set(np.asarray(entry[kind]).reshape(-1).tolist()) for kind in ("easy", "hard"))
         both = sorted(easy & hard)
         if both:
-            raise UserError(f"{path}: query {name!r}: database image {db_names[both[0]]!r} (index {both[0]}) is both "
-                            "easy and hard; an image has one label per query")
+            raise UserError(
+                f"{path}: query {name!r}: database image {db_names[both[0]]!r} (index {both[0]}) is both "
+                "easy and hard; an image has one label per query"
+            )
     return Dataset(folder, path, [str(n) for n in db_names], [str(n) for n in query_names], gnd)
 
 
@@ -176,13 +179,16 @@ def prepare_out(out: Path, inputs: list[tuple[str, Path | None]]) -> Path:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / KIT_MARKER).is_file())):
         raise UserError(f"--out {out} exists and was not written by this kit; choose another output path")
     if marker_kind(out) not in (None, REVISITED_KIND):
-        raise UserError(f"--out {out} holds a {marker_kind(out)} written by this kit, not a {REVISITED_KIND}; "
-                        "choose another output path")
+        raise UserError(
+            f"--out {out} holds a {marker_kind(out)} written by this kit, not a {REVISITED_KIND}; "
+            "choose another output path"
+        )
     check_not_an_input("--out", out, inputs, replaces_out=False)
     check_writable_folder("--out", out)
     (out / "work").mkdir(parents=True, exist_ok=True)
-    (out / KIT_MARKER).write_text("Written by `python -m local_eval revisited`; a rerun reuses work/.\n"
-                                  f"kind: {REVISITED_KIND}\n")
+    (out / KIT_MARKER).write_text(
+        f"Written by `python -m local_eval revisited`; a rerun reuses work/.\nkind: {REVISITED_KIND}\n"
+    )
     return out / "work"
 
 
@@ -190,11 +196,19 @@ def cache_key(settings, dataset: Dataset, distractors: Path | None) -> dict:
     """What the caches depend on: the model's files, the extraction settings, the ground truth, the distractors."""
     stat = lambda path: [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
     model = settings.run.model[0].resolve()
-    return json.loads(json.dumps({
-        "model": str(model), "files": [stat(model / n) for n in ("saved_model.pb", "variables/variables.index")],
-        "extraction": dataclasses.asdict(settings.extraction), "data": str(dataset.folder.resolve()),
-        "gnd": stat(dataset.gnd_path), "distractors": str(distractors and distractors.resolve()),
-    }, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "model": str(model),
+                "files": [stat(model / n) for n in ("saved_model.pb", "variables/variables.index")],
+                "extraction": dataclasses.asdict(settings.extraction),
+                "data": str(dataset.folder.resolve()),
+                "gnd": stat(dataset.gnd_path),
+                "distractors": str(distractors and distractors.resolve()),
+            },
+            default=str,
+        )
+    )
 
 
 def clear_stale(work: Path, key: dict) -> None:
@@ -213,10 +227,15 @@ def gather_images(dataset: Dataset, distractor_dir: Path | None, work: Path) -> 
     names = {"query": dataset.query_names, "db": dataset.db_names, "distractors": list_distractors(distractor_dir)}
     ids = {split: [safe_id(name) for name in split_names] for split, split_names in names.items()}
     crops = [load_submission().image_path(work / "images", "query", i) for i in ids["query"]]
-    sizes = [crop_query(dataset.folder / "jpg" / f"{name}.jpg", entry["bbx"], crop)
-             for name, entry, crop in zip(dataset.query_names, dataset.gnd, crops, strict=True)]
-    sources = {"query": crops, "db": [dataset.folder / "jpg" / f"{n}.jpg" for n in names["db"]],
-               "distractors": [distractor_dir / f"{n}.jpg" for n in names["distractors"]]}
+    sizes = [
+        crop_query(dataset.folder / "jpg" / f"{name}.jpg", entry["bbx"], crop)
+        for name, entry, crop in zip(dataset.query_names, dataset.gnd, crops, strict=True)
+    ]
+    sources = {
+        "query": crops,
+        "db": [dataset.folder / "jpg" / f"{n}.jpg" for n in names["db"]],
+        "distractors": [distractor_dir / f"{n}.jpg" for n in names["distractors"]],
+    }
     return Images(names, sources, ids), sizes
 
 
@@ -237,8 +256,16 @@ def verify(tasks: list[tuple[Path, list[Path]]], verification, workers: int) -> 
         return verifier.verify_all(tasks, pool)
 
 
-def verified_ranking(model, settings, images: Images, ranking: np.ndarray, cosines: np.ndarray, depth: int, work: Path,
-           seconds: dict[str, float]) -> np.ndarray:
+def verified_ranking(
+    model,
+    settings,
+    images: Images,
+    ranking: np.ndarray,
+    cosines: np.ndarray,
+    depth: int,
+    work: Path,
+    seconds: dict[str, float],
+) -> np.ndarray:
     """The ranking with each query's top `depth` verified and reordered by the script's retrieval_order."""
     if depth == 0:
         return ranking
@@ -259,8 +286,10 @@ def verified_ranking(model, settings, images: Images, ranking: np.ndarray, cosin
         split, index = images.by_row(row)
         return sub.local_path(cache, split, images.ids[split][index])
 
-    tasks = [(sub.local_path(cache, "query", query_id), [features(row) for row in rows])
-             for query_id, rows in zip(images.ids["query"], ranking[:, :depth], strict=True)]
+    tasks = [
+        (sub.local_path(cache, "query", query_id), [features(row) for row in rows])
+        for query_id, rows in zip(images.ids["query"], ranking[:, :depth], strict=True)
+    ]
     began = time.monotonic()
     inliers = np.array(verify(tasks, settings.verification, settings.run.workers), np.int64).reshape(-1, depth)
     seconds["verification"] = time.monotonic() - began
@@ -286,23 +315,32 @@ def summary(report: dict) -> str:
     """One screen: Medium and Hard mAP / mP@10 of both rankings beside DELG's published R50 figures."""
     dataset, about = report["dataset"], report["about"]
     distractors = f"+{about['distractors']:,} distractors" if about["distractors"] else "no distractors"
-    lines = [f"{DATASETS[dataset]} ({dataset}): {about['queries']} cropped queries, {about['database']:,} database "
-             f"images, {distractors}",
-             f"model {about['model']}; reranked: top {about['rerank']} verified (local features + pydegensac)",
-             "", f"{'':34}{'Medium':>14}{'Hard':>16}", f"{'':34}{'mAP':>7}{'mP@10':>7}{'mAP':>9}{'mP@10':>7}"]
+    lines = [
+        f"{DATASETS[dataset]} ({dataset}): {about['queries']} cropped queries, {about['database']:,} database "
+        f"images, {distractors}",
+        f"model {about['model']}; reranked: top {about['rerank']} verified (local features + pydegensac)",
+        "",
+        f"{'':34}{'Medium':>14}{'Hard':>16}",
+        f"{'':34}{'mAP':>7}{'mP@10':>7}{'mAP':>9}{'mP@10':>7}",
+    ]
     for stage in ("global", "reranked"):
         scores = report[stage]
-        lines.append(f"{'this model, ' + stage:34}{percent(scores['medium']['map']):>7}"
-                     f"{percent(scores['medium']['mp@10']):>7}{percent(scores['hard']['map']):>9}"
-                     f"{percent(scores['hard']['mp@10']):>7}")
+        lines.append(
+            f"{'this model, ' + stage:34}{percent(scores['medium']['map']):>7}"
+            f"{percent(scores['medium']['mp@10']):>7}{percent(scores['hard']['map']):>9}"
+            f"{percent(scores['hard']['mp@10']):>7}"
+        )
     published = PUBLISHED_DELG_R50[dataset]
     for stage in ("global", "reranked"):
         shown = lambda protocol, figures=published[stage]: f"{figures.get(protocol, '-')}"
         lines.append(f"{'DELG R50 GLDv2-clean, ' + stage:34}{shown('medium'):>7}{'-':>7}{shown('hard'):>9}{'-':>7}")
     easy = ", ".join(f"{stage} {percent(report[stage]['easy']['map'])}" for stage in ("global", "reranked"))
-    lines += ["", f"Easy mAP: {easy}. Figures in %; report.json holds fractions and mP@1/5/10.",
-              "DELG's rows are its paper's figures, without distractors.",
-              "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items())]
+    lines += [
+        "",
+        f"Easy mAP: {easy}. Figures in %; report.json holds fractions and mP@1/5/10.",
+        "DELG's rows are its paper's figures, without distractors.",
+        "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()),
+    ]
     return "\n".join(lines)
 
 
@@ -311,20 +349,32 @@ def summary(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = KitArgumentParser(prog="python -m local_eval revisited", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                               epilog="Flags after `--` go to submission/main.py's own settings parser.")
-    parser.add_argument("--data", required=True, type=Path, help="folder holding <dataset>/jpg and "
-                        "<dataset>/gnd_<dataset>.pkl (revisitop's download, or `build revisited-synthetic`)")
+    parser = KitArgumentParser(
+        prog="python -m local_eval revisited",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags after `--` go to submission/main.py's own settings parser.",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="folder holding <dataset>/jpg and "
+        "<dataset>/gnd_<dataset>.pkl (revisitop's download, or `build revisited-synthetic`)",
+    )
     parser.add_argument("--dataset", required=True, choices=list(DATASETS), help="which of the two")
     parser.add_argument("--model", required=True, type=Path, help="DELG SavedModel folder")
     parser.add_argument("--out", required=True, type=Path, help="output folder (report.json, ranks.csv, ...)")
-    parser.add_argument("--distractors", type=Path, default=None,
-                        help="folder of extra database images (*.jpg, searched recursively), e.g. revisitop1m/jpg")
+    parser.add_argument(
+        "--distractors",
+        type=Path,
+        default=None,
+        help="folder of extra database images (*.jpg, searched recursively), e.g. revisitop1m/jpg",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
-    args.script_args = argv[split + 1:]
+    args.script_args = argv[split + 1 :]
     return args
 
 
@@ -334,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_dir():
         raise UserError(f"--model {args.model}: no such folder")
     work = prepare_out(args.out, [("--data", args.data), ("--model", args.model), ("--distractors", args.distractors)])
-    settings = script_settings("retrieval", work / "images", args.model,
-                               ["--work", str(work), *args.script_args])
+    settings = script_settings("retrieval", work / "images", args.model, ["--work", str(work), *args.script_args])
     clear_stale(work, cache_key(settings, dataset, args.distractors))
     images, crop_sizes = gather_images(dataset, args.distractors, work)
     model, seconds = load_model(settings), {}
@@ -348,20 +397,28 @@ def main(argv: list[str] | None = None) -> int:
     database = np.concatenate([found["db"][0], found["distractors"][0]])
     database_ok = np.concatenate([found["db"][1], found["distractors"][1]])
     began = time.monotonic()
-    ranking, cosines = global_ranking(query_desc, database, database_ok, settings.global_stage,
-                                      settings.run.knn_block_mb)
+    ranking, cosines = global_ranking(
+        query_desc, database, database_ok, settings.global_stage, settings.run.knn_block_mb
+    )
     seconds["knn"] = time.monotonic() - began
     depth = min(settings.scoring.rerank, cosines.shape[1])
     reranked = verified_ranking(model, settings, images, ranking, cosines, depth, work, seconds)
     report = {
-        "global": evaluate(ranking, dataset.gnd), "reranked": evaluate(reranked, dataset.gnd),
+        "global": evaluate(ranking, dataset.gnd),
+        "reranked": evaluate(reranked, dataset.gnd),
         "dataset": args.dataset,
-        "about": {"queries": len(dataset.query_names), "database": len(dataset.db_names),
-                  "distractors": len(images.names["distractors"]), "unreadable": int((~database_ok).sum()),
-                  "scored_queries": scored_queries(dataset.gnd), "rerank": depth, "model": str(args.model),
-                  "script_flags": args.script_args,
-                  "global_stage": dataclasses.asdict(settings.global_stage),
-                  "crop_sizes": [list(s) for s in crop_sizes]},
+        "about": {
+            "queries": len(dataset.query_names),
+            "database": len(dataset.db_names),
+            "distractors": len(images.names["distractors"]),
+            "unreadable": int((~database_ok).sum()),
+            "scored_queries": scored_queries(dataset.gnd),
+            "rerank": depth,
+            "model": str(args.model),
+            "script_flags": args.script_args,
+            "global_stage": dataclasses.asdict(settings.global_stage),
+            "crop_sizes": [list(s) for s in crop_sizes],
+        },
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     write_ranks(args.out / "ranks_global.csv", images, ranking)

@@ -13,6 +13,7 @@ ignored. With P the query's positives and r_j the 0-based position of its j-th p
         precision at k, a query whose positives all rank above k is not charged for having fewer than k.
 mAP and mP@k average over the queries that have positives under the protocol; the others are left out.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -68,8 +69,10 @@ def query_scores(ranking: np.ndarray, query_gnd: dict, protocol: str) -> dict[st
     if len(positives) == 0:
         return None
     positions = positive_positions(ranking, positives, ignored)
-    return {"ap": average_precision(positions, len(positives)),
-            **{f"p@{k}": precision_at(positions, k) for k in KAPPAS}}
+    return {
+        "ap": average_precision(positions, len(positives)),
+        **{f"p@{k}": precision_at(positions, k) for k in KAPPAS},
+    }
 
 
 def evaluate(rankings: Sequence[np.ndarray], gnd: Sequence[dict]) -> dict[str, dict[str, float | None]]:

@@ -10,6 +10,7 @@ occluders; `junk` ones show it tiny (well under a quarter of the frame), as the 
 database also holds views of other landmarks (siblings of the queried ones among them: alike globally, different
 in detail) and pure clutter. Queries show their landmark inside a larger scene; `bbx` is the box around it.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,15 +79,23 @@ SIZES = {
 }
 
 
-def place_view(image: Image.Image, panel: Image.Image, rng: np.random.Generator,
-               view: ViewStrength) -> tuple[float, float, float, float]:
+def place_view(
+    image: Image.Image, panel: Image.Image, rng: np.random.Generator, view: ViewStrength
+) -> tuple[float, float, float, float]:
     """Paste a perspective view of the panel onto the image; its bounding box [x1, y1, x2, y2] within the image."""
     w, h = image.size
     scale_range = view.scales[rng.integers(len(view.scales))]
     size = min(w, h) * rng.uniform(*scale_range)
     scale = size / max(panel.size)
-    small = panel.resize((max(8, round(panel.width * scale * 1.3)), max(8, round(panel.height * scale * 1.3))),
-                         Image.BILINEAR, reducing_gap=2.0) if scale < 0.75 else panel
+    small = (
+        panel.resize(
+            (max(8, round(panel.width * scale * 1.3)), max(8, round(panel.height * scale * 1.3))),
+            Image.BILINEAR,
+            reducing_gap=2.0,
+        )
+        if scale < 0.75
+        else panel
+    )
     half = np.array(panel.size) * scale / 2
     angle = math.radians(rng.uniform(-view.max_angle, view.max_angle))
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
@@ -101,8 +110,9 @@ def place_view(image: Image.Image, panel: Image.Image, rng: np.random.Generator,
     return float(x1), float(y1), float(x2), float(y2)
 
 
-def render_graded_view(landmark: Landmark | None, view: ViewStrength | None, seed: list[int], min_side: int,
-                       max_side: int) -> tuple[bytes, list[float]]:
+def render_graded_view(
+    landmark: Landmark | None, view: ViewStrength | None, seed: list[int], min_side: int, max_side: int
+) -> tuple[bytes, list[float]]:
     """(encoded photo, bbx of the landmark in it): a view of the landmark on clutter, or clutter (view None)."""
     rng = np.random.default_rng(seed)
     long_side = int(rng.integers(min_side, max_side + 1))
@@ -128,11 +138,16 @@ def plan_dataset(size: RevisitedSize, seed: int, dataset: str) -> tuple[list[Pla
     """(queries, database images in imlist order)."""
     rng = np.random.default_rng([seed, DATASETS.index(dataset), 20])
     landmarks = make_landmarks(rng, size.landmarks + max(3, size.landmarks // 2), 0)
-    queried, others = landmarks[:size.landmarks], landmarks[size.landmarks:]
-    queries = [Planned(f"landmark{k:02d}_query{i}", lm, "query")
-               for k, lm in enumerate(queried) for i in range(size.queries)]
-    database = [Planned(f"landmark{k:02d}_{kind}{i}", lm, kind) for k, lm in enumerate(queried)
-                for kind in ("easy", "hard", "junk") for i in range(getattr(size, kind))]
+    queried, others = landmarks[: size.landmarks], landmarks[size.landmarks :]
+    queries = [
+        Planned(f"landmark{k:02d}_query{i}", lm, "query") for k, lm in enumerate(queried) for i in range(size.queries)
+    ]
+    database = [
+        Planned(f"landmark{k:02d}_{kind}{i}", lm, kind)
+        for k, lm in enumerate(queried)
+        for kind in ("easy", "hard", "junk")
+        for i in range(getattr(size, kind))
+    ]
     database += [Planned(f"other_{i:04d}", others[rng.integers(len(others))], "easy") for i in range(size.other_views)]
     database += [Planned(f"clutter_{i:04d}", None, None) for i in range(size.clutter)]
     return queries, [database[i] for i in rng.permutation(len(database))]
@@ -140,14 +155,24 @@ def plan_dataset(size: RevisitedSize, seed: int, dataset: str) -> tuple[list[Pla
 
 def ground_truth(queries: list[Planned], database: list[Planned], boxes: dict[str, list[float]]) -> list[dict]:
     """Per query: its bbx and the database indices of its landmark's easy, hard and junk views."""
+
     def indices(landmark, kind: str) -> list[int]:
         return [i for i, d in enumerate(database) if d.landmark == landmark and d.view == kind]
-    return [{"bbx": boxes[q.name], "easy": indices(q.landmark, "easy"), "hard": indices(q.landmark, "hard"),
-             "junk": indices(q.landmark, "junk")} for q in queries]
+
+    return [
+        {
+            "bbx": boxes[q.name],
+            "easy": indices(q.landmark, "easy"),
+            "hard": indices(q.landmark, "hard"),
+            "junk": indices(q.landmark, "junk"),
+        }
+        for q in queries
+    ]
 
 
-def build_revisited_synthetic(out: Path, dataset: str = "roxford5k", size: str = "tiny", seed: int = 0,
-                              overwrite: bool = False) -> Path:
+def build_revisited_synthetic(
+    out: Path, dataset: str = "roxford5k", size: str = "tiny", seed: int = 0, overwrite: bool = False
+) -> Path:
     """Write the dataset into out/<dataset> (atomically); an identical build there is kept. Returns out."""
     out = Path(out)
     if dataset not in DATASETS:
@@ -167,11 +192,15 @@ def build_revisited_synthetic(out: Path, dataset: str = "roxford5k", size: str =
         boxes = {}
         for index, item in enumerate(queries + database):
             view = VIEWS[item.view] if item.view else None
-            data, boxes[item.name] = render_graded_view(item.landmark, view, [seed, DATASETS.index(dataset), index],
-                                                        spec.min_side, spec.max_side)
+            data, boxes[item.name] = render_graded_view(
+                item.landmark, view, [seed, DATASETS.index(dataset), index], spec.min_side, spec.max_side
+            )
             (folder / f"{item.name}.jpg").write_bytes(data)
-        gnd = {"imlist": [d.name for d in database], "qimlist": [q.name for q in queries],
-               "gnd": ground_truth(queries, database, boxes)}
+        gnd = {
+            "imlist": [d.name for d in database],
+            "qimlist": [q.name for q in queries],
+            "gnd": ground_truth(queries, database, boxes),
+        }
         with open(tmp / dataset / f"gnd_{dataset}.pkl", "wb") as file:
             pickle.dump(gnd, file)
         write_build_info(tmp, info)
@@ -184,5 +213,7 @@ def summary(out: Path, dataset: str) -> str:
         gnd = pickle.load(file)
     per_query = {kind: [len(g[kind]) for g in gnd["gnd"]] for kind in ("easy", "hard", "junk")}
     counts = ", ".join(f"{kind} {min(n)}-{max(n)}" for kind, n in per_query.items())
-    return (f"revisited dataset at {Path(out) / dataset}\n  {len(gnd['qimlist'])} queries, {len(gnd['imlist'])} "
-            f"database images\n  per query: {counts}")
+    return (
+        f"revisited dataset at {Path(out) / dataset}\n  {len(gnd['qimlist'])} queries, {len(gnd['imlist'])} "
+        f"database images\n  per query: {counts}"
+    )

@@ -12,6 +12,7 @@ the run's processes every WATCH_EVERY_S and kills them above --ram-gb (no cgroup
 OUT/report.json records the sandbox: network cut or not, input read-only, CPUs, the RAM and disk limits and their
 peaks, how each was imposed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,10 @@ def bundle_names(bundle: Path) -> tuple[str, str, str]:
         dataset = json.loads((bundle / "dataset-metadata.json").read_text())["id"].split("/")[-1]
         competition = json.loads((bundle / "kernel-metadata.json").read_text())["competition_sources"][0]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
-        raise UserError(f"--bundle {bundle}: not a bundle of `python -m export bundle` (its metadata files: "
-                        f"{str(err).splitlines()[0] or type(err).__name__})") from None
+        raise UserError(
+            f"--bundle {bundle}: not a bundle of `python -m export bundle` (its metadata files: "
+            f"{str(err).splitlines()[0] or type(err).__name__})"
+        ) from None
     if not (bundle / KERNEL).is_file():
         raise UserError(f"--bundle {bundle}: no {KERNEL}")
     return dataset, competition, "retrieval" if "retrieval" in competition else "recognition"
@@ -65,8 +68,12 @@ def python_without(package: str, folder: Path) -> Path:
         for entry in site.iterdir():
             if not entry.name.lower().startswith(package) and not (shown / entry.name).exists():
                 (shown / entry.name).symlink_to(entry)
-    purelib = subprocess.run([str(folder / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path("
-                              "'purelib'))"], check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(folder / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(purelib, "kit-site.pth").write_text(f"import site; site.addsitedir({str(shown)!r})\n")
     return folder / "bin" / "python"
 
@@ -99,8 +106,15 @@ def check_limits(limits: Limits) -> None:
         raise UserError(f"--cpus {cpus}: expected 1 to {available} (the CPUs this process may use)")
 
 
-def replay_bundle(competition: Path, task: str, bundle: Path, out: Path, limit_h: float, limits: Limits = NO_LIMITS,
-                  extra_args: list[str] | None = None) -> dict:
+def replay_bundle(
+    competition: Path,
+    task: str,
+    bundle: Path,
+    out: Path,
+    limit_h: float,
+    limits: Limits = NO_LIMITS,
+    extra_args: list[str] | None = None,
+) -> dict:
     """Run the bundle's kernel.py in the sandbox, score /kaggle/working/submission.csv, write out/report.json."""
     bundle = Path(bundle).resolve()
     dataset, competition_name, bundle_task = bundle_names(bundle)
@@ -116,13 +130,27 @@ def replay_bundle(competition: Path, task: str, bundle: Path, out: Path, limit_h
     (out / "submission.csv").unlink(missing_ok=True)
     sandbox.mkdir(parents=True)
     (sandbox / "work").mkdir()
-    spec = {"data": str(data.resolve()), "bundle": str(bundle), "competition": competition_name, "dataset": dataset,
-            "disk_gb": disk_gb, "cpus": cpus, "ram_gb": ram_gb, "sandbox": str(sandbox), "out": str(out),
-            "python": str(python_without(HIDDEN_PACKAGE, sandbox / "python")), "args": extra_args or [],
-            "root": os.geteuid() == 0}
+    spec = {
+        "data": str(data.resolve()),
+        "bundle": str(bundle),
+        "competition": competition_name,
+        "dataset": dataset,
+        "disk_gb": disk_gb,
+        "cpus": cpus,
+        "ram_gb": ram_gb,
+        "sandbox": str(sandbox),
+        "out": str(out),
+        "python": str(python_without(HIDDEN_PACKAGE, sandbox / "python")),
+        "args": extra_args or [],
+        "root": os.geteuid() == 0,
+    }
     (sandbox / "spec.json").write_text(json.dumps(spec, indent=1))
-    inner = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); from local_eval.sandbox import "
-             f"inside; sys.exit(inside({str(sandbox / 'spec.json')!r}))"]
+    inner = [
+        sys.executable,
+        "-c",
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); from local_eval.sandbox import "
+        f"inside; sys.exit(inside({str(sandbox / 'spec.json')!r}))",
+    ]
     if spec["root"]:
         for mount_point in (KAGGLE, Path(SCRIPT_WORK)):  # the namespace mounts over them; the host's stay empty
             mount_point.mkdir(exist_ok=True)
@@ -136,11 +164,16 @@ def replay_bundle(competition: Path, task: str, bundle: Path, out: Path, limit_h
     if facts.get("killed"):
         status = "killed"
     work = sandbox / "work"
-    report = {"status": status, "seconds": round(seconds, 3), "python": spec["python"], "bundle": str(bundle),
-              "sandbox": facts,
-              "final": score_if_present(task, solution, out / "submission.csv"),
-              "global_only": score_if_present(task, solution, work / "submission_global_only.csv"),
-              "timing": read_timing(work)}
+    report = {
+        "status": status,
+        "seconds": round(seconds, 3),
+        "python": spec["python"],
+        "bundle": str(bundle),
+        "sandbox": facts,
+        "final": score_if_present(task, solution, out / "submission.csv"),
+        "global_only": score_if_present(task, solution, work / "submission_global_only.csv"),
+        "timing": read_timing(work),
+    }
     if status != "ok":
         report["log_tail"] = tail(out / "script.log")
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
@@ -152,11 +185,14 @@ def format_sandbox(facts: dict) -> str:
     if "error" in facts:
         return f"  sandbox: {facts['error']}"
     net, ram, disk = facts["network"], facts["ram"], facts["disk"]
-    return "\n".join([
-        f"  sandbox ({facts['mode']}): network {'cut' if net['cut'] else 'NOT cut'} ({net['how']}); inputs "
-        f"{'read-only' if facts['input_read_only'] else 'WRITABLE'}; {facts['cpus']['count']} CPUs",
-        f"  RAM peak {ram['peak_gb']:.2f} GB of {ram['limit_gb'] or 'no'} limit ({ram['how']})",
-        f"  disk peak {disk['peak_gb']:.2f} GB of {disk['limit_gb']:g} GB ({disk['how']})"])
+    return "\n".join(
+        [
+            f"  sandbox ({facts['mode']}): network {'cut' if net['cut'] else 'NOT cut'} ({net['how']}); inputs "
+            f"{'read-only' if facts['input_read_only'] else 'WRITABLE'}; {facts['cpus']['count']} CPUs",
+            f"  RAM peak {ram['peak_gb']:.2f} GB of {ram['limit_gb'] or 'no'} limit ({ram['how']})",
+            f"  disk peak {disk['peak_gb']:.2f} GB of {disk['limit_gb']:g} GB ({disk['how']})",
+        ]
+    )
 
 
 # --- inside the sandbox (its own process: in the namespaces when root) ---
@@ -171,19 +207,27 @@ def inside(spec_path: str) -> int:
     kernel = inputs / spec["dataset"] / KERNEL
     if not spec["root"]:  # the kernel's paths, pointed at the copies
         kernel = sandbox / KERNEL
-        kernel.write_text((inputs / spec["dataset"] / KERNEL).read_text().replace(f"{KAGGLE}/", f"{kaggle}/")
-                          .replace(SCRIPT_WORK, str(sandbox / "work")))
+        kernel.write_text(
+            (inputs / spec["dataset"] / KERNEL)
+            .read_text()
+            .replace(f"{KAGGLE}/", f"{kaggle}/")
+            .replace(SCRIPT_WORK, str(sandbox / "work"))
+        )
     facts["input_read_only"] = all(read_only(inputs / name) for name in (spec["competition"], spec["dataset"]))
     facts["network"] = network_facts(spec["root"])
     if spec["cpus"]:
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:spec["cpus"]])
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: spec["cpus"]])
     facts["cpus"] = {"count": len(os.sched_getaffinity(0)), "how": "CPU affinity (sched_setaffinity)"}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    process = subprocess.Popen([spec["python"], str(kernel), *spec["args"]], cwd=working, env=env,
-                               stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [spec["python"], str(kernel), *spec["args"]], cwd=working, env=env, stdin=subprocess.DEVNULL
+    )
     peaks = watch(process, working, spec["ram_gb"], spec["disk_gb"] if not spec["root"] else None)
-    facts["ram"] = {"limit_gb": spec["ram_gb"], "peak_gb": round(peaks["ram"] / 2**30, 6),
-                    "how": f"a watcher: RSS of the run's processes every {WATCH_EVERY_S} s, killed above the limit"}
+    facts["ram"] = {
+        "limit_gb": spec["ram_gb"],
+        "peak_gb": round(peaks["ram"] / 2**30, 6),
+        "how": f"a watcher: RSS of the run's processes every {WATCH_EVERY_S} s, killed above the limit",
+    }
     facts["disk"]["peak_gb"] = round(peaks["disk"] / 2**30, 6)
     facts.update(exit_code=process.returncode, killed=peaks["killed"])
     if (working / "submission.csv").is_file():
@@ -203,8 +247,13 @@ def lay_out_namespaces(spec: dict, inputs: Path, working: Path) -> dict:
     working.mkdir()
     mount("-t", "tmpfs", "-o", f"size={int(spec['disk_gb'] * 2**30)},mode=777", "tmpfs", str(working))
     mount("--bind", str(Path(spec["sandbox"]) / "work"), SCRIPT_WORK)
-    return {"mode": "namespaces", "disk": {"limit_gb": spec["disk_gb"], "how": "a tmpfs of that size at "
-                                           "/kaggle/working (a full disk fails writes there, as on the server)"}}
+    return {
+        "mode": "namespaces",
+        "disk": {
+            "limit_gb": spec["disk_gb"],
+            "how": "a tmpfs of that size at /kaggle/working (a full disk fails writes there, as on the server)",
+        },
+    }
 
 
 def lay_out_copies(spec: dict, kaggle: Path, inputs: Path) -> dict:
@@ -212,8 +261,13 @@ def lay_out_copies(spec: dict, kaggle: Path, inputs: Path) -> dict:
     for source, name in ((spec["data"], spec["competition"]), (spec["bundle"], spec["dataset"])):
         read_only_copy(Path(source), inputs / name)
     (kaggle / "working").mkdir()
-    return {"mode": "copies", "disk": {"limit_gb": spec["disk_gb"], "how": f"a watcher: the working folder's size "
-                                       f"every {WATCH_EVERY_S} s, the run killed above the limit"}}
+    return {
+        "mode": "copies",
+        "disk": {
+            "limit_gb": spec["disk_gb"],
+            "how": f"a watcher: the working folder's size every {WATCH_EVERY_S} s, the run killed above the limit",
+        },
+    }
 
 
 def mount(*args: str) -> None:
@@ -237,8 +291,7 @@ def network_facts(namespaced: bool) -> dict:
         return {"cut": False, "how": "not root: no network namespace, the network was NOT cut"}
     lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]  # this network namespace's devices
     devices = sorted(line.split(":")[0].strip() for line in lines)
-    return {"cut": devices in ([], ["lo"]), "how": "a new network namespace (unshare --net)",
-            "devices": devices}
+    return {"cut": devices in ([], ["lo"]), "how": "a new network namespace (unshare --net)", "devices": devices}
 
 
 def process_table() -> tuple[dict[int, list[int]], dict[int, int]]:
@@ -287,8 +340,11 @@ def watch(process: subprocess.Popen, working: Path, ram_gb: float | None, disk_g
         tree = tree_pids(process.pid, children)
         peaks["ram"] = max(peaks["ram"], sum(rss.get(pid, 0) for pid in tree))
         peaks["disk"] = max(peaks["disk"], folder_bytes(working))
-        over = [name for name, limit in (("ram", ram_gb), ("disk", disk_gb))
-                if limit is not None and peaks[name] > limit * 2**30]
+        over = [
+            name
+            for name, limit in (("ram", ram_gb), ("disk", disk_gb))
+            if limit is not None and peaks[name] > limit * 2**30
+        ]
         if over:
             peaks["killed"] = f"{over[0]} above its limit"
             for pid in reversed(tree):

@@ -1,4 +1,5 @@
 """`python -m local_eval score`: score a Kaggle submission file against a GLDv2 solution file."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,13 +17,23 @@ COLUMNS = REPORTED_SUBSETS
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = KitArgumentParser(prog="python -m local_eval score", description=__doc__)
-    parser.add_argument("--task", required=True, choices=TASKS,
-                        help="recognition (GAP of id,landmarks) or retrieval (mAP@100 of id,images)")
-    parser.add_argument("--solution", required=True,
-                        help="solution CSV: id,landmarks,Usage or id,images,Usage (Usage Public/Private/Ignored)")
+    parser.add_argument(
+        "--task",
+        required=True,
+        choices=TASKS,
+        help="recognition (GAP of id,landmarks) or retrieval (mAP@100 of id,images)",
+    )
+    parser.add_argument(
+        "--solution",
+        required=True,
+        help="solution CSV: id,landmarks,Usage or id,images,Usage (Usage Public/Private/Ignored)",
+    )
     parser.add_argument("--submission", required=True, help="submission CSV: id,landmarks or id,images")
-    parser.add_argument("--json", action="store_true",
-                        help='print one JSON object {"task", "public", "private", "all"} instead of a table')
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON object {"task", "public", "private", "all"} instead of a table',
+    )
     return parser.parse_args(argv)
 
 

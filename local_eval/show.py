@@ -13,6 +13,7 @@ Features, matches and inliers come from submission/main.py's own functions and t
 WORK/settings.json (WORK: default the submission's folder/work, the replay layout), reading its caches there, so
 the inliers drawn are the inliers the submission counted. Flags after `--` override the recorded settings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,15 +83,17 @@ def attention(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (boxes[:, :2] + boxes[:, 2:]) / 2, outputs["scores"].reshape(-1)
 
 
-def pair_picture(model, settings, query: np.ndarray, query_features, other: np.ndarray, other_features,
-                 note: str = "") -> tuple[Image.Image, int, int]:
+def pair_picture(
+    model, settings, query: np.ndarray, query_features, other: np.ndarray, other_features, note: str = ""
+) -> tuple[Image.Image, int, int]:
     """(match picture with attention on the query, RANSAC inliers, putative matches) of two images."""
     a, b, inliers = load_submission().ransac_matches(query_features, other_features, settings.verification)
     count = int(np.count_nonzero(inliers))
     caption = f"{count} RANSAC inliers of {len(a)} putative matches{note}"
     left = draw.attention_overlay(query, *attention(model, query))
-    picture = draw.match_picture(left, Image.fromarray(other), query_features.keypoints, other_features.keypoints,
-                                 a, b, inliers, caption)
+    picture = draw.match_picture(
+        left, Image.fromarray(other), query_features.keypoints, other_features.keypoints, a, b, inliers, caption
+    )
     return picture, count, len(a)
 
 
@@ -107,15 +110,22 @@ class Extractor:
     def image(self, split: str, image_id: str) -> np.ndarray | None:
         """The image exactly as the submission decodes it for local features (so keypoints land right)."""
         sub, ext = load_submission(), self.settings.extraction
-        return sub.decode_image(sub.image_path(self.settings.run.data, split, image_id), ext.max_image_side,
-                                ext.min_image_side)
+        return sub.decode_image(
+            sub.image_path(self.settings.run.data, split, image_id), ext.max_image_side, ext.min_image_side
+        )
 
     def local(self, split: str, image_id: str):
         sub = load_submission()
         path = sub.local_path(self.work / "local", split, image_id)
         if not path.is_file():
-            sub.extract_local(self.model, self.settings.run.data, [(split, image_id)], self.scratch / "local",
-                              self.settings.extraction, self.settings.run)
+            sub.extract_local(
+                self.model,
+                self.settings.run.data,
+                [(split, image_id)],
+                self.scratch / "local",
+                self.settings.extraction,
+                self.settings.run,
+            )
             path = sub.local_path(self.scratch / "local", split, image_id)
         return sub.load_local(path)
 
@@ -129,8 +139,13 @@ class Extractor:
             cache = self.scratch / "global" / split
             paths = [sub.image_path(self.settings.run.data, split, i) for i in missing]
             sub.extract_global(self.model, missing, paths, cache, self.settings.extraction, self.settings.run)
-            found.update(zip(missing, zip(*sub.load_global(cache, missing, self.settings.run.chunk_size),
-                                          strict=True), strict=True))
+            found.update(
+                zip(
+                    missing,
+                    zip(*sub.load_global(cache, missing, self.settings.run.chunk_size), strict=True),
+                    strict=True,
+                )
+            )
         return np.array([found[i][0] for i in wanted]), np.array([found[i][1] for i in wanted], bool)
 
 
@@ -146,26 +161,30 @@ def recognition_order(predictions: dict, truth: dict) -> tuple[list[str], list[s
 def queries_to_show(predictions: dict, truth: dict, pairs: dict) -> tuple[list[str], list[str]]:
     """(queries whose first result is wrong, most inliers then cosine first; queries with a relevant result,
     the one whose first relevant result ranks lowest first)."""
+
     def confidence(q: str) -> tuple[float, float]:
         pair = pairs.get((q, predictions[q][0]))
         return (pair["inliers"], pair["cosine"]) if pair else (-1.0, -math.inf)
 
-    wrong = sorted((q for q in predictions if predictions[q][0] not in truth[q]),
-                   key=lambda q: (tuple(-x for x in confidence(q)), q))
+    wrong = sorted(
+        (q for q in predictions if predictions[q][0] not in truth[q]),
+        key=lambda q: (tuple(-x for x in confidence(q)), q),
+    )
     first_hit = {q: next((r for r, i in enumerate(predictions[q][:100]) if i in truth[q]), None) for q in predictions}
     correct = sorted((q for q, r in first_hit.items() if r is not None), key=lambda q: (-first_hit[q], q))
     return wrong, correct
 
 
-def choose_queries(wrong: list[str], low_correct: list[str], everything: list[str], n: int,
-                   seed: int) -> list[tuple[str, str]]:
+def choose_queries(
+    wrong: list[str], low_correct: list[str], everything: list[str], n: int, seed: int
+) -> list[tuple[str, str]]:
     """n (id, reason): a third most confident wrong, a third lowest-ranked correct, the rest random."""
     chosen: dict[str, str] = {}
     for reason, ids in zip(REASONS[:2], (wrong, low_correct), strict=True):
-        for q in [q for q in ids if q not in chosen][:math.ceil(n / 3)]:
+        for q in [q for q in ids if q not in chosen][: math.ceil(n / 3)]:
             chosen[q] = reason
     rest = [q for q in sorted(everything) if q not in chosen]
-    for i in np.random.default_rng(seed).permutation(len(rest))[:max(0, n - len(chosen))]:
+    for i in np.random.default_rng(seed).permutation(len(rest))[: max(0, n - len(chosen))]:
         chosen[rest[i]] = REASONS[2]
     return list(chosen.items())[:n]
 
@@ -176,8 +195,10 @@ def read_verified_pairs(work: Path) -> dict[tuple[str, str], dict]:
     if not path.is_file():
         return {}
     frame = pd.read_csv(path, dtype={"id": str, "candidate": str})
-    return {(row.id, row.candidate): {"rank": int(row.rank), "cosine": float(row.cosine), "inliers": int(row.inliers)}
-            for row in frame.itertuples(index=False)}
+    return {
+        (row.id, row.candidate): {"rank": int(row.rank), "cosine": float(row.cosine), "inliers": int(row.inliers)}
+        for row in frame.itertuples(index=False)
+    }
 
 
 # Building the report
@@ -226,8 +247,9 @@ def read_competition(task: str, data: Path, solution_path: Path) -> Competition:
     return Competition(task, sub.read_test_ids(data), db_ids, labels_of, truth, usage)
 
 
-def global_ranking(queries: np.ndarray, database: np.ndarray, ok: np.ndarray, stage,
-                   block_mb: int) -> tuple[np.ndarray, np.ndarray]:
+def global_ranking(
+    queries: np.ndarray, database: np.ndarray, ok: np.ndarray, stage, block_mb: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(rankings [nq, n] of every database row, best first; scores [nq, n_ok] of the readable rows): the
     script's global stage over the readable rows (whitening fitted on them, DBA, exact kNN, alpha-QE, SuperGlobal,
     as its settings ask), then the unreadable ones (logged by the extractor) last."""
@@ -239,8 +261,9 @@ def global_ranking(queries: np.ndarray, database: np.ndarray, ok: np.ndarray, st
     return np.concatenate([readable[found], unreadable], axis=1), cosines
 
 
-def top_neighbours(extractor: Extractor, comp: Competition, queries: list[str],
-                   predictions: dict) -> dict[str, list[tuple[str, float | None]]]:
+def top_neighbours(
+    extractor: Extractor, comp: Competition, queries: list[str], predictions: dict
+) -> dict[str, list[tuple[str, float | None]]]:
     """Per query its top-5 (id, cosine), the cosines as the submission's global stage searched them (its database
     whitening included): in that search's order for recognition, the submitted order for retrieval."""
     db_split, query_split = load_submission().IMAGE_SPLITS[comp.task]
@@ -251,8 +274,11 @@ def top_neighbours(extractor: Extractor, comp: Competition, queries: list[str],
     result = {}
     for q, ok, ranking, score in zip(queries, query_ok, rankings, scores, strict=True):
         cosine_of = {comp.db_ids[j]: float(s) for j, s in zip(ranking, score, strict=False)}
-        ranked = ([comp.db_ids[j] for j in ranking[:TOP_NEIGHBOURS]] if comp.task == "recognition"
-                  else predictions.get(q, [])[:TOP_NEIGHBOURS])
+        ranked = (
+            [comp.db_ids[j] for j in ranking[:TOP_NEIGHBOURS]]
+            if comp.task == "recognition"
+            else predictions.get(q, [])[:TOP_NEIGHBOURS]
+        )
         result[q] = [(c, cosine_of.get(c)) for c in ranked] if ok else []
     return result
 
@@ -265,8 +291,9 @@ def thumbnail_file(extractor: Extractor, split: str, image_id: str, out: Path) -
     return relative
 
 
-def match_view(extractor: Extractor, comp: Competition, query: str, candidate: str, pairs: dict,
-               out: Path) -> dict | None:
+def match_view(
+    extractor: Extractor, comp: Competition, query: str, candidate: str, pairs: dict, out: Path
+) -> dict | None:
     """Draw the match picture of a query and a candidate; its file, drawn inliers and the submission's."""
     db_split, query_split = load_submission().IMAGE_SPLITS[comp.task]
     query_image, other_image = extractor.image(query_split, query), extractor.image(db_split, candidate)
@@ -274,16 +301,32 @@ def match_view(extractor: Extractor, comp: Competition, query: str, candidate: s
         return None
     submitted = pairs.get((query, candidate), {}).get("inliers")
     note = "" if submitted is None else f" (the submission counted {submitted})"
-    picture, inliers, putative = pair_picture(extractor.model, extractor.settings, query_image,
-                                              extractor.local(query_split, query), other_image,
-                                              extractor.local(db_split, candidate), note)
+    picture, inliers, putative = pair_picture(
+        extractor.model,
+        extractor.settings,
+        query_image,
+        extractor.local(query_split, query),
+        other_image,
+        extractor.local(db_split, candidate),
+        note,
+    )
     if submitted is not None and submitted != inliers:
-        log.warning("%s / %s: %d inliers drawn, the submission counted %d: was it run with other settings?",
-                    query, candidate, inliers, submitted)
+        log.warning(
+            "%s / %s: %d inliers drawn, the submission counted %d: was it run with other settings?",
+            query,
+            candidate,
+            inliers,
+            submitted,
+        )
     relative = f"matches/{query}_{candidate}.png"
     draw.save_png(picture, out / relative)
-    return {"candidate": candidate, "picture": relative, "inliers": inliers, "putative": putative,
-            "submission_inliers": submitted}
+    return {
+        "candidate": candidate,
+        "picture": relative,
+        "inliers": inliers,
+        "putative": putative,
+        "submission_inliers": submitted,
+    }
 
 
 def prediction_text(task: str, prediction) -> str:
@@ -294,21 +337,42 @@ def prediction_text(task: str, prediction) -> str:
     return f"{len(prediction)} index images"
 
 
-def query_view(extractor: Extractor, comp: Competition, query: str, reason: str, predictions: dict,
-               neighbours: list[tuple[str, float | None]], pairs: dict, out: Path) -> dict:
+def query_view(
+    extractor: Extractor,
+    comp: Competition,
+    query: str,
+    reason: str,
+    predictions: dict,
+    neighbours: list[tuple[str, float | None]],
+    pairs: dict,
+    out: Path,
+) -> dict:
     db_split, query_split = load_submission().IMAGE_SPLITS[comp.task]
-    shown = [{"id": c, "rank": rank, "cosine": cosine, "right": comp.is_right(query, c),
-              "landmark": comp.labels.get(c), "inliers": pairs.get((query, c), {}).get("inliers"),
-              "thumbnail": thumbnail_file(extractor, db_split, c, out)}
-             for rank, (c, cosine) in enumerate(neighbours, 1)]
+    shown = [
+        {
+            "id": c,
+            "rank": rank,
+            "cosine": cosine,
+            "right": comp.is_right(query, c),
+            "landmark": comp.labels.get(c),
+            "inliers": pairs.get((query, c), {}).get("inliers"),
+            "thumbnail": thumbnail_file(extractor, db_split, c, out),
+        }
+        for rank, (c, cosine) in enumerate(neighbours, 1)
+    ]
     example = comp.truth_example(query)
-    return {"id": query, "reason": reason, "usage": comp.usage.get(query, ""),
-            "prediction": prediction_text(comp.task, predictions.get(query)),
-            "correct": comp.prediction_right(query, predictions.get(query)), "truth": comp.truth_text(query),
-            "thumbnail": thumbnail_file(extractor, query_split, query, out),
-            "truth_thumbnail": example and thumbnail_file(extractor, db_split, example, out),
-            "neighbours": shown,
-            "match": match_view(extractor, comp, query, neighbours[0][0], pairs, out) if neighbours else None}
+    return {
+        "id": query,
+        "reason": reason,
+        "usage": comp.usage.get(query, ""),
+        "prediction": prediction_text(comp.task, predictions.get(query)),
+        "correct": comp.prediction_right(query, predictions.get(query)),
+        "truth": comp.truth_text(query),
+        "thumbnail": thumbnail_file(extractor, query_split, query, out),
+        "truth_thumbnail": example and thumbnail_file(extractor, db_split, example, out),
+        "neighbours": shown,
+        "match": match_view(extractor, comp, query, neighbours[0][0], pairs, out) if neighbours else None,
+    }
 
 
 def curve_file(predictions: dict, truth: dict, gap: float | None, out: Path) -> str:
@@ -339,13 +403,17 @@ def check_work_model(work: Path, model: Path) -> None:
         raise UserError(f"{path}: not a cache key the submission wrote ({type(err).__name__}: {err})") from None
     model = Path(model).resolve()
     if str(model) not in used:
-        raise UserError(f"--model {model}: {path} says WORK's features come from {', '.join(sorted(used))}; pass "
-                        "that --model, or the --work of a run of this model")
+        raise UserError(
+            f"--model {model}: {path} says WORK's features come from {', '.join(sorted(used))}; pass "
+            "that --model, or the --work of a run of this model"
+        )
     for name, (size, mtime_ns) in used[str(model)].items():
         stat = (model / name).stat() if (model / name).is_file() else None
         if stat is None or (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
-            raise UserError(f"--model {model}: its {name} changed since {path} was written, so WORK's features "
-                            "are an older model's; rerun the submission on this model first")
+            raise UserError(
+                f"--model {model}: its {name} changed since {path} was written, so WORK's features "
+                "are an older model's; rerun the submission on this model first"
+            )
 
 
 def build_report(args: argparse.Namespace, out: Path, scratch: Path) -> dict:
@@ -357,18 +425,28 @@ def build_report(args: argparse.Namespace, out: Path, scratch: Path) -> dict:
     if not work.is_dir():
         log.warning("no submission work folder %s: features are recomputed, inliers cannot be compared", work)
     pairs = read_verified_pairs(work)
-    order = (recognition_order(predictions, comp.truth) if args.task == "recognition"
-             else queries_to_show(predictions, comp.truth, pairs))
+    order = (
+        recognition_order(predictions, comp.truth)
+        if args.task == "recognition"
+        else queries_to_show(predictions, comp.truth, pairs)
+    )
     chosen = choose_queries(*order, list(comp.truth), args.queries, args.seed)
     settings = script_settings(args.task, data, args.model, args.script_args, work)
     extractor = Extractor(load_model(settings), settings, work, scratch)
     neighbours = top_neighbours(extractor, comp, [q for q, _ in chosen], predictions)
-    views = [query_view(extractor, comp, q, reason, predictions, neighbours[q], pairs, out)
-             for q, reason in tqdm(chosen, desc="show", unit="query")]
-    curve = (curve_file(predictions, comp.truth, scores["all"]["gap"], out)
-             if args.task == "recognition" else None)
-    return {"task": args.task, "submission": str(args.submission), "model": str(args.model),
-            "scores": scores, "curve": curve, "queries": views}
+    views = [
+        query_view(extractor, comp, q, reason, predictions, neighbours[q], pairs, out)
+        for q, reason in tqdm(chosen, desc="show", unit="query")
+    ]
+    curve = curve_file(predictions, comp.truth, scores["all"]["gap"], out) if args.task == "recognition" else None
+    return {
+        "task": args.task,
+        "submission": str(args.submission),
+        "model": str(args.model),
+        "scores": scores,
+        "curve": curve,
+        "queries": views,
+    }
 
 
 # The page
@@ -396,16 +474,20 @@ def _number(value: float | int | None) -> str:
 def scores_table(scores: dict) -> str:
     metrics = [k for k in scores["all"] if k != "n"] + ["n"]
     head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
-    rows = "".join(f"<tr><th>{subset}</th>" + "".join(f"<td>{_number(scores[subset][m])}</td>" for m in metrics)
-                   + "</tr>" for subset in REPORTED_SUBSETS)
+    rows = "".join(
+        f"<tr><th>{subset}</th>" + "".join(f"<td>{_number(scores[subset][m])}</td>" for m in metrics) + "</tr>"
+        for subset in REPORTED_SUBSETS
+    )
     return f'<table class="scores"><tr><th>Usage</th>{head}</tr>{rows}</table>'
 
 
 def figure(src: str, caption: str, css_class: str = "") -> str:
     """An image with a caption (HTML) under it."""
     alt = html.escape(re.sub(r"<[^>]+>", " ", caption), quote=True)
-    return (f'<figure class="{css_class}"><img src="{html.escape(src)}" alt="{alt}">'
-            f"<figcaption>{caption}</figcaption></figure>")
+    return (
+        f'<figure class="{css_class}"><img src="{html.escape(src)}" alt="{alt}">'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
 
 
 def neighbour_caption(item: dict) -> str:
@@ -417,27 +499,40 @@ def neighbour_caption(item: dict) -> str:
 
 def query_section(view: dict) -> str:
     figures = [figure(view["thumbnail"], f"query {html.escape(view['id'])}")]
-    figures += [figure(n["thumbnail"], neighbour_caption(n), "right" if n["right"] else "wrong")
-                for n in view["neighbours"]]
+    figures += [
+        figure(n["thumbnail"], neighbour_caption(n), "right" if n["right"] else "wrong") for n in view["neighbours"]
+    ]
     if view["truth_thumbnail"]:
         figures.append(figure(view["truth_thumbnail"], "a right answer (ground truth)", "right"))
     match = view["match"]
-    match_html = (figure(match["picture"], f"query and its top neighbour {html.escape(match['candidate'])}: "
-                                            f"{match['inliers']} inliers of {match['putative']} putative matches; "
-                                            "attention on the query", "match")
-                  if match else "<p>no match picture (an image is unreadable or nothing was retrieved)</p>")
-    return (f"<section><h2>{html.escape(view['id'])} <span class='reason'>{view['reason']}</span></h2>"
-            f"<p>Usage {view['usage']} · prediction: {html.escape(view['prediction'])} · ground truth: "
-            f"{html.escape(view['truth'])} · prediction {'right' if view['correct'] else 'wrong'}</p>"
-            f"<div class='row'>{''.join(figures)}</div>{match_html}</section>")
+    match_html = (
+        figure(
+            match["picture"],
+            f"query and its top neighbour {html.escape(match['candidate'])}: "
+            f"{match['inliers']} inliers of {match['putative']} putative matches; "
+            "attention on the query",
+            "match",
+        )
+        if match
+        else "<p>no match picture (an image is unreadable or nothing was retrieved)</p>"
+    )
+    return (
+        f"<section><h2>{html.escape(view['id'])} <span class='reason'>{view['reason']}</span></h2>"
+        f"<p>Usage {view['usage']} · prediction: {html.escape(view['prediction'])} · ground truth: "
+        f"{html.escape(view['truth'])} · prediction {'right' if view['correct'] else 'wrong'}</p>"
+        f"<div class='row'>{''.join(figures)}</div>{match_html}</section>"
+    )
 
 
 def render_html(report: dict) -> str:
     curve = f'<h2>Precision versus rank</h2><img src="{report["curve"]}" alt="GAP curve">' if report["curve"] else ""
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{report['task']} report</title>"
-            f"<style>{PAGE_STYLE}</style></head><body><h1>{report['task']}: {html.escape(report['submission'])}</h1>"
-            f"<p>model {html.escape(report['model'])}</p>{scores_table(report['scores'])}{curve}"
-            + "".join(query_section(view) for view in report["queries"]) + "</body></html>\n")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{report['task']} report</title>"
+        f"<style>{PAGE_STYLE}</style></head><body><h1>{report['task']}: {html.escape(report['submission'])}</h1>"
+        f"<p>model {html.escape(report['model'])}</p>{scores_table(report['scores'])}{curve}"
+        + "".join(query_section(view) for view in report["queries"])
+        + "</body></html>\n"
+    )
 
 
 # Commands
@@ -445,24 +540,31 @@ def parse_with_script_flags(parser: argparse.ArgumentParser, argv: list[str] | N
     """Parse the command's own flags; what follows `--` is kept, as script_args, for the submission's parser."""
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    parser.epilog = ("Flags after `--` are the submission script's (scales, features, RANSAC); they override the "
-                     "settings the run recorded in WORK/settings.json.")
+    parser.epilog = (
+        "Flags after `--` are the submission script's (scales, features, RANSAC); they override the "
+        "settings the run recorded in WORK/settings.json."
+    )
     args = parser.parse_args(argv[:split])
-    args.script_args = argv[split + 1:]
+    args.script_args = argv[split + 1 :]
     return args
 
 
 def parse_show_args(argv: list[str] | None) -> argparse.Namespace:
     p = KitArgumentParser(prog="python -m local_eval show", description=__doc__.split("\n\n")[1])
     p.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
-    p.add_argument("--task", required=True, choices=["recognition", "retrieval"],
-                   help="which competition of the folder")
+    p.add_argument(
+        "--task", required=True, choices=["recognition", "retrieval"], help="which competition of the folder"
+    )
     p.add_argument("--submission", required=True, type=Path, help="the submission.csv to look at")
     p.add_argument("--model", required=True, type=Path, help="the DELG SavedModel folder the submission used")
     p.add_argument("--out", required=True, type=Path, help="report folder to write (index.html, PNGs, report.json)")
     p.add_argument("--queries", type=int, default=12, help="how many queries to show (default 12)")
-    p.add_argument("--work", type=Path, default=None,
-                   help="the submission's WORK folder (caches, verified_pairs.csv); default: SUBMISSION's folder/work")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="the submission's WORK folder (caches, verified_pairs.csv); default: SUBMISSION's folder/work",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random sample of queries (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     return parse_with_script_flags(p, argv)
@@ -474,11 +576,18 @@ def main_show(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.submission}: submission file not found")
     if args.queries < 1:
         raise UserError(f"--queries must be at least 1, got {args.queries}")
-    check_not_an_input("--out", args.out, [("--competition", args.competition), ("--submission", args.submission),
-                                           ("--model", args.model), ("--work", work_folder(args))])
+    check_not_an_input(
+        "--out",
+        args.out,
+        [
+            ("--competition", args.competition),
+            ("--submission", args.submission),
+            ("--model", args.model),
+            ("--work", work_folder(args)),
+        ],
+    )
     check_work_model(work_folder(args), args.model)
-    with (atomic_output_dir(args.out, args.overwrite, kind=REPORT_KIND) as out,
-          tempfile.TemporaryDirectory() as scratch):
+    with atomic_output_dir(args.out, args.overwrite, kind=REPORT_KIND) as out, tempfile.TemporaryDirectory() as scratch:
         report = build_report(args, out, Path(scratch))
         atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
         atomic_write_text(out / "index.html", render_html(report))
@@ -487,8 +596,10 @@ def main_show(argv: list[str] | None = None) -> int:
 
 
 def parse_pair_args(argv: list[str] | None) -> argparse.Namespace:
-    p = KitArgumentParser(prog="python -m local_eval show-pair",
-                          description="Draw the local-feature matches of two images (attention on IMG1).")
+    p = KitArgumentParser(
+        prog="python -m local_eval show-pair",
+        description="Draw the local-feature matches of two images (attention on IMG1).",
+    )
     p.add_argument("image1", type=Path, help="first image (the query: its attention is drawn)")
     p.add_argument("image2", type=Path, help="second image")
     p.add_argument("--model", required=True, type=Path, help="DELG SavedModel folder")

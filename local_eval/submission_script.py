@@ -1,6 +1,7 @@
 """submission/main.py, which must stand alone on Kaggle (it is no package): its path, the script as a module, the
 files shipped beside it (budget, store, savedmodel, verifier, ...), all loaded by common.kit, which export shares, and
 the interpreter that runs it in a subprocess."""
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ scale, rotation, crop, occluders, lighting, blur, noise, JPEG) on a clutter back
 Beside the two task folders lies a distractor set (layout.nonlandmark_folder): images of no train landmark,
 made like the test's non-landmark images (clutter, and views of families that never appear in train or test).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -86,8 +87,9 @@ class Row(NamedTuple):
 # Rendering: panels, clutter, views
 
 
-def _colour(rng: np.random.Generator, value: tuple[float, float] = (0.3, 1.0),
-            saturation: tuple[float, float] = (0.35, 1.0)) -> tuple[int, int, int]:
+def _colour(
+    rng: np.random.Generator, value: tuple[float, float] = (0.3, 1.0), saturation: tuple[float, float] = (0.35, 1.0)
+) -> tuple[int, int, int]:
     """A random RGB colour of the given value and saturation ranges."""
     hue, sat, val = rng.random(), rng.uniform(*saturation), rng.uniform(*value)
     rgb = np.clip(np.abs((hue * 6 + np.array([0, 4, 2])) % 6 - 3) - 1, 0, 1)
@@ -97,15 +99,21 @@ def _colour(rng: np.random.Generator, value: tuple[float, float] = (0.3, 1.0),
 def _draw_facade(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, palette: list) -> None:
     rows, cols = rng.integers(2, 6, size=2)
     top = int(h * rng.uniform(0.1, 0.3))
-    draw.polygon([(0, top), (w // 2, 0), (w, top)] if rng.random() < 0.5 else [(0, 0), (w, 0), (w, top), (0, top)],
-                 fill=palette[3])
+    draw.polygon(
+        [(0, top), (w // 2, 0), (w, top)] if rng.random() < 0.5 else [(0, 0), (w, 0), (w, top), (0, top)],
+        fill=palette[3],
+    )
     cell_w, cell_h = w / cols, (h - top) / rows
     fill = rng.uniform(0.45, 0.75)
     for r in range(rows):
         for c in range(cols):
             x0, y0 = c * cell_w + cell_w * (1 - fill) / 2, top + r * cell_h + cell_h * (1 - fill) / 2
-            draw.rectangle([x0, y0, x0 + cell_w * fill, y0 + cell_h * fill], fill=palette[1],
-                           outline=palette[2], width=max(2, int(cell_w * 0.06)))
+            draw.rectangle(
+                [x0, y0, x0 + cell_w * fill, y0 + cell_h * fill],
+                fill=palette[1],
+                outline=palette[2],
+                width=max(2, int(cell_w * 0.06)),
+            )
 
 
 def _draw_shapes(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int, palette: list) -> None:
@@ -133,8 +141,9 @@ def _draw_bands(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: 
 LAYOUTS = (_draw_facade, _draw_shapes, _draw_bands)
 
 
-def _draw_glyph(draw: ImageDraw.ImageDraw, rng: np.random.Generator, x: float, y: float, s: float,
-                colour: tuple) -> None:
+def _draw_glyph(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, x: float, y: float, s: float, colour: tuple
+) -> None:
     """One small high-contrast mark with corners: square, ring, cross, corner, triangle, checker, bars."""
     kind, line = rng.integers(7), max(2, int(s * 0.25))
     box = [x - s / 2, y - s / 2, x + s / 2, y + s / 2]
@@ -212,8 +221,15 @@ def place_panel(image: Image.Image, panel: Image.Image, rng: np.random.Generator
     w, h = image.size
     size = 0.9 * min(w, h) * math.exp(rng.uniform(math.log(0.6), math.log(1.5)))
     scale = size / max(panel.size)
-    small = panel.resize((max(8, round(panel.width * scale * 1.3)), max(8, round(panel.height * scale * 1.3))),
-                         Image.BILINEAR, reducing_gap=2.0) if scale < 0.75 else panel
+    small = (
+        panel.resize(
+            (max(8, round(panel.width * scale * 1.3)), max(8, round(panel.height * scale * 1.3))),
+            Image.BILINEAR,
+            reducing_gap=2.0,
+        )
+        if scale < 0.75
+        else panel
+    )
     half = np.array(panel.size) * scale / 2
     quad = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half
     angle = math.radians(rng.uniform(-20, 20))
@@ -243,8 +259,10 @@ def photometric(image: Image.Image, rng: np.random.Generator) -> Image.Image:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.3)))
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     h, w = pixels.shape[:2]
-    ramp = (rng.uniform(-0.25, 0.25) * (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]
-            + rng.uniform(-0.25, 0.25) * (np.arange(h, dtype=np.float32) / h - 0.5)[:, None])
+    ramp = (
+        rng.uniform(-0.25, 0.25) * (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]
+        + rng.uniform(-0.25, 0.25) * (np.arange(h, dtype=np.float32) / h - 0.5)[:, None]
+    )
     gain = rng.uniform(0.9, 1.1, 3).astype(np.float32) * rng.uniform(0.7, 1.25)
     pixels = np.clip(pixels * gain * (1 + ramp[..., None]), 0, 1) ** rng.uniform(0.8, 1.25)
     pixels = pixels * 255 + rng.normal(0, rng.uniform(0, 6), pixels.shape).astype(np.float32)
@@ -304,8 +322,10 @@ def make_landmarks(rng: np.random.Generator, count: int, in_train: int) -> list[
             family_size = min(family_size, in_train - len(members))
         members += [(family_seed, m) for m in range(family_size)]
     ids = rng.choice(40 * count, size=count, replace=False)
-    return [Landmark(int(i), family, member, k < in_train)
-            for k, (i, (family, member)) in enumerate(zip(ids, members[:count], strict=True))]
+    return [
+        Landmark(int(i), family, member, k < in_train)
+        for k, (i, (family, member)) in enumerate(zip(ids, members[:count], strict=True))
+    ]
 
 
 def long_tail_counts(rng: np.random.Generator, n: int, total: int) -> np.ndarray:
@@ -345,8 +365,9 @@ def _rows(seed: int, split: str, landmarks: list, usage: list[str] | None = None
     return [Row(split, make_id(seed, split, i), lm, u) for i, (lm, u) in enumerate(zip(landmarks, usage, strict=True))]
 
 
-def plan_retrieval(rng: np.random.Generator, size: CompetitionSize, queryable: list[Landmark],
-                   everything: list[Landmark]) -> tuple[list, list, list[str]]:
+def plan_retrieval(
+    rng: np.random.Generator, size: CompetitionSize, queryable: list[Landmark], everything: list[Landmark]
+) -> tuple[list, list, list[str]]:
     """Index landmarks (of 40% of the queryable and half the unseen ones) with their views plus distractors,
     queries of those landmarks plus a few non-landmark (Ignored) ones, and the queries' Usage."""
     unseen = [lm for lm in everything if not lm.in_train]
@@ -360,8 +381,9 @@ def plan_retrieval(rng: np.random.Generator, size: CompetitionSize, queryable: l
     index = relevant + _pick(rng, others, n_distractors // 2) + [None] * (n_distractors - n_distractors // 2)
     n_ignored = max(1, round(size.retrieval_test * RETRIEVAL_NONLANDMARK_SHARE))
     queries = _pick(rng, index_landmarks, size.retrieval_test - n_ignored) + [None] * n_ignored
-    usage = ["Ignored" if lm is None else u for lm, u in zip(queries, assign_usage(rng, len(queries), 0.0),
-                                                             strict=True)]
+    usage = [
+        "Ignored" if lm is None else u for lm, u in zip(queries, assign_usage(rng, len(queries), 0.0), strict=True)
+    ]
     return index, queries, usage
 
 
@@ -369,18 +391,25 @@ def plan_competition(size: CompetitionSize, seed: int, nonlandmark_share: float)
     """Every image of the competition with its landmark (None for pure clutter) and Usage."""
     rng = np.random.default_rng([seed, 1])
     landmarks = make_landmarks(rng, size.landmarks + size.unseen, size.landmarks)
-    seen, unseen = landmarks[: size.landmarks], landmarks[size.landmarks:]
+    seen, unseen = landmarks[: size.landmarks], landmarks[size.landmarks :]
     counts = long_tail_counts(rng, len(seen), size.train)
     train = [lm for lm, c in zip(seen, counts, strict=True) for _ in range(c)]
     queryable = [lm for lm, c in zip(seen, counts, strict=True) if c >= MIN_TRAIN_FOR_TEST]
     popularity = np.sqrt(counts[counts >= MIN_TRAIN_FOR_TEST])  # popular landmarks are photographed more
     n_nonlandmark = round(size.test * nonlandmark_share)
-    test = (_pick(rng, queryable, size.test - n_nonlandmark, popularity) + _pick(rng, unseen, n_nonlandmark // 2)
-            + [None] * (n_nonlandmark - n_nonlandmark // 2))
+    test = (
+        _pick(rng, queryable, size.test - n_nonlandmark, popularity)
+        + _pick(rng, unseen, n_nonlandmark // 2)
+        + [None] * (n_nonlandmark - n_nonlandmark // 2)
+    )
     test_usage = assign_usage(rng, len(test), IGNORED_SHARE)
     index, queries, query_usage = plan_retrieval(rng, size, queryable, landmarks)
-    return (_rows(seed, "train", train) + _rows(seed, "test", test, test_usage) + _rows(seed, "index", index)
-            + _rows(seed, "retrieval_test", queries, query_usage))
+    return (
+        _rows(seed, "train", train)
+        + _rows(seed, "test", test, test_usage)
+        + _rows(seed, "index", index)
+        + _rows(seed, "retrieval_test", queries, query_usage)
+    )
 
 
 def plan_nonlandmark(size: CompetitionSize, seed: int, competition: list[Row]) -> list[Row]:
@@ -409,8 +438,13 @@ def image_location(root: Path, row: Row) -> Path:
 
 def render_images(rows: list[Row], root: Path, seed: int, size: CompetitionSize, workers: int) -> None:
     """Render every planned image into root; each image's randomness depends only on the seed and its id."""
-    jobs = sorted(((image_location(root, r), r.landmark, [seed, int(r.image_id, 16)], size.min_side,
-                    size.max_side) for r in rows), key=lambda job: (job[1] is None, job[1] or ()))
+    jobs = sorted(
+        (
+            (image_location(root, r), r.landmark, [seed, int(r.image_id, 16)], size.min_side, size.max_side)
+            for r in rows
+        ),
+        key=lambda job: (job[1] is None, job[1] or ()),
+    )
     progress = tqdm(total=len(jobs), desc="render", unit="img", mininterval=2)
     if workers <= 1:
         for job in jobs:
@@ -429,22 +463,39 @@ def _frame(rows: list[Row], columns: list[str]) -> pd.DataFrame:
 
 def write_competition_csvs(rows: list[Row], root: Path) -> None:
     """The rows as the three frames layout.write_csvs writes: train, test and retrieval queries."""
-    by_split: dict[str, list[Row]] = {s: [r for r in rows if r.split == s] for s in ("train", "test", "index",
-                                                                                    "retrieval_test")}
+    by_split: dict[str, list[Row]] = {
+        s: [r for r in rows if r.split == s] for s in ("train", "test", "index", "retrieval_test")
+    }
     index_of: dict[Landmark, list[str]] = {}
     for r in by_split["index"]:
         if r.landmark is not None:
             index_of.setdefault(r.landmark, []).append(r.image_id)
     train = _frame([(r.image_id, r.landmark.landmark_id) for r in by_split["train"]], ["id", "landmark_id"])
-    test = _frame([(r.image_id, str(r.landmark.landmark_id) if r.landmark and r.landmark.in_train else "", r.usage)
-                   for r in by_split["test"]], ["id", "landmarks", "Usage"])
-    queries = _frame([(r.image_id, "None" if r.usage == "Ignored" else " ".join(sorted(index_of[r.landmark])),
-                       r.usage) for r in by_split["retrieval_test"]], ["id", "images", "Usage"])
+    test = _frame(
+        [
+            (r.image_id, str(r.landmark.landmark_id) if r.landmark and r.landmark.in_train else "", r.usage)
+            for r in by_split["test"]
+        ],
+        ["id", "landmarks", "Usage"],
+    )
+    queries = _frame(
+        [
+            (r.image_id, "None" if r.usage == "Ignored" else " ".join(sorted(index_of[r.landmark])), r.usage)
+            for r in by_split["retrieval_test"]
+        ],
+        ["id", "images", "Usage"],
+    )
     write_csvs(root, train, test, queries)
 
 
-def build_synthetic(out: Path, size: str = "tiny", seed: int = 0, nonlandmark_share: float = 0.7,
-                    overwrite: bool = False, workers: int | None = None) -> Path:
+def build_synthetic(
+    out: Path,
+    size: str = "tiny",
+    seed: int = 0,
+    nonlandmark_share: float = 0.7,
+    overwrite: bool = False,
+    workers: int | None = None,
+) -> Path:
     """Build the synthetic competition into `out` (atomically) and return `out`; an identical build there is kept."""
     out = Path(out)
     if size not in SIZES:
@@ -453,8 +504,13 @@ def build_synthetic(out: Path, size: str = "tiny", seed: int = 0, nonlandmark_sh
     if not 0.0 <= nonlandmark_share < 1.0:
         raise UserError(f"--nonlandmark-share must be in [0, 1), got {nonlandmark_share}")
     spec = SIZES[size]
-    info = {"source": "synthetic", "size": size, "seed": seed, "nonlandmark_share": nonlandmark_share,
-            "distractors": spec.nonlandmark}
+    info = {
+        "source": "synthetic",
+        "size": size,
+        "seed": seed,
+        "nonlandmark_share": nonlandmark_share,
+        "distractors": spec.nonlandmark,
+    }
     if check_existing(out, info, overwrite):
         log.info("%s already holds this competition (%s); nothing to do", out, json.dumps(info))
         return out

@@ -3,6 +3,7 @@ disk, each against its limit (submission/costs.py's cost model; "fits" needs all
 
 `python -m local_eval time --log WORK/timing.json --profile recognition-2021 [--speedup X] [--matmul-speedup Y]`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,21 @@ class Profile:
 
 def profile_of(competition) -> Profile:
     machine = competition.machine
-    return Profile(competition.task, competition.db, competition.test, competition.limit_h, machine.ram_gb,
-                   machine.disk_gb, machine.cpus, machine.gpus)
+    return Profile(
+        competition.task,
+        competition.db,
+        competition.test,
+        competition.limit_h,
+        machine.ram_gb,
+        machine.disk_gb,
+        machine.cpus,
+        machine.gpus,
+    )
 
 
 # submission/competitions.py's table (GLDv2's sizes, each year's limit, Kaggle's machine): every field can be
 # overridden on the command line.
-PROFILES: dict[str, Profile] = {competitions.profile_name(c): profile_of(c)
-                                for c in competitions.COMPETITIONS.values()}
+PROFILES: dict[str, Profile] = {competitions.profile_name(c): profile_of(c) for c in competitions.COMPETITIONS.values()}
 
 
 def load_timing(path: Path) -> dict:
@@ -70,15 +78,18 @@ def check_log_task(log: dict, path: Path, profile: Profile, profile_name: str) -
     task = log.get("task")
     if task is not None and task != profile.task:
         choices = ", ".join(name for name, p in PROFILES.items() if p.task == task)
-        raise UserError(f"--log {path} times a {task} run but --profile {profile_name} is a {profile.task} "
-                        f"competition; choose a {task} profile ({choices})")
+        raise UserError(
+            f"--log {path} times a {task} run but --profile {profile_name} is a {profile.task} "
+            f"competition; choose a {task} profile ({choices})"
+        )
 
 
 def check_timing(log, path: Path) -> None:
     """The fields `time` reads: stages (global_db and global_query at least) of items and seconds, rerank_depth."""
     if not isinstance(log, dict):
-        raise UserError(f"{path}: expected a JSON object (the timing.json submission/main.py writes), "
-                        f"found {json_kind(log)}")
+        raise UserError(
+            f"{path}: expected a JSON object (the timing.json submission/main.py writes), found {json_kind(log)}"
+        )
     stages = log.get("stages")
     if not isinstance(stages, dict) or not {"global_db", "global_query"} <= set(stages):
         raise UserError(f"{path}: expected a 'stages' object with at least global_db and global_query")
@@ -87,8 +98,9 @@ def check_timing(log, path: Path) -> None:
             raise UserError(f"{path}: stage {name!r} needs 'items' and 'seconds'")
         check_count(path, f"stages.{name}.items", stage["items"])
         if not (is_number(stage["seconds"]) and math.isfinite(stage["seconds"]) and stage["seconds"] >= 0):
-            raise UserError(f"{path}: stages.{name}.seconds must be a number of seconds >= 0, "
-                            f"found {json_kind(stage['seconds'])}")
+            raise UserError(
+                f"{path}: stages.{name}.seconds must be a number of seconds >= 0, found {json_kind(stage['seconds'])}"
+            )
     if "rerank_depth" in log:
         check_count(path, "rerank_depth", log["rerank_depth"])
 
@@ -121,12 +133,14 @@ def server_of(profile: Profile, speedup: float, matmul_speedup: float):
     return costs.Server(speedup, matmul_speedup, profile.cpus)
 
 
-def project(log: dict, profile: Profile, rerank: int, speedup: float = 1.0,
-            matmul_speedup: float = 1.0) -> dict[str, float | None]:
+def project(
+    log: dict, profile: Profile, rerank: int, speedup: float = 1.0, matmul_speedup: float = 1.0
+) -> dict[str, float | None]:
     """Hours per stage at full size with `rerank` candidates verified per query (None: not measured); local
     features are an upper bound: a database image shared by several queries is extracted once."""
-    seconds, _ = costs.projected_seconds(log, full_size(log, profile), rerank,
-                                         server_of(profile, speedup, matmul_speedup))
+    seconds, _ = costs.projected_seconds(
+        log, full_size(log, profile), rerank, server_of(profile, speedup, matmul_speedup)
+    )
     return {name: None if s is None else s / 3600 for name, s in seconds.items()}
 
 
@@ -135,8 +149,9 @@ def unmeasured_stages(log: dict, profile: Profile, rerank: int) -> list[str]:
     return [name for name, hours in project(log, profile, rerank).items() if hours is None]
 
 
-def max_rerank_depth(log: dict, profile: Profile, speedup: float, margin: float,
-                     matmul_speedup: float = 1.0) -> int | None:
+def max_rerank_depth(
+    log: dict, profile: Profile, speedup: float, margin: float, matmul_speedup: float = 1.0
+) -> int | None:
     """The largest rerank depth whose projected total stays inside the limit less the margin; None when a stage it
     needs was not measured, or when nothing fits, not even depth 0."""
     cost, _ = costs.server_rates(log, server_of(profile, speedup, matmul_speedup))
@@ -150,44 +165,70 @@ def max_rerank_depth(log: dict, profile: Profile, speedup: float, margin: float,
     return max(0, math.floor(depth)) if math.isfinite(depth) else None
 
 
-def verdict(total_h: float, profile: Profile, margin: float, unmeasured: list[str], memory: dict,
-            disk: dict) -> str:
+def verdict(total_h: float, profile: Profile, margin: float, unmeasured: list[str], memory: dict, disk: dict) -> str:
     """One line: fits when the hours, the peak memory and WORK's disk each stay inside their limit less the margin;
     else what does not fit."""
     if unmeasured:
-        return (f"cannot project: {', '.join(unmeasured)} {'was' if len(unmeasured) == 1 else 'were'} not measured "
-                "in this run (cached or skipped); time a cold run (a fresh --work) or a probe "
-                "(submission/main.py --probe N) and project its timing.json")
+        return (
+            f"cannot project: {', '.join(unmeasured)} {'was' if len(unmeasured) == 1 else 'were'} not measured "
+            "in this run (cached or skipped); time a cold run (a fresh --work) or a probe "
+            "(submission/main.py --probe N) and project its timing.json"
+        )
     keep = 1 - margin
-    over = [text for text, used, limit in (
-        (f"time {total_h:.2f} h > {profile.limit_h * keep:.2f} h ({profile.limit_h:g} h less {margin:.0%} margin)",
-         total_h, profile.limit_h),
-        (f"memory {memory['peak']:.1f} GB > {profile.ram_gb * keep:.1f} GB ({profile.ram_gb:g} GB RAM less "
-         f"{margin:.0%})", memory["peak"], profile.ram_gb),
-        (f"disk {disk['work']:.1f} GB > {profile.disk_gb * keep:.1f} GB ({profile.disk_gb:g} GB less {margin:.0%})",
-         disk["work"], profile.disk_gb)) if used > limit * keep]
+    over = [
+        text
+        for text, used, limit in (
+            (
+                f"time {total_h:.2f} h > {profile.limit_h * keep:.2f} h ({profile.limit_h:g} h less "
+                f"{margin:.0%} margin)",
+                total_h,
+                profile.limit_h,
+            ),
+            (
+                f"memory {memory['peak']:.1f} GB > {profile.ram_gb * keep:.1f} GB ({profile.ram_gb:g} GB RAM less "
+                f"{margin:.0%})",
+                memory["peak"],
+                profile.ram_gb,
+            ),
+            (
+                f"disk {disk['work']:.1f} GB > {profile.disk_gb * keep:.1f} GB ({profile.disk_gb:g} GB less "
+                f"{margin:.0%})",
+                disk["work"],
+                profile.disk_gb,
+            ),
+        )
+        if used > limit * keep
+    ]
     if over:
         return "DOES NOT FIT: " + "; ".join(over)
-    return (f"fits: {total_h:.2f} h of {profile.limit_h:g} h, memory {memory['peak']:.1f} of {profile.ram_gb:g} GB, "
-            f"disk {disk['work']:.1f} of {profile.disk_gb:g} GB (margin {margin:.0%} kept)")
+    return (
+        f"fits: {total_h:.2f} h of {profile.limit_h:g} h, memory {memory['peak']:.1f} of {profile.ram_gb:g} GB, "
+        f"disk {disk['work']:.1f} of {profile.disk_gb:g} GB (margin {margin:.0%} kept)"
+    )
 
 
-def depth_advice(log: dict, profile: Profile, speedup: float, margin: float,
-                 matmul_speedup: float = 1.0) -> str | None:
+def depth_advice(log: dict, profile: Profile, speedup: float, margin: float, matmul_speedup: float = 1.0) -> str | None:
     """The line on rerank depth: the largest that fits, or that nothing does (None when it cannot be said)."""
     global_only = project(log, profile, 0, speedup, matmul_speedup)
     if any(h is None for h in global_only.values()):
         return None
     allowed = profile.limit_h * (1 - margin)
     if sum(global_only.values()) > allowed:
-        return (f"nothing fits, not even global-only (rerank depth 0): {sum(global_only.values()):.2f} h > "
-                f"{allowed:.2f} h")
+        return (
+            f"nothing fits, not even global-only (rerank depth 0): {sum(global_only.values()):.2f} h > {allowed:.2f} h"
+        )
     depth = max_rerank_depth(log, profile, speedup, margin, matmul_speedup)
     return None if depth is None else f"largest rerank depth that fits: {depth}"
 
 
-def projection_report(log: dict, profile: Profile, speedup: float = 1.0, margin: float = costs.SAFETY_MARGIN,
-                      rerank: int | None = None, matmul_speedup: float = 1.0) -> dict:
+def projection_report(
+    log: dict,
+    profile: Profile,
+    speedup: float = 1.0,
+    margin: float = costs.SAFETY_MARGIN,
+    rerank: int | None = None,
+    matmul_speedup: float = 1.0,
+) -> dict:
     """Everything `time` prints, as a dict (the demo and the replay report embed it). With a stage the projection
     needs unmeasured, `fits` is None and total_hours counts only the measured stages."""
     rerank = int(log.get("rerank_depth", 0)) if rerank is None else rerank
@@ -199,8 +240,11 @@ def projection_report(log: dict, profile: Profile, speedup: float = 1.0, margin:
     memory = costs.projected_memory(log, sizes, rerank, gpu=profile.gpus > 0)
     disk = costs.projected_disk(log, sizes, rerank)
     keep = 1 - margin
-    fits = (total <= profile.limit_h * keep and memory["peak"] <= profile.ram_gb * keep
-            and disk["work"] <= profile.disk_gb * keep)
+    fits = (
+        total <= profile.limit_h * keep
+        and memory["peak"] <= profile.ram_gb * keep
+        and disk["work"] <= profile.disk_gb * keep
+    )
     return {
         "profile": dataclasses.asdict(profile),
         "speedup": speedup,
@@ -222,10 +266,12 @@ def projection_report(log: dict, profile: Profile, speedup: float = 1.0, margin:
 
 def format_report(report: dict) -> str:
     p = report["profile"]
-    lines = [f"projection to {p['task']}: db {p['db']:,} images, test {p['test']:,}, limit {p['limit_h']:g} h,"
-             f" {p['ram_gb']:g} GB RAM, {p['disk_gb']:g} GB disk, {p['cpus']} CPUs; rerank depth "
-             f"{report['rerank_depth']}, speedup x{report['speedup']:g} on CNN passes, "
-             f"x{report['matmul_speedup']:g} on matrix products"]
+    lines = [
+        f"projection to {p['task']}: db {p['db']:,} images, test {p['test']:,}, limit {p['limit_h']:g} h,"
+        f" {p['ram_gb']:g} GB RAM, {p['disk_gb']:g} GB disk, {p['cpus']} CPUs; rerank depth "
+        f"{report['rerank_depth']}, speedup x{report['speedup']:g} on CNN passes, "
+        f"x{report['matmul_speedup']:g} on matrix products"
+    ]
     for name, hours in report["hours"].items():
         bound = f"  ({report['bound_by'][name]} bound)" if name in report["bound_by"] and hours else ""
         lines.append(f"  {name:<15} {'not measured' if hours is None else f'{hours:8.2f} h'}{bound}")
@@ -233,8 +279,10 @@ def format_report(report: dict) -> str:
     lines.append(f"  {'total':<15} {report['total_hours']:8.2f} h{partial}   (limit {p['limit_h']:g} h)")
     memory, disk = report["memory_gb"], report["disk_gb"]
     stages = ", ".join(f"{name} {gb:.1f}" for name, gb in memory["stages"].items())
-    lines.append(f"  {'peak memory':<15} {memory['peak']:8.1f} GB  (limit {p['ram_gb']:g} GB; {stages}; "
-                 f"baseline {memory['baseline']:.1f})")
+    lines.append(
+        f"  {'peak memory':<15} {memory['peak']:8.1f} GB  (limit {p['ram_gb']:g} GB; {stages}; "
+        f"baseline {memory['baseline']:.1f})"
+    )
     parts = ", ".join(f"{name} {gb:.1f}" for name, gb in disk.items() if name != "work")
     lines.append(f"  {'WORK disk':<15} {disk['work']:8.1f} GB  (limit {p['disk_gb']:g} GB; {parts})")
     lines.append(f"verdict (speedup x{report['speedup']:g}): {report['verdict']}")
@@ -255,8 +303,14 @@ def check_flags(args: argparse.Namespace) -> None:
     check_positive("--matmul-speedup", args.matmul_speedup)
     if not 0 <= args.margin < 1:
         raise UserError(f"--margin is a share of the limit, from 0 up to (not including) 1; got {args.margin}")
-    for flag, value in (("--limit-h", args.limit_h), ("--db", args.db), ("--test", args.test),
-                        ("--ram-gb", args.ram_gb), ("--disk-gb", args.disk_gb), ("--cpus", args.cpus)):
+    for flag, value in (
+        ("--limit-h", args.limit_h),
+        ("--db", args.db),
+        ("--test", args.test),
+        ("--ram-gb", args.ram_gb),
+        ("--disk-gb", args.disk_gb),
+        ("--cpus", args.cpus),
+    ):
         if value is not None:
             check_positive(flag, value)
     if args.rerank is not None:
@@ -264,21 +318,33 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = KitArgumentParser(prog="python -m local_eval time", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitArgumentParser(
+        prog="python -m local_eval time", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--log", required=True, type=Path, help="timing.json written by submission/main.py")
     parser.add_argument("--profile", required=True, help=f"competition profile: {', '.join(PROFILES)}")
-    parser.add_argument("--speedup", type=float, default=1.0,
-                        help="how many times faster the server's GPU runs the CNN passes (global and local features) "
-                             "than this run")
-    parser.add_argument("--matmul-speedup", type=float, default=1.0,
-                        help="how many times faster the server runs the matrix products (kNN, DBA, alpha-QE, "
-                             "SuperGlobal) than this run: a GPU ran the recognition kNN in "
-                             f"{costs.GPU_KNN_S['float32']:g} s (float32; {costs.GPU_KNN_S['float16']:g} s float16) "
-                             f"against {costs.NUMPY_16_CORES_KNN_S:g} s for numpy on 16 cores, "
-                             f"x{costs.GPU_MATMUL_SPEEDUP:.0f} (docs/fitting-the-server.md)")
-    parser.add_argument("--margin", type=float, default=costs.SAFETY_MARGIN,
-                        help="share of every limit (time, memory, disk) to keep free (default: the script's)")
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        default=1.0,
+        help="how many times faster the server's GPU runs the CNN passes (global and local features) than this run",
+    )
+    parser.add_argument(
+        "--matmul-speedup",
+        type=float,
+        default=1.0,
+        help="how many times faster the server runs the matrix products (kNN, DBA, alpha-QE, "
+        "SuperGlobal) than this run: a GPU ran the recognition kNN in "
+        f"{costs.GPU_KNN_S['float32']:g} s (float32; {costs.GPU_KNN_S['float16']:g} s float16) "
+        f"against {costs.NUMPY_16_CORES_KNN_S:g} s for numpy on 16 cores, "
+        f"x{costs.GPU_MATMUL_SPEEDUP:.0f} (docs/fitting-the-server.md)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=costs.SAFETY_MARGIN,
+        help="share of every limit (time, memory, disk) to keep free (default: the script's)",
+    )
     parser.add_argument("--rerank", type=int, help="rerank depth to project (default: the run's own)")
     parser.add_argument("--limit-h", type=float, help="override the profile's notebook limit in hours")
     parser.add_argument("--db", type=int, help="override the profile's train/index size")
@@ -289,8 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the projection as one JSON object")
     args = parser.parse_args(argv)
     check_flags(args)
-    profile = resolve_profile(args.profile, {"limit_h": args.limit_h, "db": args.db, "test": args.test,
-                                             "ram_gb": args.ram_gb, "disk_gb": args.disk_gb, "cpus": args.cpus})
+    profile = resolve_profile(
+        args.profile,
+        {
+            "limit_h": args.limit_h,
+            "db": args.db,
+            "test": args.test,
+            "ram_gb": args.ram_gb,
+            "disk_gb": args.disk_gb,
+            "cpus": args.cpus,
+        },
+    )
     log = load_timing(args.log)
     check_log_task(log, args.log, profile, args.profile)
     report = projection_report(log, profile, args.speedup, args.margin, args.rerank, args.matmul_speedup)

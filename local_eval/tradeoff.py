@@ -11,6 +11,7 @@ anchored to the rates a probe measured on the real server (--log; the ladder's r
 runs). Writes OUT/tradeoff.csv and OUT/tradeoff.png (score against projected hours, the limit marked) and prints the
 table.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,16 @@ DEPTHS = {"recognition": [0, 1, 3, 10], "retrieval": [0, 10, 30, 100]}
 
 def rung_flags(extraction) -> list[str]:
     """The script flags that put the global pass on this rung, and keep it there."""
-    return ["--global-precision", extraction.global_precision, "--global-max-side", str(extraction.global_max_side),
-            "--global-scale-indices", *map(str, extraction.global_scale_indices), "--plan", "fixed"]
+    return [
+        "--global-precision",
+        extraction.global_precision,
+        "--global-max-side",
+        str(extraction.global_max_side),
+        "--global-scale-indices",
+        *map(str, extraction.global_scale_indices),
+        "--plan",
+        "fixed",
+    ]
 
 
 def verified_inliers(run: ExtractionRun) -> np.ndarray:
@@ -143,12 +152,14 @@ class Server:
         return (1.0, 1.0) if self.log else (self.speedup, self.matmul_speedup)
 
 
-def tradeoff(rungs: Rungs, out: Path, server: Server, depths: list[int], reuse: Path | None = None,
-             max_rungs: int | None = None) -> pd.DataFrame:
+def tradeoff(
+    rungs: Rungs, out: Path, server: Server, depths: list[int], reuse: Path | None = None, max_rungs: int | None = None
+) -> pd.DataFrame:
     sub = load_submission()
     data, solution = competition_paths(rungs.competition, rungs.task)
-    base = sub.parse_settings(["--task", rungs.task, "--data", str(data), "--model", str(rungs.model),
-                               *rungs.script_args])
+    base = sub.parse_settings(
+        ["--task", rungs.task, "--data", str(data), "--model", str(rungs.model), *rungs.script_args]
+    )
     loaded = sub.DelgSavedModel(rungs.model, base.extraction)
     ladder = sub.ladder(base.extraction, ("float16", False) in loaded.batched)[:max_rungs]
     work, rows, reference = out / "work", [], None
@@ -157,8 +168,15 @@ def tradeoff(rungs: Rungs, out: Path, server: Server, depths: list[int], reuse: 
         reference = load_timing(reuse / "timing.json") if (reuse / "timing.json").is_file() else None
     for index, (name, extraction) in enumerate(ladder):
         log.info("rung %d of %d: %s", index + 1, len(ladder), name)
-        report = replay(rungs.competition, rungs.task, rungs.model, out / f"rung{index}", rungs.limit_h,
-                        [*rungs.script_args, *rung_flags(extraction), "--rerank", str(max(depths))], work=work)
+        report = replay(
+            rungs.competition,
+            rungs.task,
+            rungs.model,
+            out / f"rung{index}",
+            rungs.limit_h,
+            [*rungs.script_args, *rung_flags(extraction), "--rerank", str(max(depths))],
+            work=work,
+        )
         if report["status"] != "ok":
             raise UserError(f"the run of rung '{name}' ended '{report['status']}'; see {out / f'rung{index}'}")
         run = read_run(work)
@@ -166,13 +184,21 @@ def tradeoff(rungs: Rungs, out: Path, server: Server, depths: list[int], reuse: 
         projected_log = rung_log(report["timing"], reference, server.log)
         log_path = out / f"rung{index}" / "projected_timing.json"
         atomic_write_text(log_path, json.dumps(projected_log, indent=1))
-        rows += rung_rows(run, Scorer(rungs.task, solution, run.test_ids), (name, extraction), projected_log,
-                          log_path, server, depths)
+        rows += rung_rows(
+            run, Scorer(rungs.task, solution, run.test_ids), (name, extraction), projected_log, log_path, server, depths
+        )
     return pd.DataFrame(rows)
 
 
-def rung_rows(run: ExtractionRun, scorer: Scorer, rung: tuple[str, object], projected_log: dict, log_path: Path,
-              server: Server, depths: list[int]) -> list[dict]:
+def rung_rows(
+    run: ExtractionRun,
+    scorer: Scorer,
+    rung: tuple[str, object],
+    projected_log: dict,
+    log_path: Path,
+    server: Server,
+    depths: list[int],
+) -> list[dict]:
     """One row per depth: the scores, and the projection of `local_eval time --log log_path` at that depth (the
     same cost model on the same log: hours, and whether time, memory and disk all fit)."""
     name, extraction = rung
@@ -182,13 +208,21 @@ def rung_rows(run: ExtractionRun, scorer: Scorer, rung: tuple[str, object], proj
     for depth in depths:
         at_depth = np.where(np.arange(inliers.shape[1]) < depth, inliers, -1)
         scores = score_one(run, scorer, at_depth, {"rerank": depth})
-        report = projection_report(projected_log, server.profile, speedup, rerank=depth,
-                                   matmul_speedup=matmul_speedup)
-        rows.append({"rung": name, "global_scales": " ".join(map(str, extraction.global_scales())),
-                     "global_max_side": extraction.global_max_side, "precision": extraction.global_precision,
-                     "rerank": depth, **{subset: scores[subset] for subset in REPORTED_SUBSETS},
-                     "hours": round(report["total_hours"], 4), "memory_gb": round(report["memory_gb"]["peak"], 2),
-                     "fits": bool(report["fits"]), "log": str(log_path)})
+        report = projection_report(projected_log, server.profile, speedup, rerank=depth, matmul_speedup=matmul_speedup)
+        rows.append(
+            {
+                "rung": name,
+                "global_scales": " ".join(map(str, extraction.global_scales())),
+                "global_max_side": extraction.global_max_side,
+                "precision": extraction.global_precision,
+                "rerank": depth,
+                **{subset: scores[subset] for subset in REPORTED_SUBSETS},
+                "hours": round(report["total_hours"], 4),
+                "memory_gb": round(report["memory_gb"]["peak"], 2),
+                "fits": bool(report["fits"]),
+                "log": str(log_path),
+            }
+        )
     return rows
 
 
@@ -200,56 +234,92 @@ def best_that_fits(table: pd.DataFrame) -> pd.Series | None:
 
 def picture(table: pd.DataFrame, task: str, profile: Profile, out: Path) -> None:
     metric = METRIC_NAME[TASK_METRIC[task]]
-    series = {f"{rung} (depths {', '.join(map(str, part['rerank']))})":
-              list(zip(part["hours"], part["all"], strict=True))
-              for rung, part in table.groupby("rung", sort=False)}
+    series = {
+        f"{rung} (depths {', '.join(map(str, part['rerank']))})": list(zip(part["hours"], part["all"], strict=True))
+        for rung, part in table.groupby("rung", sort=False)
+    }
     best = best_that_fits(table)
-    marked = None if best is None else (
-        best["hours"], best["all"], f"best that fits (on Public): {best['rung']}, rerank {best['rerank']}")
-    draw.save_png(draw.line_chart(series, f"{task}: {metric} (all) against projected hours at full size",
-                                  "projected server hours", f"{metric} (all)", vertical=(profile.limit_h, "limit"),
-                                  marked=marked, note=None if best is not None else "nothing fits the limit"),
-                  out / "tradeoff.png")
+    marked = (
+        None
+        if best is None
+        else (best["hours"], best["all"], f"best that fits (on Public): {best['rung']}, rerank {best['rerank']}")
+    )
+    draw.save_png(
+        draw.line_chart(
+            series,
+            f"{task}: {metric} (all) against projected hours at full size",
+            "projected server hours",
+            f"{metric} (all)",
+            vertical=(profile.limit_h, "limit"),
+            marked=marked,
+            note=None if best is not None else "nothing fits the limit",
+        ),
+        out / "tradeoff.png",
+    )
 
 
 def format_table(table: pd.DataFrame, task: str, profile: Profile, source: str) -> str:
     metric = METRIC_NAME[TASK_METRIC[task]]
-    lines = [f"{task} tradeoff, projected to {profile.db:,} database / {profile.test:,} test images, limit "
-             f"{profile.limit_h:g} h less {costs.SAFETY_MARGIN:.0%} margin ({source}):",
-             f"  {'rung':<16}{'rerank':>7}  {metric + ' public':>14}{'private':>9}{'all':>8}{'hours':>9}  fits"]
+    lines = [
+        f"{task} tradeoff, projected to {profile.db:,} database / {profile.test:,} test images, limit "
+        f"{profile.limit_h:g} h less {costs.SAFETY_MARGIN:.0%} margin ({source}):",
+        f"  {'rung':<16}{'rerank':>7}  {metric + ' public':>14}{'private':>9}{'all':>8}{'hours':>9}  fits",
+    ]
     for row in table.itertuples():
-        lines.append(f"  {row.rung:<16}{row.rerank:>7}  {row.public:>14.4f}{row.private:>9.4f}{row.all:>8.4f}"
-                     f"{row.hours:>9.2f}  {'yes' if row.fits else 'no'}")
+        lines.append(
+            f"  {row.rung:<16}{row.rerank:>7}  {row.public:>14.4f}{row.private:>9.4f}{row.all:>8.4f}"
+            f"{row.hours:>9.2f}  {'yes' if row.fits else 'no'}"
+        )
     best = best_that_fits(table)
-    lines.append("  best that fits (on Public): " + (f"{best['rung']}, rerank {best['rerank']}"
-                                                    if best is not None else "none"))
+    lines.append(
+        "  best that fits (on Public): " + (f"{best['rung']}, rerank {best['rerank']}" if best is not None else "none")
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     own, script_args = split_script_args(argv)
-    parser = KitArgumentParser(prog="python -m local_eval tradeoff", description=__doc__.split("\n\n")[0],
-                               epilog="Flags after `--` go to submission/main.py in every run.")
+    parser = KitArgumentParser(
+        prog="python -m local_eval tradeoff",
+        description=__doc__.split("\n\n")[0],
+        epilog="Flags after `--` go to submission/main.py in every run.",
+    )
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(DEPTHS))
     parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
     parser.add_argument("--out", required=True, type=Path, help="folder for tradeoff.csv, tradeoff.png and the runs")
-    parser.add_argument("--profile", default=None, help=f"competition to project to: {', '.join(PROFILES)} "
-                                                         "(default: the task's 2020 profile)")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help=f"competition to project to: {', '.join(PROFILES)} (default: the task's 2020 profile)",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--log", type=Path, help="timing.json of `submission/main.py --probe` on the real server")
-    source.add_argument("--speedup", type=float, default=1.0,
-                        help="how many times faster the server runs the CNN passes than this machine")
-    parser.add_argument("--matmul-speedup", type=float, default=1.0,
-                        help="how many times faster the server runs the matrix products (kNN, DBA, alpha-QE) than "
-                             "this machine (see `local_eval time --help`; ignored with --log)")
+    source.add_argument(
+        "--speedup",
+        type=float,
+        default=1.0,
+        help="how many times faster the server runs the CNN passes than this machine",
+    )
+    parser.add_argument(
+        "--matmul-speedup",
+        type=float,
+        default=1.0,
+        help="how many times faster the server runs the matrix products (kNN, DBA, alpha-QE) than "
+        "this machine (see `local_eval time --help`; ignored with --log)",
+    )
     parser.add_argument("--depths", type=int, nargs="+", default=None, help="rerank depths to score")
-    parser.add_argument("--rungs", type=int, default=None, help="replay only the first N rungs of the ladder "
-                        "(default: all)")
+    parser.add_argument(
+        "--rungs", type=int, default=None, help="replay only the first N rungs of the ladder (default: all)"
+    )
     parser.add_argument("--limit-h", type=float, default=2.0, help="wall-clock limit of each local run (hours)")
-    parser.add_argument("--reuse", type=Path, default=None,
-                        help="WORK folder of an earlier run of this model and competition: its cached features "
-                             "are linked in, not extracted again")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="WORK folder of an earlier run of this model and competition: its cached features "
+        "are linked in, not extracted again",
+    )
     args = parser.parse_args(own)
     for flag in ("--speedup", "--matmul-speedup", "--limit-h"):  # NaN or inf would run a whole rung, then fail
         check_positive(flag, getattr(args, flag[2:].replace("-", "_")))
@@ -266,17 +336,27 @@ def main(argv: list[str] | None = None) -> int:
         check_log_task(server, args.log, profile, args.profile or f"{args.task}-2020")
     unmeasured = unmeasured_stages(server, profile, max(depths)) if server else []
     if unmeasured:
-        raise UserError(f"--log {args.log}: {', '.join(unmeasured)} not measured (cached or skipped), so it cannot "
-                        "anchor the projection; give the timing.json of a cold run or of a probe (--probe N)")
-    check_not_an_input("--out", args.out, [("--competition", args.competition), ("--model", args.model),
-                                           ("--log", args.log), ("--reuse", args.reuse)], replaces_out=False)
+        raise UserError(
+            f"--log {args.log}: {', '.join(unmeasured)} not measured (cached or skipped), so it cannot "
+            "anchor the projection; give the timing.json of a cold run or of a probe (--probe N)"
+        )
+    check_not_an_input(
+        "--out",
+        args.out,
+        [("--competition", args.competition), ("--model", args.model), ("--log", args.log), ("--reuse", args.reuse)],
+        replaces_out=False,
+    )
     check_writable_folder("--out", args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     rungs = Rungs(args.competition, args.task, args.model, args.limit_h, script_args)
-    table = tradeoff(rungs, args.out, Server(profile, server, args.speedup, args.matmul_speedup), depths, args.reuse,
-                     args.rungs)
-    source = (f"rates of {args.log}" if server else f"this machine's rates / {args.speedup:g} on CNN passes, "
-              f"/ {args.matmul_speedup:g} on matrix products")
+    table = tradeoff(
+        rungs, args.out, Server(profile, server, args.speedup, args.matmul_speedup), depths, args.reuse, args.rungs
+    )
+    source = (
+        f"rates of {args.log}"
+        if server
+        else f"this machine's rates / {args.speedup:g} on CNN passes, / {args.matmul_speedup:g} on matrix products"
+    )
     print(write_outputs(table, args.task, profile, source, args.out))
     return 0
 
@@ -288,4 +368,3 @@ def write_outputs(table: pd.DataFrame, task: str, profile: Profile, source: str,
     text = format_table(table, task, profile, source)
     atomic_write_text(out / "tradeoff.txt", text + "\n")
     return text
-

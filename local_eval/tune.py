@@ -32,6 +32,7 @@ every other iterations x confidence at the best of those. It writes OUT whole (a
 competitions (seeds) setting by setting and chooses by the same rule, over every fold of every table (a table
 written before folds existed counts as one fold, its "all" score).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,16 +79,32 @@ costs = sibling("costs")  # the script's cost model: seconds per item and per qu
 # Stage 1 sweeps matching x threshold at the first iterations and confidence; stage 2 sweeps iterations x
 # confidence at stage 1's best matching and threshold (every combination of all five costs ~6x more RANSAC).
 MATCHING = {"match_max_distance": [0.9, 1.1], "mutual": [True, False]}
-RANSAC = {"ransac_threshold": [0.005, 0.01, 0.02, 0.04], "ransac_iterations": [1000, 300],
-          "ransac_confidence": [1.0, 0.99]}
+RANSAC = {
+    "ransac_threshold": [0.005, 0.01, 0.02, 0.04],
+    "ransac_iterations": [1000, 300],
+    "ransac_confidence": [1.0, 0.99],
+}
 FILTER = {"min_matches": [4, 8]}
-GLOBAL = {"recognition": {"global_top_k": [1, 3, 5], "suppression": [True, False], "db_nonlandmark_k": [5, 10],
-                          "query_nonlandmark_k": [10], "query_nonlandmark_weight": [0.0, 0.5, 1.0, 1.5]},
-          "retrieval": {}}
-SCORING = {"recognition": {"rerank": [0, 1, 3, 5, 10, 20], "top_k": [1, 3, 5, 10],
-                           "max_inlier_score": [10, 20, 40, 80], "nonlandmark_penalty": [0.0, 0.5, 1.0, 2.0],
-                           "calibrate": [True, False]},
-           "retrieval": {"rerank": [0, 10, 30, 100]}}
+GLOBAL = {
+    "recognition": {
+        "global_top_k": [1, 3, 5],
+        "suppression": [True, False],
+        "db_nonlandmark_k": [5, 10],
+        "query_nonlandmark_k": [10],
+        "query_nonlandmark_weight": [0.0, 0.5, 1.0, 1.5],
+    },
+    "retrieval": {},
+}
+SCORING = {
+    "recognition": {
+        "rerank": [0, 1, 3, 5, 10, 20],
+        "top_k": [1, 3, 5, 10],
+        "max_inlier_score": [10, 20, 40, 80],
+        "nonlandmark_penalty": [0.0, 0.5, 1.0, 2.0],
+        "calibrate": [True, False],
+    },
+    "retrieval": {"rerank": [0, 10, 30, 100]},
+}
 VERIFICATION_KEYS = [*MATCHING, *RANSAC, *FILTER]
 REGIMES = (0.0, 0.1, 0.3, 1.0)  # shares of the queries verified
 BEST_CURVES = 5  # verification settings drawn in depth.png
@@ -109,8 +126,13 @@ def grid_combinations(grid: dict[str, list]) -> list[dict]:
 def read_grid(path: Path | None, task: str) -> dict[str, dict[str, list]]:
     """The default grid, with any list replaced by --grid's (a JSON object of setting -> list of values), every
     value checked as submission/main.py checks the setting; the script's default added to any list without it."""
-    grid = {"matching": dict(MATCHING), "ransac": dict(RANSAC), "filter": dict(FILTER),
-            "scoring": dict(SCORING[task]), "global": dict(GLOBAL[task])}
+    grid = {
+        "matching": dict(MATCHING),
+        "ransac": dict(RANSAC),
+        "filter": dict(FILTER),
+        "scoring": dict(SCORING[task]),
+        "global": dict(GLOBAL[task]),
+    }
     if path is not None:
         read_grid_file(path, task, grid)
     return with_defaults(grid, task)
@@ -123,13 +145,17 @@ def read_grid_file(path: Path, task: str, grid: dict[str, dict[str, list]]) -> N
     except (OSError, ValueError) as err:
         raise UserError(f"--grid {path}: cannot read it as JSON ({err})") from None
     if not isinstance(given, dict):
-        raise UserError(f"--grid {path}: expected a JSON object of setting -> list of values, "
-                        f"such as {{\"rerank\": [0, 10]}}; found {type(given).__name__} {json.dumps(given)[:40]}")
+        raise UserError(
+            f"--grid {path}: expected a JSON object of setting -> list of values, "
+            f'such as {{"rerank": [0, 10]}}; found {type(given).__name__} {json.dumps(given)[:40]}'
+        )
     for name, values in given.items():
         part = next((part for part in grid.values() if name in part), None)
         if part is None:
-            raise UserError(f"--grid {path}: '{name}' is not a tunable setting of {task}; "
-                            f"choose from {', '.join(k for part in grid.values() for k in part)}")
+            raise UserError(
+                f"--grid {path}: '{name}' is not a tunable setting of {task}; "
+                f"choose from {', '.join(k for part in grid.values() for k in part)}"
+            )
         part[name] = grid_values(path, name, values)
 
 
@@ -137,8 +163,11 @@ def read_grid_file(path: Path, task: str, grid: dict[str, dict[str, list]]) -> N
 def script_defaults(task: str) -> dict:
     """The script's own value of every tunable setting for the task: its sections' defaults under TASK_DEFAULTS."""
     sub = load_submission()
-    values = {f.name: f.default for section in (sub.Global, sub.Verification, sub.Scoring)
-              for f in dataclasses.fields(section)}
+    values = {
+        f.name: f.default
+        for section in (sub.Global, sub.Verification, sub.Scoring)
+        for f in dataclasses.fields(section)
+    }
     return {**values, **{k: v for k, v in sub.TASK_DEFAULTS[task].items() if k in values}}
 
 
@@ -207,8 +236,9 @@ def sweep_query(task: tuple[Path, list[Path]]) -> tuple[np.ndarray, np.ndarray, 
     return matches, inliers, seconds
 
 
-def sweep_verification(tasks: list[tuple[Path, list[Path]]], matching: list[dict], ransac: list[dict],
-                       workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sweep_verification(
+    tasks: list[tuple[Path, list[Path]]], matching: list[dict], ransac: list[dict], workers: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(matches [Q, M, D], inliers [Q, M, R, D], seconds [M, R]) over every query's candidates."""
     verifier = sibling("verifier")
     with verifier.worker_pool((matching, ransac), workers) as pool:  # the script's verification pool
@@ -229,15 +259,22 @@ class Scorer:
 
     def recognition(self, landmarks: np.ndarray, confidences: np.ndarray) -> dict[str, float]:
         # Confidences as the submission writes them (6 decimals): rounding makes ties that GAP breaks by id.
-        predictions = {q: (int(lm), float(f"{c:.6f}")) for q, lm, c in
-                       zip(self.test_ids, landmarks, confidences, strict=True) if not np.isnan(c)}
-        return {name: global_average_precision({q: predictions[q] for q in truth if q in predictions}, truth)
-                for name, truth in self.subsets.items()}
+        predictions = {
+            q: (int(lm), float(f"{c:.6f}"))
+            for q, lm, c in zip(self.test_ids, landmarks, confidences, strict=True)
+            if not np.isnan(c)
+        }
+        return {
+            name: global_average_precision({q: predictions[q] for q in truth if q in predictions}, truth)
+            for name, truth in self.subsets.items()
+        }
 
     def retrieval(self, ranked: list[list[str]]) -> dict[str, float]:
         predictions = dict(zip(self.test_ids, ranked, strict=True))
-        return {name: mean_average_precision({q: predictions[q] for q in truth if predictions.get(q)}, truth)
-                for name, truth in self.subsets.items()}
+        return {
+            name: mean_average_precision({q: predictions[q] for q in truth if predictions.get(q)}, truth)
+            for name, truth in self.subsets.items()
+        }
 
 
 def query_folds(truth: dict[str, list], folds: int, seed: int = FOLD_SEED) -> dict[str, dict[str, list]]:
@@ -278,8 +315,15 @@ def read_run(work: Path) -> ExtractionRun:
     with np.load(path) as saved:
         arrays = {name: saved[name] for name in saved.files}
     candidates = sub.Candidates(**{name: arrays[name] for name in sub.Candidates._fields})
-    return ExtractionRun(work, sub.read_settings_record(work), arrays["test_ids"].tolist(), arrays["db_ids"].tolist(),
-               arrays["labels"], candidates, json.loads((work / "timing.json").read_text()))
+    return ExtractionRun(
+        work,
+        sub.read_settings_record(work),
+        arrays["test_ids"].tolist(),
+        arrays["db_ids"].tolist(),
+        arrays["labels"],
+        candidates,
+        json.loads((work / "timing.json").read_text()),
+    )
 
 
 @dataclasses.dataclass
@@ -296,8 +340,14 @@ class Sweep:
     stage: dict
 
 
-def score_table(sweep: Sweep, matching: list[dict], ransac: list[dict], matches: np.ndarray, inliers: np.ndarray,
-                seconds: np.ndarray) -> pd.DataFrame:
+def score_table(
+    sweep: Sweep,
+    matching: list[dict],
+    ransac: list[dict],
+    matches: np.ndarray,
+    inliers: np.ndarray,
+    seconds: np.ndarray,
+) -> pd.DataFrame:
     """One row per verification (matching x RANSAC x filter) x scoring setting."""
     run, scorer, grid, verified, stage = sweep.run, sweep.scorer, sweep.grid, sweep.verified, sweep.stage
     scoring_grid = grid_combinations(grid["scoring"])
@@ -316,12 +366,20 @@ def score_table(sweep: Sweep, matching: list[dict], ransac: list[dict], matches:
             depth = min(scoring["rerank"], counts.shape[1])
             at_depth = np.where(np.arange(counts.shape[1]) < depth, counts, -1)
             scores = score_one(run, scorer, at_depth, scoring, stage)
-            rows.append({**verification, **scoring, **scores,
-                         "seconds_per_query": query_seconds(run, depth, seconds[m, r], local_rate, verified)})
+            rows.append(
+                {
+                    **verification,
+                    **scoring,
+                    **scores,
+                    "seconds_per_query": query_seconds(run, depth, seconds[m, r], local_rate, verified),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def score_one(run: ExtractionRun, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage: dict | None = None) -> dict:
+def score_one(
+    run: ExtractionRun, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage: dict | None = None
+) -> dict:
     """The scores of one setting, computed by the script's own functions on the candidates it would have:
     recognition searches max(top_k, global top-k, depth) neighbours."""
     sub = load_submission()
@@ -331,13 +389,15 @@ def score_one(run: ExtractionRun, scorer: Scorer, inliers: np.ndarray, scoring: 
         global_stage = dataclasses.replace(run.settings.global_stage, **(stage or {}))
         k = min(max(settings.top_k, global_stage.global_top_k, scoring["rerank"]), c.cosines.shape[1])
         found = c._replace(cosines=c.cosines[:, :k], neighbours=c.neighbours[:, :k])
-        landmarks, confidences = sub.recognition_predictions(found, unverified_beyond(inliers, k), run.labels,
-                                                             global_stage, settings)
+        landmarks, confidences = sub.recognition_predictions(
+            found, unverified_beyond(inliers, k), run.labels, global_stage, settings
+        )
         return scorer.recognition(landmarks, confidences)
     order = sub.retrieval_order(c.cosines, inliers)
     ranked = np.take_along_axis(c.neighbours, order, 1)
-    return scorer.retrieval([[run.db_ids[j] for j in row] if ok else [] for row, ok in
-                             zip(ranked, c.query_ok, strict=True)])
+    return scorer.retrieval(
+        [[run.db_ids[j] for j in row] if ok else [] for row, ok in zip(ranked, c.query_ok, strict=True)]
+    )
 
 
 def unverified_beyond(inliers: np.ndarray, width: int) -> np.ndarray:
@@ -375,15 +435,18 @@ def regimes(run: ExtractionRun, scorer: Scorer, inliers: np.ndarray, scoring: di
     rows = []
     for share in REGIMES:
         cut = unverified.copy()
-        chosen = order[:round(share * len(order))]
+        chosen = order[: round(share * len(order))]
         cut[chosen] = at_depth[chosen]
         scores = score_one(run, scorer, cut, scoring, stage)
-        rows.append({"verified_share": share, "queries_verified": len(chosen),
-                     **{s: scores[s] for s in REPORTED_SUBSETS}})
+        rows.append(
+            {"verified_share": share, "queries_verified": len(chosen), **{s: scores[s] for s in REPORTED_SUBSETS}}
+        )
     return pd.DataFrame(rows)
 
 
-def query_seconds(run: ExtractionRun, depth: int, verify_seconds: float, local_rate: float, verified: np.ndarray) -> float:
+def query_seconds(
+    run: ExtractionRun, depth: int, verify_seconds: float, local_rate: float, verified: np.ndarray
+) -> float:
     """Seconds per query of reranking at this depth: local features of the query and its new candidates, and
     verification at the measured rate of this setting (the sweep verified `verified` pairs with it)."""
     readable = np.flatnonzero(run.query_ok)
@@ -410,8 +473,10 @@ def fold_scores(table: pd.DataFrame) -> np.ndarray:
     scores = table[fold_columns(table)].to_numpy(float)
     scores = scores[:, ~np.isnan(scores).any(axis=0)]
     if scores.shape[1] < 2:
-        raise UserError(f"fewer than 2 folds hold a score ({', '.join(fold_columns(table)) or 'no fold columns'}): "
-                        "too few labelled queries to cross-validate")
+        raise UserError(
+            f"fewer than 2 folds hold a score ({', '.join(fold_columns(table)) or 'no fold columns'}): "
+            "too few labelled queries to cross-validate"
+        )
     return scores
 
 
@@ -435,8 +500,11 @@ def default_position(table: pd.DataFrame, defaults: dict) -> int:
     keys = [c for c in setting_columns(table) if c in defaults]
     match = np.logical_and.reduce([(table[k] == defaults[k]).to_numpy() for k in keys])
     if not match.any():
-        raise UserError("no row holds the script's defaults (" + ", ".join(f"{k} {defaults[k]}" for k in keys) +
-                        "): the tables were tuned on a grid without them; tune again (tune adds them to any grid)")
+        raise UserError(
+            "no row holds the script's defaults ("
+            + ", ".join(f"{k} {defaults[k]}" for k in keys)
+            + "): the tables were tuned on a grid without them; tune again (tune adds them to any grid)"
+        )
     return int(np.flatnonzero(match)[0])
 
 
@@ -465,11 +533,17 @@ class Choice:
     def summary(self) -> dict:
         """What tuned.json records: the rule's evidence, the expected score with its spread, the defaults'."""
         expected = self.held_out if self.beats_defaults else self.default_scores
-        return {"folds": len(self.held_out), "kept_defaults": not self.beats_defaults,
-                "expected": mean_error(expected), "held_out_gain": self.gain,
-                "held_out": [round(float(v), 6) for v in self.held_out],
-                "defaults": {**mean_error(self.default_scores),
-                             **{subset: native(self.defaults[subset]) for subset in REPORTED_SUBSETS}}}
+        return {
+            "folds": len(self.held_out),
+            "kept_defaults": not self.beats_defaults,
+            "expected": mean_error(expected),
+            "held_out_gain": self.gain,
+            "held_out": [round(float(v), 6) for v in self.held_out],
+            "defaults": {
+                **mean_error(self.default_scores),
+                **{subset: native(self.defaults[subset]) for subset in REPORTED_SUBSETS},
+            },
+        }
 
 
 def choose_honestly(table: pd.DataFrame, defaults: dict) -> Choice:
@@ -478,8 +552,9 @@ def choose_honestly(table: pd.DataFrame, defaults: dict) -> Choice:
     otherwise the defaults."""
     scores = fold_scores(table)
     default = default_position(table, defaults)
-    held_out = np.array([scores[best_position(table, np.delete(scores, f, axis=1).mean(axis=1)), f]
-                         for f in range(scores.shape[1])])
+    held_out = np.array(
+        [scores[best_position(table, np.delete(scores, f, axis=1).mean(axis=1)), f] for f in range(scores.shape[1])]
+    )
     choice = Choice(table.iloc[default], table.iloc[default], held_out, scores[default])
     if choice.beats_defaults:
         choice.row = table.iloc[best_position(table, scores.mean(axis=1))]
@@ -518,18 +593,31 @@ def depth_picture(table: pd.DataFrame, task: str, out: Path, chosen: pd.Series) 
         label = ", ".join(f"{k}={native(setting[k])}" for k in differing) or "the one verification setting"
         colour, marker, _ = draw.series_style(index)
         for subset, dash in (("public", ()), ("private", draw.SERIES_DASHES[1])):
-            series[f"{subset.capitalize()}: {label}"] = list(zip(per_depth["rerank"].tolist(),
-                                                                 per_depth[subset].tolist(), strict=True))
+            series[f"{subset.capitalize()}: {label}"] = list(
+                zip(per_depth["rerank"].tolist(), per_depth[subset].tolist(), strict=True)
+            )
             styles.append((colour, marker, dash))
     metric = METRIC_NAME[TASK_METRIC[task]]
-    marked = (native(chosen["rerank"]), native(chosen["public"]),
-              f"chosen: rerank {native(chosen['rerank'])}, " +
-              ", ".join(f"{k}={native(chosen[k])}" for k in differing) +
-              f" (Public {chosen['public']:.4f}, Private {chosen['private']:.4f})")
-    draw.save_png(draw.line_chart(series, f"{task}: {metric} by rerank depth, Public solid, Private dashed (per "
-                                  "depth the scoring best over the folds)", "rerank depth", metric, marked=marked,
-                                  note=f"every curve: {shared}" if shared else None, styles=styles),
-                  out / "depth.png")
+    marked = (
+        native(chosen["rerank"]),
+        native(chosen["public"]),
+        f"chosen: rerank {native(chosen['rerank'])}, "
+        + ", ".join(f"{k}={native(chosen[k])}" for k in differing)
+        + f" (Public {chosen['public']:.4f}, Private {chosen['private']:.4f})",
+    )
+    draw.save_png(
+        draw.line_chart(
+            series,
+            f"{task}: {metric} by rerank depth, Public solid, Private dashed (per "
+            "depth the scoring best over the folds)",
+            "rerank depth",
+            metric,
+            marked=marked,
+            note=f"every curve: {shared}" if shared else None,
+            styles=styles,
+        ),
+        out / "depth.png",
+    )
 
 
 def sweep_stage(sweep: Sweep, matching: list[dict], ransac: list[dict]) -> pd.DataFrame:
@@ -548,16 +636,21 @@ def stages(grid: dict, task: str) -> tuple[list[dict], list[dict]]:
     confidence (so that the defaults' row is always scored)."""
     defaults = script_defaults(task)
     first = {name: [defaults[name]] for name in grid["ransac"] if name != "ransac_threshold"}
-    return (grid_combinations(grid["matching"]),
-            grid_combinations({"ransac_threshold": grid["ransac"]["ransac_threshold"], **first}))
+    return (
+        grid_combinations(grid["matching"]),
+        grid_combinations({"ransac_threshold": grid["ransac"]["ransac_threshold"], **first}),
+    )
 
 
 def second_stage(grid: dict, best: pd.Series, task: str) -> tuple[list[dict], list[dict]]:
     """Stage 2's lists: the best matching and threshold, every other iterations x confidence."""
     matching = [{name: native(best[name]) for name in grid["matching"]}]
-    ransac = grid_combinations({"ransac_threshold": [native(best["ransac_threshold"])],
-                                **{name: values for name, values in grid["ransac"].items()
-                                   if name != "ransac_threshold"}})
+    ransac = grid_combinations(
+        {
+            "ransac_threshold": [native(best["ransac_threshold"])],
+            **{name: values for name, values in grid["ransac"].items() if name != "ransac_threshold"},
+        }
+    )
     first = {name: script_defaults(task)[name] for name in grid["ransac"] if name != "ransac_threshold"}
     return matching, [r for r in ransac if any(r[name] != value for name, value in first.items())]
 
@@ -581,14 +674,26 @@ def tune(job: Job, out: Path, grid_path: Path | None, overwrite: bool = False) -
     with its scores. An existing OUT is replaced only with overwrite."""
     grid = read_grid(grid_path, job.task)
     _, solution = competition_paths(job.competition, job.task)
-    check_not_an_input("--out", out, [("--competition", job.competition), ("--model", job.model),
-                                      ("--grid", grid_path)])
+    check_not_an_input(
+        "--out", out, [("--competition", job.competition), ("--model", job.model), ("--grid", grid_path)]
+    )
     with atomic_output_dir(out, overwrite, kind=TUNE_KIND) as tmp:
         result = sweep_all(job, tmp, grid, solution)
-        write_choice(tmp, result["table"], result["choice"], job.task, result["extraction"],
-                     {"competition": str(job.competition), "task": job.task, "model": str(job.model),
-                      "regimes": result["regimes"].to_dict(orient="records")},
-                     result["global_stage"], result["global_choice"])
+        write_choice(
+            tmp,
+            result["table"],
+            result["choice"],
+            job.task,
+            result["extraction"],
+            {
+                "competition": str(job.competition),
+                "task": job.task,
+                "model": str(job.model),
+                "regimes": result["regimes"].to_dict(orient="records"),
+            },
+            result["global_stage"],
+            result["global_choice"],
+        )
     return result
 
 
@@ -598,10 +703,16 @@ def sweep_all(job: Job, out: Path, grid: dict, solution: Path) -> dict:
     max_depth = max(grid["scoring"]["rerank"])
     extra = [*job.script_args, "--rerank", str(max_depth), "--plan", "fixed"]  # replay adds the distractor folder
     if task == "recognition":  # the neighbours of the largest top-k are searched once
-        extra += ["--top-k", str(max(grid["scoring"]["top_k"])),
-                  "--global-top-k", str(max(grid["global"]["global_top_k"])),
-                  "--db-nonlandmark-k", str(max(grid["global"]["db_nonlandmark_k"])),
-                  "--query-nonlandmark-k", str(max(grid["global"]["query_nonlandmark_k"]))]
+        extra += [
+            "--top-k",
+            str(max(grid["scoring"]["top_k"])),
+            "--global-top-k",
+            str(max(grid["global"]["global_top_k"])),
+            "--db-nonlandmark-k",
+            str(max(grid["global"]["db_nonlandmark_k"])),
+            "--query-nonlandmark-k",
+            str(max(grid["global"]["query_nonlandmark_k"])),
+        ]
     report = replay(competition, task, model, out / "run", job.limit_h, extra)
     if report["status"] != "ok":
         last = report.get("log_tail", "").strip().splitlines()[-1:] or ["no log"]
@@ -624,15 +735,29 @@ def sweep_all(job: Job, out: Path, grid: dict, solution: Path) -> dict:
         table = pd.concat([table, sweep_stage(shared, matching, ransac)], ignore_index=True)
     choice = choose_honestly(table, script_defaults(task))
     chosen = choice.row
-    regime_table = regimes(run, scorer, chosen_inliers(run, tasks, verified, chosen, workers),
-                           {k: native(chosen[k]) for k in grid["scoring"]}, stage)
+    regime_table = regimes(
+        run,
+        scorer,
+        chosen_inliers(run, tasks, verified, chosen, workers),
+        {k: native(chosen[k]) for k in grid["scoring"]},
+        stage,
+    )
     atomic_write_text(out / "regimes.csv", regime_table.to_csv(index=False))
     extraction = json.loads((run.work / "settings.json").read_text())["extraction"]
-    return {"choice": choice, "chosen": chosen, "table": table, "extraction": extraction, "global_stage": stage,
-            "global_choice": global_choice, "regimes": regime_table}
+    return {
+        "choice": choice,
+        "chosen": chosen,
+        "table": table,
+        "extraction": extraction,
+        "global_stage": stage,
+        "global_choice": global_choice,
+        "regimes": regime_table,
+    }
 
 
-def chosen_inliers(run: ExtractionRun, tasks: list, verified: np.ndarray, chosen: pd.Series, workers: int) -> np.ndarray:
+def chosen_inliers(
+    run: ExtractionRun, tasks: list, verified: np.ndarray, chosen: pd.Series, workers: int
+) -> np.ndarray:
     """Inliers [Q, D] of every cached pair under the chosen verification setting (-1: not verified)."""
     matching = [{name: native(chosen[name]) for name in MATCHING}]
     ransac = [{name: native(chosen[name]) for name in RANSAC}]
@@ -651,14 +776,28 @@ def chosen_on(table: pd.DataFrame) -> str:
     return f"{folds}-fold cross-validation over the labelled queries (Public + Private)"
 
 
-def write_choice(out: Path, table: pd.DataFrame, choice: Choice, task: str, extraction: dict, about: dict,
-                 global_stage: dict | None = None, global_choice: Choice | None = None) -> None:
+def write_choice(
+    out: Path,
+    table: pd.DataFrame,
+    choice: Choice,
+    task: str,
+    extraction: dict,
+    about: dict,
+    global_stage: dict | None = None,
+    global_choice: Choice | None = None,
+) -> None:
     """table.csv, tuned.json (the chosen settings, the global stage's, what they were chosen on, the expected score
     with its spread and the defaults' score) and depth.png into out."""
     chosen = choice.row
-    about = {**about, "chosen_on": chosen_on(table), "metric": METRIC_NAME[TASK_METRIC[task]],
-             **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS}, **choice.summary(),
-             "seconds_per_query": native(chosen["seconds_per_query"]), "settings_rows": len(table)}
+    about = {
+        **about,
+        "chosen_on": chosen_on(table),
+        "metric": METRIC_NAME[TASK_METRIC[task]],
+        **{subset: native(chosen[subset]) for subset in REPORTED_SUBSETS},
+        **choice.summary(),
+        "seconds_per_query": native(chosen["seconds_per_query"]),
+        "settings_rows": len(table),
+    }
     if global_choice is not None:
         about["global_stage_choice"] = global_choice.summary()
     tuned = tuned_settings(chosen, task, extraction, about)
@@ -682,8 +821,10 @@ def pair_tasks(run: ExtractionRun, max_depth: int) -> tuple[list[tuple[Path, lis
         query = sub.local_path(cache, query_split, run.test_ids[q])
         candidates = [sub.local_path(cache, db_split, run.db_ids[j]) for j in run.neighbours[q, :depth]]
         if not query.is_file() or not all(path.is_file() for path in candidates):
-            raise UserError(f"{cache}: local features of query {run.test_ids[q]} or its candidates are missing "
-                            "(the extraction run was cut short, or --local-cache-gb trimmed them)")
+            raise UserError(
+                f"{cache}: local features of query {run.test_ids[q]} or its candidates are missing "
+                "(the extraction run was cut short, or --local-cache-gb trimmed them)"
+            )
         verified[q] = True
         tasks.append((query, candidates))
     return tasks, verified
@@ -694,50 +835,80 @@ def format_summary(result: dict, task: str, out: Path) -> str:
     chosen, summary = choice.row, choice.summary()
     settings = ", ".join(f"{k} {native(chosen[k])}" for k in setting_columns(table))
     expected, gain, defaults = summary["expected"], summary["held_out_gain"], summary["defaults"]
-    verdict = ("the script's defaults kept: nothing beats them by more than the spread" if summary["kept_defaults"]
-               else "beats the script's defaults by more than the spread")
-    return "\n".join([
-        f"{task}: {len(table)} settings scored; chosen by {chosen_on(table)}; {verdict}:",
-        f"  {settings}",
-        f"  {metric} public {chosen['public']:.4f} | private {chosen['private']:.4f} | all {chosen['all']:.4f}"
-        f" ({chosen['seconds_per_query']:.3f} s per query here)",
-        f"  expected {metric} (held-out folds) {expected['mean']:.4f} +- {expected['standard_error']:.4f};"
-        f" the defaults {defaults['mean']:.4f} +- {defaults['standard_error']:.4f} (public {defaults['public']:.4f}"
-        f" | private {defaults['private']:.4f}); held-out gain of tuning {gain['mean']:+.4f} +- "
-        f"{gain['standard_error']:.4f}",
-        *([f"  global stage (unverified queries): {result['global_stage']}"] if result.get("global_stage") else []),
-        *(["  by share of queries verified: " + ", ".join(
-            f"{r['verified_share']:.0%} {r['public']:.4f}/{r['private']:.4f}" for _, r in result["regimes"].iterrows())
-           + " (public/private)"] if result.get("regimes") is not None else []),
-        f"  {out / 'table.csv'}, {out / 'tuned.json'}, {out / 'depth.png'}",
-        f"  next: python -m local_eval replay ... -- --settings {out / 'tuned.json'}"])
+    verdict = (
+        "the script's defaults kept: nothing beats them by more than the spread"
+        if summary["kept_defaults"]
+        else "beats the script's defaults by more than the spread"
+    )
+    return "\n".join(
+        [
+            f"{task}: {len(table)} settings scored; chosen by {chosen_on(table)}; {verdict}:",
+            f"  {settings}",
+            f"  {metric} public {chosen['public']:.4f} | private {chosen['private']:.4f} | all {chosen['all']:.4f}"
+            f" ({chosen['seconds_per_query']:.3f} s per query here)",
+            f"  expected {metric} (held-out folds) {expected['mean']:.4f} +- {expected['standard_error']:.4f};"
+            f" the defaults {defaults['mean']:.4f} +- {defaults['standard_error']:.4f} (public {defaults['public']:.4f}"
+            f" | private {defaults['private']:.4f}); held-out gain of tuning {gain['mean']:+.4f} +- "
+            f"{gain['standard_error']:.4f}",
+            *([f"  global stage (unverified queries): {result['global_stage']}"] if result.get("global_stage") else []),
+            *(
+                [
+                    "  by share of queries verified: "
+                    + ", ".join(
+                        f"{r['verified_share']:.0%} {r['public']:.4f}/{r['private']:.4f}"
+                        for _, r in result["regimes"].iterrows()
+                    )
+                    + " (public/private)"
+                ]
+                if result.get("regimes") is not None
+                else []
+            ),
+            f"  {out / 'table.csv'}, {out / 'tuned.json'}, {out / 'depth.png'}",
+            f"  next: python -m local_eval replay ... -- --settings {out / 'tuned.json'}",
+        ]
+    )
 
 
 def split_script_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
     argv = list(argv or [])
     split = argv.index("--") if "--" in argv else len(argv)
-    return argv[:split], argv[split + 1:]
+    return argv[:split], argv[split + 1 :]
 
 
 def main(argv: list[str] | None = None) -> int:
     own, script_args = split_script_args(argv)
-    parser = KitArgumentParser(prog="python -m local_eval tune", description=__doc__.split("\n\n")[1],
-                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                               epilog="Flags after `--` go to submission/main.py for the extraction run. "
-                                      f"The choice: {FOLDS}-fold cross-validation over the labelled queries "
-                                      "(Public + Private); the script's defaults unless the held-out gain "
-                                      "minus its standard error is above 0.")
+    parser = KitArgumentParser(
+        prog="python -m local_eval tune",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags after `--` go to submission/main.py for the extraction run. "
+        f"The choice: {FOLDS}-fold cross-validation over the labelled queries "
+        "(Public + Private); the script's defaults unless the held-out gain "
+        "minus its standard error is above 0.",
+    )
     parser.add_argument("--competition", required=True, type=Path, help="folder written by `local_eval build`")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--model", required=True, type=Path, help="exported DELG SavedModel folder")
     parser.add_argument("--out", required=True, type=Path, help="folder for table.csv, tuned.json, depth.png, run/")
-    parser.add_argument("--limit-h", type=float, default=2.0,
-                        help="wall-clock limit of the extraction run, in hours (default %(default)s)")
-    parser.add_argument("--grid", type=Path, default=None,
-                        help="JSON object: setting -> list of values, replacing the default grid's list (the "
-                             "script's default is added to a list without it)")
-    parser.add_argument("--workers", type=int, default=multiprocessing.cpu_count(),
-                        help="processes of the verification sweep (default: the cores)")
+    parser.add_argument(
+        "--limit-h",
+        type=float,
+        default=2.0,
+        help="wall-clock limit of the extraction run, in hours (default %(default)s)",
+    )
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        default=None,
+        help="JSON object: setting -> list of values, replacing the default grid's list (the "
+        "script's default is added to a list without it)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=multiprocessing.cpu_count(),
+        help="processes of the verification sweep (default: the cores)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT written by the kit")
     args = parser.parse_args(own)
     check_positive("--limit-h", args.limit_h)
@@ -763,15 +934,19 @@ def merge_tables(paths: list[Path], task: str) -> pd.DataFrame:
         renamed = {c: f"{FOLD_PREFIX}{number}.{c.removeprefix(FOLD_PREFIX)}" for c in folds}
         units += renamed.values()
         tables[number - 1] = pd.concat([table[[*keys, *SCORE_COLUMNS]], table[folds].rename(columns=renamed)], axis=1)
-    merged = pd.concat(tables).groupby(keys, dropna=False, sort=False).agg(
-        **{c: (c, "mean") for c in [*SCORE_COLUMNS, *units]}, tables=("public", "size"))
+    merged = (
+        pd.concat(tables)
+        .groupby(keys, dropna=False, sort=False)
+        .agg(**{c: (c, "mean") for c in [*SCORE_COLUMNS, *units]}, tables=("public", "size"))
+    )
     common = merged[merged["tables"] == len(tables)].reset_index()
     if common.empty:
-        raise UserError(f"{paths[0]} and the other tables share no setting: they were tuned on different grids; "
-                        "merge tables of one grid (or of grids that overlap)")
+        raise UserError(
+            f"{paths[0]} and the other tables share no setting: they were tuned on different grids; "
+            "merge tables of one grid (or of grids that overlap)"
+        )
     if len(common) < len(merged):
-        log.warning("%d of %d settings are not in every table and are left out", len(merged) - len(common),
-                    len(merged))
+        log.warning("%d of %d settings are not in every table and are left out", len(merged) - len(common), len(merged))
     return common
 
 
@@ -787,8 +962,11 @@ def read_table(path: Path, task: str) -> pd.DataFrame:
     extra = set(table.columns) - expected - {"tables", *fold_columns(table)}
     if missing or extra:
         other = next((t for t in SCORING if t != task and set(SCORING[t]) <= set(table.columns)), None)
-        raise UserError(f"{path}: not a {task} tune table" + (f" (a {other} one)" if other else "") +
-                        f"; expected the columns {','.join([*settings, *SCORE_COLUMNS])}")
+        raise UserError(
+            f"{path}: not a {task} tune table"
+            + (f" (a {other} one)" if other else "")
+            + f"; expected the columns {','.join([*settings, *SCORE_COLUMNS])}"
+        )
     if table.empty:
         raise UserError(f"{path}: a tune table with no rows")
     for column in SCORE_COLUMNS:
@@ -800,18 +978,22 @@ def read_table(path: Path, task: str) -> pd.DataFrame:
         outside = ~values.between(low, high) | ~np.isfinite(values)
         if outside.any():
             line = int(outside.to_numpy().argmax()) + 2
-            raise UserError(f"{path}, line {line}: {column} {str(table[column].iloc[line - 2])!r} is outside "
-                            f"[{low}, {high}]: no {column} score; was the table edited?")
+            raise UserError(
+                f"{path}, line {line}: {column} {str(table[column].iloc[line - 2])!r} is outside "
+                f"[{low}, {high}]: no {column} score; was the table edited?"
+            )
     folds = fold_columns(table)  # a fold with no landmark query has no score: empty, read as NaN
     table[folds] = table[folds].apply(lambda column: pd.to_numeric(column.replace("", "nan"), errors="coerce"))
     return table
 
 
 def main_merge(argv: list[str] | None = None) -> int:
-    parser = KitArgumentParser(prog="python -m local_eval tune-merge",
-                               description="average tune tables of several competitions and choose by "
-                                           "cross-validation over every table's folds, keeping the script's "
-                                           "defaults unless a setting beats them by more than the spread")
+    parser = KitArgumentParser(
+        prog="python -m local_eval tune-merge",
+        description="average tune tables of several competitions and choose by "
+        "cross-validation over every table's folds, keeping the script's "
+        "defaults unless a setting beats them by more than the spread",
+    )
     parser.add_argument("--tables", required=True, nargs="+", type=Path, help="table.csv files written by tune")
     parser.add_argument("--task", required=True, choices=sorted(SCORING))
     parser.add_argument("--out", required=True, type=Path, help="folder for the merged table.csv and tuned.json")

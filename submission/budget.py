@@ -4,6 +4,7 @@ Shipped beside main.py (which imports it from its own folder). It measures nothi
 rates (seconds per unit of work) and callables that time a setting, and it decides, with costs.py's cost model
 (the units of each stage, the rates, the bytes), which the kit's projections use too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,9 @@ PLAN_SHARE = 0.1  # of the time left, at most, for timing the ladder; then the c
 LOAD_SPREAD = 0.25  # two timings of one setting further apart than this share: the machine is busy, say so
 
 
-def deepest_rerank(seconds_left: float, queries: int, per_image: float, per_pair: float, max_depth: int,
-                   new_image_share: float = 1.0) -> int:
+def deepest_rerank(
+    seconds_left: float, queries: int, per_image: float, per_pair: float, max_depth: int, new_image_share: float = 1.0
+) -> int:
     """The deepest rerank (<= max_depth) that fits `queries` queries into seconds_left; at least 1 while one
     more query fits at depth 1, else 0."""
     if queries <= 0 or seconds_left < per_image + per_image * new_image_share + per_pair:
@@ -80,8 +82,9 @@ def load_average() -> str:
 class Timing:
     """Items and seconds per stage, against a deadline; saved as WORK/timing.json after every change."""
 
-    def __init__(self, path: Path, task: str, budget: Budget, versions: dict | None = None,
-                 started: float | None = None):
+    def __init__(
+        self, path: Path, task: str, budget: Budget, versions: dict | None = None, started: float | None = None
+    ):
         """started: the clock's zero (time.monotonic()); by default this process's start, as on the server."""
         self.path, self.task, self.budget_h, self.versions = path, task, budget.time_budget_h, versions or {}
         self.start = time.monotonic() - process_age() if started is None else started
@@ -128,10 +131,20 @@ class Timing:
         return self.time_left() <= 0
 
     def save(self) -> None:
-        record = {"task": self.task, "budget_h": self.budget_h, "rerank_depth": self.rerank_depth,
-                  "stages": self.stages, "total_seconds": time.monotonic() - self.start, "plan": self.plan,
-                  "work": self.work, "devices": self.devices, "timed_products": self.timed_products,
-                  "decode": self.decode, "memory": self.memory, "versions": self.versions}
+        record = {
+            "task": self.task,
+            "budget_h": self.budget_h,
+            "rerank_depth": self.rerank_depth,
+            "stages": self.stages,
+            "total_seconds": time.monotonic() - self.start,
+            "plan": self.plan,
+            "work": self.work,
+            "devices": self.devices,
+            "timed_products": self.timed_products,
+            "decode": self.decode,
+            "memory": self.memory,
+            "versions": self.versions,
+        }
         save_json(self.path, record)
 
 
@@ -155,8 +168,15 @@ def ladder(extraction, has_float16: bool) -> list[tuple[str, object]]:
 Measure = Callable[[object, float], tuple[float, float]]  # (extraction, limit s) -> (s per image, spread)
 
 
-def plan_extraction(rungs: list[tuple[str, object]], measure: Measure, units: Callable[[int], dict],
-                    knn_rate: float, reserve_s: float, timing: Timing, limit_s: float) -> tuple[object, dict]:
+def plan_extraction(
+    rungs: list[tuple[str, object]],
+    measure: Measure,
+    units: Callable[[int], dict],
+    knn_rate: float,
+    reserve_s: float,
+    timing: Timing,
+    limit_s: float,
+) -> tuple[object, dict]:
     """The first rung whose projected run (global passes, kNN and the rerank reserve) fits the time left after
     its own timing; the cheapest when none does. Planning itself may use PLAN_SHARE of the time left when it
     starts: past that, the cheapest rung is taken untimed, at the cheapest rate measured (an upper bound for it).
@@ -171,24 +191,52 @@ def plan_extraction(rungs: list[tuple[str, object]], measure: Measure, units: Ca
         seconds = project_seconds({"global_db": rate, "global_query": rate, "knn": knn_rate}, units(0))
         parts = {**{k: v for k, v in seconds.items() if v}, "rerank_reserve": reserve_s}
         fits = sum(parts.values()) <= timing.time_left()
-        tried.append({"rung": name, "seconds_per_image": rate, "spread": spread, "timed": not over,
-                      "projected_h": {k: v / 3600 for k, v in parts.items()}, "fits": fits,
-                      "global": global_settings(extraction)})
+        tried.append(
+            {
+                "rung": name,
+                "seconds_per_image": rate,
+                "spread": spread,
+                "timed": not over,
+                "projected_h": {k: v / 3600 for k, v in parts.items()},
+                "fits": fits,
+                "global": global_settings(extraction),
+            }
+        )
         untimed = " (untimed: planning's time is up)" if over else ""
-        log.info("plan: %-14s %.4f s/image%s: %s of %.2f h left: %s", name, rate, untimed, hours_text(parts),
-                 timing.time_left() / 3600, "fits" if fits else "does not fit")
+        log.info(
+            "plan: %-14s %.4f s/image%s: %s of %.2f h left: %s",
+            name,
+            rate,
+            untimed,
+            hours_text(parts),
+            timing.time_left() / 3600,
+            "fits" if fits else "does not fit",
+        )
         warn_spread(name, spread)
         chosen = (extraction, tried[-1])
         if fits:
             break
     extraction, record = chosen
-    plan = {"mode": "auto", "chosen": record["rung"], "fits": record["fits"], "rungs": tried,
-            "seconds_per_image": record["seconds_per_image"], "knn_seconds_per_item": knn_rate,
-            "projection_h": record["projected_h"], "planning_s": time.monotonic() - began,
-            "load_average": load_average()}
+    plan = {
+        "mode": "auto",
+        "chosen": record["rung"],
+        "fits": record["fits"],
+        "rungs": tried,
+        "seconds_per_image": record["seconds_per_image"],
+        "knn_seconds_per_item": knn_rate,
+        "projection_h": record["projected_h"],
+        "planning_s": time.monotonic() - began,
+        "load_average": load_average(),
+    }
     verb = "fits" if record["fits"] else "DOES NOT FIT even so (the database pass will stop at its deadline)"
-    log.info("plan: global pass at '%s' (%s): %s; %s (load average %s)", record["rung"],
-             json.dumps(record["global"]), hours_text(record["projected_h"], 1), verb, plan["load_average"])
+    log.info(
+        "plan: global pass at '%s' (%s): %s; %s (load average %s)",
+        record["rung"],
+        json.dumps(record["global"]),
+        hours_text(record["projected_h"], 1),
+        verb,
+        plan["load_average"],
+    )
     return extraction, plan
 
 
@@ -200,12 +248,18 @@ def hours_text(parts: dict[str, float], scale: float = 1 / 3600) -> str:
 
 def warn_spread(name: str, spread: float) -> None:
     if spread > LOAD_SPREAD:
-        log.warning("plan: two timings of '%s' differ by %.0f%%: the machine is busy (load average %s), so the "
-                    "projection is uncertain", name, 100 * spread, load_average())
+        log.warning(
+            "plan: two timings of '%s' differ by %.0f%%: the machine is busy (load average %s), so the "
+            "projection is uncertain",
+            name,
+            100 * spread,
+            load_average(),
+        )
 
 
-def choose_xla(extraction, has_xla: bool, gpu: bool, measure: Measure, limit_s: float,
-               chosen: dict) -> tuple[object, dict | None]:
+def choose_xla(
+    extraction, has_xla: bool, gpu: bool, measure: Measure, limit_s: float, chosen: dict
+) -> tuple[object, dict | None]:
     """--global-xla auto: on a GPU, time the XLA-compiled function too and keep the faster (XLA removes per-layer
     overhead there; on a CPU it is slower and its compilation alone can take much of a small budget, so it is
     not tried). The setting and what was measured."""
@@ -217,15 +271,18 @@ def choose_xla(extraction, has_xla: bool, gpu: bool, measure: Measure, limit_s: 
     compiled = dataclasses.replace(extraction, global_xla="on")
     rate, _ = measure(compiled, limit_s)
     faster = rate < chosen["seconds_per_image"]
-    log.info("plan: XLA-compiled %.4f s/image against %.4f without: %s", rate, chosen["seconds_per_image"],
-             "XLA" if faster else "no XLA")
+    log.info(
+        "plan: XLA-compiled %.4f s/image against %.4f without: %s",
+        rate,
+        chosen["seconds_per_image"],
+        "XLA" if faster else "no XLA",
+    )
     if faster:
         chosen["seconds_per_image"] = rate
     return (compiled if faster else plain), {"seconds_per_image": rate, "used": faster}
 
 
-def database_stop_rule(timing: Timing, later: Sizes, searched: Sizes,
-                       knn_rate: float) -> Callable[[int, float], bool]:
+def database_stop_rule(timing: Timing, later: Sizes, searched: Sizes, knn_rate: float) -> Callable[[int, float], bool]:
     """Stop the database pass when what is still to extract (`later`: the queries of every model, the database of
     the models after this one) and the global stage's products over `searched` (the suppression, DBA and alpha-QE
     included, as the run has them), at the rates measured so far, would no longer fit before the deadline."""
@@ -234,6 +291,7 @@ def database_stop_rule(timing: Timing, later: Sizes, searched: Sizes,
     def stop(done: int, seconds: float) -> bool:
         per_image = seconds / done if done else 0.0
         return timing.time_left() < (later.queries + later.db) * per_image + products * knn_rate
+
     return stop
 
 
@@ -250,16 +308,22 @@ def plan_depth(timing: Timing, queries_left: int, max_depth: int, new_image_shar
 
 def project_rerank(timing: Timing, queries: int, depth: int, reserve_s: float) -> None:
     """Add to the plan how many queries at `depth` the rerank reserve buys at the measured rates."""
-    per_query = rerank_seconds_per_query(timing.rate("local_features") or 0.0, timing.rate("verification") or 0.0,
-                                         depth)
-    timing.plan["rerank"] = {"depth": depth, "seconds_per_query": per_query, "queries": queries,
-                             "queries_in_reserve": int(reserve_s / per_query) if per_query else None}
+    per_query = rerank_seconds_per_query(
+        timing.rate("local_features") or 0.0, timing.rate("verification") or 0.0, depth
+    )
+    timing.plan["rerank"] = {
+        "depth": depth,
+        "seconds_per_query": per_query,
+        "queries": queries,
+        "queries_in_reserve": int(reserve_s / per_query) if per_query else None,
+    }
     timing.save()
 
 
 # The plan of a run, measured with main.py's models on this run's images.
-def time_global(models: Models, paths: list[Path], extraction: Extraction, run: Run, scratch: Path,
-                limit_s: float) -> tuple[float, float]:
+def time_global(
+    models: Models, paths: list[Path], extraction: Extraction, run: Run, scratch: Path, limit_s: float
+) -> tuple[float, float]:
     """(seconds per image of the global pass of every model, decoding included; how far the two halves of the
     timing differ, as a share). A first untimed pass compiles every size the images need. A pass that takes
     more than limit_s stops there, and its rate so far (compilation included: pessimistic) is the answer."""
@@ -269,15 +333,19 @@ def time_global(models: Models, paths: list[Path], extraction: Extraction, run: 
         shutil.rmtree(scratch, ignore_errors=True)
         began = time.monotonic()
         ids = [f"probe{i:06d}" for i in range(first, end)]
-        finished, stopped = extract_global(model, ids, paths[first:end], scratch, extraction, probe_run,
-                                           stop=lambda done, seconds: seconds > limit_s)
+        finished, stopped = extract_global(
+            model, ids, paths[first:end], scratch, extraction, probe_run, stop=lambda done, seconds: seconds > limit_s
+        )
         return (time.monotonic() - began) / max(1, finished), stopped
 
     total, halves = 0.0, [0.0, 0.0]
     for model in models.global_models:
         rate, stopped = rate_of(model, 0, len(paths))  # compiles every size the images need
-        parts = [rate, rate] if stopped or len(paths) < 2 else [rate_of(model, 0, len(paths) // 2)[0],
-                                                                 rate_of(model, len(paths) // 2, len(paths))[0]]
+        parts = (
+            [rate, rate]
+            if stopped or len(paths) < 2
+            else [rate_of(model, 0, len(paths) // 2)[0], rate_of(model, len(paths) // 2, len(paths))[0]]
+        )
         halves = [h + p for h, p in zip(halves, parts, strict=True)]
         total += rate if stopped or len(paths) < 2 else sum(parts) / 2
     shutil.rmtree(scratch, ignore_errors=True)
@@ -301,10 +369,18 @@ def run_work(settings: Settings, sizes: Sizes, dims: tuple[int, ...], candidates
     """What this run's cost depends on beyond its sizes (the cost model's Work)."""
     stage, run = settings.global_stage, settings.run
     suppression = stage.suppression and sizes.nonlandmarks > 0 and run.task == "recognition"
-    return Work(suppression=bool(suppression), dba=stage.dba_n > 0, qe=stage.qe_n > 0,
-                superglobal=stage.superglobal_m > 0, dims=tuple(dims), candidates=candidates,
-                max_features=settings.extraction.max_features, knn_block_mb=run.knn_block_mb,
-                local_cache_gb=run.local_cache_gb, gpu=gpu)
+    return Work(
+        suppression=bool(suppression),
+        dba=stage.dba_n > 0,
+        qe=stage.qe_n > 0,
+        superglobal=stage.superglobal_m > 0,
+        dims=tuple(dims),
+        candidates=candidates,
+        max_features=settings.extraction.max_features,
+        knn_block_mb=run.knn_block_mb,
+        local_cache_gb=run.local_cache_gb,
+        gpu=gpu,
+    )
 
 
 def memory_room(run: Run) -> tuple[float, str]:
@@ -319,8 +395,9 @@ def memory_room(run: Run) -> tuple[float, str]:
     return ram * (1 - SAFETY_MARGIN) - current_rss_bytes(), source
 
 
-def plan_memory(settings: Settings, models: Models, sizes: Sizes, timing: Timing,
-                work_of: Callable[[Settings, Models], Work]) -> tuple[Settings, Models]:
+def plan_memory(
+    settings: Settings, models: Models, sizes: Sizes, timing: Timing, work_of: Callable[[Settings, Models], Work]
+) -> tuple[Settings, Models]:
     """Act on memory and disk as the plan does on time: when the projected peak of this run's data does not fit the
     machine's memory (less the margin and what the process holds), cut what costs least score first: DBA (its copy
     of the database), then the ensemble's last members; when WORK's projected disk does not fit the free space,
@@ -343,14 +420,24 @@ def plan_memory(settings: Settings, models: Models, sizes: Sizes, timing: Timing
     work = work_of(settings, models)
     projected = peak(settings, models)
     timing.work = work_flags(work, sizes)
-    timing.memory["plan"] = {"room_gb": room / GB, "machine": source, "projected_gb": projected / GB,
-                             "fits": projected <= room, "cuts": cuts}
+    timing.memory["plan"] = {
+        "room_gb": room / GB,
+        "machine": source,
+        "projected_gb": projected / GB,
+        "fits": projected <= room,
+        "cuts": cuts,
+    }
     for cut in cuts:
-        log.warning("memory plan: %s: the run's data would need more than the %.2f GB free of %s", cut, room / GB,
-                    source)
+        log.warning(
+            "memory plan: %s: the run's data would need more than the %.2f GB free of %s", cut, room / GB, source
+        )
     if projected > room:
-        log.warning("memory plan: %.2f GB projected for the run's data, %.2f GB free (%s): DOES NOT FIT even after "
-                    "the cuts", projected / GB, room / GB, source)
+        log.warning(
+            "memory plan: %.2f GB projected for the run's data, %.2f GB free (%s): DOES NOT FIT even after the cuts",
+            projected / GB,
+            room / GB,
+            source,
+        )
     timing.save()
     return settings, models
 
@@ -383,24 +470,40 @@ def run_units(timing: Timing, sizes: Sizes) -> Callable[[int], dict]:
 def plan_run(models: Models, inputs: Inputs, settings: Settings, timing: Timing, knn_rate: float, gpu: bool):
     """The extraction settings of the global pass: planned (--plan auto) or as given; recorded in timing.plan."""
     run, extraction, budget = settings.run, settings.extraction, settings.budget
-    decode_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids[:budget.probe_images]]
+    decode_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids[: budget.probe_images]]
     timing.decode = time_decode(decode_paths, extraction.global_max_side, run.decode_threads)
     if budget.plan == "fixed" or run.shard != "0/1" or not inputs.db_ids:
         if extraction.global_xla == "auto":
             extraction = dataclasses.replace(extraction, global_xla="off")
-        timing.plan = {"mode": "fixed", "global": global_settings(extraction), "knn_seconds_per_item": knn_rate,
-                       "devices": len(models.devices)}
+        timing.plan = {
+            "mode": "fixed",
+            "global": global_settings(extraction),
+            "knn_seconds_per_item": knn_rate,
+            "devices": len(models.devices),
+        }
         return extraction
     sizes = inputs.sizes()
-    probe_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids[:budget.probe_images]]
+    probe_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids[: budget.probe_images]]
     measure = lambda ext, limit_s: time_global(models, probe_paths, ext, run, run.work / "probe", limit_s)
     reserve_s = budget.rerank_reserve * budget.time_budget_h * 3600
     limit_s = PROBE_SHARE * budget.time_budget_h * 3600
-    extraction, timing.plan = plan_extraction(ladder(extraction, models.has("float16", False)), measure,
-                                              run_units(timing, sizes), knn_rate, reserve_s, timing, limit_s)
+    extraction, timing.plan = plan_extraction(
+        ladder(extraction, models.has("float16", False)),
+        measure,
+        run_units(timing, sizes),
+        knn_rate,
+        reserve_s,
+        timing,
+        limit_s,
+    )
     chosen = timing.plan["rungs"][-1]
-    extraction, chosen["xla"] = choose_xla(extraction, models.has(extraction.global_precision, True), gpu, measure,
-                                           limit_s, chosen)
-    timing.plan.update(seconds_per_image=chosen["seconds_per_image"], devices=len(models.devices),
-                       sizes=sizes._asdict(), time_left_h=timing.time_left() / 3600)
+    extraction, chosen["xla"] = choose_xla(
+        extraction, models.has(extraction.global_precision, True), gpu, measure, limit_s, chosen
+    )
+    timing.plan.update(
+        seconds_per_image=chosen["seconds_per_image"],
+        devices=len(models.devices),
+        sizes=sizes._asdict(),
+        time_left_h=timing.time_left() / 3600,
+    )
     return extraction

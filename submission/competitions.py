@@ -4,6 +4,7 @@ and the machine the notebook runs on. local_eval's projection profiles and expor
 
 Shipped beside main.py; it imports nothing of the kit.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -35,12 +36,15 @@ class Competition(NamedTuple):
 
 
 # GLDv2: train-clean 1,580,470 images; index 761,757; test 117,577. The notebook limit: 9 h in 2020, 12 h in 2021.
-COMPETITIONS: dict[str, Competition] = {competition.slug: competition for competition in (
-    Competition("landmark-recognition-2020", "recognition", 1_580_470, 117_577, 9.0, KAGGLE_GPU),
-    Competition("landmark-recognition-2021", "recognition", 1_580_470, 117_577, 12.0, KAGGLE_GPU),
-    Competition("landmark-retrieval-2020", "retrieval", 761_757, 117_577, 9.0, KAGGLE_GPU),
-    Competition("landmark-retrieval-2021", "retrieval", 761_757, 117_577, 12.0, KAGGLE_GPU),
-)}
+COMPETITIONS: dict[str, Competition] = {
+    competition.slug: competition
+    for competition in (
+        Competition("landmark-recognition-2020", "recognition", 1_580_470, 117_577, 9.0, KAGGLE_GPU),
+        Competition("landmark-recognition-2021", "recognition", 1_580_470, 117_577, 12.0, KAGGLE_GPU),
+        Competition("landmark-retrieval-2020", "retrieval", 761_757, 117_577, 9.0, KAGGLE_GPU),
+        Competition("landmark-retrieval-2021", "retrieval", 761_757, 117_577, 12.0, KAGGLE_GPU),
+    )
+}
 
 
 def profile_name(competition: Competition) -> str:

@@ -9,6 +9,7 @@ Units of work: global_db / global_query: images; knn: query x database products 
 non-landmark products, DBA's database x database products and alpha-QE's second search included); global_rerank:
 queries (SuperGlobal); local_features: images; verification: (query, candidate) pairs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,14 @@ from typing import NamedTuple
 SAFETY_MARGIN = 0.15  # share of every limit (time, memory, disk) kept free: the plan's and every verdict's
 TIMING_STAGES = ("global_db", "global_query", "knn", "global_rerank", "local_features", "verification")
 GLOBAL_PASSES = ("global_db", "global_query")  # decoding in threads on the CPU, the network on its device
-DEVICE = {"global_db": "cnn", "global_query": "cnn", "local_features": "cnn", "knn": "matmul",
-          "global_rerank": "matmul", "verification": "cpu"}  # what runs each stage's work: the factor it takes
+DEVICE = {
+    "global_db": "cnn",
+    "global_query": "cnn",
+    "local_features": "cnn",
+    "knn": "matmul",
+    "global_rerank": "matmul",
+    "verification": "cpu",
+}  # what runs each stage's work: the factor it takes
 TIMED_PRODUCT = (256, 16_384)  # queries x database rows of the timed kNN (search.knn_seconds_per_item)
 KNN_DB_CHUNK = 8192  # database rows per numpy multiply (measured best with KNN_Q_BLOCK on 2 cores)
 KNN_Q_BLOCK = 512  # queries per numpy multiply
@@ -107,10 +114,14 @@ def knn_products(sizes: Sizes, work: Work) -> int:
 def stage_units(sizes: Sizes, depth: int, work: Work = Work(), new_image_share: float = 1.0) -> dict[str, float]:
     """The work of each stage of a whole run at these sizes, verifying `depth` candidates per query of which
     `new_image_share` need their local features extracted (an upper bound at 1: candidates repeat)."""
-    return {"global_db": sizes.db + sizes.nonlandmarks, "global_query": sizes.queries,
-            "knn": knn_products(sizes, work), "global_rerank": sizes.queries if work.superglobal else 0,
-            "local_features": sizes.queries * (1 + depth * new_image_share) if depth else 0,
-            "verification": sizes.queries * depth}
+    return {
+        "global_db": sizes.db + sizes.nonlandmarks,
+        "global_query": sizes.queries,
+        "knn": knn_products(sizes, work),
+        "global_rerank": sizes.queries if work.superglobal else 0,
+        "local_features": sizes.queries * (1 + depth * new_image_share) if depth else 0,
+        "verification": sizes.queries * depth,
+    }
 
 
 def rate(stage: dict | None) -> float | None:
@@ -133,8 +144,10 @@ def log_rates(log: dict) -> dict[str, float | None]:
 
 def project_seconds(rates: dict[str, float | None], units: dict[str, float]) -> dict[str, float | None]:
     """Seconds per stage: units x rate; None where work is due but the rate was never measured."""
-    return {name: (0.0 if not units.get(name) else None if rates.get(name) is None else rates[name] * units[name])
-            for name in TIMING_STAGES}
+    return {
+        name: (0.0 if not units.get(name) else None if rates.get(name) is None else rates[name] * units[name])
+        for name in TIMING_STAGES
+    }
 
 
 class Server(NamedTuple):
@@ -179,8 +192,9 @@ def server_rates(log: dict, server: Server) -> tuple[dict[str, float | None], di
 AS_MEASURED = Server()
 
 
-def projected_seconds(log: dict, sizes: Sizes, depth: int, server: Server = AS_MEASURED,
-                      work: Work | None = None) -> tuple[dict[str, float | None], dict[str, str]]:
+def projected_seconds(
+    log: dict, sizes: Sizes, depth: int, server: Server = AS_MEASURED, work: Work | None = None
+) -> tuple[dict[str, float | None], dict[str, str]]:
     """Seconds per stage of a whole run at these sizes (None: due but not measured), and what bounds each global
     pass. work: the log's own by default."""
     rates, bounds = server_rates(log, server)
@@ -193,8 +207,9 @@ def rerank_seconds_per_query(per_image: float, per_pair: float, depth: int, new_
     return per_image * (1 + depth * new_image_share) + per_pair * depth if depth else 0.0
 
 
-def depth_that_fits(seconds: float, queries: int, per_image: float, per_pair: float,
-                    new_image_share: float = 1.0) -> float:
+def depth_that_fits(
+    seconds: float, queries: int, per_image: float, per_pair: float, new_image_share: float = 1.0
+) -> float:
     """The rerank depth at which `queries` queries take `seconds` (fractional; below 1 when not even depth 1 fits
     them all, below 0 when not even their own local features do)."""
     per_candidate = per_image * new_image_share + per_pair
@@ -230,14 +245,18 @@ def candidates_bytes(queries: int, work: Work) -> int:
 
 def knn_bytes(queries: int, db: int, work: Work) -> int:
     """The search: both sets of descriptors, one block, the candidates."""
-    return (descriptor_rows_bytes(queries + db, work) + knn_block_bytes(work, db, queries)
-            + candidates_bytes(queries, work))
+    return (
+        descriptor_rows_bytes(queries + db, work) + knn_block_bytes(work, db, queries) + candidates_bytes(queries, work)
+    )
 
 
 def dba_bytes(db: int, work: Work, n: int = 10) -> int:
     """DBA: the database, its augmented copy, one search's block and a block's neighbours' vectors."""
-    return (2 * descriptor_rows_bytes(db, work) + knn_block_bytes(work, db, min(db, DBA_BLOCK))
-            + min(db, DBA_BLOCK) * n * work.dim * FLOAT32)
+    return (
+        2 * descriptor_rows_bytes(db, work)
+        + knn_block_bytes(work, db, min(db, DBA_BLOCK))
+        + min(db, DBA_BLOCK) * n * work.dim * FLOAT32
+    )
 
 
 def superglobal_bytes(queries: int, db: int, work: Work, m: int, k: int) -> int:
@@ -260,9 +279,13 @@ def memory_bytes(sizes: Sizes, work: Work, depth: int) -> dict[str, int]:
     combining = 4 * held if len(work.dims) > 1 else held
     global_pass = combining + descriptor_rows_bytes(sizes.db, work)
     candidates = candidates_bytes(sizes.queries, work)
-    global_stage = (held + (descriptor_rows_bytes(sizes.db, work) if work.dba else 0)
-                    + knn_block_bytes(work, sizes.db, max(sizes.queries, DBA_BLOCK if work.dba else 0)) + candidates
-                    + sizes.db * 10 * FLOAT32 * work.suppression)
+    global_stage = (
+        held
+        + (descriptor_rows_bytes(sizes.db, work) if work.dba else 0)
+        + knn_block_bytes(work, sizes.db, max(sizes.queries, DBA_BLOCK if work.dba else 0))
+        + candidates
+        + sizes.db * 10 * FLOAT32 * work.suppression
+    )
     rerank = candidates + VERIFYING_IMAGES * work.max_features * (128 * FLOAT32 + 8)
     return {"global_pass": int(global_pass), "global_stage": int(global_stage), "rerank": int(rerank) if depth else 0}
 
@@ -275,12 +298,17 @@ def disk_bytes(sizes: Sizes, work: Work, depth: int, task: str = "retrieval") ->
     local_images = sizes.queries * (1 + depth) if depth else 0
     local = min(local_images * (work.max_features * LOCAL_FEATURE_BYTES + NPZ_OVERHEAD), work.local_cache_gb * GB)
     ids_per_row = min(sizes.db, work.candidates, 100) if task == "retrieval" else 1
-    return {"global_cache": rows * sum(FLOAT32 * dim + ID_BYTES + 1 for dim in work.dims),
-            "local_cache": int(local),
-            "neighbours": (sizes.queries * work.candidates * (FLOAT32 + 8) + sizes.db * 10 * FLOAT32
-                           + (sizes.queries + sizes.db) * ID_BYTES),
-            "verified_pairs": sizes.queries * depth * PAIR_ROW_BYTES,
-            "submission": sizes.queries * ids_per_row * SUBMISSION_TOKEN_BYTES[task]}
+    return {
+        "global_cache": rows * sum(FLOAT32 * dim + ID_BYTES + 1 for dim in work.dims),
+        "local_cache": int(local),
+        "neighbours": (
+            sizes.queries * work.candidates * (FLOAT32 + 8)
+            + sizes.db * 10 * FLOAT32
+            + (sizes.queries + sizes.db) * ID_BYTES
+        ),
+        "verified_pairs": sizes.queries * depth * PAIR_ROW_BYTES,
+        "submission": sizes.queries * ids_per_row * SUBMISSION_TOKEN_BYTES[task],
+    }
 
 
 def baseline_rss_bytes(log: dict) -> float:

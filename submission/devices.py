@@ -4,6 +4,7 @@ one stream of batches runs on each device.
 
 Shipped beside main.py (which imports it from its own folder).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,17 +40,23 @@ def split_cpu() -> None:
     if count is None:
         raise InputError(f"${LOGICAL_DEVICES_ENV}={value!r}: expected a count of devices, 1 or more")
     try:
-        tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
-                                                   [tf.config.LogicalDeviceConfiguration()] * count)
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * count
+        )
     except RuntimeError:  # TensorFlow's devices were set up before (this script imported by a program using them)
-        log.warning("$%s=%d: TensorFlow's devices are already set up; running on the %d CPU devices there are",
-                    LOGICAL_DEVICES_ENV, count, len(tf.config.list_logical_devices("CPU")))
+        log.warning(
+            "$%s=%d: TensorFlow's devices are already set up; running on the %d CPU devices there are",
+            LOGICAL_DEVICES_ENV,
+            count,
+            len(tf.config.list_logical_devices("CPU")),
+        )
 
 
 def chosen_devices(flag: str) -> list[str]:
     """The devices --devices N|all names: the first N (or all) GPUs when there are any, else of the CPU devices."""
     visible = [d.name for d in tf.config.list_logical_devices("GPU")] or [
-        d.name for d in tf.config.list_logical_devices("CPU")]
+        d.name for d in tf.config.list_logical_devices("CPU")
+    ]
     if flag == "all":
         return visible
     count = positive_count(flag)

@@ -5,6 +5,7 @@ it ran with, the plan's choice), written and read back.
 
 Shipped beside main.py (which imports it from its own folder).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,9 @@ def check_ids(ids: pd.Series, path: Path) -> None:
     """Every id a valid image id, none twice; the error names the file, line and id."""
     bad = np.flatnonzero(~ids.str.fullmatch(ID_PATTERN.pattern).to_numpy(bool))
     if len(bad):
-        raise InputError(f"{path} line {bad[0] + 2}: id {ids.iloc[bad[0]]!r} is not an image id "
-                         "(3 or more letters, digits, _ or -)")
+        raise InputError(
+            f"{path} line {bad[0] + 2}: id {ids.iloc[bad[0]]!r} is not an image id (3 or more letters, digits, _ or -)"
+        )
     repeated = np.flatnonzero(ids.duplicated().to_numpy())
     if len(repeated):
         first = int(np.flatnonzero((ids == ids.iloc[repeated[0]]).to_numpy())[0])
@@ -76,7 +78,10 @@ def list_image_ids(folder: Path) -> list[str]:
         raise InputError(f"{folder} not found")
     found: dict[str, tuple[tuple[str, ...], str]] = {}
     skipped: dict[str, list[tuple[tuple[str, ...], str]]] = {
-        "whose names are no image ids": [], "that are no regular files": [], "outside their id's folder a/b/c": []}
+        "whose names are no image ids": [],
+        "that are no regular files": [],
+        "outside their id's folder a/b/c": [],
+    }
     for parts, name, regular in jpeg_entries(folder):
         stem = os.path.splitext(name)[0]
         if not ID_PATTERN.fullmatch(stem):
@@ -84,8 +89,10 @@ def list_image_ids(folder: Path) -> list[str]:
         elif not regular:
             skipped["that are no regular files"].append((parts, name))
         elif stem in found:
-            raise InputError(f"{folder}: image id {stem} is found twice, as {folder.joinpath(*found[stem])} and "
-                             f"{folder.joinpath(*parts, name)}; keep one")
+            raise InputError(
+                f"{folder}: image id {stem} is found twice, as {folder.joinpath(*found[stem])} and "
+                f"{folder.joinpath(*parts, name)}; keep one"
+            )
         else:
             found[stem] = (*parts, name)
     for stem, place in list(found.items()):
@@ -93,8 +100,13 @@ def list_image_ids(folder: Path) -> list[str]:
             skipped["outside their id's folder a/b/c"].append((place[:-1], found.pop(stem)[-1]))
     for why, places in skipped.items():
         if places:
-            log.warning("%s: skipping %d .jpg files %s (first: %s)", folder, len(places), why,
-                        folder.joinpath(*places[0][0], places[0][1]))
+            log.warning(
+                "%s: skipping %d .jpg files %s (first: %s)",
+                folder,
+                len(places),
+                why,
+                folder.joinpath(*places[0][0], places[0][1]),
+            )
     return sorted(found)
 
 
@@ -134,21 +146,30 @@ def check_not_an_input(run: Run) -> None:
     """--out and --work may neither be an input (--data, --model, --local-model, --nonlandmark-dir, the --settings
     file) nor lie inside one: the run would overwrite what it reads. Symbolic and hard links count as the file.
     --out may not lie inside --work either: a cache cleared, or an intermediate file, would take it."""
-    inputs = [("--data", run.data), *(("--model", model) for model in run.model), ("--local-model", run.local_model),
-              ("--nonlandmark-dir", run.nonlandmark_dir), ("--settings", run.settings)]
+    inputs = [
+        ("--data", run.data),
+        *(("--model", model) for model in run.model),
+        ("--local-model", run.local_model),
+        ("--nonlandmark-dir", run.nonlandmark_dir),
+        ("--settings", run.settings),
+    ]
     for name, output in (("--out", run.out), ("--work", run.work)):
         for flag, given in inputs:
             if given is None:
                 continue
             if same_file(output, given):
-                raise InputError(f"{name} {output} is {flag} {given}: a run must not overwrite its input; write "
-                                 "elsewhere")
+                raise InputError(
+                    f"{name} {output} is {flag} {given}: a run must not overwrite its input; write elsewhere"
+                )
             if Path(given).resolve() in Path(output).resolve().parents:
-                raise InputError(f"{name} {output} is inside {flag} {given}: a run must not write among its "
-                                 "inputs; write elsewhere")
+                raise InputError(
+                    f"{name} {output} is inside {flag} {given}: a run must not write among its inputs; write elsewhere"
+                )
     if Path(run.work).resolve() in Path(run.out).resolve().parents:
-        raise InputError(f"--out {run.out} is inside --work {run.work}, whose files and caches the script rewrites "
-                         "and deletes; write --out elsewhere")
+        raise InputError(
+            f"--out {run.out} is inside --work {run.work}, whose files and caches the script rewrites "
+            "and deletes; write --out elsewhere"
+        )
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -174,8 +195,9 @@ def work_lock(work: Path) -> Iterator[None]:
         except BlockingIOError:
             file.seek(0)
             holder = file.read().strip() or "another process"
-            raise InputError(f"--work {work} is in use by another run ({holder}); wait for it to end or give "
-                             "another --work") from None
+            raise InputError(
+                f"--work {work} is in use by another run ({holder}); wait for it to end or give another --work"
+            ) from None
         except OSError as err:  # a file system without locks: run unprotected rather than not at all
             log.warning("cannot lock %s (%s): make sure no other run uses this --work", path, err.strerror)
         with space_checked(path):
@@ -200,13 +222,25 @@ def start_verified_pairs(path: Path) -> None:
     atomic_save(path, lambda tmp: pd.DataFrame(columns=PAIR_COLUMNS).to_csv(tmp, index=False))
 
 
-def append_verified_pairs(path: Path, query_ids: list[str], db_ids: list[str], neighbours: np.ndarray,
-                          cosines: np.ndarray, inliers: np.ndarray) -> None:
+def append_verified_pairs(
+    path: Path,
+    query_ids: list[str],
+    db_ids: list[str],
+    neighbours: np.ndarray,
+    cosines: np.ndarray,
+    inliers: np.ndarray,
+) -> None:
     """The verified (query, candidate) pairs of these queries with rank, cosine and inliers (debugging, pictures)."""
     queries, ranks = np.nonzero(inliers >= 0)
-    frame = pd.DataFrame({"id": [query_ids[q] for q in queries], "rank": ranks + 1,
-                          "candidate": [db_ids[j] for j in neighbours[queries, ranks]],
-                          "cosine": np.round(cosines[queries, ranks], 6), "inliers": inliers[queries, ranks]})
+    frame = pd.DataFrame(
+        {
+            "id": [query_ids[q] for q in queries],
+            "rank": ranks + 1,
+            "candidate": [db_ids[j] for j in neighbours[queries, ranks]],
+            "cosine": np.round(cosines[queries, ranks], 6),
+            "inliers": inliers[queries, ranks],
+        }
+    )
     with space_checked(path):
         frame.to_csv(path, mode="a", header=False, index=False)
 
@@ -244,8 +278,17 @@ def recorded_settings(work: Path, parse: Callable[[list[str]], Settings]) -> Set
     record = json.loads(path.read_text())
     run = record["run"]
     models = run["model"] if isinstance(run["model"], list) else [run["model"]]
-    argv = ["--task", run["task"], "--data", run["data"], *[a for m in models for a in ("--model", m)],
-            "--work", str(work), "--settings", str(path)]
+    argv = [
+        "--task",
+        run["task"],
+        "--data",
+        run["data"],
+        *[a for m in models for a in ("--model", m)],
+        "--work",
+        str(work),
+        "--settings",
+        str(path),
+    ]
     return parse(argv)
 
 

@@ -41,6 +41,7 @@ second run on the same --work stops with an error. docs/robustness.md lists what
 
 The kit (local_eval: replay, tune, show; tests and benches) imports only the names in KIT_API.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -123,20 +124,87 @@ from verifier import verification_pool, verify_batch  # noqa: E402
 log = logging.getLogger("submission")
 
 __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all else may change without notice
-    "KIT_API", "DELG_IMAGE_SCALES", "DELG_GLOBAL_SCALE_INDICES", "DELG_MAX_IMAGE_SIDE", "DELG_MAX_FEATURE_NUM",
-    "DELG_ATTENTION_ABS_THRESHOLD", "NOTEBOOK_LIMIT_H", "TIMING_STAGES", "IMAGE_SPLITS", "RETRIEVAL_SIZE", "SECTIONS",
-    "PRESETS", "TASK_DEFAULTS", "Settings", "Extraction", "Global", "Verification", "Scoring", "Budget", "InputError",
-    "parse_settings", "settings_parser", "read_settings_file", "read_settings_record", "DelgSavedModel",
-    "read_test_ids", "read_train_labels", "list_image_ids", "image_path", "decode_image", "extract_global",
-    "load_global", "cached_global", "knn", "LocalFeatures", "local_path", "extract_local", "load_local",
-    "putative_matches", "matches_in", "ransac_inliers", "ransac_matches", "inlier_mask", "enough_matches",
-    "count_inliers", "pixel_threshold", "Candidates", "recognition_predictions", "global_predictions",
-    "verified_predictions", "retrieval_order", "nonlandmark_shares", "expected_local_scores", "rerank_order",
-    "fit_whitening", "apply_whitening", "query_expansion", "database_augmentation", "superglobal_rerank",
-    "global_rerank", "global_chain", "whitened", "global_candidates", "verify_queries", "Descriptors", "read_inputs",
-    "recognition_rows", "retrieval_rows", "write_submission", "KNN_Q_BLOCK", "KNN_DB_CHUNK", "ladder",
-    "BATCH_SIGNATURES", "Sizes", "Timing", "stage_units", "project_seconds", "rerank_seconds_per_query",
-    "deepest_rerank", "plan_depth", "main",
+    "KIT_API",
+    "DELG_IMAGE_SCALES",
+    "DELG_GLOBAL_SCALE_INDICES",
+    "DELG_MAX_IMAGE_SIDE",
+    "DELG_MAX_FEATURE_NUM",
+    "DELG_ATTENTION_ABS_THRESHOLD",
+    "NOTEBOOK_LIMIT_H",
+    "TIMING_STAGES",
+    "IMAGE_SPLITS",
+    "RETRIEVAL_SIZE",
+    "SECTIONS",
+    "PRESETS",
+    "TASK_DEFAULTS",
+    "Settings",
+    "Extraction",
+    "Global",
+    "Verification",
+    "Scoring",
+    "Budget",
+    "InputError",
+    "parse_settings",
+    "settings_parser",
+    "read_settings_file",
+    "read_settings_record",
+    "DelgSavedModel",
+    "read_test_ids",
+    "read_train_labels",
+    "list_image_ids",
+    "image_path",
+    "decode_image",
+    "extract_global",
+    "load_global",
+    "cached_global",
+    "knn",
+    "LocalFeatures",
+    "local_path",
+    "extract_local",
+    "load_local",
+    "putative_matches",
+    "matches_in",
+    "ransac_inliers",
+    "ransac_matches",
+    "inlier_mask",
+    "enough_matches",
+    "count_inliers",
+    "pixel_threshold",
+    "Candidates",
+    "recognition_predictions",
+    "global_predictions",
+    "verified_predictions",
+    "retrieval_order",
+    "nonlandmark_shares",
+    "expected_local_scores",
+    "rerank_order",
+    "fit_whitening",
+    "apply_whitening",
+    "query_expansion",
+    "database_augmentation",
+    "superglobal_rerank",
+    "global_rerank",
+    "global_chain",
+    "whitened",
+    "global_candidates",
+    "verify_queries",
+    "Descriptors",
+    "read_inputs",
+    "recognition_rows",
+    "retrieval_rows",
+    "write_submission",
+    "KNN_Q_BLOCK",
+    "KNN_DB_CHUNK",
+    "ladder",
+    "BATCH_SIGNATURES",
+    "Sizes",
+    "Timing",
+    "stage_units",
+    "project_seconds",
+    "rerank_seconds_per_query",
+    "deepest_rerank",
+    "plan_depth",
+    "main",
 )
 KIT_API = __all__
 
@@ -190,8 +258,9 @@ def read_train_labels(data: Path) -> tuple[list[str], np.ndarray]:
     bad = np.flatnonzero(~frame["landmark_id"].str.fullmatch(r"-?\d{1,18}").to_numpy(bool))
     if len(bad):
         row = frame.iloc[bad[0]]
-        raise InputError(f"{path} line {bad[0] + 2}: id {row['id']}: landmark_id {row['landmark_id']!r} "
-                         "is not an integer")
+        raise InputError(
+            f"{path} line {bad[0] + 2}: id {row['id']}: landmark_id {row['landmark_id']!r} is not an integer"
+        )
     return frame["id"].tolist(), frame["landmark_id"].astype(np.int64).to_numpy()
 
 
@@ -216,14 +285,16 @@ def read_inputs(run: Run) -> Inputs:
     else:
         db_ids, labels = list_image_ids(run.data / "index"), np.zeros(0, np.int64)
         if not db_ids:
-            raise InputError(f"{run.data / 'index'} holds no .jpg images named by an image id: there is no "
-                             "database to search")
+            raise InputError(
+                f"{run.data / 'index'} holds no .jpg images named by an image id: there is no database to search"
+            )
     for split in (db_split, query_split) if test_ids else (db_split,):
         if not (run.data / split).is_dir():
             raise InputError(f"{run.data / split} not found: the {split} images belong there")
     if not test_ids:
-        log.warning("%s lists no test images: the submission will hold only its header",
-                    run.data / "sample_submission.csv")
+        log.warning(
+            "%s lists no test images: the submission will hold only its header", run.data / "sample_submission.csv"
+        )
     return Inputs(test_ids, db_split, db_ids, labels, *nonlandmark_paths(run))
 
 
@@ -235,8 +306,10 @@ def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
         raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} is not a folder")
     paths = sorted(p for p in run.nonlandmark_dir.rglob("*") if p.is_file())  # regular files only, no FIFO
     if not paths:
-        raise InputError(f"--nonlandmark-dir {run.nonlandmark_dir} holds no files: give a folder of non-landmark "
-                         "images, or leave the flag out")
+        raise InputError(
+            f"--nonlandmark-dir {run.nonlandmark_dir} holds no files: give a folder of non-landmark "
+            "images, or leave the flag out"
+        )
     return [str(p.relative_to(run.nonlandmark_dir)) for p in paths], paths
 
 
@@ -265,8 +338,9 @@ class Descriptors(NamedTuple):
     nonlandmarks: np.ndarray
 
 
-def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timing, knn_rate: float
-                ) -> Descriptors | None:
+def global_pass(
+    models: Models, inputs: Inputs, settings: Settings, timing: Timing, knn_rate: float
+) -> Descriptors | None:
     """Every model's descriptors of the database, the queries and the non-landmark set (cached per model), or
     None for a shard run. The database passes stop early when the queries and kNN would no longer fit."""
     run, extraction = settings.run, settings.extraction
@@ -282,29 +356,44 @@ def global_pass(models: Models, inputs: Inputs, settings: Settings, timing: Timi
         # the queries of every model, and the database of the models after this one, must still fit
         later = Sizes(sizes.db * (len(models.global_models) - 1 - m), sizes.queries * len(models.global_models), 0)
         stop = database_stop_rule(timing, later, sizes, knn_rate) if shard == (0, 1) else None
-        cut = timed_global(model, ImageSet(inputs.db_ids, db_paths, cache / inputs.db_split), extraction, run,
-                           timing, "global_db", shard, stop)
+        cut = timed_global(
+            model,
+            ImageSet(inputs.db_ids, db_paths, cache / inputs.db_split),
+            extraction,
+            run,
+            timing,
+            "global_db",
+            shard,
+            stop,
+        )
         if shard != (0, 1):
             log.info("shard %d/%d extracted into %s", *shard, cache / inputs.db_split)
             continue
         cut_any |= cut
-        splits["db"].append(load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size, model.global_dim,
-                                        allow_missing=cut))
+        splits["db"].append(
+            load_global(cache / inputs.db_split, inputs.db_ids, run.chunk_size, model.global_dim, allow_missing=cut)
+        )
         queries = ImageSet(inputs.test_ids, query_paths, cache / query_split)  # past the deadline: unreadable, empty
         query_cut = timed_global(model, queries, extraction, run, timing, "global_query", stop=timing.past_deadline)
-        splits["query"].append(load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim,
-                                           allow_missing=query_cut))
+        splits["query"].append(
+            load_global(cache / query_split, inputs.test_ids, run.chunk_size, model.global_dim, allow_missing=query_cut)
+        )
         nonlandmarks = ImageSet(inputs.nonlandmark_ids, inputs.nonlandmark_paths, cache / "nonlandmark")
         nl_cut = timed_global(model, nonlandmarks, extraction, run, timing, "global_db", stop=timing.past_deadline)
-        splits["nonlandmark"].append(load_global(cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size,
-                                                 model.global_dim, allow_missing=nl_cut))
+        splits["nonlandmark"].append(
+            load_global(
+                cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size, model.global_dim, allow_missing=nl_cut
+            )
+        )
     if shard != (0, 1):
         return None
     (db, db_ok), (queries, query_ok), (nonlandmarks, nl_ok) = (combine(splits[s], models.weights) for s in splits)
     db, db_rows = compact_valid(db, db_ok)
     if not cut_any and not len(db_rows):
-        raise InputError(f"none of the {sizes.db} database images under {run.data / inputs.db_split} could be "
-                         "read (see the warnings above): there is no database to search")
+        raise InputError(
+            f"none of the {sizes.db} database images under {run.data / inputs.db_split} could be "
+            "read (see the warnings above): there is no database to search"
+        )
     if cut_any:
         log.warning("database pass cut by the deadline: %d of %d images searched", len(db_rows), sizes.db)
         timing.plan["database_cut_at"] = int(len(db_rows))
@@ -317,8 +406,9 @@ def combine(parts: list[tuple[np.ndarray, np.ndarray]], weights: tuple[float, ..
     if len(parts) == 1:
         return parts[0]
     ok = np.logical_and.reduce([part_ok for _, part_ok in parts])
-    joined = np.concatenate([weight * descriptors for (descriptors, _), weight in zip(parts, weights, strict=True)],
-                            axis=1)
+    joined = np.concatenate(
+        [weight * descriptors for (descriptors, _), weight in zip(parts, weights, strict=True)], axis=1
+    )
     return l2_normalize(joined), ok
 
 
@@ -354,7 +444,7 @@ def fit_whitening(descriptors: np.ndarray, shrinkage: float, block: int = 65_536
     mean = descriptors.mean(axis=0, dtype=np.float64)
     covariance = np.zeros((descriptors.shape[1],) * 2)
     for start in range(0, len(descriptors), block):
-        part = descriptors[start:start + block].astype(np.float64)
+        part = descriptors[start : start + block].astype(np.float64)
         covariance += part.T @ part
     covariance = covariance / max(1, len(descriptors)) - np.outer(mean, mean)
     values, vectors = np.linalg.eigh(covariance)
@@ -365,7 +455,7 @@ def fit_whitening(descriptors: np.ndarray, shrinkage: float, block: int = 65_536
 def apply_whitening(descriptors: np.ndarray, whitening: Whitening, block: int = 65_536) -> np.ndarray:
     """The rows whitened and L2-normalized, in place, block by block."""
     for start in range(0, len(descriptors), block):
-        part = descriptors[start:start + block]
+        part = descriptors[start : start + block]
         part[:] = l2_normalize((part - whitening.mean) @ whitening.projection)
     return descriptors
 
@@ -376,8 +466,9 @@ def weighted_sums(cosines: np.ndarray, neighbours: np.ndarray, vectors: np.ndarr
     return l2_normalize(np.einsum("qn,qnd->qd", weights, vectors[neighbours]))
 
 
-def query_expansion(queries: np.ndarray, database: np.ndarray, cosines: np.ndarray, neighbours: np.ndarray,
-                    n: int, alpha: float) -> np.ndarray:
+def query_expansion(
+    queries: np.ndarray, database: np.ndarray, cosines: np.ndarray, neighbours: np.ndarray, n: int, alpha: float
+) -> np.ndarray:
     """alpha-QE (Radenović et al.): each query plus its top n weighted by cos^alpha, normalized (search again)."""
     top = np.concatenate([np.ones((len(queries), 1), np.float32), cosines[:, :n]], axis=1)
     stacked = np.concatenate([queries, database])
@@ -385,8 +476,9 @@ def query_expansion(queries: np.ndarray, database: np.ndarray, cosines: np.ndarr
     return weighted_sums(top, rows, stacked, alpha)
 
 
-def database_augmentation(database: np.ndarray, n: int, alpha: float, block_mb: int,
-                          stop: Callable[[], bool]) -> tuple[np.ndarray, int]:
+def database_augmentation(
+    database: np.ndarray, n: int, alpha: float, block_mb: int, stop: Callable[[], bool]
+) -> tuple[np.ndarray, int]:
     """DBA (retrieval 2019 1st): each database row becomes the cos^alpha-weighted sum of its n nearest rows,
     itself included. A database x database kNN, block by block; (new rows, rows done) when stop() cuts it."""
     augmented, block = database.copy(), DBA_BLOCK
@@ -394,13 +486,21 @@ def database_augmentation(database: np.ndarray, n: int, alpha: float, block_mb: 
         if stop():
             log.warning("DBA cut by the deadline after %d of %d database rows", start, len(database))
             return augmented, start
-        cosines, neighbours = knn(database[start:start + block], database, n, block_mb)
-        augmented[start:start + block] = weighted_sums(cosines, neighbours, database, alpha)
+        cosines, neighbours = knn(database[start : start + block], database, n, block_mb)
+        augmented[start : start + block] = weighted_sums(cosines, neighbours, database, alpha)
     return augmented, len(database)
 
 
-def superglobal_rerank(queries: np.ndarray, database: np.ndarray, cosines: np.ndarray, neighbours: np.ndarray,
-                       m: int, k: int, beta: float, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def superglobal_rerank(
+    queries: np.ndarray,
+    database: np.ndarray,
+    cosines: np.ndarray,
+    neighbours: np.ndarray,
+    m: int,
+    k: int,
+    beta: float,
+    batch: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
     """SuperGlobal's refinement (Shao et al., ICCV 2023) of each query's top m: every candidate becomes
     (d + sum beta cos d_j) / (1 + sum beta cos) over its k nearest among the m; s1 = q . refined; the refined
     query is the element-wise max of the k+1 best refined candidates; s2 = refined query . refined; the m are
@@ -418,7 +518,7 @@ def superglobal_rerank(queries: np.ndarray, database: np.ndarray, cosines: np.nd
         mixed = np.einsum("bmk,bmkd->bmd", weights, neighbour_vectors)
         refined = (candidates + mixed) / (1 + weights.sum(axis=2, keepdims=True))
         s1 = np.einsum("bmd,bd->bm", refined, queries[rows])
-        best = np.argsort(-s1, axis=1)[:, :k + 1]
+        best = np.argsort(-s1, axis=1)[:, : k + 1]
         refined_query = np.take_along_axis(refined, best[..., None], 1).max(axis=1)
         score = (s1 + np.einsum("bmd,bd->bm", refined, refined_query)) / 2
         order = np.argsort(-score, axis=1, kind="stable")
@@ -432,8 +532,9 @@ def global_candidates(found: Descriptors, n_db: int, settings: Settings, timing:
     stage, run = settings.global_stage, settings.run
     began = time.monotonic()
     db, queries, nonlandmarks = whitened(stage, found.db, found.queries, found.nonlandmarks)
-    query_nl = nonlandmark_cosines(queries, nonlandmarks, max(stage.query_nonlandmark_k, settings.scoring.top_k),
-                                   run.knn_block_mb)
+    query_nl = nonlandmark_cosines(
+        queries, nonlandmarks, max(stage.query_nonlandmark_k, settings.scoring.top_k), run.knn_block_mb
+    )
     db_nl = np.zeros((n_db, 0), np.float32)
     suppression = bool(stage.suppression and run.task == "recognition" and len(nonlandmarks))
     if suppression:
@@ -441,10 +542,10 @@ def global_candidates(found: Descriptors, n_db: int, settings: Settings, timing:
         db_nl = np.zeros((n_db, found_nl.shape[1]), np.float32)
         db_nl[found.db_rows] = found_nl
     marks: dict[str, float] = {}
-    cosines, rows, augmented = global_chain(queries, db, candidate_count(settings), stage, run.knn_block_mb,
-                                            timing.past_deadline, marks)
-    work = dataclasses.replace(Work.from_record(timing.work), suppression=suppression, dba=False,
-                               qe=bool(stage.qe_n))
+    cosines, rows, augmented = global_chain(
+        queries, db, candidate_count(settings), stage, run.knn_block_mb, timing.past_deadline, marks
+    )
+    work = dataclasses.replace(Work.from_record(timing.work), suppression=suppression, dba=False, qe=bool(stage.qe_n))
     products = knn_products(Sizes(len(db), len(queries), len(nonlandmarks)), work) + augmented * len(db)
     timing.add("knn", products, marks["searched"] - began)
     if stage.superglobal_m:
@@ -460,9 +561,15 @@ def whitened(stage: Global, db: np.ndarray, *others: np.ndarray) -> tuple[np.nda
     return tuple(apply_whitening(x, whitening) for x in (db, *others))
 
 
-def global_chain(queries: np.ndarray, db: np.ndarray, k: int, stage: Global, block_mb: int,
-                 stop: Callable[[], bool] = lambda: False, marks: dict[str, float] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, int]:
+def global_chain(
+    queries: np.ndarray,
+    db: np.ndarray,
+    k: int,
+    stage: Global,
+    block_mb: int,
+    stop: Callable[[], bool] = lambda: False,
+    marks: dict[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The global stage's chain on (whitened) descriptors, as the settings ask: DBA, the top-k kNN, then
     global_rerank (alpha-QE, SuperGlobal). (cosines, rows, the database rows DBA replaced: all but when stop() cut
     it). The script, show and revisited all rank through it."""
@@ -474,15 +581,23 @@ def global_chain(queries: np.ndarray, db: np.ndarray, k: int, stage: Global, blo
     return cosines, rows, augmented
 
 
-def second_search(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
-                  block_mb: int) -> tuple[np.ndarray, np.ndarray]:
+def second_search(
+    queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global, block_mb: int
+) -> tuple[np.ndarray, np.ndarray]:
     """alpha-QE: the queries expanded by their top n, searched again."""
     expanded = query_expansion(queries, db, cosines, rows, stage.qe_n, stage.qe_alpha)
     return knn(expanded, db, rows.shape[1], block_mb)
 
 
-def global_rerank(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows: np.ndarray, stage: Global,
-                  block_mb: int, marks: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def global_rerank(
+    queries: np.ndarray,
+    db: np.ndarray,
+    cosines: np.ndarray,
+    rows: np.ndarray,
+    stage: Global,
+    block_mb: int,
+    marks: dict[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """alpha-QE (a second search) and SuperGlobal, as the settings ask; marks["searched"]: when the search (with
     alpha-QE's) ended and SuperGlobal began."""
     if stage.qe_n:
@@ -490,16 +605,18 @@ def global_rerank(queries: np.ndarray, db: np.ndarray, cosines: np.ndarray, rows
     if marks is not None:
         marks["searched"] = time.monotonic()
     if stage.superglobal_m:
-        cosines, rows = superglobal_rerank(queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k,
-                                           stage.superglobal_beta)
+        cosines, rows = superglobal_rerank(
+            queries, db, cosines, rows, stage.superglobal_m, stage.superglobal_k, stage.superglobal_beta
+        )
     return cosines, rows
 
 
 # %% 6. Local features and verification
 # Local features come from the DELG model, cached by store.py; verifier.py applies the rule below (count_inliers)
 # to each batch's pairs, in worker processes.
-def putative_matches(desc_a: np.ndarray, desc_b: np.ndarray, max_distance: float,
-                     mutual: bool) -> tuple[np.ndarray, np.ndarray]:
+def putative_matches(
+    desc_a: np.ndarray, desc_b: np.ndarray, max_distance: float, mutual: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (a, b): b is a's nearest neighbour within max_distance (and, if mutual, vice versa)."""
     return matches_in(desc_a @ desc_b.T, max_distance, mutual)
 
@@ -507,7 +624,7 @@ def putative_matches(desc_a: np.ndarray, desc_b: np.ndarray, max_distance: float
 def matches_in(similarity: np.ndarray, max_distance: float, mutual: bool) -> tuple[np.ndarray, np.ndarray]:
     """putative_matches from the descriptors' similarity matrix (normalized rows: distance^2 = 2 - 2 similarity)."""
     nearest_b = similarity.argmax(axis=1)
-    keep = np.flatnonzero(similarity[np.arange(len(similarity)), nearest_b] >= 1 - max_distance ** 2 / 2)
+    keep = np.flatnonzero(similarity[np.arange(len(similarity)), nearest_b] >= 1 - max_distance**2 / 2)
     if mutual:  # only the kept candidates' columns are searched
         keep = keep[similarity[:, nearest_b[keep]].argmax(axis=0) == keep]
     return keep, nearest_b[keep]
@@ -521,20 +638,27 @@ def pixel_threshold(verification: Verification, side_a: int, side_b: int) -> flo
     return verification.ransac_threshold * max(1.0, (side_a + side_b) / 2)
 
 
-def ransac_inliers(points_a: np.ndarray, points_b: np.ndarray, threshold_px: float,
-                   verification: Verification) -> np.ndarray:
+def ransac_inliers(
+    points_a: np.ndarray, points_b: np.ndarray, threshold_px: float, verification: Verification
+) -> np.ndarray:
     """Inlier mask of a pydegensac homography between matched points; all False when RANSAC fails."""
     try:
-        _, mask = pydegensac.findHomography(points_a.astype(np.float64), points_b.astype(np.float64),
-                                            px_th=threshold_px, conf=verification.ransac_confidence,
-                                            max_iters=verification.ransac_iterations, seed=verification.ransac_seed)
+        _, mask = pydegensac.findHomography(
+            points_a.astype(np.float64),
+            points_b.astype(np.float64),
+            px_th=threshold_px,
+            conf=verification.ransac_confidence,
+            max_iters=verification.ransac_iterations,
+            seed=verification.ransac_seed,
+        )
     except Exception:  # noqa: BLE001 - a RANSAC failure scores zero, never ends the run
         mask = None
     return np.zeros(len(points_a), bool) if mask is None else np.asarray(mask, bool).reshape(len(points_a))
 
 
-def ransac_matches(a: LocalFeatures, b: LocalFeatures,
-                   verification: Verification) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def ransac_matches(
+    a: LocalFeatures, b: LocalFeatures, verification: Verification
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Putative matches (indices a, b) and their RANSAC inlier mask."""
     if len(a.descriptors) == 0 or len(b.descriptors) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
@@ -542,8 +666,9 @@ def ransac_matches(a: LocalFeatures, b: LocalFeatures,
     return ia, ib, inlier_mask(a, b, ia, ib, verification)
 
 
-def inlier_mask(a: LocalFeatures, b: LocalFeatures, ia: np.ndarray, ib: np.ndarray,
-                verification: Verification) -> np.ndarray:
+def inlier_mask(
+    a: LocalFeatures, b: LocalFeatures, ia: np.ndarray, ib: np.ndarray, verification: Verification
+) -> np.ndarray:
     """RANSAC inliers among the putative matches (ia, ib) of two images; none when there are fewer than
     min_matches (and 4, a homography's minimum). The one verification rule: the script and tune use it."""
     if not enough_matches(len(ia), verification.min_matches):
@@ -561,27 +686,36 @@ def count_inliers(a: LocalFeatures, b: LocalFeatures, verification: Verification
     return int(np.count_nonzero(ransac_matches(a, b, verification)[2]))
 
 
-def verify_queries(model: DelgSavedModel, settings: Settings, timing: Timing, inputs: Inputs, neighbours: np.ndarray,
-           order: list[int], max_depth: int, on_progress: Callable[[np.ndarray, list[int]], None]) -> np.ndarray:
+def verify_queries(
+    model: DelgSavedModel,
+    settings: Settings,
+    timing: Timing,
+    inputs: Inputs,
+    neighbours: np.ndarray,
+    order: list[int],
+    max_depth: int,
+    on_progress: Callable[[np.ndarray, list[int]], None],
+) -> np.ndarray:
     """Inliers [nq, candidates] (-1: not verified), batch after batch in `order` while the budget allows; every
     image and every query checks the deadline. on_progress(inliers, queries) after each batch."""
     run, budget = settings.run, settings.budget
     inliers = np.full(neighbours.shape, -1, np.int64)
     if budget.max_rerank_queries is not None:
-        order = order[:budget.max_rerank_queries]
+        order = order[: budget.max_rerank_queries]
     start, new_image_share = 0, 1.0
     with verification_pool(count_inliers, settings.verification, run.workers) as pool:
         while start < len(order) and max_depth > 0:
             depth = plan_depth(timing, len(order) - start, max_depth, new_image_share)
             if depth == 0 or timing.past_deadline():
                 break
-            batch = order[start:start + (budget.warmup_queries if start == 0 else budget.rerank_batch)]
+            batch = order[start : start + (budget.warmup_queries if start == 0 else budget.rerank_batch)]
             candidates = [[inputs.db_ids[j] for j in neighbours[q, :depth]] for q in batch]
-            counts, new_image_share = verify_batch(model, settings, timing, pool,
-                                                   [inputs.test_ids[q] for q in batch], inputs.db_split, candidates)
-            done = batch[:len(counts)]
+            counts, new_image_share = verify_batch(
+                model, settings, timing, pool, [inputs.test_ids[q] for q in batch], inputs.db_split, candidates
+            )
+            done = batch[: len(counts)]
             for q, query_counts in zip(done, counts, strict=True):
-                inliers[q, :len(query_counts)] = query_counts
+                inliers[q, : len(query_counts)] = query_counts
             timing.rerank_depth = max(timing.rerank_depth, depth)
             start += len(done)
             log.info("reranked %d of %d queries at depth %d", start, len(order), depth)
@@ -606,8 +740,7 @@ def local_scores(inliers: np.ndarray, cosines: np.ndarray, scoring: Scoring) -> 
     return np.where(verified, local, expected_local_scores(cosines[verified], local[verified], cosines))
 
 
-def expected_local_scores(verified_cosines: np.ndarray, verified_scores: np.ndarray,
-                          cosines: np.ndarray) -> np.ndarray:
+def expected_local_scores(verified_cosines: np.ndarray, verified_scores: np.ndarray, cosines: np.ndarray) -> np.ndarray:
     """E[local score | cosine]: an increasing (isotonic) fit to the verified pairs, evaluated at `cosines`.
     With fewer than 20 verified pairs there is nothing to learn from: 0."""
     if len(verified_cosines) < 20:
@@ -647,33 +780,34 @@ def global_predictions(candidates: Candidates, labels: np.ndarray, stage: Global
     c, nq = candidates, len(candidates.cosines)
     if c.neighbours.shape[1] == 0:
         return np.zeros(nq, np.int64), np.full(nq, np.nan)
-    scores, neighbours = c.cosines[:, :stage.global_top_k].astype(np.float64), c.neighbours[:, :stage.global_top_k]
+    scores, neighbours = c.cosines[:, : stage.global_top_k].astype(np.float64), c.neighbours[:, : stage.global_top_k]
     suppress = stage.suppression and c.query_nonlandmark.shape[1] > 0
     if suppress:
-        bias = c.db_nonlandmark[:, :stage.db_nonlandmark_k].mean(axis=1)[neighbours]
+        bias = c.db_nonlandmark[:, : stage.db_nonlandmark_k].mean(axis=1)[neighbours]
         scores = np.clip(scores, 0, 1) - bias
     landmarks, totals = vote(scores, neighbours, labels, stage.global_top_k)
     if suppress:
-        totals = totals - stage.query_nonlandmark_weight * c.query_nonlandmark[:, :stage.query_nonlandmark_k].mean(1)
+        totals = totals - stage.query_nonlandmark_weight * c.query_nonlandmark[:, : stage.query_nonlandmark_k].mean(1)
     return landmarks, np.where(c.query_ok, totals, np.nan)
 
 
-def verified_predictions(candidates: Candidates, inliers: np.ndarray, labels: np.ndarray,
-                         scoring: Scoring) -> tuple[np.ndarray, np.ndarray]:
+def verified_predictions(
+    candidates: Candidates, inliers: np.ndarray, labels: np.ndarray, scoring: Scoring
+) -> tuple[np.ndarray, np.ndarray]:
     """(landmark, confidence) of a verified query: cosine + local score summed per landmark over the best
     top_k candidates, times the non-landmark penalty."""
     c, nq = candidates, len(candidates.cosines)
     if c.neighbours.shape[1] == 0:
         return np.zeros(nq, np.int64), np.full(nq, np.nan)
-    landmarks, totals = vote(c.cosines + local_scores(inliers, c.cosines, scoring), c.neighbours, labels,
-                             scoring.top_k)
+    landmarks, totals = vote(c.cosines + local_scores(inliers, c.cosines, scoring), c.neighbours, labels, scoring.top_k)
     shares = nonlandmark_shares(c.cosines, c.query_nonlandmark, scoring.top_k)
     penalty = np.maximum(0.0, 1.0 - scoring.nonlandmark_penalty * shares)
     return landmarks, np.where(c.query_ok, totals * penalty, np.nan)
 
 
-def recognition_predictions(candidates: Candidates, inliers: np.ndarray, labels: np.ndarray, stage: Global,
-                            scoring: Scoring) -> tuple[np.ndarray, np.ndarray]:
+def recognition_predictions(
+    candidates: Candidates, inliers: np.ndarray, labels: np.ndarray, stage: Global, scoring: Scoring
+) -> tuple[np.ndarray, np.ndarray]:
     """(landmark, confidence) per query: verified queries (any candidate with inliers >= 0) by the verification
     scoring, the others by the global stage's; with --calibrate the global confidences are mapped onto the
     verified ones' scale, since GAP ranks all queries in one list."""
@@ -715,8 +849,9 @@ def retrieval_order(cosines: np.ndarray, inliers: np.ndarray) -> np.ndarray:
     return np.lexsort((np.where(verified, -cosines, positions), -np.where(verified, inliers, 0), ~verified))
 
 
-def retrieval_rows(cosines: np.ndarray, neighbours: np.ndarray, inliers: np.ndarray, db_ids: list[str],
-                   query_ok: np.ndarray) -> list[str]:
+def retrieval_rows(
+    cosines: np.ndarray, neighbours: np.ndarray, inliers: np.ndarray, db_ids: list[str], query_ok: np.ndarray
+) -> list[str]:
     order = retrieval_order(cosines, inliers)
     ranked = np.take_along_axis(neighbours, order, 1)
     return [" ".join(db_ids[j] for j in row) if ok else "" for row, ok in zip(ranked, query_ok, strict=True)]
@@ -727,8 +862,9 @@ def nonlandmark_shares(query_cos: np.ndarray, nonlandmark_cos: np.ndarray, top_k
     if nonlandmark_cos.shape[1] == 0:
         return np.zeros(len(query_cos))
     both = np.concatenate([query_cos[:, :top_k], nonlandmark_cos[:, :top_k]], axis=1)
-    is_nonlandmark = np.concatenate([np.zeros_like(query_cos[:, :top_k]),
-                                     np.ones_like(nonlandmark_cos[:, :top_k])], axis=1)
+    is_nonlandmark = np.concatenate(
+        [np.zeros_like(query_cos[:, :top_k]), np.ones_like(nonlandmark_cos[:, :top_k])], axis=1
+    )
     best = np.argsort(-both, axis=1, kind="stable")[:, :top_k]
     return np.take_along_axis(is_nonlandmark, best, axis=1).mean(axis=1)
 
@@ -759,18 +895,22 @@ def locked_submit(settings: Settings) -> None:
     models = load_models(run_settings, settings.extraction)
     timing.devices = models.devices
     timing.measure_memory(baseline=True)
-    work_of = lambda s, m: run_work(s, inputs.sizes(), tuple(x.global_dim for x in m.global_models),
-                                    candidate_count(s), gpu_present())
+    work_of = lambda s, m: run_work(
+        s, inputs.sizes(), tuple(x.global_dim for x in m.global_models), candidate_count(s), gpu_present()
+    )
     settings, models = plan_memory(settings, models, inputs.sizes(), timing, work_of)
     dims = tuple(model.global_dim for model in models.global_models)
     if run_settings.probe is not None:
         return probe(models, inputs, settings, timing, candidate_count(settings), global_rerank, count_inliers)
     if parse_shard(run_settings.shard) == (0, 1):  # a valid file at once in WORK, whatever happens later
-        write_submission(latest_submission(run_settings), run_settings.task, inputs.test_ids, [""] * len(inputs.test_ids))
+        write_submission(
+            latest_submission(run_settings), run_settings.task, inputs.test_ids, [""] * len(inputs.test_ids)
+        )
     knn_rate = knn_seconds_per_item(sum(dims), run_settings.knn_block_mb)
     timing.add_timed_knn(knn_rate)
-    settings = dataclasses.replace(settings, extraction=plan_run(models, inputs, settings, timing, knn_rate,
-                                                                              gpu_present()))
+    settings = dataclasses.replace(
+        settings, extraction=plan_run(models, inputs, settings, timing, knn_rate, gpu_present())
+    )
     timing.save()
     save_json(run_settings.work / "settings.json", settings_record(settings, SECTIONS, timing.plan))
     clear_stale_caches(run_settings.work, cache_keys(run_settings, settings.extraction))
@@ -789,12 +929,21 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
     submission."""
     run_settings, depth = settings.run, settings.scoring.rerank
     if depth and not model.has_local:
-        log.info("%s is a global-only model (no local features): no reranking, global-only", run_settings.verifying_model())
+        log.info(
+            "%s is a global-only model (no local features): no reranking, global-only", run_settings.verifying_model()
+        )
         depth = 0
     candidates = global_candidates(found, len(inputs.db_ids), settings, timing)
-    atomic_save(run_settings.work / "neighbours.npz", lambda tmp: np.savez(
-        tmp, test_ids=np.array(inputs.test_ids, dtype=str), db_ids=np.array(inputs.db_ids, dtype=str),
-        labels=inputs.labels, **candidates._asdict()))
+    atomic_save(
+        run_settings.work / "neighbours.npz",
+        lambda tmp: np.savez(
+            tmp,
+            test_ids=np.array(inputs.test_ids, dtype=str),
+            db_ids=np.array(inputs.db_ids, dtype=str),
+            labels=inputs.labels,
+            **candidates._asdict(),
+        ),
+    )
 
     def predictions(inliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return recognition_predictions(candidates, inliers, inputs.labels, settings.global_stage, settings.scoring)
@@ -813,16 +962,31 @@ def finish(model: DelgSavedModel, inputs: Inputs, settings: Settings, timing: Ti
 
     def on_progress(inliers: np.ndarray, batch: list[int]) -> None:
         nonlocal last_write
-        append_verified_pairs(pairs_path, [inputs.test_ids[q] for q in batch], inputs.db_ids,
-                              candidates.neighbours[batch], candidates.cosines[batch], inliers[batch])
+        append_verified_pairs(
+            pairs_path,
+            [inputs.test_ids[q] for q in batch],
+            inputs.db_ids,
+            candidates.neighbours[batch],
+            candidates.cosines[batch],
+            inliers[batch],
+        )
         if time.monotonic() - last_write >= settings.budget.write_every_s:
             write_submission(latest, run_settings.task, inputs.test_ids, rows_for(inliers))
             last_write = time.monotonic()
 
-    priority = predictions(unverified)[1] if run_settings.task == "recognition" else candidates.cosines[:, :1].sum(axis=1)
-    inliers = verify_queries(model, settings, timing, inputs, candidates.neighbours,
-                     rerank_order(priority, candidates.query_ok), min(depth, candidates.neighbours.shape[1]),
-                     on_progress)
+    priority = (
+        predictions(unverified)[1] if run_settings.task == "recognition" else candidates.cosines[:, :1].sum(axis=1)
+    )
+    inliers = verify_queries(
+        model,
+        settings,
+        timing,
+        inputs,
+        candidates.neighbours,
+        rerank_order(priority, candidates.query_ok),
+        min(depth, candidates.neighbours.shape[1]),
+        on_progress,
+    )
     write_submission(run_settings.out, run_settings.task, inputs.test_ids, rows_for(inliers))
     timing.measure_memory()
     log.info("submission written to %s; timings in %s", run_settings.out, timing.path)
@@ -839,16 +1003,23 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk where space_checked does not look (the system's temporary files)
         if err.errno not in NO_SPACE:
             raise
-        print(f"error: no space left on the device ({err.filename or err.strerror}): free some space there",
-              file=sys.stderr)
+        print(
+            f"error: no space left on the device ({err.filename or err.strerror}): free some space there",
+            file=sys.stderr,
+        )
         return 2
     except MemoryError as err:  # numpy's ArrayMemoryError too: --out is written only by a finished run
-        print(f"error: out of memory ({str(err) or 'MemoryError'}): lower --global-batch, --prefetch or "
-              "--knn-block-mb; --out is left as it was", file=sys.stderr)
+        print(
+            f"error: out of memory ({str(err) or 'MemoryError'}): lower --global-batch, --prefetch or "
+            "--knn-block-mb; --out is left as it was",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted: --out is left as it was (WORK/submission_latest.csv holds the newest result)",
-              file=sys.stderr)
+        print(
+            "error: interrupted: --out is left as it was (WORK/submission_latest.csv holds the newest result)",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -4,6 +4,7 @@ full size (WORK/timing.json: the measured stages and the plan), and stop.
 Shipped beside main.py (which imports it from its own folder). main.py hands it the pieces of the run it times
 that live there: the global stage's reranking (alpha-QE, SuperGlobal) and the rule that verifies a pair.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,15 @@ if TYPE_CHECKING:  # the types of the files beside it, for the annotations only
 log = logging.getLogger("submission")
 
 
-def probe(models: Models, inputs: Inputs, settings: Settings, timing: Timing, candidates: int, reranked: Reranked,
-          count_inliers: CountInliers) -> None:
+def probe(
+    models: Models,
+    inputs: Inputs,
+    settings: Settings,
+    timing: Timing,
+    candidates: int,
+    reranked: Reranked,
+    count_inliers: CountInliers,
+) -> None:
     """--probe N: time N images of every stage on this machine, project the run at this data's full size
     (WORK/timing.json: the measured stages and the plan), and stop. candidates: neighbours searched per query."""
     run_ = settings.run
@@ -41,8 +49,11 @@ def probe(models: Models, inputs: Inputs, settings: Settings, timing: Timing, ca
         raise InputError("--probe needs database and test images to time")
     count = run_.probe
     scratch = run_.work / "probe"
-    probing = dataclasses.replace(settings, run=dataclasses.replace(run_, work=scratch),
-                                  budget=dataclasses.replace(settings.budget, probe_images=count, plan="auto"))
+    probing = dataclasses.replace(
+        settings,
+        run=dataclasses.replace(run_, work=scratch),
+        budget=dataclasses.replace(settings.budget, probe_images=count, plan="auto"),
+    )
     dim = sum(model.global_dim for model in models.global_models)  # the (concatenated) descriptor searched
     knn_rate = knn_seconds_per_item(dim, run_.knn_block_mb)
     plan_run(models, inputs, probing, timing, knn_rate, gpu_present())
@@ -59,14 +70,23 @@ def probe(models: Models, inputs: Inputs, settings: Settings, timing: Timing, ca
         verify_batch(models.local, probing, timing, pool, queries, inputs.db_split, [candidate_ids] * len(queries))
     shutil.rmtree(scratch, ignore_errors=True)
     depth = timing.rerank_depth = settings.scoring.rerank  # what `local_eval time --log` projects by default
-    project_rerank(timing, len(inputs.test_ids), depth,
-                   settings.budget.rerank_reserve * settings.budget.time_budget_h * 3600)
+    project_rerank(
+        timing, len(inputs.test_ids), depth, settings.budget.rerank_reserve * settings.budget.time_budget_h * 3600
+    )
     rerank_h = timing.plan["rerank"]["seconds_per_query"] * len(inputs.test_ids) / 3600
     memory = baseline_and_peak(timing, inputs.sizes(), depth)
-    log.info("probe of %d images: global pass at '%s' (%s), projected %.2f h; reranking every query at depth "
-             "%d would take %.2f h more; peak memory %.2f GB (%.2f GB of it before any descriptor); details in %s",
-             count, timing.plan["chosen"], "fits" if timing.plan["fits"] else "does not fit",
-             sum(timing.plan["projection_h"].values()), depth, rerank_h, *memory, timing.path)
+    log.info(
+        "probe of %d images: global pass at '%s' (%s), projected %.2f h; reranking every query at depth "
+        "%d would take %.2f h more; peak memory %.2f GB (%.2f GB of it before any descriptor); details in %s",
+        count,
+        timing.plan["chosen"],
+        "fits" if timing.plan["fits"] else "does not fit",
+        sum(timing.plan["projection_h"].values()),
+        depth,
+        rerank_h,
+        *memory,
+        timing.path,
+    )
 
 
 def baseline_and_peak(timing: Timing, sizes: Sizes, depth: int) -> tuple[float, float]:
@@ -87,4 +107,3 @@ def time_global_rerank(dim: int, stage: Global, candidates: int, reranked: Reran
     began = time.monotonic()
     reranked(queries, database, *knn(queries, database, candidates), stage, block_mb=64)
     return (time.monotonic() - began) / len(queries)
-

@@ -6,6 +6,7 @@ Shipped beside main.py (which imports it from its own folder). What the contract
 image (each scale's descriptor L2-normalized, summed, L2-normalized, as DELG) and local features (keypoints at
 the boxes' centres, L2-normalized descriptors).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,12 +33,15 @@ class LocalFeatures(NamedTuple):
     side: int  # longer side of that image: relative RANSAC thresholds scale with it
 
 
-DELG_INPUTS = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres",
-               "input_global_scales_ind")
+DELG_INPUTS = ("input_image", "input_scales", "input_max_feature_num", "input_abs_thres", "input_global_scales_ind")
 DELG_OUTPUTS = ("boxes", "features", "scales", "scores", "global_descriptors")
 # (precision, XLA-compiled) -> the batched signature export/delg.py writes for it
-BATCH_SIGNATURES = {("float32", False): "global_batch", ("float32", True): "global_batch_xla",
-                    ("float16", False): "global_batch_float16", ("float16", True): "global_batch_float16_xla"}
+BATCH_SIGNATURES = {
+    ("float32", False): "global_batch",
+    ("float32", True): "global_batch_xla",
+    ("float16", False): "global_batch_float16",
+    ("float16", True): "global_batch_float16_xla",
+}
 
 
 OLDEST_LOADING_TF = "2.10"  # the oldest TensorFlow known to load the kit's exports (2.9 lacks DisableCopyOnRead)
@@ -64,22 +68,33 @@ def model_load_error(model_dir: Path, err: Exception) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         exported = f"an unrecorded TensorFlow (no version in {'/'.join(EXPORT_INFO_PATH)})"
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-    return (f"--model {model_dir}: TensorFlow {tf.__version__} cannot load it ({reason}); it was exported with "
-            f"{exported}; TensorFlow {OLDEST_LOADING_TF} or newer is known to load the kit's exports")
+    return (
+        f"--model {model_dir}: TensorFlow {tf.__version__} cannot load it ({reason}); it was exported with "
+        f"{exported}; TensorFlow {OLDEST_LOADING_TF} or newer is known to load the kit's exports"
+    )
 
 
 def contract_error(model_dir: Path, serving) -> InputError:
     """The error for a SavedModel that is not DELG: what was expected, what it has."""
-    expected = (f"expected the DELG contract, serving_default({', '.join(DELG_INPUTS)}) -> "
-                f"{', '.join(DELG_OUTPUTS)} (or a TF1 export with these tensors)")
+    expected = (
+        f"expected the DELG contract, serving_default({', '.join(DELG_INPUTS)}) -> "
+        f"{', '.join(DELG_OUTPUTS)} (or a TF1 export with these tensors)"
+    )
     if serving is None:
-        return InputError(f"--model {model_dir} is not a DELG model: {expected}; it has no serving_default and no "
-                          "TF1 graph with these tensors")
+        return InputError(
+            f"--model {model_dir} is not a DELG model: {expected}; it has no serving_default and no "
+            "TF1 graph with these tensors"
+        )
     inputs, outputs = sorted(serving.structured_input_signature[1]), sorted(serving.structured_outputs)
-    hint = "; it is a retrieval model (the Kaggle retrieval contract), not the DELG export" if (
-        outputs == ["global_descriptor"]) else ""
-    return InputError(f"--model {model_dir} is not a DELG model: {expected}; its serving_default takes "
-                      f"{', '.join(inputs) or 'nothing'} and gives {', '.join(outputs) or 'nothing'}{hint}")
+    hint = (
+        "; it is a retrieval model (the Kaggle retrieval contract), not the DELG export"
+        if (outputs == ["global_descriptor"])
+        else ""
+    )
+    return InputError(
+        f"--model {model_dir} is not a DELG model: {expected}; its serving_default takes "
+        f"{', '.join(inputs) or 'nothing'} and gives {', '.join(outputs) or 'nothing'}{hint}"
+    )
 
 
 class DelgSavedModel:
@@ -112,18 +127,27 @@ class DelgSavedModel:
             try:
                 self.global_dim = probe_dim()
             except tf.errors.OpError as err:  # a batched function this TensorFlow cannot run: the contract still works
-                log.warning("the batched global functions fail here (%s): one image per call",
-                            str(err).strip().splitlines()[0][:200])
+                log.warning(
+                    "the batched global functions fail here (%s): one image per call",
+                    str(err).strip().splitlines()[0][:200],
+                )
                 self.batched = {}
         if not self.batched:
             try:
                 self.global_dim = probe_dim()
             except (tf.errors.OpError, ValueError, TypeError, KeyError, IndexError) as err:
-                raise InputError(f"--model {model_dir}: the DELG contract fails on a 64x64 test image "
-                                 f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]})") from None
+                raise InputError(
+                    f"--model {model_dir}: the DELG contract fails on a 64x64 test image "
+                    f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]})"
+                ) from None
         names = [BATCH_SIGNATURES[key] for key in self.batched]
-        log.info("loaded %s DELG model from %s (global dimension %d, batched global: %s)", self.kind, model_dir,
-                 self.global_dim, ", ".join(names) or "no")
+        log.info(
+            "loaded %s DELG model from %s (global dimension %d, batched global: %s)",
+            self.kind,
+            model_dir,
+            self.global_dim,
+            ", ".join(names) or "no",
+        )
 
     def device_copy(self, stage: str, count: int) -> contextlib.AbstractContextManager[DelgSavedModel]:
         """The model itself, on the current device (devices.py's Replicas lends one copy per device)."""
@@ -146,21 +170,29 @@ class DelgSavedModel:
         except (KeyError, AttributeError, ValueError):
             return False
 
-    def __call__(self, image: np.ndarray, max_features: int, scales: tf.Tensor | None = None,
-                 global_indices: tf.Tensor | None = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self,
+        image: np.ndarray,
+        max_features: int,
+        scales: tf.Tensor | None = None,
+        global_indices: tf.Tensor | None = None,
+    ) -> dict[str, np.ndarray]:
         """The DELG contract on one image: boxes, features, scales, scores, global_descriptors."""
         if scales is None:
             scales, global_indices = self.scales, self.global_indices
         elif global_indices is None:
             global_indices = tf.range(tf.size(scales))
-        inputs = {"input_image": tf.constant(image), "input_scales": scales,
-                  "input_max_feature_num": tf.constant(max_features, tf.int32), "input_abs_thres": self.threshold,
-                  "input_global_scales_ind": global_indices}
+        inputs = {
+            "input_image": tf.constant(image),
+            "input_scales": scales,
+            "input_max_feature_num": tf.constant(max_features, tf.int32),
+            "input_abs_thres": self.threshold,
+            "input_global_scales_ind": global_indices,
+        }
         if self.kind == "tf2":
             outputs = self.function(**inputs)
         else:
-            outputs = dict(zip(DELG_OUTPUTS, self.function(*[inputs[name] for name in self.tf1_feeds]),
-                               strict=True))
+            outputs = dict(zip(DELG_OUTPUTS, self.function(*[inputs[name] for name in self.tf1_feeds]), strict=True))
         return {name: value.numpy() for name, value in outputs.items()}
 
     def global_descriptor(self, image: np.ndarray, global_scales: tuple[float, ...]) -> np.ndarray:
@@ -169,8 +201,9 @@ class DelgSavedModel:
         raw = self(image, max_features=0, scales=scales)["global_descriptors"]
         return l2_normalize(l2_normalize(np.atleast_2d(raw).astype(np.float32)).sum(axis=0))
 
-    def global_batch(self, images: np.ndarray, global_scales: tuple[float, ...], precision: str,
-                     xla: bool = False) -> np.ndarray:
+    def global_batch(
+        self, images: np.ndarray, global_scales: tuple[float, ...], precision: str, xla: bool = False
+    ) -> np.ndarray:
         """Descriptors [B,D] of B images of one size: one batched call when the model has a function for this
         precision (XLA-compiled if asked and present), else one contract call per image."""
         function = self.batched.get((precision, xla)) or self.batched.get((precision, False))
@@ -187,8 +220,9 @@ class DelgSavedModel:
         keypoints = (boxes[:, :2] + boxes[:, 2:]) / 2
         keep = away_from_border(keypoints, image.shape[:2], self.border_margin)
         descriptors = outputs["features"][keep]
-        return LocalFeatures(keypoints[keep].astype(np.float32), l2_normalize(descriptors.astype(np.float32)),
-                             max(image.shape[:2]))
+        return LocalFeatures(
+            keypoints[keep].astype(np.float32), l2_normalize(descriptors.astype(np.float32)), max(image.shape[:2])
+        )
 
 
 def away_from_border(keypoints: np.ndarray, shape: tuple[int, int], margin: float) -> np.ndarray:

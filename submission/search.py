@@ -3,6 +3,7 @@ memory, TensorFlow on a GPU and numpy on a CPU.
 
 Shipped beside main.py (which imports it from its own folder).
 """
+
 from __future__ import annotations
 
 import os
@@ -42,10 +43,10 @@ def knn(queries: np.ndarray, database: np.ndarray, k: int, block_mb: int = 512) 
 
 def knn_tensorflow(queries: np.ndarray, database: np.ndarray, k: int, q_block: int, db_block: int):
     """GPU kNN: blocked matmul + top_k, merging the blocks' top-k."""
-    db_parts = [tf.constant(database[s:s + db_block], tf.float32) for s in range(0, len(database), db_block)]
+    db_parts = [tf.constant(database[s : s + db_block], tf.float32) for s in range(0, len(database), db_block)]
     scores, indices = [], []
     for start in tqdm(range(0, len(queries), q_block), desc="knn", unit="block", leave=False):
-        block = tf.constant(queries[start:start + q_block], tf.float32)
+        block = tf.constant(queries[start : start + q_block], tf.float32)
         best_s = best_i = None
         for part_index, part in enumerate(db_parts):
             s, i = tf.math.top_k(tf.matmul(block, part, transpose_b=True), min(k, part.shape[0]))
@@ -68,16 +69,16 @@ def knn_numpy(queries: np.ndarray, database: np.ndarray, k: int, q_block: int, d
     mask_buffer = np.empty(scores_buffer.shape, bool)
     scores, indices = [], []
     for start in tqdm(range(0, len(queries), q_block), desc="knn", unit="block", leave=False):
-        block = queries[start:start + q_block]
+        block = queries[start : start + q_block]
         best_s = best_i = None
         for chunk_start in range(0, len(database), db_chunk):
-            part = database[chunk_start:chunk_start + db_chunk]
-            chunk = np.matmul(block, part.T, out=scores_buffer[:len(block), :len(part)])
+            part = database[chunk_start : chunk_start + db_chunk]
+            chunk = np.matmul(block, part.T, out=scores_buffer[: len(block), : len(part)])
             if best_s is None:
-                best_i = np.argpartition(chunk, len(part) - k, axis=1)[:, len(part) - k:]
+                best_i = np.argpartition(chunk, len(part) - k, axis=1)[:, len(part) - k :]
                 best_s = np.take_along_axis(chunk, best_i, 1)
             else:
-                mask = np.greater(chunk, best_s.min(axis=1, keepdims=True), out=mask_buffer[:len(block), :len(part)])
+                mask = np.greater(chunk, best_s.min(axis=1, keepdims=True), out=mask_buffer[: len(block), : len(part)])
                 best_s, best_i = merge_candidates(best_s, best_i, chunk, np.flatnonzero(mask), chunk_start, k)
         order = np.lexsort((best_i, -best_s), axis=1)  # score descending, then index ascending
         scores.append(np.take_along_axis(best_s, order, 1))
@@ -85,8 +86,9 @@ def knn_numpy(queries: np.ndarray, database: np.ndarray, k: int, q_block: int, d
     return np.concatenate(scores), np.concatenate(indices)
 
 
-def merge_candidates(best_s: np.ndarray, best_i: np.ndarray, chunk: np.ndarray, flat: np.ndarray, offset: int,
-                     k: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_candidates(
+    best_s: np.ndarray, best_i: np.ndarray, chunk: np.ndarray, flat: np.ndarray, offset: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Each row's top-k of its current best and its candidates (flat positions into the chunk)."""
     if len(flat) == 0:
         return best_s, best_i
@@ -97,7 +99,7 @@ def merge_candidates(best_s: np.ndarray, best_i: np.ndarray, chunk: np.ndarray, 
     cand_i = np.zeros((len(chunk), counts.max()), best_i.dtype)
     cand_s[rows, slots], cand_i[rows, slots] = chunk[rows, cols], cols + offset
     all_s, all_i = np.concatenate([best_s, cand_s], 1), np.concatenate([best_i, cand_i], 1)
-    keep = np.argpartition(all_s, all_s.shape[1] - k, axis=1)[:, all_s.shape[1] - k:]
+    keep = np.argpartition(all_s, all_s.shape[1] - k, axis=1)[:, all_s.shape[1] - k :]
     return np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_i, keep, 1)
 
 

@@ -5,6 +5,7 @@ is a frozen dataclass whose fields are made with `setting()`; main.py defines th
 into an argparse parser, reads them from JSON, checks their ranges and layers defaults < task defaults < preset <
 file < flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,13 @@ def build_parser(description: str, sections: list[type], task_defaults: dict[str
                 options["required"] = True
             elif f.default is not None:
                 shown = " ".join(map(str, f.default)) if is_tuple else f.default
-                options["help"] += f" (default: {shown}" + "".join(
-                    f"; {task}: {values[f.name]}" for task, values in task_defaults.items() if f.name in values) + ")"
+                options["help"] += (
+                    f" (default: {shown}"
+                    + "".join(
+                        f"; {task}: {values[f.name]}" for task, values in task_defaults.items() if f.name in values
+                    )
+                    + ")"
+                )
             if kind is bool:
                 options["action"] = argparse.BooleanOptionalAction
             else:
@@ -105,8 +111,11 @@ def read_settings_file(path: Path, sections: dict[str, type]) -> dict:
     section_of = {f.name: section for section, cls in sections.items() for f in fields(cls)}
     for key in content:
         if key not in sections and key not in RECORD_KEYS:
-            home = f" (a setting of '{section_of[key]}': put it inside that section)" if key in section_of else \
-                closest(key, [*sections, *RECORD_KEYS])
+            home = (
+                f" (a setting of '{section_of[key]}': put it inside that section)"
+                if key in section_of
+                else closest(key, [*sections, *RECORD_KEYS])
+            )
             raise InputError(f"{where}: unknown top-level key '{key}'{home}; the sections are {', '.join(sections)}")
     values = {}
     for section, cls in sections.items():
@@ -160,8 +169,12 @@ def coerce(f: dataclasses.Field, value, where: str):
     return tuple(items) if is_tuple else items[0]
 
 
-BOUNDS = (("minimum", lambda v, b: v >= b, ">="), ("above", lambda v, b: v > b, ">"),
-          ("maximum", lambda v, b: v <= b, "<="), ("below", lambda v, b: v < b, "<"))
+BOUNDS = (
+    ("minimum", lambda v, b: v >= b, ">="),
+    ("above", lambda v, b: v > b, ">"),
+    ("maximum", lambda v, b: v <= b, "<="),
+    ("below", lambda v, b: v < b, "<"),
+)
 
 
 def check_settings(section, sources: dict | None = None) -> None:
@@ -187,26 +200,40 @@ def shown(value) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
-def layer_settings(given: dict, presets: dict[str, dict], sections: dict[str, type],
-                   file_sections: dict[str, type], task_defaults: dict[str, dict]) -> tuple[dict, dict]:
+def layer_settings(
+    given: dict,
+    presets: dict[str, dict],
+    sections: dict[str, type],
+    file_sections: dict[str, type],
+    task_defaults: dict[str, dict],
+) -> tuple[dict, dict]:
     """({section name: checked section}, {setting: where its value came from}) from parsed flags: the defaults,
     then the task's own defaults, then the preset, then the --settings file (read with file_sections), then the
     flags."""
     values, sources = {}, {}
     task = given.get("task")
-    layers = [("task default " + task, task_defaults[task]) if task_defaults.get(task) else None,
-              ("preset " + given["preset"], presets[given["preset"]]) if given.get("preset") else None,
-              ("file " + str(given["settings"]), read_settings_file(given["settings"], file_sections))
-              if given.get("settings") else None,
-              ("command line", given)]
+    layers = [
+        ("task default " + task, task_defaults[task]) if task_defaults.get(task) else None,
+        ("preset " + given["preset"], presets[given["preset"]]) if given.get("preset") else None,
+        ("file " + str(given["settings"]), read_settings_file(given["settings"], file_sections))
+        if given.get("settings")
+        else None,
+        ("command line", given),
+    ]
     for source, layer in filter(None, layers):
         values.update(layer)
         sources.update({name: source for name in layer})
     built = {}
     for name, cls in sections.items():
         section = cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
-        section = dataclasses.replace(section, **{f.name: tuple(getattr(section, f.name)) for f in fields(cls)
-                                                  if isinstance(getattr(section, f.name), list)})
+        section = dataclasses.replace(
+            section,
+            **{
+                f.name: tuple(getattr(section, f.name))
+                for f in fields(cls)
+                if isinstance(getattr(section, f.name), list)
+            },
+        )
         check_settings(section, sources)
         built[name] = section
     return built, sources

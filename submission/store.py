@@ -3,6 +3,7 @@ features one file per image, every file written atomically.
 
 Shipped beside main.py (which imports it from its own folder). The model is savedmodel.py's DelgSavedModel, passed in.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -116,6 +117,7 @@ def warn_unreadable(path: Path, err: Exception) -> None:
 def decode_image(path: Path, max_side: int, min_side: int) -> np.ndarray | None:
     """RGB uint8 [H,W,3] for local features: longer side capped, shorter side edge-padded; None (logged) when
     unreadable."""
+
     def capped(width: int, height: int):
         factor = min(1.0, max_side / max(width, height))
         return (max(1, round(width * factor)), max(1, round(height * factor))), (0, 0, width, height)
@@ -143,6 +145,7 @@ def global_bucket(width: int, height: int, max_side: int) -> tuple[int, int]:
 def decode_for_global(path: Path, max_side: int) -> np.ndarray | None:
     """RGB uint8 of the image's bucket: the centred part of the image with the bucket's aspect, resized to it (an
     image between 9:16 and 16:9 loses at most ~13% of its longer side; wider ones more). None when unreadable."""
+
     def centred_crop(width: int, height: int):
         bucket = global_bucket(width, height, max_side)
         scale = max(bucket[0] / width, bucket[1] / height)
@@ -157,8 +160,14 @@ def decode_for_global(path: Path, max_side: int) -> np.ndarray | None:
         return None
 
 
-def prefetched(load: Callable, items: Iterable, threads: int, depth: int, timeout_s: float | None = None,
-               name: Callable[[object], str] = str) -> Iterator:
+def prefetched(
+    load: Callable,
+    items: Iterable,
+    threads: int,
+    depth: int,
+    timeout_s: float | None = None,
+    name: Callable[[object], str] = str,
+) -> Iterator:
     """load(item) for each item, in order, computed by `threads` daemon threads up to `depth` items ahead. The
     caller never waits more than timeout_s for one item: a load that takes longer is logged (name(item)) and
     yields None, as an unreadable image; its thread is left to it and a new one takes its place."""
@@ -193,6 +202,7 @@ def prefetched(load: Callable, items: Iterable, threads: int, depth: int, timeou
 def start_loader(load: Callable, tasks: queue.SimpleQueue) -> threading.Thread:
     """A daemon thread running load on each (future, item) of tasks until it takes None: a load that never ends
     (a hung file system) cannot stop the process from exiting."""
+
     def work() -> None:
         while (task := tasks.get()) is not None:
             future, item = task
@@ -235,9 +245,11 @@ def space_checked(path: Path, partial: Path | None = None) -> Iterator[None]:
             raise
         written = (partial or path).stat().st_size if (partial or path).is_file() else 0
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-        raise InputError(f"no space left in {path.parent} while writing {path.name}: it needs more than the "
-                         f"{size_text(written)} written when the disk filled ({size_text(free)} free now); free some "
-                         "space there or point --work or --out elsewhere") from None
+        raise InputError(
+            f"no space left in {path.parent} while writing {path.name}: it needs more than the "
+            f"{size_text(written)} written when the disk filled ({size_text(free)} free now); free some "
+            "space there or point --work or --out elsewhere"
+        ) from None
 
 
 def atomic_save(path: Path, write: Callable[[Path], None]) -> None:
@@ -266,8 +278,9 @@ def chunk_path(cache: Path, index: int) -> Path:
     return cache / f"chunk_{index:06d}.npz"
 
 
-def read_chunk(cache: Path, index: int, ids: list[str], fields_: tuple[str, ...],
-               complete: bool = True) -> list[np.ndarray] | None:
+def read_chunk(
+    cache: Path, index: int, ids: list[str], fields_: tuple[str, ...], complete: bool = True
+) -> list[np.ndarray] | None:
     """The named arrays of a cached chunk (only its ids are read for no fields), or None when the chunk is
     missing, unreadable, for other ids, or (with complete) cut short by a deadline."""
     try:
@@ -331,12 +344,16 @@ class Batcher:
             images = np.concatenate([images, padding])
         with self.model.device_copy("global", len(rows)) as model:
             try:
-                found = model.global_batch(images, self.ext.global_scales(), self.ext.global_precision,
-                                           self.ext.global_xla == "on")
-                self.descriptors[rows], self.ok[rows] = found[:len(rows)], True
+                found = model.global_batch(
+                    images, self.ext.global_scales(), self.ext.global_precision, self.ext.global_xla == "on"
+                )
+                self.descriptors[rows], self.ok[rows] = found[: len(rows)], True
             except Exception as err:  # noqa: BLE001 - one bad image must not end the run: retry them one by one
-                log.warning("batched global call failed (%s); retrying its %d images one by one",
-                            str(err).splitlines()[0][:200], len(rows))
+                log.warning(
+                    "batched global call failed (%s); retrying its %d images one by one",
+                    str(err).splitlines()[0][:200],
+                    len(rows),
+                )
                 for row, pixels in group:
                     with contextlib.suppress(Exception):
                         self.descriptors[row] = model.global_descriptor(pixels, self.ext.global_scales())
@@ -346,8 +363,16 @@ class Batcher:
 StopRule = Callable[[int, float], bool]  # (images done, seconds spent) -> stop now
 
 
-def extract_global(model: DelgSavedModel, ids: list[str], paths: list[Path], cache: Path, extraction: Extraction,
-                   run: Run, shard: tuple[int, int] = (0, 1), stop: StopRule | None = None) -> tuple[int, bool]:
+def extract_global(
+    model: DelgSavedModel,
+    ids: list[str],
+    paths: list[Path],
+    cache: Path,
+    extraction: Extraction,
+    run: Run,
+    shard: tuple[int, int] = (0, 1),
+    stop: StopRule | None = None,
+) -> tuple[int, bool]:
     """Extract and cache, chunk by chunk, every missing global descriptor of this shard, batched by size bucket.
     Returns (images finished, stopped): when stop(finished, seconds) says so, the images still waiting for a
     batch are dropped and the current chunk is saved as it is."""
@@ -364,7 +389,7 @@ def extract_global(model: DelgSavedModel, ids: list[str], paths: list[Path], cac
     finished, began = 0, time.monotonic()
     with tqdm(total=len(rows), desc=f"global {cache.name}", unit="img") as bar:
         for c in todo:
-            chunk_ids, stamps = ids[c * size:(c + 1) * size], image_stamps(paths[c * size:(c + 1) * size])
+            chunk_ids, stamps = ids[c * size : (c + 1) * size], image_stamps(paths[c * size : (c + 1) * size])
             descriptors, ok = np.zeros((len(chunk_ids), model.global_dim), np.float32), np.zeros(len(chunk_ids), bool)
             batcher, stopped = Batcher(model, extraction, descriptors, ok), False
             for j in range(len(chunk_ids)):
@@ -380,8 +405,12 @@ def extract_global(model: DelgSavedModel, ids: list[str], paths: list[Path], cac
                 bar.update(count)
             batcher.close()
             saved = descriptors.astype(dtype)
-            atomic_save(chunk_path(cache, c), lambda tmp, d=saved, o=ok, i=chunk_ids, s=stopped, t=stamps:
-                        np.savez(tmp, ids=np.array(i), descriptors=d, ok=o, complete=not s, stamps=t))
+            atomic_save(
+                chunk_path(cache, c),
+                lambda tmp, d=saved, o=ok, i=chunk_ids, s=stopped, t=stamps: np.savez(
+                    tmp, ids=np.array(i), descriptors=d, ok=o, complete=not s, stamps=t
+                ),
+            )
             if stopped:
                 images.close()
                 log.warning("%s: stopped after %d of %d images", cache.name, finished, len(rows))
@@ -405,13 +434,18 @@ def fresh_chunks(cache: Path, chunks: list[int], ids: list[str], paths: list[Pat
         else:
             fresh.add(c)
     if dropped:
-        log.warning("%s: dropped %d cached chunks: %d of their images changed (size or time) since they were cached",
-                    cache.name, dropped, changed)
+        log.warning(
+            "%s: dropped %d cached chunks: %d of their images changed (size or time) since they were cached",
+            cache.name,
+            dropped,
+            changed,
+        )
     return fresh
 
 
-def load_global(cache: Path, ids: list[str], chunk_size: int, dim: int = 0,
-                allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_global(
+    cache: Path, ids: list[str], chunk_size: int, dim: int = 0, allow_missing: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """All cached descriptors [n,D] float32 and their ok mask, in the order of ids, filled chunk by chunk into
     one array (dim: the width when no chunk has any). A missing chunk is an error unless allow_missing (a pass
     cut by the deadline): its rows are then not ok."""
@@ -447,9 +481,9 @@ def compact_valid(descriptors: np.ndarray, ok: np.ndarray, block: int = 8192) ->
     """(the ok rows, their row numbers): the rows move to the front in place, so no second full-size copy."""
     rows = np.flatnonzero(ok)
     for start in range(0, len(rows), block):  # a row only moves up, past rows already moved
-        part = rows[start:start + block]
-        descriptors[start:start + len(part)] = descriptors[part]
-    return descriptors[:len(rows)], rows
+        part = rows[start : start + block]
+        descriptors[start : start + len(part)] = descriptors[part]
+    return descriptors[: len(rows)], rows
 
 
 def local_path(cache: Path, split: str, image_id: str) -> Path:
@@ -458,8 +492,7 @@ def local_path(cache: Path, split: str, image_id: str) -> Path:
 
 def load_local(path: Path) -> LocalFeatures:
     with np.load(path) as features:
-        return LocalFeatures(features["keypoints"], features["descriptors"].astype(np.float32),
-                             int(features["side"]))
+        return LocalFeatures(features["keypoints"], features["descriptors"].astype(np.float32), int(features["side"]))
 
 
 def cached_stamp(path: Path) -> np.ndarray | None:
@@ -505,14 +538,27 @@ def trim_local_cache(cache: Path, max_gb: float) -> int:
     return deleted
 
 
-def extract_local(model: DelgSavedModel, data: Path, images: list[tuple[str, str]], cache: Path,
-                  extraction: Extraction, run: Run, stop: Callable[[], bool] = lambda: False) -> int:
+def extract_local(
+    model: DelgSavedModel,
+    data: Path,
+    images: list[tuple[str, str]],
+    cache: Path,
+    extraction: Extraction,
+    run: Run,
+    stop: Callable[[], bool] = lambda: False,
+) -> int:
     """Cache local features of every (split, id) not cached yet from its present file (local_todo; unreadable
     image: zero features), until stop() says so; the count extracted."""
     todo = local_todo(data, images, cache)
     load = lambda item: decode_image(image_path(data, *item[:2]), extraction.max_image_side, extraction.min_image_side)
-    decoded = prefetched(load, todo, run.decode_threads, run.prefetch, run.decode_timeout_s,
-                         lambda item: str(image_path(data, *item[:2])))
+    decoded = prefetched(
+        load,
+        todo,
+        run.decode_threads,
+        run.prefetch,
+        run.decode_timeout_s,
+        lambda item: str(image_path(data, *item[:2])),
+    )
 
     def features_of(item: tuple[tuple[str, str, object], np.ndarray | None]) -> LocalFeatures | None:
         """The image's features (none when unreadable or failing), or None once stop() says so."""
@@ -530,12 +576,17 @@ def extract_local(model: DelgSavedModel, data: Path, images: list[tuple[str, str
 
     found = prefetched(features_of, zip(todo, decoded, strict=True), model.parallel, model.parallel)  # one per device
     done = 0
-    for (split, image_id, stamp), features in zip(todo, tqdm(found, total=len(todo), desc="local", unit="img"),
-                                                  strict=False):
+    for (split, image_id, stamp), features in zip(
+        todo, tqdm(found, total=len(todo), desc="local", unit="img"), strict=False
+    ):
         if features is None:
             break
-        atomic_save(local_path(cache, split, image_id), lambda tmp, f=features, t=stamp: np.savez(
-            tmp, keypoints=f.keypoints, descriptors=f.descriptors.astype(np.float16), side=f.side, stamp=t))
+        atomic_save(
+            local_path(cache, split, image_id),
+            lambda tmp, f=features, t=stamp: np.savez(
+                tmp, keypoints=f.keypoints, descriptors=f.descriptors.astype(np.float16), side=f.side, stamp=t
+            ),
+        )
         done += 1
     found.close()
     decoded.close()
@@ -543,24 +594,52 @@ def extract_local(model: DelgSavedModel, data: Path, images: list[tuple[str, str
 
 
 def global_settings(extraction) -> dict:
-    return {"global_scales": list(extraction.global_scales()), "global_max_side": extraction.global_max_side,
-            "global_precision": extraction.global_precision}
+    return {
+        "global_scales": list(extraction.global_scales()),
+        "global_max_side": extraction.global_max_side,
+        "global_precision": extraction.global_precision,
+    }
 
 
 def cache_keys(run: Run, extraction: Extraction) -> dict:
     """What each feature cache depends on: the models' files and the settings of their features."""
+
     def files(model_dir: Path) -> dict:
         model = model_dir.resolve()
-        return {"model": str(model), "files": {name: [(model / name).stat().st_size, (model / name).stat().st_mtime_ns]
-                                               for name in ("saved_model.pb", "variables/variables.index")
-                                               if (model / name).is_file()}}
+        return {
+            "model": str(model),
+            "files": {
+                name: [(model / name).stat().st_size, (model / name).stat().st_mtime_ns]
+                for name in ("saved_model.pb", "variables/variables.index")
+                if (model / name).is_file()
+            },
+        }
+
     ext = dataclasses.asdict(extraction)
-    local = {name: ext[name] for name in ("scales", "max_image_side", "min_image_side", "max_features",
-                                          "attention_threshold", "border_margin")}
-    global_ = {**global_settings(extraction), "cache_float16": extraction.cache_float16,
-               "buckets": [BUCKET_ASPECTS, BUCKET_SIDES]}
-    return json.loads(json.dumps({"global": {"models": [files(m) for m in run.model], "settings": global_},
-                                  "local": {**files(run.verifying_model()), "settings": local}}))
+    local = {
+        name: ext[name]
+        for name in (
+            "scales",
+            "max_image_side",
+            "min_image_side",
+            "max_features",
+            "attention_threshold",
+            "border_margin",
+        )
+    }
+    global_ = {
+        **global_settings(extraction),
+        "cache_float16": extraction.cache_float16,
+        "buckets": [BUCKET_ASPECTS, BUCKET_SIDES],
+    }
+    return json.loads(
+        json.dumps(
+            {
+                "global": {"models": [files(m) for m in run.model], "settings": global_},
+                "local": {**files(run.verifying_model()), "settings": local},
+            }
+        )
+    )
 
 
 def clear_stale_caches(work: Path, keys: dict) -> None:

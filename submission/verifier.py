@@ -4,6 +4,7 @@ then each pair verified in worker processes (or in this one) until the deadline.
 
 Shipped beside main.py (which imports it from its own folder).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,13 @@ def worker_pool(state: tuple, workers: int) -> Iterator[multiprocessing.pool.Poo
         yield pool
 
 
-def pooled_map(function: Callable, tasks: list, pool: multiprocessing.pool.Pool | None,
-               stop: Callable[[], bool] = lambda: False, desc: str = "verify") -> list:
+def pooled_map(
+    function: Callable,
+    tasks: list,
+    pool: multiprocessing.pool.Pool | None,
+    stop: Callable[[], bool] = lambda: False,
+    desc: str = "verify",
+) -> list:
     """function over the tasks in order, in the pool's processes or (no pool) in this one, until stop() says so:
     the results of the tasks finished by then."""
     results = []
@@ -75,35 +81,51 @@ def verify_query(task: tuple[Path, list[Path]]) -> list[int]:
     return [count_inliers(query, load_local(path), verification) for path in task[1]]
 
 
-def verification_pool(count_inliers: CountInliers, verification: Verification,
-                      workers: int) -> contextlib.AbstractContextManager[multiprocessing.pool.Pool | None]:
+def verification_pool(
+    count_inliers: CountInliers, verification: Verification, workers: int
+) -> contextlib.AbstractContextManager[multiprocessing.pool.Pool | None]:
     """Worker processes for verify_query with this rule and settings; None: verify in this process."""
     return worker_pool((count_inliers, verification), workers)
 
 
-def verify_all(tasks: list[tuple[Path, list[Path]]], pool: multiprocessing.pool.Pool | None,
-               stop: Callable[[], bool] = lambda: False) -> list[list[int]]:
+def verify_all(
+    tasks: list[tuple[Path, list[Path]]],
+    pool: multiprocessing.pool.Pool | None,
+    stop: Callable[[], bool] = lambda: False,
+) -> list[list[int]]:
     """verify_query over the tasks in order until stop() says so: the results of the queries finished by then."""
     return pooled_map(verify_query, tasks, pool, stop)
 
 
-def verify_batch(model: DelgSavedModel, settings: Settings, timing: Timing, pool: multiprocessing.pool.Pool | None,
-                 query_ids: list[str], db_split: str, candidates: list[list[str]]) -> tuple[list[list[int]], float]:
+def verify_batch(
+    model: DelgSavedModel,
+    settings: Settings,
+    timing: Timing,
+    pool: multiprocessing.pool.Pool | None,
+    query_ids: list[str],
+    db_split: str,
+    candidates: list[list[str]],
+) -> tuple[list[list[int]], float]:
     """Inliers of each query with each of its candidates, in order until the deadline, and the share of
     candidate images whose local features had to be extracted (the rest were cached). Features come query by
     query, so a cut leaves a prefix of queries ready to verify."""
     run = settings.run
     cache = run.work / "local"
-    wanted = [item for q, cs in zip(query_ids, candidates, strict=True)
-              for item in [("test", q), *((db_split, c) for c in cs)]]
+    wanted = [
+        item
+        for q, cs in zip(query_ids, candidates, strict=True)
+        for item in [("test", q), *((db_split, c) for c in cs)]
+    ]
     began = time.monotonic()
     extracted = extract_local(model, run.data, wanted, cache, settings.extraction, run, timing.past_deadline)
     timing.add("local_features", extracted, time.monotonic() - began)
-    tasks = [(local_path(cache, "test", q), [local_path(cache, db_split, c) for c in cs])
-             for q, cs in zip(query_ids, candidates, strict=True)]
+    tasks = [
+        (local_path(cache, "test", q), [local_path(cache, db_split, c) for c in cs])
+        for q, cs in zip(query_ids, candidates, strict=True)
+    ]
     ready = next((i for i, (q, cs) in enumerate(tasks) if not all(p.is_file() for p in (q, *cs))), len(tasks))
     began = time.monotonic()
     counts = verify_all(tasks[:ready], pool, timing.past_deadline)
-    timing.add("verification", sum(len(cs) for cs in candidates[:len(counts)]), time.monotonic() - began)
+    timing.add("verification", sum(len(cs) for cs in candidates[: len(counts)]), time.monotonic() - began)
     trim_local_cache(cache, run.local_cache_gb)
     return counts, max(0.0, extracted - len(query_ids)) / max(1, len(wanted) - len(query_ids))

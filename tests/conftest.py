@@ -5,6 +5,7 @@ share them: the first to need one builds it, the others wait for it and read it.
 TensorFlow is split into two logical CPU devices here, before anything initializes its devices,
 so the strategy tests can run MirroredStrategy on a CPU-only machine.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -20,12 +21,22 @@ WHITEN_IMAGES = 24  # training images the whitened export's PCA is fitted on (th
 # The longest test files, in this order before all others: under `--dist loadfile` with --no-loadscope-reorder
 # (pyproject's addopts) xdist hands out files in collection order, so the short ones fill in beside these and no
 # long file is left to run alone at the end.
-LONGEST_FIRST = ("test_demo.py", "test_train_multiworker.py", "test_train_loop.py", "test_train_distributed.py",
-                 "test_replay.py", "test_backbones.py", "test_tune.py", "test_export_delg.py", "test_plan.py")
+LONGEST_FIRST = (
+    "test_demo.py",
+    "test_train_multiworker.py",
+    "test_train_loop.py",
+    "test_train_distributed.py",
+    "test_replay.py",
+    "test_backbones.py",
+    "test_tune.py",
+    "test_export_delg.py",
+    "test_plan.py",
+)
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -74,8 +85,7 @@ def tiny_run(tmp_path_factory, data_dir):
     from train.loop import train
 
     cfg = get_config("tiny", steps=40, image_size=64, batch_size=16, checkpoint_every=20, validate_every=20)
-    return built_once(tmp_path_factory, "run", lambda run_dir: train(
-        cfg, data_dir=data_dir, run_dir=run_dir))
+    return built_once(tmp_path_factory, "run", lambda run_dir: train(cfg, data_dir=data_dir, run_dir=run_dir))
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ The same graph is written two ways: a TF2 module with a `serving_default` signat
 writes; with batched=True also its `global_batch` signature) and a TF1 SavedModel built from named
 placeholders (what Google's released DELG models are, with no batched function).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,7 @@ def _one_scale(pixels: tf.Tensor, scale: tf.Tensor, kernel: tf.Tensor):
     responses = tf.nn.conv2d(resized, kernel, strides=STRIDE, padding="VALID")[0]
     rows, cols = tf.shape(responses)[0], tf.shape(responses)[1]
     grid = tf.stack(tf.meshgrid(tf.range(rows), tf.range(cols), indexing="ij"), axis=-1)
-    centres = (tf.cast(tf.reshape(grid, [-1, 2]) * STRIDE, tf.float32) + KERNEL_SIZE / 2)
+    centres = tf.cast(tf.reshape(grid, [-1, 2]) * STRIDE, tf.float32) + KERNEL_SIZE / 2
     centres = centres * size / tf.cast(new_size, tf.float32)
     descriptors = tf.reshape(responses, [-1, LOCAL_DIM])
     return descriptors, centres, tf.norm(descriptors, axis=1)
@@ -60,8 +61,7 @@ def delg_forward(kernel: tf.Tensor):
             globals_ = globals_.write(i, tf.reduce_mean(tf.nn.relu(d), axis=0))
         all_scores = scores.concat()
         keep = tf.where(all_scores >= input_abs_thres)[:, 0]
-        top = tf.math.top_k(tf.gather(all_scores, keep),
-                            tf.minimum(input_max_feature_num, tf.size(keep))).indices
+        top = tf.math.top_k(tf.gather(all_scores, keep), tf.minimum(input_max_feature_num, tf.size(keep))).indices
         chosen = tf.gather(keep, top)
         half = tf.fill([tf.size(chosen), 2], KERNEL_SIZE / 2.0)
         centre = tf.gather(centres.concat(), chosen)
@@ -90,15 +90,20 @@ def global_batch_forward(forward):
     L2-normalized (what export.delg's global_batch computes in one pass over the batch)."""
 
     def one_image(image, scales):
-        rows = forward(input_image=image, input_scales=scales, input_max_feature_num=tf.constant(0),
-                       input_abs_thres=tf.constant(0.0),
-                       input_global_scales_ind=tf.range(tf.size(scales)))["global_descriptors"]
+        rows = forward(
+            input_image=image,
+            input_scales=scales,
+            input_max_feature_num=tf.constant(0),
+            input_abs_thres=tf.constant(0.0),
+            input_global_scales_ind=tf.range(tf.size(scales)),
+        )["global_descriptors"]
         return tf.nn.l2_normalize(tf.reduce_sum(tf.nn.l2_normalize(rows, axis=1), axis=0), axis=0)
 
     @tf.function
     def global_batch(input_images, input_scales):
-        descriptors = tf.map_fn(lambda image: one_image(image, input_scales), input_images,
-                                fn_output_signature=tf.float32)
+        descriptors = tf.map_fn(
+            lambda image: one_image(image, input_scales), input_images, fn_output_signature=tf.float32
+        )
         return {GLOBAL_BATCH_OUTPUT: descriptors}
 
     return global_batch
@@ -121,8 +126,9 @@ def write_tf1_model(out: str | Path, seed: int = 0) -> Path:
     """A TF1-format SavedModel with the DELG tensor names and no signature (used through .prune)."""
     graph = tf.Graph()
     with graph.as_default():
-        inputs = {name: tf.compat.v1.placeholder(spec.dtype, spec.shape, name=name)
-                  for name, spec in INPUT_SPECS.items()}
+        inputs = {
+            name: tf.compat.v1.placeholder(spec.dtype, spec.shape, name=name) for name, spec in INPUT_SPECS.items()
+        }
         outputs = delg_forward(_random_kernel(seed))(**inputs)
         for name, tensor in outputs.items():
             tf.identity(tensor, name=name)

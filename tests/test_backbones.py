@@ -1,5 +1,6 @@
 """Backbone families, sub-center ArcFace with dynamic margins, global-only models: each trains, resumes exactly
 after SIGTERM, exports, loads back and runs through the submission script."""
+
 from __future__ import annotations
 
 import json
@@ -32,11 +33,27 @@ from train.model import DelgModel
 
 sub = load_submission()
 # The smallest member of each family, and a global-only tiny model.
-SMALLEST = {"efficientnetv2": {"backbone": "efficientnetv2-b0"}, "efficientnet": {"backbone": "efficientnet-b0"},
-            "convnext": {"backbone": "convnext-tiny"}, "resnet152": {"backbone": "resnet152"},
-            "global-only": {"global_only": True}}
-LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0",
-         "--plan", "fixed"]
+SMALLEST = {
+    "efficientnetv2": {"backbone": "efficientnetv2-b0"},
+    "efficientnet": {"backbone": "efficientnet-b0"},
+    "convnext": {"backbone": "convnext-tiny"},
+    "resnet152": {"backbone": "resnet152"},
+    "global-only": {"global_only": True},
+}
+LIGHT = [
+    "--scales",
+    "0.5",
+    "1.0",
+    "--global-scale-indices",
+    "0",
+    "1",
+    "--max-features",
+    "200",
+    "--workers",
+    "0",
+    "--plan",
+    "fixed",
+]
 # The end-to-end cases' submission: global descriptors at most 128 px on a side, 10 queries reranked at depth 3.
 FEW_RERANKED = ["--global-max-side", "128", "--rerank", "3", "--max-rerank-queries", "10"]
 STEPS, LOG_EVERY = 20, 5  # each family trains STEPS steps; SIGTERM comes after the first LOG_EVERY
@@ -82,18 +99,22 @@ def test_changed_cells_are_exactly_those_whose_box_holds_the_changed_pixel(backb
     before, after = net(image)[0].numpy(), net(changed_image)[0].numpy()
     changed = (after != before).any(axis=-1)[0].reshape(-1)
     boxes = cell_boxes(field, before.shape[1], before.shape[2]).numpy()
-    holds = ((boxes[:, 0] <= pixel[0]) & (pixel[0] <= boxes[:, 2]) &
-             (boxes[:, 1] <= pixel[1]) & (pixel[1] <= boxes[:, 3]))
+    holds = (
+        (boxes[:, 0] <= pixel[0]) & (pixel[0] <= boxes[:, 2]) & (boxes[:, 1] <= pixel[1]) & (pixel[1] <= boxes[:, 3])
+    )
     assert 0 < holds.sum() < len(holds)
     np.testing.assert_array_equal(changed, holds)
 
 
-@pytest.mark.parametrize("backbone, scale, offset", [
-    ("efficientnet-b0", 1 / (255 * np.array(IMAGENET_STD)), -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)),
-    ("efficientnetv2-b0", 1 / (255 * np.array(IMAGENET_STD)), -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)),
-    ("efficientnetv2-s", np.full(3, 1 / 128), np.full(3, -1.0)),
-    ("convnext-tiny", 1 / (255 * np.array(IMAGENET_STD)), -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)),
-])
+@pytest.mark.parametrize(
+    "backbone, scale, offset",
+    [
+        ("efficientnet-b0", 1 / (255 * np.array(IMAGENET_STD)), -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)),
+        ("efficientnetv2-b0", 1 / (255 * np.array(IMAGENET_STD)), -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)),
+        ("efficientnetv2-s", np.full(3, 1 / 128), np.full(3, -1.0)),
+        ("convnext-tiny", 1 / (255 * np.array(IMAGENET_STD)), -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)),
+    ],
+)
 def test_pixels_are_normalised_once_as_the_family_does(backbone, scale, offset):
     net = build_backbone(TrainConfig(backbone=backbone))
     first_conv = next(layer for layer in net.layers if isinstance(layer, (keras.layers.Conv2D, keras.Sequential)))
@@ -176,8 +197,10 @@ def sigterm_after_first_log(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # Each case trains three times (straight, stopped, resumed): minutes for the Keras families on 2 cores, so those
 # are marked slow and run by `make test-backbones`, not `make test`.
-FAMILY_CASES = [pytest.param(overrides, id=name, marks=[] if name == "global-only" else [pytest.mark.slow])
-                for name, overrides in SMALLEST.items()]
+FAMILY_CASES = [
+    pytest.param(overrides, id=name, marks=[] if name == "global-only" else [pytest.mark.slow])
+    for name, overrides in SMALLEST.items()
+]
 
 
 @pytest.fixture(scope="module", params=FAMILY_CASES)
@@ -187,8 +210,18 @@ def family(request, tiny_competition, tmp_path_factory) -> FamilyRun:
     the other two trainings: tracing a Keras backbone keeps one core busy for tens of seconds."""
     data = tiny_competition / "landmark-recognition"
     out = tmp_path_factory.mktemp("family")
-    cfg = get_config("tiny", steps=STEPS, image_size=64, batch_size=4, warmup_steps=2, checkpoint_every=STEPS,
-                     log_every=LOG_EVERY, validate_every=STEPS, validation_fraction=0.0, **request.param)
+    cfg = get_config(
+        "tiny",
+        steps=STEPS,
+        image_size=64,
+        batch_size=4,
+        warmup_steps=2,
+        checkpoint_every=STEPS,
+        log_every=LOG_EVERY,
+        validate_every=STEPS,
+        validation_fraction=0.0,
+        **request.param,
+    )
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         straight = pool.submit(train, cfg, data_dir=data, run_dir=out / "straight", strategy="default")
         export = pool.submit(export_delg, out / "straight", out / "delg", xla=False)
@@ -216,9 +249,13 @@ def test_a_family_exports_and_the_export_loads_back(family):
     serving = tf.saved_model.load(str(family.model)).signatures["serving_default"]
     # 128 x 112 px: 8 x 7 stride-16 cells at scale 1 and 4 x 4 at 0.5, more than the 50 features asked for
     image = np.random.default_rng(0).integers(0, 256, (128, 112, 3), dtype=np.uint8)
-    out = serving(input_image=tf.constant(image), input_scales=tf.constant([0.5, 1.0]),
-                  input_max_feature_num=tf.constant(50), input_abs_thres=tf.constant(0.0),
-                  input_global_scales_ind=tf.constant([0, 1]))
+    out = serving(
+        input_image=tf.constant(image),
+        input_scales=tf.constant([0.5, 1.0]),
+        input_max_feature_num=tf.constant(50),
+        input_abs_thres=tf.constant(0.0),
+        input_global_scales_ind=tf.constant([0, 1]),
+    )
     assert out["global_descriptors"].shape == (2, cfg.embedding_dim)
     assert np.isfinite(out["global_descriptors"].numpy()).all()
     assert out["features"].shape[0] == (0 if cfg.global_only else 50)
@@ -228,8 +265,25 @@ def test_a_family_export_runs_through_the_submission_script(family, tiny_competi
     caplog.set_level(logging.INFO)
     data = tiny_competition / "landmark-recognition"
     submission = tmp_path / "submission.csv"
-    assert sub.main(["--task", "recognition", "--data", str(data), "--model", str(family.model),
-                     "--work", str(tmp_path / "work"), "--out", str(submission), *LIGHT, *FEW_RERANKED]) == 0
+    assert (
+        sub.main(
+            [
+                "--task",
+                "recognition",
+                "--data",
+                str(data),
+                "--model",
+                str(family.model),
+                "--work",
+                str(tmp_path / "work"),
+                "--out",
+                str(submission),
+                *LIGHT,
+                *FEW_RERANKED,
+            ]
+        )
+        == 0
+    )
     scores = score_files("recognition", solution_file(tiny_competition, "recognition"), submission)
     assert 0 <= scores["all"]["gap"] <= 1
     assert caplog.text.count("is a global-only model") == int(family.cfg.global_only)

@@ -1,5 +1,6 @@
 """submission/budget.py, the one cost model and the plan: units of work per stage, depths that fit, the plan that
 charges its own probing, says which part of a projection is which, and says when the machine is busy."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,14 @@ costs = sibling("costs")
 def test_stage_units_follow_the_global_stage():
     sizes = costs.Sizes(db=1000, queries=10, nonlandmarks=50)
     plain = costs.stage_units(sizes, depth=3)
-    assert plain == {"global_db": 1050, "global_query": 10, "knn": 10 * 1050, "global_rerank": 0,
-                     "local_features": 10 * (1 + 3), "verification": 30}
+    assert plain == {
+        "global_db": 1050,
+        "global_query": 10,
+        "knn": 10 * 1050,
+        "global_rerank": 0,
+        "local_features": 10 * (1 + 3),
+        "verification": 30,
+    }
     full = costs.stage_units(sizes, 3, costs.Work(suppression=True, dba=True, qe=True, superglobal=True))
     # alpha-QE searches the whole database a second time: query x database products, not a per-query cost
     assert full["knn"] == 10 * 1050 + 1000 * 50 + 1000 * 1000 + 10 * 1000 and full["global_rerank"] == 10
@@ -37,8 +44,10 @@ def test_the_script_plans_with_the_cost_models_one_margin():
 
 
 def test_a_small_runs_knn_is_projected_from_the_timed_product():
-    log = {"stages": {"knn": {"items": 1000, "seconds": 1.0}},  # 1 ms a product: mostly overhead
-           "timed_products": {"knn": {"items": 4_194_304, "seconds": 4.194304}}}  # 1 us a product
+    log = {
+        "stages": {"knn": {"items": 1000, "seconds": 1.0}},  # 1 ms a product: mostly overhead
+        "timed_products": {"knn": {"items": 4_194_304, "seconds": 4.194304}},
+    }  # 1 us a product
     assert costs.log_rates(log)["knn"] == pytest.approx(1e-6)
     big = {**log, "stages": {"knn": {"items": 10**8, "seconds": 50.0}}}  # a run larger than the timed shape
     assert costs.log_rates(big)["knn"] == pytest.approx(5e-7)
@@ -79,8 +88,12 @@ def test_the_depth_that_fits():
 
 
 def plan_inputs(tmp_path, limit_h: float):
-    timing = budget.Timing(tmp_path / "timing.json", "recognition", sub.Budget(time_budget_h=limit_h, safety_margin=0),
-                           started=time.monotonic())  # not pytest's start: the suite may have run for minutes
+    timing = budget.Timing(
+        tmp_path / "timing.json",
+        "recognition",
+        sub.Budget(time_budget_h=limit_h, safety_margin=0),
+        started=time.monotonic(),
+    )  # not pytest's start: the suite may have run for minutes
     rungs = budget.ladder(sub.Extraction(global_xla="off"), has_float16=False)
     units = lambda depth: costs.stage_units(costs.Sizes(100, 10, 0), depth)
     return timing, rungs, units
@@ -112,8 +125,9 @@ def test_the_plan_names_each_part_and_warns_when_timings_disagree(tmp_path, capl
 def test_xla_is_timed_only_on_a_gpu():
     extraction = sub.Extraction(global_xla="auto")
     untouchable = lambda extraction, limit_s: pytest.fail("no XLA timing on a CPU")
-    chosen, measured = budget.choose_xla(extraction, has_xla=True, gpu=False, measure=untouchable, limit_s=1,
-                                         chosen={"seconds_per_image": 1.0})
+    chosen, measured = budget.choose_xla(
+        extraction, has_xla=True, gpu=False, measure=untouchable, limit_s=1, chosen={"seconds_per_image": 1.0}
+    )
     assert chosen.global_xla == "off" and measured is None
     faster = lambda extraction, limit_s: (0.5, 0.0)
     record = {"seconds_per_image": 1.0}

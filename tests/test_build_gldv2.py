@@ -1,4 +1,5 @@
 """The GLDv2 subset builder, on a small fake GLDv2 download written in the real formats."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,15 +42,20 @@ def fake_gldv2(tmp_path_factory) -> Path:
     test_ids = [new_id(rng) for _ in test_landmarks]
     usage = ["Ignored" if i % 10 == 9 else "Public" if i % 3 == 0 else "Private" for i in range(len(test_ids))]
     index_ids = [new_id(rng) for _ in range(50)]
-    retrieval = [(t, " ".join(index_ids[3 * k: 3 * k + 1 + k % 3]) if k < 10 else "None",
-                  "Ignored" if k >= 10 else usage[k] if usage[k] != "Ignored" else "Public")
-                 for k, t in enumerate(test_ids)]
+    retrieval = [
+        (
+            t,
+            " ".join(index_ids[3 * k : 3 * k + 1 + k % 3]) if k < 10 else "None",
+            "Ignored" if k >= 10 else usage[k] if usage[k] != "Ignored" else "Public",
+        )
+        for k, t in enumerate(test_ids)
+    ]
     pd.DataFrame(train_rows, columns=["id", "url", "landmark_id"]).to_csv(root / "train.csv", index=False)
     pd.DataFrame(clean_rows, columns=["landmark_id", "images"]).to_csv(root / "train_clean.csv", index=False)
     pd.DataFrame({"id": test_ids, "landmarks": test_landmarks, "Usage": usage}).to_csv(
-        root / "recognition_solution_v2.1.csv", index=False)
-    pd.DataFrame(retrieval, columns=["id", "images", "Usage"]).to_csv(root / "retrieval_solution_v2.1.csv",
-                                                                     index=False)
+        root / "recognition_solution_v2.1.csv", index=False
+    )
+    pd.DataFrame(retrieval, columns=["id", "images", "Usage"]).to_csv(root / "retrieval_solution_v2.1.csv", index=False)
     for split, ids in (("train", [r[0] for r in train_rows]), ("test", test_ids), ("index", index_ids)):
         for image_id in ids:
             write_image(root, split, image_id)
@@ -66,11 +72,13 @@ def subset(fake_gldv2, tmp_path_factory) -> Path:
 
 
 def test_layout_headers_and_links(subset, fake_gldv2):
-    for name, header in (("landmark-recognition/train.csv", "id,landmark_id"),
-                         ("landmark-recognition/sample_submission.csv", "id,landmarks"),
-                         ("landmark-retrieval/sample_submission.csv", "id,images"),
-                         ("solutions/recognition_solution.csv", "id,landmarks,Usage"),
-                         ("solutions/retrieval_solution.csv", "id,images,Usage")):
+    for name, header in (
+        ("landmark-recognition/train.csv", "id,landmark_id"),
+        ("landmark-recognition/sample_submission.csv", "id,landmarks"),
+        ("landmark-retrieval/sample_submission.csv", "id,images"),
+        ("solutions/recognition_solution.csv", "id,landmarks,Usage"),
+        ("solutions/retrieval_solution.csv", "id,images,Usage"),
+    ):
         assert (subset / name).read_text().splitlines()[0] == header, name
     images = list(subset.rglob("*.jpg"))
     assert images and all(p.is_symlink() and p.resolve().is_relative_to(fake_gldv2.resolve()) for p in images)
@@ -106,8 +114,11 @@ def test_retrieval_subset_holds_every_relevant_image(subset, fake_gldv2):
 
 def test_same_seed_same_subset(subset, fake_gldv2, tmp_path):
     again = build_gldv2_subset(fake_gldv2, tmp_path / "again", n_test=20, n_index=30, seed=0)
-    for name in ("landmark-recognition/train.csv", "solutions/recognition_solution.csv",
-                 "solutions/retrieval_solution.csv"):
+    for name in (
+        "landmark-recognition/train.csv",
+        "solutions/recognition_solution.csv",
+        "solutions/retrieval_solution.csv",
+    ):
         assert (again / name).read_text() == (subset / name).read_text()
 
 
@@ -137,8 +148,19 @@ def test_nonlandmark_dir_becomes_the_distractor_set(fake_gldv2, tmp_path, capsys
     test_id = read(fake_gldv2 / "recognition_solution_v2.1.csv").id.iloc[0]
     write_image(source, "old-test", test_id)  # may be in the subset's test: left out if so
     out = tmp_path / "out"
-    args = ["gldv2", "--gldv2", str(fake_gldv2), "--out", str(out), "--test", "60", "--index", "30",
-            "--nonlandmark-dir", str(source)]
+    args = [
+        "gldv2",
+        "--gldv2",
+        str(fake_gldv2),
+        "--out",
+        str(out),
+        "--test",
+        "60",
+        "--index",
+        "30",
+        "--nonlandmark-dir",
+        str(source),
+    ]
     assert run_main(build_main, args) == 0
     folder = nonlandmark_folder(out)
     linked = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
@@ -152,33 +174,49 @@ def test_nonlandmark_dir_becomes_the_distractor_set(fake_gldv2, tmp_path, capsys
     assert "--overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change, named", [
-    (["--test", "0"], "--test must be at least 1"),
-    (["--index", "1"], "--index must be at least 2"),
-    (["--seed", "-1"], "--seed must be at least 0"),
-    (["--gldv2", "{file}"], "--gldv2 {file}: not a folder"),
-    (["--nonlandmark-dir", "{missing}"], "--nonlandmark-dir {missing}: no such folder"),
-    (["--nonlandmark-dir", "{empty}"], "--nonlandmark-dir {empty}: no image"),
-    (["--out", "{file}/sub"], "{file} is a file, not a folder"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["--test", "0"], "--test must be at least 1"),
+        (["--index", "1"], "--index must be at least 2"),
+        (["--seed", "-1"], "--seed must be at least 0"),
+        (["--gldv2", "{file}"], "--gldv2 {file}: not a folder"),
+        (["--nonlandmark-dir", "{missing}"], "--nonlandmark-dir {missing}: no such folder"),
+        (["--nonlandmark-dir", "{empty}"], "--nonlandmark-dir {empty}: no image"),
+        (["--out", "{file}/sub"], "{file} is a file, not a folder"),
+    ],
+)
 def test_bad_flags_are_one_error_line(fake_gldv2, tmp_path, capsys, change, named):
     paths = {"file": tmp_path / "file", "missing": tmp_path / "missing", "empty": tmp_path / "empty"}
     paths["file"].write_text("x")
     paths["empty"].mkdir()
-    args = ["gldv2", "--gldv2", str(fake_gldv2), "--out", str(tmp_path / "out"), "--test", "5", "--index", "10",
-            *(c.format(**paths) for c in change)]
+    args = [
+        "gldv2",
+        "--gldv2",
+        str(fake_gldv2),
+        "--out",
+        str(tmp_path / "out"),
+        "--test",
+        "5",
+        "--index",
+        "10",
+        *(c.format(**paths) for c in change),
+    ]
     assert run_main(build_main, args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and named.format(**paths) in err, err
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name, line, bad", [
-    ("train.csv", 3, "landmark_id 'x7' is not a landmark id"),
-    ("train_clean.csv", 2, "images 'abc' is not space-separated ids"),
-    ("recognition_solution_v2.1.csv", 4, "Usage 'Secret' is not Public, Private or Ignored"),
-    ("retrieval_solution_v2.1.csv", 2, "id 'short' is not an id of 16 hex digits"),
-])
+@pytest.mark.parametrize(
+    "name, line, bad",
+    [
+        ("train.csv", 3, "landmark_id 'x7' is not a landmark id"),
+        ("train_clean.csv", 2, "images 'abc' is not space-separated ids"),
+        ("recognition_solution_v2.1.csv", 4, "Usage 'Secret' is not Public, Private or Ignored"),
+        ("retrieval_solution_v2.1.csv", 2, "id 'short' is not an id of 16 hex digits"),
+    ],
+)
 def test_a_malformed_field_names_file_line_and_id(fake_gldv2, tmp_path, name, line, bad):
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -1,4 +1,5 @@
 """The synthetic competition: Kaggle layout, consistent solutions, determinism, safe output handling."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,18 +31,28 @@ def read(path: Path) -> pd.DataFrame:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_layout_and_csv_headers(tiny_competition):
     for name, header in HEADERS.items():
         assert (tiny_competition / name).read_text().splitlines()[0] == header, name
-    for folder in ("landmark-recognition/train", "landmark-recognition/test", "landmark-retrieval/index",
-                   "landmark-retrieval/test"):
+    for folder in (
+        "landmark-recognition/train",
+        "landmark-recognition/test",
+        "landmark-retrieval/index",
+        "landmark-retrieval/test",
+    ):
         files = list((tiny_competition / folder).rglob("*"))
-        assert all(re.fullmatch(r"[0-9a-f]{3}", "".join(p.relative_to(tiny_competition / folder).parts[:3]))
-                   for p in files if p.is_file())
+        assert all(
+            re.fullmatch(r"[0-9a-f]{3}", "".join(p.relative_to(tiny_competition / folder).parts[:3]))
+            for p in files
+            if p.is_file()
+        )
 
 
 def test_every_listed_id_is_a_decodable_image(tiny_competition):
@@ -105,17 +116,24 @@ def test_retrieval_solution_lists_every_index_image_of_the_query_landmark(tiny_c
 
 
 def test_test_views_are_never_train_views(tiny_competition):
-    train = {hashlib.sha256(p.read_bytes()).digest()
-             for p in (tiny_competition / "landmark-recognition/train").rglob("*.jpg")}
-    others = [p for split in ("landmark-recognition/test", "landmark-retrieval/index", "landmark-retrieval/test",
-                              "nonlandmark") for p in (tiny_competition / split).rglob("*.jpg")]
+    train = {
+        hashlib.sha256(p.read_bytes()).digest()
+        for p in (tiny_competition / "landmark-recognition/train").rglob("*.jpg")
+    }
+    others = [
+        p
+        for split in ("landmark-recognition/test", "landmark-retrieval/index", "landmark-retrieval/test", "nonlandmark")
+        for p in (tiny_competition / split).rglob("*.jpg")
+    ]
     assert not any(hashlib.sha256(p.read_bytes()).digest() in train for p in others)
 
 
 def test_distractor_set_shows_no_competition_landmark_and_no_test_image(tiny_competition):
     folder = nonlandmark_folder(tiny_competition)
-    assert folder.parent == tiny_competition and folder not in (task_folder(tiny_competition, "recognition"),
-                                                               task_folder(tiny_competition, "retrieval"))
+    assert folder.parent == tiny_competition and folder not in (
+        task_folder(tiny_competition, "recognition"),
+        task_folder(tiny_competition, "retrieval"),
+    )
     rows = plan_competition(SIZES["tiny"], seed=0, nonlandmark_share=0.7)
     distractors = plan_nonlandmark(SIZES["tiny"], 0, rows)
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{r.image_id}.jpg" for r in distractors)
@@ -125,9 +143,11 @@ def test_distractor_set_shows_no_competition_landmark_and_no_test_image(tiny_com
     assert len(views) == len(distractors) // 2 and len({lm.family_seed for lm in views}) > 1
     assert not any(lm.in_train or lm.family_seed in families for lm in views)  # never trained, never tested
     assert not {r.image_id for r in distractors} & {r.image_id for r in rows}
-    test_bytes = {hashlib.sha256(p.read_bytes()).digest()
-                  for split in ("landmark-recognition/test", "landmark-retrieval/test")
-                  for p in (tiny_competition / split).rglob("*.jpg")}
+    test_bytes = {
+        hashlib.sha256(p.read_bytes()).digest()
+        for split in ("landmark-recognition/test", "landmark-retrieval/test")
+        for p in (tiny_competition / split).rglob("*.jpg")
+    }
     assert not any(hashlib.sha256(p.read_bytes()).digest() in test_bytes for p in folder.iterdir())
 
 
@@ -179,15 +199,18 @@ def test_command_prints_summary_and_rejects_bad_input(tiny_competition, tmp_path
     assert "pass --overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--seed", "-5"], "--seed"),
-    (["--nonlandmark-share", "1.5"], "--nonlandmark-share"),
-    (["--nonlandmark-share", "nan"], "--nonlandmark-share"),
-    (["--out", "{file}/sub"], "is a file, not a folder"),
-    (["--out", "{file}"], "exists and is not a folder"),
-    (["--out", "/proc/kit-test-out"], "cannot write in /proc"),
-    (["--out", "{mine}", "--overwrite"], "not written by this kit"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--seed", "-5"], "--seed"),
+        (["--nonlandmark-share", "1.5"], "--nonlandmark-share"),
+        (["--nonlandmark-share", "nan"], "--nonlandmark-share"),
+        (["--out", "{file}/sub"], "is a file, not a folder"),
+        (["--out", "{file}"], "exists and is not a folder"),
+        (["--out", "/proc/kit-test-out"], "cannot write in /proc"),
+        (["--out", "{mine}", "--overwrite"], "not written by this kit"),
+    ],
+)
 def test_bad_flags_are_one_error_line_and_touch_nothing(tmp_path, capsys, flags, named):
     (tmp_path / "file").write_text("x")
     (tmp_path / "mine").mkdir()

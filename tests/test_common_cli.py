@@ -1,4 +1,5 @@
 """The shared output helpers: folders and files appear whole or not at all, and only the kit's own are replaced."""
+
 from __future__ import annotations
 
 import os
@@ -80,9 +81,11 @@ def test_an_output_under_a_file_or_in_proc_is_one_user_error(tmp_path, out):
 
 def start_writer(out: Path) -> tuple[subprocess.Popen, Path]:
     """A process that is writing `out` (its partial folder exists) and waits to be killed."""
-    code = ("import sys, time\nfrom common.cli import atomic_output_dir\n"
-            "with atomic_output_dir(sys.argv[1]) as tmp:\n"
-            "    (tmp / 'half.txt').write_text('half')\n    print(tmp, flush=True)\n    time.sleep(600)\n")
+    code = (
+        "import sys, time\nfrom common.cli import atomic_output_dir\n"
+        "with atomic_output_dir(sys.argv[1]) as tmp:\n"
+        "    (tmp / 'half.txt').write_text('half')\n    print(tmp, flush=True)\n    time.sleep(600)\n"
+    )
     writer = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     partial = Path(writer.stdout.readline().strip())
     assert partial.is_dir() and partial.parent == out.parent and partial.name.endswith(".partial")

@@ -3,6 +3,7 @@ summarize; then reuse. And the house order: local_eval stands below training, th
 
 The pipeline runs in this process (`python -m demo` itself runs below, on a bad flag) with lighter script flags:
 what it checks is the demo's plumbing; the script's default flags are replayed in test_replay."""
+
 from __future__ import annotations
 
 import ast
@@ -28,8 +29,18 @@ from tests.conftest import WHITEN_IMAGES
 ROOT = Path(__file__).resolve().parents[1]
 # Two scales, 200 features, global buckets of 512 px at most (the tradeoff's ladder: as given, 1 global scale);
 # recognition reranks 5 (the script's default: 20), retrieval 10 (the demo's: 30).
-LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200",
-         "--global-max-side", "512"]
+LIGHT = [
+    "--scales",
+    "0.5",
+    "1.0",
+    "--global-scale-indices",
+    "0",
+    "1",
+    "--max-features",
+    "200",
+    "--global-max-side",
+    "512",
+]
 
 
 @pytest.fixture
@@ -103,17 +114,34 @@ def test_a_later_checkpoint_redoes_the_export_and_every_step_after_it(tmp_path, 
 
     clock, done = FileClock(), []
     report = json.dumps({"status": "ok"})
-    monkeypatch.setattr(export.delg, "export_delg", lambda run, model, **_: (
-        done.append("export"), clock.stamp(model / "saved_model.pb", "")))
-    monkeypatch.setattr(demo, "replay", lambda competition, task, model, folder, *_: (
-        done.append(task), clock.stamp(folder / "report.json", report), json.loads(report))[-1])
-    monkeypatch.setattr(local_eval.show, "main_show", lambda argv: (
-        done.append("show"), clock.stamp(Path(argv[argv.index("--out") + 1]) / "index.html", "")))
+    monkeypatch.setattr(
+        export.delg,
+        "export_delg",
+        lambda run, model, **_: (done.append("export"), clock.stamp(model / "saved_model.pb", "")),
+    )
+    monkeypatch.setattr(
+        demo,
+        "replay",
+        lambda competition, task, model, folder, *_: (
+            done.append(task),
+            clock.stamp(folder / "report.json", report),
+            json.loads(report),
+        )[-1],
+    )
+    monkeypatch.setattr(
+        local_eval.show,
+        "main_show",
+        lambda argv: (done.append("show"), clock.stamp(Path(argv[argv.index("--out") + 1]) / "index.html", "")),
+    )
     monkeypatch.setattr(local_eval.tradeoff, "tradeoff", lambda *_, **__: done.append("tradeoff"))
-    monkeypatch.setattr(local_eval.tradeoff, "write_outputs", lambda table, task, profile, note, folder: (
-        clock.stamp(folder / "tradeoff.txt", "table"), "table")[-1])
-    checkpoints = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), str(tmp_path / "run" /
-                                             CHECKPOINT_DIR), max_to_keep=None)
+    monkeypatch.setattr(
+        local_eval.tradeoff,
+        "write_outputs",
+        lambda table, task, profile, note, folder: (clock.stamp(folder / "tradeoff.txt", "table"), "table")[-1],
+    )
+    checkpoints = tf.train.CheckpointManager(
+        tf.train.Checkpoint(v=tf.Variable(1.0)), str(tmp_path / "run" / CHECKPOINT_DIR), max_to_keep=None
+    )
 
     def steps_after_training() -> list[str]:
         done.clear()
@@ -138,23 +166,31 @@ def follow_the_summary(summary: str, out: Path) -> None:
     """The files the summary says to open exist, and the commands it says come next run and write what the next
     one reads (the probe's timing.json)."""
     opened = summary.split("\nopen:\n")[1].split("\nnext:")[0].splitlines()
-    assert [line.split()[0] for line in opened] == [str(out / "show-recognition" / "index.html"),
-                                                    str(out / "tradeoff" / "tradeoff.png")]
+    assert [line.split()[0] for line in opened] == [
+        str(out / "show-recognition" / "index.html"),
+        str(out / "tradeoff" / "tradeoff.png"),
+    ]
     assert "<img" in (out / "show-recognition" / "index.html").read_text()
     with Image.open(out / "tradeoff" / "tradeoff.png") as picture:
         assert picture.width > 400
     commands = [line.split() for line in summary.split("\nnext:")[1].splitlines()[1:3]]
     for command in commands:
         assert command[0] == "python"
-        result = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True,
-                                timeout=HANG_GUARD_S)
+        result = subprocess.run(
+            [sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "probe" / "timing.json").is_file() and "verdict (speedup x20)" in result.stdout
 
 
 def test_bad_demo_flag_is_one_error_line(tmp_path):
-    bad = subprocess.run([sys.executable, "-m", "demo", "--out", str(tmp_path / "demo"), "--train-steps", "0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    bad = subprocess.run(
+        [sys.executable, "-m", "demo", "--out", str(tmp_path / "demo"), "--train-steps", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert bad.returncode == 2 and bad.stderr == "error: --train-steps must be at least 1, got 0\n"
     assert not (tmp_path / "demo").exists()
 

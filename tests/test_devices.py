@@ -1,6 +1,7 @@
 """The device code paths on a CPU: TensorFlow's kNN against numpy's, the batched float16 and XLA functions through the
 script, the GPU branches ($KIT_GPU_PATHS=1), and several devices (logical CPU devices) giving one device's
 predictions."""
+
 from __future__ import annotations
 
 import json
@@ -19,16 +20,33 @@ sub = load_submission()
 search = sibling("search")
 savedmodel = sibling("savedmodel")
 devices = sibling("devices")
-LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0",
-         "--rerank", "3", "--warmup-queries", "4", "--rerank-batch", "8"]
+LIGHT = [
+    "--scales",
+    "0.5",
+    "1.0",
+    "--global-scale-indices",
+    "0",
+    "1",
+    "--max-features",
+    "200",
+    "--workers",
+    "0",
+    "--rerank",
+    "3",
+    "--warmup-queries",
+    "4",
+    "--rerank-batch",
+    "8",
+]
 
 
 def unit_rows(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
     return search.l2_normalize(rng.normal(size=(count, dim)).astype(np.float32))
 
 
-@pytest.mark.parametrize("nq, n_db, k, q_block, db_block", [(37, 500, 10, 16, 128), (5, 90, 100, 2, 64),
-                                                           (64, 1000, 1, 64, 1000)])
+@pytest.mark.parametrize(
+    "nq, n_db, k, q_block, db_block", [(37, 500, 10, 16, 128), (5, 90, 100, 2, 64), (64, 1000, 1, 64, 1000)]
+)
 def test_knn_tensorflow_finds_the_neighbours_knn_numpy_finds(nq, n_db, k, q_block, db_block):
     rng = np.random.default_rng(nq + n_db)
     queries, database = unit_rows(rng, nq, 24), unit_rows(rng, n_db, 24)
@@ -50,8 +68,11 @@ def test_knn_takes_tensorflow_with_kit_gpu_paths(monkeypatch):
     rng = np.random.default_rng(3)
     queries, database = unit_rows(rng, 20, 16), unit_rows(rng, 300, 16)
     calls = []
-    monkeypatch.setattr(search, "knn_tensorflow", lambda *a, **kw: calls.append(kw) or search.knn_numpy(
-        *a, q_block=kw["q_block"], db_chunk=kw["db_block"]))
+    monkeypatch.setattr(
+        search,
+        "knn_tensorflow",
+        lambda *a, **kw: calls.append(kw) or search.knn_numpy(*a, q_block=kw["q_block"], db_chunk=kw["db_block"]),
+    )
     monkeypatch.delenv(search.GPU_PATHS_ENV, raising=False)
     plain = search.knn(queries, database, 7)
     assert not calls and not search.gpu_present()
@@ -64,8 +85,20 @@ def test_knn_takes_tensorflow_with_kit_gpu_paths(monkeypatch):
 
 def run_script(data, model, work, *extra: str) -> tuple[pd.DataFrame, dict]:
     out = work.parent / f"{work.name}.csv"
-    argv = ["--task", "recognition", "--data", str(data), "--model", str(model), "--out", str(out), "--work", str(work),
-            *LIGHT, *extra]
+    argv = [
+        "--task",
+        "recognition",
+        "--data",
+        str(data),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        *LIGHT,
+        *extra,
+    ]
     assert sub.main(argv) == 0
     return pd.read_csv(out, dtype=str, keep_default_na=False), json.loads((work / "timing.json").read_text())
 
@@ -87,16 +120,18 @@ def spy_global_batch(monkeypatch) -> list[tuple[str, bool, bool]]:
     return calls
 
 
-def test_float16_and_xla_batched_functions_run_through_the_script(tiny_competition, tiny_float16_model, tmp_path,
-                                                                  monkeypatch):
+def test_float16_and_xla_batched_functions_run_through_the_script(
+    tiny_competition, tiny_float16_model, tmp_path, monkeypatch
+):
     data = tiny_competition / "landmark-recognition"
     fixed = ["--plan", "fixed", "--rerank", "0"]
     calls = spy_global_batch(monkeypatch)
     _, timing32 = run_script(data, tiny_float16_model, tmp_path / "f32", *fixed, "--global-xla", "off")
     assert ("float32", False, True) in calls
     calls.clear()
-    frame, timing16 = run_script(data, tiny_float16_model, tmp_path / "f16xla", *fixed, "--global-precision",
-                                 "float16", "--global-xla", "on")
+    frame, timing16 = run_script(
+        data, tiny_float16_model, tmp_path / "f16xla", *fixed, "--global-precision", "float16", "--global-xla", "on"
+    )
     batches = [call for call in calls if call[0] == "float16"]  # the others: the model's load-time check (float32)
     assert batches and set(batches) == {("float16", True, True)}, "every batch through the XLA float16 function"
     assert timing16["stages"]["global_db"]["items"] == timing32["stages"]["global_db"]["items"] > 0
@@ -122,8 +157,28 @@ def test_the_gpu_branches_run_on_a_cpu_with_kit_gpu_paths(tiny_competition, tiny
     np.testing.assert_allclose(split(gpu)[1].astype(float), split(plain)[1].astype(float), atol=1e-4)
     # the plan's GPU branch: XLA timed beside the plain function (auto), as on a GPU
     work = tmp_path / "probe"
-    assert sub.main(["--task", "recognition", "--data", str(data), "--model", str(tiny_model), "--work", str(work),
-                     "--out", str(tmp_path / "probe.csv"), "--probe", "8", "--global-batch", "4", *LIGHT]) == 0
+    assert (
+        sub.main(
+            [
+                "--task",
+                "recognition",
+                "--data",
+                str(data),
+                "--model",
+                str(tiny_model),
+                "--work",
+                str(work),
+                "--out",
+                str(tmp_path / "probe.csv"),
+                "--probe",
+                "8",
+                "--global-batch",
+                "4",
+                *LIGHT,
+            ]
+        )
+        == 0
+    )
     xla = json.loads((work / "timing.json").read_text())["plan"]["rungs"][-1]["xla"]
     assert xla["seconds_per_image"] > 0 and isinstance(xla["used"], bool)
 
@@ -136,17 +191,39 @@ def test_two_devices_give_one_devices_predictions_and_share_the_work(tiny_compet
     assert len(timing_one["devices"]) == 1 and timing_two["plan"]["devices"] == len(timing_two["devices"]) == 2
     stages = timing_two["stages"]
     done = {name: sum(items[name] for items in timing_two["devices"].values()) for name in devices.PASSES}
-    assert done == {"global": stages["global_db"]["items"] + stages["global_query"]["items"],
-                    "local": stages["local_features"]["items"]} and done["local"] > 0
+    assert (
+        done
+        == {
+            "global": stages["global_db"]["items"] + stages["global_query"]["items"],
+            "local": stages["local_features"]["items"],
+        }
+        and done["local"] > 0
+    )
     assert all(min(items.values()) > 0 for items in timing_two["devices"].values()), "each device did some of both"
 
 
 def test_kit_logical_devices_splits_the_cpu_in_a_fresh_process(tiny_competition, tiny_model, tmp_path):
     work = tmp_path / "work"
     data = tiny_competition / "landmark-retrieval"
-    command = [sys.executable, str(SCRIPT), "--task", "retrieval", "--data", str(data),
-               "--model", str(tiny_model), "--out", str(tmp_path / "submission.csv"), "--work", str(work), *LIGHT,
-               "--plan", "fixed", "--rerank", "0"]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--task",
+        "retrieval",
+        "--data",
+        str(data),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(tmp_path / "submission.csv"),
+        "--work",
+        str(work),
+        *LIGHT,
+        "--plan",
+        "fixed",
+        "--rerank",
+        "0",
+    ]
     env = {**os.environ, devices.LOGICAL_DEVICES_ENV: "3"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -157,7 +234,19 @@ def test_kit_logical_devices_splits_the_cpu_in_a_fresh_process(tiny_competition,
 
 @pytest.mark.parametrize("flag, says", [("5", "--devices 5: only 2 visible"), ("two", "--devices 'two': expected")])
 def test_a_bad_devices_flag_is_one_error_line(tiny_competition, tiny_model, tmp_path, capsys, flag, says):
-    argv = ["--task", "recognition", "--data", str(tiny_competition / "landmark-recognition"), "--model",
-            str(tiny_model), "--out", str(tmp_path / "s.csv"), "--work", str(tmp_path / "work"), "--devices", flag]
+    argv = [
+        "--task",
+        "recognition",
+        "--data",
+        str(tiny_competition / "landmark-recognition"),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(tmp_path / "s.csv"),
+        "--work",
+        str(tmp_path / "work"),
+        "--devices",
+        flag,
+    ]
     assert sub.main(argv) == 2
     assert capsys.readouterr().err.startswith(f"error: {says}")

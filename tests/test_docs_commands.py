@@ -1,6 +1,7 @@
 """Every command in README.md's and docs/*.md's code blocks runs as written: each `python -m MODULE [COMMAND ...]`
 (and `python submission/main.py`) exists and its parser knows every --flag the docs give it, each `make TARGET` is
 a Makefile target, and no link leaves the repository. Only --help runs: no training, nothing built."""
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 class Command(NamedTuple):
     """One documented invocation: what runs (a module or a script), its subcommands, the flags it is given and
     the flags after a lone `--`, which the kit passes on to submission/main.py."""
+
     doc: str
     program: tuple[str, ...]
     flags: tuple[str, ...]
@@ -81,16 +83,16 @@ def parse_command(doc: str, tokens: list[str]) -> Command | None:
     if start is None or start + 1 >= len(tokens):
         return None
     if tokens[start + 1] == "-m":
-        program, rest = [tokens[start + 2]], tokens[start + 3:]
+        program, rest = [tokens[start + 2]], tokens[start + 3 :]
         while rest and SUBCOMMAND.fullmatch(rest[0]):
             program.append(rest.pop(0))
     else:
         script = tokens[start + 1]
         program = [SUBMISSION_SCRIPT if Path(script).name in SCRIPTS_RUNNING_MAIN else script]
-        rest = tokens[start + 2:]
+        rest = tokens[start + 2 :]
     bare = [token.strip("[]") for token in rest]
     split = bare.index("--") if "--" in bare else len(rest)
-    return Command(doc, tuple(program), long_flags(rest[:split]), long_flags(rest[split + 1:]))
+    return Command(doc, tuple(program), long_flags(rest[:split]), long_flags(rest[split + 1 :]))
 
 
 def make_targets(tokens: list[str]) -> list[str]:
@@ -109,8 +111,13 @@ def documented_commands() -> list[Command]:
 
 
 def documented_make_targets() -> set[str]:
-    return {target for path in DOC_FILES for block in code_blocks(path.read_text())
-            for tokens in shell_lines(block) for target in make_targets(tokens)}
+    return {
+        target
+        for path in DOC_FILES
+        for block in code_blocks(path.read_text())
+        for tokens in shell_lines(block)
+        for target in make_targets(tokens)
+    }
 
 
 COMMANDS = documented_commands()
@@ -144,10 +151,18 @@ def help_texts() -> dict[tuple[str, ...], str]:
     """--help of every documented program (and of submission/main.py, which takes what follows `--`), each run once;
     an AssertionError naming every program whose --help does not exit 0. The script runs last: it puts its own
     folder first on sys.path, as it does on Kaggle."""
-    programs = sorted({command.program for command in COMMANDS} | {(SUBMISSION_SCRIPT,)},
-                      key=lambda program: (program[0].endswith(".py"), program))
-    result = subprocess.run([sys.executable, "-c", HELP_RUNNER, json.dumps(programs)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=HANG_GUARD_S, stdin=subprocess.DEVNULL)
+    programs = sorted(
+        {command.program for command in COMMANDS} | {(SUBMISSION_SCRIPT,)},
+        key=lambda program: (program[0].endswith(".py"), program),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_RUNNER, json.dumps(programs)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.splitlines()[-1])
     failed = {name: err[-1000:] for name, (status, _, err) in results.items() if status != 0}
@@ -160,16 +175,22 @@ def unknown_flags(flags: tuple[str, ...], text: str) -> list[str]:
 
 
 def test_the_extraction_reads_continuations_comments_loops_and_script_flags():
-    block = ("for s in 1 2; do\n"
-             "  python -m local_eval replay --competition c$s --task recognition \\\n"
-             "      --model m [--limit-h 2 | --overwrite] [-- --rerank 0 --settings=t.json]  # a comment --not-a-flag\n"
-             "done\n"
-             "TF_CONFIG='{\"a\": [1]}' .venv/bin/python submission/main.py --probe 30; make demo test\n")
+    block = (
+        "for s in 1 2; do\n"
+        "  python -m local_eval replay --competition c$s --task recognition \\\n"
+        "      --model m [--limit-h 2 | --overwrite] [-- --rerank 0 --settings=t.json]  # a comment --not-a-flag\n"
+        "done\n"
+        "TF_CONFIG='{\"a\": [1]}' .venv/bin/python submission/main.py --probe 30; make demo test\n"
+    )
     commands = [parse_command("x.md", tokens) for tokens in shell_lines(block)]
     commands = [command for command in commands if command is not None]
     assert commands == [
-        Command("x.md", ("local_eval", "replay"), ("--competition", "--task", "--model", "--limit-h", "--overwrite"),
-                ("--rerank", "--settings")),
+        Command(
+            "x.md",
+            ("local_eval", "replay"),
+            ("--competition", "--task", "--model", "--limit-h", "--overwrite"),
+            ("--rerank", "--settings"),
+        ),
         Command("x.md", (SUBMISSION_SCRIPT,), ("--probe",), ()),
     ]
     assert [target for tokens in shell_lines(block) for target in make_targets(tokens)] == ["demo", "test"]
@@ -179,8 +200,14 @@ def test_the_extraction_reads_continuations_comments_loops_and_script_flags():
 
 def test_the_docs_hold_the_loop_commands():
     programs = {command.program for command in COMMANDS}
-    for program in [("local_eval", "build", "synthetic"), ("train",), ("export", "delg"), (SUBMISSION_SCRIPT,),
-                    ("local_eval", "replay"), ("local_eval", "tune")]:
+    for program in [
+        ("local_eval", "build", "synthetic"),
+        ("train",),
+        ("export", "delg"),
+        (SUBMISSION_SCRIPT,),
+        ("local_eval", "replay"),
+        ("local_eval", "tune"),
+    ]:
         assert program in programs, f"no documented command runs {' '.join(program)}"
     assert {"demo", "test", "lint", "bench"} <= documented_make_targets()
 
@@ -195,8 +222,11 @@ def test_a_documented_command_parses(command: Command, help_texts):
 
 def test_documented_make_targets_exist():
     makefile = (ROOT / "Makefile").read_text()
-    missing = [target for target in sorted(documented_make_targets())
-               if not re.search(rf"^{re.escape(target)}:", makefile, re.MULTILINE)]
+    missing = [
+        target
+        for target in sorted(documented_make_targets())
+        if not re.search(rf"^{re.escape(target)}:", makefile, re.MULTILINE)
+    ]
     assert not missing, f"make targets the docs name but the Makefile lacks: {missing}"
 
 

@@ -1,14 +1,19 @@
 """The line chart of depth.png and tradeoff.png: a legend that fits, series told apart, nothing overlapping, the
 chosen point ringed."""
+
 from __future__ import annotations
 
 import numpy as np
 
 from local_eval.draw import BACKGROUND, LEGEND_ROW, SERIES_DASHES, line_chart, series_style
 
-SERIES = {f"match_max_distance={0.9 + k / 10:.1f}, mutual={k % 2 == 0}, ransac_threshold={0.01 * (k + 1):.2f}, "
-          f"ransac_iterations=1000, ransac_confidence=1.0, min_matches={4 + k}, a long tail of words to cut short": [
-              (depth, 0.5 + 0.01 * depth + 0.001 * k) for depth in (0, 1, 3, 5, 10, 20)] for k in range(5)}
+SERIES = {
+    f"match_max_distance={0.9 + k / 10:.1f}, mutual={k % 2 == 0}, ransac_threshold={0.01 * (k + 1):.2f}, "
+    f"ransac_iterations=1000, ransac_confidence=1.0, min_matches={4 + k}, a long tail of words to cut short": [
+        (depth, 0.5 + 0.01 * depth + 0.001 * k) for depth in (0, 1, 3, 5, 10, 20)
+    ]
+    for k in range(5)
+}
 
 
 def ink_rows(picture, top: int, bottom: int, right: int = 400) -> np.ndarray:
@@ -29,11 +34,11 @@ def test_the_whole_legend_fits_with_every_series_in_its_colour():
     pixels = np.asarray(picture)
     assert picture.height > 420 + 5 * LEGEND_ROW - 1  # the canvas grows with the legend
     assert not ink_rows(picture, picture.height - 4, picture.height, picture.width).any()  # nothing cut at the bottom
-    legend = pixels[-(5 * LEGEND_ROW + 8):]
+    legend = pixels[-(5 * LEGEND_ROW + 8) :]
     for k in range(5):
-        row = legend[LEGEND_ROW * k: LEGEND_ROW * (k + 1)]
+        row = legend[LEGEND_ROW * k : LEGEND_ROW * (k + 1)]
         assert (row == series_style(k)[0]).all(axis=-1).any(), f"legend row {k} lacks its colour"
-    assert (pixels[-(5 * LEGEND_ROW):, -19:] == BACKGROUND).all()  # long names cut short, inside the margin
+    assert (pixels[-(5 * LEGEND_ROW) :, -19:] == BACKGROUND).all()  # long names cut short, inside the margin
 
 
 def test_the_title_and_the_y_label_do_not_touch():

@@ -1,5 +1,6 @@
 """`python -m export`'s flags: one error line for each bad one, --overwrite only over the kit's own outputs, and
 what a killed export leaves is cleared by the next one."""
+
 from __future__ import annotations
 
 import os
@@ -18,34 +19,58 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ["--kaggle-user", "someone"]
 
 
-@pytest.mark.parametrize("main, flags, named", [
-    (main_delg, ["--run", "{file}", "--out", "{tmp}/m"], "--run {file}: not a folder"),
-    (main_delg, ["--run", "{tmp}/none", "--out", "{tmp}/m"], "--run {tmp}/none: no such folder"),
-    (main_delg, ["--run", "{run}", "--out", "{file}/model"], "{file} is a file, not a folder"),
-    (main_delg, ["--run", "{run}", "--out", "/proc/kit-test-model"], "cannot write in /proc"),
-    (main_delg, ["--run", "{run}", "--out", "{mine}", "--overwrite"], "{mine} already exists and was not written"),
-    (main_delg, ["--run", "{run}", "--out", "{kits}"], "{kits} already exists; pass --overwrite"),
-    (main_retrieval, ["--run", "{run}", "--out", "{tmp}/m.zip", "--dim", "0"], "--dim must be at least 1"),
-    (main_retrieval, ["--run", "{run}", "--out", "{tmp}/m.zip", "--max-mb", "-1"], "--max-mb must be a finite"),
-    (main_retrieval, ["--run", "{run}", "--out", "{file}", "--overwrite"], "--out {file} exists and is no SavedModel"),
-    (main_retrieval, ["--run", "{run}", "--out", "{file}"], "pass --overwrite"),
-    (main_retrieval, ["--run", "{run}", "--out", "{mine}"], "--out {mine}: a folder"),
-    (main_bundle, ["--run", "{run}", "--out", "{tmp}/b", *BUNDLE, "--time-budget-h", "nan"], "--time-budget-h"),
-    (main_bundle, ["--run", "{run}", "--out", "{tmp}/b", "--kaggle-user", 'me"; rm'], "--kaggle-user"),
-    (main_bundle, ["--run", "{run}", "--out", "{tmp}/b", *BUNDLE, "--competition", "a/b"], "--competition 'a/b'"),
-    (main_retrieval, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--model-weights", "1"],
-     "--model-weights gives 1 weights for 2 --run"),
-    (main_bundle, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/b", *BUNDLE, "--model-weights", "1", "2", "3"],
-     "--model-weights gives 3 weights for 2 --run"),
-    (main_retrieval, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--model-weights", "1", "0"],
-     "--model-weights must be a finite number above 0"),
-    (main_bundle, ["--run", "{run}", "--run", "{run}", "--out", "{tmp}/b", *BUNDLE], "--run {run} is given twice"),
-    (main_retrieval, ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--dim", "32"],
-     "--dim 32 sets one run's descriptor size"),
-])
+@pytest.mark.parametrize(
+    "main, flags, named",
+    [
+        (main_delg, ["--run", "{file}", "--out", "{tmp}/m"], "--run {file}: not a folder"),
+        (main_delg, ["--run", "{tmp}/none", "--out", "{tmp}/m"], "--run {tmp}/none: no such folder"),
+        (main_delg, ["--run", "{run}", "--out", "{file}/model"], "{file} is a file, not a folder"),
+        (main_delg, ["--run", "{run}", "--out", "/proc/kit-test-model"], "cannot write in /proc"),
+        (main_delg, ["--run", "{run}", "--out", "{mine}", "--overwrite"], "{mine} already exists and was not written"),
+        (main_delg, ["--run", "{run}", "--out", "{kits}"], "{kits} already exists; pass --overwrite"),
+        (main_retrieval, ["--run", "{run}", "--out", "{tmp}/m.zip", "--dim", "0"], "--dim must be at least 1"),
+        (main_retrieval, ["--run", "{run}", "--out", "{tmp}/m.zip", "--max-mb", "-1"], "--max-mb must be a finite"),
+        (
+            main_retrieval,
+            ["--run", "{run}", "--out", "{file}", "--overwrite"],
+            "--out {file} exists and is no SavedModel",
+        ),
+        (main_retrieval, ["--run", "{run}", "--out", "{file}"], "pass --overwrite"),
+        (main_retrieval, ["--run", "{run}", "--out", "{mine}"], "--out {mine}: a folder"),
+        (main_bundle, ["--run", "{run}", "--out", "{tmp}/b", *BUNDLE, "--time-budget-h", "nan"], "--time-budget-h"),
+        (main_bundle, ["--run", "{run}", "--out", "{tmp}/b", "--kaggle-user", 'me"; rm'], "--kaggle-user"),
+        (main_bundle, ["--run", "{run}", "--out", "{tmp}/b", *BUNDLE, "--competition", "a/b"], "--competition 'a/b'"),
+        (
+            main_retrieval,
+            ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--model-weights", "1"],
+            "--model-weights gives 1 weights for 2 --run",
+        ),
+        (
+            main_bundle,
+            ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/b", *BUNDLE, "--model-weights", "1", "2", "3"],
+            "--model-weights gives 3 weights for 2 --run",
+        ),
+        (
+            main_retrieval,
+            ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--model-weights", "1", "0"],
+            "--model-weights must be a finite number above 0",
+        ),
+        (main_bundle, ["--run", "{run}", "--run", "{run}", "--out", "{tmp}/b", *BUNDLE], "--run {run} is given twice"),
+        (
+            main_retrieval,
+            ["--run", "{run}", "--run", "{mine}", "--out", "{tmp}/m.zip", "--dim", "32"],
+            "--dim 32 sets one run's descriptor size",
+        ),
+    ],
+)
 def test_bad_flags_are_one_error_line_and_touch_nothing(tmp_path, capsys, main, flags, named):
-    paths = {"tmp": tmp_path, "file": tmp_path / "file", "run": tmp_path / "run", "mine": tmp_path / "mine",
-             "kits": tmp_path / "kits"}
+    paths = {
+        "tmp": tmp_path,
+        "file": tmp_path / "file",
+        "run": tmp_path / "run",
+        "mine": tmp_path / "mine",
+        "kits": tmp_path / "kits",
+    }
     paths["file"].write_text("x")
     for folder in ("run", "mine", "kits"):
         paths[folder].mkdir()
@@ -64,8 +89,9 @@ def test_a_killed_export_leaves_a_partial_that_the_next_export_removes(tiny_run,
     neither is what this is about."""
     out = tmp_path / "model"
     flags = ["--run", str(tiny_run), "--out", str(out), "--no-whiten", "--no-xla"]
-    export = subprocess.Popen([sys.executable, "-m", "export", "delg", *flags],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    export = subprocess.Popen(
+        [sys.executable, "-m", "export", "delg", *flags], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob(".model.*.partial")) and export.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -1,4 +1,5 @@
 """The DELG SavedModel: contract, equivalence with the training model, keypoint geometry, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -53,10 +54,13 @@ def make_run_dir(run_dir: Path, **overrides) -> DelgModel:
 
 
 def extract(signature, image, scales=(1.0,), max_features=100, threshold=0.0, global_indices=(0,)):
-    outputs = signature(input_image=tf.constant(image, tf.uint8), input_scales=tf.constant(scales, tf.float32),
-                        input_max_feature_num=tf.constant(max_features, tf.int32),
-                        input_abs_thres=tf.constant(threshold, tf.float32),
-                        input_global_scales_ind=tf.constant(global_indices, tf.int32))
+    outputs = signature(
+        input_image=tf.constant(image, tf.uint8),
+        input_scales=tf.constant(scales, tf.float32),
+        input_max_feature_num=tf.constant(max_features, tf.int32),
+        input_abs_thres=tf.constant(threshold, tf.float32),
+        input_global_scales_ind=tf.constant(global_indices, tf.int32),
+    )
     return {name: value.numpy() for name, value in outputs.items()}
 
 
@@ -98,8 +102,9 @@ def test_changed_cells_are_those_whose_box_holds_the_changed_pixel(stride, pixel
     before, after = backbone(image)[0].numpy(), backbone(changed_image)[0].numpy()
     changed = (np.abs(after - before).max(axis=-1) > 1e-5)[0].reshape(-1)
     boxes = cell_boxes(field, before.shape[1], before.shape[2]).numpy()
-    holds = ((boxes[:, 0] <= pixel[0]) & (pixel[0] <= boxes[:, 2]) &
-             (boxes[:, 1] <= pixel[1]) & (pixel[1] <= boxes[:, 3]))
+    holds = (
+        (boxes[:, 0] <= pixel[0]) & (pixel[0] <= boxes[:, 2]) & (boxes[:, 1] <= pixel[1]) & (pixel[1] <= boxes[:, 3])
+    )
     assert changed.any()
     assert not (changed & ~holds).any(), "a cell changed although its box does not hold the pixel"
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
@@ -129,7 +134,7 @@ def test_loads_and_runs_in_a_process_that_imports_only_tensorflow(run_and_model)
         import json, sys
         import numpy as np
         import tensorflow as tf
-        f = tf.saved_model.load({str(root / 'delg')!r}).signatures["serving_default"]
+        f = tf.saved_model.load({str(root / "delg")!r}).signatures["serving_default"]
         image = np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8)
         out = f(input_image=tf.constant(image), input_scales=tf.constant([0.5, 1.0, 1.4142]),
                 input_max_feature_num=tf.constant(40), input_abs_thres=tf.constant(0.5),
@@ -153,8 +158,9 @@ def test_loads_and_runs_in_a_process_that_imports_only_tensorflow(run_and_model)
 
 
 def test_too_small_scale_gives_no_local_features_but_a_global_descriptor(run_and_model):
-    out = extract(run_and_model[2].signatures["serving_default"], random_image(40, 40), scales=(0.25, 1.0),
-                  global_indices=(0, 1))
+    out = extract(
+        run_and_model[2].signatures["serving_default"], random_image(40, 40), scales=(0.25, 1.0), global_indices=(0, 1)
+    )
     assert len(out["scores"]) > 0
     assert (out["scales"] == 1.0).all()
     assert out["global_descriptors"].shape == (2, TINY_DIM)
@@ -188,7 +194,7 @@ def test_strongest_keypoints_land_on_a_bright_patch(tmp_path):
     signature = tf.saved_model.load(str(tmp_path / "delg")).signatures["serving_default"]
     image = np.zeros((160, 128, 3), np.uint8)
     centre = np.array([96, 64])
-    image[centre[0] - 8:centre[0] + 8, centre[1] - 8:centre[1] + 8] = 255
+    image[centre[0] - 8 : centre[0] + 8, centre[1] - 8 : centre[1] + 8] = 255
     scales = (0.5, 1.0)
     out = extract(signature, image, scales=scales, max_features=1000)
     keypoints = (out["boxes"][:, :2] + out["boxes"][:, 2:]) / 2
@@ -230,12 +236,14 @@ def test_existing_output_is_refused_and_left_alone(run_and_model, capsys):
 
 # --- The batched global function (global_batch, global_batch_float16) ---
 
+
 def per_image_descriptors(signature, images: np.ndarray, scales: list[float]) -> np.ndarray:
     """The script's per-image path: serving_default's rows at `scales`, each L2-normalized, summed, L2-normalized."""
     descriptors = []
     for image in images:
-        rows = extract(signature, image, scales=scales, max_features=0,
-                       global_indices=range(len(scales)))["global_descriptors"]
+        rows = extract(signature, image, scales=scales, max_features=0, global_indices=range(len(scales)))[
+            "global_descriptors"
+        ]
         total = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).sum(axis=0)
         descriptors.append(total / np.linalg.norm(total))
     return np.stack(descriptors)
@@ -264,8 +272,10 @@ def landmark_images(competition: Path, count: int, height: int, width: int) -> n
     """One training image of each of `count` landmarks of the competition, resized to one size."""
     folder = competition / "landmark-recognition"
     train = pd.read_csv(folder / "train.csv", dtype={"id": str}).drop_duplicates("landmark_id").head(count)
-    images = [Image.open(image_path(folder, "train", image_id)).convert("RGB").resize((width, height))
-              for image_id in train["id"]]
+    images = [
+        Image.open(image_path(folder, "train", image_id)).convert("RGB").resize((width, height))
+        for image_id in train["id"]
+    ]
     return np.stack([np.asarray(image) for image in images])
 
 
@@ -275,8 +285,11 @@ def saved_functions(saved_model_dir: Path) -> tuple[list[str], list[str]]:
     saved_model.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
     functions = saved_model.meta_graphs[0].graph_def.library.function
     compiled = [f.signature.name for f in functions if f.attr["_XlaMustCompile"].b]
-    half = [f.signature.name for f in functions
-            if any(node.op == "Conv2D" and node.attr["T"].type == tf.float16.as_datatype_enum for node in f.node_def)]
+    half = [
+        f.signature.name
+        for f in functions
+        if any(node.op == "Conv2D" and node.attr["T"].type == tf.float16.as_datatype_enum for node in f.node_def)
+    ]
     return compiled, half
 
 
@@ -303,7 +316,8 @@ def test_batched_signatures_follow_the_contract(run_and_model, float16_export):
             assert {key: (spec.shape.as_list(), spec.dtype) for key, spec in inputs.items()} == expected_inputs
             outputs = loaded.signatures[name].structured_outputs
             assert {key: (spec.shape.as_list(), spec.dtype) for key, spec in outputs.items()} == {
-                GLOBAL_BATCH_OUTPUT: ([None, TINY_DIM], tf.float32)}
+                GLOBAL_BATCH_OUTPUT: ([None, TINY_DIM], tf.float32)
+            }
         info = export_info(out)
         assert sorted(info["functions"]) == sorted(loaded.signatures)
         assert [info["functions"][name]["xla"] for name in names] == [n.endswith(XLA_SUFFIX) for n in names]
@@ -379,8 +393,11 @@ def test_a_function_failing_under_xla_is_left_out(tmp_path, monkeypatch, caplog)
 
     def xla_fails_once(saved_model_dir, names):
         checks.append(saved_functions(saved_model_dir)[0])
-        return {compiled_name: "Detected unsupported operations when trying to compile"} if len(checks) == 1 \
+        return (
+            {compiled_name: "Detected unsupported operations when trying to compile"}
+            if len(checks) == 1
             else real_check(saved_model_dir, names)
+        )
 
     monkeypatch.setattr(delg, "failing_functions", xla_fails_once)
     export_delg(tmp_path / "run", tmp_path / "delg")
@@ -393,14 +410,23 @@ def test_a_function_failing_under_xla_is_left_out(tmp_path, monkeypatch, caplog)
     assert "XLA fails on this machine" in caplog.text
     loaded = tf.saved_model.load(str(tmp_path / "delg"))
     images = image_batch(2, 64, 64)
-    assert cosines(batched_descriptors(loaded.signatures[GLOBAL_BATCH], images, GLOBAL_SCALES),
-                   per_image_descriptors(loaded.signatures["serving_default"], images, GLOBAL_SCALES)).min() >= 0.999
+    assert (
+        cosines(
+            batched_descriptors(loaded.signatures[GLOBAL_BATCH], images, GLOBAL_SCALES),
+            per_image_descriptors(loaded.signatures["serving_default"], images, GLOBAL_SCALES),
+        ).min()
+        >= 0.999
+    )
 
 
 def test_no_xla_flag_compiles_nothing(tmp_path):
     make_run_dir(tmp_path / "run")
-    assert export_main(["delg", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "delg"), "--no-xla",
-                        "--no-whiten"]) == 0
+    assert (
+        export_main(
+            ["delg", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "delg"), "--no-xla", "--no-whiten"]
+        )
+        == 0
+    )
     assert [f["xla"] for f in export_info(tmp_path / "delg")["functions"].values()] == [False, False]
     assert export_info(tmp_path / "delg")["whitening"] == {"applied": False}
     assert list(export_info(tmp_path / "delg")["functions"]) == ["serving_default", GLOBAL_BATCH]
@@ -411,15 +437,30 @@ def test_older_exports_without_global_batch_still_load(tmp_path):
     """Google's TF1 models and earlier exports have no global_batch: the script's cue to use serving_default."""
     tf1 = tf.saved_model.load(str(write_tf1_model(tmp_path / "tf1")))
     assert GLOBAL_BATCH not in tf1.signatures
-    feeds = ["input_image:0", "input_scales:0", "input_max_feature_num:0", "input_abs_thres:0",
-             "input_global_scales_ind:0"]
+    feeds = [
+        "input_image:0",
+        "input_scales:0",
+        "input_max_feature_num:0",
+        "input_abs_thres:0",
+        "input_global_scales_ind:0",
+    ]
     prune = tf1.prune(feeds, ["global_descriptors:0"])
-    rows = prune(tf.constant(random_image(64, 64)), tf.constant(GLOBAL_SCALES), tf.constant(0), tf.constant(0.0),
-                 tf.constant([0, 1, 2]))[0]
+    rows = prune(
+        tf.constant(random_image(64, 64)),
+        tf.constant(GLOBAL_SCALES),
+        tf.constant(0),
+        tf.constant(0.0),
+        tf.constant([0, 1, 2]),
+    )[0]
     assert rows.shape == (3, 128)
     older = tf.saved_model.load(str(write_tf2_model(tmp_path / "tf2")))
     assert list(older.signatures) == ["serving_default"]
     batched = tf.saved_model.load(str(write_tf2_model(tmp_path / "tf2-batched", batched=True)))
     images = image_batch(3, 48, 40)
-    assert cosines(batched_descriptors(batched.signatures[GLOBAL_BATCH], images, GLOBAL_SCALES),
-                   per_image_descriptors(batched.signatures["serving_default"], images, GLOBAL_SCALES)).min() >= 0.999
+    assert (
+        cosines(
+            batched_descriptors(batched.signatures[GLOBAL_BATCH], images, GLOBAL_SCALES),
+            per_image_descriptors(batched.signatures["serving_default"], images, GLOBAL_SCALES),
+        ).min()
+        >= 0.999
+    )

@@ -1,4 +1,5 @@
 """The Kaggle retrieval zip and the Kaggle bundle folder."""
+
 from __future__ import annotations
 
 import json
@@ -73,15 +74,23 @@ def test_retrieval_zip_holds_the_saved_model_at_its_root(run, tmp_path, capsys):
 def keras_descriptor(model: DelgModel, image: np.ndarray) -> np.ndarray:
     """The Keras model's retrieval descriptor: its embeddings at RETRIEVAL_SCALES summed, L2-normalized."""
     height, width = image.shape[:2]
-    per_scale = [model(tf.image.resize(image[None].astype(np.float32), (round(height * s), round(width * s))))
-                 ["embedding"] for s in RETRIEVAL_SCALES]
+    per_scale = [
+        model(tf.image.resize(image[None].astype(np.float32), (round(height * s), round(width * s))))["embedding"]
+        for s in RETRIEVAL_SCALES
+    ]
     return tf.nn.l2_normalize(tf.add_n(per_scale)[0], axis=0).numpy()
 
 
 def retrieval_descriptor(runs: list[Path], out: Path, image: np.ndarray, *flags: str) -> np.ndarray:
     """Export the runs' retrieval zip, load it back unzipped, and describe the image with it."""
-    argv = ["retrieval", *[arg for run_dir in runs for arg in ("--run", str(run_dir))], "--out", str(out),
-            "--no-whiten", *flags]
+    argv = [
+        "retrieval",
+        *[arg for run_dir in runs for arg in ("--run", str(run_dir))],
+        "--out",
+        str(out),
+        "--no-whiten",
+        *flags,
+    ]
     assert export_main(argv) == 0
     with zipfile.ZipFile(out) as archive:
         archive.extractall(out.with_suffix(""))
@@ -105,8 +114,12 @@ def test_ensemble_retrieval_model_combines_its_runs_as_the_notebook_does(run, se
 def test_a_killed_retrieval_export_leaves_a_partial_that_the_next_one_removes(run, tmp_path):
     run_dir, _ = run
     out = tmp_path / "model.zip"
-    export = subprocess.Popen([sys.executable, "-m", "export", "retrieval", "--run", str(run_dir), "--out", str(out),
-                               "--no-whiten"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    export = subprocess.Popen(
+        [sys.executable, "-m", "export", "retrieval", "--run", str(run_dir), "--out", str(out), "--no-whiten"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob(".model.zip.*.partial/*")) and export.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # until the model is being written into its partial folder
@@ -127,8 +140,12 @@ def test_retrieval_dim_other_than_trained_is_refused(run, tmp_path, capsys):
 
 def test_retrieval_zip_over_the_size_limit_is_not_written(run, tmp_path, capsys):
     run_dir, _ = run
-    assert export_main(["retrieval", "--run", str(run_dir), "--out", str(tmp_path / "m.zip"), "--max-mb", "0.01",
-                        "--no-whiten"]) == 2
+    assert (
+        export_main(
+            ["retrieval", "--run", str(run_dir), "--out", str(tmp_path / "m.zip"), "--max-mb", "0.01", "--no-whiten"]
+        )
+        == 2
+    )
     assert "over the --max-mb limit" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -153,12 +170,15 @@ def wheel_name(tag: str) -> str:
 
 def write_wheel(folder: Path, tag: str) -> Path:
     """A small installable pydegensac wheel for Python `tag` whose module says which wheel it came from."""
-    files = {"pydegensac/__init__.py": f"WHEEL_TAG = {tag!r}\n",
-             "pydegensac-0.3.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: pydegensac\nVersion: 0.3.0\n",
-             "pydegensac-0.3.0.dist-info/WHEEL": f"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: {tag}-{tag}-"
-                                                 f"{WHEEL_PLATFORM}\n"}
-    files["pydegensac-0.3.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in [*files, "pydegensac-0.3.0."
-                                                                                             "dist-info/RECORD"])
+    files = {
+        "pydegensac/__init__.py": f"WHEEL_TAG = {tag!r}\n",
+        "pydegensac-0.3.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: pydegensac\nVersion: 0.3.0\n",
+        "pydegensac-0.3.0.dist-info/WHEEL": f"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: {tag}-{tag}-"
+        f"{WHEEL_PLATFORM}\n",
+    }
+    files["pydegensac-0.3.0.dist-info/RECORD"] = "".join(
+        f"{name},,\n" for name in [*files, "pydegensac-0.3.0.dist-info/RECORD"]
+    )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / wheel_name(tag)
     with zipfile.ZipFile(path, "w") as archive:
@@ -178,8 +198,9 @@ def kernel_here(bundle: Path) -> Path:
 
 def run_kernel(bundle: Path, *args: str, python: tuple[str, ...] = (sys.executable,)) -> list[str]:
     """Run the bundle's kernel.py; the arguments main.py received."""
-    result = subprocess.run([*python, str(kernel_here(bundle)), *args], capture_output=True, text=True,
-                            timeout=HANG_GUARD_S)
+    result = subprocess.run(
+        [*python, str(kernel_here(bundle)), *args], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -227,19 +248,47 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path, export_once):
     Image.fromarray(random_image(30, 40)).save(nonlandmark / "n2.png")
     (nonlandmark / "notes.txt").write_text("not an image")
     out = tmp_path / "bundle"
-    argv = ["bundle", "--run", str(run_dir), "--out", str(out), "--kaggle-user", "alice", "--dataset", "my-delg",
-            "--kernel", "my-submission", "--competition", "landmark-retrieval-2021", "--wheel", str(wheels[0]),
-            "--wheel", str(wheels[1]),
-            "--script", str(script), "--time-budget-h", "12", "--settings", str(settings),
-            "--nonlandmark-dir", str(nonlandmark), "--float16", "--no-whiten"]
+    argv = [
+        "bundle",
+        "--run",
+        str(run_dir),
+        "--out",
+        str(out),
+        "--kaggle-user",
+        "alice",
+        "--dataset",
+        "my-delg",
+        "--kernel",
+        "my-submission",
+        "--competition",
+        "landmark-retrieval-2021",
+        "--wheel",
+        str(wheels[0]),
+        "--wheel",
+        str(wheels[1]),
+        "--script",
+        str(script),
+        "--time-budget-h",
+        "12",
+        "--settings",
+        str(settings),
+        "--nonlandmark-dir",
+        str(nonlandmark),
+        "--float16",
+        "--no-whiten",
+    ]
     assert export_main(argv) == 0
     assert (out / "delg" / "saved_model.pb").is_file()
     assert (out / "delg" / "assets" / "label_map.csv").read_text().splitlines()[1:] == [
-        f"{i},{landmark}" for i, landmark in enumerate(LANDMARK_IDS)]
+        f"{i},{landmark}" for i, landmark in enumerate(LANDMARK_IDS)
+    ]
     info = json.loads((out / "delg" / "assets" / EXPORT_INFO_FILE).read_text())
     assert info["functions"][GLOBAL_BATCH_FLOAT16]["float16"] is True
-    assert info["versions"] == {"tensorflow": tf.__version__, "keras": keras.__version__,
-                                "python": platform.python_version()}
+    assert info["versions"] == {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+    }
     assert sorted(p.name for p in (out / "submission").iterdir()) == ["echo_helper.py", "main.py"]
     assert (out / "submission" / "main.py").read_text() == script.read_text()
     assert sorted(p.name for p in (out / "wheels").iterdir()) == [w.name for w in wheels]
@@ -258,18 +307,38 @@ def test_bundle_has_model_script_wheel_and_metadata(run, tmp_path, export_once):
     assert 'DATASET = "/kaggle/input/my-delg"' in launcher and "--no-index" in launcher
 
     received = run_kernel(out)
-    assert received == ["--task", "retrieval", "--data", "/kaggle/input/landmark-retrieval-2021",
-                        "--model", f"{out}/delg", "--out", "/kaggle/working/submission.csv",
-                        "--work", "/tmp/landmark-work", "--time-budget-h", "12.0",
-                        "--settings", f"{out}/settings.json", "--nonlandmark-dir", f"{out}/nonlandmark"]
+    assert received == [
+        "--task",
+        "retrieval",
+        "--data",
+        "/kaggle/input/landmark-retrieval-2021",
+        "--model",
+        f"{out}/delg",
+        "--out",
+        "/kaggle/working/submission.csv",
+        "--work",
+        "/tmp/landmark-work",
+        "--time-budget-h",
+        "12.0",
+        "--settings",
+        f"{out}/settings.json",
+        "--nonlandmark-dir",
+        f"{out}/nonlandmark",
+    ]
     assert run_kernel(out, "--probe", "30") == [*received, "--probe", "30"]
 
 
 def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path, export_once):
     run_dir, _ = run
     out = tmp_path / "bundle"
-    argv = bundle_argv(run_dir, out, "--script", str(echo_script(tmp_path / "scripts")),
-                       "--wheel", str(write_wheel(tmp_path, THIS_TAG)))
+    argv = bundle_argv(
+        run_dir,
+        out,
+        "--script",
+        str(echo_script(tmp_path / "scripts")),
+        "--wheel",
+        str(write_wheel(tmp_path, THIS_TAG)),
+    )
     assert export_main(argv) == 0
     assert (out / "kernel.py").is_file() and not (out / "settings.json").exists()
     assert not (out / "nonlandmark").exists()
@@ -282,11 +351,24 @@ def test_bundle_without_optional_files_passes_none_of_their_flags(run, tmp_path,
 
 def test_bundle_of_two_runs_ships_both_models_and_passes_both_to_main(run, second_run, tmp_path, export_once):
     out = tmp_path / "bundle"
-    argv = bundle_argv(run[0], out, "--run", str(second_run[0]), "--model-weights", "1", "0.7", "--script",
-                       str(echo_script(tmp_path / "scripts")), "--wheel", str(write_wheel(tmp_path, THIS_TAG)))
+    argv = bundle_argv(
+        run[0],
+        out,
+        "--run",
+        str(second_run[0]),
+        "--model-weights",
+        "1",
+        "0.7",
+        "--script",
+        str(echo_script(tmp_path / "scripts")),
+        "--wheel",
+        str(write_wheel(tmp_path, THIS_TAG)),
+    )
     assert export_main(argv) == 0
-    dims = [json.loads((out / model / "assets" / EXPORT_INFO_FILE).read_text())["global_dim"]
-            for model in ("delg", "delg-2")]
+    dims = [
+        json.loads((out / model / "assets" / EXPORT_INFO_FILE).read_text())["global_dim"]
+        for model in ("delg", "delg-2")
+    ]
     assert dims == [TINY_DIM, 32]  # each run in its folder, in --run order
     received = run_kernel(out)
     assert received[4:11] == ["--model", f"{out}/delg", "--model", f"{out}/delg-2", "--model-weights", "1.0", "0.7"]
@@ -294,17 +376,20 @@ def test_bundle_of_two_runs_ships_both_models_and_passes_both_to_main(run, secon
     assert parsed.model == (out / "delg", out / "delg-2") and parsed.model_weights == (1.0, 0.7)
 
 
-@pytest.mark.parametrize("flag, content, message", [
-    ("--settings", None, "--settings {path}: not a file"),
-    ("--settings", "{not json", "--settings {path}: not readable JSON"),
-    ("--settings", "[1, 2]", "--settings {path}: expected a JSON object, found list"),
-    ("--settings", '{"verification": {"rerank": 50}}', "--settings {path}: unknown setting 'verification.rerank'"),
-    ("--settings", '{"scoring": {"rerank": "3"}}', "--settings {path}: 'scoring.rerank' must be int"),
-    ("--settings", '{"budget": {"safety_margin": 1.5}}', "--safety-margin must be < 1"),
-    ("--settings", '{"extraction": {"scales": [1.0], "global_scale_indices": [2]}}', "--global-scale-indices 2"),
-    ("--nonlandmark-dir", None, "--nonlandmark-dir {path}: not a folder"),
-    ("--nonlandmark-dir", "folder without images", "--nonlandmark-dir {path}: no .jpg/.jpeg/.png images in it"),
-])
+@pytest.mark.parametrize(
+    "flag, content, message",
+    [
+        ("--settings", None, "--settings {path}: not a file"),
+        ("--settings", "{not json", "--settings {path}: not readable JSON"),
+        ("--settings", "[1, 2]", "--settings {path}: expected a JSON object, found list"),
+        ("--settings", '{"verification": {"rerank": 50}}', "--settings {path}: unknown setting 'verification.rerank'"),
+        ("--settings", '{"scoring": {"rerank": "3"}}', "--settings {path}: 'scoring.rerank' must be int"),
+        ("--settings", '{"budget": {"safety_margin": 1.5}}', "--safety-margin must be < 1"),
+        ("--settings", '{"extraction": {"scales": [1.0], "global_scale_indices": [2]}}', "--global-scale-indices 2"),
+        ("--nonlandmark-dir", None, "--nonlandmark-dir {path}: not a folder"),
+        ("--nonlandmark-dir", "folder without images", "--nonlandmark-dir {path}: no .jpg/.jpeg/.png images in it"),
+    ],
+)
 def test_bad_bundle_inputs_are_one_line_errors(run, tmp_path, capsys, flag, content, message):
     run_dir, _ = run
     path = tmp_path / "input"
@@ -322,8 +407,17 @@ def test_bad_bundle_inputs_are_one_line_errors(run, tmp_path, capsys, flag, cont
 
 def test_bundle_without_submission_script_is_a_one_line_error(run, tmp_path, capsys):
     run_dir, _ = run
-    argv = ["bundle", "--run", str(run_dir), "--out", str(tmp_path / "b"), "--kaggle-user", "alice",
-            "--script", str(tmp_path / "missing.py")]
+    argv = [
+        "bundle",
+        "--run",
+        str(run_dir),
+        "--out",
+        str(tmp_path / "b"),
+        "--kaggle-user",
+        "alice",
+        "--script",
+        str(tmp_path / "missing.py"),
+    ]
     assert export_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "missing.py" in err and "\n" not in err
@@ -347,8 +441,21 @@ def test_bundle_adds_fetched_wheels_to_the_given_ones(run, tmp_path, offline_pip
     write_wheel(offline_pip, "cp310")
     given = write_wheel(tmp_path / "mine", "cp39")
     out = tmp_path / "bundle"
-    assert export_main(bundle_argv(run_dir, out, "--wheel", str(given), "--python", "3.10", "--script",
-                                   str(echo_script(tmp_path / "scripts")))) == 0
+    assert (
+        export_main(
+            bundle_argv(
+                run_dir,
+                out,
+                "--wheel",
+                str(given),
+                "--python",
+                "3.10",
+                "--script",
+                str(echo_script(tmp_path / "scripts")),
+            )
+        )
+        == 0
+    )
     assert sorted(p.name for p in (out / "wheels").iterdir()) == [wheel_name("cp310"), wheel_name("cp39")]
 
 
@@ -361,11 +468,14 @@ def test_a_failed_download_is_one_line_that_says_to_pass_wheel(run, tmp_path, ca
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--python", "3", "--python '3': expected a Python version such as 3.12"),
-    ("--wheel", "missing.whl", "--wheel {tmp}/missing.whl: not a .whl file"),
-    ("--wheel", "other-1.0-py3-none-any.whl", "--wheel {tmp}/other-1.0-py3-none-any.whl: not a pydegensac wheel"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--python", "3", "--python '3': expected a Python version such as 3.12"),
+        ("--wheel", "missing.whl", "--wheel {tmp}/missing.whl: not a .whl file"),
+        ("--wheel", "other-1.0-py3-none-any.whl", "--wheel {tmp}/other-1.0-py3-none-any.whl: not a pydegensac wheel"),
+    ],
+)
 def test_bad_wheel_flags_are_one_line_errors(run, tmp_path, capsys, flag, value, message):
     run_dir, _ = run
     (tmp_path / "other-1.0-py3-none-any.whl").write_bytes(b"")
@@ -384,8 +494,13 @@ def kernel_bundle(run, tmp_path_factory, delg_exports):
     wheels = [write_wheel(root / "wheels", THIS_TAG)]
     for other in (minor - 1, minor + 1):
         wheels.append(write_wheel(root / "wheels", f"cp3{other}"))
-    argv = bundle_argv(run_dir, root / "bundle", "--script", str(echo_script(root / "scripts")),
-                       *[arg for wheel in wheels for arg in ("--wheel", str(wheel))])
+    argv = bundle_argv(
+        run_dir,
+        root / "bundle",
+        "--script",
+        str(echo_script(root / "scripts")),
+        *[arg for wheel in wheels for arg in ("--wheel", str(wheel))],
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("export.bundle.export_delg", delg_exports)
         assert export_main(argv) == 0
@@ -396,8 +511,10 @@ def python_without_pydegensac(folder: Path) -> Path:
     """A fresh venv's Python: the interpreter's own packages (pip among them), not the kit's pydegensac."""
     venv.create(folder, system_site_packages=True, with_pip=False, symlinks=True)
     python = folder / "bin" / "python"
-    probe = subprocess.run([str(python), "-c", "import pip, importlib.util as u; "
-                            "assert u.find_spec('pydegensac') is None"], capture_output=True)
+    probe = subprocess.run(
+        [str(python), "-c", "import pip, importlib.util as u; assert u.find_spec('pydegensac') is None"],
+        capture_output=True,
+    )
     if probe.returncode != 0:
         pytest.skip("the base interpreter lacks pip, or has pydegensac itself")
     return python
@@ -407,8 +524,9 @@ def test_kernel_installs_the_wheel_tagged_for_its_python(kernel_bundle, tmp_path
     python = python_without_pydegensac(tmp_path / "venv")
     received = run_kernel(kernel_bundle, "--probe", "30", python=(str(python),))
     assert received[-2:] == ["--probe", "30"]
-    installed = subprocess.run([str(python), "-c", "import pydegensac; print(pydegensac.WHEEL_TAG)"],
-                               capture_output=True, text=True)
+    installed = subprocess.run(
+        [str(python), "-c", "import pydegensac; print(pydegensac.WHEEL_TAG)"], capture_output=True, text=True
+    )
     assert installed.stdout.strip() == THIS_TAG
 
 
@@ -419,11 +537,14 @@ def test_kernel_without_a_wheel_for_its_python_ends_with_one_error_line(kernel_b
     for name in others:
         (dataset / "wheels" / name).write_bytes((kernel_bundle / "wheels" / name).read_bytes())
     (dataset / "kernel.py").write_text((kernel_bundle / "kernel.py").read_text())
-    result = subprocess.run([sys.executable, "-S", str(kernel_here(dataset))], capture_output=True, text=True,
-                            timeout=HANG_GUARD_S)  # -S: without site-packages, pydegensac is not importable
+    result = subprocess.run(
+        [sys.executable, "-S", str(kernel_here(dataset))], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )  # -S: without site-packages, pydegensac is not importable
     assert result.returncode == 2 and result.stdout == ""  # main.py never started
-    assert result.stderr.strip() == (f"error: no pydegensac wheel for this Python {platform.python_version()} "
-                                     f"({THIS_TAG}) in {dataset}/wheels; wheels found: {', '.join(others)}")
+    assert result.stderr.strip() == (
+        f"error: no pydegensac wheel for this Python {platform.python_version()} "
+        f"({THIS_TAG}) in {dataset}/wheels; wheels found: {', '.join(others)}"
+    )
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -440,9 +561,24 @@ def test_bundle_of_exports_ships_them_byte_for_byte(run, second_run, delg_export
     models = exported_models(run, second_run, delg_exports, tmp_path / "exports")
     monkeypatch.setattr("export.bundle.export_delg", lambda *args, **kwargs: pytest.fail("exported again"))
     out = tmp_path / "bundle"
-    argv = ["bundle", "--model", str(models[0]), "--model", str(models[1]), "--model-weights", "1", "0.5", "--out",
-            str(out), "--kaggle-user", "alice", "--script", str(echo_script(tmp_path / "scripts")),
-            "--wheel", str(write_wheel(tmp_path, THIS_TAG))]
+    argv = [
+        "bundle",
+        "--model",
+        str(models[0]),
+        "--model",
+        str(models[1]),
+        "--model-weights",
+        "1",
+        "0.5",
+        "--out",
+        str(out),
+        "--kaggle-user",
+        "alice",
+        "--script",
+        str(echo_script(tmp_path / "scripts")),
+        "--wheel",
+        str(write_wheel(tmp_path, THIS_TAG)),
+    ]
     with caplog.at_level("INFO"):
         assert export_main(argv) == 0
     for model, shipped in zip(models, ("delg", "delg-2"), strict=True):
@@ -454,49 +590,81 @@ def test_bundle_of_exports_ships_them_byte_for_byte(run, second_run, delg_export
 
 def test_bundle_of_a_run_says_that_it_exports_again(run, tmp_path, export_once, caplog):
     out = tmp_path / "bundle"
-    argv = bundle_argv(run[0], out, "--script", str(echo_script(tmp_path / "scripts")),
-                       "--wheel", str(write_wheel(tmp_path, THIS_TAG)))
+    argv = bundle_argv(
+        run[0], out, "--script", str(echo_script(tmp_path / "scripts")), "--wheel", str(write_wheel(tmp_path, THIS_TAG))
+    )
     with caplog.at_level("INFO"):
         assert export_main(argv) == 0
     assert f"re-exporting run {run[0]} as delg/ (a new export: not one that was replayed" in caplog.text
     assert (out / "delg" / "saved_model.pb").is_file()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--run", "{run}", "--model", "{model}"], "--model and --run together"),
-    ([], "give --model EXPORT_DIR"),
-    (["--model", "{run}"], "--model {run}: not a SavedModel folder (no saved_model.pb)"),
-    (["--model", "{model}", "--model", "{model}"], "--model {model} is given twice"),
-    (["--model", "{model}", "--model-weights", "1", "2"], "--model-weights gives 2 weights for 1 --model"),
-    (["--model", "{model}", "--float16"], "--float16 has no effect with --model"),
-    (["--model", "{model}", "--whiten-images", "10"], "--whiten-images has no effect with --model"),
-    (["--model", "{model}", "--no-whiten"], "--no-whiten has no effect with --model"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--run", "{run}", "--model", "{model}"], "--model and --run together"),
+        ([], "give --model EXPORT_DIR"),
+        (["--model", "{run}"], "--model {run}: not a SavedModel folder (no saved_model.pb)"),
+        (["--model", "{model}", "--model", "{model}"], "--model {model} is given twice"),
+        (["--model", "{model}", "--model-weights", "1", "2"], "--model-weights gives 2 weights for 1 --model"),
+        (["--model", "{model}", "--float16"], "--float16 has no effect with --model"),
+        (["--model", "{model}", "--whiten-images", "10"], "--whiten-images has no effect with --model"),
+        (["--model", "{model}", "--no-whiten"], "--no-whiten has no effect with --model"),
+    ],
+)
 def test_bad_bundle_sources_are_one_line_errors(run, delg_exports, tmp_path, capsys, flags, message):
     model = delg_exports(run[0], tmp_path / "export", whiten=None)
     names = {"run": run[0], "model": model}
-    argv = ["bundle", *[flag.format(**names) for flag in flags], "--out", str(tmp_path / "b"),
-            "--kaggle-user", "alice", "--wheel", str(write_wheel(tmp_path, THIS_TAG))]
+    argv = [
+        "bundle",
+        *[flag.format(**names) for flag in flags],
+        "--out",
+        str(tmp_path / "b"),
+        "--kaggle-user",
+        "alice",
+        "--wheel",
+        str(write_wheel(tmp_path, THIS_TAG)),
+    ]
     assert export_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: " + message.format(**names)) and "\n" not in err
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("competition, settings, nonlandmarks, warned", [
-    ("landmark-recognition-2021", None, False, "global_stage.suppression (the default)"),
-    ("landmark-recognition-2021", {"global_stage": {"suppression": False}}, False, None),
-    ("landmark-recognition-2021", {"global_stage": {"suppression": False}, "scoring": {"nonlandmark_penalty": 0.5}},
-     False, "scoring.nonlandmark_penalty 0.5"),
-    ("landmark-recognition-2021", None, True, None),
-    ("landmark-retrieval-2021", None, False, None),  # retrieval uses no non-landmark images
-])
-def test_bundle_warns_when_its_settings_need_nonlandmarks_it_lacks(run, delg_exports, tmp_path, caplog, competition,
-                                                                    settings, nonlandmarks, warned):
+@pytest.mark.parametrize(
+    "competition, settings, nonlandmarks, warned",
+    [
+        ("landmark-recognition-2021", None, False, "global_stage.suppression (the default)"),
+        ("landmark-recognition-2021", {"global_stage": {"suppression": False}}, False, None),
+        (
+            "landmark-recognition-2021",
+            {"global_stage": {"suppression": False}, "scoring": {"nonlandmark_penalty": 0.5}},
+            False,
+            "scoring.nonlandmark_penalty 0.5",
+        ),
+        ("landmark-recognition-2021", None, True, None),
+        ("landmark-retrieval-2021", None, False, None),  # retrieval uses no non-landmark images
+    ],
+)
+def test_bundle_warns_when_its_settings_need_nonlandmarks_it_lacks(
+    run, delg_exports, tmp_path, caplog, competition, settings, nonlandmarks, warned
+):
     model = delg_exports(run[0], tmp_path / "export", whiten=None)
-    argv = ["bundle", "--model", str(model), "--out", str(tmp_path / "b"), "--kaggle-user", "alice",
-            "--competition", competition, "--script", str(echo_script(tmp_path / "scripts")),
-            "--wheel", str(write_wheel(tmp_path, THIS_TAG))]
+    argv = [
+        "bundle",
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "b"),
+        "--kaggle-user",
+        "alice",
+        "--competition",
+        competition,
+        "--script",
+        str(echo_script(tmp_path / "scripts")),
+        "--wheel",
+        str(write_wheel(tmp_path, THIS_TAG)),
+    ]
     if settings is not None:
         (tmp_path / "tuned.json").write_text(json.dumps(settings))
         argv += ["--settings", str(tmp_path / "tuned.json")]

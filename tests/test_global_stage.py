@@ -1,5 +1,6 @@
 """The global stage and the scoring of submission/main.py against hand-computed cases: whitening, alpha-QE, DBA,
 SuperGlobal, non-landmark suppression, the verified and global scorings and their calibration onto one scale."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,9 +16,13 @@ sub = load_submission()
 def candidates(cosines, neighbours, ok=None, query_nl=None, db_nl=None) -> object:
     cosines, neighbours = np.asarray(cosines, float), np.asarray(neighbours)
     nq = len(cosines)
-    return sub.Candidates(cosines, neighbours, np.ones(nq, bool) if ok is None else np.asarray(ok),
-                          np.zeros((nq, 0)) if query_nl is None else np.asarray(query_nl, float),
-                          np.zeros((neighbours.max() + 1, 0)) if db_nl is None else np.asarray(db_nl, float))
+    return sub.Candidates(
+        cosines,
+        neighbours,
+        np.ones(nq, bool) if ok is None else np.asarray(ok),
+        np.zeros((nq, 0)) if query_nl is None else np.asarray(query_nl, float),
+        np.zeros((neighbours.max() + 1, 0)) if db_nl is None else np.asarray(db_nl, float),
+    )
 
 
 def unit(rows) -> np.ndarray:
@@ -26,8 +31,9 @@ def unit(rows) -> np.ndarray:
 
 
 def test_verified_scoring_sums_per_landmark_and_penalizes_nonlandmarks():
-    found = candidates([[0.9, 0.5, 0.45], [0.9, 0.5, 0.45]], [[0, 1, 2], [0, 1, 2]],
-                       query_nl=[[0.1, 0.0, 0.0], [0.48, 0.0, 0.0]])  # query 1: one non-landmark in its top 3
+    found = candidates(
+        [[0.9, 0.5, 0.45], [0.9, 0.5, 0.45]], [[0, 1, 2], [0, 1, 2]], query_nl=[[0.1, 0.0, 0.0], [0.48, 0.0, 0.0]]
+    )  # query 1: one non-landmark in its top 3
     labels = np.array([7, 8, 8])
     inliers = np.array([[20, 0, -1], [0, 0, 0]])
     scoring = sub.Scoring(top_k=3, max_inlier_score=20, nonlandmark_penalty=1.0, calibrate=False)
@@ -119,7 +125,7 @@ def test_alpha_query_expansion_adds_the_weighted_top_n_to_the_query():
     cosines, neighbours = sub.knn(queries, database, 3)
     expanded = sub.query_expansion(queries, database, cosines, neighbours, n=2, alpha=3.0)
     c = 1 / np.sqrt(2)
-    expected = queries[0] + c ** 3 * database[0] + c ** 3 * database[2]  # the top 2 (both at cos 0.707)
+    expected = queries[0] + c**3 * database[0] + c**3 * database[2]  # the top 2 (both at cos 0.707)
     assert expanded[0] == pytest.approx(expected / np.linalg.norm(expected), abs=1e-6)
 
 
@@ -141,11 +147,12 @@ def superglobal_by_hand(query, database, order, m, k, beta):
         sims = [(float(top[i] @ top[j]), j) for j in range(m) if j != i]
         nearest = sorted(sims, reverse=True)[:k]
         weights = [beta * max(s, 0) for s, _ in nearest]
-        refined.append((top[i] + sum(w * top[j] for w, (_, j) in zip(weights, nearest, strict=True)))
-                       / (1 + sum(weights)))
+        refined.append(
+            (top[i] + sum(w * top[j] for w, (_, j) in zip(weights, nearest, strict=True))) / (1 + sum(weights))
+        )
     refined = np.array(refined)
     s1 = refined @ query
-    refined_query = refined[np.argsort(-s1)[:k + 1]].max(axis=0)
+    refined_query = refined[np.argsort(-s1)[: k + 1]].max(axis=0)
     score = (s1 + refined @ refined_query) / 2
     new = np.argsort(-score, kind="stable")
     return score[new], order[:m][new]

@@ -1,6 +1,7 @@
 """The notebook on Kaggle's image: with $KIT_SCRIPT_PYTHON (`make kaggle-check` sets it to .venv-kaggle's Python,
 which has requirements-kaggle.txt's versions), a replay of each task gives the pinned stack's predictions for a
 model the pinned stack exported."""
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,12 @@ def assert_same_predictions(task: str, pinned: dict[str, list[str]], other: dict
 @pytest.mark.skipif(not OTHER_PYTHON, reason=f"set ${SCRIPT_PYTHON_ENV} to another interpreter (make kaggle-check)")
 @pytest.mark.parametrize("task", ["recognition", "retrieval"])
 def test_other_interpreter_gives_the_pinned_predictions(tmp_path, tiny_competition, tiny_model, task):
-    reports = {name: replay(tiny_competition, task, tiny_model, tmp_path / name, limit_h=1.0,
-                            extra_args=REPLAY_FLAGS, python=python)
-               for name, python in [("pinned", sys.executable), ("other", OTHER_PYTHON)]}
+    reports = {
+        name: replay(
+            tiny_competition, task, tiny_model, tmp_path / name, limit_h=1.0, extra_args=REPLAY_FLAGS, python=python
+        )
+        for name, python in [("pinned", sys.executable), ("other", OTHER_PYTHON)]
+    }
     for report in reports.values():
         assert report["status"] == "ok", report.get("log_tail")
     versions = {name: report["timing"]["versions"] for name, report in reports.items()}

@@ -1,5 +1,6 @@
 """Each fact the notebook must keep its own copy of is tied here to its one home in the kit, and the kit uses
 only the notebook names it lists in KIT_API."""
+
 from __future__ import annotations
 
 import re
@@ -32,8 +33,11 @@ def test_notebook_limit_stage_names_and_script_path_have_one_home():
 
 def test_batched_signature_names_are_the_exports():
     assert sub.BATCH_SIGNATURES == {
-        ("float32", False): delg.GLOBAL_BATCH, ("float32", True): delg.GLOBAL_BATCH + delg.XLA_SUFFIX,
-        ("float16", False): delg.GLOBAL_BATCH_FLOAT16, ("float16", True): delg.GLOBAL_BATCH_FLOAT16 + delg.XLA_SUFFIX}
+        ("float32", False): delg.GLOBAL_BATCH,
+        ("float32", True): delg.GLOBAL_BATCH + delg.XLA_SUFFIX,
+        ("float16", False): delg.GLOBAL_BATCH_FLOAT16,
+        ("float16", True): delg.GLOBAL_BATCH_FLOAT16 + delg.XLA_SUFFIX,
+    }
 
 
 def test_the_kit_uses_only_the_notebooks_listed_names():

@@ -1,4 +1,5 @@
 """The GLDv2 metrics: the official test fixtures' published values, and random data against plain loops."""
+
 from __future__ import annotations
 
 import random
@@ -51,8 +52,9 @@ def reference_gap(predictions, solution, ignore_non_gt_test_images=False):
 
 def reference_top1(predictions, solution):
     with_truth = [test_id for test_id, truth in solution.items() if truth]
-    hits = [test_id for test_id in with_truth
-            if test_id in predictions and predictions[test_id][0] in solution[test_id]]
+    hits = [
+        test_id for test_id in with_truth if test_id in predictions and predictions[test_id][0] in solution[test_id]
+    ]
     return len(hits) / len(with_truth)
 
 
@@ -80,23 +82,29 @@ def reference_retrieval(predictions, solution, max_predictions):
 
 
 def test_official_recognition_fixture():
-    assert metrics.global_average_precision(RECOGNITION_PREDICTIONS, RECOGNITION_SOLUTION) == \
-        pytest.approx(0.166667, abs=1e-6)
-    assert metrics.global_average_precision(RECOGNITION_PREDICTIONS, RECOGNITION_SOLUTION, True) == \
-        pytest.approx(0.333333, abs=1e-6)
+    assert metrics.global_average_precision(RECOGNITION_PREDICTIONS, RECOGNITION_SOLUTION) == pytest.approx(
+        0.166667, abs=1e-6
+    )
+    assert metrics.global_average_precision(RECOGNITION_PREDICTIONS, RECOGNITION_SOLUTION, True) == pytest.approx(
+        0.333333, abs=1e-6
+    )
     assert metrics.top1_accuracy(RECOGNITION_PREDICTIONS, RECOGNITION_SOLUTION) == pytest.approx(0.333333, abs=1e-6)
 
 
 def test_official_retrieval_fixture():
-    assert metrics.mean_average_precision(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION) == \
-        pytest.approx(0.458333, abs=1e-6)
-    assert metrics.mean_average_precision(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION, max_predictions=1) == \
-        pytest.approx(0.5)
+    assert metrics.mean_average_precision(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION) == pytest.approx(
+        0.458333, abs=1e-6
+    )
+    assert metrics.mean_average_precision(
+        RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION, max_predictions=1
+    ) == pytest.approx(0.5)
     np.testing.assert_allclose(
-        metrics.mean_precisions(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION, max_predictions=2), [0.5, 0.375])
+        metrics.mean_precisions(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION, max_predictions=2), [0.5, 0.375]
+    )
     assert metrics.mean_median_position(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION) == pytest.approx((26.25, 1.5))
-    assert metrics.mean_median_position(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION, max_predictions=1) == \
-        pytest.approx((1.5, 1.5))
+    assert metrics.mean_median_position(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION, max_predictions=1) == pytest.approx(
+        (1.5, 1.5)
+    )
 
 
 def test_ties_break_by_id_ascending():
@@ -120,16 +128,20 @@ def test_prediction_for_unknown_id_is_rejected():
 
 def random_recognition(rng: random.Random, n: int):
     solution = {f"{i:016x}": rng.sample(range(8), rng.choice([0, 0, 1, 2])) for i in rng.sample(range(10 * n), n)}
-    predictions = {test_id: (rng.randrange(8), rng.choice([0.1, 0.2, 0.5, rng.random()]))
-                   for test_id in solution if rng.random() < 0.8}
+    predictions = {
+        test_id: (rng.randrange(8), rng.choice([0.1, 0.2, 0.5, rng.random()]))
+        for test_id in solution
+        if rng.random() < 0.8
+    }
     return predictions, solution
 
 
 def random_retrieval(rng: random.Random, n: int, index_size: int = 40):
     solution = {f"q{i}": rng.sample(range(index_size), rng.randint(1, 12)) for i in range(n)}
     solution = {q: [f"i{image}" for image in relevant] for q, relevant in solution.items()}
-    predictions = {q: [f"i{rng.randrange(index_size)}" for _ in range(rng.randint(0, 30))]
-                   for q in solution if rng.random() < 0.85}
+    predictions = {
+        q: [f"i{rng.randrange(index_size)}" for _ in range(rng.randint(0, 30))] for q in solution if rng.random() < 0.85
+    }
     return predictions, solution
 
 
@@ -139,8 +151,9 @@ def test_recognition_matches_plain_loop(seed):
     if not any(solution.values()):
         pytest.skip("no landmark image drawn")
     for ignore in (False, True):
-        assert metrics.global_average_precision(predictions, solution, ignore) == \
-            pytest.approx(reference_gap(predictions, solution, ignore))
+        assert metrics.global_average_precision(predictions, solution, ignore) == pytest.approx(
+            reference_gap(predictions, solution, ignore)
+        )
     assert metrics.top1_accuracy(predictions, solution) == pytest.approx(reference_top1(predictions, solution))
 
 
@@ -148,13 +161,14 @@ def test_recognition_matches_plain_loop(seed):
 @pytest.mark.parametrize("max_predictions", [1, 7, 100])
 def test_retrieval_matches_plain_loop(seed, max_predictions):
     predictions, solution = random_retrieval(random.Random(seed), 25)
-    expected_map, expected_precisions, expected_mean, expected_median = \
-        reference_retrieval(predictions, solution, max_predictions)
+    expected_map, expected_precisions, expected_mean, expected_median = reference_retrieval(
+        predictions, solution, max_predictions
+    )
     assert metrics.mean_average_precision(predictions, solution, max_predictions) == pytest.approx(expected_map)
-    np.testing.assert_allclose(metrics.mean_precisions(predictions, solution, max_predictions),
-                               expected_precisions)
-    assert metrics.mean_median_position(predictions, solution, max_predictions) == \
-        pytest.approx((expected_mean, expected_median))
+    np.testing.assert_allclose(metrics.mean_precisions(predictions, solution, max_predictions), expected_precisions)
+    assert metrics.mean_median_position(predictions, solution, max_predictions) == pytest.approx(
+        (expected_mean, expected_median)
+    )
 
 
 def test_score_recognition_splits_subsets_and_all():
@@ -181,8 +195,9 @@ def test_score_retrieval_splits_subsets_and_all():
         assert scores[name]["map@100"] == pytest.approx(expected_map)
         for k in (1, 5, 10, 50, 100):
             assert scores[name][f"precision@{k}"] == pytest.approx(precisions[k - 1])
-        assert (scores[name]["mean_position"], scores[name]["median_position"]) == \
-            pytest.approx((mean_position, median_position))
+        assert (scores[name]["mean_position"], scores[name]["median_position"]) == pytest.approx(
+            (mean_position, median_position)
+        )
 
 
 def test_empty_subset_scores_none():
@@ -198,8 +213,9 @@ def noisy_recognition(queries: int, seed: int = 0) -> tuple[dict, dict]:
     """(predictions, solution) of `queries` test images: 70% landmarks, right 60% of the time, random scores."""
     rng = np.random.default_rng(seed)
     solution = {f"t{k:05d}": [int(rng.integers(10))] if rng.random() < 0.7 else [] for k in range(queries)}
-    predictions = {q: (truth[0] if truth and rng.random() < 0.6 else 99, float(rng.random()))
-                   for q, truth in solution.items()}
+    predictions = {
+        q: (truth[0] if truth and rng.random() < 0.6 else 99, float(rng.random())) for q, truth in solution.items()
+    }
     return predictions, solution
 
 
@@ -210,9 +226,13 @@ def noisy_retrieval(queries: int, seed: int = 0) -> tuple[dict, dict]:
     return predictions, solution
 
 
-@pytest.mark.parametrize(("task", "data", "metric"),
-                         [("recognition", noisy_recognition, metrics.global_average_precision),
-                          ("retrieval", noisy_retrieval, metrics.mean_average_precision)])
+@pytest.mark.parametrize(
+    ("task", "data", "metric"),
+    [
+        ("recognition", noisy_recognition, metrics.global_average_precision),
+        ("retrieval", noisy_retrieval, metrics.mean_average_precision),
+    ],
+)
 def test_the_bootstrap_interval_holds_the_score_and_narrows_with_more_queries(task, data, metric):
     widths = []
     for queries in (60, 600):
@@ -225,8 +245,10 @@ def test_the_bootstrap_interval_holds_the_score_and_narrows_with_more_queries(ta
 
 
 def test_a_bootstrap_of_one_draw_of_each_query_is_the_score_itself():
-    for data, resampled, metric in ((noisy_recognition, metrics._resampled_gap, metrics.global_average_precision),
-                                    (noisy_retrieval, metrics._resampled_map, metrics.mean_average_precision)):
+    for data, resampled, metric in (
+        (noisy_recognition, metrics._resampled_gap, metrics.global_average_precision),
+        (noisy_retrieval, metrics._resampled_map, metrics.mean_average_precision),
+    ):
         predictions, solution = data(40, seed=3)
         del predictions[next(iter(predictions))]  # a query with no prediction still counts
         once = np.ones((1, len(solution)), int)

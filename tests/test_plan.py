@@ -1,5 +1,6 @@
 """The planned database pass on a real replay: a budget too small for the full settings steps down the ladder,
 ends inside its limit with a scored submission and the plan written down; the probe; the tradeoff table."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,28 @@ def test_a_budget_too_small_for_the_full_settings_steps_down_and_ends_in_time(ti
     # Of the script's 90-second budget it keeps 15% free and plans 70% for reranking: the few seconds left for the
     # global pass after its start cannot fit that unless a machine is ~6x faster than ours. The replay's own limit
     # is an hour, so that a loaded machine's slow start cannot kill the run: the plan, not the clock, is checked.
-    report = replay(tiny_competition, "recognition", tiny_model, tmp_path, 1.0,
-                    [*LIGHT, "--global-max-side", "4096", "--global-batch", "4", "--probe-images", "8",
-                     "--global-xla", "off", "--rerank-reserve", "0.7", "--time-budget-h", "0.025"])
+    report = replay(
+        tiny_competition,
+        "recognition",
+        tiny_model,
+        tmp_path,
+        1.0,
+        [
+            *LIGHT,
+            "--global-max-side",
+            "4096",
+            "--global-batch",
+            "4",
+            "--probe-images",
+            "8",
+            "--global-xla",
+            "off",
+            "--rerank-reserve",
+            "0.7",
+            "--time-budget-h",
+            "0.025",
+        ],
+    )
     assert report["status"] == "ok"
     assert 0 <= report["final"]["all"]["gap"] <= 1
     plan = report["timing"]["plan"]
@@ -39,19 +59,27 @@ def test_a_budget_too_small_for_the_full_settings_steps_down_and_ends_in_time(ti
 
 
 def test_plan_fixed_keeps_the_given_settings(tiny_competition, tiny_model, tmp_path):
-    report = replay(tiny_competition, "retrieval", tiny_model, tmp_path, 1.0,
-                    [*LIGHT, "--plan", "fixed", "--rerank", "0"])
+    report = replay(
+        tiny_competition, "retrieval", tiny_model, tmp_path, 1.0, [*LIGHT, "--plan", "fixed", "--rerank", "0"]
+    )
     assert report["status"] == "ok" and report["timing"]["plan"]["mode"] == "fixed"
     assert report["timing"]["plan"]["global"]["global_max_side"] == sub.DELG_MAX_IMAGE_SIDE
     projected_at_own_size(report["timing"])
 
 
-def test_a_run_told_it_has_less_ram_than_its_peak_plans_down_finishes_and_logs_the_cut(tiny_competition, tiny_model,
-                                                                                       tmp_path):
+def test_a_run_told_it_has_less_ram_than_its_peak_plans_down_finishes_and_logs_the_cut(
+    tiny_competition, tiny_model, tmp_path
+):
     """Half a GB is less than the process itself holds here (TensorFlow and the model), so no plan can fit it: the
     plan cuts what it can (retrieval's DBA), says so, and the run still finishes with its submission."""
-    report = replay(tiny_competition, "retrieval", tiny_model, tmp_path, 1.0,
-                    [*LIGHT, "--plan", "fixed", "--rerank", "0", "--ram-gb", "0.5"])
+    report = replay(
+        tiny_competition,
+        "retrieval",
+        tiny_model,
+        tmp_path,
+        1.0,
+        [*LIGHT, "--plan", "fixed", "--rerank", "0", "--ram-gb", "0.5"],
+    )
     assert report["status"] == "ok" and 0 <= report["final"]["all"]["map@100"] <= 1
     memory_plan = report["timing"]["memory"]["plan"]
     assert memory_plan["machine"] == "--ram-gb 0.5" and not memory_plan["fits"]
@@ -78,8 +106,26 @@ def projected_at_own_size(timing: dict) -> None:
 def test_probe_times_every_stage_and_local_eval_time_projects_it(tiny_competition, tiny_model, tmp_path):
     data = tiny_competition / "landmark-recognition"
     work = tmp_path / "work"
-    assert sub.main(["--task", "recognition", "--data", str(data), "--model", str(tiny_model), "--work", str(work),
-                     "--out", str(tmp_path / "submission.csv"), "--probe", "8", *LIGHT]) == 0
+    assert (
+        sub.main(
+            [
+                "--task",
+                "recognition",
+                "--data",
+                str(data),
+                "--model",
+                str(tiny_model),
+                "--work",
+                str(work),
+                "--out",
+                str(tmp_path / "submission.csv"),
+                "--probe",
+                "8",
+                *LIGHT,
+            ]
+        )
+        == 0
+    )
     assert not (tmp_path / "submission.csv").exists()  # a probe leaves the submission alone
     timing = load_timing(work / "timing.json")
     assert all(timing["stages"][name]["items"] > 0 for name in sub.TIMING_STAGES)
@@ -95,9 +141,32 @@ def test_probe_times_every_stage_and_local_eval_time_projects_it(tiny_competitio
 def test_tradeoff_scores_each_rung_at_each_depth(tiny_competition, tiny_model, tmp_path, capsys):
     """Given a longer side of 768 the ladder has three rungs (the model has no float16): as given, 1 global scale,
     max side 512; --rungs 2 replays the first two."""
-    assert tradeoff_main(["--competition", str(tiny_competition), "--task", "retrieval", "--model", str(tiny_model),
-                          "--out", str(tmp_path), "--depths", "0", "3", "--speedup", "50", "--rungs", "2", "--",
-                          *LIGHT, "--global-max-side", "768"]) == 0
+    assert (
+        tradeoff_main(
+            [
+                "--competition",
+                str(tiny_competition),
+                "--task",
+                "retrieval",
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(tmp_path),
+                "--depths",
+                "0",
+                "3",
+                "--speedup",
+                "50",
+                "--rungs",
+                "2",
+                "--",
+                *LIGHT,
+                "--global-max-side",
+                "768",
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(tmp_path / "tradeoff.csv")
     rungs = table["rung"].unique().tolist()
     assert rungs == ["as given", "1 global scale"] and len(table) == 2 * len(rungs)
@@ -113,18 +182,44 @@ def test_tradeoff_scores_each_rung_at_each_depth(tiny_competition, tiny_model, t
     for row in table.itertuples():  # `local_eval time` on the rung's log, at the same depth, gives its hours
         logged = load_timing(row.log)
         assert logged["work"]["qe"] and logged["work"]["dba"]  # retrieval's defaults: the run's flags are kept
-        assert time_main(["--log", row.log, "--profile", "retrieval-2020", "--rerank", str(row.rerank),
-                          "--speedup", "50", "--json"]) == 0
+        assert (
+            time_main(
+                [
+                    "--log",
+                    row.log,
+                    "--profile",
+                    "retrieval-2020",
+                    "--rerank",
+                    str(row.rerank),
+                    "--speedup",
+                    "50",
+                    "--json",
+                ]
+            )
+            == 0
+        )
         printed = json.loads(capsys.readouterr().out)
         assert printed["total_hours"] == pytest.approx(row.hours, rel=0.01)
 
 
 def test_a_rung_that_found_features_cached_is_projected_from_the_run_that_extracted_them():
     stage = lambda items, seconds: {"items": items, "seconds": seconds}
-    extracted = {"stages": {"global_db": stage(300, 30.0), "global_query": stage(80, 8.0),
-                            "local_features": stage(290, 29.0), "verification": stage(800, 4.0)}}
-    cached_rung = {"stages": {"global_db": stage(0, 0.0), "global_query": stage(0, 0.0),
-                              "local_features": stage(3, 9.0), "verification": stage(800, 4.2)}}
+    extracted = {
+        "stages": {
+            "global_db": stage(300, 30.0),
+            "global_query": stage(80, 8.0),
+            "local_features": stage(290, 29.0),
+            "verification": stage(800, 4.0),
+        }
+    }
+    cached_rung = {
+        "stages": {
+            "global_db": stage(0, 0.0),
+            "global_query": stage(0, 0.0),
+            "local_features": stage(3, 9.0),
+            "verification": stage(800, 4.2),
+        }
+    }
     other_rung = {"stages": {**cached_rung["stages"], "global_db": stage(300, 12.0)}}
     assert measured_stages(cached_rung, extracted)["global_db"] == stage(300, 30.0)
     assert measured_stages(cached_rung, extracted)["local_features"] == stage(290, 29.0)  # not 3 s per feature
@@ -133,8 +228,14 @@ def test_a_rung_that_found_features_cached_is_projected_from_the_run_that_extrac
 
 
 def test_a_run_cut_after_half_its_queries_verifies_the_most_confident_half(tiny_competition, tiny_model, tmp_path):
-    report = replay(tiny_competition, "recognition", tiny_model, tmp_path, 1.0,
-                    [*LIGHT, "--max-rerank-queries", "40", "--rerank", "4"])
+    report = replay(
+        tiny_competition,
+        "recognition",
+        tiny_model,
+        tmp_path,
+        1.0,
+        [*LIGHT, "--max-rerank-queries", "40", "--rerank", "4"],
+    )
     assert report["status"] == "ok" and report["timing"]["stages"]["verification"]["items"] == 40 * 4
     pairs = pd.read_csv(tmp_path / "work" / "verified_pairs.csv", dtype={"id": str})
     global_only = pd.read_csv(tmp_path / "work" / "submission_global_only.csv", dtype=str, keep_default_na=False)
@@ -171,7 +272,7 @@ def test_cut_after_half_the_queries_scores_at_least_global_only():
     unverified = np.full_like(inliers, -1)
     global_only = score(unverified)
     _, confidence = sub.recognition_predictions(found, unverified, labels, stage, scoring)
-    half = np.array(sub.rerank_order(confidence, ok)[:queries // 2])
+    half = np.array(sub.rerank_order(confidence, ok)[: queries // 2])
     cut = unverified.copy()
     cut[half] = inliers[half]
     assert score(inliers) > score(cut) >= global_only

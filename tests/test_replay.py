@@ -1,4 +1,5 @@
 """Replay: the script runs as the server would, its result is scored exactly as `local_eval score` scores it."""
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,16 @@ def score_cli(task: str, solution: Path, submission: Path, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("task, flags", [
-    ("recognition", []),  # the script's defaults
-    ("retrieval", ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200",
-                   "--rerank", "10"]),
-])
+@pytest.mark.parametrize(
+    "task, flags",
+    [
+        ("recognition", []),  # the script's defaults
+        (
+            "retrieval",
+            ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--rerank", "10"],
+        ),
+    ],
+)
 def test_replay_report_equals_score_command(tmp_path, tiny_competition, tiny_model, task, flags, capsys):
     report = replay(tiny_competition, task, tiny_model, tmp_path / "report", 0.2, flags)
     assert report["status"] == "ok", report.get("log_tail")
@@ -68,25 +74,61 @@ def test_overrunning_script_is_stopped_and_reported(tmp_path, tiny_competition, 
 
 
 def test_missing_competition_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "local_eval", "replay", "--competition", str(tmp_path / "nope"),
-                             "--task", "retrieval", "--model", str(tmp_path), "--out", str(tmp_path / "r")],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "local_eval",
+            "replay",
+            "--competition",
+            str(tmp_path / "nope"),
+            "--task",
+            "retrieval",
+            "--model",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "nope" in result.stderr
 
 
 @pytest.mark.parametrize("limit", ["0", "-1", "nan", "inf"])
 def test_a_limit_that_is_no_positive_number_is_a_flag_error(tmp_path, capsys, limit):
-    argv = ["--competition", str(tmp_path), "--task", "recognition", "--model", str(tmp_path), "--out",
-            str(tmp_path / "r"), "--limit-h", limit]
+    argv = [
+        "--competition",
+        str(tmp_path),
+        "--task",
+        "recognition",
+        "--model",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "r"),
+        "--limit-h",
+        limit,
+    ]
     assert run_main(replay_command.main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --limit-h must be a finite number above 0") and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
 
 
-QUICK = ["--plan", "fixed", "--scales", "1.0", "--global-scale-indices", "0", "--global-max-side", "64",
-         "--max-image-side", "96"]  # to reranking, and its workers, soon
+QUICK = [
+    "--plan",
+    "fixed",
+    "--scales",
+    "1.0",
+    "--global-scale-indices",
+    "0",
+    "--global-max-side",
+    "64",
+    "--max-image-side",
+    "96",
+]  # to reranking, and its workers, soon
 
 
 def script_processes(*markers: str) -> list[int]:
@@ -111,18 +153,37 @@ def wait_until(condition, seconds: float) -> bool:
     return True
 
 
-@pytest.mark.parametrize("command, how, processes", [
-    ("replay", signal.SIGKILL, 3),  # during reranking: the script and its 2 workers
-    ("replay", signal.SIGTERM, 1),
-    ("tune", signal.SIGKILL, 1),  # tune replays the script first
-])
+@pytest.mark.parametrize(
+    "command, how, processes",
+    [
+        ("replay", signal.SIGKILL, 3),  # during reranking: the script and its 2 workers
+        ("replay", signal.SIGTERM, 1),
+        ("tune", signal.SIGKILL, 1),  # tune replays the script first
+    ],
+)
 def test_a_killed_replay_takes_its_script_down(tmp_path, tiny_competition, tiny_model, command, how, processes):
     out = tmp_path / "out"
     # replay and tune write OUT whole: the script runs in a partial folder beside OUT, named .out.<pid>.*.partial
     # (tune's replay in one beside OUT/run, inside tune's)
     markers = (str(tmp_path / ".out."), ".partial/submission.csv")
-    argv = [sys.executable, "-m", "local_eval", command, "--competition", str(tiny_competition), "--task",
-            "recognition", "--model", str(tiny_model), "--out", str(out), "--", "--workers", "2", *QUICK]
+    argv = [
+        sys.executable,
+        "-m",
+        "local_eval",
+        command,
+        "--competition",
+        str(tiny_competition),
+        "--task",
+        "recognition",
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--",
+        "--workers",
+        "2",
+        *QUICK,
+    ]
     parent = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         caught = wait_until(lambda: len(script_processes(*markers)) >= processes or parent.poll() is not None, 600)
@@ -136,9 +197,27 @@ def test_a_killed_replay_takes_its_script_down(tmp_path, tiny_competition, tiny_
 
 def test_python_that_cannot_run_is_a_clear_error(tmp_path):
     missing = tmp_path / "no-venv" / "bin" / "python"
-    result = subprocess.run([sys.executable, "-m", "local_eval", "replay", "--competition", str(tmp_path),
-                             "--task", "retrieval", "--model", str(tmp_path), "--out", str(tmp_path / "r"),
-                             "--python", str(missing)], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "local_eval",
+            "replay",
+            "--competition",
+            str(tmp_path),
+            "--task",
+            "retrieval",
+            "--model",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "r"),
+            "--python",
+            str(missing),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --python {missing}: not an executable file or command on PATH"
     assert not (tmp_path / "r").exists()

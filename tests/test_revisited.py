@@ -1,5 +1,6 @@
 """Revisited Oxford / Paris: revisitop's protocol metric on hand-computed cases, the synthetic dataset in its layout,
 and `local_eval revisited` end to end with a tiny DELG model."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,22 @@ from tests.delg_test_models import write_tf2_model
 
 sub = load_submission()
 RERANK = 6
-SCRIPT_FLAGS = ["--rerank", str(RERANK), "--scales", "0.7071", "1.0", "--global-scale-indices", "0", "1",
-                "--max-features", "200", "--ransac-threshold-px", "4", "--workers", "0"]
+SCRIPT_FLAGS = [
+    "--rerank",
+    str(RERANK),
+    "--scales",
+    "0.7071",
+    "1.0",
+    "--global-scale-indices",
+    "0",
+    "1",
+    "--max-features",
+    "200",
+    "--ransac-threshold-px",
+    "4",
+    "--workers",
+    "0",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -77,9 +92,11 @@ def test_protocols_choose_positives_and_ignored():
 
 
 def test_means_leave_out_queries_without_positives():
-    gnd = [{"easy": [0], "hard": [1], "junk": [2]},
-           {"easy": [1], "hard": [], "junk": []},
-           {"easy": [], "hard": [], "junk": [0]}]  # no positives anywhere: in no mean
+    gnd = [
+        {"easy": [0], "hard": [1], "junk": [2]},
+        {"easy": [1], "hard": [], "junk": []},
+        {"easy": [], "hard": [], "junk": [0]},
+    ]  # no positives anywhere: in no mean
     rankings = [np.array([3, 0, 2, 1]), np.array([1, 0, 2, 3]), np.array([0, 1, 2, 3])]
     report = evaluate(rankings, gnd)
     # query 0: easy  positive 0 at 1, ignored 2, 1 below it       -> AP 0.25, P@1 0, P@5 1/2
@@ -126,8 +143,23 @@ def distractors(tmp_path_factory, dataset) -> Path:
 def result(tmp_path_factory, dataset, distractors) -> Path:
     model = write_tf2_model(tmp_path_factory.mktemp("revisited_model") / "tf2", batched=True)
     out = tmp_path_factory.mktemp("revisited_out") / "out"
-    status = run_main(revisited_main, ["--data", str(dataset), "--dataset", "roxford5k", "--model", str(model),
-                                       "--out", str(out), "--distractors", str(distractors), "--", *SCRIPT_FLAGS])
+    status = run_main(
+        revisited_main,
+        [
+            "--data",
+            str(dataset),
+            "--dataset",
+            "roxford5k",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--distractors",
+            str(distractors),
+            "--",
+            *SCRIPT_FLAGS,
+        ],
+    )
     assert status == 0
     return out
 
@@ -145,8 +177,10 @@ def test_synthetic_layout_and_ground_truth(dataset):
     for name, entry in zip(gnd["qimlist"], gnd["gnd"], strict=True):
         landmark = name.split("_")[0]
         for kind in ("easy", "hard", "junk"):
-            assert entry[kind] and all(gnd["imlist"][i] == f"{landmark}_{kind}{n}" for n, i in
-                                       enumerate(sorted(entry[kind], key=lambda i: gnd["imlist"][i])))
+            assert entry[kind] and all(
+                gnd["imlist"][i] == f"{landmark}_{kind}{n}"
+                for n, i in enumerate(sorted(entry[kind], key=lambda i: gnd["imlist"][i]))
+            )
         width, height = Image.open(jpg / f"{name}.jpg").size
         x1, y1, x2, y2 = entry["bbx"]
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
@@ -241,8 +275,10 @@ def test_bad_ground_truth_is_one_error_line(tmp_path, dataset, capsys):
     gnd["gnd"][1]["bbx"] = [50, 10, 20, 40]
     with open(data / "roxford5k" / "gnd_roxford5k.pkl", "wb") as file:
         pickle.dump(gnd, file)
-    status = run_main(revisited_main, ["--data", str(data), "--dataset", "roxford5k", "--model", str(tmp_path),
-                                       "--out", str(tmp_path / "out")])
+    status = run_main(
+        revisited_main,
+        ["--data", str(data), "--dataset", "roxford5k", "--model", str(tmp_path), "--out", str(tmp_path / "out")],
+    )
     assert status == 2
     assert f"query '{gnd['qimlist'][1]}': bbx" in capsys.readouterr().err
 
@@ -251,8 +287,9 @@ def test_an_output_folder_of_other_files_is_refused(tmp_path, dataset, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    status = run_main(revisited_main, ["--data", str(dataset), "--dataset", "roxford5k", "--model", str(tmp_path),
-                                       "--out", str(out)])
+    status = run_main(
+        revisited_main, ["--data", str(dataset), "--dataset", "roxford5k", "--model", str(tmp_path), "--out", str(out)]
+    )
     assert status == 2 and "was not written by this kit" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 

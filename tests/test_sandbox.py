@@ -1,5 +1,6 @@
 """`local_eval replay --bundle`: the bundle's kernel.py run as Kaggle runs it (read-only inputs, no network, a capped
 /kaggle/working, the wheel installed offline), scored, with the same predictions as a plain replay."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -20,8 +21,26 @@ from local_eval.replay import replay
 from local_eval.sandbox import HIDDEN_PACKAGE, Limits, bundle_names, replay_bundle
 
 THIS_TAG = "cp{}{}".format(*sys.version_info[:2])
-LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0",
-         "--rerank", "3", "--warmup-queries", "4", "--rerank-batch", "8", "--plan", "fixed"]
+LIGHT = [
+    "--scales",
+    "0.5",
+    "1.0",
+    "--global-scale-indices",
+    "0",
+    "1",
+    "--max-features",
+    "200",
+    "--workers",
+    "0",
+    "--rerank",
+    "3",
+    "--warmup-queries",
+    "4",
+    "--rerank-batch",
+    "8",
+    "--plan",
+    "fixed",
+]
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and mounts need root")
 
 
@@ -42,8 +61,13 @@ def installed_wheel(folder: Path, tag: str = THIS_TAG) -> Path:
 def bundle(tiny_run, tmp_path_factory) -> Path:
     """The tiny run's bundle for the recognition competition, with the installed pydegensac as its wheel."""
     root = tmp_path_factory.mktemp("bundle")
-    spec = BundleSpec("me", "landmark-delg", "landmark-submission", competition="landmark-recognition-2021",
-                      wheels=[installed_wheel(root / "wheels")])
+    spec = BundleSpec(
+        "me",
+        "landmark-delg",
+        "landmark-submission",
+        competition="landmark-recognition-2021",
+        wheels=[installed_wheel(root / "wheels")],
+    )
     return build_bundle([tiny_run], root / "bundle", spec)
 
 
@@ -56,8 +80,15 @@ def altered_bundle(bundle: Path, target: Path, change) -> Path:
 
 @root_only
 def test_the_bundle_in_the_sandbox_gives_the_plain_replays_predictions(tiny_competition, bundle, tmp_path):
-    report = replay_bundle(tiny_competition, "recognition", bundle, tmp_path / "sandboxed", 1.0,
-                           Limits(disk_gb=1, cpus=1, ram_gb=16), extra_args=LIGHT)
+    report = replay_bundle(
+        tiny_competition,
+        "recognition",
+        bundle,
+        tmp_path / "sandboxed",
+        1.0,
+        Limits(disk_gb=1, cpus=1, ram_gb=16),
+        extra_args=LIGHT,
+    )
     assert report["status"] == "ok", report.get("log_tail")
     facts = report["sandbox"]
     assert facts["mode"] == "namespaces" and facts["network"]["cut"] and facts["input_read_only"]
@@ -70,8 +101,9 @@ def test_the_bundle_in_the_sandbox_gives_the_plain_replays_predictions(tiny_comp
     assert plain["status"] == "ok"
     # the same predictions; a confidence may differ in its last digit (one CPU sums in another order than two)
     read = lambda folder: pd.read_csv(folder / "submission.csv", dtype=str, keep_default_na=False)
-    sandboxed, plain_rows = (read(tmp_path / name)["landmarks"].str.split(" ", expand=True)
-                             for name in ("sandboxed", "plain"))
+    sandboxed, plain_rows = (
+        read(tmp_path / name)["landmarks"].str.split(" ", expand=True) for name in ("sandboxed", "plain")
+    )
     assert (sandboxed[0] == plain_rows[0]).all()
     assert (sandboxed[1].astype(float) - plain_rows[1].astype(float)).abs().max() <= 2e-6
     assert report["final"]["all"]["gap"] == pytest.approx(plain["final"]["all"]["gap"], abs=1e-4)
@@ -89,8 +121,10 @@ def test_a_wheel_for_another_python_stops_with_the_servers_error_line(tiny_compe
     changed = altered_bundle(bundle, tmp_path / "bundle", other_python_only)
     report = replay_bundle(tiny_competition, "recognition", changed, tmp_path / "out", 1.0, extra_args=LIGHT)
     assert report["status"] == "crash" and report["sandbox"]["exit_code"] == 2
-    assert (f"error: no pydegensac wheel for this Python {sys.version.split()[0]} ({THIS_TAG}) in "
-            "/kaggle/input/landmark-delg/wheels") in report["log_tail"]
+    assert (
+        f"error: no pydegensac wheel for this Python {sys.version.split()[0]} ({THIS_TAG}) in "
+        "/kaggle/input/landmark-delg/wheels"
+    ) in report["log_tail"]
     assert report["final"] is None
 
 
@@ -98,9 +132,11 @@ def test_a_wheel_for_another_python_stops_with_the_servers_error_line(tiny_compe
 def test_a_script_writing_under_kaggle_input_fails_as_on_the_server(tiny_competition, bundle, tmp_path):
     def writes_input(copy: Path) -> None:
         kernel = copy / "kernel.py"
-        kernel.write_text(kernel.read_text().replace("status = subprocess.run(",
-                                                     "Path(DATASET, 'cache.npz').write_bytes(b'')\nstatus = "
-                                                     "subprocess.run(", 1))
+        kernel.write_text(
+            kernel.read_text().replace(
+                "status = subprocess.run(", "Path(DATASET, 'cache.npz').write_bytes(b'')\nstatus = subprocess.run(", 1
+            )
+        )
 
     changed = altered_bundle(bundle, tmp_path / "bundle", writes_input)
     report = replay_bundle(tiny_competition, "recognition", changed, tmp_path / "out", 1.0, extra_args=LIGHT)
@@ -110,18 +146,29 @@ def test_a_script_writing_under_kaggle_input_fails_as_on_the_server(tiny_competi
 
 def test_bundle_names_and_a_task_the_bundle_does_not_run(bundle, tiny_competition, tmp_path, capsys):
     assert bundle_names(bundle) == ("landmark-delg", "landmark-recognition-2021", "recognition")
-    argv = ["--competition", str(tiny_competition), "--task", "retrieval", "--bundle", str(bundle), "--out",
-            str(tmp_path / "out")]
+    argv = [
+        "--competition",
+        str(tiny_competition),
+        "--task",
+        "retrieval",
+        "--bundle",
+        str(bundle),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert run_main(replay_main, argv) == 2
-    assert capsys.readouterr().err.startswith(f"error: --bundle {bundle} runs recognition (landmark-recognition-2021), "
-                                              "not --task retrieval")
+    assert capsys.readouterr().err.startswith(
+        f"error: --bundle {bundle} runs recognition (landmark-recognition-2021), not --task retrieval"
+    )
 
 
-def test_without_root_the_sandbox_is_read_only_copies_and_says_the_network_was_not_cut(tiny_competition, bundle,
-                                                                                        tmp_path, monkeypatch):
+def test_without_root_the_sandbox_is_read_only_copies_and_says_the_network_was_not_cut(
+    tiny_competition, bundle, tmp_path, monkeypatch
+):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # what a user who is not root gets
-    report = replay_bundle(tiny_competition, "recognition", bundle, tmp_path / "out", 1.0, Limits(disk_gb=1),
-                           extra_args=LIGHT)
+    report = replay_bundle(
+        tiny_competition, "recognition", bundle, tmp_path / "out", 1.0, Limits(disk_gb=1), extra_args=LIGHT
+    )
     assert report["status"] == "ok", report.get("log_tail")
     facts = report["sandbox"]
     assert facts["mode"] == "copies" and not facts["network"]["cut"] and "NOT cut" in facts["network"]["how"]
@@ -132,7 +179,8 @@ def test_without_root_the_sandbox_is_read_only_copies_and_says_the_network_was_n
 
 @root_only
 def test_a_run_over_its_ram_limit_is_killed_and_says_so(tiny_competition, bundle, tmp_path):
-    report = replay_bundle(tiny_competition, "recognition", bundle, tmp_path / "out", 1.0, Limits(ram_gb=0.1),
-                           extra_args=LIGHT)  # TensorFlow alone needs more
+    report = replay_bundle(
+        tiny_competition, "recognition", bundle, tmp_path / "out", 1.0, Limits(ram_gb=0.1), extra_args=LIGHT
+    )  # TensorFlow alone needs more
     assert report["status"] == "killed" and report["sandbox"]["killed"] == "ram above its limit"
     assert report["sandbox"]["ram"]["peak_gb"] > 0.1 and report["final"] is None

@@ -1,4 +1,5 @@
 """`local_eval show` and `show-pair` on the tiny competition, after a real run of the submission script."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,24 @@ from tests import HANG_GUARD_S
 from tests.delg_test_models import write_tf2_model
 
 sub = load_submission()
-SCRIPT_FLAGS = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200",
-                "--warmup-queries", "4", "--rerank-batch", "40", "--ransac-threshold-px", "4", "--workers", "0"]
+SCRIPT_FLAGS = [
+    "--scales",
+    "0.5",
+    "1.0",
+    "--global-scale-indices",
+    "0",
+    "1",
+    "--max-features",
+    "200",
+    "--warmup-queries",
+    "4",
+    "--rerank-batch",
+    "40",
+    "--ransac-threshold-px",
+    "4",
+    "--workers",
+    "0",
+]
 QUERIES = 6
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -50,18 +67,51 @@ def model_dir(request, tmp_path_factory) -> Path:
 def run_folder(tiny_competition, model_dir, tmp_path_factory) -> Path:
     """submission.csv and work/ of the submission script on the tiny recognition task (the replay layout)."""
     folder = tmp_path_factory.mktemp("show_run")
-    assert sub.main(["--task", "recognition", "--data", str(tiny_competition / "landmark-recognition"),
-                     "--model", str(model_dir), "--out", str(folder / "submission.csv"),
-                     "--work", str(folder / "work"), *SCRIPT_FLAGS]) == 0
+    assert (
+        sub.main(
+            [
+                "--task",
+                "recognition",
+                "--data",
+                str(tiny_competition / "landmark-recognition"),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(folder / "submission.csv"),
+                "--work",
+                str(folder / "work"),
+                *SCRIPT_FLAGS,
+            ]
+        )
+        == 0
+    )
     return folder
 
 
 @pytest.fixture(scope="module")
 def report_dir(run_folder, tiny_competition, model_dir) -> Path:
     out = run_folder / "report"
-    assert main_show(["--competition", str(tiny_competition), "--task", "recognition",
-                      "--submission", str(run_folder / "submission.csv"), "--model", str(model_dir),
-                      "--out", str(out), "--queries", str(QUERIES), "--", *SCRIPT_FLAGS]) == 0
+    assert (
+        main_show(
+            [
+                "--competition",
+                str(tiny_competition),
+                "--task",
+                "recognition",
+                "--submission",
+                str(run_folder / "submission.csv"),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(out),
+                "--queries",
+                str(QUERIES),
+                "--",
+                *SCRIPT_FLAGS,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -132,8 +182,9 @@ def test_show_pair_draws_the_match_of_two_images(tmp_path, tiny_competition, mod
     model = sub.DelgSavedModel(model_dir, settings.extraction)
     features = []
     for path in paths:
-        found = model.local_features(sub.decode_image(Path(path), settings.extraction.max_image_side,
-                                                      settings.extraction.min_image_side))
+        found = model.local_features(
+            sub.decode_image(Path(path), settings.extraction.max_image_side, settings.extraction.min_image_side)
+        )
         features.append(found._replace(descriptors=found.descriptors.astype(np.float16).astype(np.float32)))
     assert inliers == sub.count_inliers(*features, settings.verification)
     with Image.open(out) as picture:
@@ -142,14 +193,33 @@ def test_show_pair_draws_the_match_of_two_images(tmp_path, tiny_competition, mod
 
 def test_bad_input_is_one_clear_error(tmp_path, tiny_competition, model_dir, capsys):
     missing = tmp_path / "nothing.csv"
-    assert run_main(main_show, ["--competition", str(tiny_competition), "--task", "recognition",
-                                "--submission", str(missing), "--model", str(model_dir),
-                                "--out", str(tmp_path / "r")]) == 2
+    assert (
+        run_main(
+            main_show,
+            [
+                "--competition",
+                str(tiny_competition),
+                "--task",
+                "recognition",
+                "--submission",
+                str(missing),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "r"),
+            ],
+        )
+        == 2
+    )
     assert str(missing) in capsys.readouterr().err
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(b"not an image")
-    assert run_main(main_show_pair, [str(garbage), str(garbage), "--model", str(model_dir),
-                                     "--out", str(tmp_path / "p.png")]) == 2
+    assert (
+        run_main(
+            main_show_pair, [str(garbage), str(garbage), "--model", str(model_dir), "--out", str(tmp_path / "p.png")]
+        )
+        == 2
+    )
     assert f"{garbage}: not a readable image" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "p.png").exists()
 
@@ -160,8 +230,12 @@ def test_queries_are_the_most_confident_wrong_the_lowest_correct_and_random():
     wrong, correct = recognition_order(predictions, truth)
     assert wrong == ["d", "b", "f"] and correct == ["c", "e", "a"]
     chosen = choose_queries(wrong, correct, list(truth), 6, seed=0)
-    assert chosen[:4] == [("d", "most confident wrong"), ("b", "most confident wrong"),
-                          ("c", "lowest-ranked correct"), ("e", "lowest-ranked correct")]
+    assert chosen[:4] == [
+        ("d", "most confident wrong"),
+        ("b", "most confident wrong"),
+        ("c", "lowest-ranked correct"),
+        ("e", "lowest-ranked correct"),
+    ]
     assert len({q for q, _ in chosen}) == 6 and {r for _, r in chosen[4:]} == {"random sample"}
     ranked = {"x": ["i1", "i2", "i3"], "y": ["i3", "i1"], "z": ["i4", "i5"]}
     pairs = {("y", "i3"): {"inliers": 9, "cosine": 0.5}, ("z", "i4"): {"inliers": 30, "cosine": 0.4}}
@@ -174,11 +248,12 @@ def test_match_picture_draws_inliers_bright_and_rejected_matches_faint():
     keypoints = np.array([[10, 10], [30, 40], [50, 20]], np.float32)
     order = np.arange(3)
     bright = lambda picture: np.all(np.asarray(picture) == draw.INLIER_COLOUR[:3], axis=-1).sum()
-    with_inliers = draw.match_picture(left, right, keypoints, keypoints, order, order,
-                                      np.array([True, True, False]), "2 inliers")
+    with_inliers = draw.match_picture(
+        left, right, keypoints, keypoints, order, order, np.array([True, True, False]), "2 inliers"
+    )
     rejected_only = draw.match_picture(left, right, keypoints, keypoints, order, order, np.zeros(3, bool), "0")
     assert bright(with_inliers) > 100 and bright(rejected_only) == 0
-    assert np.asarray(rejected_only)[draw.CAPTION_HEIGHT:].max() > 0  # faint lines, still visible
+    assert np.asarray(rejected_only)[draw.CAPTION_HEIGHT :].max() > 0  # faint lines, still visible
     heat = draw.attention_overlay(np.zeros((64, 64, 3), np.uint8), keypoints, np.array([1.0, 0.5, 0.1]))
     assert np.asarray(heat)[10, 10].sum() > np.asarray(heat)[60, 60].sum()
 
@@ -190,24 +265,70 @@ def test_page_renders_in_headless_chromium(report_dir, tmp_path):
             pytest.fail(f"{message}; in CI this test must run")
         pytest.skip(message)
     screenshot = tmp_path / "page.png"
-    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}",
-                    "--window-size=1200,1600", (report_dir / "index.html").resolve().as_uri()],
-                   check=True, timeout=HANG_GUARD_S, capture_output=True)
+    subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={screenshot}",
+            "--window-size=1200,1600",
+            (report_dir / "index.html").resolve().as_uri(),
+        ],
+        check=True,
+        timeout=HANG_GUARD_S,
+        capture_output=True,
+    )
     pixels = np.asarray(Image.open(screenshot).convert("L"), float)
     assert pixels.std() > 10 and len(np.unique(pixels)) > 50  # text, thumbnails and pictures, not a blank page
 
 
-
 def test_retrieval_report_draws_the_submitted_first_result(tiny_competition, model_dir, tmp_path):
     flags = [*SCRIPT_FLAGS, "--rerank", "2"]
-    assert sub.main(["--task", "retrieval", "--data", str(tiny_competition / "landmark-retrieval"),
-                     "--model", str(model_dir), "--out", str(tmp_path / "submission.csv"),
-                     "--work", str(tmp_path / "work"), *flags]) == 0
-    assert main_show(["--competition", str(tiny_competition), "--task", "retrieval",
-                      "--submission", str(tmp_path / "submission.csv"), "--model", str(model_dir),
-                      "--out", str(tmp_path / "report"), "--queries", "3", "--", *flags]) == 0
+    assert (
+        sub.main(
+            [
+                "--task",
+                "retrieval",
+                "--data",
+                str(tiny_competition / "landmark-retrieval"),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "submission.csv"),
+                "--work",
+                str(tmp_path / "work"),
+                *flags,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main_show(
+            [
+                "--competition",
+                str(tiny_competition),
+                "--task",
+                "retrieval",
+                "--submission",
+                str(tmp_path / "submission.csv"),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "report"),
+                "--queries",
+                "3",
+                "--",
+                *flags,
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     submission = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
     submitted = dict(zip(submission["id"], submission["images"].str.split(), strict=True))
@@ -217,12 +338,32 @@ def test_retrieval_report_draws_the_submitted_first_result(tiny_competition, mod
         assert view["match"]["inliers"] == view["match"]["submission_inliers"]
 
 
-def test_without_the_work_folder_features_are_recomputed_to_the_same_inliers(run_folder, tiny_competition,
-                                                                              model_dir, tmp_path):
-    assert main_show(["--competition", str(tiny_competition), "--task", "recognition",
-                      "--submission", str(run_folder / "submission.csv"), "--model", str(model_dir),
-                      "--out", str(tmp_path / "report"), "--queries", "2", "--work", str(tmp_path / "none"),
-                      "--", *SCRIPT_FLAGS]) == 0
+def test_without_the_work_folder_features_are_recomputed_to_the_same_inliers(
+    run_folder, tiny_competition, model_dir, tmp_path
+):
+    assert (
+        main_show(
+            [
+                "--competition",
+                str(tiny_competition),
+                "--task",
+                "recognition",
+                "--submission",
+                str(run_folder / "submission.csv"),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "report"),
+                "--queries",
+                "2",
+                "--work",
+                str(tmp_path / "none"),
+                "--",
+                *SCRIPT_FLAGS,
+            ]
+        )
+        == 0
+    )
     pairs = pd.read_csv(run_folder / "work" / "verified_pairs.csv", dtype={"id": str, "candidate": str})
     submitted = {(r.id, r.candidate): r.inliers for r in pairs.itertuples()}
     report = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -241,8 +382,9 @@ def test_recognition_neighbours_are_those_the_submission_searched():
     ids = {split: [f"{split}{i}" for i in range(len(rows))] for split, rows in descriptors.items()}
     stage = sub.Global()
     settings = SimpleNamespace(global_stage=stage, run=SimpleNamespace(knn_block_mb=64))
-    extractor = SimpleNamespace(settings=settings, global_descriptors=lambda split, wanted: (
-        descriptors[split], np.ones(len(wanted), bool)))
+    extractor = SimpleNamespace(
+        settings=settings, global_descriptors=lambda split, wanted: (descriptors[split], np.ones(len(wanted), bool))
+    )
     comp = Competition("recognition", ids["test"], ids["train"], {}, {}, {})
     found = top_neighbours(extractor, comp, ids["test"], {})
     whitening = sub.fit_whitening(descriptors["train"], stage.whiten_shrinkage)

@@ -1,4 +1,5 @@
 """Unit tests of submission/main.py: constants, model loading (TF2 and TF1), decoding, kNN, matching, scoring."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,9 @@ def test_tf1_model_goes_through_prune_and_matches_tf2(models):
     tf2_model, tf1_model = delg(tf2_dir), delg(tf1_dir)
     assert (tf2_model.kind, tf1_model.kind) == ("tf2", "tf1")
     image = textured_image(0)
-    np.testing.assert_allclose(tf1_model.global_descriptor(image, GLOBAL_SCALES),
-                               tf2_model.global_descriptor(image, GLOBAL_SCALES), atol=1e-5)
+    np.testing.assert_allclose(
+        tf1_model.global_descriptor(image, GLOBAL_SCALES), tf2_model.global_descriptor(image, GLOBAL_SCALES), atol=1e-5
+    )
     kp1, desc1, side = tf1_model.local_features(image)
     kp2, desc2, _ = tf2_model.local_features(image)
     assert side == 96
@@ -107,13 +109,16 @@ def encoded(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("name, contents, shape", [
-    ("gray.png", lambda a: encoded(a[..., 0], "PNG"), (96, 96, 3)),
-    ("cmyk.jpg", lambda a: encoded(a, "JPEG", "CMYK"), (96, 96, 3)),
-    ("rgba.png", lambda a: encoded(a, "PNG", "RGBA"), (96, 96, 3)),
-    ("pixel.jpg", lambda a: encoded(a[:1, :1], "JPEG"), (32, 32, 3)),
-    ("strip.png", lambda a: encoded(np.tile(a[:2], (1, 40, 1)), "PNG"), (32, 1024, 3)),
-])
+@pytest.mark.parametrize(
+    "name, contents, shape",
+    [
+        ("gray.png", lambda a: encoded(a[..., 0], "PNG"), (96, 96, 3)),
+        ("cmyk.jpg", lambda a: encoded(a, "JPEG", "CMYK"), (96, 96, 3)),
+        ("rgba.png", lambda a: encoded(a, "PNG", "RGBA"), (96, 96, 3)),
+        ("pixel.jpg", lambda a: encoded(a[:1, :1], "JPEG"), (32, 32, 3)),
+        ("strip.png", lambda a: encoded(np.tile(a[:2], (1, 40, 1)), "PNG"), (32, 1024, 3)),
+    ],
+)
 def test_decoding_odd_images(tmp_path, name, contents, shape):
     path = tmp_path / name
     path.write_bytes(contents(textured_image(2)))
@@ -138,11 +143,14 @@ def test_unreadable_images_decode_to_none(tmp_path, caplog, contents):
     assert "bad.jpg" in caplog.text
 
 
-@pytest.mark.parametrize("search", [
-    lambda q, d, k: sub.knn(q, d, k, block_mb=1),
-    lambda q, d, k: search.knn_numpy(q, d, k, q_block=16, db_chunk=300),  # several blocks of both
-    lambda q, d, k: search.knn_tensorflow(q, d, k, q_block=16, db_block=300),
-])
+@pytest.mark.parametrize(
+    "search",
+    [
+        lambda q, d, k: sub.knn(q, d, k, block_mb=1),
+        lambda q, d, k: search.knn_numpy(q, d, k, q_block=16, db_chunk=300),  # several blocks of both
+        lambda q, d, k: search.knn_tensorflow(q, d, k, q_block=16, db_block=300),
+    ],
+)
 def test_knn_blocks_equal_brute_force(search):
     rng = np.random.default_rng(0)
     queries, database = rng.normal(size=(70, 16)), rng.normal(size=(3000, 16))
@@ -161,8 +169,15 @@ def test_mutual_matching_keeps_only_mutual_pairs_within_distance():
     assert len(sub.putative_matches(a, b, 0.1, mutual=False)[0]) == 2  # a[1] is 0.32 from b[0]
 
 
-SETTINGS = sub.Verification(match_max_distance=0.9, mutual=True, min_matches=5, ransac_threshold_px=4.0,
-                            ransac_confidence=0.999, ransac_iterations=1000, ransac_seed=0)
+SETTINGS = sub.Verification(
+    match_max_distance=0.9,
+    mutual=True,
+    min_matches=5,
+    ransac_threshold_px=4.0,
+    ransac_confidence=0.999,
+    ransac_iterations=1000,
+    ransac_seed=0,
+)
 
 
 def test_identical_view_has_more_inliers_than_an_unrelated_image(models):
@@ -203,8 +218,12 @@ def test_nonlandmark_share_counts_nonlandmarks_among_the_top_k():
 
 
 def test_plan_depth_degrades_with_the_time_left(tmp_path):
-    timing = sub.Timing(tmp_path / "timing.json", "recognition", sub.Budget(time_budget_h=1.0, safety_margin=0.0),
-                        started=time.monotonic())  # the budget counts from now, not from pytest's start
+    timing = sub.Timing(
+        tmp_path / "timing.json",
+        "recognition",
+        sub.Budget(time_budget_h=1.0, safety_margin=0.0),
+        started=time.monotonic(),
+    )  # the budget counts from now, not from pytest's start
     assert sub.plan_depth(timing, 100, max_depth=10, new_image_share=1.0) == 10  # nothing measured yet
     timing.add("local_features", 10, 1.0)  # 0.1 s per image
     timing.add("verification", 10, 1.0)  # 0.1 s per pair
@@ -231,18 +250,21 @@ def test_local_cache_is_trimmed_to_its_limit_oldest_first(tmp_path):
 REQUIRED = ["--task", "recognition", "--data", "d", "--model", "m"]
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--warmup-queries", "0", "--warmup-queries must be >= 1, got 0"),
-    ("--chunk-size", "-3", "--chunk-size must be >= 1, got -3"),
-    ("--time-budget-h", "-1", "--time-budget-h must be > 0, got -1.0"),
-    ("--time-budget-h", "nan", "--time-budget-h must be a finite number, got nan"),
-    ("--safety-margin", "1", "--safety-margin must be < 1, got 1.0"),
-    ("--ransac-threshold", "0", "--ransac-threshold must be > 0, got 0.0"),
-    ("--scales", "0.5 -1", "--scales must be > 0, got -1.0"),
-    ("--global-scale-indices", "9", "--global-scale-indices 9 is out of range for 7 --scales"),
-    ("--shard", "2/2", "--shard 2/2: need 0 <= i < n"),
-    ("--border-margin", "0.5", "--border-margin must be < 0.5, got 0.5"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--warmup-queries", "0", "--warmup-queries must be >= 1, got 0"),
+        ("--chunk-size", "-3", "--chunk-size must be >= 1, got -3"),
+        ("--time-budget-h", "-1", "--time-budget-h must be > 0, got -1.0"),
+        ("--time-budget-h", "nan", "--time-budget-h must be a finite number, got nan"),
+        ("--safety-margin", "1", "--safety-margin must be < 1, got 1.0"),
+        ("--ransac-threshold", "0", "--ransac-threshold must be > 0, got 0.0"),
+        ("--scales", "0.5 -1", "--scales must be > 0, got -1.0"),
+        ("--global-scale-indices", "9", "--global-scale-indices 9 is out of range for 7 --scales"),
+        ("--shard", "2/2", "--shard 2/2: need 0 <= i < n"),
+        ("--border-margin", "0.5", "--border-margin must be < 0.5, got 0.5"),
+    ],
+)
 def test_every_setting_is_range_checked_with_one_line(capsys, flag, value, message):
     assert sub.main([*REQUIRED, flag, *value.split()]) == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
@@ -259,8 +281,10 @@ def write_json(path, content) -> str:
 
 
 def test_settings_layer_defaults_preset_file_then_flags(tmp_path):
-    file = write_json(tmp_path / "tuned.json", {"verification": {"ransac_threshold": 0.01, "mutual": True},
-                                                "scoring": {"top_k": 5}, "about": {"seed": 3}})
+    file = write_json(
+        tmp_path / "tuned.json",
+        {"verification": {"ransac_threshold": 0.01, "mutual": True}, "scoring": {"top_k": 5}, "about": {"seed": 3}},
+    )
     settings = sub.parse_settings([*REQUIRED, "--preset", "host-2020", "--settings", file, "--top-k", "2"])
     assert settings.verification.ransac_threshold == 0.01 and settings.verification.mutual  # file over preset
     assert settings.verification.ransac_threshold_px == 20.0 and settings.scoring.rerank == 3  # preset
@@ -288,14 +312,17 @@ def test_a_task_default_sits_under_the_preset_and_the_flags():
     assert published.sources["dba_n"] == "preset delg-paper"
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"scoring": {"top_kk": 3}}, "unknown setting 'scoring.top_kk'"),
-    ({"scoring": {"top_k": "3"}}, "'scoring.top_k' must be int, got '3'"),
-    ({"scoring": {"top_k": 0}}, "--top-k must be >= 1, got 0"),
-    ({"extraction": {"scales": 1.0}}, "'extraction.scales' must be a non-empty list of float"),
-    ({"verification": {"mutual": 1}}, "'verification.mutual' must be bool"),
-    ([1, 2], "expected an object of sections"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"scoring": {"top_kk": 3}}, "unknown setting 'scoring.top_kk'"),
+        ({"scoring": {"top_k": "3"}}, "'scoring.top_k' must be int, got '3'"),
+        ({"scoring": {"top_k": 0}}, "--top-k must be >= 1, got 0"),
+        ({"extraction": {"scales": 1.0}}, "'extraction.scales' must be a non-empty list of float"),
+        ({"verification": {"mutual": 1}}, "'verification.mutual' must be bool"),
+        ([1, 2], "expected an object of sections"),
+    ],
+)
 def test_a_bad_settings_file_is_one_line_naming_the_file(tmp_path, capsys, content, message):
     file = write_json(tmp_path / "bad.json", content)
     assert sub.main([*REQUIRED, "--settings", file]) == 2
@@ -327,13 +354,16 @@ def test_compact_valid_moves_the_ok_rows_up_in_place():
     assert np.shares_memory(valid, descriptors)  # no second copy
 
 
-@pytest.mark.parametrize("rows, message", [
-    ("aaa1,abc", "train.csv line 2: id aaa1: landmark_id 'abc' is not an integer"),
-    ("aaa1,", "train.csv line 2: id aaa1: landmark_id '' is not an integer"),
-    ("aaa1,12.5", "train.csv line 2: id aaa1: landmark_id '12.5' is not an integer"),
-    ("aaa1,3\nab,95", "train.csv line 3: id 'ab' is not an image id"),
-    ("aaa1,3\nbbb2,4\naaa1,5", "train.csv line 4: id aaa1 repeats line 2"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("aaa1,abc", "train.csv line 2: id aaa1: landmark_id 'abc' is not an integer"),
+        ("aaa1,", "train.csv line 2: id aaa1: landmark_id '' is not an integer"),
+        ("aaa1,12.5", "train.csv line 2: id aaa1: landmark_id '12.5' is not an integer"),
+        ("aaa1,3\nab,95", "train.csv line 3: id 'ab' is not an image id"),
+        ("aaa1,3\nbbb2,4\naaa1,5", "train.csv line 4: id aaa1 repeats line 2"),
+    ],
+)
 def test_bad_train_rows_name_the_file_line_and_id(tmp_path, rows, message):
     (tmp_path / "train.csv").write_text("id,landmark_id\n" + rows + "\n")
     with pytest.raises(sub.InputError) as error:
@@ -362,10 +392,18 @@ def test_round_robin_covers_every_landmark_before_a_second_image_of_any():
     assert order.tolist() == [0, 3, 4, 1, 5, 2]
 
 
-@pytest.mark.parametrize("size, bucket", [
-    ((1024, 768), (1024, 768)), ((768, 1024), (768, 1024)), ((4000, 3000), (1024, 768)),
-    ((800, 600), (768, 576)), ((300, 300), (256, 256)), ((1, 1), (256, 256)), ((3840, 2), (1024, 576)),
-])
+@pytest.mark.parametrize(
+    "size, bucket",
+    [
+        ((1024, 768), (1024, 768)),
+        ((768, 1024), (768, 1024)),
+        ((4000, 3000), (1024, 768)),
+        ((800, 600), (768, 576)),
+        ((300, 300), (256, 256)),
+        ((1, 1), (256, 256)),
+        ((3840, 2), (1024, 576)),
+    ],
+)
 def test_global_buckets_are_few_and_never_upscale_big_images(size, bucket):
     assert store.global_bucket(*size, max_side=1024) == bucket
 

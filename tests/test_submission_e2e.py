@@ -6,6 +6,7 @@ With $KIT_SCRIPT_PYTHON set (`make kaggle-check`: .venv-kaggle's Python, Kaggle'
 runs with that interpreter while the models and data come from this one; the tests that call or patch the
 script inside this process are skipped then.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,14 +31,31 @@ from tests.delg_test_models import write_tf1_model, write_tf2_model
 sub = load_submission()
 store = sibling("store")
 SCRIPT_PYTHON = os.environ.get(SCRIPT_PYTHON_ENV)  # when set, the interpreter that runs the script
-in_this_process = pytest.mark.skipif(bool(SCRIPT_PYTHON), reason=f"calls or patches the script in this process, "
-                                                                 f"not with ${SCRIPT_PYTHON_ENV}")
-VERSIONS_PROBE = ("import importlib.metadata as m, json, sys; print(json.dumps({'python': sys.version.split()[0], "
-                  "**{name: m.version(name) for name in ('tensorflow', 'numpy', 'pandas', 'scikit-learn', "
-                  "'pydegensac')}}))")
+in_this_process = pytest.mark.skipif(
+    bool(SCRIPT_PYTHON), reason=f"calls or patches the script in this process, not with ${SCRIPT_PYTHON_ENV}"
+)
+VERSIONS_PROBE = (
+    "import importlib.metadata as m, json, sys; print(json.dumps({'python': sys.version.split()[0], "
+    "**{name: m.version(name) for name in ('tensorflow', 'numpy', 'pandas', 'scikit-learn', "
+    "'pydegensac')}}))"
+)
 LANDMARKS = 4
-FAST = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "300",
-        "--warmup-queries", "2", "--rerank-batch", "3", "--ransac-threshold-px", "4"]
+FAST = [
+    "--scales",
+    "0.5",
+    "1.0",
+    "--global-scale-indices",
+    "0",
+    "1",
+    "--max-features",
+    "300",
+    "--warmup-queries",
+    "2",
+    "--rerank-batch",
+    "3",
+    "--ransac-threshold-px",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +110,11 @@ def build_competition(root) -> dict:
     """Both tasks: LANDMARKS scenes x 2 database images; a shifted view of each scene and odd images as tests."""
     rng = np.random.default_rng(0)
     truth = {"views": {}, "odd": {}}
-    db = [(rng.bytes(8).hex(), lm, scene(lm) if copy == 0 else np.roll(scene(lm), 4, axis=0))
-          for lm in range(LANDMARKS) for copy in range(2)]
+    db = [
+        (rng.bytes(8).hex(), lm, scene(lm) if copy == 0 else np.roll(scene(lm), 4, axis=0))
+        for lm in range(LANDMARKS)
+        for copy in range(2)
+    ]
     views = {rng.bytes(8).hex(): lm for lm in range(LANDMARKS)}
     for task, split, column in [("recognition", "train", "landmarks"), ("retrieval", "index", "images")]:
         folder = root / f"landmark-{task}"
@@ -106,7 +127,8 @@ def build_competition(root) -> dict:
         pd.DataFrame({"id": test_ids, column: ""}).to_csv(folder / "sample_submission.csv", index=False)
         truth["odd"] = odd
     pd.DataFrame({"id": [i for i, _, _ in db], "landmark_id": [lm for _, lm, _ in db]}).to_csv(
-        root / "landmark-recognition" / "train.csv", index=False)
+        root / "landmark-recognition" / "train.csv", index=False
+    )
     truth["views"] = views
     truth["db_landmark"] = {i: lm for i, lm, _ in db}
     return truth
@@ -121,8 +143,9 @@ def competition(tmp_path_factory):
 def run_main(argv: list[str]) -> tuple[int, str]:
     """The script's exit status and its error output: run in this process, or with $KIT_SCRIPT_PYTHON."""
     if SCRIPT_PYTHON:
-        result = subprocess.run([SCRIPT_PYTHON, str(SCRIPT), *argv], capture_output=True, text=True,
-                                timeout=HANG_GUARD_S)
+        result = subprocess.run(
+            [SCRIPT_PYTHON, str(SCRIPT), *argv], capture_output=True, text=True, timeout=HANG_GUARD_S
+        )
         return result.returncode, result.stderr
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors):
@@ -132,15 +155,28 @@ def run_main(argv: list[str]) -> tuple[int, str]:
 
 def script_versions() -> dict[str, str]:
     """The versions of Python and of the script's packages where the script runs, as its interpreter reports them."""
-    probe = subprocess.run([SCRIPT_PYTHON or sys.executable, "-c", VERSIONS_PROBE], capture_output=True, text=True,
-                           check=True)
+    probe = subprocess.run(
+        [SCRIPT_PYTHON or sys.executable, "-c", VERSIONS_PROBE], capture_output=True, text=True, check=True
+    )
     return json.loads(probe.stdout)
 
 
 def run_script(task: str, data, model, tmp_path, *extra: str) -> tuple[pd.DataFrame, dict]:
     out, work = tmp_path / "submission.csv", tmp_path / "work"
-    argv = ["--task", task, "--data", str(data), "--model", str(model), "--out", str(out),
-            "--work", str(work), *FAST, *extra]
+    argv = [
+        "--task",
+        task,
+        "--data",
+        str(data),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        *FAST,
+        *extra,
+    ]
     status, errors = run_main(argv)
     assert status == 0, errors[-3000:]
     timing = json.loads((work / "timing.json").read_text())
@@ -212,8 +248,9 @@ def test_budget_too_small_for_reranking_gives_the_global_only_file(competition, 
 
 
 def settings_for(task: str, data, model, work, *extra: str):
-    return sub.parse_settings(["--task", task, "--data", str(data), "--model", str(model), "--work", str(work),
-                               *FAST, *extra])
+    return sub.parse_settings(
+        ["--task", task, "--data", str(data), "--model", str(model), "--work", str(work), *FAST, *extra]
+    )
 
 
 @in_this_process
@@ -230,7 +267,9 @@ def test_reranking_puts_the_verified_view_first(competition, delg_model_dir, tmp
     neighbours = np.array([[db_ids.index(impostor), db_ids.index(true_match)]])  # impostor first
     timing = sub.Timing(tmp_path / "timing.json", "retrieval", settings.budget)
     inputs = sub.Inputs([query_id], "index", db_ids, np.zeros(0, np.int64))
-    inliers = sub.verify_queries(model, settings, timing, inputs, neighbours, [0], max_depth=2, on_progress=lambda *_: None)
+    inliers = sub.verify_queries(
+        model, settings, timing, inputs, neighbours, [0], max_depth=2, on_progress=lambda *_: None
+    )
     assert inliers[0, 1] > inliers[0, 0]
     rows = sub.retrieval_rows(np.array([[0.9, 0.8]]), neighbours, inliers, db_ids, np.array([True]))
     assert rows[0].split() == [true_match, impostor]
@@ -258,8 +297,9 @@ def test_interrupted_extraction_resumes_from_the_cache(competition, delg_model_d
     data = competition[0] / "landmark-recognition"
     ids, _ = sub.read_train_labels(data)
     paths = [image_path(data, "train", i) for i in ids]
-    settings = settings_for("recognition", data, delg_model_dir, tmp_path, "--chunk-size", "3", "--cache-float16",
-                            "--global-batch", "1")
+    settings = settings_for(
+        "recognition", data, delg_model_dir, tmp_path, "--chunk-size", "3", "--cache-float16", "--global-batch", "1"
+    )
     model = sub.DelgSavedModel(delg_model_dir, settings.extraction)
     cache, extract = tmp_path / "global" / "train", sub.extract_global
     with pytest.raises(KeyboardInterrupt):
@@ -269,8 +309,9 @@ def test_interrupted_extraction_resumes_from_the_cache(competition, delg_model_d
     descriptors, ok = sub.load_global(cache, ids, chunk_size=3)
     assert ok.all() and descriptors.shape == (len(ids), model.global_dim)
     image = store.decode_for_global(paths[4], settings.extraction.global_max_side)
-    np.testing.assert_allclose(descriptors[4], model.global_descriptor(image, settings.extraction.global_scales()),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        descriptors[4], model.global_descriptor(image, settings.extraction.global_scales()), atol=1e-3
+    )
 
 
 @in_this_process
@@ -281,8 +322,9 @@ def test_a_deadline_during_the_database_pass_keeps_what_was_done(competition, de
     settings = settings_for("recognition", data, delg_model_dir, tmp_path, "--chunk-size", "3", "--global-batch", "1")
     model = sub.DelgSavedModel(delg_model_dir, settings.extraction)
     cache = tmp_path / "global"
-    done, stopped = sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run,
-                                       stop=lambda count, seconds: count >= 4)
+    done, stopped = sub.extract_global(
+        model, ids, paths, cache, settings.extraction, settings.run, stop=lambda count, seconds: count >= 4
+    )
     assert (done, stopped) == (4, True)
     with pytest.raises(sub.InputError, match="chunk 2 is missing"):
         sub.load_global(cache, ids, 3)
@@ -295,8 +337,21 @@ def test_shards_merge_into_one_cache(competition, delg_model_dir, tmp_path):
     data = competition[0] / "landmark-recognition"
     chunks = tmp_path / "work" / "global" / "m0" / "train"
     for shard, chunk_count in [("0/2", 2), ("1/2", 3)]:  # 8 images in chunks of 3: shard 0 has 0 and 2
-        argv = ["--task", "recognition", "--data", str(data), "--model", str(delg_model_dir),
-                "--work", str(tmp_path / "work"), "--chunk-size", "3", "--shard", shard, *FAST]
+        argv = [
+            "--task",
+            "recognition",
+            "--data",
+            str(data),
+            "--model",
+            str(delg_model_dir),
+            "--work",
+            str(tmp_path / "work"),
+            "--chunk-size",
+            "3",
+            "--shard",
+            shard,
+            *FAST,
+        ]
         status, errors = run_main(argv)
         assert status == 0, errors[-3000:]
         assert len(list(chunks.glob("chunk_*.npz"))) == chunk_count
@@ -328,18 +383,30 @@ def model_of_a_later_tensorflow(model_dir, exported_with: str | None):
     return model_dir
 
 
-@pytest.mark.parametrize("exported_with, named", [("9.1.0", "TensorFlow 9.1.0"),
-                                                  (None, "an unrecorded TensorFlow (no version in assets/")])
+@pytest.mark.parametrize(
+    "exported_with, named", [("9.1.0", "TensorFlow 9.1.0"), (None, "an unrecorded TensorFlow (no version in assets/")]
+)
 def test_a_model_this_tensorflow_cannot_load_ends_with_one_error_line(competition, tmp_path, exported_with, named):
     model = model_of_a_later_tensorflow(tmp_path / "model", exported_with)
-    argv = ["--task", "retrieval", "--data", str(competition[0] / "landmark-retrieval"), "--model", str(model),
-            "--out", str(tmp_path / "submission.csv"), "--work", str(tmp_path / "work")]
+    argv = [
+        "--task",
+        "retrieval",
+        "--data",
+        str(competition[0] / "landmark-retrieval"),
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "submission.csv"),
+        "--work",
+        str(tmp_path / "work"),
+    ]
     status, errors = run_main(argv)
     running = script_versions()["tensorflow"]
     last = errors.strip().splitlines()[-1]
     assert status == 2 and "Traceback" not in errors
-    assert last.startswith(f"error: --model {model}: TensorFlow {running} cannot load it (Op type not registered "
-                           f"'OpOfALaterTensorFlow'")
+    assert last.startswith(
+        f"error: --model {model}: TensorFlow {running} cannot load it (Op type not registered 'OpOfALaterTensorFlow'"
+    )
     assert f"it was exported with {named}" in last
     oldest = sibling("savedmodel").OLDEST_LOADING_TF
     assert last.endswith(f"TensorFlow {oldest} or newer is known to load the kit's exports")
@@ -353,15 +420,15 @@ def test_synthetic_competition_both_tasks(tiny_competition, delg_model_dir, tmp_
         assert_complete(frame, data, column)
 
 
-
 def stage_items(timing: dict) -> dict[str, int]:
     return {name: stage["items"] for name, stage in timing["stages"].items()}
 
 
 def test_changed_settings_or_model_clear_the_caches(competition, models, tmp_path):
     data = competition[0] / "landmark-recognition"
-    run = lambda model, *extra: stage_items(run_script("recognition", data, model, tmp_path, "--workers", "0",
-                                                       *extra)[1])
+    run = lambda model, *extra: stage_items(
+        run_script("recognition", data, model, tmp_path, "--workers", "0", *extra)[1]
+    )
     first = run(models["tf2"])
     assert first["global_db"] > 0 and first["local_features"] > 0
     unchanged = run(models["tf2"])
@@ -385,14 +452,21 @@ def test_chunk_check_reads_only_the_ids(competition, delg_model_dir, tmp_path):
     model = sub.DelgSavedModel(delg_model_dir, settings.extraction)
     cache = tmp_path / "global"
     sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run)
-    np.savez(store.chunk_path(cache, 0), ids=np.array(ids[:3]), descriptors=np.array([None]), ok=np.ones(3, bool),
-             complete=True, stamps=store.image_stamps(paths[:3]))
+    np.savez(
+        store.chunk_path(cache, 0),
+        ids=np.array(ids[:3]),
+        descriptors=np.array([None]),
+        ok=np.ones(3, bool),
+        complete=True,
+        stamps=store.image_stamps(paths[:3]),
+    )
     assert sub.extract_global(model, ids, paths, cache, settings.extraction, settings.run) == (0, False)
 
 
 @in_this_process
 def test_a_crash_during_extraction_leaves_out_alone_and_a_complete_empty_submission_in_work(
-        competition, delg_model_dir, tmp_path, monkeypatch):
+    competition, delg_model_dir, tmp_path, monkeypatch
+):
     data = competition[0] / "landmark-retrieval"
     (tmp_path / "submission.csv").write_text("id,images\nabc123,def456\n")  # an earlier run's good result
 
@@ -416,8 +490,9 @@ def test_submission_rewrites_wait_for_write_every_s(competition, delg_model_dir,
     monkeypatch.setattr(sub, "write_submission", lambda *a: (writes.append(a[3]), write(*a))[1])
     for every_s in ["300", "0"]:
         writes.clear()
-        frame, timing = run_script("recognition", data, delg_model_dir, tmp_path / every_s, "--workers", "0",
-                                   "--write-every-s", every_s)
+        frame, timing = run_script(
+            "recognition", data, delg_model_dir, tmp_path / every_s, "--workers", "0", "--write-every-s", every_s
+        )
         pairs = pd.read_csv(tmp_path / every_s / "work" / "verified_pairs.csv", dtype={"id": str})
         assert len(pairs) == timing["stages"]["verification"]["items"] > 0
         assert not pairs.duplicated(["id", "rank"]).any()
@@ -431,9 +506,25 @@ def test_submission_rewrites_wait_for_write_every_s(competition, delg_model_dir,
 
 def test_an_ensemble_caches_each_model_and_concatenates_their_descriptors(competition, models, tmp_path):
     data = competition[0] / "landmark-recognition"
-    frame, timing = run_script("recognition", data, models["tf2"], tmp_path, "--model", str(models["tf1"]),
-                               "--model-weights", "1", "0.5", "--local-model", str(models["tf1"]),
-                               "--qe-n", "2", "--superglobal-m", "4", "--superglobal-k", "2")
+    frame, timing = run_script(
+        "recognition",
+        data,
+        models["tf2"],
+        tmp_path,
+        "--model",
+        str(models["tf1"]),
+        "--model-weights",
+        "1",
+        "0.5",
+        "--local-model",
+        str(models["tf1"]),
+        "--qe-n",
+        "2",
+        "--superglobal-m",
+        "4",
+        "--superglobal-k",
+        "2",
+    )
     assert_complete(frame, data, "landmarks")
     work = tmp_path / "work"
     for m in ("m0", "m1"):
@@ -443,8 +534,7 @@ def test_an_ensemble_caches_each_model_and_concatenates_their_descriptors(compet
     assert [p.name for p in settings.run.model] == ["tf2", "tf1"]
     assert json.loads((work / "settings.json").read_text())["run"]["model_weights"] == [1.0, 0.5]
     assert timing["stages"]["global_rerank"]["items"] == len(frame)  # SuperGlobal, timed (alpha-QE: kNN products)
-    assert single.shape[1] * 2 == sum(sub.DelgSavedModel(m, settings.extraction).global_dim
-                                      for m in settings.run.model)
+    assert single.shape[1] * 2 == sum(sub.DelgSavedModel(m, settings.extraction).global_dim for m in settings.run.model)
 
 
 @in_this_process

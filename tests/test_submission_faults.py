@@ -1,6 +1,7 @@
 """submission/main.py under the faults of issues 21 and 29: a bad --model or database, a failure, Ctrl-C or a full
 disk leave an earlier --out as it was, one run per --work, 16-bit images, the modes of the files it writes, bad
 flags and settings files as one error line, bounded numbers."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,20 @@ def model(tmp_path_factory):
 
 
 def argv(task: str, data, model, tmp_path, *extra: str) -> list[str]:
-    return ["--task", task, "--data", str(data), "--model", str(model), "--out", str(tmp_path / "s.csv"),
-            "--work", str(tmp_path / "work"), *FAST, *extra]
+    return [
+        "--task",
+        task,
+        "--data",
+        str(data),
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "s.csv"),
+        "--work",
+        str(tmp_path / "work"),
+        *FAST,
+        *extra,
+    ]
 
 
 def fails_with_one_line(capsys, args: list[str], *named: str) -> str:
@@ -94,30 +107,38 @@ def write_wrong_outputs(folder):
     """The DELG inputs, but only one of its outputs."""
     module = tf.Module()
     module.serve = tf.function(lambda **kw: {"features": tf.zeros([1, 128])}).get_concrete_function(
-        input_image=tf.TensorSpec([None, None, 3], tf.uint8), input_scales=tf.TensorSpec([None], tf.float32),
-        input_max_feature_num=tf.TensorSpec([], tf.int32), input_abs_thres=tf.TensorSpec([], tf.float32),
-        input_global_scales_ind=tf.TensorSpec([None], tf.int32))
+        input_image=tf.TensorSpec([None, None, 3], tf.uint8),
+        input_scales=tf.TensorSpec([None], tf.float32),
+        input_max_feature_num=tf.TensorSpec([], tf.int32),
+        input_abs_thres=tf.TensorSpec([], tf.float32),
+        input_global_scales_ind=tf.TensorSpec([None], tf.int32),
+    )
     tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
 
 
-@pytest.mark.parametrize("make, named", [
-    (lambda folder: folder.mkdir(), "is not a SavedModel folder (no saved_model.pb)"),
-    (lambda folder: None, "no such folder"),
-    (lambda folder: folder.write_text("x"), "not a folder"),
-    (write_random_pb, "cannot load it ("),  # and which TensorFlow versions are involved
-    ("retrieval", "it is a retrieval model"),
-    (write_wrong_outputs, "is not a DELG model: expected the DELG contract"),
-])
-def test_a_bad_model_is_one_line_and_leaves_the_previous_submission(competition, tmp_path, capsys, request, make,
-                                                                    named):
+@pytest.mark.parametrize(
+    "make, named",
+    [
+        (lambda folder: folder.mkdir(), "is not a SavedModel folder (no saved_model.pb)"),
+        (lambda folder: None, "no such folder"),
+        (lambda folder: folder.write_text("x"), "not a folder"),
+        (write_random_pb, "cannot load it ("),  # and which TensorFlow versions are involved
+        ("retrieval", "it is a retrieval model"),
+        (write_wrong_outputs, "is not a DELG model: expected the DELG contract"),
+    ],
+)
+def test_a_bad_model_is_one_line_and_leaves_the_previous_submission(
+    competition, tmp_path, capsys, request, make, named
+):
     bad = tmp_path / "model"
     if make == "retrieval":
         shutil.copytree(request.getfixturevalue("retrieval_model"), bad)
     else:
         make(bad)
     out = previous_submission(tmp_path)
-    fails_with_one_line(capsys, argv("recognition", competition / "landmark-recognition", bad, tmp_path),
-                        f"--model {bad}", named)
+    fails_with_one_line(
+        capsys, argv("recognition", competition / "landmark-recognition", bad, tmp_path), f"--model {bad}", named
+    )
     assert out.read_text() == PREVIOUS
     assert list(tmp_path.glob(".s.csv*")) == []
 
@@ -150,14 +171,18 @@ def index_of_unnamed_files(data):
         path.rename(path.with_name(f"x{number}.jpg"))  # too short to be an image id
 
 
-@pytest.mark.parametrize("task, damage, named", [
-    ("recognition", empty_header_train, "train.csv lists no images"),
-    ("retrieval", empty_index, "holds no .jpg images named by an image id"),
-    ("retrieval", index_of_unnamed_files, "holds no .jpg images named by an image id"),
-    ("recognition", lambda data: shutil.rmtree(data / "test"), "test not found"),
-])
-def test_an_empty_database_is_an_error_that_leaves_the_previous_submission(competition, model, tmp_path, capsys,
-                                                                           task, damage, named):
+@pytest.mark.parametrize(
+    "task, damage, named",
+    [
+        ("recognition", empty_header_train, "train.csv lists no images"),
+        ("retrieval", empty_index, "holds no .jpg images named by an image id"),
+        ("retrieval", index_of_unnamed_files, "holds no .jpg images named by an image id"),
+        ("recognition", lambda data: shutil.rmtree(data / "test"), "test not found"),
+    ],
+)
+def test_an_empty_database_is_an_error_that_leaves_the_previous_submission(
+    competition, model, tmp_path, capsys, task, damage, named
+):
     data = tmp_path / "data"
     shutil.copytree(competition / f"landmark-{task}", data)
     damage(data)
@@ -171,8 +196,9 @@ def test_a_database_of_unreadable_images_is_an_error(competition, model, tmp_pat
     shutil.copytree(competition / "landmark-recognition", data)
     train_rows_without_images(data)
     out = previous_submission(tmp_path)
-    fails_with_one_line(capsys, argv("recognition", data, model, tmp_path), "none of the 3 database images",
-                        str(data / "train"))
+    fails_with_one_line(
+        capsys, argv("recognition", data, model, tmp_path), "none of the 3 database images", str(data / "train")
+    )
     assert out.read_text() == PREVIOUS  # the error came after the inputs were checked and WORK written
 
 
@@ -191,12 +217,16 @@ def test_verification_workers_leave_ctrl_c_to_the_main_process():
     assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # this process still stops on Ctrl-C
 
 
-@pytest.mark.parametrize("failure", [
-    (store, "extract_global", interrupt, 130, "interrupted: --out is left as it was"),  # during the global pass
-    (sub, "knn", allocate_too_much, 2, "out of memory (Unable to allocate"),
-])
-def test_an_interrupted_or_failed_run_leaves_out_byte_for_byte(competition, model, tmp_path, capsys, monkeypatch,
-                                                                failure):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        (store, "extract_global", interrupt, 130, "interrupted: --out is left as it was"),  # during the global pass
+        (sub, "knn", allocate_too_much, 2, "out of memory (Unable to allocate"),
+    ],
+)
+def test_an_interrupted_or_failed_run_leaves_out_byte_for_byte(
+    competition, model, tmp_path, capsys, monkeypatch, failure
+):
     module, name, fail, status, named = failure  # where it fails, how, and the exit status and error it gives
     monkeypatch.setattr(module, name, fail)
     out = tmp_path / "s.csv"
@@ -221,8 +251,14 @@ def test_an_empty_test_set_gives_a_header_only_submission(competition, model, tm
 
 def test_a_bad_nonlandmark_dir_leaves_the_previous_submission(competition, model, tmp_path, capsys):
     out = previous_submission(tmp_path)
-    args = argv("recognition", competition / "landmark-recognition", model, tmp_path, "--nonlandmark-dir",
-                str(tmp_path / "none"))
+    args = argv(
+        "recognition",
+        competition / "landmark-recognition",
+        model,
+        tmp_path,
+        "--nonlandmark-dir",
+        str(tmp_path / "none"),
+    )
     fails_with_one_line(capsys, args, "--nonlandmark-dir")
     assert out.read_text() == PREVIOUS
 
@@ -237,16 +273,18 @@ def wait_for(condition, seconds: float = 300) -> None:
 def test_one_run_per_work_folder_and_a_killed_run_does_not_block(competition, model, tmp_path, capsys):
     data = competition / "landmark-recognition"
     args = argv("recognition", data, model, tmp_path)
-    first = subprocess.Popen([sys.executable, str(SUBMISSION_SCRIPT), *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, str(SUBMISSION_SCRIPT), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     lock = tmp_path / "work" / ".lock"
     try:
         wait_for(lambda: lock.is_file() and f"process {first.pid}," in lock.read_text() or first.poll() is not None)
         os.kill(first.pid, signal.SIGSTOP)  # holds the lock for as long as the test needs
         assert first.poll() is None, "the first run ended before it could be caught"
         before = sorted(p.name for p in (tmp_path / "work").rglob("*"))
-        fails_with_one_line(capsys, args, f"--work {tmp_path / 'work'} is in use by another run",
-                            f"process {first.pid}")
+        fails_with_one_line(
+            capsys, args, f"--work {tmp_path / 'work'} is in use by another run", f"process {first.pid}"
+        )
         assert sorted(p.name for p in (tmp_path / "work").rglob("*")) == before
     finally:
         first.kill()
@@ -260,8 +298,15 @@ def test_written_files_are_ordinary_files(competition, model, tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     written = [tmp_path / "s.csv", *(p for p in (tmp_path / "work").rglob("*") if p.is_file())]
-    assert {"timing.json", "settings.json", "submission_global_only.csv", "neighbours.npz", "verified_pairs.csv",
-            "cache_key.json", ".lock"} <= {p.name for p in written}
+    assert {
+        "timing.json",
+        "settings.json",
+        "submission_global_only.csv",
+        "neighbours.npz",
+        "verified_pairs.csv",
+        "cache_key.json",
+        ".lock",
+    } <= {p.name for p in written}
     assert any(p.suffix == ".npz" and "local" in p.parts for p in written)
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
     assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
@@ -274,25 +319,39 @@ def fill_then_fail(path, *_, **__):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("writer, folder, name", [
-    ("csv", "{tmp}/work", "submission_latest.csv"),  # the first write: the all-empty submission, in WORK
-    ("npz", "{tmp}/work/global/m0/train", "chunk_000000.npz"),  # database descriptors
-    ("append", "{tmp}/work", "verified_pairs.csv"),  # appended batch after batch
-])
-def test_a_full_disk_is_one_line_naming_the_folder(competition, model, tmp_path, capsys, monkeypatch, writer, folder,
-                                                     name):
+@pytest.mark.parametrize(
+    "writer, folder, name",
+    [
+        ("csv", "{tmp}/work", "submission_latest.csv"),  # the first write: the all-empty submission, in WORK
+        ("npz", "{tmp}/work/global/m0/train", "chunk_000000.npz"),  # database descriptors
+        ("append", "{tmp}/work", "verified_pairs.csv"),  # appended batch after batch
+    ],
+)
+def test_a_full_disk_is_one_line_naming_the_folder(
+    competition, model, tmp_path, capsys, monkeypatch, writer, folder, name
+):
     to_csv = pd.DataFrame.to_csv
     if writer == "csv":
         monkeypatch.setattr(pd.DataFrame, "to_csv", lambda frame, path, **kw: fill_then_fail(path))
     elif writer == "npz":
         monkeypatch.setattr(np, "savez", fill_then_fail)
     else:
-        monkeypatch.setattr(pd.DataFrame, "to_csv", lambda frame, path, mode="w", **kw: fill_then_fail(path)
-                            if mode == "a" else to_csv(frame, path, mode=mode, **kw))
+        monkeypatch.setattr(
+            pd.DataFrame,
+            "to_csv",
+            lambda frame, path, mode="w", **kw: (
+                fill_then_fail(path) if mode == "a" else to_csv(frame, path, mode=mode, **kw)
+            ),
+        )
     out = previous_submission(tmp_path)
     args = argv("recognition", competition / "landmark-recognition", model, tmp_path, "--plan", "fixed")
-    err = fails_with_one_line(capsys, args, f"no space left in {folder.format(tmp=tmp_path)} while writing {name}: "
-                              "it needs more than the ", "written when the disk filled", "free now")
+    err = fails_with_one_line(
+        capsys,
+        args,
+        f"no space left in {folder.format(tmp=tmp_path)} while writing {name}: it needs more than the ",
+        "written when the disk filled",
+        "free now",
+    )
     assert re.search(r"more than the ([4-9]\.\d) KB written", err), err  # fill_then_fail's 4 KB (and a header)
     assert [p for p in tmp_path.rglob(".*") if p.name != ".lock"] == []  # no half-written file is left
     assert out.read_text() == PREVIOUS  # --out changes only when a run finishes
@@ -304,8 +363,11 @@ def test_a_full_disk_is_one_line_naming_the_folder(competition, model, tmp_path,
 
 def sixteen_bit(pixels: np.ndarray, mode: str) -> bytes:
     """pixels (uint16) as a PNG (I;16) or a TIFF (I;16B, and I as older Pillow opens 16-bit PNGs)."""
-    image = {"I;16": lambda: Image.fromarray(pixels), "I": lambda: Image.fromarray(pixels).convert("I"),
-             "I;16B": lambda: Image.frombytes("I;16B", pixels.shape[::-1], pixels.astype(">u2").tobytes())}[mode]()
+    image = {
+        "I;16": lambda: Image.fromarray(pixels),
+        "I": lambda: Image.fromarray(pixels).convert("I"),
+        "I;16B": lambda: Image.frombytes("I;16B", pixels.shape[::-1], pixels.astype(">u2").tobytes()),
+    }[mode]()
     buffer = io.BytesIO()
     image.save(buffer, format="PNG" if mode == "I;16" else "TIFF")
     return buffer.getvalue()
@@ -329,13 +391,19 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_as_training_reads_it(tmp_path, mod
 FLAGS_ONLY = ["--task", "recognition", "--data", "no-data", "--model", "no-model"]  # parsing fails before reading them
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--rerank", "abc"], "error: argument --rerank: invalid int value: 'abc'"),
-    (["--shard", "-1/2"], "argument --shard: expected one argument (a value that starts with '-' is written --shard="),
-    (["--shard=-1/2"], "--shard -1/2: need 0 <= i < n"),
-    (["--task", "foo"], "argument --task: invalid choice: 'foo'"),
-    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--rerank", "abc"], "error: argument --rerank: invalid int value: 'abc'"),
+        (
+            ["--shard", "-1/2"],
+            "argument --shard: expected one argument (a value that starts with '-' is written --shard=",
+        ),
+        (["--shard=-1/2"], "--shard -1/2: need 0 <= i < n"),
+        (["--task", "foo"], "argument --task: invalid choice: 'foo'"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
 def test_argparse_errors_are_one_line_without_the_usage_block(capsys, args, named):
     fails_with_one_line(capsys, [*FLAGS_ONLY, *args], named)
 
@@ -350,18 +418,22 @@ def section_of(name: str) -> str:
     return next(section for section, cls in sub.SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)})
 
 
-@pytest.mark.parametrize("name, given, in_file, named", [
-    ("attention_threshold", "nan", "NaN", "--attention-threshold must be a finite number, got nan{}"),
-    ("time_budget_h", "inf", "Infinity", "--time-budget-h must be a finite number, got inf{}"),
-    ("ransac_threshold_px", "-inf", "-Infinity", "--ransac-threshold-px must be a finite number, got -inf{}"),
-    ("max_features", "3000000000", "3000000000", "--max-features must be <= 100000, got 3000000000{}"),
-    ("top_k", str(10**23), str(10**23), "--top-k must be <= 1000, got " + str(10**23) + "{}"),  # 1e23, an integer
-    ("global_batch", "1000000000", "1000000000", "--global-batch must be <= 1024, got 1000000000{}"),
-    ("attention_threshold", "1e23", "1e23", "--attention-threshold must be <= 1000000.0, got 1e+23{}"),
-    ("scales", "nan", "[1.0, NaN]", "--scales must be a finite number, got nan{}"),
-])
-def test_numbers_are_bounded_alike_on_the_command_line_and_in_settings_files(capsys, tmp_path, name, given, in_file,
-                                                                             named):
+@pytest.mark.parametrize(
+    "name, given, in_file, named",
+    [
+        ("attention_threshold", "nan", "NaN", "--attention-threshold must be a finite number, got nan{}"),
+        ("time_budget_h", "inf", "Infinity", "--time-budget-h must be a finite number, got inf{}"),
+        ("ransac_threshold_px", "-inf", "-Infinity", "--ransac-threshold-px must be a finite number, got -inf{}"),
+        ("max_features", "3000000000", "3000000000", "--max-features must be <= 100000, got 3000000000{}"),
+        ("top_k", str(10**23), str(10**23), "--top-k must be <= 1000, got " + str(10**23) + "{}"),  # 1e23, an integer
+        ("global_batch", "1000000000", "1000000000", "--global-batch must be <= 1024, got 1000000000{}"),
+        ("attention_threshold", "1e23", "1e23", "--attention-threshold must be <= 1000000.0, got 1e+23{}"),
+        ("scales", "nan", "[1.0, NaN]", "--scales must be a finite number, got nan{}"),
+    ],
+)
+def test_numbers_are_bounded_alike_on_the_command_line_and_in_settings_files(
+    capsys, tmp_path, name, given, in_file, named
+):
     flag_given = f"--{name.replace('_', '-')}={given}"  # = lets a value start with '-'
     assert fails_with_one_line(capsys, [*FLAGS_ONLY, flag_given], named.format("")).endswith(named.format(""))
     path = tmp_path / "settings.json"
@@ -372,11 +444,15 @@ def test_numbers_are_bounded_alike_on_the_command_line_and_in_settings_files(cap
 def test_a_float_where_an_integer_belongs_and_an_integer_beyond_floats_are_one_line(capsys, tmp_path):
     path = tmp_path / "settings.json"
     path.write_text('{"extraction": {"max_features": 1e23}}')
-    fails_with_one_line(capsys, [*FLAGS_ONLY, "--settings", str(path)],
-                        "'extraction.max_features' must be int, got 1e+23")
+    fails_with_one_line(
+        capsys, [*FLAGS_ONLY, "--settings", str(path)], "'extraction.max_features' must be int, got 1e+23"
+    )
     path.write_text('{"extraction": {"attention_threshold": %s}}' % ("9" * 400))
-    fails_with_one_line(capsys, [*FLAGS_ONLY, "--settings", str(path)], "'extraction.attention_threshold' is out of "
-                        "range, got 99999999999999999999...(400 characters)")
+    fails_with_one_line(
+        capsys,
+        [*FLAGS_ONLY, "--settings", str(path)],
+        "'extraction.attention_threshold' is out of range, got 99999999999999999999...(400 characters)",
+    )
 
 
 def test_every_numeric_setting_has_finite_bounds_that_hold_its_default():
@@ -394,17 +470,20 @@ def test_every_numeric_setting_has_finite_bounds_that_hold_its_default():
         cli.check_settings(cls())
 
 
-@pytest.mark.parametrize("content, named", [
-    ('{"Scoring": {"rerank": 5}}', "unknown top-level key 'Scoring' (did you mean 'scoring'?)"),
-    ('{"verifcation": {}}', "unknown top-level key 'verifcation' (did you mean 'verification'?)"),
-    ('{"rerank": 5}', "unknown top-level key 'rerank' (a setting of 'scoring': put it inside that section)"),
-    ('{"scoring": {"rerannk": 5}}', "unknown setting 'scoring.rerannk' (did you mean 'rerank'?)"),
-    ('{"scoring": {"mutual": true}}', "unknown setting 'scoring.mutual' (it belongs in 'verification')"),
-    ('{"scoring": {"rerank": 5, "rerank": 7}}', "key 'rerank' is given twice in one object"),
-    ('{"scoring": {"rerank": 5}, "budget": {}, "scoring": {}}', "key 'scoring' is given twice in one object"),
-    ("[" * 100_000 + "]" * 100_000, "not a settings file (JSON nested too deeply)"),
-    ('{"about": ' * 100_000 + "1" + "}" * 100_000, "not a settings file (JSON nested too deeply)"),
-])
+@pytest.mark.parametrize(
+    "content, named",
+    [
+        ('{"Scoring": {"rerank": 5}}', "unknown top-level key 'Scoring' (did you mean 'scoring'?)"),
+        ('{"verifcation": {}}', "unknown top-level key 'verifcation' (did you mean 'verification'?)"),
+        ('{"rerank": 5}', "unknown top-level key 'rerank' (a setting of 'scoring': put it inside that section)"),
+        ('{"scoring": {"rerannk": 5}}', "unknown setting 'scoring.rerannk' (did you mean 'rerank'?)"),
+        ('{"scoring": {"mutual": true}}', "unknown setting 'scoring.mutual' (it belongs in 'verification')"),
+        ('{"scoring": {"rerank": 5, "rerank": 7}}', "key 'rerank' is given twice in one object"),
+        ('{"scoring": {"rerank": 5}, "budget": {}, "scoring": {}}', "key 'scoring' is given twice in one object"),
+        ("[" * 100_000 + "]" * 100_000, "not a settings file (JSON nested too deeply)"),
+        ('{"about": ' * 100_000 + "1" + "}" * 100_000, "not a settings file (JSON nested too deeply)"),
+    ],
+)
 def test_settings_file_mistakes_are_one_line_naming_the_key(capsys, tmp_path, content, named):
     path = tmp_path / "settings.json"
     path.write_text(content)
@@ -420,25 +499,42 @@ def test_a_settings_fifo_or_folder_is_one_line_not_a_hang(capsys, tmp_path):
 
 def test_a_run_record_and_a_tune_file_keep_their_other_top_level_keys(tmp_path):
     path = tmp_path / "settings.json"
-    path.write_text(json.dumps({"run": {"task": "retrieval"}, "sources": {}, "versions": {}, "plan": {}, "about": {},
-                                "scoring": {"rerank": 5}}))
+    path.write_text(
+        json.dumps(
+            {
+                "run": {"task": "retrieval"},
+                "sources": {},
+                "versions": {},
+                "plan": {},
+                "about": {},
+                "scoring": {"rerank": 5},
+            }
+        )
+    )
     assert sub.parse_settings([*FLAGS_ONLY, "--settings", str(path)]).scoring.rerank == 5
 
 
-@pytest.mark.parametrize("out, extra, named", [
-    ("{data}/train.csv", [], "--out {data}/train.csv is inside --data {data}"),
-    ("{data}/sample_submission.csv", [], "--out {data}/sample_submission.csv is inside --data {data}"),
-    ("{data}/new/s.csv", [], "--out {data}/new/s.csv is inside --data {data}"),  # a folder it would create
-    ("{tmp}/t.json", ["--settings", "{tmp}/t.json"], "--out {tmp}/t.json is --settings {tmp}/t.json"),
-    ("{tmp}/hard.json", ["--settings", "{tmp}/t.json"], "--out {tmp}/hard.json is --settings {tmp}/t.json"),
-    ("{tmp}/link.csv", [], "--out {tmp}/link.csv is inside --data {data}"),  # a symbolic link to train.csv
-    ("{tmp}/model/s.csv", [], "--out {tmp}/model/s.csv is inside --model {tmp}/model"),
-    ("{tmp}/nl/s.csv", ["--nonlandmark-dir", "{tmp}/nl"], "is inside --nonlandmark-dir {tmp}/nl"),
-    ("{tmp}/s.csv", ["--work", "{data}/work"], "--work {data}/work is inside --data {data}"),
-    ("{tmp}/s.csv", ["--work", "{tmp}/model"], "--work {tmp}/model is --model {tmp}/model"),
-    ("{tmp}/work/global/s.csv", [], "--out {tmp}/work/global/s.csv is inside --work {tmp}/work, whose files and "
-                                    "caches the script rewrites and deletes"),
-])
+@pytest.mark.parametrize(
+    "out, extra, named",
+    [
+        ("{data}/train.csv", [], "--out {data}/train.csv is inside --data {data}"),
+        ("{data}/sample_submission.csv", [], "--out {data}/sample_submission.csv is inside --data {data}"),
+        ("{data}/new/s.csv", [], "--out {data}/new/s.csv is inside --data {data}"),  # a folder it would create
+        ("{tmp}/t.json", ["--settings", "{tmp}/t.json"], "--out {tmp}/t.json is --settings {tmp}/t.json"),
+        ("{tmp}/hard.json", ["--settings", "{tmp}/t.json"], "--out {tmp}/hard.json is --settings {tmp}/t.json"),
+        ("{tmp}/link.csv", [], "--out {tmp}/link.csv is inside --data {data}"),  # a symbolic link to train.csv
+        ("{tmp}/model/s.csv", [], "--out {tmp}/model/s.csv is inside --model {tmp}/model"),
+        ("{tmp}/nl/s.csv", ["--nonlandmark-dir", "{tmp}/nl"], "is inside --nonlandmark-dir {tmp}/nl"),
+        ("{tmp}/s.csv", ["--work", "{data}/work"], "--work {data}/work is inside --data {data}"),
+        ("{tmp}/s.csv", ["--work", "{tmp}/model"], "--work {tmp}/model is --model {tmp}/model"),
+        (
+            "{tmp}/work/global/s.csv",
+            [],
+            "--out {tmp}/work/global/s.csv is inside --work {tmp}/work, whose files and "
+            "caches the script rewrites and deletes",
+        ),
+    ],
+)
 def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, capsys, out, extra, named):
     data = tmp_path / "data"
     for folder in (data, tmp_path / "model", tmp_path / "nl"):
@@ -450,8 +546,19 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, capsys,
     (tmp_path / "link.csv").symlink_to(data / "train.csv")
     before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
     where = {"data": data, "tmp": tmp_path}
-    args = ["--task", "recognition", "--data", str(data), "--model", str(tmp_path / "model"),
-            "--out", out.format(**where), "--work", str(tmp_path / "work"), *(a.format(**where) for a in extra)]
+    args = [
+        "--task",
+        "recognition",
+        "--data",
+        str(data),
+        "--model",
+        str(tmp_path / "model"),
+        "--out",
+        out.format(**where),
+        "--work",
+        str(tmp_path / "work"),
+        *(a.format(**where) for a in extra),
+    ]
     fails_with_one_line(capsys, args, named.format(**where))
     assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
 
@@ -473,22 +580,34 @@ def test_the_same_index_id_in_two_folders_is_an_error_naming_both(competition, t
     twin.parent.mkdir(parents=True)
     shutil.copyfile(original, twin)
     out = previous_submission(tmp_path)
-    fails_with_one_line(capsys, argv("retrieval", data, tmp_path / "no-model", tmp_path),
-                        f"image id {original.stem} is found twice, as {original} and {twin}")
+    fails_with_one_line(
+        capsys,
+        argv("retrieval", data, tmp_path / "no-model", tmp_path),
+        f"image id {original.stem} is found twice, as {original} and {twin}",
+    )
     assert out.read_text() == PREVIOUS
 
 
 def test_listing_takes_jpeg_suffixes_in_any_case_and_skips_what_it_cannot_read_saying_so(tmp_path, caplog):
-    for name in ("a/b/c/abc1.jpg", "a/b/c/abc2.JPG", "a/b/c/abc3.jpeg", "a/b/c/abc4.JPEG", "x/y/z/abc5.jpg",
-                 "a/b/c/zz.jpg", "a/b/c/abc7.png"):
+    for name in (
+        "a/b/c/abc1.jpg",
+        "a/b/c/abc2.JPG",
+        "a/b/c/abc3.jpeg",
+        "a/b/c/abc4.JPEG",
+        "x/y/z/abc5.jpg",
+        "a/b/c/zz.jpg",
+        "a/b/c/abc7.png",
+    ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"\xff\xd8")
     os.mkfifo(tmp_path / "a/b/c/abc6.jpg")
     (tmp_path / "a/b/c/abc8.jpg").mkdir()
     assert sub.list_image_ids(tmp_path) == ["abc1", "abc2", "abc3", "abc4"]
-    for why, first in [("whose names are no image ids", "a/b/c/zz.jpg"),
-                       ("that are no regular files", "a/b/c/abc6.jpg"),
-                       ("outside their id's folder a/b/c", "x/y/z/abc5.jpg")]:
+    for why, first in [
+        ("whose names are no image ids", "a/b/c/zz.jpg"),
+        ("that are no regular files", "a/b/c/abc6.jpg"),
+        ("outside their id's folder a/b/c", "x/y/z/abc5.jpg"),
+    ]:
         assert f"skipping 1 .jpg files {why} (first: {tmp_path / first})" in caplog.text
     assert store.image_file(sub.image_path(tmp_path.parent, tmp_path.name, "abc4"))[0] == tmp_path / "a/b/c/abc4.JPEG"
 
@@ -505,8 +624,14 @@ def test_an_upper_case_jpg_index_image_is_searched(competition, model, tmp_path)
 
 def test_an_empty_nonlandmark_dir_is_an_error(competition, tmp_path, capsys):
     (tmp_path / "nl").mkdir()
-    args = argv("recognition", competition / "landmark-recognition", tmp_path / "no-model", tmp_path,
-                "--nonlandmark-dir", str(tmp_path / "nl"))
+    args = argv(
+        "recognition",
+        competition / "landmark-recognition",
+        tmp_path / "no-model",
+        tmp_path,
+        "--nonlandmark-dir",
+        str(tmp_path / "nl"),
+    )
     fails_with_one_line(capsys, args, f"--nonlandmark-dir {tmp_path / 'nl'} holds no files")
 
 
@@ -521,9 +646,18 @@ def test_fifos_named_jpg_do_not_hang_the_run(competition, model, tmp_path):
     (tmp_path / "nl").mkdir()
     os.mkfifo(tmp_path / "nl" / "fifo.jpg")
     shutil.copyfile(first_index_image(data), tmp_path / "nl" / "plain.jpg")
-    result = subprocess.run([sys.executable, str(SUBMISSION_SCRIPT), *argv("retrieval", data, model, tmp_path),
-                             "--nonlandmark-dir", str(tmp_path / "nl")], capture_output=True, text=True,
-                            timeout=HANG_GUARD_S)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SUBMISSION_SCRIPT),
+            *argv("retrieval", data, model, tmp_path),
+            "--nonlandmark-dir",
+            str(tmp_path / "nl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping 1 .jpg files that are no regular files" in result.stderr
     assert f"skipping unreadable image {fifo_query}: {fifo_query} is not a regular file" in result.stderr
@@ -555,8 +689,9 @@ def test_a_decode_that_never_ends_is_skipped_after_the_timeout(competition, mode
 def test_swapped_image_bytes_give_fresh_predictions_on_the_same_work(competition, model, tmp_path, caplog):
     data = tmp_path / "data"
     shutil.copytree(competition / "landmark-recognition", data)
-    first, second = (image_path(data, "test", i) for i in pd.read_csv(data / "sample_submission.csv",
-                                                                      dtype=str)["id"].iloc[:2])
+    first, second = (
+        image_path(data, "test", i) for i in pd.read_csv(data / "sample_submission.csv", dtype=str)["id"].iloc[:2]
+    )
     args = argv("recognition", data, model, tmp_path, "--workers", "0")
     assert sub.main(args) == 0
     before = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)

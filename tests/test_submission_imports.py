@@ -1,4 +1,5 @@
 """submission/'s import graph: settings.py at the bottom, nothing imports the notebook (main.py), no cycle."""
+
 from __future__ import annotations
 
 import ast
@@ -27,7 +28,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = "open"
         for other in sorted(graph[node]):
             if state.get(other) == "open":
-                return [*path[path.index(other):], other] if other in path else [node, other]
+                return [*path[path.index(other) :], other] if other in path else [node, other]
             if other not in state and (found := visit(other, [*path, other])):
                 return found
         state[node] = "done"

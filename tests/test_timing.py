@@ -1,4 +1,5 @@
 """The projection arithmetic of `local_eval time`, on a hand-made timing log."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,20 +18,28 @@ from local_eval.timing import main as time_main
 ROOT = Path(__file__).resolve().parents[1]
 # 100 db images in 50 s, 10 queries in 5 s, knn 0.1 s for 10 x 100, 40 local extractions in 8 s,
 # 30 verified pairs in 3 s.
-LOG = {"task": "recognition", "rerank_depth": 3, "stages": {
-    "global_db": {"items": 100, "seconds": 50.0},
-    "global_query": {"items": 10, "seconds": 5.0},
-    "knn": {"items": 10 * 100, "seconds": 0.1},  # items: queries x database rows searched
-    "local_features": {"items": 40, "seconds": 8.0},
-    "verification": {"items": 30, "seconds": 3.0},
-}}
+LOG = {
+    "task": "recognition",
+    "rerank_depth": 3,
+    "stages": {
+        "global_db": {"items": 100, "seconds": 50.0},
+        "global_query": {"items": 10, "seconds": 5.0},
+        "knn": {"items": 10 * 100, "seconds": 0.1},  # items: queries x database rows searched
+        "local_features": {"items": 40, "seconds": 8.0},
+        "verification": {"items": 30, "seconds": 3.0},
+    },
+}
 PROFILE = Profile("recognition", db=36_000, test=3_600, limit_h=30.1)
 SAFETY_MARGIN = costs.SAFETY_MARGIN
 # A retrieval run with its defaults (whitening, alpha-QE, DBA) at 1,000 images, one 512-d model, which measured its
 # memory: the baseline (TensorFlow and the model) 2 GB.
-RETRIEVAL_LOG = {**LOG, "task": "retrieval", "rerank_depth": 0,
-                 "work": {"nonlandmarks": 0, "dba": True, "qe": True, "dims": [512], "candidates": 100},
-                 "memory": {"baseline_bytes": 2 * 2**30}}
+RETRIEVAL_LOG = {
+    **LOG,
+    "task": "retrieval",
+    "rerank_depth": 0,
+    "work": {"nonlandmarks": 0, "dba": True, "qe": True, "dims": [512], "candidates": 100},
+    "memory": {"baseline_bytes": 2 * 2**30},
+}
 
 
 def test_projection_per_stage_hours():
@@ -67,8 +76,7 @@ def test_stage_without_work_is_reported_unmeasured():
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "local_eval", "time", *args], cwd=ROOT,
-                          capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "local_eval", "time", *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_cli_prints_verdict_with_speedup(tmp_path):
@@ -122,20 +130,28 @@ def test_when_nothing_fits_the_report_says_so_and_names_no_depth():
     assert projection_report(LOG, just)["depth_advice"] == "largest rerank depth that fits: 0"
 
 
-@pytest.mark.parametrize(("log", "named"), [
-    ([], "expected a JSON object"),
-    ("not a log", "expected a JSON object"),
-    (with_stage(LOG, "global_db", seconds=-216.0), "stages.global_db.seconds must be a number of seconds >= 0, "
-                                                   "found -216.0"),
-    (with_stage(LOG, "knn", seconds="0.1"), 'stages.knn.seconds .* found the string "0.1"'),
-    (with_stage(LOG, "verification", seconds=None), "stages.verification.seconds .* found null"),
-    (with_stage(LOG, "global_query", items=None), "stages.global_query.items must be a whole number >= 0, found null"),
-    (with_stage(LOG, "global_query", items=2.5), "stages.global_query.items .* found 2.5"),
-    (with_stage(LOG, "global_query", items=True), "stages.global_query.items .* found true"),
-    (with_stage(LOG, "local_features", items=-3), "stages.local_features.items .* found -3"),
-    ({**LOG, "rerank_depth": None}, "rerank_depth must be a whole number >= 0, found null"),
-    ({**LOG, "stages": []}, "expected a 'stages' object"),
-])
+@pytest.mark.parametrize(
+    ("log", "named"),
+    [
+        ([], "expected a JSON object"),
+        ("not a log", "expected a JSON object"),
+        (
+            with_stage(LOG, "global_db", seconds=-216.0),
+            "stages.global_db.seconds must be a number of seconds >= 0, found -216.0",
+        ),
+        (with_stage(LOG, "knn", seconds="0.1"), 'stages.knn.seconds .* found the string "0.1"'),
+        (with_stage(LOG, "verification", seconds=None), "stages.verification.seconds .* found null"),
+        (
+            with_stage(LOG, "global_query", items=None),
+            "stages.global_query.items must be a whole number >= 0, found null",
+        ),
+        (with_stage(LOG, "global_query", items=2.5), "stages.global_query.items .* found 2.5"),
+        (with_stage(LOG, "global_query", items=True), "stages.global_query.items .* found true"),
+        (with_stage(LOG, "local_features", items=-3), "stages.local_features.items .* found -3"),
+        ({**LOG, "rerank_depth": None}, "rerank_depth must be a whole number >= 0, found null"),
+        ({**LOG, "stages": []}, "expected a 'stages' object"),
+    ],
+)
 def test_a_malformed_log_is_one_error_naming_file_and_field(tmp_path, capsys, log, named):
     path = tmp_path / "timing.json"
     path.write_text(json.dumps(log))
@@ -150,17 +166,30 @@ def test_a_nan_in_the_log_and_a_folder_as_the_log_are_one_error(tmp_path, capsys
     assert run_main(time_main, ["--log", str(path), "--profile", "recognition-2021"]) == 2
     assert "stages.global_db.seconds must be a number of seconds >= 0, found NaN" in capsys.readouterr().err
     assert run_main(time_main, ["--log", str(tmp_path), "--profile", "recognition-2021"]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path}: a folder, not a timing log (give the timing.json in a " \
-                                      "run's --work folder)\n"
+    assert (
+        capsys.readouterr().err == f"error: {tmp_path}: a folder, not a timing log (give the timing.json in a "
+        "run's --work folder)\n"
+    )
 
 
-@pytest.mark.parametrize(("flags", "named"), [
-    (["--speedup", "nan"], "--speedup"), (["--speedup", "0"], "--speedup"), (["--margin", "1"], "--margin"),
-    (["--margin", "-0.1"], "--margin"), (["--rerank", "-1"], "--rerank"), (["--limit-h", "0"], "--limit-h"),
-    (["--limit-h", "inf"], "--limit-h"), (["--db", "0"], "--db"), (["--test", "-5"], "--test"),
-    (["--matmul-speedup", "0"], "--matmul-speedup"), (["--ram-gb", "-1"], "--ram-gb"),
-    (["--disk-gb", "0"], "--disk-gb"), (["--cpus", "0"], "--cpus"),
-])
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--speedup", "nan"], "--speedup"),
+        (["--speedup", "0"], "--speedup"),
+        (["--margin", "1"], "--margin"),
+        (["--margin", "-0.1"], "--margin"),
+        (["--rerank", "-1"], "--rerank"),
+        (["--limit-h", "0"], "--limit-h"),
+        (["--limit-h", "inf"], "--limit-h"),
+        (["--db", "0"], "--db"),
+        (["--test", "-5"], "--test"),
+        (["--matmul-speedup", "0"], "--matmul-speedup"),
+        (["--ram-gb", "-1"], "--ram-gb"),
+        (["--disk-gb", "0"], "--disk-gb"),
+        (["--cpus", "0"], "--cpus"),
+    ],
+)
 def test_flags_that_make_no_projection_are_flag_errors(tmp_path, capsys, flags, named):
     path = tmp_path / "timing.json"
     path.write_text(json.dumps(LOG))
@@ -174,8 +203,18 @@ def test_tradeoff_refuses_a_server_log_that_cannot_anchor_it(tmp_path, capsys):
 
     warm = tmp_path / "timing.json"
     warm.write_text(json.dumps(with_stage(LOG, "global_db", items=0, seconds=0.0)))
-    flags = ["--competition", str(tmp_path), "--task", "recognition", "--model", str(tmp_path), "--out",
-             str(tmp_path / "out"), "--log", str(warm)]
+    flags = [
+        "--competition",
+        str(tmp_path),
+        "--task",
+        "recognition",
+        "--model",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+        "--log",
+        str(warm),
+    ]
     assert run_main(tradeoff_main, flags) == 2
     assert capsys.readouterr().err.startswith(f"error: --log {warm}: global_db not measured (cached or skipped)")
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
 """--not-clean-weight W: images outside train_clean.csv count W in the loss (1: as if there were no clean list)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,13 +29,25 @@ def test_not_clean_images_count_their_weight_in_the_loss(data_dir, tmp_path):
     listed = folder(data_dir, tmp_path / "listed", clean_ids)
 
     def run(data, name, weight):
-        cfg = get_config("tiny", steps=2, image_size=64, batch_size=16, warmup_steps=1, validation_fraction=0.0,
-                         not_clean_weight=weight, log_every=1, checkpoint_every=2)
+        cfg = get_config(
+            "tiny",
+            steps=2,
+            image_size=64,
+            batch_size=16,
+            warmup_steps=1,
+            validation_fraction=0.0,
+            not_clean_weight=weight,
+            log_every=1,
+            checkpoint_every=2,
+        )
         metrics = train(cfg, data_dir=data, run_dir=tmp_path / name)
         return metrics, checkpoint_values(tmp_path / name)
 
     (_, without_list), (_, full_weight), (half, half_weight) = (
-        run(plain, "plain", 0.0), run(listed, "full", 1.0), run(listed, "half", 0.5))
+        run(plain, "plain", 0.0),
+        run(listed, "full", 1.0),
+        run(listed, "half", 0.5),
+    )
     assert without_list.keys() == full_weight.keys() == half_weight.keys()
     for name, value in without_list.items():
         np.testing.assert_array_equal(value, full_weight[name], err_msg=name)

@@ -1,4 +1,5 @@
 """python -m train's flags: every bad value is one `error:` line naming the flag (exit 2), before any training."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,29 +19,35 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--backbone", "resnet5"], "--backbone resnet5: must be one of tiny, resnet50, resnet101"),
-    (["--backbone-weights", "missing.h5"], "--backbone-weights missing.h5: must be"),
-    (["--steps", "0"], "--steps 0: must be at least 1"),
-    (["--batch-size", "-4"], "--batch-size -4: must be at least 1"),
-    (["--learning-rate", "0"], "--learning-rate 0.0: must be greater than 0"),
-    (["--learning-rate", "nan"], "--learning-rate nan: must be greater than 0"),
-    (["--validation-fraction", "1"], "--validation-fraction 1.0: must be in [0, 1)"),
-    (["--crop-min-area", "0"], "--crop-min-area 0.0: must be in (0, 1]"),
-    (["--crop-aspect-range", "2", "1"], "--crop-aspect-range 2.0 1.0: must be two ratios 0 < MIN <= MAX"),
-    (["--tiny-widths", "8", "16"], "--tiny-widths 8 16: must be 4 channel counts"),
-    (["--momentum", "1"], "--momentum 1.0: must be in [0, 1)"),
-    (["--image-size", "16"], "--image-size 16: must be at least 32"),
-    (["--local-stride", "8"], "--local-stride 8: must be one of 16, 32"),
-    (["--precision", "float8"], "--precision float8: must be one of float32, float16, bfloat16"),
-    (["--log-every", "0"], "--log-every 0: must be at least 1"),
-    (["--not-clean-weight", "-1"], "--not-clean-weight -1.0: must be 0 or more"),
-    (["--not-clean-weight", "inf"], "--not-clean-weight inf: must be 0 or more"),
-    (["--subcenters", "0"], "--subcenters 0: must be at least 1"),
-    (["--dynamic-margin", "0.4,0.25"], "--dynamic-margin 0.4 0.25: must be three numbers"),
-    (["--dynamic-margin", "0.4,-1,0"], "--dynamic-margin 0.4 -1.0 0.0: must be three numbers"),
-    (["--dynamic-margin", "2,0,0"], "--dynamic-margin 2.0,0.0,0.0: the margins range from 2.000 to 2.000 on this data"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--backbone", "resnet5"], "--backbone resnet5: must be one of tiny, resnet50, resnet101"),
+        (["--backbone-weights", "missing.h5"], "--backbone-weights missing.h5: must be"),
+        (["--steps", "0"], "--steps 0: must be at least 1"),
+        (["--batch-size", "-4"], "--batch-size -4: must be at least 1"),
+        (["--learning-rate", "0"], "--learning-rate 0.0: must be greater than 0"),
+        (["--learning-rate", "nan"], "--learning-rate nan: must be greater than 0"),
+        (["--validation-fraction", "1"], "--validation-fraction 1.0: must be in [0, 1)"),
+        (["--crop-min-area", "0"], "--crop-min-area 0.0: must be in (0, 1]"),
+        (["--crop-aspect-range", "2", "1"], "--crop-aspect-range 2.0 1.0: must be two ratios 0 < MIN <= MAX"),
+        (["--tiny-widths", "8", "16"], "--tiny-widths 8 16: must be 4 channel counts"),
+        (["--momentum", "1"], "--momentum 1.0: must be in [0, 1)"),
+        (["--image-size", "16"], "--image-size 16: must be at least 32"),
+        (["--local-stride", "8"], "--local-stride 8: must be one of 16, 32"),
+        (["--precision", "float8"], "--precision float8: must be one of float32, float16, bfloat16"),
+        (["--log-every", "0"], "--log-every 0: must be at least 1"),
+        (["--not-clean-weight", "-1"], "--not-clean-weight -1.0: must be 0 or more"),
+        (["--not-clean-weight", "inf"], "--not-clean-weight inf: must be 0 or more"),
+        (["--subcenters", "0"], "--subcenters 0: must be at least 1"),
+        (["--dynamic-margin", "0.4,0.25"], "--dynamic-margin 0.4 0.25: must be three numbers"),
+        (["--dynamic-margin", "0.4,-1,0"], "--dynamic-margin 0.4 -1.0 0.0: must be three numbers"),
+        (
+            ["--dynamic-margin", "2,0,0"],
+            "--dynamic-margin 2.0,0.0,0.0: the margins range from 2.000 to 2.000 on this data",
+        ),
+    ],
+)
 def test_a_flag_out_of_range_is_one_error_line_naming_it(flags, named, data_dir, tmp_path, capsys):
     code, err = run_cli(["--data", str(data_dir), "--out", str(tmp_path / "run"), *flags], capsys)
     assert code == 2 and err.startswith(f"error: {named}") and err.count("\n") == 1, err

@@ -1,4 +1,5 @@
 """The GLDv2 folder reader, the tf.data stream (deterministic, resumable, skips bad images) and TFRecords."""
+
 from __future__ import annotations
 
 import io
@@ -80,8 +81,9 @@ def test_split_is_by_image_and_drops_missing_files(mini_folder):
 
 def test_train_clean_csv_restricts_the_images(mini_folder, tmp_path):
     shutil.copytree(mini_folder, tmp_path / "data")
-    clean = pd.DataFrame({"landmark_id": [13, 55], "images": ["1" + "0" + "a" * 14 + " " + "11" + "a" * 14,
-                                                               "2" + "0" + "a" * 14]})
+    clean = pd.DataFrame(
+        {"landmark_id": [13, 55], "images": ["1" + "0" + "a" * 14 + " " + "11" + "a" * 14, "2" + "0" + "a" * 14]}
+    )
     clean.to_csv(tmp_path / "data" / "train_clean.csv", index=False)
     examples = read_examples(tmp_path / "data", validation_fraction=0.0, seed=0)
     assert sorted(examples.train["id"]) == ["10" + "a" * 14, "11" + "a" * 14, "20" + "a" * 14]
@@ -91,17 +93,20 @@ def test_not_clean_images_weigh_not_clean_weight_or_are_left_out(mini_folder, tm
     shutil.copytree(mini_folder, tmp_path / "data")
     clean = ["10" + "a" * 14, "11" + "a" * 14, "20" + "a" * 14]
     pd.DataFrame({"landmark_id": [13, 55], "images": [" ".join(clean[:2]), clean[2]]}).to_csv(
-        tmp_path / "data" / "train_clean.csv", index=False)
+        tmp_path / "data" / "train_clean.csv", index=False
+    )
     weighed = read_examples(tmp_path / "data", validation_fraction=0.0, seed=0, not_clean_weight=0.5).train
     assert len(weighed) == len(LANDMARKS) * PER_LANDMARK + 2  # the missing image aside
     assert dict(zip(weighed["id"], weighed["weight"], strict=True)) == {
-        image_id: 1.0 if image_id in clean else 0.5 for image_id in weighed["id"]}
+        image_id: 1.0 if image_id in clean else 0.5 for image_id in weighed["id"]
+    }
     assert sorted(read_examples(tmp_path / "data", 0.0, 0, not_clean_weight=0.0).train["id"]) == clean
     assert set(read_examples(mini_folder, 0.0, 0, not_clean_weight=0.5).train["weight"]) == {1.0}  # no clean list
-    stream = folder_data(tmp_path / "data", get_config("tiny", image_size=32, batch_size=4, validation_fraction=0.0,
-                                                       not_clean_weight=0.25))
-    batches = training_stream(stream.epoch_source, stream.train_count, get_config("tiny", image_size=32,
-                                                                                   batch_size=4))
+    stream = folder_data(
+        tmp_path / "data",
+        get_config("tiny", image_size=32, batch_size=4, validation_fraction=0.0, not_clean_weight=0.25),
+    )
+    batches = training_stream(stream.epoch_source, stream.train_count, get_config("tiny", image_size=32, batch_size=4))
     labels_by_weight = {float(w) for batch in batches.take(6) for w in batch["weight"]}
     assert labels_by_weight == {1.0, 0.25}
 
@@ -121,8 +126,10 @@ def test_a_landmark_id_that_is_no_int64_names_file_line_and_id(tmp_path, landmar
     from train.__main__ import main
 
     (tmp_path / "train.csv").write_text("id,landmark_id\n" + GOOD_ROW + "b" * 16 + f",{landmark_id}\n")
-    expected = (f"{tmp_path / 'train.csv'}, line 3: id {'b' * 16}: landmark_id {landmark_id!r} is not an integer "
-                "(digits only, at most 2^63-1)")
+    expected = (
+        f"{tmp_path / 'train.csv'}, line 3: id {'b' * 16}: landmark_id {landmark_id!r} is not an integer "
+        "(digits only, at most 2^63-1)"
+    )
     with pytest.raises(UserError, match=f"^{re.escape(expected)}$"):
         read_examples(tmp_path, 0.0, 0)
     assert run_main(main, ["--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
@@ -137,17 +144,22 @@ def test_the_largest_int64_landmark_id_keeps_its_value(tmp_path):
     assert read_examples(tmp_path, 0.0, 0).landmark_ids == [3, 2**63 - 1]
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    (b"id,landmark_id\n" + GOOD_ROW.encode() + b"b" * 16 + b",4,9\n", "line 3: 3 fields where the header has 2"),
-    (b"id,landmark_id\n\n" + GOOD_ROW.encode() + b"c" * 16 + b",4,\n", "line 4: 3 fields where the header has 2"),
-    (b"id,landmark_id\n" + GOOD_ROW.encode() + b"b" * 16 + b"\n", "line 3: id b{16}: landmark_id '' is not"),
-    (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "line 1: byte 0x89 is not UTF-8 text"),
-    (b"id,landmark_id\n" + GOOD_ROW.encode() + "bbbbbbbbbbbbbbb\u00e9,4\n".encode("latin-1"),
-     "line 3: byte 0xe9 is not UTF-8"),
-    (b"id,landmark_id\n" + GOOD_ROW.encode() + b"\0" * 64, "line 3: a NUL byte"),
-    (b"", "empty; it needs at least a header line"),
-    (b'id,landmark_id\n"' + GOOD_ROW.encode(), "not a readable CSV file"),
-])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"id,landmark_id\n" + GOOD_ROW.encode() + b"b" * 16 + b",4,9\n", "line 3: 3 fields where the header has 2"),
+        (b"id,landmark_id\n\n" + GOOD_ROW.encode() + b"c" * 16 + b",4,\n", "line 4: 3 fields where the header has 2"),
+        (b"id,landmark_id\n" + GOOD_ROW.encode() + b"b" * 16 + b"\n", "line 3: id b{16}: landmark_id '' is not"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "line 1: byte 0x89 is not UTF-8 text"),
+        (
+            b"id,landmark_id\n" + GOOD_ROW.encode() + "bbbbbbbbbbbbbbb\u00e9,4\n".encode("latin-1"),
+            "line 3: byte 0xe9 is not UTF-8",
+        ),
+        (b"id,landmark_id\n" + GOOD_ROW.encode() + b"\0" * 64, "line 3: a NUL byte"),
+        (b"", "empty; it needs at least a header line"),
+        (b'id,landmark_id\n"' + GOOD_ROW.encode(), "not a readable CSV file"),
+    ],
+)
 def test_a_ragged_or_binary_train_csv_is_one_error_naming_file_and_line(tmp_path, content, expected):
     (tmp_path / "train.csv").write_bytes(content)
     with pytest.raises(UserError, match=f"^{tmp_path / 'train.csv'}(, line \\d+)?: ") as caught:
@@ -206,9 +218,23 @@ def test_shards_of_one_landmark_are_refused(mini_folder, tmp_path):
 
 def test_train_on_one_landmark_exits_2_with_one_line(tmp_path):
     one_landmark_folder(tmp_path / "data")
-    result = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "data"), "--out",
-                             str(tmp_path / "run"), "--steps", "2"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=HANG_GUARD_S)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [result.stderr.splitlines()[-1]] and "at least 2 landmarks are needed" in errors[0]
@@ -279,5 +305,6 @@ def test_tfrecords_round_trip(mini_folder, tmp_path):
 
 
 def images_by_position(batches) -> dict[int, np.ndarray]:
-    return {int(p): image for batch in batches for p, image in zip(batch["position"], batch["image"].numpy(),
-                                                                    strict=True)}
+    return {
+        int(p): image for batch in batches for p, image in zip(batch["position"], batch["image"].numpy(), strict=True)
+    }

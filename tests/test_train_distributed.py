@@ -4,6 +4,7 @@ localhost are in test_train_multiworker).
 The uninterrupted mirrored run (conftest's mirrored_reference, of config() here) is the reference of both: two
 workers of one replica each split every global batch as two mirrored replicas do, so their weights agree.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,15 @@ from train.loop import train
 from train.run_files import CHECKPOINT_DIR
 
 STEPS = 32
-FLAGS = {"image_size": 64, "batch_size": 8, "steps": STEPS, "warmup_steps": 4, "checkpoint_every": 4,
-         "log_every": 4, "validate_every": 1000}
+FLAGS = {
+    "image_size": 64,
+    "batch_size": 8,
+    "steps": STEPS,
+    "warmup_steps": 4,
+    "checkpoint_every": 4,
+    "log_every": 4,
+    "validate_every": 1000,
+}
 
 
 def config() -> TrainConfig:

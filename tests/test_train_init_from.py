@@ -1,5 +1,6 @@
 """--init-from RUN_DIR: a new run starts from another run's weights at a new size (or margin, data, loss weights),
 with new classifiers for a different label set; it exports and submits."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,18 +22,46 @@ from train.loop import train
 from train.model import DelgModel
 
 # The submission's light settings (as tests/test_backbones.py runs a family's export).
-LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0",
-         "--plan", "fixed", "--global-max-side", "128", "--rerank", "3", "--max-rerank-queries", "10"]
+LIGHT = [
+    "--scales",
+    "0.5",
+    "1.0",
+    "--global-scale-indices",
+    "0",
+    "1",
+    "--max-features",
+    "200",
+    "--workers",
+    "0",
+    "--plan",
+    "fixed",
+    "--global-max-side",
+    "128",
+    "--rerank",
+    "3",
+    "--max-rerank-queries",
+    "10",
+]
 
 
 def at_96px(**overrides):
     """One step at 96 px: its logged loss is the loss of the starting weights on the stream's first batch."""
-    return get_config("tiny", steps=1, image_size=96, batch_size=16, warmup_steps=1, log_every=1,
-                      checkpoint_every=1, validate_every=1, **overrides)
+    return get_config(
+        "tiny",
+        steps=1,
+        image_size=96,
+        batch_size=16,
+        warmup_steps=1,
+        log_every=1,
+        checkpoint_every=1,
+        validate_every=1,
+        **overrides,
+    )
 
 
 def test_a_64px_run_continued_at_96px_starts_lower_than_scratch_and_exports_and_submits(
-        tiny_run, data_dir, tiny_competition, tmp_path):
+    tiny_run, data_dir, tiny_competition, tmp_path
+):
     scratch = train(at_96px(), data_dir=data_dir, run_dir=tmp_path / "scratch")
     continued = train(at_96px(init_from=str(tiny_run)), data_dir=data_dir, run_dir=tmp_path / "continued")
     assert json.loads((tiny_run / "config.json").read_text())["image_size"] == 64
@@ -42,8 +71,24 @@ def test_a_64px_run_continued_at_96px_starts_lower_than_scratch_and_exports_and_
     model = tmp_path / "model"
     assert export_main(["delg", "--run", str(tmp_path / "continued"), "--out", str(model)]) == 0
     submission = tmp_path / "submission.csv"
-    assert load_submission().main(["--task", "recognition", "--data", str(data_dir), "--model", str(model),
-                                   "--work", str(tmp_path / "work"), "--out", str(submission), *LIGHT]) == 0
+    assert (
+        load_submission().main(
+            [
+                "--task",
+                "recognition",
+                "--data",
+                str(data_dir),
+                "--model",
+                str(model),
+                "--work",
+                str(tmp_path / "work"),
+                "--out",
+                str(submission),
+                *LIGHT,
+            ]
+        )
+        == 0
+    )
     scores = score_files("recognition", solution_file(tiny_competition, "recognition"), submission)
     assert 0 <= scores["all"]["gap"] <= 1
 
@@ -66,16 +111,24 @@ def test_another_label_set_gets_new_classifiers_and_keeps_the_rest(tiny_run):
 def test_another_backbone_is_refused(tiny_run):
     model = DelgModel(get_config("tiny", tiny_widths=(8, 8, 8, 8)), num_classes=3)
     model(np.zeros([1, 64, 64, 3], np.float32))
-    with pytest.raises(UserError, match=r"its backbone \(tiny, widths 16,32,64,128\) does not fit this run's "
-                                        r"\(tiny, widths 8,8,8,8\)"):
+    with pytest.raises(
+        UserError,
+        match=r"its backbone \(tiny, widths 16,32,64,128\) does not fit this run's "
+        r"\(tiny, widths 8,8,8,8\)",
+    ):
         init_from_run(model, tiny_run, [1, 2, 3])
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--init-from", "nowhere"], "--init-from nowhere: must be a training run folder"),
-    (["--config", "r50", "--init-from", "RUN", "--backbone-weights", "imagenet"],
-     "--init-from RUN and --backbone-weights imagenet both give the starting weights"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--init-from", "nowhere"], "--init-from nowhere: must be a training run folder"),
+        (
+            ["--config", "r50", "--init-from", "RUN", "--backbone-weights", "imagenet"],
+            "--init-from RUN and --backbone-weights imagenet both give the starting weights",
+        ),
+    ],
+)
 def test_bad_init_from_flags_are_one_error_line(flags, expected, tiny_run, data_dir, tmp_path, capsys):
     flags = [str(tiny_run) if flag == "RUN" else flag for flag in flags]
     code = run_main(train_main, ["--data", str(data_dir), "--out", str(tmp_path / "run"), *flags])

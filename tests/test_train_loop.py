@@ -1,4 +1,5 @@
 """The training loop: it learns, it resumes exactly, mirrored equals default, SIGTERM checkpoints."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def small_config(**overrides):
-    fields = {"image_size": 48, "batch_size": 8, "steps": 6, "warmup_steps": 2, "log_every": 2,
-              "checkpoint_every": 3, "validate_every": 100, **overrides}
+    fields = {
+        "image_size": 48,
+        "batch_size": 8,
+        "steps": 6,
+        "warmup_steps": 2,
+        "log_every": 2,
+        "checkpoint_every": 3,
+        "validate_every": 100,
+        **overrides,
+    }
     return get_config("tiny", **fields)
 
 
@@ -72,8 +81,11 @@ def logged_steps(log_dir: Path, tag: str) -> list[int]:
 def checkpoint_values(run_dir: Path) -> dict[str, np.ndarray]:
     reader = tf.train.load_checkpoint(str(run_dir / CHECKPOINT_DIR))
     dtypes = reader.get_variable_to_dtype_map()
-    return {name: reader.get_tensor(name) for name, dtype in dtypes.items()
-            if (dtype.is_floating or dtype.is_integer) and not name.startswith("save_counter")}
+    return {
+        name: reader.get_tensor(name)
+        for name, dtype in dtypes.items()
+        if (dtype.is_floating or dtype.is_integer) and not name.startswith("save_counter")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +126,9 @@ def test_a_checkpoint_of_an_older_kit_restores_its_plain_sgd_state(stopped_run, 
     prefix = tf.train.latest_checkpoint(str(run_dir / CHECKPOINT_DIR))
     saved = Trainer(cfg, len(landmark_ids), tf.distribute.get_strategy())
     saved.checkpoint.restore(prefix).assert_existing_objects_matched()
-    old = tf.train.Checkpoint(model=saved.model, optimizer=saved.optimizer.inner_optimizer, step=saved.step,
-                              data_position=saved.data_position)  # SGD at the top, as the kit saved it before
+    old = tf.train.Checkpoint(
+        model=saved.model, optimizer=saved.optimizer.inner_optimizer, step=saved.step, data_position=saved.data_position
+    )  # SGD at the top, as the kit saved it before
     assert run_files.checkpoint_manager(old, run_dir).save(checkpoint_number=2) == prefix
     assert run_files.has_plain_optimizer(prefix)
     resumed = Trainer(cfg, len(landmark_ids), tf.distribute.get_strategy())
@@ -123,6 +136,7 @@ def test_a_checkpoint_of_an_older_kit_restores_its_plain_sgd_state(stopped_run, 
     assert int(resumed.step) == 2 and resumed.applied_steps == 2
     momentum = [v for v in resumed.optimizer.inner_optimizer.variables if "momentum" in v.path]
     assert momentum and any(np.any(v.numpy() != 0) for v in momentum)
+
     def restored(trainer):  # what the older checkpoint held (the loss-scale optimizer's own counters excepted)
         inner = trainer.optimizer.inner_optimizer
         return [*loop.model_and_optimizer_variables(trainer.model, inner), trainer.step, trainer.data_position]
@@ -135,8 +149,11 @@ def test_resuming_with_another_config_is_refused_and_leaves_the_run_as_it_was(st
     run_dir, cfg = stopped_run
     saved = (run_dir / CONFIG_FILE).read_text()
     other = dataclasses.replace(cfg, embedding_dim=cfg.embedding_dim // 2, steps=cfg.steps + 1)
-    with pytest.raises(UserError, match=rf"config\.json.*embedding_dim {cfg.embedding_dim} -> {other.embedding_dim}"
-                                        r"\); only"):  # steps may change, so it is not named
+    with pytest.raises(
+        UserError,
+        match=rf"config\.json.*embedding_dim {cfg.embedding_dim} -> {other.embedding_dim}"
+        r"\); only",
+    ):  # steps may change, so it is not named
         train(other, data_dir=data_dir, run_dir=run_dir, strategy="default")
     assert (run_dir / CONFIG_FILE).read_text() == saved
 
@@ -162,8 +179,11 @@ def doubled_batch(cfg, num_classes: int) -> tf.data.Dataset:
     half = cfg.batch_size // 2
     images = tf.random.uniform([half, cfg.image_size, cfg.image_size, 3], 0, 255, seed=5)
     labels = tf.random.uniform([half], 0, num_classes, dtype=tf.int64, seed=6)
-    batch = {"image": tf.concat([images, images], 0), "label": tf.concat([labels, labels], 0),
-             "position": tf.range(cfg.batch_size, dtype=tf.int64)}
+    batch = {
+        "image": tf.concat([images, images], 0),
+        "label": tf.concat([labels, labels], 0),
+        "position": tf.range(cfg.batch_size, dtype=tf.int64),
+    }
     return tf.data.Dataset.from_tensors(batch).repeat()
 
 
@@ -191,14 +211,40 @@ def test_mirrored_over_two_cpus_with_xla_takes_the_same_step_as_default():
 
 def test_sigterm_checkpoints_and_the_run_continues(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "train", "--data", str(data_dir), "--config", "tiny", "--out", str(run_dir),
-               "--steps", "2000", "--image-size", "48", "--batch-size", "8", "--checkpoint-every", "5",
-               "--validate-every", "100000"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    command = [
+        sys.executable,
+        "-m",
+        "train",
+        "--data",
+        str(data_dir),
+        "--config",
+        "tiny",
+        "--out",
+        str(run_dir),
+        "--steps",
+        "2000",
+        "--image-size",
+        "48",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "5",
+        "--validate-every",
+        "100000",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     deadline = time.monotonic() + HANG_GUARD_S  # the first checkpoint, however slow a loaded machine is to reach it
-    while (not list((run_dir / CHECKPOINT_DIR).glob("ckpt-*.index")) and process.poll() is None
-           and time.monotonic() < deadline):
+    while (
+        not list((run_dir / CHECKPOINT_DIR).glob("ckpt-*.index"))
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=HANG_GUARD_S)[0].decode()
@@ -212,8 +258,26 @@ def test_sigterm_checkpoints_and_the_run_continues(data_dir, tmp_path):
 
 def test_float16_training_applies_its_steps_and_says_so(data_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = ["--data", str(data_dir), "--config", "tiny", "--out", str(run_dir), "--precision", "float16",
-            "--steps", "16", "--image-size", "64", "--batch-size", "8", "--log-every", "4", "--validate-every", "100"]
+    argv = [
+        "--data",
+        str(data_dir),
+        "--config",
+        "tiny",
+        "--out",
+        str(run_dir),
+        "--precision",
+        "float16",
+        "--steps",
+        "16",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "4",
+        "--validate-every",
+        "100",
+    ]
     assert run_main(main, argv) == 0, capsys.readouterr().err[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["precision"] == "float16" and metrics["keras_policy"] == "mixed_float16"

@@ -1,4 +1,5 @@
 """DELG's heads on the tiny backbone: shapes and strides, GeM, ArcFace, float16 numerics, the local stride."""
+
 from __future__ import annotations
 
 import math

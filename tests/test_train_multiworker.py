@@ -1,5 +1,6 @@
 """Two workers on localhost (MultiWorkerMirroredStrategy) that survive a SIGTERM and a kill -9 of one worker, and
 end with the weights of the uninterrupted mirrored run (test_train_distributed's config, conftest's reference)."""
+
 from __future__ import annotations
 
 import json
@@ -37,12 +38,28 @@ def start_workers(data_dir: Path, run_dirs: list[Path]) -> list[subprocess.Popen
     flags = [arg for name, value in FLAGS.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
     workers = []
     for index, run_dir in enumerate(run_dirs):
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        command = [sys.executable, "-m", "train", "--data", str(data_dir), "--config", "tiny", "--out", str(run_dir),
-                   "--strategy", "multiworker", *flags]
-        workers.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True))
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "train",
+            "--data",
+            str(data_dir),
+            "--config",
+            "tiny",
+            "--out",
+            str(run_dir),
+            "--strategy",
+            "multiworker",
+            *flags,
+        ]
+        workers.append(
+            subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     return workers
 
 
@@ -53,8 +70,9 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 def wait_for_checkpoint_after(run_dir: Path, step: int, workers: list[subprocess.Popen]) -> None:
     deadline = time.monotonic() + WORKER_WAIT_S
     while not [s for s in checkpoint_steps(run_dir) if s > step]:
-        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), \
-            [w.communicate()[1][-3000:] for w in workers if w.poll() is not None]
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), [
+            w.communicate()[1][-3000:] for w in workers if w.poll() is not None
+        ]
         time.sleep(0.05)
 
 
@@ -89,8 +107,9 @@ def test_two_workers_survive_a_preempted_worker(data_dir, tmp_path, request):
     workers[1].kill()
     (chief_rc, chief_out, chief_err), (worker_rc, _, _) = finish(workers)
     assert worker_rc == -signal.SIGKILL
-    assert chief_rc == 2 and "error: worker 0: lost the group" in chief_err and "Traceback" not in chief_err, \
-        chief_err[-3000:]
+    assert chief_rc == 2 and "error: worker 0: lost the group" in chief_err and "Traceback" not in chief_err, chief_err[
+        -3000:
+    ]
     killed_after = checkpoint_steps(chief_dir)[-1]
     assert stopped_at < killed_after < STEPS
 

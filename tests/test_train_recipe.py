@@ -1,5 +1,6 @@
 """--recipe: the tiny recipe trains its stages in order, resumes after SIGTERM in the second stage, exports and
 submits; the shipped recipes are listed by --help and pass the config checks."""
+
 from __future__ import annotations
 
 import json
@@ -34,16 +35,23 @@ def test_every_shipped_recipe_passes_the_config_checks_and_help_lists_it(tmp_pat
             assert cfg.backbone_weights == ("none" if index or name == "tiny" else "imagenet")
     assert [cfg.image_size for _, cfg in stage_configs("effv2s", tmp_path, {})] == [512, 640, 768]
     assert [cfg.not_clean_weight for _, cfg in stage_configs("effv2s", tmp_path, {})] == [0.0, 1.0, 0.5]
-    help_text = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=HANG_GUARD_S, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "train", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        check=True,
+    ).stdout
     flat = " ".join(help_text.split())
     for name, recipe in RECIPES.items():
         assert f"{name}: {' '.join(recipe.describe().split())}" in flat, name
 
 
 def test_a_recipe_with_a_config_is_one_error_line(data_dir, tmp_path, capsys):
-    code = run_main(train_main, ["--data", str(data_dir), "--out", str(tmp_path / "r"), "--recipe", "tiny",
-                                 "--config", "r50"])
+    code = run_main(
+        train_main, ["--data", str(data_dir), "--out", str(tmp_path / "r"), "--recipe", "tiny", "--config", "r50"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err == "error: --recipe tiny trains its own config (tiny); drop --config\n"
 
@@ -56,12 +64,31 @@ def wait_for(path: Path, process: subprocess.Popen) -> None:
         time.sleep(0.5)
 
 
-def test_the_tiny_recipe_runs_its_stages_resumes_after_sigterm_exports_and_submits(data_dir, tiny_competition,
-                                                                                    tmp_path):
+def test_the_tiny_recipe_runs_its_stages_resumes_after_sigterm_exports_and_submits(
+    data_dir, tiny_competition, tmp_path
+):
     out = tmp_path / "recipe"
-    command = [sys.executable, "-m", "train", "--data", str(data_dir), "--recipe", "tiny", "--out", str(out),
-               "--steps", str(STEPS), "--batch-size", "8", "--checkpoint-every", "5", "--log-every", "5",
-               "--validate-every", str(STEPS)]
+    command = [
+        sys.executable,
+        "-m",
+        "train",
+        "--data",
+        str(data_dir),
+        "--recipe",
+        "tiny",
+        "--out",
+        str(out),
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "5",
+        "--log-every",
+        "5",
+        "--validate-every",
+        str(STEPS),
+    ]
     first, second = stage_dirs(out, RECIPES["tiny"])
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(second / "checkpoints" / "checkpoint", process)
@@ -87,8 +114,24 @@ def test_the_tiny_recipe_runs_its_stages_resumes_after_sigterm_exports_and_submi
     model = tmp_path / "model"
     assert export_main(["delg", "--run", str(second), "--out", str(model)]) == 0
     submission = tmp_path / "submission.csv"
-    assert load_submission().main(["--task", "recognition", "--data", str(data_dir), "--model", str(model),
-                                   "--work", str(tmp_path / "work"), "--out", str(submission), *LIGHT]) == 0
+    assert (
+        load_submission().main(
+            [
+                "--task",
+                "recognition",
+                "--data",
+                str(data_dir),
+                "--model",
+                str(model),
+                "--work",
+                str(tmp_path / "work"),
+                "--out",
+                str(submission),
+                *LIGHT,
+            ]
+        )
+        == 0
+    )
     scores = score_files("recognition", solution_file(tiny_competition, "recognition"), submission)
     assert 0 <= scores["all"]["gap"] <= 1
 

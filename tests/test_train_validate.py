@@ -1,6 +1,7 @@
 """--validate-on COMPETITION_DIR: global-only GAP / mAP@100 through the notebook's global stage every
 --validate-every steps; the best-scoring weights are kept in RUN/best; metrics.json, validation.json and
 TensorBoard show the curve."""
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,24 @@ def tensorboard_curve(run_dir, tag: str) -> list[tuple[int, float]]:
     points = []
     for events in sorted((run_dir / "logs" / "validation").glob("events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(str(events)):
-            points += [(event.step, float(tf.make_ndarray(value.tensor))) for value in event.summary.value
-                       if value.tag == tag]
+            points += [
+                (event.step, float(tf.make_ndarray(value.tensor))) for value in event.summary.value if value.tag == tag
+            ]
     return sorted(points)
 
 
 def test_validate_on_keeps_the_best_checkpoint_and_shows_the_curve(data_dir, tiny_competition, tmp_path):
-    cfg = get_config("tiny", steps=STEPS, image_size=64, batch_size=16, warmup_steps=5, validate_every=EVERY,
-                     checkpoint_every=EVERY, log_every=EVERY, validate_on=str(tiny_competition))
+    cfg = get_config(
+        "tiny",
+        steps=STEPS,
+        image_size=64,
+        batch_size=16,
+        warmup_steps=5,
+        validate_every=EVERY,
+        checkpoint_every=EVERY,
+        log_every=EVERY,
+        validate_on=str(tiny_competition),
+    )
     run = tmp_path / "run"
     metrics = train(cfg, data_dir=data_dir, run_dir=run)
     summary = metrics["competition_validation"]
@@ -53,8 +64,13 @@ def test_retrieval_scores_map_at_100(tiny_run, tiny_competition):
 
 
 def test_a_folder_that_is_no_competition_is_one_error_line(data_dir, tmp_path, capsys):
-    code = run_main(train_main, ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--validate-on",
-                                 str(data_dir), "--steps", "1"])
+    code = run_main(
+        train_main,
+        ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--validate-on", str(data_dir), "--steps", "1"],
+    )
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith(f"error: --validate-on {data_dir}: no landmark-recognition/ or solution "
-                                        "file in it") and err.count("\n") == 1, err
+    assert (
+        code == 2
+        and err.startswith(f"error: --validate-on {data_dir}: no landmark-recognition/ or solution file in it")
+        and err.count("\n") == 1
+    ), err

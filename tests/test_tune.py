@@ -1,5 +1,6 @@
 """`local_eval tune` on the tiny competition: one extraction run, the sweeps, the chosen settings, and a replay
 with them that scores what tune said it would."""
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,19 @@ from local_eval.tune import main as tune_main
 
 sub = load_submission()
 FAST = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0"]
-GRID = {"match_max_distance": [0.9], "mutual": [True, False], "ransac_threshold": [0.01, 0.04],
-        "ransac_iterations": [1000, 300], "ransac_confidence": [1.0], "min_matches": [4],
-        "rerank": [0, 2, 4], "top_k": [1, 3], "max_inlier_score": [10],
-        "nonlandmark_penalty": [0.0, 1.0], "calibrate": [True]}
+GRID = {
+    "match_max_distance": [0.9],
+    "mutual": [True, False],
+    "ransac_threshold": [0.01, 0.04],
+    "ransac_iterations": [1000, 300],
+    "ransac_confidence": [1.0],
+    "min_matches": [4],
+    "rerank": [0, 2, 4],
+    "top_k": [1, 3],
+    "max_inlier_score": [10],
+    "nonlandmark_penalty": [0.0, 1.0],
+    "calibrate": [True],
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +37,27 @@ def tuned(tiny_competition, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("tune") / "recognition"
     grid = out.parent / "grid.json"
     grid.write_text(json.dumps(GRID))
-    assert tune_main(["--competition", str(tiny_competition), "--task", "recognition", "--model", str(tiny_model),
-                      "--out", str(out), "--grid", str(grid), "--workers", "2", "--", *FAST]) == 0
+    assert (
+        tune_main(
+            [
+                "--competition",
+                str(tiny_competition),
+                "--task",
+                "recognition",
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(out),
+                "--grid",
+                str(grid),
+                "--workers",
+                "2",
+                "--",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -40,8 +69,16 @@ def test_every_combination_is_scored_once(tuned):
     stage_two = table[table["ransac_iterations"] == 300]
     best = choose(table[table["ransac_iterations"] == 1000])
     assert (stage_two[["mutual", "ransac_threshold"]] == best[["mutual", "ransac_threshold"]]).all().all()
-    keys = ["match_max_distance", "mutual", "ransac_threshold", "ransac_iterations", "rerank", "top_k",
-            "max_inlier_score", "nonlandmark_penalty"]
+    keys = [
+        "match_max_distance",
+        "mutual",
+        "ransac_threshold",
+        "ransac_iterations",
+        "rerank",
+        "top_k",
+        "max_inlier_score",
+        "nonlandmark_penalty",
+    ]
     assert not table.duplicated(keys).any()
     assert table["public"].between(0, 1).all() and table["private"].between(0, 1).all()
     folds = [f"fold_{k}" for k in range(1, 6)]
@@ -66,8 +103,9 @@ def test_tuned_json_holds_the_cross_validated_choice_and_the_script_reads_it(tun
         assert chosen == {k: defaults[k] for k in chosen}
         assert about["expected"]["mean"] == pytest.approx(about["defaults"]["mean"])
     assert about["defaults"]["standard_error"] >= 0 and 0 <= about["defaults"]["private"] <= 1
-    settings = sub.parse_settings(["--task", "recognition", "--data", ".", "--model", ".",
-                                   "--settings", str(tuned / "tuned.json")])
+    settings = sub.parse_settings(
+        ["--task", "recognition", "--data", ".", "--model", ".", "--settings", str(tuned / "tuned.json")]
+    )
     assert settings.scoring.rerank == tuned_json["scoring"]["rerank"]
     assert settings.verification.ransac_threshold == tuned_json["verification"]["ransac_threshold"]
     assert settings.extraction.scales == (0.5, 1.0)  # the extraction run's settings travel with the choice
@@ -75,8 +113,14 @@ def test_tuned_json_holds_the_cross_validated_choice_and_the_script_reads_it(tun
 
 def test_a_replay_with_the_tuned_settings_scores_what_tune_chose(tuned, tiny_competition, tiny_model, tmp_path):
     tuned_json = json.loads((tuned / "tuned.json").read_text())
-    report = replay(tiny_competition, "recognition", tiny_model, tmp_path / "replay", 1.0,
-                    ["--settings", str(tuned / "tuned.json"), "--workers", "0"])
+    report = replay(
+        tiny_competition,
+        "recognition",
+        tiny_model,
+        tmp_path / "replay",
+        1.0,
+        ["--settings", str(tuned / "tuned.json"), "--workers", "0"],
+    )
     assert report["status"] == "ok"
     for subset in ("public", "private", "all"):
         assert report["final"][subset]["gap"] == pytest.approx(tuned_json["about"][subset], abs=1e-9)
@@ -87,8 +131,24 @@ def test_a_bad_grid_is_one_line(tmp_path, tiny_competition, tiny_model, capsys):
 
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"ransac_thresholds": [0.01]}))
-    assert run_main(tune_main, ["--competition", str(tiny_competition), "--task", "recognition", "--model",
-                                str(tiny_model), "--out", str(tmp_path / "out"), "--grid", str(grid)]) == 2
+    assert (
+        run_main(
+            tune_main,
+            [
+                "--competition",
+                str(tiny_competition),
+                "--task",
+                "recognition",
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(tmp_path / "out"),
+                "--grid",
+                str(grid),
+            ],
+        )
+        == 2
+    )
     assert "'ransac_thresholds' is not a tunable setting" in capsys.readouterr().err
 
 
@@ -97,45 +157,102 @@ def test_the_out_folder_is_the_kits_and_is_refused_without_overwrite(tuned, tiny
 
     assert (tuned / KIT_MARKER).is_file() and not list(tuned.parent.glob(f".{tuned.name}.*"))  # no debris
     before = (tuned / "table.csv").read_bytes()
-    assert run_main(tune_main, ["--competition", str(tiny_competition), "--task", "recognition", "--model",
-                                str(tiny_model), "--out", str(tuned)]) == 2
-    assert capsys.readouterr().err == f"error: {tuned} already exists; pass --overwrite to replace it or choose " \
-                                      "another output path\n"
+    assert (
+        run_main(
+            tune_main,
+            [
+                "--competition",
+                str(tiny_competition),
+                "--task",
+                "recognition",
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(tuned),
+            ],
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr().err == f"error: {tuned} already exists; pass --overwrite to replace it or choose "
+        "another output path\n"
+    )
     assert (tuned / "table.csv").read_bytes() == before
 
 
-@pytest.mark.parametrize(("grid", "message"), [
-    ([], 'expected a JSON object of setting -> list of values, such as {"rerank": [0, 10]}; found list []'),
-    ("rerank", 'expected a JSON object of setting -> list of values, such as {"rerank": [0, 10]}; found str "rerank"'),
-    ({"rerank": [0, "3"]}, "'rerank' must be int, got '3'"),
-    ({"rerank": [0, 3.5]}, "'rerank' must be int, got 3.5"),
-    ({"rerank": [0, None]}, "'rerank' must be int, got null"),
-    ({"rerank": [0, -1]}, "'rerank' must be >= 0, got -1"),
-    ({"rerank": []}, "'rerank' must be a non-empty list of values, got []"),
-    ({"rerank": 3}, "'rerank' must be a non-empty list of values, got 3"),
-    ({"rerank": [3, 3]}, "'rerank' lists 3 more than once"),
-    ({"mutual": [1]}, "'mutual' must be bool, got 1"),
-    ({"ransac_threshold": [0.01, 2]}, "'ransac_threshold' must be <= 1, got 2.0"),
-    ({"min_matches": [2]}, "'min_matches' must be >= 4, got 2"),
-])
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ([], 'expected a JSON object of setting -> list of values, such as {"rerank": [0, 10]}; found list []'),
+        (
+            "rerank",
+            'expected a JSON object of setting -> list of values, such as {"rerank": [0, 10]}; found str "rerank"',
+        ),
+        ({"rerank": [0, "3"]}, "'rerank' must be int, got '3'"),
+        ({"rerank": [0, 3.5]}, "'rerank' must be int, got 3.5"),
+        ({"rerank": [0, None]}, "'rerank' must be int, got null"),
+        ({"rerank": [0, -1]}, "'rerank' must be >= 0, got -1"),
+        ({"rerank": []}, "'rerank' must be a non-empty list of values, got []"),
+        ({"rerank": 3}, "'rerank' must be a non-empty list of values, got 3"),
+        ({"rerank": [3, 3]}, "'rerank' lists 3 more than once"),
+        ({"mutual": [1]}, "'mutual' must be bool, got 1"),
+        ({"ransac_threshold": [0.01, 2]}, "'ransac_threshold' must be <= 1, got 2.0"),
+        ({"min_matches": [2]}, "'min_matches' must be >= 4, got 2"),
+    ],
+)
 def test_a_bad_grid_value_is_one_line_naming_the_setting(tmp_path, capsys, grid, message):
     from common.cli import run_main
 
     path = tmp_path / "grid.json"
     path.write_text(json.dumps(grid))
-    assert run_main(tune_main, ["--competition", str(tmp_path), "--task", "recognition", "--model", str(tmp_path),
-                                "--out", str(tmp_path / "out"), "--grid", str(path)]) == 2
+    assert (
+        run_main(
+            tune_main,
+            [
+                "--competition",
+                str(tmp_path),
+                "--task",
+                "recognition",
+                "--model",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "out"),
+                "--grid",
+                str(path),
+            ],
+        )
+        == 2
+    )
     assert capsys.readouterr().err == f"error: --grid {path}: {message}\n"
     assert not (tmp_path / "out").exists()
 
 
 def test_ties_go_to_the_cheapest_setting_whatever_the_measured_time_or_row_order():
-    rows = [{"match_max_distance": 1.1, "mutual": True, "ransac_threshold": t, "ransac_iterations": it,
-             "ransac_confidence": 1.0, "min_matches": 4, "rerank": depth, "top_k": 1, "public": 0.5, "private": p,
-             "all": 0.5, "fold_1": 0.5, "fold_2": 0.5, "seconds_per_query": seconds}
-            for depth, t, it, p, seconds in [(10, 0.02, 1000, 0.1, 0.1), (5, 0.04, 1000, 0.2, 0.9),
-                                             (5, 0.01, 300, 0.3, 0.5), (5, 0.02, 300, 0.4, 0.7),
-                                             (0, 0.02, 300, 0.0, 0)]]
+    rows = [
+        {
+            "match_max_distance": 1.1,
+            "mutual": True,
+            "ransac_threshold": t,
+            "ransac_iterations": it,
+            "ransac_confidence": 1.0,
+            "min_matches": 4,
+            "rerank": depth,
+            "top_k": 1,
+            "public": 0.5,
+            "private": p,
+            "all": 0.5,
+            "fold_1": 0.5,
+            "fold_2": 0.5,
+            "seconds_per_query": seconds,
+        }
+        for depth, t, it, p, seconds in [
+            (10, 0.02, 1000, 0.1, 0.1),
+            (5, 0.04, 1000, 0.2, 0.9),
+            (5, 0.01, 300, 0.3, 0.5),
+            (5, 0.02, 300, 0.4, 0.7),
+            (0, 0.02, 300, 0.0, 0),
+        ]
+    ]
     table = pd.DataFrame(rows)
     table.loc[4, ["fold_1", "fold_2"]] = 0.4  # the cheapest of all, but not among the best
     chosen = choose(table)
@@ -146,19 +263,36 @@ def test_ties_go_to_the_cheapest_setting_whatever_the_measured_time_or_row_order
         assert choose(shuffled)["private"] == chosen["private"]
 
 
-def tune_table(rerank: list[int], task: str = "recognition", public: float = 0.5,
-               folds: dict[int, list[float]] | None = None) -> pd.DataFrame:
+def tune_table(
+    rerank: list[int], task: str = "recognition", public: float = 0.5, folds: dict[int, list[float]] | None = None
+) -> pd.DataFrame:
     """A table as tune writes it, over a small grid of the script's defaults but the depth; each depth's fold scores
     from `folds`, else three folds at its Public score."""
-    scoring = {"recognition": {"top_k": 1, "max_inlier_score": 80, "nonlandmark_penalty": 0.0, "calibrate": True},
-               "retrieval": {}}[task]
+    scoring = {
+        "recognition": {"top_k": 1, "max_inlier_score": 80, "nonlandmark_penalty": 0.0, "calibrate": True},
+        "retrieval": {},
+    }[task]
     folds = folds or {}
-    return pd.DataFrame([{"match_max_distance": 1.1, "mutual": True, "ransac_threshold": 0.02,
-                          "ransac_iterations": 1000, "ransac_confidence": 1.0, "min_matches": 4, "rerank": depth,
-                          **scoring, "public": public + depth / 100, "private": 0.3, "all": 0.4,
-                          **{f"fold_{k + 1}": score for k, score in
-                             enumerate(folds.get(depth, [public + depth / 100] * 3))},
-                          "seconds_per_query": 0.01 * depth} for depth in rerank])
+    return pd.DataFrame(
+        [
+            {
+                "match_max_distance": 1.1,
+                "mutual": True,
+                "ransac_threshold": 0.02,
+                "ransac_iterations": 1000,
+                "ransac_confidence": 1.0,
+                "min_matches": 4,
+                "rerank": depth,
+                **scoring,
+                "public": public + depth / 100,
+                "private": 0.3,
+                "all": 0.4,
+                **{f"fold_{k + 1}": score for k, score in enumerate(folds.get(depth, [public + depth / 100] * 3))},
+                "seconds_per_query": 0.01 * depth,
+            }
+            for depth in rerank
+        ]
+    )
 
 
 def run_merge(tmp_path, tables: list[pd.DataFrame | bytes], task: str = "recognition", *more: str) -> int:
@@ -196,18 +330,33 @@ def test_tune_merge_leaves_the_defaults_for_a_setting_that_beats_them_in_every_t
     assert tuned["scoring"]["rerank"] == 20 and tuned["about"]["kept_defaults"]
 
 
-@pytest.mark.parametrize(("tables", "task", "message"), [
-    ([tune_table([0, 3]), tune_table([5, 10])], "recognition", "share no setting: they were tuned on different grids"),
-    ([tune_table([0, 3]), b"\x89PNG\r\n\x1a\n" + bytes(range(256))], "recognition", "cannot read it as a tune table"),
-    ([tune_table([0, 3]), b'{"rerank": [0, 3]}\n'], "recognition", "not a recognition tune table"),
-    ([tune_table([0, 3]), b""], "recognition", "cannot read it as a tune table"),
-    ([tune_table([0, 3], "retrieval")], "recognition", "not a recognition tune table"),
-    ([tune_table([0, 3])], "retrieval", "not a retrieval tune table (a recognition one)"),
-    ([tune_table([0, 3]).assign(public=["0.5", "x"])], "recognition", "line 3: public 'x' is not a number"),
-    ([tune_table([0, 3]).assign(public="n/a")], "recognition", "line 2: public 'n/a' is not a number"),
-    ([tune_table([0, 3]).head(0)], "recognition", "a tune table with no rows"),
-    ([tune_table([0, 3])], "recognition", "no row holds the script's defaults (match_max_distance 1.1, mutual True,"),
-])
+@pytest.mark.parametrize(
+    ("tables", "task", "message"),
+    [
+        (
+            [tune_table([0, 3]), tune_table([5, 10])],
+            "recognition",
+            "share no setting: they were tuned on different grids",
+        ),
+        (
+            [tune_table([0, 3]), b"\x89PNG\r\n\x1a\n" + bytes(range(256))],
+            "recognition",
+            "cannot read it as a tune table",
+        ),
+        ([tune_table([0, 3]), b'{"rerank": [0, 3]}\n'], "recognition", "not a recognition tune table"),
+        ([tune_table([0, 3]), b""], "recognition", "cannot read it as a tune table"),
+        ([tune_table([0, 3], "retrieval")], "recognition", "not a recognition tune table"),
+        ([tune_table([0, 3])], "retrieval", "not a retrieval tune table (a recognition one)"),
+        ([tune_table([0, 3]).assign(public=["0.5", "x"])], "recognition", "line 3: public 'x' is not a number"),
+        ([tune_table([0, 3]).assign(public="n/a")], "recognition", "line 2: public 'n/a' is not a number"),
+        ([tune_table([0, 3]).head(0)], "recognition", "a tune table with no rows"),
+        (
+            [tune_table([0, 3])],
+            "recognition",
+            "no row holds the script's defaults (match_max_distance 1.1, mutual True,",
+        ),
+    ],
+)
 def test_tune_merge_refuses_what_it_cannot_merge_and_writes_nothing(tmp_path, capsys, tables, task, message):
     assert run_merge(tmp_path, tables, task) == 2
     err = capsys.readouterr().err
@@ -236,14 +385,17 @@ def shallow_run(tmp_path, columns: int = 6, depth: int = 2):
     queries, database = 5, 12
     cosines = -np.sort(-rng.uniform(0, 1, (queries, columns)), axis=1)
     neighbours = np.stack([rng.permutation(database)[:columns] for _ in range(queries)])
-    candidates = sub.Candidates(cosines, neighbours, np.ones(queries, bool), np.zeros((queries, 0)),
-                                np.zeros((database, 0)))
+    candidates = sub.Candidates(
+        cosines, neighbours, np.ones(queries, bool), np.zeros((queries, 0)), np.zeros((database, 0))
+    )
     settings = sub.parse_settings(["--task", "recognition", "--data", ".", "--model", "."])
     test_ids = [f"q{k}" for k in range(queries)]
     labels = np.arange(database) % 4
     solution = tmp_path / "solution.csv"
-    solution.write_text("id,landmarks,Usage\n" + "".join(
-        f"{q},{k % 4},{'Public' if k % 2 else 'Private'}\n" for k, q in enumerate(test_ids)))
+    solution.write_text(
+        "id,landmarks,Usage\n"
+        + "".join(f"{q},{k % 4},{'Public' if k % 2 else 'Private'}\n" for k, q in enumerate(test_ids))
+    )
     run = ExtractionRun(tmp_path, settings, test_ids, [f"d{j}" for j in range(database)], labels, candidates, {})
     inliers = rng.integers(0, 30, (queries, depth))
     return run, Scorer("recognition", solution, test_ids), inliers
@@ -265,15 +417,45 @@ def chance_table(lucky_public: float = 0.9) -> pd.DataFrame:
     """The defaults (every fold 0.5) and ten settings that each beat them by 0.2 on one fold only and lose 0.05 on
     the others, one of which also wins Public by chance."""
     defaults = script_defaults("recognition")
-    keys = {k: defaults[k] for k in ["match_max_distance", "mutual", "ransac_threshold", "ransac_iterations",
-                                     "ransac_confidence", "min_matches", "top_k", "max_inlier_score",
-                                     "nonlandmark_penalty", "calibrate"]}
-    rows = [{**keys, "rerank": 20, "public": 0.5, "private": 0.5, "all": 0.5,
-             **{f"fold_{k}": 0.5 for k in range(1, 6)}, "seconds_per_query": 0.1}]
+    keys = {
+        k: defaults[k]
+        for k in [
+            "match_max_distance",
+            "mutual",
+            "ransac_threshold",
+            "ransac_iterations",
+            "ransac_confidence",
+            "min_matches",
+            "top_k",
+            "max_inlier_score",
+            "nonlandmark_penalty",
+            "calibrate",
+        ]
+    }
+    rows = [
+        {
+            **keys,
+            "rerank": 20,
+            "public": 0.5,
+            "private": 0.5,
+            "all": 0.5,
+            **{f"fold_{k}": 0.5 for k in range(1, 6)},
+            "seconds_per_query": 0.1,
+        }
+    ]
     for s in range(10):
         folds = {f"fold_{k}": 0.7 if k == s % 5 + 1 else 0.45 for k in range(1, 6)}
-        rows.append({**keys, "rerank": 30 + s, "public": lucky_public if s == 3 else 0.5, "private": 0.45, "all": 0.5,
-                     **folds, "seconds_per_query": 0.1})
+        rows.append(
+            {
+                **keys,
+                "rerank": 30 + s,
+                "public": lucky_public if s == 3 else 0.5,
+                "private": 0.45,
+                "all": 0.5,
+                **folds,
+                "seconds_per_query": 0.1,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -313,15 +495,21 @@ def test_depth_png_draws_public_and_private_of_each_verification_setting(tmp_pat
 
     drawn = {}
     line_chart = draw.line_chart
-    monkeypatch.setattr(draw, "line_chart", lambda series, *args, **kwargs: drawn.update(
-        series=series, styles=kwargs["styles"]) or line_chart(series, *args, **kwargs))
+    monkeypatch.setattr(
+        draw,
+        "line_chart",
+        lambda series, *args, **kwargs: (
+            drawn.update(series=series, styles=kwargs["styles"]) or line_chart(series, *args, **kwargs)
+        ),
+    )
     table = chance_table().assign(ransac_threshold=[0.02] + [0.01, 0.04] * 5)
     depth_picture(table, "recognition", tmp_path, table.iloc[0])
     with Image.open(tmp_path / "depth.png") as picture:
         assert picture.width > 400
     names = list(drawn["series"])
-    assert sorted(names) == sorted(f"{subset}: ransac_threshold={t}" for subset in ("Public", "Private")
-                                   for t in (0.01, 0.02, 0.04))
+    assert sorted(names) == sorted(
+        f"{subset}: ransac_threshold={t}" for subset in ("Public", "Private") for t in (0.01, 0.02, 0.04)
+    )
     assert [name.split(":")[0] for name in names] == ["Public", "Private"] * 3
     public, private = drawn["styles"][0], drawn["styles"][1]
     assert public[:2] == private[:2] and public[2] == () and private[2] != ()  # one colour, solid and dashed

@@ -1,4 +1,5 @@
 """PCA whitening: the numpy fit, and the exports that bake it into every global output."""
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ def correlated(count: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 # --- The fit ---
+
 
 def test_fit_whitens_the_kept_axes():
     x = correlated(20_000, 16)
@@ -94,11 +96,14 @@ def test_whitening_spreads_collapsed_descriptors():
 
 # --- The exports ---
 
+
 @pytest.fixture(scope="module")
 def delg_pair(tiny_model, tiny_float16_model):
     """The tiny run exported twice (conftest's): whitened (with the float16 functions) and not; both loaded."""
-    return {name: (out, tf.saved_model.load(str(out))) for name, out in (("plain", tiny_model),
-                                                                          ("white", tiny_float16_model))}
+    return {
+        name: (out, tf.saved_model.load(str(out)))
+        for name, out in (("plain", tiny_model), ("white", tiny_float16_model))
+    }
 
 
 def fitted(loaded) -> tuple[np.ndarray, np.ndarray]:
@@ -117,9 +122,12 @@ def test_serving_default_rows_are_the_whitened_rows(delg_pair, tiny_competition)
     images = landmark_images(tiny_competition, 3, 72, 88)
     mean, projection = fitted(delg_pair["white"][1])
     for image in images:
-        rows = {name: extract(loaded.signatures["serving_default"], image, scales=DELG_GLOBAL_SCALES,
-                              global_indices=(2, 0, 1))["global_descriptors"]
-                for name, (_, loaded) in delg_pair.items()}
+        rows = {
+            name: extract(
+                loaded.signatures["serving_default"], image, scales=DELG_GLOBAL_SCALES, global_indices=(2, 0, 1)
+            )["global_descriptors"]
+            for name, (_, loaded) in delg_pair.items()
+        }
         np.testing.assert_allclose(rows["white"], numpy_whiten(rows["plain"], mean, projection), atol=1e-4)
         assert np.abs(rows["white"] - rows["plain"]).max() > 0.1, "whitening changed the descriptors"
 
@@ -128,9 +136,17 @@ def test_serving_default_rows_are_the_whitened_rows(delg_pair, tiny_competition)
 def test_batched_functions_return_whitened_descriptors(delg_pair, tiny_competition, function):
     images = landmark_images(tiny_competition, 4, 64, 80)
     mean, projection = fitted(delg_pair["white"][1])
-    plain_rows = np.stack([extract(delg_pair["plain"][1].signatures["serving_default"], image,
-                                   scales=DELG_GLOBAL_SCALES, global_indices=(0, 1, 2))["global_descriptors"]
-                           for image in images])
+    plain_rows = np.stack(
+        [
+            extract(
+                delg_pair["plain"][1].signatures["serving_default"],
+                image,
+                scales=DELG_GLOBAL_SCALES,
+                global_indices=(0, 1, 2),
+            )["global_descriptors"]
+            for image in images
+        ]
+    )
     expected = l2_normalize(numpy_whiten(plain_rows, mean, projection).sum(axis=1))
     got = batched_descriptors(delg_pair["white"][1].signatures[function], images, list(DELG_GLOBAL_SCALES))
     np.testing.assert_allclose(got, expected, atol=1e-4 if function != GLOBAL_BATCH_FLOAT16 else 2e-2)
@@ -143,8 +159,7 @@ def test_no_whiten_gives_the_trained_descriptors(delg_pair, tiny_run, tiny_compe
     images = landmark_images(tiny_competition, 2, 64, 80)
     plain = delg_pair["plain"][1]
     expected = model(tf.constant(images, tf.float32))["embedding"].numpy()
-    np.testing.assert_allclose(batched_descriptors(plain.signatures[GLOBAL_BATCH], images, [1.0]), expected,
-                               atol=1e-5)
+    np.testing.assert_allclose(batched_descriptors(plain.signatures[GLOBAL_BATCH], images, [1.0]), expected, atol=1e-5)
     rows = extract(plain.signatures["serving_default"], images[0], scales=(1.0,))["global_descriptors"]
     np.testing.assert_allclose(rows[0], expected[0], atol=1e-5)
     assert not hasattr(plain, "pca_whitening")
@@ -164,8 +179,23 @@ def test_export_info_records_the_fit(delg_pair, tiny_run):
 
 def test_reduced_dim_shapes_every_output(tiny_run, tmp_path):
     out = tmp_path / "delg"
-    assert export_main(["delg", "--run", str(tiny_run), "--out", str(out), "--no-xla", "--whiten-images", "12",
-                        "--whiten-dim", "20"]) == 0
+    assert (
+        export_main(
+            [
+                "delg",
+                "--run",
+                str(tiny_run),
+                "--out",
+                str(out),
+                "--no-xla",
+                "--whiten-images",
+                "12",
+                "--whiten-dim",
+                "20",
+            ]
+        )
+        == 0
+    )
     loaded = tf.saved_model.load(str(out))
     image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     rows = extract(loaded.signatures["serving_default"], image, scales=(1.0, 0.5), global_indices=(0, 1))
@@ -177,8 +207,12 @@ def test_reduced_dim_shapes_every_output(tiny_run, tmp_path):
 
 def test_retrieval_model_is_whitened_and_dim_reduces_it(tiny_run, delg_pair, tmp_path):
     zip_path = tmp_path / "model.zip"
-    assert export_main(["retrieval", "--run", str(tiny_run), "--out", str(zip_path), "--whiten-images", FIT_IMAGES,
-                        "--dim", "32"]) == 0
+    assert (
+        export_main(
+            ["retrieval", "--run", str(tiny_run), "--out", str(zip_path), "--whiten-images", FIT_IMAGES, "--dim", "32"]
+        )
+        == 0
+    )
     with zipfile.ZipFile(zip_path) as archive:
         archive.extractall(tmp_path / "unzipped")
     loaded = tf.saved_model.load(str(tmp_path / "unzipped"))
@@ -186,26 +220,33 @@ def test_retrieval_model_is_whitened_and_dim_reduces_it(tiny_run, delg_pair, tmp
     assert projection.shape == (TINY_DIM, 32)
     image = np.random.default_rng(5).integers(0, 256, (72, 96, 3), dtype=np.uint8)
     got = loaded.signatures["serving_default"](input_image=tf.constant(image))["global_descriptor"].numpy()
-    rows = extract(delg_pair["plain"][1].signatures["serving_default"], image, scales=RETRIEVAL_SCALES,
-                   global_indices=(0, 1, 2))["global_descriptors"]
+    rows = extract(
+        delg_pair["plain"][1].signatures["serving_default"], image, scales=RETRIEVAL_SCALES, global_indices=(0, 1, 2)
+    )["global_descriptors"]
     np.testing.assert_allclose(got, l2_normalize(numpy_whiten(rows, mean, projection).sum(axis=0)), atol=1e-4)
     # The fit is the DELG export's at the same scales and sample, cut to the 32 axes of largest variance.
     np.testing.assert_allclose(projection, fitted(delg_pair["white"][1])[1][:, :32], atol=1e-4)
 
 
-@pytest.mark.parametrize("main, extra, named", [
-    (main_delg, ["--whiten-shrinkage", "0"], "--whiten-shrinkage must be a finite number above 0"),
-    (main_delg, ["--whiten-images", "0"], "--whiten-images must be at least 1"),
-    (main_delg, ["--whiten-dim", str(TINY_DIM + 1)],
-     f"--whiten-dim {TINY_DIM + 1}: more than the run's embedding_dim {TINY_DIM}"),
-    (main_delg, ["--no-whiten", "--whiten-dim", "8"], "--whiten-dim has no effect with --no-whiten"),
-    (main_delg, ["--whiten-data", "{tmp}/none"], "--whiten-data {tmp}/none: no such folder"),
-    (main_delg, ["--whiten-data", "{tmp}"], "--whiten-data {tmp}: no train.csv in it"),
-    (main_delg, [], "does not record its training data (data.json); pass --whiten-data DIR"),
-    (main_retrieval, ["--dim", "8", "--no-whiten"], "keep the PCA whitening (no --no-whiten)"),
-    (main_retrieval, ["--dim", "8", "--whiten-dim", "16"], "--dim 8 and --whiten-dim 16 disagree"),
-    (main_bundle, ["--kaggle-user", "me", "--whiten-shrinkage", "nan"], "--whiten-shrinkage must be a finite"),
-])
+@pytest.mark.parametrize(
+    "main, extra, named",
+    [
+        (main_delg, ["--whiten-shrinkage", "0"], "--whiten-shrinkage must be a finite number above 0"),
+        (main_delg, ["--whiten-images", "0"], "--whiten-images must be at least 1"),
+        (
+            main_delg,
+            ["--whiten-dim", str(TINY_DIM + 1)],
+            f"--whiten-dim {TINY_DIM + 1}: more than the run's embedding_dim {TINY_DIM}",
+        ),
+        (main_delg, ["--no-whiten", "--whiten-dim", "8"], "--whiten-dim has no effect with --no-whiten"),
+        (main_delg, ["--whiten-data", "{tmp}/none"], "--whiten-data {tmp}/none: no such folder"),
+        (main_delg, ["--whiten-data", "{tmp}"], "--whiten-data {tmp}: no train.csv in it"),
+        (main_delg, [], "does not record its training data (data.json); pass --whiten-data DIR"),
+        (main_retrieval, ["--dim", "8", "--no-whiten"], "keep the PCA whitening (no --no-whiten)"),
+        (main_retrieval, ["--dim", "8", "--whiten-dim", "16"], "--dim 8 and --whiten-dim 16 disagree"),
+        (main_bundle, ["--kaggle-user", "me", "--whiten-shrinkage", "nan"], "--whiten-shrinkage must be a finite"),
+    ],
+)
 def test_bad_whitening_input_is_one_error_line(tmp_path, capsys, main, extra, named):
     make_run_dir(tmp_path / "run")  # an untrained run that records no training data
     out = tmp_path / ("m.zip" if main is main_retrieval else "m")
@@ -233,7 +274,25 @@ def test_missing_training_folder_is_one_error_line(tiny_run, tmp_path, capsys):
 def test_bundle_ships_the_whitened_model(tiny_run, tmp_path):
     out = tmp_path / "bundle"
     wheel = write_wheel(tmp_path, "cp312")  # given, so pip fetches none from the internet (test_export_kaggle tests it)
-    assert run_main(main_bundle, ["--run", str(tiny_run), "--out", str(out), "--kaggle-user", "me", "--wheel",
-                                  str(wheel), "--whiten-images", "12", "--whiten-shrinkage", "0.5"]) == 0
+    assert (
+        run_main(
+            main_bundle,
+            [
+                "--run",
+                str(tiny_run),
+                "--out",
+                str(out),
+                "--kaggle-user",
+                "me",
+                "--wheel",
+                str(wheel),
+                "--whiten-images",
+                "12",
+                "--whiten-shrinkage",
+                "0.5",
+            ],
+        )
+        == 0
+    )
     whitening = export_info(out / "delg")["whitening"]
     assert whitening["applied"] and whitening["images"] == 12 and whitening["shrinkage"] == 0.5

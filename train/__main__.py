@@ -11,6 +11,7 @@ their own. SIGTERM or Ctrl-C on any worker checkpoints the whole group at one st
 worker dies outright, the others end with one error line. Either way, restart every worker with the same
 command: the group resumes at the chief's newest checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def comma_separated(element: type):
     """An argparse type: 'a,b,c' (or one value) -> a list of `element`."""
+
     def parse(text: str) -> list:
         return [element(part) for part in text.split(",")]
 
@@ -60,10 +62,12 @@ def comma_separated(element: type):
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """The config fields given on the command line."""
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
-    overrides = {name: tuple(x for part in v for x in part) if isinstance(v, list) else v
-                 for name, v in overrides.items()}
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None
+    }
+    overrides = {
+        name: tuple(x for part in v for x in part) if isinstance(v, list) else v for name, v in overrides.items()
+    }
     if overrides.get("init_from"):  # the run it continues gives the weights, not the named config's ImageNet
         overrides.setdefault("backbone_weights", "none")
     return overrides
@@ -75,21 +79,38 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     summary, _, multiworker = __doc__.split("\n\n")
-    parser = KitArgumentParser(prog="python -m train", description=summary, epilog=multiworker,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitArgumentParser(
+        prog="python -m train",
+        description=summary,
+        epilog=multiworker,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--data", type=Path, help="GLDv2/Kaggle folder with train.csv and train/a/b/c/<id>.jpg")
     parser.add_argument("--tfrecords", type=Path, help="train from shards written by `python -m train.tfrecords`")
     parser.add_argument("--config", choices=sorted(CONFIGS), help=f"named config (default {DEFAULT_CONFIG})")
-    parser.add_argument("--recipe", choices=sorted(RECIPES),
-                        help="train a recipe's stages in order (its own config; flags apply to every stage): "
-                        + recipe_help())
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="train a recipe's stages in order (its own config; flags apply to every stage): " + recipe_help(),
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, logs, metrics.json")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                        help="tf.distribute strategy; auto: TPU if present, mirrored with >1 GPU, else default")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from the newest checkpoint in --out when there is one (default on)")
-    parser.add_argument("--mixed-precision", action="store_true",
-                        help="old spelling of --precision float16 on a GPU, bfloat16 elsewhere")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="auto",
+        help="tf.distribute strategy; auto: TPU if present, mirrored with >1 GPU, else default",
+    )
+    parser.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from the newest checkpoint in --out when there is one (default on)",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="old spelling of --precision float16 on a GPU, bfloat16 elsewhere",
+    )
     add_config_flags(parser)
     args = parser.parse_args(argv)
     if (args.data is None) == (args.tfrecords is None):
@@ -102,17 +123,25 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--recipe {args.recipe} trains its own config ({RECIPES[args.recipe].config}); drop --config")
 
     def train_run(cfg: TrainConfig, run_dir: Path) -> dict:
-        return train(cfg, data_dir=args.data, run_dir=run_dir, strategy=args.strategy, resume=args.resume,
-                     tfrecords=args.tfrecords)
+        return train(
+            cfg,
+            data_dir=args.data,
+            run_dir=run_dir,
+            strategy=args.strategy,
+            resume=args.resume,
+            tfrecords=args.tfrecords,
+        )
 
     if args.recipe:
         metrics = run_recipe(args.recipe, args.out, overrides_from_args(args), train_run)
         args.out = Path(metrics["run_dir"])
     else:
         metrics = train_run(config_from_args(args), args.out)
-    print(f"step {metrics['step']}/{metrics['steps']}: loss {metrics.get('loss_total', float('nan')):.4f}, "
-          f"validation accuracy {metrics['validation_accuracy']}, {metrics.get('images_per_second', 0):.0f} "
-          f"images/s, {metrics['skipped_images']} unreadable images skipped -> {args.out}")
+    print(
+        f"step {metrics['step']}/{metrics['steps']}: loss {metrics.get('loss_total', float('nan')):.4f}, "
+        f"validation accuracy {metrics['validation_accuracy']}, {metrics.get('images_per_second', 0):.0f} "
+        f"images/s, {metrics['skipped_images']} unreadable images skipped -> {args.out}"
+    )
     stopped_by = metrics["stopped_by"]
     return 128 + signal.Signals[stopped_by].value if stopped_by else 0
 

@@ -4,6 +4,7 @@ Two options of the 2020 recognition winners (3rd place): K sub-centers per class
 largest of its sub-centers' (sub-center ArcFace), and a margin per class that shrinks with the class's training
 count, m_c = a * n_c^(-lambda) + b (dynamic margins).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,11 @@ class CosineClassifier(keras.layers.Layer):
         self.num_classes, self.subcenters = num_classes, subcenters
 
     def build(self, input_shape):
-        self.kernel = self.add_weight(name="kernel", shape=(int(input_shape[-1]), self.num_classes * self.subcenters),
-                                      initializer="glorot_uniform")
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(int(input_shape[-1]), self.num_classes * self.subcenters),
+            initializer="glorot_uniform",
+        )
 
     def call(self, embeddings):
         weights = tf.nn.l2_normalize(self.kernel, axis=0)

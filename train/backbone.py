@@ -5,6 +5,7 @@ L) and ConvNeXt (tiny, small, base, large). Each family normalises pixels its ow
 the ResNets as DELG does, (x - 128) / 128 (model.normalize_pixels); the others through the Keras application's
 own preprocessing layers, which take pixels in [0, 255].
 """
+
 from __future__ import annotations
 
 import os
@@ -40,16 +41,31 @@ class Family:
 
 
 FAMILIES = {
-    "resnet": Family({"resnet50": A.ResNet50, "resnet101": A.ResNet101, "resnet152": A.ResNet152},
-                     lambda net: "conv5_block1_1_conv", own_preprocessing=False),
-    "efficientnet": Family({f"efficientnet-b{i}": getattr(A, f"EfficientNetB{i}") for i in range(8)},
-                           lambda net: "block6a_expand_conv", own_preprocessing=True, needs_one_cell=True),
-    "efficientnetv2": Family({f"efficientnetv2-{v}": getattr(A, f"EfficientNetV2{v.upper()}")
-                              for v in ("b0", "b1", "b2", "b3", "s", "m", "l")},
-                             lambda net: "block6a_expand_conv", own_preprocessing=True),
-    "convnext": Family({f"convnext-{v}": getattr(A, f"ConvNeXt{v.title()}")
-                        for v in ("tiny", "small", "base", "large")},
-                       lambda net: f"{net.name}_downsampling_block_2", own_preprocessing=True, needs_one_cell=True),
+    "resnet": Family(
+        {"resnet50": A.ResNet50, "resnet101": A.ResNet101, "resnet152": A.ResNet152},
+        lambda net: "conv5_block1_1_conv",
+        own_preprocessing=False,
+    ),
+    "efficientnet": Family(
+        {f"efficientnet-b{i}": getattr(A, f"EfficientNetB{i}") for i in range(8)},
+        lambda net: "block6a_expand_conv",
+        own_preprocessing=True,
+        needs_one_cell=True,
+    ),
+    "efficientnetv2": Family(
+        {
+            f"efficientnetv2-{v}": getattr(A, f"EfficientNetV2{v.upper()}")
+            for v in ("b0", "b1", "b2", "b3", "s", "m", "l")
+        },
+        lambda net: "block6a_expand_conv",
+        own_preprocessing=True,
+    ),
+    "convnext": Family(
+        {f"convnext-{v}": getattr(A, f"ConvNeXt{v.title()}") for v in ("tiny", "small", "base", "large")},
+        lambda net: f"{net.name}_downsampling_block_2",
+        own_preprocessing=True,
+        needs_one_cell=True,
+    ),
 }
 KERAS_BACKBONES = {name: family for family in FAMILIES.values() for name in family.constructors}
 
@@ -130,13 +146,16 @@ def weights_refused_in_one_line(backbone: str, weights: str) -> Iterator[None]:
             raise
         origin, reason = fetch.groups()
         file = keras_models_dir() / origin.rsplit("/", 1)[-1]
-        raise UserError(f"{flag}: cannot download {origin} ({reason.strip()}); without internet, put that file "
-                        f"at {file} (Keras looks for it there), or pass --backbone-weights none to train "
-                        "from scratch") from None
+        raise UserError(
+            f"{flag}: cannot download {origin} ({reason.strip()}); without internet, put that file "
+            f"at {file} (Keras looks for it there), or pass --backbone-weights none to train "
+            "from scratch"
+        ) from None
     skipped = [str(w.message) for w in caught if "saving" in w.filename]  # Keras loaded only part of the file
     if skipped:
-        raise UserError(f"{flag}: only part of it fits the {backbone} backbone ({skipped[0].splitlines()[0]}); "
-                        f"{refused}")
+        raise UserError(
+            f"{flag}: only part of it fits the {backbone} backbone ({skipped[0].splitlines()[0]}); {refused}"
+        )
 
 
 def _preprocessing_in_float32(net: keras.Model) -> None:
@@ -155,8 +174,9 @@ def _set_imagenet_normalization(net: keras.Model) -> None:
     without. Written here as (x/255 - mean) / std, whatever the weights, so every run normalises alike."""
     normalization = next(layer for layer in net.layers if isinstance(layer, keras.layers.Normalization))
     mean, variance, count = normalization.get_weights()
-    normalization.set_weights([np.reshape(IMAGENET_MEAN, mean.shape), np.reshape(IMAGENET_STD, variance.shape) ** 2,
-                               count])
+    normalization.set_weights(
+        [np.reshape(IMAGENET_MEAN, mean.shape), np.reshape(IMAGENET_STD, variance.shape) ** 2, count]
+    )
     normalization.finalize_state()  # the layer computes with tensors made from its weights
 
 
@@ -164,8 +184,10 @@ def load_tiny_weights(net: keras.Model, weights: str) -> None:
     """The tiny ResNet has no ImageNet weights: a file saved from a tiny ResNet of the same widths is loaded,
     anything else refused (never ignored)."""
     if weights == "imagenet":
-        raise UserError(f"{flag_name('backbone_weights')} imagenet: there are no ImageNet weights for the tiny "
-                        "backbone; give a .h5 file saved from a tiny backbone, or none")
+        raise UserError(
+            f"{flag_name('backbone_weights')} imagenet: there are no ImageNet weights for the tiny "
+            "backbone; give a .h5 file saved from a tiny backbone, or none"
+        )
     if weights != "none":
         with weights_refused_in_one_line("tiny", weights):
             net.load_weights(weights)

@@ -1,4 +1,5 @@
 """DELG defaults, written down once. Every other module (and every CLI flag) reads them from here."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,10 +27,15 @@ PIXEL_SCALE = 128.0
 LAST_MAP_STRIDE = 32
 
 # --backbone: the tiny ResNet, and the Keras applications of four families (train/backbone.py builds them).
-BACKBONES = ("tiny", "resnet50", "resnet101", "resnet152",
-             *(f"efficientnet-b{i}" for i in range(8)),
-             *(f"efficientnetv2-{v}" for v in ("b0", "b1", "b2", "b3", "s", "m", "l")),
-             *(f"convnext-{v}" for v in ("tiny", "small", "base", "large")))
+BACKBONES = (
+    "tiny",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    *(f"efficientnet-b{i}" for i in range(8)),
+    *(f"efficientnetv2-{v}" for v in ("b0", "b1", "b2", "b3", "s", "m", "l")),
+    *(f"convnext-{v}" for v in ("tiny", "small", "base", "large")),
+)
 # --precision: the type the network computes in; variables and the optimizer stay float32 (Keras mixed policies).
 PRECISIONS = ("float32", "float16", "bfloat16")
 # --local-stride: input pixels between the local head's cells. 16 reads conv4 as it is; 32 sub-samples it by 2
@@ -93,9 +99,21 @@ class TrainConfig:
 # stride 32 (docs/training-options.md); r50 / r101 keep DELF's stride 32. Its 128-d descriptor and crops of at least 30%
 # of the image raised the global-only scores of both tasks on five seeds (docs/global-stage.md).
 CONFIGS: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(backbone="tiny", embedding_dim=128, attention_hidden=64, image_size=96, local_stride=16,
-                        crop_min_area=0.3, batch_size=32, steps=300, learning_rate=0.1, warmup_steps=30,
-                        checkpoint_every=100, validate_every=100, log_every=10),
+    "tiny": TrainConfig(
+        backbone="tiny",
+        embedding_dim=128,
+        attention_hidden=64,
+        image_size=96,
+        local_stride=16,
+        crop_min_area=0.3,
+        batch_size=32,
+        steps=300,
+        learning_rate=0.1,
+        warmup_steps=30,
+        checkpoint_every=100,
+        validate_every=100,
+        log_every=10,
+    ),
     # DELG and every 2020-2021 winner started from ImageNet weights: so does every named Keras backbone.
     "r50": TrainConfig(backbone="resnet50", backbone_weights="imagenet"),
     "r101": TrainConfig(backbone="resnet101", backbone_weights="imagenet"),
@@ -130,28 +148,37 @@ def _weights_ok(value: str) -> bool:
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "backbone": (lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
     "backbone_weights": (_weights_ok, "none, imagenet or an existing .h5 file"),
-    "init_from": (lambda v: v == "" or (Path(v) / "config.json").is_file(),
-                  "a training run folder (with its config.json), or empty"),
+    "init_from": (
+        lambda v: v == "" or (Path(v) / "config.json").is_file(),
+        "a training run folder (with its config.json), or empty",
+    ),
     "tiny_widths": (lambda v: len(v) == 4 and all(w >= 1 for w in v), "4 channel counts, each at least 1"),
     "embedding_dim": (_number(lambda v: v >= 1), "at least 1"),
     "gem_p": (_number(lambda v: v > 0), "greater than 0"),
     "arcface_margin": (_number(lambda v: 0 <= v < math.pi / 2), "in [0, pi/2)"),
     "arcface_scale": (_number(lambda v: v > 0), "greater than 0"),
     "subcenters": (_number(lambda v: v >= 1), "at least 1"),
-    "dynamic_margin": (lambda v: len(v) in (0, 3) and all(map(_number(lambda x: x >= 0), v[:2]))
-                       and all(map(_number(lambda x: True), v)),
-                       "three numbers A,LAMBDA,B (margin A * n^-LAMBDA + B), A and LAMBDA 0 or more, or none"),
+    "dynamic_margin": (
+        lambda v: (
+            len(v) in (0, 3) and all(map(_number(lambda x: x >= 0), v[:2])) and all(map(_number(lambda x: True), v))
+        ),
+        "three numbers A,LAMBDA,B (margin A * n^-LAMBDA + B), A and LAMBDA 0 or more, or none",
+    ),
     "attention_hidden": (_number(lambda v: v >= 1), "at least 1"),
     "local_dim": (_number(lambda v: v >= 1), "at least 1"),
     "local_stride": (lambda v: v in LOCAL_STRIDES, f"one of {', '.join(map(str, LOCAL_STRIDES))}"),
     "attention_loss_weight": (_number(lambda v: v >= 0), "0 or more"),
     "reconstruction_loss_weight": (_number(lambda v: v >= 0), "0 or more"),
     "not_clean_weight": (_number(lambda v: v >= 0), "0 or more"),
-    "image_size": (_number(lambda v: v >= LAST_MAP_STRIDE),
-                   f"at least {LAST_MAP_STRIDE} (one cell of the stride-{LAST_MAP_STRIDE} conv5 map)"),
+    "image_size": (
+        _number(lambda v: v >= LAST_MAP_STRIDE),
+        f"at least {LAST_MAP_STRIDE} (one cell of the stride-{LAST_MAP_STRIDE} conv5 map)",
+    ),
     "crop_min_area": (_number(lambda v: 0 < v <= 1), "in (0, 1]"),
-    "crop_aspect_range": (lambda v: len(v) == 2 and all(map(_number(lambda x: x > 0), v)) and v[0] <= v[1],
-                          "two ratios 0 < MIN <= MAX"),
+    "crop_aspect_range": (
+        lambda v: len(v) == 2 and all(map(_number(lambda x: x > 0), v)) and v[0] <= v[1],
+        "two ratios 0 < MIN <= MAX",
+    ),
     "validation_fraction": (_number(lambda v: 0 <= v < 1), "in [0, 1)"),
     "batch_size": (_number(lambda v: v >= 1), "at least 1"),
     "steps": (_number(lambda v: v >= 1), "at least 1"),
@@ -188,13 +215,16 @@ def check_config(cfg: TrainConfig) -> None:
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
             raise UserError(f"{flag_name(field.name)} {shown}: must be {rule}")
     if cfg.init_from and cfg.backbone_weights != "none":
-        raise UserError(f"{flag_name('init_from')} {cfg.init_from} and {flag_name('backbone_weights')} "
-                        f"{cfg.backbone_weights} both give the starting weights; choose one")
+        raise UserError(
+            f"{flag_name('init_from')} {cfg.init_from} and {flag_name('backbone_weights')} "
+            f"{cfg.backbone_weights} both give the starting weights; choose one"
+        )
 
 
 def _is_a(value: Any, kind: str) -> bool:
     """Whether value is of the annotated kind (an int passes for float; a bool passes only for bool)."""
     if kind == "bool" or isinstance(value, bool):
         return kind == "bool" and isinstance(value, bool)
-    return {"int": isinstance(value, int), "float": isinstance(value, (int, float)),
-            "str": isinstance(value, str)}[kind]
+    return {"int": isinstance(value, int), "float": isinstance(value, (int, float)), "str": isinstance(value, str)}[
+        kind
+    ]

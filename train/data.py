@@ -5,6 +5,7 @@ seeded by (seed, e), and the augmentation of the element at stream position k is
 A resumed run therefore continues the exact stream it was checkpointed in, from `start`.
 Each element carries its position, so images dropped as unreadable show up as gaps and are counted.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,8 +53,10 @@ def read_train_csv(path: Path) -> pd.DataFrame:
         if not ID_PATTERN.match(image_id):
             raise UserError(f"{path}, line {line}: id {image_id!r} is not 16 hex digits")
         if not is_int64(text):
-            raise UserError(f"{path}, line {line}: id {image_id}: landmark_id {text!r} is not an integer "
-                            "(digits only, at most 2^63-1)")
+            raise UserError(
+                f"{path}, line {line}: id {image_id}: landmark_id {text!r} is not an integer "
+                "(digits only, at most 2^63-1)"
+            )
     if table["id"].duplicated().any():
         raise UserError(f"{path}: id {table['id'][table['id'].duplicated()].iloc[0]} appears more than once")
     return pd.DataFrame({"id": table["id"], "landmark_id": table["landmark_id"].astype(np.int64)})
@@ -80,8 +83,13 @@ def weigh_by_clean_list(table: pd.DataFrame, clean_csv: Path, not_clean_weight: 
     if not_clean_weight == 0:
         log.info("%s: keeping %d of %d train images", clean_csv, int(is_clean.sum()), len(table))
         return table[is_clean].reset_index(drop=True)
-    log.info("%s: %d of %d train images are clean; the others weigh %g in the loss", clean_csv,
-             int(is_clean.sum()), len(table), not_clean_weight)
+    log.info(
+        "%s: %d of %d train images are clean; the others weigh %g in the loss",
+        clean_csv,
+        int(is_clean.sum()),
+        len(table),
+        not_clean_weight,
+    )
     return table.assign(weight=np.where(is_clean, 1.0, not_clean_weight).astype(np.float32))
 
 
@@ -93,8 +101,12 @@ def drop_missing(table: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
         raise UserError(f"{data_dir / 'train'}: none of the {len(table)} images in {TRAIN_CSV} exist")
     if not exists.all():
         missing = table["id"][~exists]
-        log.warning("%d of %d train images are missing and skipped (first: %s)",
-                    len(missing), len(table), ", ".join(missing.iloc[:5]))
+        log.warning(
+            "%d of %d train images are missing and skipped (first: %s)",
+            len(missing),
+            len(table),
+            ", ".join(missing.iloc[:5]),
+        )
     return table.assign(path=paths)[exists].reset_index(drop=True)
 
 
@@ -104,15 +116,19 @@ def split_by_image(table: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.
     if count >= len(table):
         raise UserError(f"validation_fraction {fraction} leaves no training images out of {len(table)}")
     order = np.random.default_rng(seed).permutation(len(table))
-    return (table.iloc[np.sort(order[count:])].reset_index(drop=True),
-            table.iloc[np.sort(order[:count])].reset_index(drop=True))
+    return (
+        table.iloc[np.sort(order[count:])].reset_index(drop=True),
+        table.iloc[np.sort(order[:count])].reset_index(drop=True),
+    )
 
 
 def check_landmark_count(count: int, source: str) -> None:
     """Training needs at least MIN_LANDMARKS classes: with one, every loss is 0 and validation is trivially right."""
     if count < MIN_LANDMARKS:
-        raise UserError(f"{source}: {count} landmark{'' if count == 1 else 's'} to train on; at least "
-                        f"{MIN_LANDMARKS} landmarks are needed (with one, every loss is 0 and nothing learns)")
+        raise UserError(
+            f"{source}: {count} landmark{'' if count == 1 else 's'} to train on; at least "
+            f"{MIN_LANDMARKS} landmarks are needed (with one, every loss is 0 and nothing learns)"
+        )
 
 
 def read_examples(data_dir: Path, validation_fraction: float, seed: int, not_clean_weight: float = 0.0) -> Examples:
@@ -123,16 +139,25 @@ def read_examples(data_dir: Path, validation_fraction: float, seed: int, not_cle
     if (data_dir / CLEAN_CSV).is_file():
         table = weigh_by_clean_list(table, data_dir / CLEAN_CSV, not_clean_weight)
     elif not_clean_weight:
-        log.warning("--not-clean-weight %g: %s has no %s, so every image is clean and weighs 1",
-                    not_clean_weight, data_dir, CLEAN_CSV)
+        log.warning(
+            "--not-clean-weight %g: %s has no %s, so every image is clean and weighs 1",
+            not_clean_weight,
+            data_dir,
+            CLEAN_CSV,
+        )
     table = drop_missing(table, data_dir)
     landmark_ids = sorted(int(x) for x in table["landmark_id"].unique())
     index_of = {landmark_id: index for index, landmark_id in enumerate(landmark_ids)}
     table = table.assign(label=table["landmark_id"].map(index_of).astype(np.int64))
     train, validation = split_by_image(table[["id", "path", "label", "weight"]], validation_fraction, seed)
     check_landmark_count(train["label"].nunique(), f"{data_dir / TRAIN_CSV} (validation images set aside)")
-    log.info("%s: %d train and %d validation images of %d landmarks",
-             data_dir, len(train), len(validation), len(landmark_ids))
+    log.info(
+        "%s: %d train and %d validation images of %d landmarks",
+        data_dir,
+        len(train),
+        len(validation),
+        len(landmark_ids),
+    )
     return Examples(train, validation, landmark_ids)
 
 
@@ -142,9 +167,11 @@ def read_examples(data_dir: Path, validation_fraction: float, seed: int, not_cle
 
 def image_shape(encoded: tf.Tensor) -> tf.Tensor:
     """[height, width] of an encoded image, read from the JPEG header when it is one."""
-    return tf.cond(tf.io.is_jpeg(encoded),
-                   lambda: tf.io.extract_jpeg_shape(encoded)[:2],
-                   lambda: tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False))[:2])
+    return tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.extract_jpeg_shape(encoded)[:2],
+        lambda: tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False))[:2],
+    )
 
 
 def decode_window(encoded: tf.Tensor, offset: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
@@ -155,8 +182,9 @@ def decode_window(encoded: tf.Tensor, offset: tf.Tensor, size: tf.Tensor) -> tf.
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         return tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([size, [3]], 0))
 
-    return tf.cond(tf.io.is_jpeg(encoded), lambda: tf.io.decode_and_crop_jpeg(encoded, window, channels=3),
-                   decode_other)
+    return tf.cond(
+        tf.io.is_jpeg(encoded), lambda: tf.io.decode_and_crop_jpeg(encoded, window, channels=3), decode_other
+    )
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -169,9 +197,15 @@ def augment(encoded: tf.Tensor, seed: tf.Tensor, cfg: TrainConfig) -> tf.Tensor:
     """DELG's training view: a random crop of crop_min_area..100% of the area, resized, maybe flipped."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     offset, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.concat([image_shape(encoded), [3]], 0), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=cfg.crop_aspect_range,
-        area_range=(cfg.crop_min_area, 1.0), max_attempts=20, use_image_if_no_bounding_boxes=True)
+        tf.concat([image_shape(encoded), [3]], 0),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=crop_seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=cfg.crop_aspect_range,
+        area_range=(cfg.crop_min_area, 1.0),
+        max_attempts=20,
+        use_image_if_no_bounding_boxes=True,
+    )
     image = resize(decode_window(encoded, offset[:2], size[:2]), cfg.image_size)
     return tf.image.stateless_random_flip_left_right(image, flip_seed) if cfg.flip else image
 
@@ -211,8 +245,9 @@ def read_weighted_image_file(item: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tu
     return tf.io.read_file(path), label, weight
 
 
-def folder_epoch_source(paths: list[str], labels: list[int], seed: int,
-                        weights: list[float] | None = None) -> EpochSource:
+def folder_epoch_source(
+    paths: list[str], labels: list[int], seed: int, weights: list[float] | None = None
+) -> EpochSource:
     """Epoch e lists the (path, label, loss weight) triples in a permutation seeded by (seed, e)."""
     paths_t, labels_t = tf.constant(paths), tf.constant(labels, tf.int64)
     weights_t = tf.constant(np.ones(len(paths)) if weights is None else weights, tf.float32)
@@ -240,17 +275,24 @@ def training_stream(source: EpochSource, epoch_size: int, cfg: TrainConfig, star
         weight = weight[0] if weight else tf.constant(1.0)
         return {"image": image, "label": label, "weight": weight, "position": position}
 
-    return finish(stream.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
-                  cfg.batch_size, drop_remainder=True)
+    return finish(
+        stream.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
+        cfg.batch_size,
+        drop_remainder=True,
+    )
 
 
 def validation_stream(encoded_and_labels: tf.data.Dataset, cfg: TrainConfig) -> tf.data.Dataset:
     """Finite batches {'image', 'label'} of the plain validation views; unreadable images dropped."""
+
     def example(encoded, label):
         return {"image": plain_view(encoded, cfg), "label": label}
 
-    return finish(encoded_and_labels.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
-                  cfg.batch_size, drop_remainder=False)
+    return finish(
+        encoded_and_labels.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True),
+        cfg.batch_size,
+        drop_remainder=False,
+    )
 
 
 def finish(examples: tf.data.Dataset, batch_size: int, drop_remainder: bool) -> tf.data.Dataset:
@@ -287,11 +329,13 @@ def folder_data(data_dir: Path, cfg: TrainConfig) -> TrainingData:
     examples = read_examples(data_dir, cfg.validation_fraction, cfg.seed, cfg.not_clean_weight)
     train = examples.train
     return TrainingData(
-        landmark_ids=examples.landmark_ids, train_count=len(train),
+        landmark_ids=examples.landmark_ids,
+        train_count=len(train),
         validation_count=len(examples.validation),
         epoch_source=folder_epoch_source(list(train["path"]), list(train["label"]), cfg.seed, list(train["weight"])),
         validation_files=lambda: folder_validation_files(examples.validation),
-        class_counts=class_counts(examples.train["label"], len(examples.landmark_ids)))
+        class_counts=class_counts(examples.train["label"], len(examples.landmark_ids)),
+    )
 
 
 def class_counts(labels, num_classes: int) -> list[int]:

@@ -1,6 +1,7 @@
 """--init-from RUN_DIR: a new run starts from another run's newest weights (progressive resizing, a new margin,
 new data or loss weights). The backbone must fit; each head is taken when its weights have the same shapes, and
 the two classifiers only when the label maps are the same: a different label set gets new classifiers."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,9 @@ def load_run_model(run_dir: Path) -> tuple[DelgModel, list[int], str]:
     model = DelgModel(cfg, num_classes=len(landmark_ids))
     model(tf.zeros([1, 2 * LAST_MAP_STRIDE, 2 * LAST_MAP_STRIDE, 3]))
     prefix = run_files.latest_checkpoint(run_dir)
-    status = run_files.restore_checkpoint(run_files.make_checkpoint(model), prefix,
-                                          f"checkpoint does not match {run_dir / run_files.CONFIG_FILE}")
+    status = run_files.restore_checkpoint(
+        run_files.make_checkpoint(model), prefix, f"checkpoint does not match {run_dir / run_files.CONFIG_FILE}"
+    )
     status.expect_partial()  # the optimizer's state, the step and the stream position are not needed
     return model, landmark_ids, prefix
 
@@ -47,8 +49,10 @@ def init_from_run(model: DelgModel, source_dir: Path, landmark_ids: list[int]) -
     source, source_ids, prefix = load_run_model(source_dir)
     flag = f"{flag_name('init_from')} {source_dir}"
     if source.cfg.backbone != model.cfg.backbone or not same_shapes(source.backbone, model.backbone):
-        raise UserError(f"{flag}: its backbone ({describe_backbone(source.cfg)}) does not fit this run's "
-                        f"({describe_backbone(model.cfg)}); --init-from continues the same backbone")
+        raise UserError(
+            f"{flag}: its backbone ({describe_backbone(source.cfg)}) does not fit this run's "
+            f"({describe_backbone(model.cfg)}); --init-from continues the same backbone"
+        )
     copied, fresh = ["backbone"], []
     model.backbone.set_weights(source.backbone.get_weights())
     for name in HEADS:
@@ -60,7 +64,7 @@ def init_from_run(model: DelgModel, source_dir: Path, landmark_ids: list[int]) -
             continue
         target.set_weights(origin.get_weights())
         copied.append(name)
-    log.info("%s: started from %s (%s)%s", flag, prefix, ", ".join(copied),
-             f"; new {', '.join(fresh)}" if fresh else "")
+    log.info(
+        "%s: started from %s (%s)%s", flag, prefix, ", ".join(copied), f"; new {', '.join(fresh)}" if fresh else ""
+    )
     return copied
-

@@ -1,4 +1,5 @@
 """DELG's local head: an autoencoder that gives the 128-d local descriptors and an attention that scores them."""
+
 from __future__ import annotations
 
 import keras

@@ -10,6 +10,7 @@ Multi-worker runs follow TensorFlow's conventions: the chief (worker 0) restores
 folder, the other workers save into temporary folders; at start every worker takes the chief's state,
 and a stop signal on any worker stops the whole group after the same step, with the chief's checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,12 +52,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # either one checkpoints and sto
 SKIP_WINDOW = 50  # this many steps in a row with non-finite gradients end the run: nothing is being learned
 NEVER = 2**31 - 1  # dynamic_growth_steps of a loss scale that stays put
 # What a collective raises on the survivors when a worker of the group dies (a preempted VM, kill -9).
-PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
-               tf.errors.DeadlineExceededError)
+PEER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+    tf.errors.DeadlineExceededError,
+)
 # What tensorboard's scalar summary writes; spelled out so that logging works without the tensorboard package.
 SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-    data_class=summary_pb2.DATA_CLASS_SCALAR)
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"), data_class=summary_pb2.DATA_CLASS_SCALAR
+)
 
 
 class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
@@ -110,8 +115,13 @@ def model_and_optimizer_variables(model: keras.Model, optimizer) -> list[tf.Vari
 class Trainer:
     """Model, optimizer and the compiled steps of one run, under one strategy."""
 
-    def __init__(self, cfg: TrainConfig, num_classes: int, strategy: tf.distribute.Strategy,
-                 class_counts: list[int] | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        num_classes: int,
+        strategy: tf.distribute.Strategy,
+        class_counts: list[int] | None = None,
+    ):
         self.cfg, self.strategy = cfg, strategy
         self.margins = class_margins(cfg, class_counts)
         keras.utils.set_random_seed(cfg.seed)
@@ -174,8 +184,7 @@ class Trainer:
         every worker: the flags summed over the group, then 1.0 if this step was skipped (else 0.0)."""
         if stop_request is None:
             stop_request = tf.zeros([len(STOP_SIGNALS)])
-        sums, last_position, stop_agreed = self.strategy.run(self._replica_step,
-                                                             args=(next(iterator), stop_request))
+        sums, last_position, stop_agreed = self.strategy.run(self._replica_step, args=(next(iterator), stop_request))
         for name, value in sums.items():
             self.sums[name].assign_add(self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None))
         self.data_position.assign(tf.reduce_max(self.strategy.gather(last_position, axis=0)) + 1)
@@ -190,8 +199,10 @@ class Trainer:
             return count_correct(outputs["cosine"], batch["label"]), tf.cast(tf.size(batch["label"]), tf.float32)
 
         correct, count = self.strategy.run(replica, args=(batch,))
-        return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
-                self.strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None))
+        return (
+            self.strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
+            self.strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None),
+        )
 
     def take_sums(self) -> dict[str, float]:
         """The interval sums so far, then reset to zero."""
@@ -215,12 +226,16 @@ def class_margins(cfg: TrainConfig, class_counts: list[int] | None) -> tf.Tensor
         return None
     flag = flag_name("dynamic_margin")
     if class_counts is None:
-        raise UserError(f"{flag}: the data does not say how many images each class has; "
-                        "write the TFRecord shards again with this kit's `python -m train.tfrecords`")
+        raise UserError(
+            f"{flag}: the data does not say how many images each class has; "
+            "write the TFRecord shards again with this kit's `python -m train.tfrecords`"
+        )
     margins = dynamic_margins(class_counts, *cfg.dynamic_margin)
     if margins.min() < 0 or margins.max() >= math.pi / 2:
-        raise UserError(f"{flag} {','.join(map(str, cfg.dynamic_margin))}: the margins range from "
-                        f"{margins.min():.3f} to {margins.max():.3f} on this data; each must be in [0, pi/2)")
+        raise UserError(
+            f"{flag} {','.join(map(str, cfg.dynamic_margin))}: the margins range from "
+            f"{margins.min():.3f} to {margins.max():.3f} on this data; each must be in [0, pi/2)"
+        )
     log.info("dynamic ArcFace margins from %.3f to %.3f", margins.min(), margins.max())
     return tf.constant(margins)
 
@@ -262,6 +277,7 @@ def agreed_signal(flags) -> str | None:
 def group_sum(strategy: tf.distribute.Strategy, values: list[tf.Tensor], chief_only: bool = False) -> list:
     """The sum of `values` over every worker of the group (each worker passes its own); with chief_only, only
     the chief's first replica contributes, which hands every worker the chief's values."""
+
     def replica():
         context = tf.distribute.get_replica_context()
         first = tf.equal(context.replica_id_in_sync_group, 0)
@@ -269,8 +285,9 @@ def group_sum(strategy: tf.distribute.Strategy, values: list[tf.Tensor], chief_o
         summed = [None] * len(mine)
         for dtype in {v.dtype for v in mine}:  # one all-reduce per type: it packs its tensors together
             indices = [i for i, v in enumerate(mine) if v.dtype == dtype]
-            for i, value in zip(indices, context.all_reduce(tf.distribute.ReduceOp.SUM, [mine[i] for i in indices]),
-                                strict=True):
+            for i, value in zip(
+                indices, context.all_reduce(tf.distribute.ReduceOp.SUM, [mine[i] for i in indices]), strict=True
+            ):
                 summed[i] = value
         return summed
 
@@ -283,14 +300,21 @@ def join_the_chief(trainer: Trainer, cfg: TrainConfig, landmark_ids: list[int]) 
     every worker the chief's weights, optimizer state, step and stream position (what it restored, or its
     fresh initialisation): the group starts at one step whatever each worker's own folder held."""
     strategy = trainer.strategy
-    mine = tf.constant([zlib.crc32(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()),
-                        zlib.crc32(json.dumps(landmark_ids).encode())], tf.int64)
+    mine = tf.constant(
+        [
+            zlib.crc32(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()),
+            zlib.crc32(json.dumps(landmark_ids).encode()),
+        ],
+        tf.int64,
+    )
     chiefs = group_sum(strategy, [mine], chief_only=True)[0]
     differing = group_sum(strategy, [tf.cast(tf.reduce_any(mine != chiefs), tf.int64)])[0]
     if int(differing) > 0:
         what = "this worker's" if bool(tf.reduce_any(mine != chiefs)) else "another worker's"
-        raise UserError(f"worker {worker_id(strategy)}: {what} config or training classes differ from the chief's; "
-                        "start every worker with the same command and data")
+        raise UserError(
+            f"worker {worker_id(strategy)}: {what} config or training classes differ from the chief's; "
+            "start every worker with the same command and data"
+        )
     variables = trainer.variables()
     for variable, value in zip(variables, group_sum(strategy, variables, chief_only=True), strict=True):
         variable.assign(value)
@@ -338,8 +362,10 @@ class CheckpointWriter:
                     partial.unlink(missing_ok=True)
             kept = f"the newest complete checkpoint, {latest}," if latest else "no earlier checkpoint"
         reason = first_line(err) if isinstance(err, tf.errors.OpError) else str(err)
-        return UserError(f"cannot write the checkpoint of step {step} ({reason}); {kept} is kept: free some space "
-                         "and rerun the same command to resume")
+        return UserError(
+            f"cannot write the checkpoint of step {step} ({reason}); {kept} is kept: free some space "
+            "and rerun the same command to resume"
+        )
 
 
 def first_line(err: tf.errors.OpError) -> str:
@@ -351,8 +377,10 @@ def first_line(err: tf.errors.OpError) -> str:
 
 def resolve_data(cfg: TrainConfig, data_dir: Path | None, tfrecords: Path | None) -> TrainingData:
     if tfrecords and cfg.not_clean_weight:
-        raise UserError(f"{flag_name('not_clean_weight')} {cfg.not_clean_weight:g}: TFRecord shards hold no clean "
-                        "list (they were written from the clean images alone); train from --data")
+        raise UserError(
+            f"{flag_name('not_clean_weight')} {cfg.not_clean_weight:g}: TFRecord shards hold no clean "
+            "list (they were written from the clean images alone); train from --data"
+        )
     return tfrecord_data(tfrecords, cfg) if tfrecords else folder_data(data_dir, cfg)
 
 
@@ -360,14 +388,23 @@ def check_flags_fit(cfg: TrainConfig, strategy: tf.distribute.Strategy) -> None:
     """One-line errors for settings the strategy or the device cannot run."""
     name, replicas = strategy_name(strategy), strategy.num_replicas_in_sync
     if cfg.batch_size % replicas:
-        raise UserError(f"--batch-size {cfg.batch_size}: not a multiple of the {replicas} replicas of "
-                        f"--strategy {name}; each replica takes an equal share of the global batch")
+        raise UserError(
+            f"--batch-size {cfg.batch_size}: not a multiple of the {replicas} replicas of "
+            f"--strategy {name}; each replica takes an equal share of the global batch"
+        )
     if cfg.precision == "float16" and name == "tpu":
         raise UserError("--precision float16: TPUs compute in bfloat16; use --precision bfloat16")
 
 
-def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str | tf.distribute.Strategy = "auto",
-          resume: bool = True, tfrecords: Path | None = None, stop_after: int | None = None) -> dict:
+def train(
+    cfg: TrainConfig,
+    data_dir: Path | None,
+    run_dir: Path,
+    strategy: str | tf.distribute.Strategy = "auto",
+    resume: bool = True,
+    tfrecords: Path | None = None,
+    stop_after: int | None = None,
+) -> dict:
     """Train DELG into run_dir (config.json, label_map.csv, checkpoints/, logs/, metrics.json); returns the metrics.
 
     With resume, a checkpoint in run_dir is continued from its step, provided the run's config (fields in
@@ -397,8 +434,9 @@ def train(cfg: TrainConfig, data_dir: Path | None, run_dir: Path, strategy: str 
             run_files.save_config(run_dir, cfg)
             run_files.save_label_map(run_dir, data.landmark_ids)
             run_files.save_data_source(run_dir, data_dir, tfrecords)
-        result = run_steps(trainer, data, CheckpointWriter(trainer, run_dir), run_dir / "logs" if chief else None,
-                           stop_after, best)
+        result = run_steps(
+            trainer, data, CheckpointWriter(trainer, run_dir), run_dir / "logs" if chief else None, stop_after, best
+        )
     metrics = {**result, **run_description(cfg, chosen, strategy, data)}
     if chief:
         atomic_write_text(finished, json.dumps(metrics, indent=2) + "\n")
@@ -413,9 +451,11 @@ def lost_peers_reported(strategy: tf.distribute.Strategy) -> Iterator[None]:
     except PEER_ERRORS as err:
         if worker_count(strategy) == 1:
             raise
-        raise UserError(f"worker {worker_id(strategy)}: lost the group ({type(err).__name__}: {first_line(err)}); "
-                        f"restart every worker with the same command: they resume together from the chief's "
-                        f"newest checkpoint") from None
+        raise UserError(
+            f"worker {worker_id(strategy)}: lost the group ({type(err).__name__}: {first_line(err)}); "
+            f"restart every worker with the same command: they resume together from the chief's "
+            f"newest checkpoint"
+        ) from None
 
 
 def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids: list[int]) -> None:
@@ -425,16 +465,23 @@ def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids:
     prefix = tf.train.latest_checkpoint(str(run_dir / run_files.CHECKPOINT_DIR))
     saved = sorted((run_dir / run_files.CHECKPOINT_DIR).glob("ckpt-*.index"))
     if is_chief(trainer.strategy) and resume and prefix is None and saved:  # TensorFlow ignores it with a warning
-        raise UserError(f"{run_dir / run_files.CHECKPOINT_DIR / 'checkpoint'}: missing or unreadable, yet "
-                        f"{len(saved)} checkpoints lie beside it; train with --no-resume or into another run folder")
+        raise UserError(
+            f"{run_dir / run_files.CHECKPOINT_DIR / 'checkpoint'}: missing or unreadable, yet "
+            f"{len(saved)} checkpoints lie beside it; train with --no-resume or into another run folder"
+        )
     if is_chief(trainer.strategy) and resume and prefix is not None:
         run_files.check_resumable(run_dir, trainer.cfg, landmark_ids)
         checkpoint = trainer.checkpoint
         if run_files.has_plain_optimizer(prefix):  # an older kit's run: its SGD state goes into the inner optimizer
-            checkpoint = run_files.make_checkpoint(trainer.model, trainer.optimizer.inner_optimizer, trainer.step,
-                                                   trainer.data_position)
-        run_files.restore_checkpoint(checkpoint, prefix, "cannot resume from this checkpoint",
-                                     "; train with --no-resume or into another run folder")
+            checkpoint = run_files.make_checkpoint(
+                trainer.model, trainer.optimizer.inner_optimizer, trainer.step, trainer.data_position
+            )
+        run_files.restore_checkpoint(
+            checkpoint,
+            prefix,
+            "cannot resume from this checkpoint",
+            "; train with --no-resume or into another run folder",
+        )
         log.info("resumed %s at step %d", prefix, int(trainer.step))
     elif is_chief(trainer.strategy) and trainer.cfg.init_from:
         init_from_run(trainer.model, Path(trainer.cfg.init_from), landmark_ids)
@@ -444,12 +491,21 @@ def restore_or_join(trainer: Trainer, run_dir: Path, resume: bool, landmark_ids:
 
 def run_description(cfg: TrainConfig, chosen: str, strategy: tf.distribute.Strategy, data: TrainingData) -> dict:
     """What metrics.json records beside the results: model, strategy (as the user chose it), precision, data."""
-    return {"backbone": cfg.backbone, "strategy": chosen, "strategy_used": strategy_name(strategy),
-            "workers": worker_count(strategy), "replicas": strategy.num_replicas_in_sync,
-            "precision": cfg.precision, "keras_policy": keras_policy(cfg.precision),
-            "local_stride": cfg.local_stride, "global_only": cfg.global_only, "init_from": cfg.init_from,
-            "classes": len(data.landmark_ids), "train_images": data.train_count,
-            "validation_images": data.validation_count}
+    return {
+        "backbone": cfg.backbone,
+        "strategy": chosen,
+        "strategy_used": strategy_name(strategy),
+        "workers": worker_count(strategy),
+        "replicas": strategy.num_replicas_in_sync,
+        "precision": cfg.precision,
+        "keras_policy": keras_policy(cfg.precision),
+        "local_stride": cfg.local_stride,
+        "global_only": cfg.global_only,
+        "init_from": cfg.init_from,
+        "classes": len(data.landmark_ids),
+        "train_images": data.train_count,
+        "validation_images": data.validation_count,
+    }
 
 
 def write_scalars(writer, step: int, values: dict[str, float]) -> None:
@@ -464,10 +520,12 @@ def summary_writer(logs: Path | None, name: str):
 
 def all_skipped_error(trainer: Trainer, step: int) -> UserError:
     cfg = trainer.cfg
-    return UserError(f"steps {step - SKIP_WINDOW + 1}-{step}: every one had non-finite gradients and was skipped "
-                     f"(--precision {cfg.precision}, loss scale {trainer.loss_scale:g}); training is not "
-                     f"progressing: lower --learning-rate ({cfg.learning_rate:g}) or use --precision float32; "
-                     f"the last checkpoint was kept")
+    return UserError(
+        f"steps {step - SKIP_WINDOW + 1}-{step}: every one had non-finite gradients and was skipped "
+        f"(--precision {cfg.precision}, loss scale {trainer.loss_scale:g}); training is not "
+        f"progressing: lower --learning-rate ({cfg.learning_rate:g}) or use --precision float32; "
+        f"the last checkpoint was kept"
+    )
 
 
 def competition_validation(cfg: TrainConfig, trainer: Trainer, run_dir: Path) -> BestCheckpoint | None:
@@ -478,8 +536,14 @@ def competition_validation(cfg: TrainConfig, trainer: Trainer, run_dir: Path) ->
     return BestCheckpoint(validator, run_dir, trainer.model)
 
 
-def run_steps(trainer: Trainer, data: TrainingData, saver: CheckpointWriter, logs: Path | None,
-              stop_after: int | None, best: BestCheckpoint | None = None) -> dict:
+def run_steps(
+    trainer: Trainer,
+    data: TrainingData,
+    saver: CheckpointWriter,
+    logs: Path | None,
+    stop_after: int | None,
+    best: BestCheckpoint | None = None,
+) -> dict:
     """Steps from the checkpointed one to cfg.steps, logging, validating and checkpointing on the way.
 
     A stop signal on any worker stops every worker after the same step, with a checkpoint. SKIP_WINDOW steps
@@ -492,9 +556,12 @@ def run_steps(trainer: Trainer, data: TrainingData, saver: CheckpointWriter, log
     last_interval, images_delivered, validation_accuracy = {}, 0.0, None
     stopped_by, skipped_in_a_row, interval_applied = None, 0, first_applied
     started = interval_start = time.perf_counter()
-    with (closing(summary_writer(logs, "train")) as train_writer,
-          closing(summary_writer(logs, "validation")) as validation_writer,
-          StopSignals() as signals, tqdm(total=cfg.steps, initial=step, desc="train", unit="step") as bar):
+    with (
+        closing(summary_writer(logs, "train")) as train_writer,
+        closing(summary_writer(logs, "validation")) as validation_writer,
+        StopSignals() as signals,
+        tqdm(total=cfg.steps, initial=step, desc="train", unit="step") as bar,
+    ):
         while step < cfg.steps and stopped_by is None and (stop_after is None or step - first_step < stop_after):
             outcome = trainer.train_step(iterator, signals.request()).numpy()
             step += 1
@@ -504,8 +571,14 @@ def run_steps(trainer: Trainer, data: TrainingData, saver: CheckpointWriter, log
             if skipped_in_a_row >= SKIP_WINDOW:
                 raise all_skipped_error(trainer, step)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                last_interval, images = log_interval(trainer, step, time.perf_counter() - interval_start,
-                                                     trainer.applied_steps - interval_applied, train_writer, bar)
+                last_interval, images = log_interval(
+                    trainer,
+                    step,
+                    time.perf_counter() - interval_start,
+                    trainer.applied_steps - interval_applied,
+                    train_writer,
+                    bar,
+                )
                 images_delivered += images
                 interval_start, interval_applied = time.perf_counter(), trainer.applied_steps
             if step % cfg.validate_every == 0 or step == cfg.steps:
@@ -520,13 +593,20 @@ def run_steps(trainer: Trainer, data: TrainingData, saver: CheckpointWriter, log
         log.warning("%s received: checkpointed step %d and stopped", stopped_by, step)
     images_delivered += trainer.take_sums()["images"]
     applied = trainer.applied_steps
-    return {"step": step, "steps": cfg.steps, "stopped_by": stopped_by,
-            "applied_steps": applied, "skipped_steps": step - applied,
-            "skipped_steps_this_call": (step - first_step) - (applied - first_applied),
-            "loss_scale": trainer.loss_scale, "seconds": round(time.perf_counter() - started, 2),
-            "skipped_images": int(trainer.data_position) - first_position - int(images_delivered),
-            "validation_accuracy": validation_accuracy, **last_interval,
-            **({"competition_validation": best.summary()} if best is not None else {})}
+    return {
+        "step": step,
+        "steps": cfg.steps,
+        "stopped_by": stopped_by,
+        "applied_steps": applied,
+        "skipped_steps": step - applied,
+        "skipped_steps_this_call": (step - first_step) - (applied - first_applied),
+        "loss_scale": trainer.loss_scale,
+        "seconds": round(time.perf_counter() - started, 2),
+        "skipped_images": int(trainer.data_position) - first_position - int(images_delivered),
+        "validation_accuracy": validation_accuracy,
+        **last_interval,
+        **({"competition_validation": best.summary()} if best is not None else {}),
+    }
 
 
 def log_interval(trainer: Trainer, step: int, seconds: float, applied: int, writer, bar: tqdm) -> tuple[dict, float]:
@@ -542,12 +622,19 @@ def log_interval(trainer: Trainer, step: int, seconds: float, applied: int, writ
     summary["interval_skipped_steps"] = round(sums["skipped"])
     summary["loss_scale"] = trainer.loss_scale
     write_scalars(writer, step, summary)
-    bar.set_postfix(loss=f"{summary['loss_total']:.3f}", img_s=f"{summary['images_per_second']:.0f}",
-                    skipped=summary["interval_skipped_steps"])
+    bar.set_postfix(
+        loss=f"{summary['loss_total']:.3f}",
+        img_s=f"{summary['images_per_second']:.0f}",
+        skipped=summary["interval_skipped_steps"],
+    )
     if summary["interval_skipped_steps"]:
-        log.warning("step %d: %d of the last %d steps skipped (non-finite gradients); loss scale now %g",
-                    step, summary["interval_skipped_steps"], summary["interval_skipped_steps"] + applied,
-                    trainer.loss_scale)
+        log.warning(
+            "step %d: %d of the last %d steps skipped (non-finite gradients); loss scale now %g",
+            step,
+            summary["interval_skipped_steps"],
+            summary["interval_skipped_steps"] + applied,
+            trainer.loss_scale,
+        )
     return summary, sums["images"]
 
 

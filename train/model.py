@@ -1,6 +1,7 @@
 """DELG: one backbone pass feeds a global head (GeM, whitening, ArcFace) and a local head (autoencoder, attention).
 
 With global_only the local head is left out: the model is a backbone, GeM, whitening and ArcFace."""
+
 from __future__ import annotations
 
 import keras
@@ -69,8 +70,12 @@ class DelgModel(keras.Model):
         conv4 = tf.stop_gradient(conv4)
         descriptors, reconstruction = self.autoencoder(conv4)
         scores = self.attention(reconstruction, training=training)
-        return {"conv4": conv4, "descriptors": tf.cast(descriptors, tf.float32), "reconstruction": reconstruction,
-                "attention": tf.cast(scores, tf.float32)}
+        return {
+            "conv4": conv4,
+            "descriptors": tf.cast(descriptors, tf.float32),
+            "reconstruction": reconstruction,
+            "attention": tf.cast(scores, tf.float32),
+        }
 
     def call(self, images, training=False):
         conv4, conv5 = self.features(images, training=training)

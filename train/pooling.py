@@ -3,6 +3,7 @@
 In float16, x^3 overflows above ~40 (post-ReLU conv5 activations of a trained ResNet reach that) and a mean
 of cubes rounds to 0 below ~1e-8, where the 1/p power has an infinite gradient; float32 has room for both.
 """
+
 from __future__ import annotations
 
 import keras

@@ -5,6 +5,7 @@ parts of DELG (GeM pooling, whitening, L2 normalisation, the classifiers and the
 the convolutions compute in the smaller type. float16 also needs loss scaling (train.loop does it);
 bfloat16 has float32's range and needs none.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -5,6 +5,7 @@ own weights). A finished stage is skipped when the recipe runs again and a stopp
 checkpoint, so after SIGTERM the same command continues where the recipe stopped. The last stage's folder is
 the recipe's run: export it as any run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,19 +44,28 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     # The tests' recipe: progressive resizing on the tiny synthetic competition, in seconds.
-    "tiny": Recipe("tiny", (Stage("64px", 60, {"image_size": 64}), Stage("96px", 60, {"image_size": 96})),
-                   "the tests' recipe: tiny at 64 px, then at 96 px"),
+    "tiny": Recipe(
+        "tiny",
+        (Stage("64px", 60, {"image_size": 64}), Stage("96px", 60, {"image_size": 96})),
+        "the tests' recipe: tiny at 64 px, then at 96 px",
+    ),
     # Retrieval 2020 1st place: GLDv2-clean first, then the full set at growing sizes, the images outside the clean
     # list down-weighted in the last stage.
-    "effv2s": Recipe("effv2s", (
-        Stage("clean-512", 60_000, {"image_size": 512, "not_clean_weight": 0.0}),
-        Stage("full-640", 40_000, {"image_size": 640, "not_clean_weight": 1.0}),
-        Stage("full-768", 20_000, {"image_size": 768, "not_clean_weight": 0.5})),
-        "EfficientNetV2-S as the 2020 winners trained: clean at 512, full at 640, full at 768 (not-clean weight 0.5)"),
+    "effv2s": Recipe(
+        "effv2s",
+        (
+            Stage("clean-512", 60_000, {"image_size": 512, "not_clean_weight": 0.0}),
+            Stage("full-640", 40_000, {"image_size": 640, "not_clean_weight": 1.0}),
+            Stage("full-768", 20_000, {"image_size": 768, "not_clean_weight": 0.5}),
+        ),
+        "EfficientNetV2-S as the 2020 winners trained: clean at 512, full at 640, full at 768 (not-clean weight 0.5)",
+    ),
     # DELG (Cao et al., ECCV 2020): ResNet-50 from ImageNet on GLDv2-clean, 512x512 crops, 2048-d global descriptor.
-    "delg-r50": Recipe("r50", (
-        Stage("clean-512", 1_500_000, {"image_size": 512, "embedding_dim": 2048, "not_clean_weight": 0.0}),),
-        "DELG R50 as in the paper: GLDv2-clean at 512, a 2048-d descriptor, DELG's losses and margins"),
+    "delg-r50": Recipe(
+        "r50",
+        (Stage("clean-512", 1_500_000, {"image_size": 512, "embedding_dim": 2048, "not_clean_weight": 0.0}),),
+        "DELG R50 as in the paper: GLDv2-clean at 512, a 2048-d descriptor, DELG's losses and margins",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """What a run folder holds, written down once: config, label map, checkpoints. Export reads it back."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,11 +21,17 @@ METRICS_FILE = "metrics.json"
 DATA_FILE = "data.json"  # where the run's training data lives: {"data": DIR} or {"tfrecords": DIR}, absolute
 # Config fields a resumed run may change: how long it trains and how often it logs, validates and checkpoints.
 # Every other field shapes the model, the optimizer or the data stream the checkpoint belongs to.
-RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "validate_every", "log_every", "validate_on",
-                              "validate_task"})
+RESUMABLE_FIELDS = frozenset(
+    {"steps", "checkpoint_every", "validate_every", "log_every", "validate_on", "validate_task"}
+)
 # Fields that config.json files written before them lack, and the value those runs had.
-FIELDS_ADDED_LATER = {"local_stride": 16, "init_from": "", "not_clean_weight": 0.0, "validate_on": "",
-                      "validate_task": "recognition"}
+FIELDS_ADDED_LATER = {
+    "local_stride": 16,
+    "init_from": "",
+    "not_clean_weight": 0.0,
+    "validate_on": "",
+    "validate_task": "recognition",
+}
 
 
 def check_run_folder(run_dir: Path) -> None:
@@ -118,13 +125,17 @@ def check_resumable(run_dir: Path, cfg: TrainConfig, landmark_ids: list[int]) ->
         differing = [name for name in new if name not in RESUMABLE_FIELDS and saved[name] != new[name]]
         if differing:
             changes = ", ".join(f"{name} {saved[name]!r} -> {new[name]!r}" for name in differing)
-            raise UserError(f"{run_dir / CONFIG_FILE}: cannot resume with a different config ({changes}); "
-                            f"only {', '.join(sorted(RESUMABLE_FIELDS))} may change; use another run folder")
+            raise UserError(
+                f"{run_dir / CONFIG_FILE}: cannot resume with a different config ({changes}); "
+                f"only {', '.join(sorted(RESUMABLE_FIELDS))} may change; use another run folder"
+            )
     if (run_dir / LABEL_MAP_FILE).is_file():
         saved_ids = load_label_map(run_dir)
         if saved_ids != list(landmark_ids):
-            raise UserError(f"{run_dir / LABEL_MAP_FILE}: cannot resume on different data "
-                            f"({label_map_difference(saved_ids, list(landmark_ids))}); use another run folder")
+            raise UserError(
+                f"{run_dir / LABEL_MAP_FILE}: cannot resume on different data "
+                f"({label_map_difference(saved_ids, list(landmark_ids))}); use another run folder"
+            )
 
 
 def label_map_difference(saved: list[int], new: list[int]) -> str:
@@ -135,14 +146,20 @@ def label_map_difference(saved: list[int], new: list[int]) -> str:
     return f"class {index} is landmark {saved[index]} in the run, {new[index]} in the data"
 
 
-def make_checkpoint(model: tf.keras.Model, optimizer=None, step: tf.Variable | None = None,
-                    data_position: tf.Variable | None = None) -> tf.train.Checkpoint:
+def make_checkpoint(
+    model: tf.keras.Model, optimizer=None, step: tf.Variable | None = None, data_position: tf.Variable | None = None
+) -> tf.train.Checkpoint:
     """The checkpoint's object graph: model, and for training also optimizer, step, data-stream position and, for
     a model with dropout (EfficientNet's blocks), the states of its random generators, which Keras does not
     checkpoint with the model: without them a resumed run would drop other units than an uninterrupted one."""
     random_states = random_generator_states(model) if optimizer is not None else []
-    parts = {"model": model, "optimizer": optimizer, "step": step, "data_position": data_position,
-             "random_states": random_states or None}
+    parts = {
+        "model": model,
+        "optimizer": optimizer,
+        "step": step,
+        "data_position": data_position,
+        "random_states": random_states or None,
+    }
     return tf.train.Checkpoint(**{name: part for name, part in parts.items() if part is not None})
 
 
@@ -163,10 +180,12 @@ def has_plain_optimizer(prefix: str) -> bool:
         names = [name for name, _ in tf.train.list_variables(prefix)]
     except CHECKPOINT_ERRORS as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{prefix}: not a readable checkpoint ({reason}); train with --no-resume or into another "
-                        "run folder") from None
-    return (any(name.startswith("optimizer/") for name in names)
-            and not any(name.startswith("optimizer/inner_optimizer/") for name in names))
+        raise UserError(
+            f"{prefix}: not a readable checkpoint ({reason}); train with --no-resume or into another run folder"
+        ) from None
+    return any(name.startswith("optimizer/") for name in names) and not any(
+        name.startswith("optimizer/inner_optimizer/") for name in names
+    )
 
 
 # What reading a checkpoint that does not fit the model raises (IndexError: a truncated file).

@@ -1,4 +1,5 @@
 """Which tf.distribute strategy a run uses (auto | default | mirrored | multiworker | tpu), and who is the chief."""
+
 from __future__ import annotations
 
 import functools
@@ -57,9 +58,11 @@ def check_tf_config() -> None:
     """--strategy multiworker reads the cluster from TF_CONFIG: it must be there and name this worker's task."""
     text = os.environ.get("TF_CONFIG")
     if not text:
-        raise UserError("--strategy multiworker: TF_CONFIG is not set; it lists the cluster's workers and this "
-                        'worker\'s task, e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                        '"task": {"type": "worker", "index": 0}}')
+        raise UserError(
+            "--strategy multiworker: TF_CONFIG is not set; it lists the cluster's workers and this "
+            'worker\'s task, e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}'
+        )
     try:
         config = json.loads(text)
         workers = config["cluster"][config["task"]["type"]]
@@ -67,8 +70,10 @@ def check_tf_config() -> None:
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"--strategy multiworker: TF_CONFIG is not a cluster and task ({err!r})") from None
     if not 0 <= index < len(workers):
-        raise UserError(f"--strategy multiworker: TF_CONFIG task index {index} is not one of the "
-                        f"{len(workers)} {config['task']['type']} addresses")
+        raise UserError(
+            f"--strategy multiworker: TF_CONFIG task index {index} is not one of the "
+            f"{len(workers)} {config['task']['type']} addresses"
+        )
 
 
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:

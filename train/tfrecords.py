@@ -4,6 +4,7 @@
 validation-XXXXX-of-YYYYY.tfrecord (image bytes as stored, contiguous label, GLDv2 ids), the label map
 and info.json with the counts. The train/validation split is fixed here, at writing time.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,10 +42,15 @@ def encode_example(image_id: str, encoded: bytes, label: int, landmark_id: int) 
             return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
-    values = {"image/id": image_id.encode(), "image/encoded": encoded, "image/class/label": label,
-              "image/class/landmark_id": landmark_id}
-    return tf.train.Example(features=tf.train.Features(
-        feature={name: feature(value) for name, value in values.items()})).SerializeToString()
+    values = {
+        "image/id": image_id.encode(),
+        "image/encoded": encoded,
+        "image/class/label": label,
+        "image/class/landmark_id": landmark_id,
+    }
+    return tf.train.Example(
+        features=tf.train.Features(feature={name: feature(value) for name, value in values.items()})
+    ).SerializeToString()
 
 
 def write_split(table: pd.DataFrame, landmark_ids: list[int], out: Path, split: str, shards: int) -> None:
@@ -68,9 +74,15 @@ def write_tfrecords(data_dir: Path, out: Path, shards: int, validation_fraction:
         raise UserError(f"--validation-fraction must be in [0, 1), got {validation_fraction}")
     examples = read_examples(data_dir, validation_fraction, seed)
     validation_shards = max(1, math.ceil(shards * len(examples.validation) / max(1, len(examples.train))))
-    info = {"train": len(examples.train), "validation": len(examples.validation), "train_shards": shards,
-            "validation_shards": validation_shards, "validation_fraction": validation_fraction, "seed": seed,
-            "class_counts": class_counts(examples.train["label"], len(examples.landmark_ids))}
+    info = {
+        "train": len(examples.train),
+        "validation": len(examples.validation),
+        "train_shards": shards,
+        "validation_shards": validation_shards,
+        "validation_fraction": validation_fraction,
+        "seed": seed,
+        "class_counts": class_counts(examples.train["label"], len(examples.landmark_ids)),
+    }
     with atomic_output_dir(out) as tmp:
         write_split(examples.train, examples.landmark_ids, tmp, "train", shards)
         write_split(examples.validation, examples.landmark_ids, tmp, "validation", validation_shards)
@@ -101,8 +113,11 @@ def tfrecord_epoch_source(files: list[str], seed: int, shuffle_buffer: int) -> E
     def epoch(e):
         order = tf.random.experimental.stateless_shuffle(tf.range(len(files)), seed=tf.stack([seed, e]))
         records = tf.data.Dataset.from_tensor_slices(tf.gather(files_t, order)).interleave(
-            tf.data.TFRecordDataset, cycle_length=min(16, len(files)), num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True)
+            tf.data.TFRecordDataset,
+            cycle_length=min(16, len(files)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
         return records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
 
     return EpochSource(items=epoch, load=parse)
@@ -119,10 +134,13 @@ def tfrecord_data(folder: Path, cfg: TrainConfig, shuffle_buffer: int = 10_000) 
     landmark_ids = load_label_map(folder)
     check_landmark_count(len(landmark_ids), str(folder))
     return TrainingData(
-        landmark_ids=landmark_ids, train_count=info["train"], validation_count=info["validation"],
+        landmark_ids=landmark_ids,
+        train_count=info["train"],
+        validation_count=info["validation"],
         epoch_source=tfrecord_epoch_source(train_files, cfg.seed, shuffle_buffer),
         validation_files=lambda: tf.data.TFRecordDataset(validation_files).map(parse),
-        class_counts=info.get("class_counts"))  # shards written before it lack it
+        class_counts=info.get("class_counts"),
+    )  # shards written before it lack it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="GLDv2/Kaggle folder with train.csv and train/")
     parser.add_argument("--out", type=Path, required=True, help="folder to create for the shards")
     parser.add_argument("--shards", type=int, default=16, help="number of train shards (default 16)")
-    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction,
-                        help=f"share of images held out for validation (default {defaults.validation_fraction})")
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=defaults.validation_fraction,
+        help=f"share of images held out for validation (default {defaults.validation_fraction})",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split (default 0)")
     args = parser.parse_args(argv)
     check_not_an_input("--out", args.out, [("--data", args.data)])

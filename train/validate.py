@@ -6,6 +6,7 @@ The descriptors are the training model's, one pass over each whole image resized
 run validates on), not the exported model's multi-scale extraction: a measure to choose checkpoints by, not the
 replay's score.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,20 +54,38 @@ class CompetitionValidator:
         data = competition / TASK_FOLDER[task]
         self.solution = solution_file(competition, task)
         if not data.is_dir() or not self.solution.is_file():
-            raise UserError(f"{flag_name('validate_on')} {competition}: no {TASK_FOLDER[task]}/ or solution file in "
-                            "it; give a folder written by `python -m local_eval build`")
+            raise UserError(
+                f"{flag_name('validate_on')} {competition}: no {TASK_FOLDER[task]}/ or solution file in "
+                "it; give a folder written by `python -m local_eval build`"
+            )
         self.work = Path(tempfile.mkdtemp(prefix="validate-on-"))
-        argv = ["--task", task, "--data", str(data), "--model", str(data), "--out", str(self.work / "out.csv"),
-                "--work", str(self.work), "--rerank", "0"]
+        argv = [
+            "--task",
+            task,
+            "--data",
+            str(data),
+            "--model",
+            str(data),
+            "--out",
+            str(self.work / "out.csv"),
+            "--work",
+            str(self.work),
+            "--rerank",
+            "0",
+        ]
         if nonlandmark_folder(competition).is_dir():
             argv += ["--nonlandmark-dir", str(nonlandmark_folder(competition))]
         self.settings = self.sub.parse_settings(argv)
         self.inputs = self.sub.read_inputs(self.settings.run)
         db_split, query_split = self.sub.IMAGE_SPLITS[task]
-        self.views = {name: self.read_views(paths, image_size, name) for name, paths in (
-            ("db", [image_path(data, db_split, i) for i in self.inputs.db_ids]),
-            ("queries", [image_path(data, query_split, i) for i in self.inputs.test_ids]),
-            ("nonlandmarks", list(self.inputs.nonlandmark_paths)))}
+        self.views = {
+            name: self.read_views(paths, image_size, name)
+            for name, paths in (
+                ("db", [image_path(data, db_split, i) for i in self.inputs.db_ids]),
+                ("queries", [image_path(data, query_split, i) for i in self.inputs.test_ids]),
+                ("nonlandmarks", list(self.inputs.nonlandmark_paths)),
+            )
+        }
 
     @staticmethod
     def read_views(paths: list[Path], size: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -74,12 +93,14 @@ class CompetitionValidator:
         views = [read_view(path, size) for path in tqdm(paths, desc=f"validation {name}", unit="img")]
         ok = np.array([view is not None for view in views], bool)
         blank = np.zeros((size, size, 3), np.uint8)
-        return np.stack([blank if view is None else view for view in views] or [blank])[:len(views)], ok
+        return np.stack([blank if view is None else view for view in views] or [blank])[: len(views)], ok
 
     def descriptors(self, model, views: np.ndarray) -> np.ndarray:
         """L2-normalized global descriptors of the views, float32 [n, D]."""
-        parts = [model.global_descriptor(model.features(tf.constant(views[i:i + self.batch_size]))[1]).numpy()
-                 for i in range(0, len(views), self.batch_size)]
+        parts = [
+            model.global_descriptor(model.features(tf.constant(views[i : i + self.batch_size]))[1]).numpy()
+            for i in range(0, len(views), self.batch_size)
+        ]
         return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, model.cfg.embedding_dim), np.float32)
 
     def score(self, model) -> float:
@@ -91,17 +112,22 @@ class CompetitionValidator:
         queries, query_ok = self.views["queries"]
         nonlandmarks, nonlandmark_ok = self.views["nonlandmarks"]
         db_rows = np.flatnonzero(db_ok)
-        found = sub.Descriptors(self.descriptors(model, db[db_rows]), db_rows, self.descriptors(model, queries),
-                                query_ok, self.descriptors(model, nonlandmarks[nonlandmark_ok]))
+        found = sub.Descriptors(
+            self.descriptors(model, db[db_rows]),
+            db_rows,
+            self.descriptors(model, queries),
+            query_ok,
+            self.descriptors(model, nonlandmarks[nonlandmark_ok]),
+        )
         timing = sub.Timing(self.work / "timing.json", self.task, self.settings.budget)
         candidates = sub.global_candidates(found, len(inputs.db_ids), self.settings, timing)
         if self.task == "recognition":
-            rows = sub.recognition_rows(*sub.global_predictions(candidates, inputs.labels,
-                                                                self.settings.global_stage))
+            rows = sub.recognition_rows(*sub.global_predictions(candidates, inputs.labels, self.settings.global_stage))
         else:
             unverified = np.full(candidates.neighbours.shape, -1)
-            rows = sub.retrieval_rows(candidates.cosines, candidates.neighbours, unverified, inputs.db_ids,
-                                      candidates.query_ok)
+            rows = sub.retrieval_rows(
+                candidates.cosines, candidates.neighbours, unverified, inputs.db_ids, candidates.query_ok
+            )
         submission = self.work / "submission.csv"
         sub.write_submission(submission, self.task, inputs.test_ids, rows)
         return float(score_files(self.task, self.solution, submission)["all"][METRIC[self.task]])
@@ -128,8 +154,14 @@ class BestCheckpoint:
                 if (self.run_dir / name).is_file():
                     atomic_write_text(self.run_dir / BEST_DIR / name, (self.run_dir / name).read_text())
             self.manager.save(checkpoint_number=step)
-        log.info("step %d: global-only %s %.4f on %s (best %.4f at step %d)", step, self.metric, score,
-                 self.validator.solution.parent.parent, *self.best()[::-1])
+        log.info(
+            "step %d: global-only %s %.4f on %s (best %.4f at step %d)",
+            step,
+            self.metric,
+            score,
+            self.validator.solution.parent.parent,
+            *self.best()[::-1],
+        )
         atomic_write_text(self.run_dir / VALIDATION_FILE, json.dumps(self.summary(), indent=2) + "\n")
         return score
 
