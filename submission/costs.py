@@ -354,10 +354,15 @@ def machine_ram_bytes() -> int | None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux: ru_maxrss in KiB)."""
-    import resource
+    """This process's peak resident memory so far: Linux's VmHWM (of this program only: ru_maxrss would carry
+    over the peak of the process that forked it, kept across exec), elsewhere ru_maxrss."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss_bytes() -> int:

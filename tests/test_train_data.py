@@ -132,7 +132,8 @@ def test_a_landmark_id_that_is_no_int64_names_file_line_and_id(tmp_path, landmar
     )
     with pytest.raises(UserError, match=f"^{re.escape(expected)}$"):
         read_examples(tmp_path, 0.0, 0)
-    assert run_main(main, ["--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    out = tmp_path.parent / f"{tmp_path.name}-run"  # outside --data: the kit never writes into its inputs
+    assert run_main(main, ["--data", str(tmp_path), "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"error: {expected}\n"
 
 

@@ -240,7 +240,7 @@ def test_retrieval_model_is_whitened_and_dim_reduces_it(tiny_run, delg_pair, tmp
         ),
         (main_delg, ["--no-whiten", "--whiten-dim", "8"], "--whiten-dim has no effect with --no-whiten"),
         (main_delg, ["--whiten-data", "{tmp}/none"], "--whiten-data {tmp}/none: no such folder"),
-        (main_delg, ["--whiten-data", "{tmp}"], "--whiten-data {tmp}: no train.csv in it"),
+        (main_delg, ["--whiten-data", "{tmp}/run"], "--whiten-data {tmp}/run: no train.csv in it"),
         (main_delg, [], "does not record its training data (data.json); pass --whiten-data DIR"),
         (main_retrieval, ["--dim", "8", "--no-whiten"], "keep the PCA whitening (no --no-whiten)"),
         (main_retrieval, ["--dim", "8", "--whiten-dim", "16"], "--dim 8 and --whiten-dim 16 disagree"),
