@@ -23,6 +23,7 @@ from export.receptive_field import receptive_field
 from local_eval.layout import solution_file
 from local_eval.metrics import score_files
 from local_eval.submission_script import load_submission
+from tests import LIGHT as LIGHT_BASE
 from tests.test_train_loop import checkpoint_values
 from train import loop
 from train.arcface import CosineClassifier, arcface_logits, dynamic_margins
@@ -40,20 +41,7 @@ SMALLEST = {
     "resnet152": {"backbone": "resnet152"},
     "global-only": {"global_only": True},
 }
-LIGHT = [
-    "--scales",
-    "0.5",
-    "1.0",
-    "--global-scale-indices",
-    "0",
-    "1",
-    "--max-features",
-    "200",
-    "--workers",
-    "0",
-    "--plan",
-    "fixed",
-]
+LIGHT = [*LIGHT_BASE, "--plan", "fixed"]
 # The end-to-end cases' submission: global descriptors at most 128 px on a side, 10 queries reranked at depth 3.
 FEW_RERANKED = ["--global-max-side", "128", "--rerank", "3", "--max-rerank-queries", "10"]
 STEPS, LOG_EVERY = 20, 5  # each family trains STEPS steps; SIGTERM comes after the first LOG_EVERY

@@ -15,29 +15,13 @@ import pytest
 
 from local_eval.submission_script import SCRIPT, load_submission, sibling
 from tests import HANG_GUARD_S
+from tests import LIGHT as LIGHT_BASE
 
 sub = load_submission()
 search = sibling("search")
 savedmodel = sibling("savedmodel")
 devices = sibling("devices")
-LIGHT = [
-    "--scales",
-    "0.5",
-    "1.0",
-    "--global-scale-indices",
-    "0",
-    "1",
-    "--max-features",
-    "200",
-    "--workers",
-    "0",
-    "--rerank",
-    "3",
-    "--warmup-queries",
-    "4",
-    "--rerank-batch",
-    "8",
-]
+LIGHT = [*LIGHT_BASE, "--rerank", "3", "--warmup-queries", "4", "--rerank-batch", "8"]
 
 
 def unit_rows(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:

@@ -15,9 +15,9 @@ from local_eval.timing import costs, load_timing, projection_report, resolve_pro
 from local_eval.timing import main as time_main
 from local_eval.tradeoff import main as tradeoff_main
 from local_eval.tradeoff import measured_stages
+from tests import LIGHT
 
 sub = load_submission()
-LIGHT = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0"]
 
 
 def test_a_budget_too_small_for_the_full_settings_steps_down_and_ends_in_time(tiny_competition, tiny_model, tmp_path):

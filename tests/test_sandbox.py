@@ -19,28 +19,10 @@ from export.bundle import BundleSpec, build_bundle
 from local_eval.replay import main as replay_main
 from local_eval.replay import replay
 from local_eval.sandbox import HIDDEN_PACKAGE, Limits, bundle_names, replay_bundle
+from tests import LIGHT as LIGHT_BASE
 
 THIS_TAG = "cp{}{}".format(*sys.version_info[:2])
-LIGHT = [
-    "--scales",
-    "0.5",
-    "1.0",
-    "--global-scale-indices",
-    "0",
-    "1",
-    "--max-features",
-    "200",
-    "--workers",
-    "0",
-    "--rerank",
-    "3",
-    "--warmup-queries",
-    "4",
-    "--rerank-batch",
-    "8",
-    "--plan",
-    "fixed",
-]
+LIGHT = [*LIGHT_BASE, "--rerank", "3", "--warmup-queries", "4", "--rerank-batch", "8", "--plan", "fixed"]
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and mounts need root")
 
 

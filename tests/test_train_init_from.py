@@ -15,6 +15,7 @@ from export.__main__ import main as export_main
 from local_eval.layout import solution_file
 from local_eval.metrics import score_files
 from local_eval.submission_script import load_submission
+from tests import LIGHT as LIGHT_BASE
 from train.__main__ import main as train_main
 from train.config import get_config
 from train.init_from import init_from_run, load_run_model
@@ -22,26 +23,7 @@ from train.loop import train
 from train.model import DelgModel
 
 # The submission's light settings (as tests/test_backbones.py runs a family's export).
-LIGHT = [
-    "--scales",
-    "0.5",
-    "1.0",
-    "--global-scale-indices",
-    "0",
-    "1",
-    "--max-features",
-    "200",
-    "--workers",
-    "0",
-    "--plan",
-    "fixed",
-    "--global-max-side",
-    "128",
-    "--rerank",
-    "3",
-    "--max-rerank-queries",
-    "10",
-]
+LIGHT = [*LIGHT_BASE, "--plan", "fixed", "--global-max-side", "128", "--rerank", "3", "--max-rerank-queries", "10"]
 
 
 def at_96px(**overrides):

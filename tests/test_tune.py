@@ -14,9 +14,9 @@ from local_eval.replay import replay
 from local_eval.submission_script import load_submission
 from local_eval.tune import choose, choose_honestly, script_defaults
 from local_eval.tune import main as tune_main
+from tests import LIGHT
 
 sub = load_submission()
-FAST = ["--scales", "0.5", "1.0", "--global-scale-indices", "0", "1", "--max-features", "200", "--workers", "0"]
 GRID = {
     "match_max_distance": [0.9],
     "mutual": [True, False],
@@ -53,7 +53,7 @@ def tuned(tiny_competition, tiny_model, tmp_path_factory):
                 "--workers",
                 "2",
                 "--",
-                *FAST,
+                *LIGHT,
             ]
         )
         == 0
