@@ -29,10 +29,34 @@ def load_submission() -> ModuleType:
     return sys.modules[SUBMISSION_MODULE]
 
 
+# The files beside the script that the kit may import (through sibling()); the rest of submission/ is the script's.
+SIBLINGS = (
+    "budget",
+    "competitions",
+    "costs",
+    "devices",
+    "savedmodel",
+    "search",
+    "settings",
+    "settings_cli",
+    "store",
+    "verifier",
+)
+
+
 def sibling(name: str) -> ModuleType:
-    """A file shipped beside the script (budget, store, savedmodel, verifier, ...), the module the script imports too:
-    its folder goes on sys.path, as the script puts it there."""
+    """A file shipped beside the script (one of SIBLINGS), the module the script imports too: its folder goes on
+    sys.path, as the script puts it there. A module of that name from elsewhere (another installed package imported
+    first) is an ImportError naming both, never a silent stand-in."""
+    if name not in SIBLINGS:
+        raise ImportError(f"{name!r} is not one of the script's files the kit may use: {', '.join(SIBLINGS)}")
     folder = str(SUBMISSION_SCRIPT.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    return importlib.import_module(name)
+    module = importlib.import_module(name)
+    if Path(module.__file__ or "").resolve().parent != SUBMISSION_SCRIPT.parent:
+        raise ImportError(
+            f"module {name!r} comes from {module.__file__}, not from {SUBMISSION_SCRIPT.parent}: another "
+            "package of that name was imported first"
+        )
+    return module

@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from common import kit
 from export import delg
 from local_eval import timing
-from local_eval.submission_script import SCRIPT, load_submission
+from local_eval.submission_script import SCRIPT, load_submission, sibling
 from train import config
 
 sub = load_submission()
@@ -52,3 +54,18 @@ def test_the_kit_uses_only_the_notebooks_listed_names():
             used |= set(re.findall(r"load_submission\(\)\.([A-Za-z_]\w*)", text))
     assert used, "the pattern finds the kit's uses"
     assert used <= set(sub.KIT_API), sorted(used - set(sub.KIT_API))
+
+
+def test_the_kit_takes_only_the_listed_files_beside_the_script():
+    from common.kit import SIBLINGS, SUBMISSION_SCRIPT
+
+    used = set()
+    for folder in ("local_eval", "bench", "demo", "export", "train", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path != Path(__file__):  # this test asks for a file that is not listed, on purpose
+                used |= set(re.findall(r"""sibling\(["'](\w+)["']\)""", path.read_text()))
+    assert used, "the pattern finds the kit's uses"
+    assert used <= set(SIBLINGS), sorted(used - set(SIBLINGS))
+    assert {(SUBMISSION_SCRIPT.parent / f"{name}.py").is_file() for name in SIBLINGS} == {True}
+    with pytest.raises(ImportError, match="not one of the script's files"):
+        sibling("main")
