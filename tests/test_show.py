@@ -22,8 +22,8 @@ from local_eval.show import (
     choose_queries,
     main_show,
     main_show_pair,
+    queries_to_show,
     recognition_order,
-    retrieval_order,
     top_neighbours,
 )
 from local_eval.submission_script import load_submission
@@ -239,7 +239,7 @@ def test_queries_are_the_most_confident_wrong_the_lowest_correct_and_random():
     assert len({q for q, _ in chosen}) == 6 and {r for _, r in chosen[4:]} == {"random sample"}
     ranked = {"x": ["i1", "i2", "i3"], "y": ["i3", "i1"], "z": ["i4", "i5"]}
     pairs = {("y", "i3"): {"inliers": 9, "cosine": 0.5}, ("z", "i4"): {"inliers": 30, "cosine": 0.4}}
-    wrong, correct = retrieval_order(ranked, {"x": ["i1"], "y": ["i1"], "z": ["i9"]}, pairs)
+    wrong, correct = queries_to_show(ranked, {"x": ["i1"], "y": ["i1"], "z": ["i9"]}, pairs)
     assert wrong == ["z", "y"] and correct == ["y", "x"]
 
 
