@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,16 @@ from train.model import DelgModel
 
 # The submission's light settings (as tests/test_backbones.py runs a family's export).
 LIGHT = [*LIGHT_BASE, "--plan", "fixed", "--global-max-side", "128", "--rerank", "3", "--max-rerank-queries", "10"]
+
+
+def export_and_submit(run: Path, competition: Path, folder: Path) -> dict:
+    """The run exported (`export delg`), submitted on the competition's recognition data with LIGHT settings, and
+    scored: what a continued run or a recipe must still do end to end."""
+    model, submission = folder / "model", folder / "submission.csv"
+    assert export_main(["delg", "--run", str(run), "--out", str(model)]) == 0
+    argv = ["--task", "recognition", "--data", str(competition / "landmark-recognition"), "--model", str(model)]
+    assert load_submission().main([*argv, "--work", str(folder / "work"), "--out", str(submission), *LIGHT]) == 0
+    return score_files("recognition", solution_file(competition, "recognition"), submission)
 
 
 def at_96px(**overrides):
@@ -50,28 +61,7 @@ def test_a_64px_run_continued_at_96px_starts_lower_than_scratch_and_exports_and_
     assert continued["loss_total"] < scratch["loss_total"], (continued["loss_total"], scratch["loss_total"])
     recorded = json.loads((tmp_path / "continued" / "config.json").read_text())
     assert recorded["init_from"] == continued["init_from"] == str(tiny_run.resolve())
-    model = tmp_path / "model"
-    assert export_main(["delg", "--run", str(tmp_path / "continued"), "--out", str(model)]) == 0
-    submission = tmp_path / "submission.csv"
-    assert (
-        load_submission().main(
-            [
-                "--task",
-                "recognition",
-                "--data",
-                str(data_dir),
-                "--model",
-                str(model),
-                "--work",
-                str(tmp_path / "work"),
-                "--out",
-                str(submission),
-                *LIGHT,
-            ]
-        )
-        == 0
-    )
-    scores = score_files("recognition", solution_file(tiny_competition, "recognition"), submission)
+    scores = export_and_submit(tmp_path / "continued", tiny_competition, tmp_path)
     assert 0 <= scores["all"]["gap"] <= 1
 
 

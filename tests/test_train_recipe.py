@@ -13,12 +13,8 @@ from pathlib import Path
 import pytest
 
 from common.cli import run_main
-from export.__main__ import main as export_main
-from local_eval.layout import solution_file
-from local_eval.metrics import score_files
-from local_eval.submission_script import load_submission
 from tests import HANG_GUARD_S
-from tests.test_train_init_from import LIGHT
+from tests.test_train_init_from import export_and_submit
 from train.__main__ import main as train_main
 from train.config import check_config
 from train.recipes import RECIPES, stage_configs, stage_dirs
@@ -111,28 +107,7 @@ def test_the_tiny_recipe_runs_its_stages_resumes_after_sigterm_exports_and_submi
     assert config["image_size"] == 96 and config["init_from"] == str(first.resolve())
     assert json.loads((first / "config.json").read_text())["image_size"] == 64
 
-    model = tmp_path / "model"
-    assert export_main(["delg", "--run", str(second), "--out", str(model)]) == 0
-    submission = tmp_path / "submission.csv"
-    assert (
-        load_submission().main(
-            [
-                "--task",
-                "recognition",
-                "--data",
-                str(data_dir),
-                "--model",
-                str(model),
-                "--work",
-                str(tmp_path / "work"),
-                "--out",
-                str(submission),
-                *LIGHT,
-            ]
-        )
-        == 0
-    )
-    scores = score_files("recognition", solution_file(tiny_competition, "recognition"), submission)
+    scores = export_and_submit(second, tiny_competition, tmp_path)
     assert 0 <= scores["all"]["gap"] <= 1
 
 
