@@ -15,7 +15,7 @@ from pathlib import Path
 from costs import SAFETY_MARGIN
 from settings_cli import InputError, build_parser, layer_settings, parse_shard, setting
 
-DESCRIPTION = (
+DESCRIPTION = (  # main.py's first docstring paragraph, for --help (tests/test_kit_constants.py ties the two)
     "Landmark recognition / retrieval submission: DELG global kNN, a global stage, then local reranking "
     "inside a time budget."
 )

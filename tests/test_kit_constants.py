@@ -69,3 +69,9 @@ def test_the_kit_takes_only_the_listed_files_beside_the_script():
     assert {(SUBMISSION_SCRIPT.parent / f"{name}.py").is_file() for name in SIBLINGS} == {True}
     with pytest.raises(ImportError, match="not one of the script's files"):
         sibling("main")
+
+
+def test_the_help_describes_the_script_as_its_docstring_does():
+    """settings.py keeps a copy of main.py's first docstring paragraph for --help (it may not import main.py)."""
+    first_paragraph = " ".join(load_submission().__doc__.split("\n\n")[0].split())
+    assert sibling("settings").DESCRIPTION == first_paragraph
