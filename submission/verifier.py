@@ -8,10 +8,14 @@ Shipped beside main.py (which imports it from its own folder).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import multiprocessing
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +31,8 @@ if TYPE_CHECKING:  # the types of the files beside it, for the annotations only
     CountInliers = Callable[[LocalFeatures, LocalFeatures, Verification], int]
 
 _WORKER_STATE: list = []  # what this process's tasks read (worker_state): the verification pool's (rule, settings)
+TASKS_PER_SUBMIT = 4  # tasks sent to a worker process at a time: fewer round trips, a prompt stop at the deadline
+log = logging.getLogger("submission")
 
 
 def _init_worker(state: tuple) -> None:
@@ -42,35 +48,79 @@ def worker_state() -> tuple:
     return tuple(_WORKER_STATE)
 
 
+@dataclasses.dataclass
+class Workers:
+    """Worker processes holding `state`; executor None: this process runs the tasks (no pool, or it broke)."""
+
+    state: tuple
+    executor: ProcessPoolExecutor | None = None
+
+
 @contextlib.contextmanager
-def worker_pool(state: tuple, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
-    """Worker processes holding `state`, started once for all their tasks; None (workers <= 1): this process.
+def worker_pool(state: tuple, workers: int) -> Iterator[Workers]:
+    """Worker processes holding `state`, started once for all their tasks (workers <= 1: none, this process).
     The one pool of the kit: the script's verification, tune's sweeps and revisited's reranking use it."""
-    if workers <= 1:
-        _WORKER_STATE[:] = state
-        yield None
-        return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (state,)) as pool:
+    pool = Workers(state)
+    if workers > 1:  # forked: the tasks' functions live in a script that is no importable module
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        pool.executor = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(state,))
+    try:
         yield pool
+    finally:
+        if pool.executor is not None:
+            pool.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_tasks(function: Callable, tasks: list) -> list:
+    return [function(task) for task in tasks]
+
+
+def _in_this_process(function: Callable, tasks: list, pool: Workers) -> Iterator:
+    _WORKER_STATE[:] = pool.state
+    with threadpool_limits(1):
+        yield from map(function, tasks)
+
+
+def _results(function: Callable, tasks: list, pool: Workers) -> Iterator:
+    """function(task) for each task in order: from the pool's processes and, once one of them has died (a crash
+    takes only its process), from this one; the tasks not yet asked for are cancelled when the caller stops."""
+    if pool.executor is None:
+        yield from _in_this_process(function, tasks, pool)
+        return
+    step = TASKS_PER_SUBMIT
+    futures = [pool.executor.submit(_run_tasks, function, tasks[i : i + step]) for i in range(0, len(tasks), step)]
+    done = 0
+    try:
+        for future in futures:
+            yield from future.result()
+            done += step
+    except BrokenProcessPool as err:
+        log.warning("a worker process died (%s): the last %d tasks run in this process", err, len(tasks) - done)
+        pool.executor.shutdown(wait=False, cancel_futures=True)
+        pool.executor = None
+        yield from _in_this_process(function, tasks[done:], pool)
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 def pooled_map(
     function: Callable,
     tasks: list,
-    pool: multiprocessing.pool.Pool | None,
+    pool: Workers,
     stop: Callable[[], bool] = lambda: False,
     desc: str = "verify",
 ) -> list:
-    """function over the tasks in order, in the pool's processes or (no pool) in this one, until stop() says so:
-    the results of the tasks finished by then."""
+    """function over the tasks in order, in the pool's processes or in this one, until stop() says so: the results
+    of the tasks finished by then."""
     results = []
-    with threadpool_limits(1) if pool is None else contextlib.nullcontext():
-        found = map(function, tasks) if pool is None else pool.imap(function, tasks, chunksize=4)
-        for result in tqdm(found, total=len(tasks), desc=desc, unit="query", leave=False):
-            results.append(result)
-            if stop():
-                break
+    found = _results(function, tasks, pool)
+    for result in tqdm(found, total=len(tasks), desc=desc, unit="query", leave=False):
+        results.append(result)
+        if stop():
+            break
+    found.close()
     return results
 
 
@@ -83,14 +133,14 @@ def verify_query(task: tuple[Path, list[Path]]) -> list[int]:
 
 def verification_pool(
     count_inliers: CountInliers, verification: Verification, workers: int
-) -> contextlib.AbstractContextManager[multiprocessing.pool.Pool | None]:
-    """Worker processes for verify_query with this rule and settings; None: verify in this process."""
+) -> contextlib.AbstractContextManager[Workers]:
+    """Worker processes for verify_query with this rule and settings (workers <= 1: this process)."""
     return worker_pool((count_inliers, verification), workers)
 
 
 def verify_all(
     tasks: list[tuple[Path, list[Path]]],
-    pool: multiprocessing.pool.Pool | None,
+    pool: Workers,
     stop: Callable[[], bool] = lambda: False,
 ) -> list[list[int]]:
     """verify_query over the tasks in order until stop() says so: the results of the queries finished by then."""
@@ -101,7 +151,7 @@ def verify_batch(
     model: DelgSavedModel,
     settings: Settings,
     timing: Timing,
-    pool: multiprocessing.pool.Pool | None,
+    pool: Workers,
     query_ids: list[str],
     db_split: str,
     candidates: list[list[str]],

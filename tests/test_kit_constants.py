@@ -12,6 +12,7 @@ from common import kit
 from export import delg
 from local_eval import timing
 from local_eval.submission_script import SCRIPT, load_submission, sibling
+from tests import HANG_GUARD_S
 from train import config
 
 sub = load_submission()
@@ -75,3 +76,7 @@ def test_the_help_describes_the_script_as_its_docstring_does():
     """settings.py keeps a copy of main.py's first docstring paragraph for --help (it may not import main.py)."""
     first_paragraph = " ".join(load_submission().__doc__.split("\n\n")[0].split())
     assert sibling("settings").DESCRIPTION == first_paragraph
+
+
+def test_the_suites_timeout_is_the_hang_guard(pytestconfig):
+    assert float(pytestconfig.getini("timeout")) == HANG_GUARD_S  # pyproject.toml's pytest-timeout setting

@@ -9,10 +9,10 @@ script inside this process are skipped then.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import json
-import multiprocessing.pool
 import os
 import subprocess
 import sys
@@ -193,13 +193,13 @@ def test_recognition_end_to_end(competition, delg_model_dir, tmp_path, monkeypat
     root, truth = competition
     data = root / "landmark-recognition"
     pools = []
-    start_pool = multiprocessing.pool.Pool.__init__
+    start_pool = concurrent.futures.ProcessPoolExecutor.__init__
 
     def counted_start(pool, *args, **kwargs):
         pools.append(pool)
         start_pool(pool, *args, **kwargs)
 
-    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", counted_start)
+    monkeypatch.setattr(concurrent.futures.ProcessPoolExecutor, "__init__", counted_start)
     frame, timing = run_script("recognition", data, delg_model_dir, tmp_path, "--workers", "2", "--rerank", "3")
     if not SCRIPT_PYTHON:
         assert len(pools) == 1  # one verification pool for every batch (counted in this process only)

@@ -9,6 +9,7 @@ import errno
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -212,9 +213,34 @@ def allocate_too_much(*_, **__):
 
 def test_verification_workers_leave_ctrl_c_to_the_main_process():
     verifier = sibling("verifier")
-    with verifier.verification_pool(sub.count_inliers, sub.Verification(), 2) as pool:
-        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN  # no traceback per worker
+    with verifier.verification_pool(sub.count_inliers, sub.Verification(), 2) as pool:  # no traceback per worker:
+        assert pool.executor.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
     assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # this process still stops on Ctrl-C
+
+
+def square_or_die(task: int) -> int:
+    """task squared; a worker process given task 5 dies at once, as a crashed one does (SIGSEGV, the OOM killer)."""
+    if task == 5 and multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task * task
+
+
+def test_a_worker_that_dies_leaves_its_tasks_to_this_process(caplog):
+    verifier = sibling("verifier")
+    tasks = list(range(24))
+    with caplog.at_level("WARNING", logger="submission"), verifier.worker_pool((), 2) as pool:
+        first = verifier.pooled_map(square_or_die, tasks, pool)  # before, the pool waited for the dead task forever
+        assert pool.executor is None  # the broken pool is let go: the next batch runs here from the start
+        second = verifier.pooled_map(square_or_die, tasks, pool)
+    assert first == second == [t * t for t in tasks]  # complete and in order
+    assert caplog.text.count("a worker process died") == 1, caplog.text
+
+
+def test_a_stopped_map_returns_what_is_done_and_cancels_the_rest():
+    verifier = sibling("verifier")
+    with verifier.worker_pool((), 2) as pool:
+        done = verifier.pooled_map(abs, list(range(-400, 0)), pool, stop=lambda: True)
+    assert done == [400]
 
 
 @pytest.mark.parametrize(
