@@ -26,7 +26,8 @@ def seconds(step: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    sub, store = load_submission(), sibling("store")
+    sub = load_submission()
+    store = sibling("store")
     ids = [hashlib.md5(str(i).encode()).hexdigest()[:16] for i in range(FILES)]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)

@@ -186,7 +186,8 @@ def grid_values(path: Path, name: str, values) -> list:
     """--grid's list for one setting: non-empty, no repeats, each value of the setting's type and range."""
     if not isinstance(values, list) or not values:
         raise UserError(f"--grid {path}: '{name}' must be a non-empty list of values, got {json.dumps(values)}")
-    sub, cli = load_submission(), sibling("settings_cli")
+    sub = load_submission()
+    cli = sibling("settings_cli")
     section = next(cls() for cls in sub.SECTIONS.values() if name in {f.name for f in dataclasses.fields(cls)})
     field = next(f for f in dataclasses.fields(section) if f.name == name)
     where, checked = f"--grid {path}: '{name}'", []
