@@ -76,7 +76,6 @@ class Work:
     max_features: int = 1000  # local features per image
     knn_block_mb: int = 512  # one block of the similarity matrix
     local_cache_gb: float = 10.0  # the local-feature cache's cap on disk
-    float16_descriptors: bool = False  # global descriptors held in float16 (a memory cut of the plan)
     gpu: bool = False  # the kNN's blocks: a GPU's are block_mb, numpy's a few MB
 
     @classmethod
@@ -95,10 +94,6 @@ class Work:
     def dim(self) -> int:
         """The descriptor searched: every model's, concatenated."""
         return sum(self.dims)
-
-    @property
-    def descriptor_bytes(self) -> int:
-        return 2 if self.float16_descriptors else FLOAT32
 
 
 def knn_products(sizes: Sizes, work: Work) -> int:
@@ -235,7 +230,7 @@ def knn_block_bytes(work: Work, db_rows: int, queries: int) -> int:
 
 
 def descriptor_rows_bytes(rows: int, work: Work) -> int:
-    return rows * work.dim * work.descriptor_bytes
+    return rows * work.dim * FLOAT32
 
 
 def candidates_bytes(queries: int, work: Work) -> int:
