@@ -19,9 +19,9 @@ from pathlib import Path
 from common.cli import KitArgumentParser, UserError, check_at_least, run_main
 from local_eval.layout import nonlandmark_folder, task_folder
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
+from local_eval.projection import PROFILES, format_report, projection_report
 from local_eval.replay import replay, with_interval
 from local_eval.synthetic import SIZES, build_synthetic
-from local_eval.timing import PROFILES, format_report, projection_report
 
 # The demo's settings in one place (the stages read nothing else).
 DEMO = {

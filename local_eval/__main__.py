@@ -11,7 +11,7 @@ COMMANDS = {
     "score": ("local_eval.score:main", "score a submission file against a solution file (GAP, mAP@100)"),
     "build": ("local_eval.build:main", "build a local competition (synthetic, GLDv2 subset) or a revisited dataset"),
     "replay": ("local_eval.replay:main", "run submission/main.py on a local competition as the server would"),
-    "time": ("local_eval.timing:main", "project a run's timing log to a real competition's size and limit"),
+    "time": ("local_eval.projection:main", "project a run's timing log to a real competition's size and limit"),
     "show": ("local_eval.show:main_show", "HTML report of retrieved neighbours and local matches"),
     "show-pair": ("local_eval.show:main_show_pair", "draw the local-feature matches of two images"),
     "tune": ("local_eval.tune:main", "choose the verification and scoring settings by measuring them"),

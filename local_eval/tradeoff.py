@@ -35,9 +35,7 @@ from common.cli import (
 )
 from local_eval import draw
 from local_eval.metrics import METRIC_NAME, REPORTED_SUBSETS, TASK_METRIC
-from local_eval.replay import competition_paths, replay
-from local_eval.submission_script import load_submission
-from local_eval.timing import (
+from local_eval.projection import (
     PROFILES,
     Profile,
     check_log_task,
@@ -47,6 +45,8 @@ from local_eval.timing import (
     resolve_profile,
     unmeasured_stages,
 )
+from local_eval.replay import competition_paths, replay
+from local_eval.submission_script import load_submission
 from local_eval.tune import ExtractionRun, Scorer, read_run, score_one, split_script_args
 
 log = logging.getLogger("tradeoff")

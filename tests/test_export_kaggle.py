@@ -24,7 +24,7 @@ from common.kit import load_submission
 from export.__main__ import main as export_main
 from export.bundle import KAGGLE_PYTHONS, SUBMISSION_SCRIPT, WHEEL_PLATFORM
 from export.delg import EXPORT_INFO_FILE, GLOBAL_BATCH_FLOAT16, export_delg
-from local_eval.timing import PROFILES
+from local_eval.projection import PROFILES
 from tests import HANG_GUARD_S
 from tests.test_export_delg import LANDMARK_IDS, TINY_DIM, make_run_dir, random_image
 from train.config import RETRIEVAL_SCALES

@@ -10,7 +10,7 @@ import pytest
 
 from common import kit
 from export import delg
-from local_eval import timing
+from local_eval import projection
 from local_eval.submission_script import SCRIPT, load_submission, sibling
 from tests import HANG_GUARD_S
 from train import config
@@ -30,7 +30,7 @@ def test_delg_defaults_equal_train_config():
 def test_notebook_limit_stage_names_and_script_path_have_one_home():
     assert sub.NOTEBOOK_LIMIT_H == kit.NOTEBOOK_LIMIT_H
     assert sub.Budget().time_budget_h == kit.NOTEBOOK_LIMIT_H
-    assert sub.TIMING_STAGES == timing.STAGES
+    assert sub.TIMING_STAGES == projection.STAGES
     assert SCRIPT == kit.SUBMISSION_SCRIPT and SCRIPT.is_file()
 
 

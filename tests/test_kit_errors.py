@@ -35,7 +35,7 @@ def assert_one_error_line(code: int, err: str, *named: str) -> None:
     [
         ("train.__main__:main", ["--steps", "abc", "--out", "o", "--data", "d"], "argument --steps: invalid int value"),
         ("local_eval.score:main", ["--task", "foo", "--solution", "s", "--submission", "t"], "argument --task"),
-        ("local_eval.timing:main", ["--db", "1e30", "--log", "l", "--profile", "p"], "argument --db: invalid int"),
+        ("local_eval.projection:main", ["--db", "1e30", "--log", "l", "--profile", "p"], "argument --db: invalid int"),
         ("local_eval.build:main", ["gldv2", "--gldv2", "g", "--test", "x", "--index", "3", "--out", "o"], "--test"),
         ("local_eval.build:main", ["nothing"], "invalid choice: 'nothing'"),
         ("local_eval.replay:main", ["--task", "recognition"], "the following arguments are required"),
@@ -387,7 +387,7 @@ def test_time_refuses_a_log_of_the_other_task(tmp_path, capsys):
             }
         )
     )
-    code, err = run_command("local_eval.timing:main", ["--log", str(log), "--profile", "recognition-2020"], capsys)
+    code, err = run_command("local_eval.projection:main", ["--log", str(log), "--profile", "recognition-2020"], capsys)
     assert_one_error_line(code, err, "times a retrieval run", "--profile recognition-2020 is a recognition")
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from local_eval.projection import costs, load_timing, projection_report, resolve_profile
+from local_eval.projection import main as time_main
 from local_eval.replay import replay
 from local_eval.submission_script import load_submission
-from local_eval.timing import costs, load_timing, projection_report, resolve_profile
-from local_eval.timing import main as time_main
 from local_eval.tradeoff import main as tradeoff_main
 from local_eval.tradeoff import measured_stages
 from tests import LIGHT

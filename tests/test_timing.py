@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from common.cli import run_main
-from local_eval.timing import PROFILES, Profile, costs, format_report, max_rerank_depth, projection_report
-from local_eval.timing import main as time_main
+from local_eval.projection import PROFILES, Profile, costs, format_report, max_rerank_depth, projection_report
+from local_eval.projection import main as time_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # 100 db images in 50 s, 10 queries in 5 s, knn 0.1 s for 10 x 100, 40 local extractions in 8 s,
