@@ -29,8 +29,24 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from common.cli import UserError, atomic_write_text, check_positive
-from local_eval.replay import competition_paths, read_timing, run_with_limit, score_if_present, tail
+from common.cli import (
+    UserError,
+    atomic_write_text,
+    check_not_an_input,
+    check_positive,
+    mark_output_dir,
+    partial_dir,
+    swap_in,
+)
+from local_eval.replay import (
+    REPORT_KIND,
+    check_report_folder,
+    competition_paths,
+    read_timing,
+    run_with_limit,
+    score_if_present,
+    tail,
+)
 
 log = logging.getLogger("sandbox")
 
@@ -115,33 +131,58 @@ def replay_bundle(
     limits: Limits = NO_LIMITS,
     extra_args: list[str] | None = None,
 ) -> dict:
-    """Run the bundle's kernel.py in the sandbox, score /kaggle/working/submission.csv, write out/report.json."""
+    """Run the bundle's kernel.py in the sandbox, score /kaggle/working/submission.csv, write out/report.json.
+    As replay's: the run goes into a partial folder beside OUT, swapped in whole at the end (a timeout's or a
+    crash's report too); Ctrl-C, a bad input or an error leave the old OUT as it was."""
     bundle = Path(bundle).resolve()
-    dataset, competition_name, bundle_task = bundle_names(bundle)
+    _, competition_name, bundle_task = bundle_names(bundle)
     if bundle_task != task:
         raise UserError(f"--bundle {bundle} runs {bundle_task} ({competition_name}), not --task {task}")
     check_positive("--limit-h", limit_h)
     check_limits(limits)
-    disk_gb, cpus, ram_gb = limits
     data, solution = competition_paths(Path(competition), task)
     out = Path(out).resolve()
-    sandbox = out / "sandbox"
-    shutil.rmtree(sandbox, ignore_errors=True)  # a run starts from nothing: no earlier run's files are scored
-    (out / "submission.csv").unlink(missing_ok=True)
-    sandbox.mkdir(parents=True)
-    (sandbox / "work").mkdir()
+    check_not_an_input("--out", out, [("--competition", competition), ("--bundle", bundle)])
+    check_report_folder(out)
+    with partial_dir(out) as new:
+        report = run_in_sandbox(SandboxRun(data, solution, task, bundle, new, limit_h, limits, extra_args or []))
+        mark_output_dir(new, kind=REPORT_KIND)
+        swap_in(new, out)
+    return report
+
+
+class SandboxRun(NamedTuple):
+    """One run of a bundle's kernel.py: the competition's data and solution, the bundle, the folder it reports in
+    (the partial one, which becomes OUT), its limits and the script's extra flags."""
+
+    data: Path
+    solution: Path
+    task: str
+    bundle: Path
+    out: Path
+    limit_h: float
+    limits: Limits
+    extra_args: list[str]
+
+
+def run_in_sandbox(run: SandboxRun) -> dict:
+    """kernel.py in the sandbox, under the watcher and the time limit; its submission scored: the report."""
+    dataset, competition_name, _ = bundle_names(run.bundle)
+    disk_gb, cpus, ram_gb = run.limits
+    sandbox = run.out / "sandbox"
+    (sandbox / "work").mkdir(parents=True)
     spec = {
-        "data": str(data.resolve()),
-        "bundle": str(bundle),
+        "data": str(run.data.resolve()),
+        "bundle": str(run.bundle),
         "competition": competition_name,
         "dataset": dataset,
         "disk_gb": disk_gb,
         "cpus": cpus,
         "ram_gb": ram_gb,
         "sandbox": str(sandbox),
-        "out": str(out),
+        "out": str(run.out),
         "python": str(python_without(HIDDEN_PACKAGE, sandbox / "python")),
-        "args": extra_args or [],
+        "args": run.extra_args,
         "root": os.geteuid() == 0,
     }
     (sandbox / "spec.json").write_text(json.dumps(spec, indent=1))
@@ -155,8 +196,8 @@ def replay_bundle(
         for mount_point in (KAGGLE, Path(SCRIPT_WORK)):  # the namespace mounts over them; the host's stay empty
             mount_point.mkdir(exist_ok=True)
         inner = ["unshare", "--mount", "--net", "--propagation", "private", "--", *inner]
-    log.info("running %s's %s in the sandbox (%s)", bundle, KERNEL, "namespaces" if spec["root"] else "copies")
-    status, seconds = run_with_limit(inner, out / "script.log", limit_h * 3600)
+    log.info("running %s's %s in the sandbox (%s)", run.bundle, KERNEL, "namespaces" if spec["root"] else "copies")
+    status, seconds = run_with_limit(inner, run.out / "script.log", run.limit_h * 3600)
     inside_report = sandbox / "inside.json"
     facts = json.loads(inside_report.read_text()) if inside_report.is_file() else {"error": "the sandbox did not start"}
     if facts.get("exit_code") not in (None, 0) and status == "ok":
@@ -168,15 +209,15 @@ def replay_bundle(
         "status": status,
         "seconds": round(seconds, 3),
         "python": spec["python"],
-        "bundle": str(bundle),
+        "bundle": str(run.bundle),
         "sandbox": facts,
-        "final": score_if_present(task, solution, out / "submission.csv"),
-        "global_only": score_if_present(task, solution, work / "submission_global_only.csv"),
+        "final": score_if_present(run.task, run.solution, run.out / "submission.csv"),
+        "global_only": score_if_present(run.task, run.solution, work / "submission_global_only.csv"),
         "timing": read_timing(work),
     }
     if status != "ok":
-        report["log_tail"] = tail(out / "script.log")
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+        report["log_tail"] = tail(run.out / "script.log")
+    atomic_write_text(run.out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

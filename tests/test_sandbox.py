@@ -14,10 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.cli import run_main
+from common.cli import mark_output_dir, run_main
 from export.bundle import BundleSpec, build_bundle
+from local_eval import sandbox
+from local_eval.replay import REPORT_KIND, replay
 from local_eval.replay import main as replay_main
-from local_eval.replay import replay
 from local_eval.sandbox import HIDDEN_PACKAGE, Limits, bundle_names, replay_bundle
 from tests import LIGHT as LIGHT_BASE
 
@@ -166,3 +167,22 @@ def test_a_run_over_its_ram_limit_is_killed_and_says_so(tiny_competition, bundle
     )  # TensorFlow alone needs more
     assert report["status"] == "killed" and report["sandbox"]["killed"] == "ram above its limit"
     assert report["sandbox"]["ram"]["peak_gb"] > 0.1 and report["final"] is None
+
+
+def test_an_interrupted_bundle_replay_leaves_the_earlier_report_as_it_was(
+    tiny_competition, bundle, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "submission.csv").write_text("id,landmarks\nabc,1 0.5\n")
+    mark_output_dir(out, kind=REPORT_KIND)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt  # Ctrl-C while kernel.py runs
+
+    monkeypatch.setattr(sandbox, "run_with_limit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replay_bundle(tiny_competition, "recognition", bundle, out, 1.0, extra_args=LIGHT)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # before, submission.csv was deleted first
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial folder left beside it
