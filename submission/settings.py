@@ -148,6 +148,28 @@ class Global:
         minimum=0,
         maximum=100,
     )
+    bridge_weight: float = setting(
+        0.0,
+        "retrieval with --train-data or --train-descriptors: label transfer, candidates scored cos + w x "
+        "sum_l p_q(l) p_i(l), p an image's landmark distribution from its --bridge-k nearest train images; 0 = off",
+        minimum=0,
+        maximum=100,
+    )
+    bridge_k: int = setting(3, "label transfer: train neighbours whose labels vote", minimum=1, maximum=1000)
+    bridge_m: int = setting(
+        300,
+        "label transfer and hubness: candidates rescored per query (searched, then cut to the usual count)",
+        minimum=1,
+        maximum=10_000,
+    )
+    hubness_weight: float = setting(
+        0.0,
+        "retrieval: candidates scored cos - lambda x the index image's mean cosine to its --hubness-k nearest "
+        "index images; 0 = off",
+        minimum=0,
+        maximum=100,
+    )
+    hubness_k: int = setting(10, "hubness: index neighbours in an image's mean cosine", minimum=1, maximum=1000)
 
 
 @dataclass(frozen=True)
@@ -259,6 +281,16 @@ class Run:
         None,
         "folder of images known to show no landmark: non-landmark "
         "suppression and the penalty compare queries and database to them",
+    )
+    train_data: Path | None = setting(
+        None,
+        "retrieval: a GLDv2 train folder (train.csv, train/) whose labelled images the label transfer "
+        "(--bridge-weight) votes with; its global pass runs here",
+    )
+    train_descriptors: Path | None = setting(
+        None,
+        "retrieval: the train set's descriptors and labels written by `python -m export train-descriptors` "
+        "from this --model, instead of --train-data's pass",
     )
     probe: int | None = setting(
         None,
@@ -399,3 +431,17 @@ def check_consistency(settings: Settings) -> None:
     if run.model_weights is not None and len(run.model_weights) != len(run.model):
         raise InputError(f"--model-weights gives {len(run.model_weights)} weights for {len(run.model)} --model")
     parse_shard(run.shard)
+    check_train_set(run)
+
+
+def check_train_set(run: Run) -> None:
+    """--train-data or --train-descriptors: one of them, for retrieval, and a file of one model."""
+    if run.train_data is None and run.train_descriptors is None:
+        return
+    flag = "--train-data" if run.train_data is not None else "--train-descriptors"
+    if run.task != "retrieval":
+        raise InputError(f"{flag} is for --task retrieval (recognition's database is its train set)")
+    if run.train_data is not None and run.train_descriptors is not None:
+        raise InputError("--train-data and --train-descriptors together: give one train set")
+    if run.train_descriptors is not None and len(run.model) > 1:
+        raise InputError("--train-descriptors holds one model's descriptors: an ensemble needs --train-data")
