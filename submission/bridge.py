@@ -28,10 +28,11 @@ import numpy as np
 from costs import Sizes, Work, bridge_products
 from search import knn
 from settings_cli import InputError
-from store import global_settings
+from store import ImageSet, global_settings, image_path, load_global, timed_global
 
 if TYPE_CHECKING:  # the types of the files beside it, for the annotations only
     from budget import Timing
+    from files import Inputs
     from settings import Global, Settings
 
 log = logging.getLogger("submission")
@@ -117,6 +118,32 @@ def read_train_descriptors(path: Path, fingerprint: str, settings: dict) -> Trai
     if descriptors.ndim != 2 or len(labels) != len(descriptors):
         raise InputError(f"--train-descriptors {path}: descriptors and labels do not match ({descriptors.shape})")
     return TrainSet(descriptors, labels)
+
+
+def train_pass(model, cache: Path, inputs: Inputs, settings: Settings, timing: Timing) -> list:
+    """--train-data's global pass with one model, cached in cache/train_set: [(descriptors, ok)], or [] without
+    --train-data or with label transfer off."""
+    run = settings.run
+    if not inputs.train_ids or not settings.global_stage.bridge_weight:
+        return []
+    paths = [image_path(run.train_data, "train", i) for i in inputs.train_ids]
+    train = ImageSet(inputs.train_ids, paths, cache / "train_set")
+    cut = timed_global(model, train, settings.extraction, run, timing, "global_train", stop=timing.past_deadline)
+    return [load_global(train.cache, train.ids, run.chunk_size, model.global_dim, allow_missing=cut)]
+
+
+def train_after_plan(train: TrainSet | None, given, planned) -> TrainSet | None:
+    """The file's train set while the plan kept the global settings it was made with (checked against the given
+    ones); None, with a warning, when the plan lowered them: the descriptors would no longer compare."""
+    if train is None or global_settings(given) == global_settings(planned):
+        return train
+    log.warning(
+        "the plan lowered the global settings to %s: --train-descriptors was written with %s, so label transfer is "
+        "off (write the file with these settings, or run with --plan fixed)",
+        global_settings(planned),
+        global_settings(given),
+    )
+    return None
 
 
 # Label transfer

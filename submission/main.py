@@ -18,7 +18,8 @@ Pillow and the standard library are used. The machinery lives beside it: costs.p
 units, rates and bytes), competitions.py (each competition's sizes, limit and machine), budget.py (the plan),
 devices.py (a model per device), probing.py (--probe), savedmodel.py (the DELG SavedModel contract, loading
 errors), store.py (decoding, caches), search.py (exact kNN), verifier.py (verification in worker processes),
-files.py (input checks, --out, --work and its lock, the run's records), settings.py (the sections, the task
+files.py (input checks, --out, --work and its lock, the run's records), bridge.py (retrieval through the
+labelled train set: label transfer, hubness), settings.py (the sections, the task
 defaults and presets: the bottom of submission/, importing no other file of it but costs.py and settings_cli.py)
 and settings_cli.py (settings as flags and files).
 
@@ -59,7 +60,14 @@ import pydegensac
 from sklearn.isotonic import IsotonicRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the files shipped beside this one
-from bridge import TrainSet, bridge_depth, bridge_rerank, load_train_descriptors  # noqa: E402
+from bridge import (  # noqa: E402
+    TrainSet,
+    bridge_depth,
+    bridge_rerank,
+    load_train_descriptors,
+    train_after_plan,
+    train_pass,
+)
 from budget import (  # noqa: E402
     Timing,
     database_stop_rule,
@@ -397,16 +405,7 @@ def global_pass(
                 cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size, model.global_dim, allow_missing=nl_cut
             )
         )
-        if inputs.train_ids and settings.global_stage.bridge_weight:  # label transfer's train pass (--train-data)
-            train = ImageSet(
-                inputs.train_ids,
-                [image_path(run.train_data, "train", i) for i in inputs.train_ids],
-                cache / "train_set",
-            )
-            train_cut = timed_global(model, train, extraction, run, timing, "global_train", stop=timing.past_deadline)
-            splits["train"].append(
-                load_global(train.cache, train.ids, run.chunk_size, model.global_dim, allow_missing=train_cut)
-            )
+        splits["train"] += train_pass(model, cache, inputs, settings, timing)  # label transfer's, --train-data
     if shard != (0, 1):
         return None
     train_parts = splits.pop("train")
@@ -457,7 +456,8 @@ def nonlandmark_cosines(descriptors: np.ndarray, nonlandmarks: np.ndarray, k: in
 
 # %% 5. The global stage
 # Between the kNN and verification: each step optional, each measured on the kit's own competitions before it
-# became a default (docs/global-stage.md). Descriptors are unit rows; cosines are inner products.
+# became a default (docs/global-stage.md). Descriptors are unit rows; cosines are inner products. Retrieval's
+# label transfer and hubness (bridge.py) rescore the candidates last (docs/train-set-retrieval.md).
 class Whitening(NamedTuple):
     mean: np.ndarray  # [D]
     projection: np.ndarray  # [D, D]: onto the principal axes, each scaled to unit variance
@@ -939,9 +939,11 @@ def locked_submit(settings: Settings) -> None:
         )
     knn_rate = knn_seconds_per_item(sum(dims), run_settings.knn_block_mb)
     timing.add_timed_knn(knn_rate)
+    given = settings.extraction
     settings = dataclasses.replace(
         settings, extraction=plan_run(models, inputs, settings, timing, knn_rate, gpu_present())
     )
+    train = train_after_plan(train, given, settings.extraction)
     timing.save()
     save_json(run_settings.work / "settings.json", settings_record(settings, SECTIONS, timing.plan))
     clear_stale_caches(run_settings.work, cache_keys(run_settings, settings.extraction))

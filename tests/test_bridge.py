@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from export.__main__ import main_train_descriptors
@@ -151,3 +152,40 @@ def test_a_train_set_needs_retrieval_and_one_source(tiny_competition, tiny_model
     argv = script(data, tiny_model, work, "--train-data", str(tiny_competition / "landmark-recognition"), *flags)
     assert sub.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_tune_sweeps_label_transfer_and_hubness_on_the_cached_descriptors(
+    tiny_competition, tiny_model, train_file, tmp_path
+):
+    from local_eval.tune import main as tune_main
+
+    grid = tmp_path / "grid.json"
+    grid.write_text(
+        json.dumps(
+            {
+                "bridge_weight": [0.0, 0.5],
+                "bridge_k": [3],
+                "hubness_weight": [0.0, 0.25],
+                "match_max_distance": [1.1],
+                "mutual": [True],
+                "ransac_threshold": [0.02],
+                "ransac_iterations": [300],
+                "ransac_confidence": [1.0],
+                "min_matches": [4],
+                "rerank": [0, 1],
+            }
+        )
+    )
+    out = tmp_path / "tune"
+    argv = ["--competition", str(tiny_competition), "--task", "retrieval", "--model", str(tiny_model)]
+    argv += ["--out", str(out), "--grid", str(grid), "--workers", "1", "--", "--train-descriptors", str(train_file)]
+    assert tune_main(argv) == 0
+    table = pd.read_csv(out / "global.csv")
+    assert sorted(zip(table["bridge_weight"], table["hubness_weight"], strict=True)) == [
+        (0, 0),
+        (0, 0.25),
+        (0.5, 0),
+        (0.5, 0.25),
+    ]
+    assert table["all"].between(0, 1).all()
+    assert {"bridge_weight", "hubness_weight"} <= set(json.loads((out / "tuned.json").read_text())["global_stage"])
