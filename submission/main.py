@@ -197,6 +197,7 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo) may use; all
     "global_chain",
     "whitened",
     "global_candidates",
+    "global_pass",
     "verify_queries",
     "Descriptors",
     "read_inputs",
