@@ -161,7 +161,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
         inputs = [("--run", args.run)]
     inputs += [
         (flag, getattr(args, flag[2:].replace("-", "_"), None))
-        for flag in ("--whiten-data", "--script", "--settings", "--nonlandmark-dir")
+        for flag in ("--whiten-data", "--script", "--settings", "--nonlandmark-dir", "--train-descriptors")
     ]
     inputs += [("--wheel", wheel) for wheel in getattr(args, "wheel", [])]
     check_not_an_input("--out", args.out, inputs)
@@ -356,6 +356,13 @@ def main_bundle(argv: list[str] | None) -> None:
         default=None,
         help="folder of images showing no landmark, shipped as nonlandmark/, passed to main.py",
     )
+    parser.add_argument(
+        "--train-descriptors",
+        type=Path,
+        default=None,
+        help="retrieval: `export train-descriptors`' file of the --model shipped, shipped as train-descriptors.npz "
+        "and passed to main.py (label transfer)",
+    )
     parser.add_argument("--float16", action="store_true", help="export the model with --float16 (--run only)")
     _add_whiten_flags(parser)
     args = _parse(parser, argv)
@@ -377,6 +384,7 @@ def main_bundle(argv: list[str] | None) -> None:
         budget_h=args.time_budget_h,
         settings=args.settings,
         nonlandmark_dir=args.nonlandmark_dir,
+        train_descriptors=args.train_descriptors,
         float16=args.float16,
         whiten=whiten,
         weights=args.model_weights,

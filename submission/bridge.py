@@ -32,6 +32,7 @@ from store import ImageSet, global_settings, image_path, load_global, timed_glob
 
 if TYPE_CHECKING:  # the types of the files beside it, for the annotations only
     from budget import Timing
+    from devices import Replicas
     from files import Inputs
     from settings import Global, Settings
 
@@ -89,9 +90,9 @@ def write_train_descriptors(path: Path, train: TrainSet, ids: list[str], fingerp
         )
 
 
-def read_train_descriptors(path: Path, fingerprint: str, settings: dict) -> TrainSet:
-    """The train set of a --train-descriptors file, checked against the run's model and global settings; a file of
-    another model or settings, or not such a file, is an InputError naming it."""
+def read_train_descriptors(path: Path, fingerprint: str, settings: dict | None = None) -> TrainSet:
+    """The train set of a --train-descriptors file, checked against the run's model and global settings (unless
+    None); a file of another model or settings, or not such a file, is an InputError naming it."""
     try:
         with np.load(path, allow_pickle=False) as found:
             missing = [key for key in TRAIN_FILE_KEYS if key not in found.files]
@@ -109,7 +110,7 @@ def read_train_descriptors(path: Path, fingerprint: str, settings: dict) -> Trai
             f"{str(content['model_fingerprint'])[:12]}, this --model's is {fingerprint[:12]}): write it again with "
             "`python -m export train-descriptors --model` of this model"
         )
-    if str(content["global_settings"]) != repr(sorted(settings.items())):
+    if settings is not None and str(content["global_settings"]) != repr(sorted(settings.items())):
         raise InputError(
             f"--train-descriptors {path} was written with other global settings ({content['global_settings']}): "
             "write it again with this run's --global-scale-indices / --global-max-side / --global-precision"
@@ -120,7 +121,7 @@ def read_train_descriptors(path: Path, fingerprint: str, settings: dict) -> Trai
     return TrainSet(descriptors, labels)
 
 
-def train_pass(model, cache: Path, inputs: Inputs, settings: Settings, timing: Timing) -> list:
+def train_pass(model: Replicas, cache: Path, inputs: Inputs, settings: Settings, timing: Timing) -> list:
     """--train-data's global pass with one model, cached in cache/train_set: [(descriptors, ok)], or [] without
     --train-data or with label transfer off."""
     run = settings.run
@@ -243,6 +244,8 @@ def bridge_rerank(
         return cosines[:, :k], rows[:, :k]
     began = time.monotonic()
     bridging = bool(stage.bridge_weight) and train is not None and len(train.labels) > 0
+    if stage.bridge_weight and not bridging:
+        log.info("label transfer off: no train set (give --train-data or --train-descriptors)")
     similarity = hub = None
     if bridging:
         votes = [train_votes(x, train, stage.bridge_k, block_mb) for x in (queries, db)]
