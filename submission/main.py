@@ -949,10 +949,8 @@ def locked_submit(settings: Settings) -> None:
     save_json(run_settings.work / "settings.json", settings_record(settings, SECTIONS, timing.plan))
     clear_stale_caches(run_settings.work, cache_keys(run_settings, settings.extraction))
     found = global_pass(models, inputs, settings, timing, knn_rate)
-    if found is not None and train is not None:
-        found = found._replace(train=train)
     if found is not None:
-        finish(models.local, inputs, settings, timing, found)
+        finish(models.local, inputs, settings, timing, found if train is None else found._replace(train=train))
 
 
 def latest_submission(run_settings: Run) -> Path:
