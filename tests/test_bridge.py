@@ -12,7 +12,7 @@ import pytest
 
 from export.__main__ import main_train_descriptors
 from local_eval.submission_script import load_submission, sibling
-from local_eval.timing import load_timing, projection_report, resolve_profile
+from local_eval.timing import format_report, load_timing, projection_report, resolve_profile
 
 sub = load_submission()
 bridge = sibling("bridge")
@@ -117,6 +117,8 @@ def test_export_writes_the_train_set_the_script_reads_and_the_time_projects(
     assert timing["work"]["bridge"] and timing["work"]["hubness"] and not timing["work"]["train_pass"]
     report = projection_report(timing, resolve_profile("retrieval-2021", {}))
     assert report["hours"]["global_train"] > 0 and report["hours"]["bridge"] > 0
+    printed = format_report(report)
+    assert "train 1,580,470 (label transfer)" in printed and "  bridge " in printed and "  global_train " in printed
     assert len((tmp_path / "work.csv").read_text().splitlines()) == queries + 1
 
 
