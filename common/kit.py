@@ -31,6 +31,7 @@ def load_submission() -> ModuleType:
 
 # The files beside the script that the kit may import (through sibling()); the rest of submission/ is the script's.
 SIBLINGS = (
+    "bridge",
     "budget",
     "competitions",
     "costs",

@@ -1,4 +1,4 @@
-"""`python -m export delg|retrieval|bundle ...`: SavedModels and the Kaggle bundle from a training run."""
+"""`python -m export delg|retrieval|bundle|train-descriptors ...`: SavedModels, the Kaggle bundle, train descriptors."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from common.cli import (
 from export.bundle import DEFAULT_COMPETITION, KAGGLE_PYTHONS, SUBMISSION_SCRIPT, BundleSpec, build_bundle
 from export.delg import export_delg
 from export.retrieval import DEFAULT_MAX_MB, export_retrieval
+from export.train_descriptors import check_npz_out, export_train_descriptors
 from export.whitening import DEFAULT_IMAGES, DEFAULT_SHRINKAGE, WhitenSettings
 
 COMMANDS = {  # name -> ("module:function", help); this module is __main__ under `python -m export`
@@ -33,6 +34,10 @@ COMMANDS = {  # name -> ("module:function", help); this module is __main__ under
         "the Kaggle retrieval SavedModel, zipped for upload (one global descriptor per image)",
     ),
     "bundle": (f"{__name__}:main_bundle", "a folder for `kaggle datasets create` + `kaggle kernels push`"),
+    "train-descriptors": (
+        f"{__name__}:main_train_descriptors",
+        "global descriptors and landmark ids of a labelled train set, for the notebook's --train-descriptors",
+    ),
 }
 
 
@@ -156,7 +161,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
         inputs = [("--run", args.run)]
     inputs += [
         (flag, getattr(args, flag[2:].replace("-", "_"), None))
-        for flag in ("--whiten-data", "--script", "--settings", "--nonlandmark-dir")
+        for flag in ("--whiten-data", "--script", "--settings", "--nonlandmark-dir", "--train-descriptors")
     ]
     inputs += [("--wheel", wheel) for wheel in getattr(args, "wheel", [])]
     check_not_an_input("--out", args.out, inputs)
@@ -351,6 +356,13 @@ def main_bundle(argv: list[str] | None) -> None:
         default=None,
         help="folder of images showing no landmark, shipped as nonlandmark/, passed to main.py",
     )
+    parser.add_argument(
+        "--train-descriptors",
+        type=Path,
+        default=None,
+        help="retrieval: `export train-descriptors`' file of the --model shipped, shipped as train-descriptors.npz "
+        "and passed to main.py (label transfer)",
+    )
     parser.add_argument("--float16", action="store_true", help="export the model with --float16 (--run only)")
     _add_whiten_flags(parser)
     args = _parse(parser, argv)
@@ -372,12 +384,38 @@ def main_bundle(argv: list[str] | None) -> None:
         budget_h=args.time_budget_h,
         settings=args.settings,
         nonlandmark_dir=args.nonlandmark_dir,
+        train_descriptors=args.train_descriptors,
         float16=args.float16,
         whiten=whiten,
         weights=args.model_weights,
         exported=bool(args.model),
     )
     print(build_bundle(args.model or args.run, args.out, spec, overwrite=args.overwrite))
+
+
+def main_train_descriptors(argv: list[str] | None) -> None:
+    parser = KitArgumentParser(prog="python -m export train-descriptors", description=COMMANDS["train-descriptors"][1])
+    parser.add_argument("--model", type=Path, required=True, help="the DELG SavedModel folder the notebook will run")
+    parser.add_argument("--data", type=Path, required=True, help="GLDv2 train folder: train.csv and train/a/b/c/ID.jpg")
+    parser.add_argument("--out", type=Path, required=True, help=".npz file to write")
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        help="JSON settings file the notebook will run with (its global extraction settings are used)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if this command wrote it")
+    args = parser.parse_args(argv)
+    check_input_folder("--model", args.model)
+    check_input_folder("--data", args.data)
+    if not (args.data / "train.csv").is_file():
+        raise UserError(f"--data {args.data}: no train.csv in it (a GLDv2 train folder holds train.csv and train/)")
+    check_not_an_input(
+        "--out", args.out, [("--model", args.model), ("--data", args.data), ("--settings", args.settings)]
+    )
+    check_output_parent(args.out)
+    check_npz_out(args.out, args.overwrite)
+    print(export_train_descriptors(args.model, args.data, args.out, args.settings))
 
 
 def main(argv: list[str]) -> int:

@@ -16,6 +16,8 @@ Layout:
     settings.json            with --settings: tuned settings (`local_eval tune`), checked by the kit's main.py,
                              passed as main.py --settings
     nonlandmark/             with --nonlandmark-dir: images known to show no landmark, main.py --nonlandmark-dir
+    train-descriptors.npz    with --train-descriptors (retrieval): `export train-descriptors`' file of the shipped
+                             model, main.py --train-descriptors (label transfer)
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ KERNEL_FILE = "kernel.py"
 WHEEL_DIR = "wheels"
 SETTINGS_FILE = "settings.json"
 NONLANDMARK_DIR = "nonlandmark"
+TRAIN_FILE = "train-descriptors.npz"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 BUNDLE_KIND = "Kaggle bundle"  # the kind of output its kit marker records
 DEFAULT_COMPETITION = "landmark-recognition-2021"
@@ -248,6 +251,7 @@ def launcher(
     nonlandmark: bool = False,
     models: Sequence[str] = (MODEL_DIR,),
     weights: Sequence[float] | None = None,
+    train: bool = False,
 ) -> str:
     """The notebook's code: the submission script with the dataset's and the competition's Kaggle paths, one
     --model per folder in `models` (and their --model-weights when given)."""
@@ -269,6 +273,8 @@ def launcher(
         arguments.append(("--settings", in_dataset(SETTINGS_FILE)))
     if nonlandmark:
         arguments.append(("--nonlandmark-dir", in_dataset(NONLANDMARK_DIR)))
+    if train:
+        arguments.append(("--train-descriptors", in_dataset(TRAIN_FILE)))
     text = (",\n" + " " * len("status = subprocess.run([")).join(f'"{flag}", {value}' for flag, value in arguments)
     return LAUNCHER.format(dataset=dataset, wheels=WHEEL_DIR, script=SCRIPT_PATH, arguments=text)
 
@@ -386,10 +392,30 @@ class BundleSpec:
     budget_h: float | None = None  # None: the competition's limit
     settings: Path | None = None  # a --settings file for main.py
     nonlandmark_dir: Path | None = None
+    train_descriptors: Path | None = None  # `export train-descriptors`' file of the shipped model (retrieval)
     float16: bool = False  # re-exports only
     whiten: WhitenSettings | None = None  # re-exports only
     weights: Sequence[float] | None = None  # one per model of an ensemble
     exported: bool = False  # the models are export folders, shipped byte for byte (else runs, exported again)
+
+
+def check_train_file(spec: BundleSpec, sources: Sequence[Path]) -> None:
+    """--train-descriptors: a retrieval notebook's, written from the one export the bundle ships (--model) as it is."""
+    path = spec.train_descriptors
+    if launcher_task(spec.competition) != "retrieval":
+        raise UserError(f"--train-descriptors {path}: for a retrieval competition, not {spec.competition}")
+    if not spec.exported or len(sources) != 1:
+        raise UserError(
+            f"--train-descriptors {path}: give the one export it was written from as --model (a --run is exported "
+            "again, and an ensemble needs the notebook's own train pass)"
+        )
+    if not path.is_file():
+        raise UserError(f"--train-descriptors {path}: not a file")
+    bridge = script_sibling("bridge")
+    try:
+        bridge.read_train_descriptors(path, bridge.model_fingerprint(sources[0]))
+    except bridge.InputError as err:
+        raise UserError(str(err)) from None
 
 
 def build_bundle(sources: Sequence[Path], out_dir: Path, spec: BundleSpec, overwrite: bool = False) -> Path:
@@ -406,6 +432,8 @@ def build_bundle(sources: Sequence[Path], out_dir: Path, spec: BundleSpec, overw
     if settings is not None:
         check_settings_file(settings, competition, budget_h)
     images = nonlandmark_images(nonlandmark_dir) if nonlandmark_dir is not None else []
+    if spec.train_descriptors is not None:
+        check_train_file(spec, sources)
     with tempfile.TemporaryDirectory(prefix="pydegensac-") as downloads:
         shipped = gather_wheels(list(spec.wheels), spec.pythons, Path(downloads))
         with atomic_output_dir(out_dir, overwrite=overwrite, kind=BUNDLE_KIND) as tmp:
@@ -417,6 +445,8 @@ def build_bundle(sources: Sequence[Path], out_dir: Path, spec: BundleSpec, overw
             if settings is not None:
                 shutil.copy2(settings, tmp / SETTINGS_FILE)
             copy_images(images, nonlandmark_dir, tmp / NONLANDMARK_DIR)
+            if spec.train_descriptors is not None:
+                shutil.copy2(spec.train_descriptors, tmp / TRAIN_FILE)
             (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(spec.user, spec.dataset), indent=2))
             code = launcher(
                 spec.dataset,
@@ -426,6 +456,7 @@ def build_bundle(sources: Sequence[Path], out_dir: Path, spec: BundleSpec, overw
                 nonlandmark=bool(images),
                 models=names,
                 weights=spec.weights,
+                train=spec.train_descriptors is not None,
             )
             (tmp / KERNEL_FILE).write_text(code)
             metadata = kernel_metadata(spec.user, spec.dataset, spec.kernel, competition)

@@ -33,6 +33,7 @@ class Profile:
     disk_gb: float = competitions.KAGGLE_GPU.disk_gb
     cpus: int = competitions.KAGGLE_GPU.cpus
     gpus: int = competitions.KAGGLE_GPU.gpus
+    train: int = 0  # retrieval's label transfer: the labelled train set's images
 
 
 def profile_of(competition) -> Profile:
@@ -46,6 +47,7 @@ def profile_of(competition) -> Profile:
         machine.disk_gb,
         machine.cpus,
         machine.gpus,
+        competition.train,
     )
 
 
@@ -125,8 +127,10 @@ def json_kind(value) -> str:
 
 
 def full_size(log: dict, profile: Profile):
-    """The profile's sizes, with the run's non-landmark set."""
-    return costs.Sizes(profile.db, profile.test, int((log.get("work") or {}).get("nonlandmarks", 0)))
+    """The profile's sizes, with the run's non-landmark set (and the profile's train set when the run used one)."""
+    work = log.get("work") or {}
+    train = profile.train if work.get("bridge") else 0
+    return costs.Sizes(profile.db, profile.test, int(work.get("nonlandmarks", 0)), train)
 
 
 def server_of(profile: Profile, speedup: float, matmul_speedup: float):
@@ -264,10 +268,17 @@ def projection_report(
     }
 
 
+def train_text(report: dict) -> str:
+    """', train 1,580,470 (label transfer)' when the projection holds the train set's pass and products."""
+    used = report["hours"].get("global_train") or report["hours"].get("bridge")
+    return f", train {report['profile']['train']:,} (label transfer)" if used and report["profile"]["train"] else ""
+
+
 def format_report(report: dict) -> str:
     p = report["profile"]
     lines = [
-        f"projection to {p['task']}: db {p['db']:,} images, test {p['test']:,}, limit {p['limit_h']:g} h,"
+        f"projection to {p['task']}: db {p['db']:,} images, test {p['test']:,}{train_text(report)}, limit "
+        f"{p['limit_h']:g} h,"
         f" {p['ram_gb']:g} GB RAM, {p['disk_gb']:g} GB disk, {p['cpus']} CPUs; rerank depth "
         f"{report['rerank_depth']}, speedup x{report['speedup']:g} on CNN passes, "
         f"x{report['matmul_speedup']:g} on matrix products"
@@ -310,6 +321,7 @@ def check_flags(args: argparse.Namespace) -> None:
         ("--ram-gb", args.ram_gb),
         ("--disk-gb", args.disk_gb),
         ("--cpus", args.cpus),
+        ("--train", args.train),
     ):
         if value is not None:
             check_positive(flag, value)
@@ -349,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-h", type=float, help="override the profile's notebook limit in hours")
     parser.add_argument("--db", type=int, help="override the profile's train/index size")
     parser.add_argument("--test", type=int, help="override the profile's test size")
+    parser.add_argument(
+        "--train", type=int, help="override the profile's labelled train set (retrieval's label transfer)"
+    )
     parser.add_argument("--ram-gb", type=float, help="override the profile's machine memory (GB)")
     parser.add_argument("--disk-gb", type=float, help="override the profile's working disk (GB)")
     parser.add_argument("--cpus", type=int, help="override the profile's CPUs (they decode images)")
@@ -364,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             "ram_gb": args.ram_gb,
             "disk_gb": args.disk_gb,
             "cpus": args.cpus,
+            "train": args.train,
         },
     )
     log = load_timing(args.log)

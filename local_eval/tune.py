@@ -61,6 +61,7 @@ from common.cli import (
 )
 from local_eval import draw
 from local_eval.kaggle_csv import read_solution
+from local_eval.layout import nonlandmark_folder
 from local_eval.metrics import (
     METRIC_NAME,
     REPORTED_SUBSETS,
@@ -69,7 +70,7 @@ from local_eval.metrics import (
     mean_average_precision,
     subsets_with_all,
 )
-from local_eval.replay import competition_paths, replay
+from local_eval.replay import ScriptRun, competition_paths, replay, script_command
 from local_eval.submission_script import load_submission, sibling
 
 log = logging.getLogger("tune")
@@ -93,7 +94,11 @@ GLOBAL = {
         "query_nonlandmark_k": [10],
         "query_nonlandmark_weight": [0.0, 0.5, 1.0, 1.5],
     },
-    "retrieval": {},
+    "retrieval": {  # label transfer (with a train set in the script's flags) and hubness, on the cached descriptors
+        "bridge_weight": [0.0, 0.1, 0.2, 0.3],
+        "bridge_k": [2, 3, 5],
+        "hubness_weight": [0.0, 0.25, 0.5],
+    },
 }
 SCORING = {
     "recognition": {
@@ -408,14 +413,52 @@ def unverified_beyond(inliers: np.ndarray, width: int) -> np.ndarray:
     return np.pad(inliers, ((0, 0), (0, width - inliers.shape[1])), constant_values=-1)
 
 
-def global_table(run: ExtractionRun, scorer: Scorer, grid: dict) -> pd.DataFrame:
-    """Recognition's global-stage settings scored on the unverified run (every query global-only)."""
+def global_table(run: ExtractionRun, scorer: Scorer, grid: dict, job: Job) -> pd.DataFrame:
+    """The global-stage settings scored on the unverified run (every query global-only): recognition's on its
+    candidates, retrieval's (label transfer, hubness) on candidates searched again from the cached descriptors."""
+    if scorer.task == "retrieval":
+        return retrieval_global_table(run, scorer, grid, job)
     unverified = np.full(run.neighbours.shape, -1)
     rows = []
     for stage in grid_combinations(grid["global"]):
         scores = score_one(run, scorer, unverified, {"rerank": 0}, stage)
         rows.append({**stage, **scores})
     return pd.DataFrame(rows)
+
+
+def retrieval_global_table(run: ExtractionRun, scorer: Scorer, grid: dict, job: Job) -> pd.DataFrame:
+    """Retrieval's global-stage settings, each through the script's global stage (global_candidates) on the
+    extraction run's cached descriptors and train set, scored global-only."""
+    sub, bridge = load_submission(), sibling("bridge")
+    data, _ = competition_paths(job.competition, job.task)
+    script = ScriptRun(job.task, data, job.model, run.work, job.limit_h, job.script_args, nonlandmark_dir(job))
+    settings = sub.parse_settings([*script_command(script, run.work)[2:], "--plan", "fixed"])
+    inputs = sub.read_inputs(settings.run)
+    timing = sibling("budget").Timing(run.work / "tune_global_timing.json", job.task, settings.budget)
+    train = bridge.load_train_descriptors(settings, timing)
+    models = sub.load_models(settings.run, settings.extraction)
+    found = sub.global_pass(models, inputs, settings, timing, 0.0)  # every descriptor is cached: nothing extracted
+    found = found._replace(train=found.train if train is None else train)
+    rows = []
+    for stage in grid_combinations(grid["global"]):
+        copies = found._replace(
+            db=found.db.copy(),  # whitening works in place
+            queries=found.queries.copy(),
+            nonlandmarks=found.nonlandmarks.copy(),
+            train=None if found.train is None else found.train._replace(descriptors=found.train.descriptors.copy()),
+        )
+        staged = dataclasses.replace(settings, global_stage=dataclasses.replace(settings.global_stage, **stage))
+        c = sub.global_candidates(copies, len(inputs.db_ids), staged, timing)
+        ranked = [
+            [inputs.db_ids[j] for j in row] if ok else [] for row, ok in zip(c.neighbours, c.query_ok, strict=True)
+        ]
+        rows.append({**stage, **scorer.retrieval(ranked)})
+    return pd.DataFrame(rows)
+
+
+def nonlandmark_dir(job: Job) -> Path | None:
+    distractors = nonlandmark_folder(job.competition)
+    return distractors.resolve() if distractors.is_dir() else None
 
 
 def regimes(run: ExtractionRun, scorer: Scorer, inliers: np.ndarray, scoring: dict, stage: dict) -> pd.DataFrame:
@@ -725,7 +768,7 @@ def sweep_all(job: Job, out: Path, grid: dict, solution: Path) -> dict:
     scorer = Scorer(task, solution, run.test_ids)
     stage, global_choice = {}, None
     if grid["global"]:
-        global_rows = global_table(run, scorer, grid)
+        global_rows = global_table(run, scorer, grid, job)
         global_choice = choose_honestly(global_rows, script_defaults(task))
         stage = {k: native(v) for k, v in global_choice.row.items() if k in grid["global"]}
         atomic_write_text(out / "global.csv", global_rows.to_csv(index=False))

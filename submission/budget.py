@@ -25,6 +25,7 @@ from costs import (
     TIMING_STAGES,
     Sizes,
     Work,
+    bridge_products,
     current_rss_bytes,
     depth_that_fits,
     disk_bytes,
@@ -188,7 +189,7 @@ def plan_extraction(
         if over and index < len(rungs) - 1:
             continue  # no time to time it: on to the cheapest
         rate, spread = (min(t["seconds_per_image"] for t in tried), 0.0) if over else measure(extraction, limit_s)
-        seconds = project_seconds({"global_db": rate, "global_query": rate, "knn": knn_rate}, units(0))
+        seconds = project_seconds(pass_rates(rate, knn_rate, timing), units(0))
         parts = {**{k: v for k, v in seconds.items() if v}, "rerank_reserve": reserve_s}
         fits = sum(parts.values()) <= timing.time_left()
         tried.append(
@@ -240,6 +241,14 @@ def plan_extraction(
     return extraction, plan
 
 
+def pass_rates(rate: float, knn_rate: float, timing: Timing) -> dict[str, float | None]:
+    """The rates the plan projects a rung with: its pass rate for every global pass (the train set's too, unless
+    it was loaded from a file: then as loaded), the kNN's for every product."""
+    train_pass = Work.from_record(timing.work).train_pass
+    train_rate = rate if train_pass else timing.rate("global_train")
+    return {"global_db": rate, "global_query": rate, "global_train": train_rate, "knn": knn_rate, "bridge": knn_rate}
+
+
 def hours_text(parts: dict[str, float], scale: float = 1 / 3600) -> str:
     """'global_db 0.01 h + knn 0.00 h + rerank_reserve 1.80 h = 1.81 h' (parts in seconds, or hours at scale 1)."""
     named = " + ".join(f"{name} {value * scale:.2f} h" for name, value in parts.items())
@@ -286,7 +295,8 @@ def database_stop_rule(timing: Timing, later: Sizes, searched: Sizes, knn_rate: 
     """Stop the database pass when what is still to extract (`later`: the queries of every model, the database of
     the models after this one) and the global stage's products over `searched` (the suppression, DBA and alpha-QE
     included, as the run has them), at the rates measured so far, would no longer fit before the deadline."""
-    products = knn_products(searched, Work.from_record(timing.work))
+    work = Work.from_record(timing.work)
+    products = knn_products(searched, work) + bridge_products(searched, work)
 
     def stop(done: int, seconds: float) -> bool:
         per_image = seconds / done if done else 0.0
@@ -374,6 +384,9 @@ def run_work(settings: Settings, sizes: Sizes, dims: tuple[int, ...], candidates
         dba=stage.dba_n > 0,
         qe=stage.qe_n > 0,
         superglobal=stage.superglobal_m > 0,
+        bridge=stage.bridge_weight > 0 and sizes.train > 0,
+        train_pass=stage.bridge_weight > 0 and sizes.train > 0 and run.train_data is not None,
+        hubness=stage.hubness_weight > 0 and run.task == "retrieval",
         dims=tuple(dims),
         candidates=candidates,
         max_features=settings.extraction.max_features,

@@ -25,7 +25,8 @@ KAGGLE_GPU = Machine(ram_gb=29.0, cpus=4, gpus=1, disk_gb=20.0)
 
 
 class Competition(NamedTuple):
-    """A competition's scale; `db` is the train set (recognition) or the index (retrieval)."""
+    """A competition's scale; `db` is the train set (recognition) or the index (retrieval); `train`: the labelled
+    train set retrieval's label transfer votes with (GLDv2-clean)."""
 
     slug: str
     task: str
@@ -33,6 +34,7 @@ class Competition(NamedTuple):
     test: int
     limit_h: float
     machine: Machine
+    train: int = 0
 
 
 # GLDv2: train-clean 1,580,470 images; index 761,757; test 117,577. The notebook limit: 9 h in 2020, 12 h in 2021.
@@ -41,8 +43,8 @@ COMPETITIONS: dict[str, Competition] = {
     for competition in (
         Competition("landmark-recognition-2020", "recognition", 1_580_470, 117_577, 9.0, KAGGLE_GPU),
         Competition("landmark-recognition-2021", "recognition", 1_580_470, 117_577, 12.0, KAGGLE_GPU),
-        Competition("landmark-retrieval-2020", "retrieval", 761_757, 117_577, 9.0, KAGGLE_GPU),
-        Competition("landmark-retrieval-2021", "retrieval", 761_757, 117_577, 12.0, KAGGLE_GPU),
+        Competition("landmark-retrieval-2020", "retrieval", 761_757, 117_577, 9.0, KAGGLE_GPU, 1_580_470),
+        Competition("landmark-retrieval-2021", "retrieval", 761_757, 117_577, 12.0, KAGGLE_GPU, 1_580_470),
     )
 }
 

@@ -7,7 +7,9 @@ functions: nothing else counts products or divides seconds by items.
 
 Units of work: global_db / global_query: images; knn: query x database products (the suppression's database x
 non-landmark products, DBA's database x database products and alpha-QE's second search included); global_rerank:
-queries (SuperGlobal); local_features: images; verification: (query, candidate) pairs.
+queries (SuperGlobal); global_train: train images of retrieval's label transfer (extracted with --train-data, or
+loaded from --train-descriptors); bridge: its products (queries and database x train) and the hubness correction's
+(database x database); local_features: images; verification: (query, candidate) pairs.
 """
 
 from __future__ import annotations
@@ -20,14 +22,30 @@ from pathlib import Path
 from typing import NamedTuple
 
 SAFETY_MARGIN = 0.15  # share of every limit (time, memory, disk) kept free: the plan's and every verdict's
-TIMING_STAGES = ("global_db", "global_query", "knn", "global_rerank", "local_features", "verification")
-GLOBAL_PASSES = ("global_db", "global_query")  # decoding in threads on the CPU, the network on its device
+TIMING_STAGES = (
+    "global_db",
+    "global_query",
+    "global_train",
+    "knn",
+    "global_rerank",
+    "bridge",
+    "local_features",
+    "verification",
+)
+GLOBAL_PASSES = (
+    "global_db",
+    "global_query",
+    "global_train",
+)  # decoding in threads on the CPU, the network on its device
+PRODUCT_STAGES = ("knn", "bridge")  # units: query x database products (a small run takes the timed product's rate)
 DEVICE = {
     "global_db": "cnn",
     "global_query": "cnn",
+    "global_train": "cnn",  # none when the run loaded the train set from a file (Work.train_pass False)
     "local_features": "cnn",
     "knn": "matmul",
     "global_rerank": "matmul",
+    "bridge": "matmul",
     "verification": "cpu",
 }  # what runs each stage's work: the factor it takes
 TIMED_PRODUCT = (256, 16_384)  # queries x database rows of the timed kNN (search.knn_seconds_per_item)
@@ -56,11 +74,12 @@ GB = 2**30
 
 
 class Sizes(NamedTuple):
-    """Image counts of a run, for projections."""
+    """Image counts of a run, for projections (train: the labelled train set of retrieval's label transfer)."""
 
     db: int
     queries: int
     nonlandmarks: int
+    train: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,9 @@ class Work:
     dba: bool = False  # database x database kNN and a copy of the database
     qe: bool = False  # alpha-QE: a second search, query x database
     superglobal: bool = False  # SuperGlobal: per query, over its top M
+    bridge: bool = False  # label transfer: queries and database x train products, the train set held
+    train_pass: bool = False  # the train set's global pass runs here (--train-data), not loaded from a file
+    hubness: bool = False  # the hubness correction: database x database products
     dims: tuple[int, ...] = (512,)  # global descriptor size of each model (an ensemble concatenates them)
     candidates: int = 100  # neighbours kept per query
     max_features: int = 1000  # local features per image
@@ -106,14 +128,23 @@ def knn_products(sizes: Sizes, work: Work) -> int:
     return products
 
 
+def bridge_products(sizes: Sizes, work: Work) -> int:
+    """Products of label transfer (queries and database x train) and of the hubness correction (database x
+    database)."""
+    products = (sizes.queries + sizes.db) * sizes.train if work.bridge else 0
+    return products + (sizes.db * sizes.db if work.hubness else 0)
+
+
 def stage_units(sizes: Sizes, depth: int, work: Work = Work(), new_image_share: float = 1.0) -> dict[str, float]:
     """The work of each stage of a whole run at these sizes, verifying `depth` candidates per query of which
     `new_image_share` need their local features extracted (an upper bound at 1: candidates repeat)."""
     return {
         "global_db": sizes.db + sizes.nonlandmarks,
         "global_query": sizes.queries,
+        "global_train": sizes.train if work.bridge else 0,
         "knn": knn_products(sizes, work),
         "global_rerank": sizes.queries if work.superglobal else 0,
+        "bridge": bridge_products(sizes, work),
         "local_features": sizes.queries * (1 + depth * new_image_share) if depth else 0,
         "verification": sizes.queries * depth,
     }
@@ -127,13 +158,15 @@ def rate(stage: dict | None) -> float | None:
 
 
 def log_rates(log: dict) -> dict[str, float | None]:
-    """Seconds per unit of each stage of a timing log. kNN: the run's own products when it did at least as many as
-    the timed product of TIMED_PRODUCT's shape, else that timed product (a small run's search is mostly overhead)."""
+    """Seconds per unit of each stage of a timing log. kNN and the bridge's products: the run's own products when it
+    did at least as many as the timed product of TIMED_PRODUCT's shape, else that timed product (a small run's
+    search is mostly overhead)."""
     rates = {name: rate(log["stages"].get(name)) for name in TIMING_STAGES}
     timed = (log.get("timed_products") or {}).get("knn")
-    own = log["stages"].get("knn") or {}
-    if timed and timed.get("items", 0) > own.get("items", 0):
-        rates["knn"] = rate(timed)
+    for name in PRODUCT_STAGES:
+        own = log["stages"].get(name) or {}
+        if timed and timed.get("items", 0) > own.get("items", 0):
+            rates[name] = rate(timed)
     return rates
 
 
@@ -174,8 +207,9 @@ def server_rates(log: dict, server: Server) -> tuple[dict[str, float | None], di
     bounds it. The measured pass rate is the network's upper bound here (decoding overlapped it)."""
     rates, bounds = log_rates(log), {}
     factor = {"cnn": server.speedup, "matmul": server.matmul_speedup, "cpu": 1.0}
+    loaded = not Work.from_record(log.get("work")).train_pass  # the train set came from a file: no CNN pass
     for name, value in rates.items():
-        if value is None:
+        if value is None or (name == "global_train" and loaded):
             continue
         rates[name] = value / factor[DEVICE[name]]
         if name in GLOBAL_PASSES:
@@ -268,8 +302,8 @@ def memory_bytes(sizes: Sizes, work: Work, depth: int) -> dict[str, int]:
     weighted parts, their concatenation and its normalized copy while combining; then the searched database is a
     compacted copy. global_stage: the combined descriptors (whitened in place), DBA's copy of the database, one
     kNN block (scores and mask), the candidates, the non-landmark cosines. rerank: the candidates and the local
-    features of the pairs being verified."""
-    rows = sizes.db + sizes.queries + sizes.nonlandmarks
+    features of the pairs being verified. Label transfer's train set is held beside the other descriptors."""
+    rows = sizes.db + sizes.queries + sizes.nonlandmarks + (sizes.train if work.bridge else 0)
     held = descriptor_rows_bytes(rows, work)
     combining = 4 * held if len(work.dims) > 1 else held
     global_pass = combining + descriptor_rows_bytes(sizes.db, work)
@@ -288,8 +322,9 @@ def memory_bytes(sizes: Sizes, work: Work, depth: int) -> dict[str, int]:
 def disk_bytes(sizes: Sizes, work: Work, depth: int, task: str = "retrieval") -> dict[str, int]:
     """Bytes WORK holds at the end: the global descriptors' cache (every model: float32 rows and their ids), the
     local features of the queries and their candidates (capped by --local-cache-gb), the candidates
-    (neighbours.npz), the verified pairs and the global-only submission."""
-    rows = sizes.db + sizes.queries + sizes.nonlandmarks
+    (neighbours.npz), the verified pairs and the global-only submission. A train pass (--train-data) is cached
+    too."""
+    rows = sizes.db + sizes.queries + sizes.nonlandmarks + (sizes.train if work.train_pass else 0)
     local_images = sizes.queries * (1 + depth) if depth else 0
     local = min(local_images * (work.max_features * LOCAL_FEATURE_BYTES + NPZ_OVERHEAD), work.local_cache_gb * GB)
     ids_per_row = min(sizes.db, work.candidates, 100) if task == "retrieval" else 1

@@ -302,6 +302,8 @@ class Inputs:
     labels: np.ndarray
     nonlandmark_ids: list[str] = field(default_factory=list)
     nonlandmark_paths: list[Path] = field(default_factory=list)
+    train_ids: list[str] = field(default_factory=list)  # --train-data's images (retrieval's label transfer)
+    train_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # theirs, or the file's
 
     def sizes(self) -> Sizes:
-        return Sizes(len(self.db_ids), len(self.test_ids), len(self.nonlandmark_ids))
+        return Sizes(len(self.db_ids), len(self.test_ids), len(self.nonlandmark_ids), len(self.train_labels))

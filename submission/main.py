@@ -18,7 +18,8 @@ Pillow and the standard library are used. The machinery lives beside it: costs.p
 units, rates and bytes), competitions.py (each competition's sizes, limit and machine), budget.py (the plan),
 devices.py (a model per device), probing.py (--probe), savedmodel.py (the DELG SavedModel contract, loading
 errors), store.py (decoding, caches), search.py (exact kNN), verifier.py (verification in worker processes),
-files.py (input checks, --out, --work and its lock, the run's records), settings.py (the sections, the task
+files.py (input checks, --out, --work and its lock, the run's records), bridge.py (retrieval through the
+labelled train set: label transfer, hubness), settings.py (the sections, the task
 defaults and presets: the bottom of submission/, importing no other file of it but costs.py and settings_cli.py)
 and settings_cli.py (settings as flags and files).
 
@@ -59,6 +60,14 @@ import pydegensac
 from sklearn.isotonic import IsotonicRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the files shipped beside this one
+from bridge import (  # noqa: E402
+    TrainSet,
+    bridge_depth,
+    bridge_rerank,
+    load_train_descriptors,
+    train_after_plan,
+    train_pass,
+)
 from budget import (  # noqa: E402
     Timing,
     database_stop_rule,
@@ -149,6 +158,7 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo, export) may 
     "read_settings_file",
     "read_settings_record",
     "DelgSavedModel",
+    "load_models",
     "read_test_ids",
     "read_train_labels",
     "list_image_ids",
@@ -187,6 +197,7 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo, export) may 
     "global_chain",
     "whitened",
     "global_candidates",
+    "global_pass",
     "verify_queries",
     "Descriptors",
     "read_inputs",
@@ -331,7 +342,16 @@ def read_inputs(run: Run) -> Inputs:
         log.warning(
             "%s lists no test images: the submission will hold only its header", run.data / "sample_submission.csv"
         )
-    return Inputs(test_ids, db_split, db_ids, labels, *nonlandmark_paths(run))
+    return Inputs(test_ids, db_split, db_ids, labels, *nonlandmark_paths(run), *train_labels(run))
+
+
+def train_labels(run: Run) -> tuple[list[str], np.ndarray]:
+    """Ids and landmark ids of the --train-data images (none without the flag)."""
+    if run.train_data is None:
+        return [], np.zeros(0, np.int64)
+    if not (run.train_data / "train").is_dir():
+        raise InputError(f"--train-data {run.train_data}: no train/ folder in it (a GLDv2 train folder)")
+    return read_train_labels(run.train_data)
 
 
 def nonlandmark_paths(run: Run) -> tuple[list[str], list[Path]]:
@@ -372,6 +392,7 @@ class Descriptors(NamedTuple):
     queries: np.ndarray
     query_ok: np.ndarray
     nonlandmarks: np.ndarray
+    train: TrainSet | None = None  # retrieval's label transfer: the train set's readable rows and labels
 
 
 def global_pass(
@@ -385,7 +406,7 @@ def global_pass(
     sizes = inputs.sizes()
     db_paths = [image_path(run.data, inputs.db_split, i) for i in inputs.db_ids]
     query_paths = [image_path(run.data, query_split, i) for i in inputs.test_ids]
-    splits = {"db": [], "query": [], "nonlandmark": []}
+    splits = {"db": [], "query": [], "nonlandmark": [], "train": []}
     cut_any = False
     for m, model in enumerate(models.global_models):
         cache = run.work / "global" / f"m{m}"
@@ -421,8 +442,11 @@ def global_pass(
                 cache / "nonlandmark", inputs.nonlandmark_ids, run.chunk_size, model.global_dim, allow_missing=nl_cut
             )
         )
+        splits["train"] += train_pass(model, cache, inputs, settings, timing)  # label transfer's, --train-data
     if shard != (0, 1):
         return None
+    train_parts = splits.pop("train")
+    train = combine(train_parts, models.weights) if train_parts else None
     (db, db_ok), (queries, query_ok), (nonlandmarks, nl_ok) = (combine(splits[s], models.weights) for s in splits)
     db, db_rows = compact_valid(db, db_ok)
     if not cut_any and not len(db_rows):
@@ -433,7 +457,8 @@ def global_pass(
     if cut_any:
         log.warning("database pass cut by the deadline: %d of %d images searched", len(db_rows), sizes.db)
         timing.plan["database_cut_at"] = int(len(db_rows))
-    return Descriptors(db, db_rows, queries, query_ok, compact_valid(nonlandmarks, nl_ok)[0])
+    train_set = None if train is None else TrainSet(compact_valid(*train)[0], inputs.train_labels[train[1]])
+    return Descriptors(db, db_rows, queries, query_ok, compact_valid(nonlandmarks, nl_ok)[0], train_set)
 
 
 def combine(parts: list[tuple[np.ndarray, np.ndarray]], weights: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -468,7 +493,8 @@ def nonlandmark_cosines(descriptors: np.ndarray, nonlandmarks: np.ndarray, k: in
 
 # %% 5. The global stage
 # Between the kNN and verification: each step optional, each measured on the kit's own competitions before it
-# became a default (docs/global-stage.md). Descriptors are unit rows; cosines are inner products.
+# became a default (docs/global-stage.md). Descriptors are unit rows; cosines are inner products. Retrieval's
+# label transfer and hubness (bridge.py) rescore the candidates last (docs/train-set-retrieval.md).
 class Whitening(NamedTuple):
     mean: np.ndarray  # [D]
     projection: np.ndarray  # [D, D]: onto the principal axes, each scaled to unit variance
@@ -567,7 +593,8 @@ def global_candidates(found: Descriptors, n_db: int, settings: Settings, timing:
     """Whitening, non-landmark cosines, DBA, kNN, alpha-QE and SuperGlobal, as the settings ask: the candidates."""
     stage, run = settings.global_stage, settings.run
     began = time.monotonic()
-    db, queries, nonlandmarks = whitened(stage, found.db, found.queries, found.nonlandmarks)
+    train_rows = () if found.train is None else (found.train.descriptors,)
+    db, queries, nonlandmarks, *train_rows = whitened(stage, found.db, found.queries, found.nonlandmarks, *train_rows)
     query_nl = nonlandmark_cosines(
         queries, nonlandmarks, max(stage.query_nonlandmark_k, settings.scoring.top_k), run.knn_block_mb
     )
@@ -578,14 +605,17 @@ def global_candidates(found: Descriptors, n_db: int, settings: Settings, timing:
         db_nl = np.zeros((n_db, found_nl.shape[1]), np.float32)
         db_nl[found.db_rows] = found_nl
     marks: dict[str, float] = {}
+    k = candidate_count(settings)
     cosines, rows, augmented = global_chain(
-        queries, db, candidate_count(settings), stage, run.knn_block_mb, timing.past_deadline, marks
+        queries, db, max(k, bridge_depth(stage, run.task)), stage, run.knn_block_mb, timing.past_deadline, marks
     )
     work = dataclasses.replace(Work.from_record(timing.work), suppression=suppression, dba=False, qe=bool(stage.qe_n))
     products = knn_products(Sizes(len(db), len(queries), len(nonlandmarks)), work) + augmented * len(db)
     timing.add("knn", products, marks["searched"] - began)
     if stage.superglobal_m:
         timing.add("global_rerank", len(queries), time.monotonic() - marks["searched"])
+    train = None if found.train is None else TrainSet(*train_rows, found.train.labels)
+    cosines, rows = bridge_rerank(queries, db, (cosines, rows), train, settings, timing, k)
     return Candidates(cosines, found.db_rows[rows], found.query_ok, query_nl, db_nl)
 
 
@@ -928,6 +958,8 @@ def locked_submit(settings: Settings) -> None:
     run_settings = settings.run
     timing = Timing(run_settings.work / "timing.json", run_settings.task, settings.budget, runtime_versions())
     inputs = read_inputs(run_settings)
+    train = load_train_descriptors(settings, timing)  # --train-descriptors, checked before anything is written
+    inputs = dataclasses.replace(inputs, train_labels=inputs.train_labels if train is None else train.labels)
     models = load_models(run_settings, settings.extraction)
     timing.devices = models.devices
     timing.measure_memory(baseline=True)
@@ -944,15 +976,17 @@ def locked_submit(settings: Settings) -> None:
         )
     knn_rate = knn_seconds_per_item(sum(dims), run_settings.knn_block_mb)
     timing.add_timed_knn(knn_rate)
+    given = settings.extraction
     settings = dataclasses.replace(
         settings, extraction=plan_run(models, inputs, settings, timing, knn_rate, gpu_present())
     )
+    train = train_after_plan(train, given, settings.extraction)
     timing.save()
     save_json(run_settings.work / "settings.json", settings_record(settings, SECTIONS, timing.plan))
     clear_stale_caches(run_settings.work, cache_keys(run_settings, settings.extraction))
     found = global_pass(models, inputs, settings, timing, knn_rate)
     if found is not None:
-        finish(models.local, inputs, settings, timing, found)
+        finish(models.local, inputs, settings, timing, found if train is None else found._replace(train=train))
 
 
 def latest_submission(run_settings: Run) -> Path:

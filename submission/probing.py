@@ -61,7 +61,9 @@ def probe(
     seconds = timing.plan["seconds_per_image"] * count
     timing.add("global_db", count, seconds)
     timing.add("global_query", count, seconds)
-    timing.add("knn", TIMED_PRODUCT[0] * TIMED_PRODUCT[1], knn_rate * TIMED_PRODUCT[0] * TIMED_PRODUCT[1])
+    timing.add("global_train", count, seconds)  # a train image of label transfer's pass: the same pass
+    for products in ("knn", "bridge"):  # label transfer's and hubness's products are kNN products
+        timing.add(products, TIMED_PRODUCT[0] * TIMED_PRODUCT[1], knn_rate * TIMED_PRODUCT[0] * TIMED_PRODUCT[1])
     timing.add_timed_knn(knn_rate)
     timing.add("global_rerank", 1, time_global_rerank(dim, settings.global_stage, candidates, reranked))
     half = max(1, count // 2)

@@ -22,8 +22,10 @@ def test_stage_units_follow_the_global_stage():
     assert plain == {
         "global_db": 1050,
         "global_query": 10,
+        "global_train": 0,
         "knn": 10 * 1050,
         "global_rerank": 0,
+        "bridge": 0,
         "local_features": 10 * (1 + 3),
         "verification": 30,
     }

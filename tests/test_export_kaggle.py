@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from common.kit import load_submission
+from common.kit import load_submission, sibling
 from export.__main__ import main as export_main
 from export.bundle import KAGGLE_PYTHONS, SUBMISSION_SCRIPT, WHEEL_PLATFORM
 from export.delg import EXPORT_INFO_FILE, GLOBAL_BATCH_FLOAT16, export_delg
@@ -678,3 +678,43 @@ def test_bundle_warns_when_its_settings_need_nonlandmarks_it_lacks(
         assert warnings == []
     else:
         assert len(warnings) == 1 and warned in warnings[0] and "--nonlandmark-dir" in warnings[0]
+
+
+def test_bundle_ships_a_train_file_of_its_model_and_refuses_one_of_another(
+    run, second_run, delg_exports, tmp_path, capsys
+):
+    models = exported_models(run, second_run, delg_exports, tmp_path / "exports")
+    bridge = sibling("bridge")
+    train = tmp_path / "train.npz"
+    found = bridge.TrainSet(np.eye(2, 8, dtype=np.float32), np.array([1, 2]))
+    bridge.write_train_descriptors(train, found, ["a", "b"], bridge.model_fingerprint(models[0]), {})
+
+    def argv(model: Path, out: Path) -> list[str]:
+        return [
+            "bundle",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--kaggle-user",
+            "alice",
+            "--competition",
+            "landmark-retrieval-2021",
+            "--script",
+            str(echo_script(tmp_path / "scripts")),
+            "--wheel",
+            str(write_wheel(tmp_path, THIS_TAG)),
+            "--train-descriptors",
+            str(train),
+        ]
+
+    out = tmp_path / "bundle"
+    assert export_main(argv(models[0], out)) == 0
+    received = run_kernel(out)
+    assert received[received.index("--train-descriptors") + 1] == f"{out}/train-descriptors.npz"
+    assert (out / "train-descriptors.npz").read_bytes() == train.read_bytes()
+    capsys.readouterr()
+    assert export_main(argv(models[1], tmp_path / "other")) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "another model" in errors[0] and str(train) in errors[0]
+    assert not (tmp_path / "other").exists()

@@ -129,7 +129,7 @@ def test_probe_times_every_stage_and_local_eval_time_projects_it(tiny_competitio
     assert not (tmp_path / "submission.csv").exists()  # a probe leaves the submission alone
     timing = load_timing(work / "timing.json")
     assert all(timing["stages"][name]["items"] > 0 for name in sub.TIMING_STAGES)
-    assert timing["plan"]["sizes"] == {"db": 240, "queries": 80, "nonlandmarks": 0}
+    assert timing["plan"]["sizes"] == {"db": 240, "queries": 80, "nonlandmarks": 0, "train": 0}
     assert timing["plan"]["rerank"]["seconds_per_query"] > 0
     report = projection_report(timing, resolve_profile("recognition-2021", {}))
     assert report["total_hours"] > 0 and not report["unmeasured"]
