@@ -414,7 +414,7 @@ def check_train_file(spec: BundleSpec, sources: Sequence[Path]) -> None:
     bridge = script_sibling("bridge")
     try:
         bridge.read_train_descriptors(path, bridge.model_fingerprint(sources[0]))
-    except bridge.InputError as err:
+    except script_sibling("settings_cli").InputError as err:
         raise UserError(str(err)) from None
 
 

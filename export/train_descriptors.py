@@ -42,7 +42,8 @@ def check_npz_out(out: Path, overwrite: bool) -> None:
 def export_train_descriptors(model: Path, data: Path, out: Path, settings_file: Path | None = None) -> str:
     """Extract the global descriptors of DATA's train.csv images with the notebook's own global pass (its
     extraction settings, or a settings file's) and write them with their labels to OUT; returns a summary."""
-    script, bridge = load_submission(), sibling("bridge")
+    script = load_submission()
+    bridge = sibling("bridge")
     with partial_dir(out) as scratch:
         argv = ["--task", "retrieval", "--data", str(data), "--model", str(model), "--work", str(scratch)]
         settings = script.parse_settings(argv + (["--settings", str(settings_file)] if settings_file else []))
