@@ -524,19 +524,27 @@ def fold_scores(table: pd.DataFrame) -> np.ndarray:
     return scores
 
 
-def best_position(table: pd.DataFrame, scores: np.ndarray) -> int:
+def best_position(table: pd.DataFrame, scores: np.ndarray, defaults: dict | None = None) -> int:
     """The row with the best score; among equals the cheapest by a fixed order of the settings, never by measured
-    time (which load moves), so that the same table always gives the same choice: TIE_ORDER first, then the other
-    settings' values, smallest first, in the table's column order."""
+    time (which load moves), so that the same table always gives the same choice: TIE_ORDER first, then (given
+    the script's defaults) the fewest settings away from them, then the other settings' values, smallest first, in
+    the table's column order. A setting the table cannot tell apart stays at its default: on a local competition
+    every query is verified, so --calibrate (which only rescales unverified queries) always ties, and the smallest
+    value, off, would ship a setting that loses when the server's budget leaves queries unverified."""
     best = np.flatnonzero(scores >= np.max(scores) - 1e-12)
     settings = setting_columns(table)
-    order = [*(c for c in TIE_ORDER if c in settings), *(c for c in settings if c not in TIE_ORDER)]
-    return int(best[table.iloc[best].reset_index(drop=True).sort_values(order, kind="stable").index[0]])
+    cost = [c for c in TIE_ORDER if c in settings]
+    rest = [c for c in settings if c not in TIE_ORDER]
+    candidates = table.iloc[best].reset_index(drop=True)
+    away = [c for c in rest if c in (defaults or {})]
+    candidates["_away"] = (candidates[away] != pd.Series({c: defaults[c] for c in away})).sum(axis=1) if away else 0
+    return int(best[candidates.sort_values([*cost, "_away", *rest], kind="stable").index[0]])
 
 
-def choose(table: pd.DataFrame) -> pd.Series:
-    """The setting best over all the folds (the mean of their scores), no matter the defaults."""
-    return table.iloc[best_position(table, fold_scores(table).mean(axis=1))]
+def choose(table: pd.DataFrame, defaults: dict | None = None) -> pd.Series:
+    """The setting best over all the folds (the mean of their scores), no matter the defaults (which only break
+    exact ties, see best_position)."""
+    return table.iloc[best_position(table, fold_scores(table).mean(axis=1), defaults)]
 
 
 def default_position(table: pd.DataFrame, defaults: dict) -> int:
@@ -597,11 +605,14 @@ def choose_honestly(table: pd.DataFrame, defaults: dict) -> Choice:
     scores = fold_scores(table)
     default = default_position(table, defaults)
     held_out = np.array(
-        [scores[best_position(table, np.delete(scores, f, axis=1).mean(axis=1)), f] for f in range(scores.shape[1])]
+        [
+            scores[best_position(table, np.delete(scores, f, axis=1).mean(axis=1), defaults), f]
+            for f in range(scores.shape[1])
+        ]
     )
     choice = Choice(table.iloc[default], table.iloc[default], held_out, scores[default])
     if choice.beats_defaults:
-        choice.row = table.iloc[best_position(table, scores.mean(axis=1))]
+        choice.row = table.iloc[best_position(table, scores.mean(axis=1), defaults)]
     return choice
 
 
@@ -774,7 +785,7 @@ def sweep_all(job: Job, out: Path, grid: dict, solution: Path) -> dict:
         atomic_write_text(out / "global.csv", global_rows.to_csv(index=False))
     shared = Sweep(run, scorer, grid, tasks, verified, workers, stage)
     table = sweep_stage(shared, *stages(grid, task))
-    matching, ransac = second_stage(grid, choose(table), task)
+    matching, ransac = second_stage(grid, choose(table, script_defaults(task)), task)
     if ransac:
         table = pd.concat([table, sweep_stage(shared, matching, ransac)], ignore_index=True)
     choice = choose_honestly(table, script_defaults(task))

@@ -477,6 +477,30 @@ def test_the_choice_leaves_the_defaults_for_a_setting_that_wins_on_every_fold():
     assert choice.summary()["expected"]["mean"] == pytest.approx(0.553)
 
 
+def test_settings_that_tie_exactly_stay_at_their_defaults_and_calibration_stays_on():
+    # On a local competition every query is verified, so --calibrate and often the RANSAC confidence change no
+    # score: the tie must not turn them off (seed 51 of issue 35 shipped calibrate false and confidence 0.99 so).
+    defaults = script_defaults("recognition")
+    table = chance_table()
+    better = table.iloc[0].to_dict() | {"max_inlier_score": 40, **{f"fold_{k}": 0.6 for k in range(1, 6)}}
+    ties = [
+        better | {"ransac_confidence": confidence, "calibrate": calibrate}
+        for confidence in (0.99, 1.0)
+        for calibrate in (False, True)
+    ]
+    table = pd.concat([table, pd.DataFrame(ties)], ignore_index=True)
+    for tied in (table, table.iloc[::-1].reset_index(drop=True)):
+        choice = choose_honestly(tied, defaults)
+        assert choice.beats_defaults
+        assert (choice.row["max_inlier_score"], choice.row["ransac_confidence"], choice.row["calibrate"]) == (
+            40,
+            defaults["ransac_confidence"],
+            defaults["calibrate"],
+        )
+        assert choose(tied, defaults)["calibrate"] == defaults["calibrate"]
+    assert not choose(table)["calibrate"]  # without the defaults, ties still go by value alone
+
+
 def test_the_folds_split_the_labelled_queries_evenly_and_always_alike():
     from local_eval.tune import query_folds
 
