@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from export.__main__ import main_train_descriptors
+from local_eval.projection import format_report, load_timing, projection_report, resolve_profile
 from local_eval.submission_script import load_submission, sibling
-from local_eval.timing import format_report, load_timing, projection_report, resolve_profile
 
 sub = load_submission()
 bridge = sibling("bridge")
