@@ -284,6 +284,8 @@ def format_report(report: dict) -> str:
         f"x{report['matmul_speedup']:g} on matrix products"
     ]
     for name, hours in report["hours"].items():
+        if p["task"] == "recognition" and name in costs.RETRIEVAL_ONLY and not hours:
+            continue
         bound = f"  ({report['bound_by'][name]} bound)" if name in report["bound_by"] and hours else ""
         lines.append(f"  {name:<15} {'not measured' if hours is None else f'{hours:8.2f} h'}{bound}")
     partial = " + the stages not measured" if report["unmeasured"] else ""

@@ -429,13 +429,14 @@ def global_table(run: ExtractionRun, scorer: Scorer, grid: dict, job: Job) -> pd
 def retrieval_global_table(run: ExtractionRun, scorer: Scorer, grid: dict, job: Job) -> pd.DataFrame:
     """Retrieval's global-stage settings, each through the script's global stage (global_candidates) on the
     extraction run's cached descriptors and train set, scored global-only."""
-    sub, bridge = load_submission(), sibling("bridge")
+    sub = load_submission()
+    bridge = sibling("bridge")
     data, _ = competition_paths(job.competition, job.task)
     script = ScriptRun(job.task, data, job.model, run.work, job.limit_h, job.script_args, nonlandmark_dir(job))
     settings = sub.parse_settings([*script_command(script, run.work)[2:], "--plan", "fixed"])
     inputs = sub.read_inputs(settings.run)
     timing = sibling("budget").Timing(run.work / "tune_global_timing.json", job.task, settings.budget)
-    train = bridge.load_train_descriptors(settings, timing)
+    train = bridge.load_train_descriptors(settings, settings.extraction, timing)
     models = sub.load_models(settings.run, settings.extraction)
     found = sub.global_pass(models, inputs, settings, timing, 0.0)  # every descriptor is cached: nothing extracted
     found = found._replace(train=found.train if train is None else train)

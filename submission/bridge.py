@@ -21,6 +21,7 @@ import hashlib
 import logging
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -34,13 +35,14 @@ if TYPE_CHECKING:  # the types of the files beside it, for the annotations only
     from budget import Timing
     from devices import Replicas
     from files import Inputs
-    from settings import Global, Settings
+    from settings import Extraction, Global, Settings
 
 log = logging.getLogger("submission")
 
 FINGERPRINT_FILES = ("saved_model.pb", "variables/variables.index")  # the graph, and every tensor's checksum
 TRAIN_FILE_KEYS = ("descriptors", "labels", "ids", "model_fingerprint", "global_settings")
 QUERY_BLOCK = 4096  # queries whose candidates' label similarities are computed at once
+STOP_BLOCK = 65_536  # rows searched between two looks at the deadline
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -61,16 +63,33 @@ class TrainSet(NamedTuple):
     labels: np.ndarray  # [n] int64
 
 
-def load_train_descriptors(settings: Settings, timing: Timing) -> TrainSet | None:
-    """--train-descriptors' train set, checked against the run's model and global settings (None without it); the
-    seconds it took are the global_train stage's."""
+def train_file_labels(settings: Settings) -> np.ndarray | None:
+    """The labels of --train-descriptors' file, checked against the run's model and global settings before anything
+    is written (None without it); its descriptors stay on disk until the plans have run (load_train_descriptors)."""
     run = settings.run
     if run.train_descriptors is None:
         return None
+    fingerprint, given = model_fingerprint(run.model[0]), global_settings(settings.extraction)
+    return read_train_descriptors(run.train_descriptors, fingerprint, given, descriptors=False).labels
+
+
+def load_train_descriptors(settings: Settings, given: Extraction, timing: Timing) -> TrainSet | None:
+    """--train-descriptors' train set for the planned settings; the seconds it took are the global_train stage's.
+    None without the file, or when the plan lowered the global settings from the `given` ones the file was checked
+    against (the descriptors would no longer compare)."""
+    run = settings.run
+    if run.train_descriptors is None:
+        return None
+    if global_settings(given) != global_settings(settings.extraction):
+        log.warning(
+            "the plan lowered the global settings to %s: --train-descriptors was written with %s, so label transfer "
+            "is off (write the file with these settings, or run with --plan fixed)",
+            global_settings(settings.extraction),
+            global_settings(given),
+        )
+        return None
     began = time.monotonic()
-    train = read_train_descriptors(
-        run.train_descriptors, model_fingerprint(run.model[0]), global_settings(settings.extraction)
-    )
+    train = read_train_descriptors(run.train_descriptors, model_fingerprint(run.model[0]))
     timing.add("global_train", len(train.labels), time.monotonic() - began)
     log.info("train set of %d images read from %s", len(train.labels), run.train_descriptors)
     return train
@@ -90,9 +109,12 @@ def write_train_descriptors(path: Path, train: TrainSet, ids: list[str], fingerp
         )
 
 
-def read_train_descriptors(path: Path, fingerprint: str, settings: dict | None = None) -> TrainSet:
+def read_train_descriptors(
+    path: Path, fingerprint: str, settings: dict | None = None, descriptors: bool = True
+) -> TrainSet:
     """The train set of a --train-descriptors file, checked against the run's model and global settings (unless
-    None); a file of another model or settings, or not such a file, is an InputError naming it."""
+    None); a file of another model or settings, or not such a file, is an InputError naming it. descriptors=False
+    reads the labels only (the descriptors' array is then [n, 0])."""
     try:
         with np.load(path, allow_pickle=False) as found:
             missing = [key for key in TRAIN_FILE_KEYS if key not in found.files]
@@ -101,7 +123,8 @@ def read_train_descriptors(path: Path, fingerprint: str, settings: dict | None =
                     f"--train-descriptors {path}: not a file of `python -m export train-descriptors` "
                     f"(no {missing[0]!r})"
                 )
-            content = {key: found[key] for key in TRAIN_FILE_KEYS}
+            wanted = TRAIN_FILE_KEYS if descriptors else TRAIN_FILE_KEYS[1:]
+            content = {key: found[key] for key in wanted}
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise InputError(f"--train-descriptors {path}: cannot read it as a .npz file ({err})") from None
     if str(content["model_fingerprint"]) != fingerprint:
@@ -115,10 +138,11 @@ def read_train_descriptors(path: Path, fingerprint: str, settings: dict | None =
             f"--train-descriptors {path} was written with other global settings ({content['global_settings']}): "
             "write it again with this run's --global-scale-indices / --global-max-side / --global-precision"
         )
-    descriptors, labels = content["descriptors"].astype(np.float32), content["labels"].astype(np.int64)
-    if descriptors.ndim != 2 or len(labels) != len(descriptors):
-        raise InputError(f"--train-descriptors {path}: descriptors and labels do not match ({descriptors.shape})")
-    return TrainSet(descriptors, labels)
+    labels = content["labels"].astype(np.int64)
+    rows = content["descriptors"].astype(np.float32) if descriptors else np.zeros((len(labels), 0), np.float32)
+    if rows.ndim != 2 or len(labels) != len(rows):
+        raise InputError(f"--train-descriptors {path}: descriptors and labels do not match ({rows.shape})")
+    return TrainSet(rows, labels)
 
 
 def train_pass(model: Replicas, cache: Path, inputs: Inputs, settings: Settings, timing: Timing) -> list:
@@ -131,20 +155,6 @@ def train_pass(model: Replicas, cache: Path, inputs: Inputs, settings: Settings,
     train = ImageSet(inputs.train_ids, paths, cache / "train_set")
     cut = timed_global(model, train, settings.extraction, run, timing, "global_train", stop=timing.past_deadline)
     return [load_global(train.cache, train.ids, run.chunk_size, model.global_dim, allow_missing=cut)]
-
-
-def train_after_plan(train: TrainSet | None, given, planned) -> TrainSet | None:
-    """The file's train set while the plan kept the global settings it was made with (checked against the given
-    ones); None, with a warning, when the plan lowered them: the descriptors would no longer compare."""
-    if train is None or global_settings(given) == global_settings(planned):
-        return train
-    log.warning(
-        "the plan lowered the global settings to %s: --train-descriptors was written with %s, so label transfer is "
-        "off (write the file with these settings, or run with --plan fixed)",
-        global_settings(planned),
-        global_settings(given),
-    )
-    return None
 
 
 # Label transfer
@@ -176,18 +186,34 @@ def label_similarity(queries: LabelVotes, db: LabelVotes, candidates: np.ndarray
     return out
 
 
-def train_votes(descriptors: np.ndarray, train: TrainSet, k: int, block_mb: int) -> LabelVotes:
-    """label_votes of these rows from their k nearest train images."""
-    cosines, rows = knn(descriptors, train.descriptors, k, block_mb)
-    return label_votes(cosines, rows, train.labels)
+def blocked_knn(queries: np.ndarray, database: np.ndarray, k: int, block_mb: int, stop: Callable[[], bool]):
+    """knn in blocks of STOP_BLOCK query rows, stop() asked before each: (cosines, rows), or None when it stopped."""
+    parts = []
+    for start in range(0, len(queries), STOP_BLOCK):
+        if stop():
+            return None
+        parts.append(knn(queries[start : start + STOP_BLOCK], database, k, block_mb))
+    k = min(k, len(database))
+    empty = (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+    return tuple(np.concatenate(part) for part in zip(*parts, strict=True)) if parts else empty
+
+
+def train_votes(descriptors: np.ndarray, train: TrainSet, k: int, block_mb: int, stop: Callable[[], bool]):
+    """label_votes of these rows from their k nearest train images (None when stop() cut the search)."""
+    found = blocked_knn(descriptors, train.descriptors, k, block_mb, stop)
+    return None if found is None else label_votes(*found, train.labels)
 
 
 # Hubness
-def hubness(db: np.ndarray, k: int, block_mb: int) -> np.ndarray:
-    """Each database row's mean cosine to its k nearest other rows (0 for a database of one row)."""
+def hubness(db: np.ndarray, k: int, block_mb: int, stop: Callable[[], bool] = lambda: False) -> np.ndarray | None:
+    """Each database row's mean cosine to its k nearest other rows (0 for a database of one row; None when stop()
+    cut the search)."""
     if len(db) < 2:
         return np.zeros(len(db), np.float32)
-    cosines, rows = knn(db, db, min(k + 1, len(db)), block_mb)
+    found = blocked_knn(db, db, min(k + 1, len(db)), block_mb, stop)
+    if found is None:
+        return None
+    cosines, rows = found
     itself = rows == np.arange(len(db))[:, None]
     others = np.where(itself, 0, cosines)
     # each row's k best others: its own entry is dropped where found, else the (k+1)-th
@@ -237,8 +263,9 @@ def bridge_rerank(
     k: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidates (cosines, database rows) rescored by label transfer (with a train set) and hubness, as the
-    settings ask, and cut to the first k; the products are the bridge stage's."""
-    stage, block_mb = settings.global_stage, settings.run.knn_block_mb
+    settings ask, and cut to the first k; the products are the bridge stage's. A part the deadline cuts is left
+    out (logged), so the run goes on to its submission."""
+    stage, block_mb, stop = settings.global_stage, settings.run.knn_block_mb, timing.past_deadline
     cosines, rows = candidates
     if not bridge_depth(stage, settings.run.task):
         return cosines[:, :k], rows[:, :k]
@@ -248,12 +275,18 @@ def bridge_rerank(
         log.info("label transfer off: no train set (give --train-data or --train-descriptors)")
     similarity = hub = None
     if bridging:
-        votes = [train_votes(x, train, stage.bridge_k, block_mb) for x in (queries, db)]
-        similarity = label_similarity(*votes, rows)
+        votes = [train_votes(x, train, stage.bridge_k, block_mb, stop) for x in (queries, db)]
+        similarity = None if None in votes else label_similarity(*votes, rows)
     if stage.hubness_weight:
-        hub = hubness(db, stage.hubness_k, block_mb)
+        hub = hubness(db, stage.hubness_k, block_mb, stop)
+    for part, cut in (
+        ("label transfer", bridging and similarity is None),
+        ("hubness", stage.hubness_weight and hub is None),
+    ):
+        if cut:
+            log.warning("%s cut by the deadline: the candidates keep their order without it", part)
     cosines, rows = reranked(cosines, rows, similarity, hub, BridgeScores(stage.bridge_weight, stage.hubness_weight))
-    work = Work(bridge=bridging, hubness=bool(stage.hubness_weight))
-    sizes = Sizes(len(db), len(queries), 0, len(train.labels) if bridging else 0)
+    work = Work(bridge=similarity is not None, hubness=hub is not None)
+    sizes = Sizes(len(db), len(queries), 0, len(train.labels) if similarity is not None else 0)
     timing.add("bridge", bridge_products(sizes, work), time.monotonic() - began)
     return cosines[:, :k], rows[:, :k]

@@ -293,14 +293,16 @@ def choose_xla(
 
 def database_stop_rule(timing: Timing, later: Sizes, searched: Sizes, knn_rate: float) -> Callable[[int, float], bool]:
     """Stop the database pass when what is still to extract (`later`: the queries of every model, the database of
-    the models after this one) and the global stage's products over `searched` (the suppression, DBA and alpha-QE
-    included, as the run has them), at the rates measured so far, would no longer fit before the deadline."""
+    the models after this one, --train-data's images of every model) and the global stage's products over
+    `searched` (the suppression, DBA, alpha-QE and label transfer included, as the run has them), at the rates
+    measured so far, would no longer fit before the deadline."""
     work = Work.from_record(timing.work)
     products = knn_products(searched, work) + bridge_products(searched, work)
+    images = later.queries + later.db + (later.train if work.train_pass else 0)
 
     def stop(done: int, seconds: float) -> bool:
         per_image = seconds / done if done else 0.0
-        return timing.time_left() < (later.queries + later.db) * per_image + products * knn_rate
+        return timing.time_left() < images * per_image + products * knn_rate
 
     return stop
 
@@ -413,8 +415,9 @@ def plan_memory(
 ) -> tuple[Settings, Models]:
     """Act on memory and disk as the plan does on time: when the projected peak of this run's data does not fit the
     machine's memory (less the margin and what the process holds), cut what costs least score first: DBA (its copy
-    of the database), then the ensemble's last members; when WORK's projected disk does not fit the free space,
-    trim the local-feature cache. Each cut is logged and recorded in timing.json ("memory": "plan")."""
+    of the database), then label transfer (the train set), then the ensemble's last members; when WORK's projected
+    disk does not fit the free space, trim the local-feature cache. Each cut is logged and recorded in timing.json
+    ("memory": "plan")."""
     room, source = memory_room(settings.run)
     depth, cuts = settings.scoring.rerank, []
     peak = lambda s, m: max(memory_bytes(sizes, work_of(s, m), depth).values())
@@ -423,6 +426,13 @@ def plan_memory(
             saved = peak(settings, models)
             settings = dataclasses.replace(settings, global_stage=dataclasses.replace(settings.global_stage, dba_n=0))
             cuts.append(f"DBA off (its copy of the database: {(saved - peak(settings, models)) / GB:.2f} GB)")
+        elif work_of(settings, models).bridge:
+            saved = peak(settings, models)
+            stage = dataclasses.replace(settings.global_stage, bridge_weight=0.0)
+            settings = dataclasses.replace(settings, global_stage=stage)
+            cuts.append(
+                f"label transfer off (the train set's descriptors: {(saved - peak(settings, models)) / GB:.2f} GB)"
+            )
         elif len(models.global_models) > 1:
             models = models._replace(global_models=models.global_models[:-1], weights=models.weights[:-1])
             cuts.append(f"ensemble member {len(models.global_models) + 1} dropped (its descriptors)")

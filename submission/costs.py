@@ -37,6 +37,7 @@ GLOBAL_PASSES = (
     "global_query",
     "global_train",
 )  # decoding in threads on the CPU, the network on its device
+RETRIEVAL_ONLY = ("global_train", "bridge")  # label transfer's and hubness's stages: a recognition run has none
 PRODUCT_STAGES = ("knn", "bridge")  # units: query x database products (a small run takes the timed product's rate)
 DEVICE = {
     "global_db": "cnn",

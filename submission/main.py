@@ -65,7 +65,7 @@ from bridge import (  # noqa: E402
     bridge_depth,
     bridge_rerank,
     load_train_descriptors,
-    train_after_plan,
+    train_file_labels,
     train_pass,
 )
 from budget import (  # noqa: E402
@@ -219,6 +219,7 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo, export) may 
 )
 KIT_API = __all__ + (  # and what the kit takes from the files beside this one (common.kit.sibling)
     "bridge.TrainSet",
+    "bridge.load_train_descriptors",
     "bridge.model_fingerprint",
     "bridge.read_train_descriptors",
     "bridge.write_train_descriptors",
@@ -229,6 +230,7 @@ KIT_API = __all__ + (  # and what the kit takes from the files beside this one (
     "costs.GPU_KNN_S",
     "costs.GPU_MATMUL_SPEEDUP",
     "costs.NUMPY_16_CORES_KNN_S",
+    "costs.RETRIEVAL_ONLY",
     "costs.SAFETY_MARGIN",
     "costs.Server",
     "costs.Sizes",
@@ -417,8 +419,9 @@ def global_pass(
     cut_any = False
     for m, model in enumerate(models.global_models):
         cache = run.work / "global" / f"m{m}"
-        # the queries of every model, and the database of the models after this one, must still fit
-        later = Sizes(sizes.db * (len(models.global_models) - 1 - m), sizes.queries * len(models.global_models), 0)
+        # the queries and train set of this model and the next, and the database of the next, must still fit
+        n = len(models.global_models)
+        later = Sizes(sizes.db * (n - 1 - m), sizes.queries * (n - m), 0, sizes.train * (n - m))
         stop = database_stop_rule(timing, later, sizes, knn_rate) if shard == (0, 1) else None
         cut = timed_global(
             model,
@@ -965,8 +968,8 @@ def locked_submit(settings: Settings) -> None:
     run_settings = settings.run
     timing = Timing(run_settings.work / "timing.json", run_settings.task, settings.budget, runtime_versions())
     inputs = read_inputs(run_settings)
-    train = load_train_descriptors(settings, timing)  # --train-descriptors, checked before anything is written
-    inputs = dataclasses.replace(inputs, train_labels=inputs.train_labels if train is None else train.labels)
+    file_labels = train_file_labels(settings)  # --train-descriptors, checked before anything is written
+    inputs = inputs if file_labels is None else dataclasses.replace(inputs, train_labels=file_labels)
     models = load_models(run_settings, settings.extraction)
     timing.devices = models.devices
     timing.measure_memory(baseline=True)
@@ -987,7 +990,8 @@ def locked_submit(settings: Settings) -> None:
     settings = dataclasses.replace(
         settings, extraction=plan_run(models, inputs, settings, timing, knn_rate, gpu_present())
     )
-    train = train_after_plan(train, given, settings.extraction)
+    bridging = settings.global_stage.bridge_weight > 0  # the memory plan may have turned label transfer off
+    train = load_train_descriptors(settings, given, timing) if bridging else None
     timing.save()
     save_json(run_settings.work / "settings.json", settings_record(settings, SECTIONS, timing.plan))
     clear_stale_caches(run_settings.work, cache_keys(run_settings, settings.extraction))

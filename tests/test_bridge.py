@@ -5,6 +5,8 @@ and the cost model, the plan and `local_eval time` counting the train set's pass
 from __future__ import annotations
 
 import json
+import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -59,6 +61,32 @@ def test_reranked_adds_the_label_term_and_subtracts_hubness():
     assert scores[0] == pytest.approx([1.0, 0.8, 0.7])
     unchanged = bridge.reranked(cosines, rows, None, None, weights)
     assert unchanged[1].tolist() == rows.tolist()
+
+
+def test_blocks_searched_give_the_whole_knn_and_a_deadline_stops_between_them(monkeypatch):
+    monkeypatch.setattr(bridge, "STOP_BLOCK", 3)
+    rows = unit(np.random.default_rng(0).normal(size=(8, 4)))
+    whole = bridge.knn(rows, rows, 2, 64)
+    blocked = bridge.blocked_knn(rows, rows, 2, 64, stop=lambda: False)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, blocked, strict=True))
+    asked = []
+    assert bridge.blocked_knn(rows, rows, 2, 64, stop=lambda: asked.append(1) or len(asked) > 2) is None
+    assert len(asked) == 3  # two blocks searched, the third not
+
+
+def test_a_bridge_past_the_deadline_keeps_the_global_order_and_says_so(caplog):
+    """Label transfer and hubness cut by the deadline: the candidates keep their order, cut to k, and the log
+    names each part."""
+    stage = SimpleNamespace(bridge_weight=0.5, bridge_k=2, bridge_m=3, hubness_weight=0.5, hubness_k=2)
+    settings = SimpleNamespace(global_stage=stage, run=SimpleNamespace(knn_block_mb=64, task="retrieval"))
+    timing = SimpleNamespace(past_deadline=lambda: True, add=lambda *args: None)
+    db = unit([[1, 0], [1, 1], [0, 1]])
+    train = bridge.TrainSet(db.copy(), np.array([1, 2, 3]))
+    cosines, rows = np.array([[0.9, 0.5, 0.1]], np.float32), np.array([[2, 0, 1]])
+    with caplog.at_level(logging.WARNING, logger="submission"):
+        found = bridge.bridge_rerank(db[:1], db, (cosines, rows), train, settings, timing, k=2)
+    assert found[1].tolist() == [[2, 0]] and found[0][0] == pytest.approx([0.9, 0.5])
+    assert "label transfer cut by the deadline" in caplog.text and "hubness cut by the deadline" in caplog.text
 
 
 def test_the_cost_model_counts_the_train_pass_and_the_bridge_products():
@@ -120,6 +148,23 @@ def test_export_writes_the_train_set_the_script_reads_and_the_time_projects(
     printed = format_report(report)
     assert "train 1,580,470 (label transfer)" in printed and "  bridge " in printed and "  global_train " in printed
     assert len((tmp_path / "work.csv").read_text().splitlines()) == queries + 1
+
+
+def test_a_machine_too_small_for_the_train_set_turns_label_transfer_off_after_dba_and_finishes(
+    tiny_competition, tiny_model, train_file, tmp_path, caplog
+):
+    """Half a GB is less than the process holds: the memory plan cuts DBA, then label transfer (whose descriptors
+    are then never read), logs both, and the run ends with its submission."""
+    data, work = tiny_competition / "landmark-retrieval", tmp_path / "work"
+    flags = ["--train-descriptors", str(train_file), "--bridge-weight", "0.5", "--ram-gb", "0.5"]
+    with caplog.at_level(logging.WARNING, logger="submission"):
+        assert sub.main(script(data, tiny_model, work, *flags)) == 0
+    timing = load_timing(work / "timing.json")
+    cuts = timing["memory"]["plan"]["cuts"]
+    assert cuts[0].startswith("DBA off") and cuts[1].startswith("label transfer off")
+    assert not timing["work"]["bridge"] and timing["stages"]["global_train"]["items"] == 0
+    assert "memory plan: label transfer off" in caplog.text
+    assert len((tmp_path / "work.csv").read_text().splitlines()) == len(sub.read_test_ids(data)) + 1
 
 
 def test_the_train_pass_of_train_data_is_timed_and_cached(tiny_competition, tiny_model, tmp_path):

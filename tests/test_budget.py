@@ -136,3 +136,20 @@ def test_xla_is_timed_only_on_a_gpu():
     chosen, measured = budget.choose_xla(extraction, True, True, faster, 1, record)
     assert chosen.global_xla == "on" and measured["used"] and record["seconds_per_image"] == 0.5
     assert dataclasses.replace(chosen, global_xla="off") == dataclasses.replace(extraction, global_xla="off")
+
+
+def test_the_database_stop_rule_reserves_the_train_sets_pass_only_when_it_runs_here(tmp_path):
+    """--train-data's images are still to extract after the database: the rule stops earlier for them; a train set
+    read from a file (train_pass off) costs no pass."""
+    timing, _, _ = plan_inputs(tmp_path, limit_h=100 / 3600)  # 100 s
+    later = costs.Sizes(db=0, queries=10, nonlandmarks=0, train=200)
+    searched = costs.Sizes(db=100, queries=10, nonlandmarks=0)
+
+    def rule(train_pass: bool):
+        timing.work = {"train_pass": train_pass}
+        return budget.database_stop_rule(timing, later, searched, knn_rate=0.0)
+
+    done, seconds = 10, 3.0  # 0.3 s per image: 10 queries 3 s; with 200 train images 63 s
+    assert not rule(False)(done, seconds)
+    timing.deadline = time.monotonic() + 30  # 30 s left: the queries fit, the train set's pass does not
+    assert not rule(False)(done, seconds) and rule(True)(done, seconds)

@@ -57,6 +57,14 @@ def test_speedup_scales_network_stages_only():
     assert fast["hours"]["verification"] == pytest.approx(slow["hours"]["verification"])
 
 
+def test_a_recognition_projection_prints_no_row_for_retrievals_own_stages():
+    printed = format_report(projection_report(LOG, PROFILE))
+    assert "  global_db " in printed and "  knn " in printed
+    assert not any(f"  {name} " in printed for name in costs.RETRIEVAL_ONLY)
+    retrieval = format_report(projection_report(RETRIEVAL_LOG, dataclasses.replace(PROFILE, task="retrieval")))
+    assert all(f"  {name} " in retrieval for name in costs.RETRIEVAL_ONLY)  # shown there, even at 0 h
+
+
 def test_verdict_and_the_largest_depth_that_fits():
     report = projection_report(LOG, PROFILE, margin=0.1)
     assert report["total_hours"] == pytest.approx(5 + 0.5 + 3.6 + 0.8 + 0.3)
