@@ -161,8 +161,8 @@ def summary(
     for task, report in reports.items():
         flags = " ".join(DEMO["script_args"][task]) or "defaults"
         lines += [f"{task} ({flags}): {report['status']} in {report['seconds']:.0f} s", *usage_table(task, report)]
-        stages = report["timing"].get("stages", {})
-        lines.append("  seconds per stage: " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in stages.items()))
+        ran = {k: v for k, v in report["timing"].get("stages", {}).items() if v["items"]}  # a stage with work
+        lines.append("  seconds per stage: " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in ran.items()))
     lines += [
         "",
         format_report(projection),

@@ -204,7 +204,7 @@ class Scoring:
     )
     top_k: int = setting(1, "recognition: neighbours whose scores are summed per landmark", minimum=1, maximum=1000)
     max_inlier_score: int = setting(
-        80, "recognition: C in the candidate score min(inliers, C)/C + cosine", minimum=1, maximum=100_000
+        40, "recognition: C in the candidate score min(inliers, C)/C + cosine", minimum=1, maximum=100_000
     )
     nonlandmark_penalty: float = setting(
         0.0, "confidence x (1 - penalty x non-landmark share of the top-k)", minimum=0, maximum=100

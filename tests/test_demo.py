@@ -80,6 +80,8 @@ def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path, tiny_competition, l
         for name in ("global_only", "final"):
             assert 0.0 <= report[name]["all"][metric] <= 1.0
     assert (out / "summary.txt").read_text().strip() in printed
+    recognition_stages = next(line for line in printed.splitlines() if "seconds per stage" in line)
+    assert "global_db" in recognition_stages and "bridge" not in recognition_stages  # only the stages that ran
     follow_the_summary(printed, out)
     assert any(nonlandmark_folder(out / "competition").iterdir())
     _, logged = run_demo(out, capsys, caplog, steps=10)
