@@ -292,10 +292,10 @@ def choose_xla(
 
 
 def database_stop_rule(timing: Timing, later: Sizes, searched: Sizes, knn_rate: float) -> Callable[[int, float], bool]:
-    """Stop the database pass when what is still to extract (`later`: the queries of every model, the database of
-    the models after this one, --train-data's images of every model) and the global stage's products over
-    `searched` (the suppression, DBA, alpha-QE and label transfer included, as the run has them), at the rates
-    measured so far, would no longer fit before the deadline."""
+    """Stop the database pass when what is still to extract (`later`: the queries and --train-data's images of this
+    model and the next, the database of the next) and the global stage's products over `searched` (the suppression,
+    DBA, alpha-QE and label transfer included, as the run has them), at the rates measured so far, would no longer
+    fit before the deadline."""
     work = Work.from_record(timing.work)
     products = knn_products(searched, work) + bridge_products(searched, work)
     images = later.queries + later.db + (later.train if work.train_pass else 0)
