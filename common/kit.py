@@ -44,6 +44,55 @@ SIBLINGS = (
     "verifier",
 )
 
+# What the kit may take from those files ('file.name'); from main.py itself, its __all__. Everything else in
+# submission/ may change freely: tests/test_kit_constants.py checks every use in the kit against the two.
+SIBLING_API = (
+    "bridge.TrainSet",
+    "bridge.load_train_descriptors",
+    "bridge.model_fingerprint",
+    "bridge.read_train_descriptors",
+    "bridge.write_train_descriptors",
+    "budget.Timing",
+    "competitions.COMPETITIONS",
+    "competitions.KAGGLE_GPU",
+    "competitions.profile_name",
+    "costs.GPU_KNN_S",
+    "costs.GPU_MATMUL_SPEEDUP",
+    "costs.NUMPY_16_CORES_KNN_S",
+    "costs.RETRIEVAL_ONLY",
+    "costs.SAFETY_MARGIN",
+    "costs.Server",
+    "costs.Sizes",
+    "costs.TIMING_STAGES",
+    "costs.Work",
+    "costs.dba_bytes",
+    "costs.depth_that_fits",
+    "costs.knn_bytes",
+    "costs.knn_products",
+    "costs.memory_bytes",
+    "costs.projected_disk",
+    "costs.projected_memory",
+    "costs.projected_seconds",
+    "costs.rate",
+    "costs.rerank_seconds_per_query",
+    "costs.server_rates",
+    "costs.stage_units",
+    "costs.superglobal_bytes",
+    "settings_cli.InputError",
+    "settings_cli.check_settings",
+    "settings_cli.coerce",
+    "settings_cli.field_type",
+    "settings_cli.flag",
+    "store.global_settings",
+    "store.image_path",
+    "store.image_stamps",
+    "verifier.pooled_map",
+    "verifier.verification_pool",
+    "verifier.verify_all",
+    "verifier.worker_pool",
+    "verifier.worker_state",
+)
+
 
 def sibling(name: str) -> ModuleType:
     """A file shipped beside the script (one of SIBLINGS), the module the script imports too: its folder goes on

@@ -40,7 +40,7 @@ models' files and the settings the features depend on) no longer matches; a chun
 redone when its image's size or modification time changed since. A run holds WORK/.lock while it lasts: a
 second run on the same --work stops with an error. docs/robustness.md lists what it guarantees under faults.
 
-The kit (local_eval: replay, tune, show; tests and benches) imports only the names in KIT_API, at the bottom.
+The kit (local_eval: replay, tune, show; tests and benches) imports only the names in __all__, at the bottom.
 """
 
 from __future__ import annotations
@@ -973,9 +973,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The kit's fence: what the kit may take from this file and the files beside it (tests/test_kit_constants.py).
-__all__ = (  # KIT_API: the names the kit (local_eval, bench, demo, export) may use; all else may change freely
-    "KIT_API",
+# The kit's fence: what the kit may take from this file (from the files beside it: common/kit.py's SIBLING_API).
+__all__ = (  # the names the kit (local_eval, bench, demo, export) may use; all else may change freely
     "DELG_IMAGE_SCALES",
     "DELG_GLOBAL_SCALE_INDICES",
     "DELG_MAX_IMAGE_SIDE",
@@ -1058,52 +1057,6 @@ __all__ = (  # KIT_API: the names the kit (local_eval, bench, demo, export) may 
     "deepest_rerank",
     "plan_depth",
     "main",
-)
-KIT_API = __all__ + (  # and what the kit takes from the files beside this one (common.kit.sibling)
-    "bridge.TrainSet",
-    "bridge.load_train_descriptors",
-    "bridge.model_fingerprint",
-    "bridge.read_train_descriptors",
-    "bridge.write_train_descriptors",
-    "budget.Timing",
-    "competitions.COMPETITIONS",
-    "competitions.KAGGLE_GPU",
-    "competitions.profile_name",
-    "costs.GPU_KNN_S",
-    "costs.GPU_MATMUL_SPEEDUP",
-    "costs.NUMPY_16_CORES_KNN_S",
-    "costs.RETRIEVAL_ONLY",
-    "costs.SAFETY_MARGIN",
-    "costs.Server",
-    "costs.Sizes",
-    "costs.TIMING_STAGES",
-    "costs.Work",
-    "costs.dba_bytes",
-    "costs.depth_that_fits",
-    "costs.knn_bytes",
-    "costs.knn_products",
-    "costs.memory_bytes",
-    "costs.projected_disk",
-    "costs.projected_memory",
-    "costs.projected_seconds",
-    "costs.rate",
-    "costs.rerank_seconds_per_query",
-    "costs.server_rates",
-    "costs.stage_units",
-    "costs.superglobal_bytes",
-    "settings_cli.InputError",
-    "settings_cli.check_settings",
-    "settings_cli.coerce",
-    "settings_cli.field_type",
-    "settings_cli.flag",
-    "store.global_settings",
-    "store.image_path",
-    "store.image_stamps",
-    "verifier.pooled_map",
-    "verifier.verification_pool",
-    "verifier.verify_all",
-    "verifier.worker_pool",
-    "verifier.worker_state",
 )
 
 
