@@ -421,18 +421,19 @@ def plan_memory(
     room, source = memory_room(settings.run)
     depth, cuts = settings.scoring.rerank, []
     peak = lambda s, m: max(memory_bytes(sizes, work_of(s, m), depth).values())
+
+    def turned_off(field: str, off_value: float, what: str) -> Settings:
+        """settings with this global-stage setting off, the cut and the bytes it saves logged in `cuts`."""
+        stage = dataclasses.replace(settings.global_stage, **{field: off_value})
+        off = dataclasses.replace(settings, global_stage=stage)
+        cuts.append(f"{what}: {(peak(settings, models) - peak(off, models)) / GB:.2f} GB)")
+        return off
+
     while peak(settings, models) > room:
         if settings.global_stage.dba_n:
-            saved = peak(settings, models)
-            settings = dataclasses.replace(settings, global_stage=dataclasses.replace(settings.global_stage, dba_n=0))
-            cuts.append(f"DBA off (its copy of the database: {(saved - peak(settings, models)) / GB:.2f} GB)")
+            settings = turned_off("dba_n", 0, "DBA off (its copy of the database")
         elif work_of(settings, models).bridge:
-            saved = peak(settings, models)
-            stage = dataclasses.replace(settings.global_stage, bridge_weight=0.0)
-            settings = dataclasses.replace(settings, global_stage=stage)
-            cuts.append(
-                f"label transfer off (the train set's descriptors: {(saved - peak(settings, models)) / GB:.2f} GB)"
-            )
+            settings = turned_off("bridge_weight", 0.0, "label transfer off (the train set's descriptors")
         elif len(models.global_models) > 1:
             models = models._replace(global_models=models.global_models[:-1], weights=models.weights[:-1])
             cuts.append(f"ensemble member {len(models.global_models) + 1} dropped (its descriptors)")
